@@ -1,0 +1,107 @@
+"""Room and node names to broker channel names.
+
+Every channel name is a dot-separated list of literal tokens. A room name is an
+arbitrary Python string; :func:`encode_token` maps it to exactly one token that
+contains only ``[A-Za-z0-9-_]`` so it can never act as a NATS wildcard (``*``,
+``>``), span tokens (``.``), contain whitespace or control characters, or form a
+Redis Cluster hash tag (``{...}``). The mapping is total and injective, and
+:func:`decode_token` inverts it.
+
+Encoding: the UTF-8 bytes of the name (lone surrogates kept with
+``surrogatepass`` so every ``str`` is accepted); ``A-Z a-z 0-9 -`` stand for
+themselves and every other byte becomes ``_`` followed by two upper-case hex
+digits. The empty string becomes the token ``_`` (a lone ``_`` can never be
+produced otherwise, because every ``_`` of a non-empty encoding is followed by
+two hex digits).
+"""
+
+from __future__ import annotations
+
+import re
+
+_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_ESCAPES = [chr(b) if b in _SAFE else f"_{b:02X}" for b in range(256)]
+_TOKEN_RE = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+|_")
+_PREFIX_RE = re.compile(r"[A-Za-z0-9-_]+(?:\.[A-Za-z0-9-_]+)*")
+
+EMPTY_TOKEN = "_"
+
+
+def encode_token(name: str) -> str:
+    """Return the one literal channel token that stands for ``name``."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, not {type(name).__name__}: {name!r}")
+    if name == "":
+        return EMPTY_TOKEN
+    if name.isascii() and name.isalnum():
+        return name
+    return "".join([_ESCAPES[b] for b in name.encode("utf-8", "surrogatepass")])
+
+
+def decode_token(token: str) -> str:
+    """Invert :func:`encode_token`; raise ``ValueError`` for a token it cannot produce."""
+    if _TOKEN_RE.fullmatch(token) is None:
+        raise ValueError(f"not an encoded channel token: {token!r}")
+    if token == EMPTY_TOKEN:
+        return ""
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == "_":
+            out.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(token[i]))
+            i += 1
+    name = out.decode("utf-8", "surrogatepass")
+    if encode_token(name) != token:  # e.g. "_41" decodes to "A", which encodes as "A"
+        raise ValueError(f"not a canonical channel token: {token!r}")
+    return name
+
+
+def validate_prefix(prefix: str) -> str:
+    """Check a channel prefix (``sio`` or ``app.sio``): literal tokens only."""
+    if not isinstance(prefix, str) or _PREFIX_RE.fullmatch(prefix) is None:
+        raise ValueError(
+            f"channel prefix must be dot-separated tokens of [A-Za-z0-9-_]: {prefix!r}"
+        )
+    return prefix
+
+
+class ChannelNames:
+    """Channel names for one cluster of managers sharing ``prefix``.
+
+    - ``{prefix}.room.{ns}.{room}``: traffic for one room of one namespace
+    - ``{prefix}.ns.{ns}``: broadcasts to a whole namespace
+    - ``{prefix}.node.{node_id}``: control traffic for one node
+    """
+
+    __slots__ = ("_node", "_ns", "_room", "prefix")
+
+    def __init__(self, prefix: str = "sio") -> None:
+        self.prefix = validate_prefix(prefix)
+        self._room = f"{prefix}.room."
+        self._ns = f"{prefix}.ns."
+        self._node = f"{prefix}.node."
+
+    def room(self, namespace: str, room: str | None) -> str:
+        """The channel of ``room`` in ``namespace``; ``None`` is the whole namespace."""
+        if room is None:
+            return self._ns + encode_token(namespace)
+        return f"{self._room}{encode_token(namespace)}.{encode_token(room)}"
+
+    def node(self, node_id: str) -> str:
+        """The control channel of the node ``node_id``."""
+        return self._node + encode_token(node_id)
+
+    def parse_room(self, channel: str) -> tuple[str, str | None] | None:
+        """Invert :meth:`room`: ``(namespace, room)``, or ``None`` if not a room channel."""
+        try:
+            if channel.startswith(self._room):
+                ns, room = channel[len(self._room) :].split(".")
+                return decode_token(ns), decode_token(room)
+            if channel.startswith(self._ns):
+                return decode_token(channel[len(self._ns) :]), None
+        except ValueError:
+            return None
+        return None

@@ -1,0 +1,216 @@
+"""NATS transport: one subject per channel on a NATS cluster, via nats-py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import nats
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .manager import ClusterManager
+from .transport import Transport, TransportError, TransportHandler
+
+logger = logging.getLogger(__name__)
+
+
+class NatsTransport(Transport):
+    """Moves envelopes over NATS subjects.
+
+    The connection uses no-echo, so a node never receives its own publications,
+    reconnects forever across the server list (and servers the cluster announces),
+    and nats-py restores subscriptions after a reconnect. While disconnected,
+    publications wait in nats-py's pending buffer (``pending_size`` bytes) and are
+    sent on reconnect; past that buffer a publish raises :class:`TransportError`.
+
+    :param servers: NATS URLs, e.g. ``["nats://127.0.0.1:4222"]``.
+    :param connect_options: extra keyword arguments for :func:`nats.connect`
+        (``user``, ``password``, ``tls``, ``nkeys_seed`` ...).
+    :param flush_timeout: seconds to wait for the server to confirm a new subscription.
+    """
+
+    name = "nats"
+    suppresses_echo = True
+
+    def __init__(
+        self,
+        servers: list[str],
+        *,
+        connect_options: dict[str, Any] | None = None,
+        flush_timeout: float = 2.0,
+        reconnect_time_wait: float = 0.5,
+        connection_name: str = "socketio-gateway",
+    ) -> None:
+        if not servers or not all(isinstance(s, str) and s for s in servers):
+            raise ValueError(f"servers must be a non-empty list of NATS URLs, got {servers!r}")
+        self.servers = list(servers)
+        self._options = dict(connect_options or {})
+        self._flush_timeout = flush_timeout
+        self._reconnect_time_wait = reconnect_time_wait
+        self._connection_name = connection_name
+        self._nc: Client | None = None
+        self._handler: TransportHandler | None = None
+        self._subs: dict[str, Subscription] = {}
+        self._wanted: set[str] = set()
+        self._connect_task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.slow_consumer_drops = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._nc is not None and self._nc.is_connected
+
+    async def start(self, handler: TransportHandler, control_channel: str) -> None:
+        self._handler = handler
+        self._wanted.add(control_channel)
+        try:
+            await self._connect()
+        except (OSError, nats.errors.Error, TimeoutError) as exc:
+            logger.warning("no NATS server answered (%s); retrying in the background", exc)
+            self._connect_task = asyncio.get_running_loop().create_task(self._connect_forever())
+
+    async def _connect(self) -> None:
+        nc = await nats.connect(
+            servers=self.servers,
+            name=self._connection_name,
+            no_echo=True,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=self._reconnect_time_wait,
+            connect_timeout=2,
+            disconnected_cb=self._disconnected_cb,
+            reconnected_cb=self._reconnected_cb,
+            error_cb=self._error_cb,
+            closed_cb=self._closed_cb,
+            **self._options,
+        )
+        self._nc = nc
+        for channel in sorted(self._wanted):
+            await self._subscribe(nc, channel)
+        await self._flush()
+        assert self._handler is not None
+        self._handler.on_connection_state(True)
+
+    async def _connect_forever(self) -> None:
+        delay = self._reconnect_time_wait
+        while not self._closing:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+                return
+            except (OSError, nats.errors.Error, TimeoutError) as exc:
+                logger.warning("NATS still unreachable: %s", exc)
+                delay = min(delay * 2, 5.0)
+
+    async def _subscribe(self, nc: Client, channel: str) -> None:
+        if channel not in self._subs:
+            self._subs[channel] = await nc.subscribe(channel, cb=self._on_msg)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        assert self._handler is not None
+        await self._handler.on_message(msg.subject, msg.data)
+
+    async def _flush(self) -> None:
+        if self._nc is None:
+            return
+        try:
+            await self._nc.flush(timeout=self._flush_timeout)  # type: ignore[arg-type]
+        except (nats.errors.Error, TimeoutError) as exc:
+            # the subscription stays registered; nats-py sends it again on reconnect
+            logger.warning("NATS did not confirm a subscription in time: %r", exc)
+
+    async def subscribe(self, channel: str) -> None:
+        self._wanted.add(channel)
+        if self._nc is None or self._nc.is_closed:
+            return  # subscribed by _connect once a server answers
+        await self._subscribe(self._nc, channel)
+        await self._flush()
+
+    async def unsubscribe(self, channel: str) -> None:
+        self._wanted.discard(channel)
+        sub = self._subs.pop(channel, None)
+        if sub is None or self._nc is None or self._nc.is_closed:
+            return
+        try:
+            await sub.unsubscribe()
+        except nats.errors.Error as exc:
+            logger.warning("NATS unsubscribe from %s failed: %r", channel, exc)
+
+    async def publish(self, channel: str, data: bytes) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed or nc.is_draining:
+            raise TransportError("no NATS connection")
+        try:
+            await nc.publish(channel, data)
+        except nats.errors.Error as exc:
+            raise TransportError(f"NATS publish failed: {exc!r}") from exc
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            await asyncio.gather(self._connect_task, return_exceptions=True)
+        nc, self._nc = self._nc, None
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await nc.drain()
+        except (nats.errors.Error, TimeoutError) as exc:
+            logger.warning("NATS drain failed (%r); closing", exc)
+            await nc.close()
+
+    def info(self) -> dict[str, Any]:
+        nc = self._nc
+        url = nc.connected_url if nc is not None else None
+        return {
+            "server": f"{url.scheme}://{url.hostname}:{url.port}" if url else None,
+            "subscriptions": len(self._subs),
+            "reconnects": nc.stats["reconnects"] if nc is not None else 0,
+            "slow_consumer_drops": self.slow_consumer_drops,
+        }
+
+    async def _disconnected_cb(self) -> None:
+        if self._handler is not None and not self._closing:
+            self._handler.on_connection_state(False)
+
+    async def _reconnected_cb(self) -> None:
+        if self._handler is not None:
+            self._handler.on_connection_state(True)
+
+    async def _closed_cb(self) -> None:
+        if self._handler is not None and not self._closing:
+            self._handler.on_connection_state(False)
+
+    async def _error_cb(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            self.slow_consumer_drops += 1
+            return
+        if not self._closing:
+            logger.warning("NATS error: %r", exc)
+
+
+class NatsManager(ClusterManager):
+    """The python-socketio client manager on a NATS cluster.
+
+    ``socketio.AsyncServer(client_manager=NatsManager(servers=["nats://..."]))``.
+    Keyword arguments other than the transport's go to :class:`ClusterManager`.
+    """
+
+    name = "nats"
+
+    def __init__(
+        self,
+        servers: list[str] | str = "nats://127.0.0.1:4222",
+        *,
+        connect_options: dict[str, Any] | None = None,
+        connection_name: str = "socketio-gateway",
+        **kwargs: Any,
+    ) -> None:
+        urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
+        transport = NatsTransport(urls, connect_options=connect_options,
+                                  connection_name=connection_name)
+        super().__init__(transport, **kwargs)

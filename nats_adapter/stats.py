@@ -1,0 +1,45 @@
+"""Counters a manager keeps; the service exports them (the library installs no registry)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+
+@dataclass(slots=True)
+class ManagerStats:
+    """Monotonic counters since the manager started (gauges are read elsewhere)."""
+
+    #: envelopes handed to the transport
+    published: int = 0
+    #: envelopes the transport refused (broker down, buffer full): lost, not silent
+    publish_errors: int = 0
+    #: envelopes received from the broker
+    received: int = 0
+    #: bytes received from the broker
+    received_bytes: int = 0
+    #: bytes handed to the transport
+    published_bytes: int = 0
+    #: packets written to local sockets (one per recipient)
+    delivered: int = 0
+    #: received room messages this node had no local recipient for (wasted receptions)
+    unwanted: int = 0
+    #: payloads from the bus that failed to decode (dropped)
+    dropped_malformed: int = 0
+    #: payloads whose handling raised (dropped)
+    dropped_failed: int = 0
+    #: own publications handed back by a broker without no-echo (dropped)
+    dropped_echo: int = 0
+    #: second copies of a multi-channel emit (dropped by design)
+    dropped_duplicate: int = 0
+    #: writes to local sockets that were already closed
+    delivery_errors: int = 0
+    #: subscribe / unsubscribe operations sent to the broker
+    subscribe_ops: int = 0
+    unsubscribe_ops: int = 0
+    #: subscribe / unsubscribe operations that failed
+    subscription_errors: int = 0
+    #: times the broker connection was lost
+    disconnects: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
