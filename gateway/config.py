@@ -1,0 +1,214 @@
+"""Gateway configuration: the one place that reads flags and the environment.
+
+Every setting has a flag and an environment variable; a flag wins over the
+variable, the variable over the default. A bad value is reported naming the flag
+or variable it came from (``ConfigError``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+BACKENDS = ("nats", "redis-sharded", "memory")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the flag or variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-socket limits on chat traffic."""
+
+    max_room_chars: int = 128
+    max_text_bytes: int = 8 * 1024
+    max_rooms_per_socket: int = 100
+    #: the engine's max message size: the largest packet a client may send, in bytes
+    max_message_bytes: int = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    backend: str = "nats"
+    nats_urls: tuple[str, ...] = ("nats://127.0.0.1:4222",)
+    redis_url: str = "redis://127.0.0.1:7000"
+    host: str = "127.0.0.1"
+    port: int = 8001
+    node_id: str = "gw-1"
+    unsubscribe_linger: float = 1.0
+    cors_origins: tuple[str, ...] = ()
+    log_level: str = "INFO"
+    #: path of socket.io-client's browser bundle; empty: look in node_modules
+    client_js: str = ""
+    limits: Limits = field(default_factory=Limits)
+
+
+# (field, flag, env var, help)
+_SETTINGS: list[tuple[str, str, str, str]] = [
+    ("backend", "--backend", "GATEWAY_BACKEND", f"broker backend: {', '.join(BACKENDS)}"),
+    ("nats_urls", "--nats-url", "NATS_URL", "comma-separated NATS server URLs"),
+    ("redis_url", "--redis-url", "REDIS_URL", "a Redis Cluster seed node, redis://host:port"),
+    ("host", "--host", "GATEWAY_HOST", "address to listen on"),
+    ("port", "--port", "GATEWAY_PORT", "HTTP port to listen on"),
+    ("node_id", "--node-id", "GATEWAY_NODE_ID", "this node's name in /healthz and logs"),
+    ("unsubscribe_linger", "--unsubscribe-linger", "GATEWAY_UNSUBSCRIBE_LINGER",
+     "seconds a room subscription outlives its last local member"),
+    ("cors_origins", "--cors-origins", "GATEWAY_CORS_ORIGINS",
+     "comma-separated origins allowed to connect cross-origin ('*' for any)"),
+    ("log_level", "--log-level", "GATEWAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
+    ("client_js", "--client-js", "GATEWAY_CLIENT_JS", "path of socket.io.min.js for the page"),
+]
+_LIMITS: list[tuple[str, str, str, str]] = [
+    ("max_room_chars", "--max-room-chars", "GATEWAY_MAX_ROOM_CHARS", "longest room name"),
+    ("max_text_bytes", "--max-text-bytes", "GATEWAY_MAX_TEXT_BYTES", "longest chat text (UTF-8)"),
+    ("max_rooms_per_socket", "--max-rooms", "GATEWAY_MAX_ROOMS", "rooms one socket may join"),
+    ("max_message_bytes", "--max-message-bytes", "GATEWAY_MAX_MESSAGE_BYTES",
+     "largest packet a client may send"),
+]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a port number 0-65535")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number >= 0")
+    return value
+
+
+def _backend(text: str) -> str:
+    if text not in BACKENDS:
+        raise ValueError(f"must be one of {', '.join(BACKENDS)}")
+    return text
+
+
+def _url_list(text: str) -> tuple[str, ...]:
+    urls = tuple(u.strip() for u in text.split(",") if u.strip())
+    if not urls:
+        raise ValueError("must name at least one URL")
+    for url in urls:
+        if "://" not in url:
+            raise ValueError(f"{url!r} is not a URL (nats://host:port)")
+    return urls
+
+
+def _redis_url(text: str) -> str:
+    if not text.startswith(("redis://", "rediss://")):
+        raise ValueError("must be a redis:// or rediss:// URL")
+    return text
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _log_level(text: str) -> str:
+    level = text.upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+def _node_id(text: str) -> str:
+    if not text or len(text) > 64 or not text.isprintable():
+        raise ValueError("must be 1-64 printable characters")
+    return text
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "backend": _backend,
+    "nats_urls": _url_list,
+    "redis_url": _redis_url,
+    "host": str,
+    "port": _port,
+    "node_id": _node_id,
+    "unsubscribe_linger": _non_negative_float,
+    "cors_origins": _csv,
+    "log_level": _log_level,
+    "client_js": str,
+    "max_room_chars": _positive_int,
+    "max_text_bytes": _positive_int,
+    "max_rooms_per_socket": _positive_int,
+    "max_message_bytes": _positive_int,
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser, *, only: Sequence[str] | None = None) -> None:
+    """Add the gateway's flags (all, or the fields in ``only``) to ``parser``.
+
+    Values stay strings here; :func:`from_args` parses them so that a bad value is
+    reported with the flag or variable it came from.
+    """
+    for name, flag, env, help_text in [*_SETTINGS, *_LIMITS]:
+        if only is not None and name not in only:
+            continue
+        parser.add_argument(flag, dest=name, default=None, metavar=env,
+                            help=f"{help_text} (env {env})")
+
+
+def _value(name: str, flag: str, env_name: str, args: argparse.Namespace,
+           env: Mapping[str, str]) -> Any:
+    raw: str | None = getattr(args, name, None)
+    source = flag
+    if raw is None:
+        raw = env.get(env_name)
+        source = env_name
+    if raw is None:
+        return None
+    try:
+        return _PARSERS[name](raw)
+    except ValueError as exc:
+        raise ConfigError(f"{source}: invalid value {raw!r}: {exc}") from None
+
+
+def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Build the config from parsed flags, then ``env`` (default ``os.environ``)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name, flag, env_name, _ in _SETTINGS:
+        value = _value(name, flag, env_name, args, env)
+        if value is not None:
+            values[name] = value
+    limit_values: dict[str, Any] = {}
+    for name, flag, env_name, _ in _LIMITS:
+        value = _value(name, flag, env_name, args, env)
+        if value is not None:
+            limit_values[name] = value
+    limits = Limits(**limit_values)
+    if limits.max_message_bytes < limits.max_text_bytes:
+        raise ConfigError(
+            f"--max-message-bytes ({limits.max_message_bytes}) must be at least "
+            f"--max-text-bytes ({limits.max_text_bytes})"
+        )
+    return GatewayConfig(**values, limits=limits)
+
+
+def describe() -> list[tuple[str, str, str, str]]:
+    """(flag, env var, default, meaning) for every setting, for docs."""
+    defaults = GatewayConfig()
+    limit_defaults = Limits()
+    rows = []
+    for name, flag, env_name, help_text in _SETTINGS:
+        default = getattr(defaults, name)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        rows.append((flag, env_name, str(default), help_text))
+    for name, flag, env_name, help_text in _LIMITS:
+        rows.append((flag, env_name, str(getattr(limit_defaults, name)), help_text))
+    return rows

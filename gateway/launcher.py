@@ -1,0 +1,157 @@
+"""``python -m gateway cluster``: a local broker cluster plus gateways, in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from .config import BACKENDS
+from .processes import (
+    Child,
+    GatewayNode,
+    LaunchError,
+    NatsCluster,
+    RedisCluster,
+    port_is_free,
+    start_gateway,
+    stop_all,
+    wait_gateways,
+)
+
+
+class _Shutdown(Exception):
+    """Raised by the SIGTERM handler to unwind through the cleanup path."""
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise _Shutdown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=BACKENDS, default="nats",
+                        help="broker backend (default nats)")
+    parser.add_argument("--gateways", type=int, default=2, help="gateway nodes (default 2)")
+    parser.add_argument("--port", type=int, default=8001,
+                        help="first gateway port; the others follow (default 8001)")
+    parser.add_argument("--host", default="127.0.0.1", help="address everything listens on")
+    parser.add_argument("--nats-nodes", type=int, default=3, help="NATS nodes (default 3)")
+    parser.add_argument("--nats-port", type=int, default=None,
+                        help="first NATS client port; the others follow (default: free ports)")
+    parser.add_argument("--redis-nodes", type=int, default=3,
+                        help="Redis Cluster masters (default 3)")
+    parser.add_argument("--redis-port", type=int, default=None,
+                        help="first Redis port; the others follow (default: free ports)")
+    parser.add_argument("--unsubscribe-linger", default=None,
+                        help="passed to every gateway")
+    parser.add_argument("--log-level", default=None, help="passed to every gateway")
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    if args.gateways < 1:
+        return "--gateways must be at least 1"
+    if args.nats_nodes < 1:
+        return "--nats-nodes must be at least 1"
+    if args.redis_nodes < 3 and args.backend == "redis-sharded":
+        return "--redis-nodes must be at least 3 (a Redis Cluster needs 3 masters)"
+    if not 1 <= args.port <= 65535 - args.gateways:
+        return f"--port {args.port} is not a usable port"
+    for i in range(args.gateways):
+        if not port_is_free(args.port + i, args.host):
+            return f"--port: port {args.port + i} is already in use"
+    return None
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    problem = _check(args)
+    if problem is not None:
+        print(f"gateway cluster: error: {problem}", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-cluster-"))
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    children: list[Child | None] = []
+    brokers: list[Child | None] = []
+    try:
+        broker_args, brokers = _start_brokers(args, workdir)
+        extra: list[str] = []
+        if args.unsubscribe_linger is not None:
+            extra += ["--unsubscribe-linger", str(args.unsubscribe_linger)]
+        if args.log_level is not None:
+            extra += ["--log-level", args.log_level]
+        gateways: list[GatewayNode] = []
+        for i in range(args.gateways):
+            gw = start_gateway(workdir, f"gw-{i + 1}", args.port + i, args.backend, broker_args,
+                               host=args.host, extra=extra)
+            gateways.append(gw)
+            children.append(gw.child)
+        wait_gateways(gateways)
+        for gw in gateways:
+            _say(f"gateway {gw.node_id} {gw.url}")
+        _say("cluster ready")
+        return _watch([*children, *brokers])
+    except LaunchError as exc:
+        print(f"gateway cluster: error: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, _Shutdown):
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_all(children)
+        stop_all(brokers)
+        shutil.rmtree(workdir, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _start_brokers(args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[Child | None]]:
+    if args.backend == "memory":
+        return [], []
+    if args.backend == "redis-sharded":
+        redis_ports = None
+        if args.redis_port is not None:
+            redis_ports = [args.redis_port + i for i in range(args.redis_nodes)]
+        redis = RedisCluster(workdir / "redis", size=args.redis_nodes, host=args.host,
+                             ports=redis_ports)
+        started: list[Child | None] = []
+        try:
+            redis.start()
+        finally:
+            started.extend(redis.children)
+        for rnode in redis.nodes:
+            _say(f"redis {rnode.name} {rnode.url}")
+        return ["--redis-url", redis.nodes[0].url], started
+    client_ports = None
+    if args.nats_port is not None:
+        client_ports = [args.nats_port + i for i in range(args.nats_nodes)]
+    nats = NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
+                       client_ports=client_ports)
+    try:
+        nats.start()
+    except LaunchError:
+        stop_all(nats.children)
+        raise
+    for node in nats.nodes:
+        _say(f"nats {node.name} {node.url} {node.monitor_url}")
+    return ["--nats-url", ",".join(nats.urls)], list(nats.children)
+
+
+def _watch(children: list[Child | None]) -> int:
+    """Block until a signal arrives or a child dies; a death is reported, not hidden."""
+    live: list[Any] = [c for c in children if c is not None]
+    while True:
+        for child in live:
+            if not child.alive:
+                print(f"gateway cluster: {child.name} (pid {child.pid}) exited with code "
+                      f"{child.returncode}; stopping the cluster\n{child.log_tail()}",
+                      file=sys.stderr, flush=True)
+                return 1
+        time.sleep(0.2)

@@ -1,0 +1,88 @@
+"""Prometheus metrics for one gateway node, read from the manager at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from nats_adapter import ClusterManager
+
+from .chat import ChatProtocol
+
+# manager stats field -> (metric name, help); all counters
+_COUNTERS = {
+    "published": ("gateway_broker_messages_published", "Envelopes published to the broker"),
+    "published_bytes": ("gateway_broker_bytes_published", "Bytes published to the broker"),
+    "publish_errors": ("gateway_broker_publish_errors",
+                       "Envelopes the broker refused or that could not be encoded (lost)"),
+    "received": ("gateway_broker_messages_received", "Envelopes received from the broker"),
+    "received_bytes": ("gateway_broker_bytes_received", "Bytes received from the broker"),
+    "delivered": ("gateway_messages_delivered", "Packets written to local sockets"),
+    "unwanted": ("gateway_broker_messages_unwanted",
+                 "Broker messages for rooms or sids with no local member (wasted receptions)"),
+    "dropped_malformed": ("gateway_broker_messages_malformed",
+                          "Broker payloads that failed to decode (dropped)"),
+    "dropped_failed": ("gateway_broker_messages_failed",
+                       "Broker payloads whose handling raised (dropped)"),
+    "dropped_echo": ("gateway_broker_messages_echo", "Own publications handed back (dropped)"),
+    "dropped_duplicate": ("gateway_broker_messages_duplicate",
+                          "Second copies of multi-room emits (dropped by design)"),
+    "delivery_errors": ("gateway_delivery_errors", "Writes to sockets that had closed"),
+    "subscribe_ops": ("gateway_broker_subscribe_ops", "Subscribe operations sent to the broker"),
+    "unsubscribe_ops": ("gateway_broker_unsubscribe_ops",
+                        "Unsubscribe operations sent to the broker"),
+    "subscription_errors": ("gateway_broker_subscription_errors",
+                            "Subscribe/unsubscribe operations that failed"),
+    "disconnects": ("gateway_broker_disconnects", "Times the broker connection was lost"),
+}
+
+
+class GatewayCollector(Collector):
+    def __init__(self, node_id: str, manager: ClusterManager, chat: ChatProtocol) -> None:
+        self.node_id = node_id
+        self.manager = manager
+        self.chat = chat
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.manager
+        labels = ["node", "backend"]
+        values = [self.node_id, m.transport.name]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(name, doc, labels=labels)
+            g.add_metric(values, value)
+            return g
+
+        yield gauge("gateway_connections", "Connected Socket.IO sockets", m.participants_count())
+        yield gauge("gateway_rooms", "Rooms with local members", m.room_count())
+        yield gauge("gateway_broker_subscriptions",
+                    "Room/namespace channels this node holds broker interest in",
+                    len(m.subscriptions))
+        yield gauge("gateway_broker_subscriptions_lingering",
+                    "Subscriptions kept after their last member left (linger)",
+                    m.subscriptions.lingering)
+        yield gauge("gateway_broker_connected", "1 when the broker connection is up",
+                    1 if m.transport.connected else 0)
+        stats = m.stats.as_dict()
+        for field, (name, doc) in _COUNTERS.items():
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, stats[field])
+            yield c
+        chats = CounterMetricFamily("gateway_chat_messages", "Chat messages accepted",
+                                    labels=labels)
+        chats.add_metric(values, self.chat.chats)
+        yield chats
+        refused = CounterMetricFamily("gateway_requests_refused",
+                                      "Client requests answered ok:false, by reason",
+                                      labels=[*labels, "reason"])
+        for reason, count in sorted(self.chat.refused.items()):
+            refused.add_metric([*values, reason], count)
+        yield refused
+
+
+def make_registry(node_id: str, manager: ClusterManager, chat: ChatProtocol) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(node_id, manager, chat))
+    return registry
