@@ -1,0 +1,164 @@
+"""Fixtures: real broker clusters, gateway nodes, real Socket.IO clients.
+
+Brokers run as child processes from ``infra/`` configs on free 127.0.0.1 ports
+and are stopped by PID at teardown. Gateway nodes for the manager contract suite
+run in the test's event loop (so tests can call the server API of any node);
+suites that need the service as users run it start ``python -m gateway serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from gateway.app import CONFIG_KEY, MANAGER_KEY, SIO_KEY, create_app
+from gateway.config import GatewayConfig
+from gateway.processes import (
+    GatewayNode,
+    NatsCluster,
+    RedisCluster,
+    free_ports,
+    start_gateway,
+    stop_all,
+    wait_gateways,
+)
+from tests.helpers import Node, SioClient
+
+REPO = Path(__file__).resolve().parent.parent
+#: linger used by test gateways: short, so "after the last member leaves" is quick to see
+TEST_LINGER = 0.5
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "browser: needs Chromium and playwright-core")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(workdir: Path) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(workdir / "redis", size=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def nats_cluster(workdir: Path) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(workdir / "nats", size=3)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def broker_config(backend: str, request: pytest.FixtureRequest) -> dict[str, object]:
+    """GatewayConfig fields that point a node at the session's cluster for ``backend``."""
+    if backend == "nats":
+        cluster: NatsCluster = request.getfixturevalue("nats_cluster")
+        return {"nats_urls": tuple(cluster.urls)}
+    if backend == "redis-sharded":
+        redis = request.getfixturevalue("redis_cluster")
+        return {"redis_url": redis.nodes[0].url}
+    return {}
+
+
+def broker_args(backend: str, request: pytest.FixtureRequest) -> list[str]:
+    """``serve`` flags that point a gateway process at the session's cluster."""
+    conf = broker_config(backend, request)
+    if "nats_urls" in conf:
+        return ["--nats-url", ",".join(conf["nats_urls"])]  # type: ignore[arg-type]
+    if "redis_url" in conf:
+        return ["--redis-url", str(conf["redis_url"])]
+    return []
+
+
+async def start_node(backend: str, node_id: str, extra: dict[str, object]) -> Node:
+    port = free_ports(1)[0]
+    config = GatewayConfig(backend=backend, host="127.0.0.1", port=port, node_id=node_id,
+                           unsubscribe_linger=TEST_LINGER, **extra)  # type: ignore[arg-type]
+    app = create_app(config)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    return Node(node_id=node_id, url=f"http://127.0.0.1:{port}", runner=runner,
+                sio=app[SIO_KEY], manager=app[MANAGER_KEY], config=app[CONFIG_KEY])
+
+
+CLUSTER_BACKENDS = ["nats", "redis-sharded"]
+
+
+@pytest.fixture(scope="session", params=CLUSTER_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+async def nodes(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[list[Node]]:
+    """Three gateway nodes on ``backend``, in this event loop."""
+    extra = broker_config(backend, request)
+    started: list[Node] = []
+    try:
+        for i in range(3):
+            started.append(await start_node(backend, f"{backend}-gw-{i + 1}", extra))
+        yield started
+    finally:
+        for node in started:
+            with contextlib.suppress(Exception):
+                await node.runner.cleanup()
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[list[SioClient]]:
+    """A list tests append their clients to; all are disconnected at teardown."""
+    made: list[SioClient] = []
+    try:
+        yield made
+    finally:
+        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
+@pytest.fixture(scope="session")
+def gateway_procs(workdir: Path, request: pytest.FixtureRequest) -> Iterator[list[GatewayNode]]:
+    """Two ``python -m gateway serve`` processes on the NATS cluster."""
+    args = broker_args("nats", request)
+    ports = free_ports(2)
+    procs: list[GatewayNode] = []
+    try:
+        for i, port in enumerate(ports):
+            procs.append(start_gateway(workdir / "gateways", f"proc-gw-{i + 1}", port, "nats",
+                                       args, extra=["--unsubscribe-linger", str(TEST_LINGER)]))
+        wait_gateways(procs)
+        yield procs
+    finally:
+        stop_all([p.child for p in procs])
+
+
+@pytest.fixture(scope="session")
+def node_bin() -> str:
+    node = shutil.which("node")
+    if node is None or not (REPO / "node_modules" / "socket.io-client").is_dir():
+        pytest.fail("node and `npm ci` are required (scripts/test installs them)")
+    return node
+
+
+@pytest.fixture(scope="session")
+def chromium_bin() -> str:
+    path = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+    if not Path(path).exists():
+        pytest.fail(f"Chromium not found at {path} (scripts/test installs Debian's chromium)")
+    return path

@@ -1,0 +1,241 @@
+"""Test helpers: recording Socket.IO clients, the Node.js client driver, metrics parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import socketio
+from aiohttp import web
+
+from gateway.config import GatewayConfig
+from gateway.processes import http_json
+from nats_adapter import ClusterManager
+
+REPO = Path(__file__).resolve().parent.parent
+#: how long a test waits for something that should happen
+WAIT = 5.0
+#: how long a test waits before concluding that something did not happen
+SETTLE = 0.4
+#: A join is acked once the node's own NATS server holds the subscription; the other
+#: servers learn of it over the routes asynchronously (RS+), usually within a
+#: millisecond. Tests act at machine speed, so after a join they give the mesh this long
+#: before publishing from another node.
+INTEREST_PROPAGATION = 0.05
+
+
+@dataclass
+class Node:
+    """A gateway node running in the test's event loop."""
+
+    node_id: str
+    url: str
+    runner: web.AppRunner
+    sio: socketio.AsyncServer
+    manager: ClusterManager
+    config: GatewayConfig
+
+
+class SioClient:
+    """python-socketio's AsyncClient that records every event it receives."""
+
+    def __init__(self, name: str = "client") -> None:
+        self.name = name
+        self.sio = socketio.AsyncClient(reconnection=False)
+        self.events: list[tuple[str, Any]] = []
+        self._changed = asyncio.Event()
+        #: replies for server-initiated calls, by event name
+        self.replies: dict[str, Callable[..., Any]] = {}
+        self.sio.on("*", self._record)
+
+    async def _record(self, event: str, *args: Any) -> Any:
+        self.events.append((event, args[0] if len(args) == 1 else list(args)))
+        self._changed.set()
+        reply = self.replies.get(event)
+        return reply(*args) if reply is not None else None
+
+    async def connect(self, url: str, auth: Any = None) -> SioClient:
+        await self.sio.connect(url, transports=["websocket"], auth=auth, wait_timeout=WAIT)
+        return self
+
+    @property
+    def sid(self) -> str:
+        sid = self.sio.get_sid("/")
+        assert sid is not None
+        return str(sid)
+
+    async def call(self, event: str, *args: Any, timeout: float = WAIT) -> Any:
+        data: Any = args[0] if len(args) == 1 else (tuple(args) if args else None)
+        return await self.sio.call(event, data, timeout=timeout)
+
+    async def join(self, room: str) -> None:
+        ack = await self.call("join", room)
+        assert ack == {"ok": True, "room": room}, ack
+        await asyncio.sleep(INTEREST_PROPAGATION)
+
+    async def chat(self, room: str, text: str) -> str:
+        ack = await self.call("chat", {"room": room, "text": text})
+        assert ack["ok"] is True, ack
+        return str(ack["id"])
+
+    def received(self, event: str = "chat") -> list[Any]:
+        return [data for name, data in self.events if name == event]
+
+    def texts(self) -> list[str]:
+        return [m["text"] for m in self.received("chat")]
+
+    async def wait_for(self, predicate: Callable[[SioClient], bool], timeout: float = WAIT,
+                       what: str = "an event") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{self.name}: timed out waiting for {what}; "
+                                     f"got {self.events!r}")
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 0.2)):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    async def wait_texts(self, texts: list[str], timeout: float = WAIT) -> None:
+        await self.wait_for(lambda c: sorted(c.texts()) == sorted(texts), timeout,
+                            f"chat texts {texts!r}")
+
+    async def close(self) -> None:
+        if self.sio.connected:
+            await self.sio.disconnect()
+
+
+async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | str]]
+                      ) -> list[SioClient]:
+    """Connect one client per (name, node) and register them in ``clients`` for teardown."""
+    made = []
+    for name, node in pairs:
+        c = SioClient(name)
+        clients.append(c)
+        await c.connect(node if isinstance(node, str) else node.url)
+        made.append(c)
+    return made
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {'name{labels}': value} plus {'name': sum over labels}."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        out[key] = float(value)
+        name = key.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + float(value) if name != key else float(value)
+    return out
+
+
+def nats_subjects(monitor_urls: list[str], connection_name: str) -> set[str]:
+    """Subjects the NATS connection named ``connection_name`` subscribes to, on any server."""
+    subjects: set[str] = set()
+    for url in monitor_urls:
+        status, body = http_json(f"{url}/connz?subs=1&limit=1024")
+        assert status == 200, f"{url}/connz answered {status}"
+        for conn in body.get("connections", []):
+            if conn.get("name") == connection_name:
+                subjects.update(conn.get("subscriptions_list") or [])
+    return subjects
+
+
+class NodeClient:
+    """The official socket.io-client, in Node.js, driven line by line (tests/js/driver.mjs)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.events: list[dict[str, Any]] = []
+        self._acks: dict[int, asyncio.Future[Any]] = {}
+        self._next = 0
+        self._changed = asyncio.Event()
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @classmethod
+    async def start(cls, node_bin: str, url: str, name: str = "node") -> NodeClient:
+        proc = await asyncio.create_subprocess_exec(
+            node_bin, str(REPO / "tests" / "js" / "driver.mjs"), url,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO),
+        )
+        client = cls(proc, name)
+        await client.wait_for(lambda c: any(e["type"] == "connect" for e in c.events),
+                              what="connect")
+        return client
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            line = await self.proc.stdout.readline()
+            if not line:
+                break
+            msg = json.loads(line)
+            if msg["type"] == "ack":
+                fut = self._acks.pop(msg["ref"], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg["data"])
+            else:
+                self.events.append(msg)
+            self._changed.set()
+
+    @property
+    def sid(self) -> str:
+        for e in self.events:
+            if e["type"] == "connect":
+                return str(e["sid"])
+        raise AssertionError("not connected")
+
+    async def call(self, event: str, *args: Any, timeout: float = WAIT) -> Any:
+        assert self.proc.stdin is not None
+        self._next += 1
+        ref = self._next
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._acks[ref] = fut
+        self.proc.stdin.write(json.dumps({"ref": ref, "event": event, "args": list(args)})
+                              .encode() + b"\n")
+        await self.proc.stdin.drain()
+        async with asyncio.timeout(timeout):
+            return await fut
+
+    def texts(self) -> list[str]:
+        return [e["data"]["text"] for e in self.events if e["type"] == "event"
+                and e["event"] == "chat"]
+
+    async def wait_for(self, predicate: Callable[[NodeClient], bool], timeout: float = WAIT,
+                       what: str = "an event") -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self):
+            if self.proc.returncode is not None:
+                raise AssertionError(f"{self.name}: node exited with {self.proc.returncode}")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{self.name}: timed out waiting for {what}; "
+                                     f"got {self.events!r}")
+            self._changed.clear()
+            try:
+                async with asyncio.timeout(min(remaining, 0.2)):
+                    await self._changed.wait()
+            except TimeoutError:
+                pass
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                async with asyncio.timeout(5):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        self._reader.cancel()
+

@@ -1,0 +1,187 @@
+"""`python -m gateway cluster` comes up, serves, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from gateway.processes import free_ports, http_json, port_is_free
+from tests.helpers import REPO, SioClient
+
+NATS_LINE = re.compile(r"nats (\S+) nats://127\.0\.0\.1:(\d+) http://127\.0\.0\.1:(\d+)")
+REDIS_LINE = re.compile(r"redis (\S+) redis://127\.0\.0\.1:(\d+)")
+GATEWAY_LINE = re.compile(r"gateway (\S+) http://127\.0\.0\.1:(\d+)")
+
+
+@dataclass
+class Launcher:
+    proc: subprocess.Popen[str]
+    lines: list[str] = field(default_factory=list)
+
+    def ports(self) -> list[int]:
+        out = []
+        for line in self.lines:
+            for regex in (NATS_LINE, REDIS_LINE, GATEWAY_LINE):
+                m = regex.fullmatch(line)
+                if m:
+                    out += [int(p) for p in m.groups()[1:]]
+        return out
+
+    def gateway_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{m.group(2)}" for line in self.lines
+                if (m := GATEWAY_LINE.fullmatch(line))]
+
+
+def consecutive_free_ports(count: int) -> int:
+    for _ in range(50):
+        base = free_ports(1)[0]
+        if base + count < 65535 and all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError("no consecutive free ports")
+
+
+def start_launcher(*args: str, timeout: float = 90.0) -> Launcher:
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "cluster", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    launcher = Launcher(proc)
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        launcher.lines.append(line.rstrip("\n"))
+        if line.strip() == "cluster ready":
+            return launcher
+    proc.kill()
+    stderr = proc.stderr.read() if proc.stderr else ""
+    raise AssertionError(f"no 'cluster ready': {launcher.lines} {stderr}")
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.add(child)
+            todo.append(child)
+    return out
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def stop(launcher: Launcher, sig: int = signal.SIGTERM) -> int:
+    launcher.proc.send_signal(sig)
+    try:
+        return launcher.proc.wait(timeout=30)
+    finally:
+        if launcher.proc.poll() is None:
+            launcher.proc.kill()
+            launcher.proc.wait()
+
+
+async def chat_across(urls: list[str]) -> None:
+    a, b = SioClient("a"), SioClient("b")
+    try:
+        await a.connect(urls[0])
+        await b.connect(urls[1])
+        await a.join("launcher")
+        await b.join("launcher")
+        await a.chat("launcher", "through the launcher")
+        await b.wait_texts(["through the launcher"])
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_cluster_serves_and_leaves_nothing_behind(sig: int) -> None:
+    first = start_launcher("--port", str(consecutive_free_ports(2)))
+    second = None
+    try:
+        assert sum(bool(NATS_LINE.fullmatch(ln)) for ln in first.lines) == 3, first.lines
+        assert sum(bool(GATEWAY_LINE.fullmatch(ln)) for ln in first.lines) == 2, first.lines
+        assert first.lines[-1] == "cluster ready"
+        for url in first.gateway_urls():
+            status, body = http_json(f"{url}/healthz")
+            assert status == 200 and body["broker_connected"] is True
+        # a second launcher runs beside the first on another --port
+        second = start_launcher("--port", str(consecutive_free_ports(2)))
+        assert set(second.ports()).isdisjoint(first.ports())
+        await chat_across(first.gateway_urls())
+        await chat_across(second.gateway_urls())
+        for launcher in (first, second):
+            kids = descendants(launcher.proc.pid)
+            assert len(kids) >= 5, "3 nats-server and 2 gateway processes"
+            assert stop(launcher, sig) == 0
+            deadline = time.monotonic() + 10
+            while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
+            assert all(port_is_free(p) for p in launcher.ports()), "a port is still bound"
+    finally:
+        for launcher in (first, second):
+            if launcher is not None and launcher.proc.poll() is None:
+                launcher.proc.kill()
+                launcher.proc.wait()
+
+
+def test_a_dying_child_is_reported_and_the_cluster_stops() -> None:
+    launcher = start_launcher("--port", str(consecutive_free_ports(2)))
+    try:
+        kids = descendants(launcher.proc.pid)
+        gateway_pids = [p for p in kids
+                        if b"gateway" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert gateway_pids
+        os.kill(gateway_pids[0], signal.SIGKILL)
+        code = launcher.proc.wait(timeout=30)
+        assert code == 1
+        assert launcher.proc.stderr is not None
+        stderr = launcher.proc.stderr.read()
+        assert re.search(r"gw-\d \(pid \d+\) exited with code -9", stderr), stderr
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [p for p in kids if pid_alive(p)]
+    finally:
+        if launcher.proc.poll() is None:
+            launcher.proc.kill()
+            launcher.proc.wait()
+
+
+def test_port_in_use_is_named() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gateway", "cluster", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert f"--port: port {port} is already in use" in proc.stderr
