@@ -253,15 +253,45 @@ class NatsCluster:
             self.start_node(i)
         self.wait_ready(timeout)
 
-    def node_ready(self, node: NatsNode) -> bool:
+    def route_counts(self, node: NatsNode) -> dict[str, int] | None:
+        """Route connections from ``node`` per peer name (servers pool several per peer)."""
         routez = node.varz("routez")
-        return routez is not None and routez.get("num_routes", 0) >= self.size - 1
+        if routez is None:
+            return None
+        counts: dict[str, int] = {}
+        for route in routez.get("routes") or []:
+            name = route.get("remote_name") or route.get("remote_id", "?")
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def mesh_snapshot(self, nodes: Sequence[NatsNode]) -> list[dict[str, int]] | None:
+        """Every node's routes, or None while some node lacks a route to some peer or its
+        pool to one peer is smaller than to another."""
+        snapshot = []
+        for node in nodes:
+            counts = self.route_counts(node)
+            peers = {n.name for n in self.nodes if n is not node}
+            if counts is None or set(counts) != peers or len(set(counts.values())) > 1:
+                return None
+            snapshot.append(counts)
+        return snapshot
 
     def wait_ready(self, timeout: float = 20.0, nodes: Sequence[NatsNode] | None = None) -> None:
+        """Wait for a full mesh: every node routed to every other, and the route pools
+        unchanged over two polls (a pool fills up over a few moments)."""
         nodes = list(nodes) if nodes is not None else self.nodes
         children = [n.child for n in nodes if n.child is not None]
-        wait_until(lambda: all(self.node_ready(n) for n in nodes), timeout,
-                   "the NATS full mesh", children)
+        previous: list[list[dict[str, int]] | None] = [None]
+
+        def settled() -> bool:
+            snapshot = self.mesh_snapshot(nodes)
+            stable = snapshot is not None and snapshot == previous[0]
+            previous[0] = snapshot
+            if not stable:
+                time.sleep(0.1)
+            return stable
+
+        wait_until(settled, timeout, "the NATS full mesh", children)
 
     def stop(self) -> None:
         for node in self.nodes:
