@@ -50,6 +50,9 @@ class _NodeSubscriber:
         )
         self.reader: asyncio.Task[None] | None = None
         self.up = True
+        # PubSub.connect() is not safe to race: two first commands would each open a
+        # connection, and the subscription made on the dropped one would never be read
+        self.lock = asyncio.Lock()
 
     async def close(self) -> None:
         if self.reader is not None:
@@ -100,6 +103,7 @@ class RedisShardedTransport(Transport):
         self._wanted: set[str] = set()
         self._confirm: dict[str, asyncio.Future[None]] = {}
         self._connect_task: asyncio.Task[None] | None = None
+        self._reroutes: set[asyncio.Task[None]] = set()
         self._closing = False
         self._was_connected = False
 
@@ -177,6 +181,8 @@ class RedisShardedTransport(Transport):
         await self._subscribe(channel)
 
     async def _subscribe(self, channel: str) -> None:
+        if self._closing:
+            return
         assert self._cluster is not None
         node = self._cluster.get_node_from_key(channel)
         if node is None:
@@ -188,7 +194,8 @@ class RedisShardedTransport(Transport):
             confirm = self._confirm[channel] = loop.create_future()
         self._channel_node[channel] = node.name
         try:
-            await sub.pubsub.ssubscribe(channel)
+            async with sub.lock:
+                await sub.pubsub.ssubscribe(channel)
         except (RedisError, OSError) as exc:
             # the channel stays in the PubSub's shard_channels: restored on reconnect
             logger.warning("SSUBSCRIBE %s on %s failed (%r); will retry on reconnect",
@@ -211,7 +218,8 @@ class RedisShardedTransport(Transport):
         if sub is None:
             return
         try:
-            await sub.pubsub.sunsubscribe(channel)
+            async with sub.lock:
+                await sub.pubsub.sunsubscribe(channel)
         except (RedisError, OSError) as exc:
             sub.pubsub.shard_channels.pop(channel, None)  # do not restore it on reconnect
             logger.warning("SUNSUBSCRIBE %s on %s failed: %r", channel, name, exc)
@@ -250,7 +258,9 @@ class RedisShardedTransport(Transport):
             elif kind == "sunsubscribe" and channel in self._wanted \
                     and self._channel_node.get(channel) == sub.name:
                 # not ours: Redis dropped it because its slot moved to another master
-                asyncio.get_running_loop().create_task(self._reroute(channel))
+                task = asyncio.get_running_loop().create_task(self._reroute(channel))
+                self._reroutes.add(task)
+                task.add_done_callback(self._reroutes.discard)
 
     async def _reroute(self, channel: str) -> None:
         assert self._cluster is not None
@@ -274,9 +284,10 @@ class RedisShardedTransport(Transport):
 
     async def close(self) -> None:
         self._closing = True
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            await asyncio.gather(self._connect_task, return_exceptions=True)
+        tasks = [*self._reroutes, *([self._connect_task] if self._connect_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for sub in list(self._nodes.values()):
             await sub.close()
         self._nodes.clear()
