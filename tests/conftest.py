@@ -15,6 +15,7 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (see below)
 import pytest
 from aiohttp import web
 
@@ -30,6 +31,11 @@ from gateway.processes import (
     wait_gateways,
 )
 from tests.helpers import Node, SioClient
+
+# hypothesis is imported up front: when a session never imported it, its pytest plugin
+# imports it at the very end, and on CPython 3.11.7 pytest's assertion rewriting of it
+# then failed with "SystemError: AST constructor recursion depth mismatch", turning a
+# green run red after the summary.
 
 REPO = Path(__file__).resolve().parent.parent
 #: linger used by test gateways: short, so "after the last member leaves" is quick to see

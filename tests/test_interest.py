@@ -16,6 +16,8 @@ from gateway.processes import NatsCluster
 from tests.conftest import TEST_LINGER
 from tests.helpers import SETTLE, Node, SioClient, connect_all, nats_subjects
 
+# NATS only: these read nats-server's /connz. The same properties for sharded Redis,
+# read from Redis's PUBSUB SHARDNUMSUB and INFO, are in test_redis_sharding.py.
 pytestmark = pytest.mark.parametrize("backend", ["nats"], indirect=True)
 
 

@@ -185,3 +185,29 @@ def test_port_in_use_is_named() -> None:
                               capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2
     assert f"--port: port {port} is already in use" in proc.stderr
+
+
+async def test_redis_sharded_cluster_serves_and_leaves_nothing_behind() -> None:
+    launcher = start_launcher("--backend", "redis-sharded",
+                              "--port", str(consecutive_free_ports(2)))
+    try:
+        assert sum(bool(REDIS_LINE.fullmatch(ln)) for ln in launcher.lines) == 3, launcher.lines
+        assert sum(bool(GATEWAY_LINE.fullmatch(ln)) for ln in launcher.lines) == 2
+        assert launcher.lines[-1] == "cluster ready"
+        for url in launcher.gateway_urls():
+            status, body = http_json(f"{url}/healthz")
+            assert status == 200 and body["backend"] == "redis-sharded"
+        await chat_across(launcher.gateway_urls())
+        kids = descendants(launcher.proc.pid)
+        assert len(kids) >= 5, "3 redis-server and 2 gateway processes"
+        assert stop(launcher) == 0
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
+        assert all(port_is_free(p) for p in launcher.ports())
+        assert all(port_is_free(p + 10000) for p in launcher.ports()[:3]), "cluster bus port"
+    finally:
+        if launcher.proc.poll() is None:
+            launcher.proc.kill()
+            launcher.proc.wait()
