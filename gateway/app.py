@@ -10,24 +10,23 @@ import socketio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nats_adapter import ClusterManager
-
 from .chat import ChatProtocol
 from .config import GatewayConfig
 from .metrics import make_registry
+from .types import GatewayManager
 
 logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 CLIENT_JS = Path("node_modules") / "socket.io-client" / "dist" / "socket.io.min.js"
 
-MANAGER_KEY = web.AppKey("manager", ClusterManager)
+MANAGER_KEY = web.AppKey("manager", GatewayManager)
 SIO_KEY = web.AppKey("sio", socketio.AsyncServer)
 CONFIG_KEY = web.AppKey("config", GatewayConfig)
 CHAT_KEY = web.AppKey("chat", ChatProtocol)
 
 
-def make_manager(config: GatewayConfig) -> ClusterManager:
+def make_manager(config: GatewayConfig) -> GatewayManager:
     """The client manager for ``config.backend``; concrete backends load only here."""
     linger = config.unsubscribe_linger
     if config.backend == "nats":
@@ -39,6 +38,10 @@ def make_manager(config: GatewayConfig) -> ClusterManager:
         from nats_adapter.redis_transport import RedisShardedManager
 
         return RedisShardedManager(config.redis_url, unsubscribe_linger=linger)
+    if config.backend == "stock-redis":
+        from .stock import StockRedisManager
+
+        return StockRedisManager(config.redis_url)
     from nats_adapter.memory_transport import MemoryManager
 
     return MemoryManager(unsubscribe_linger=linger)
@@ -55,7 +58,7 @@ def find_client_js(config: GatewayConfig) -> Path | None:
     return None
 
 
-def create_app(config: GatewayConfig, manager: ClusterManager | None = None) -> web.Application:
+def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> web.Application:
     manager = manager if manager is not None else make_manager(config)
     cors: Any = list(config.cors_origins) if config.cors_origins else None
     if config.cors_origins == ("*",):

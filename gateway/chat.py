@@ -15,9 +15,10 @@ from typing import Any
 
 import socketio
 
-from nats_adapter import ClusterManager, is_sid
+from nats_adapter import is_sid
 
 from .config import Limits
+from .types import GatewayManager
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def json_type(value: Any) -> str:
 class ChatProtocol:
     """Registers the chat events on ``sio`` and enforces ``limits``."""
 
-    def __init__(self, sio: socketio.AsyncServer, manager: ClusterManager, limits: Limits) -> None:
+    def __init__(self, sio: socketio.AsyncServer, manager: GatewayManager, limits: Limits) -> None:
         self.sio = sio
         self.manager = manager
         self.limits = limits

@@ -40,6 +40,12 @@ def _cluster(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench.cli import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gateway",
                                      description="Socket.IO gateway on NATS or sharded Redis")
@@ -52,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster_arguments(cluster)
     cluster.set_defaults(func=_cluster)
+    bench = sub.add_parser("bench", help="benchmark the backends side by side")
+    from .bench.cli import add_arguments as bench_arguments
+
+    bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -7,9 +7,8 @@ from collections.abc import Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from nats_adapter import ClusterManager
-
 from .chat import ChatProtocol
+from .types import GatewayManager
 
 # manager stats field -> (metric name, help); all counters
 _COUNTERS = {
@@ -40,7 +39,7 @@ _COUNTERS = {
 
 
 class GatewayCollector(Collector):
-    def __init__(self, node_id: str, manager: ClusterManager, chat: ChatProtocol) -> None:
+    def __init__(self, node_id: str, manager: GatewayManager, chat: ChatProtocol) -> None:
         self.node_id = node_id
         self.manager = manager
         self.chat = chat
@@ -62,7 +61,7 @@ class GatewayCollector(Collector):
                     len(m.subscriptions))
         yield gauge("gateway_broker_subscriptions_lingering",
                     "Subscriptions kept after their last member left (linger)",
-                    m.subscriptions.lingering)
+                    getattr(m.subscriptions, "lingering", 0))
         yield gauge("gateway_broker_connected", "1 when the broker connection is up",
                     1 if m.transport.connected else 0)
         stats = m.stats.as_dict()
@@ -82,7 +81,7 @@ class GatewayCollector(Collector):
         yield refused
 
 
-def make_registry(node_id: str, manager: ClusterManager, chat: ChatProtocol) -> CollectorRegistry:
+def make_registry(node_id: str, manager: GatewayManager, chat: ChatProtocol) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(node_id, manager, chat))
     return registry

@@ -1,0 +1,1 @@
+"""``python -m gateway bench``: our backends side by side with stock python-socketio."""

@@ -1,0 +1,78 @@
+"""The ``bench`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import report as rep
+from .runner import BACKENDS, SCENARIOS, Params, describe, log, run_backend
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny parameters: a smoke run in under a minute")
+    parser.add_argument("--backends", default=",".join(BACKENDS),
+                        help=f"comma-separated subset of {','.join(BACKENDS)}")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--output", default=None,
+                        help="output folder (default bench-results/<time>)")
+    parser.add_argument("--write-benchmarks-md", action="store_true",
+                        help="also write the table into BENCHMARKS.md")
+    parser.add_argument("--seed", type=int, default=7, help="random seed for room layouts")
+
+
+def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad or not items:
+        return f"{flag}: unknown {', '.join(bad) or '(empty)'}; choose from {','.join(allowed)}"
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    backends = _subset(args.backends, BACKENDS, "--backends")
+    scenarios = _subset(args.scenarios, SCENARIOS, "--scenarios")
+    for value in (backends, scenarios):
+        if isinstance(value, str):
+            print(f"gateway bench: error: {value}", file=sys.stderr)
+            return 2
+    assert isinstance(backends, list) and isinstance(scenarios, list)
+    params = Params(quick=args.quick, seed=args.seed)
+    folder = Path(args.output or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    started = time.time()
+    results: dict[str, Any] = {}
+    try:
+        for backend in backends:
+            results[backend] = run_backend(backend, scenarios, workdir, params)
+    except KeyboardInterrupt:
+        log("interrupted")
+        return 130
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    report = {
+        "command": "python -m gateway bench " + shlex.join(sys.argv[2:] if
+                                                             sys.argv[1:2] == ["bench"] else []),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds": round(time.time() - started, 1),
+        "quick": args.quick,
+        "machine": rep.machine(),
+        "scenarios": {k: v for k, v in describe(params).items() if k in scenarios},
+        "results": results,
+    }
+    paths = rep.write(report, folder)
+    print(rep.markdown(report))
+    if args.write_benchmarks_md:
+        Path("BENCHMARKS.md").write_text(rep.benchmarks_md(report))
+        log("wrote BENCHMARKS.md")
+    log(f"results in {paths['json'].parent} ({report['seconds']} s)")
+    return 0

@@ -1,0 +1,475 @@
+"""The benchmark's load generator: many lean Socket.IO clients in one asyncio process.
+
+A python-socketio ``AsyncClient`` per socket costs too much CPU and memory to
+measure a server with, so this speaks just enough Engine.IO v4 / Socket.IO v5
+over websocket itself: one ``asyncio.Protocol`` per socket, no task per socket,
+client frames masked with a zero key (a valid key that makes masking free).
+
+It runs as its own process (``python -m gateway.bench.loadgen``) and is driven
+by the benchmark over stdin/stdout, one JSON object per line, so that the CPU it
+spends is never counted as the gateways'.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import struct
+import sys
+import time
+import zlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+_ZERO_MASK = b"\x00\x00\x00\x00"
+
+
+def _frame(payload: bytes) -> bytes:
+    """A masked (with a zero key), final text frame."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", 0x81, 0x80 | n)
+    elif n < 65536:
+        head = struct.pack("!BBH", 0x81, 0x80 | 126, n)
+    else:
+        head = struct.pack("!BBQ", 0x81, 0x80 | 127, n)
+    return head + _ZERO_MASK + payload
+
+
+class LeanSocket(asyncio.Protocol):
+    """One Engine.IO/Socket.IO websocket client connection."""
+
+    def __init__(self, index: int, host: str, port: int, gen: LoadGen, deflate: bool) -> None:
+        self.index = index
+        self.host = host
+        self.port = port
+        self.gen = gen
+        self.offer_deflate = deflate
+        self.deflated = False
+        self.inflater: Any = None
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.handshaken = False
+        self.sid: str | None = None
+        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.acks: dict[int, asyncio.Future[Any]] = {}
+        self.next_ack = 0
+        self.closed = False
+        self.fragments: list[bytes] = []
+
+    # -- connection --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        key = base64.b64encode(os.urandom(16)).decode()
+        ext = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" \
+            if self.offer_deflate else ""
+        transport.write(
+            f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {self.host}:{self.port}"
+            f"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{ext}\r\n".encode()
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.connected.done():
+            self.connected.set_exception(ConnectionError(f"socket {self.index} closed"))
+        for fut in self.acks.values():
+            if not fut.done():
+                fut.set_exception(ConnectionError("closed"))
+        self.gen.on_closed(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf
+        buf += data
+        if not self.handshaken:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buf[:end]).decode("latin-1")
+            del buf[: end + 4]
+            if not head.startswith("HTTP/1.1 101"):
+                self.connected.set_exception(ConnectionError(head.splitlines()[0]))
+                assert self.transport is not None
+                self.transport.close()
+                return
+            self.handshaken = True
+            if "permessage-deflate" in head.lower():
+                self.deflated = True
+                self.inflater = zlib.decompressobj(-15)
+        while len(buf) >= 2:
+            b0, b1 = buf[0], buf[1]
+            n = b1 & 0x7F
+            pos = 2
+            if n == 126:
+                if len(buf) < 4:
+                    return
+                n = struct.unpack_from("!H", buf, 2)[0]
+                pos = 4
+            elif n == 127:
+                if len(buf) < 10:
+                    return
+                n = struct.unpack_from("!Q", buf, 2)[0]
+                pos = 10
+            if len(buf) < pos + n:
+                return
+            payload = bytes(buf[pos : pos + n])
+            del buf[: pos + n]
+            opcode = b0 & 0x0F
+            if b0 & 0x40:  # RSV1: compressed message
+                payload = self.inflater.decompress(payload + b"\x00\x00\xff\xff")
+            if opcode == 0x8:
+                assert self.transport is not None
+                self.transport.close()
+                return
+            if opcode == 0x9:  # ping
+                self._write_raw(0x8A, payload)
+                continue
+            if opcode in (0x1, 0x0):
+                if not b0 & 0x80:
+                    self.fragments.append(payload)
+                    continue
+                if self.fragments:
+                    payload = b"".join(self.fragments) + payload
+                    self.fragments = []
+                self.on_text(payload.decode())
+
+    def _write_raw(self, opcode_byte: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(struct.pack("!BB", opcode_byte, 0x80 | len(payload))
+                                 + _ZERO_MASK + payload)
+
+    def send_text(self, text: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(_frame(text.encode()))
+
+    # -- Engine.IO / Socket.IO ---------------------------------------------------
+
+    def on_text(self, text: str) -> None:
+        kind = text[0]
+        if kind == "4":
+            body = text[1:]
+            sio = body[0]
+            if sio == "2":  # EVENT
+                self.gen.on_event(self, json.loads(body[1:]), time.monotonic_ns())
+            elif sio == "3":  # ACK
+                i = 1
+                while body[i].isdigit():
+                    i += 1
+                fut = self.acks.pop(int(body[1:i]), None)
+                if fut is not None and not fut.done():
+                    fut.set_result(json.loads(body[i:])[0])
+            elif sio == "0":  # CONNECT
+                self.sid = json.loads(body[1:])["sid"]
+                if not self.connected.done():
+                    self.connected.set_result(None)
+            elif sio in "14" and not self.connected.done():
+                self.connected.set_exception(ConnectionError(body))
+        elif kind == "2":  # engine.io ping
+            self.send_text("3")
+        elif kind == "0":  # engine.io open
+            self.send_text("40")
+
+    def call(self, event: str, *args: Any) -> asyncio.Future[Any]:
+        self.next_ack += 1
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.acks[self.next_ack] = fut
+        self.send_text(f"42{self.next_ack}" + json.dumps([event, *args], separators=(",", ":")))
+        return fut
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+@dataclass
+class Sent:
+    sender: int
+    room: str
+    send_ns: int
+    ack_ns: int = 0
+
+
+@dataclass
+class LoadGen:
+    """All sockets of this process and what they sent and received."""
+
+    sockets: list[LeanSocket] = field(default_factory=list)
+    gateway_of: list[int] = field(default_factory=list)
+    members: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    sent: dict[str, Sent] = field(default_factory=dict)
+    #: (msg id, recipient index, receive time ns)
+    received: list[tuple[str, int, int]] = field(default_factory=list)
+    unexpected_closes: int = 0
+    recording: bool = True
+    closing: bool = False
+
+    def on_event(self, sock: LeanSocket, data: list[Any], now: int) -> None:
+        if self.recording and data and data[0] == "chat":
+            self.received.append((data[1]["id"], sock.index, now))
+
+    def on_closed(self, sock: LeanSocket) -> None:
+        if not self.closing:
+            self.unexpected_closes += 1
+
+    async def connect(self, urls: list[str], count: int, deflate: bool,
+                      concurrency: int = 200) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(concurrency)
+        start = len(self.sockets)
+
+        async def one(i: int) -> None:
+            gw = (i - start) % len(urls)
+            parts = urlsplit(urls[gw])
+            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            async with sem:
+                _, proto = await loop.create_connection(
+                    lambda: LeanSocket(i, host, port, self, deflate), host, port)
+                self.sockets[i] = proto
+                async with asyncio.timeout(30):
+                    await proto.connected
+
+        self.sockets.extend([None] * count)  # type: ignore[list-item]
+        self.gateway_of.extend((i % len(urls)) for i in range(count))
+        await asyncio.gather(*(one(start + i) for i in range(count)))
+        return {"connected": count, "deflate": sum(s.deflated for s in self.sockets[start:])}
+
+    async def join(self, pairs: list[tuple[int, str]], leave: bool = False,
+                   concurrency: int = 500) -> int:
+        sem = asyncio.Semaphore(concurrency)
+        failures = 0
+
+        async def one(i: int, room: str) -> None:
+            nonlocal failures
+            async with sem:
+                ack = await asyncio.wait_for(self.sockets[i].call("leave" if leave else "join",
+                                                                  room), 30)
+            if not ack.get("ok"):
+                failures += 1
+            elif leave:
+                self.members[room].discard(i)
+            else:
+                self.members[room].add(i)
+
+        await asyncio.gather(*(one(i, r) for i, r in pairs))
+        return failures
+
+    async def send_one(self, i: int, room: str, text: str) -> bool:
+        send_ns = time.monotonic_ns()
+        ack = await asyncio.wait_for(self.sockets[i].call("chat", {"room": room, "text": text}),
+                                     30)
+        if not ack.get("ok"):
+            return False
+        self.sent[ack["id"]] = Sent(i, room, send_ns, time.monotonic_ns())
+        return True
+
+    async def burst(self, plan: list[tuple[int, str, int]], text: str) -> int:
+        """Each (sender, room, n): n chats, each after the previous one's ack."""
+        failures = 0
+
+        async def sender(i: int, room: str, n: int) -> None:
+            nonlocal failures
+            for _ in range(n):
+                if not await self.send_one(i, room, text):
+                    failures += 1
+
+        await asyncio.gather(*(sender(i, r, n) for i, r, n in plan))
+        return failures
+
+    async def paced(self, plan: list[tuple[float, int, str]], text: str) -> int:
+        """Each (offset seconds, sender, room): one chat at that time from the start."""
+        start = time.monotonic()
+        failures = 0
+        pending: set[asyncio.Task[bool]] = set()
+        for offset, i, room in plan:
+            delay = start + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.get_running_loop().create_task(self.send_one(i, room, text))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        results = await asyncio.gather(*pending)
+        failures += sum(not r for r in results)
+        return failures
+
+    def expected_pairs(self) -> int:
+        return sum(len(self.members_at_send(s)) for s in self.sent.values())
+
+    def members_at_send(self, s: Sent) -> set[int]:
+        return self.members[s.room] - {s.sender}
+
+    async def settle(self, timeout: float, quiet: float = 0.5) -> None:
+        """Wait until every expected delivery arrived, or nothing arrived for ``quiet``."""
+        deadline = time.monotonic() + timeout
+        expected = self.expected_pairs()
+        last_count, last_change = len(self.received), time.monotonic()
+        while time.monotonic() < deadline:
+            if len(self.received) >= expected:
+                await asyncio.sleep(0.2)  # a little longer, to see duplicates
+                return
+            await asyncio.sleep(0.05)
+            if len(self.received) != last_count:
+                last_count, last_change = len(self.received), time.monotonic()
+            elif time.monotonic() - last_change > max(quiet, 2.0):
+                return
+
+    def tally(self) -> dict[str, Any]:
+        seen: dict[tuple[str, int], int] = defaultdict(int)
+        local: list[int] = []
+        cross: list[int] = []
+        stray = 0
+        for msg_id, rcpt, now in self.received:
+            s = self.sent.get(msg_id)
+            if s is None:
+                stray += 1
+                continue
+            seen[(msg_id, rcpt)] += 1
+            if seen[(msg_id, rcpt)] == 1:
+                lat = now - s.send_ns
+                (local if self.gateway_of[s.sender] == self.gateway_of[rcpt] else cross
+                 ).append(lat)
+        expected = 0
+        lost = 0
+        unexpected = 0
+        for msg_id, s in self.sent.items():
+            want = self.members_at_send(s)
+            expected += len(want)
+            lost += sum(1 for r in want if (msg_id, r) not in seen)
+        for (msg_id, rcpt), _count in seen.items():
+            if rcpt not in self.members_at_send(self.sent[msg_id]):
+                unexpected += 1
+        duplicated = sum(c - 1 for c in seen.values() if c > 1)
+        return {
+            "messages": len(self.sent),
+            "expected": expected,
+            "delivered": sum(1 for _ in seen),
+            "lost": lost,
+            "duplicated": duplicated,
+            "misdelivered": unexpected + stray,
+            "latency_ms": {"local": percentiles(local), "cross": percentiles(cross),
+                           "all": percentiles(local + cross)},
+        }
+
+    def reset(self) -> None:
+        self.sent.clear()
+        self.received.clear()
+
+
+def percentiles(values_ns: list[int]) -> dict[str, float | None]:
+    if not values_ns:
+        return {"n": 0, "p50": None, "p99": None, "p999": None, "max": None}
+    v = sorted(values_ns)
+
+    def at(q: float) -> float:
+        return round(v[min(len(v) - 1, int(q * len(v)))] / 1e6, 3)
+
+    return {"n": len(v), "p50": at(0.5), "p99": at(0.99), "p999": at(0.999),
+            "max": round(v[-1] / 1e6, 3)}
+
+
+async def churn(gen: LoadGen, sockets: list[int], rooms: list[str], ops_per_s: float,
+                seconds: float, seed: int) -> dict[str, Any]:
+    """Sockets join and leave ``rooms`` at ``ops_per_s`` for ``seconds``."""
+    rng = random.Random(seed)
+    start = time.monotonic()
+    ops = failures = 0
+    joined: dict[int, set[str]] = defaultdict(set)
+    pending: set[asyncio.Task[int]] = set()
+    while time.monotonic() - start < seconds:
+        i = rng.choice(sockets)
+        room = rng.choice(rooms)
+        leave = room in joined[i]
+        (joined[i].discard if leave else joined[i].add)(room)
+        task = asyncio.get_running_loop().create_task(gen.join([(i, room)], leave=leave))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+        ops += 1
+        next_at = start + ops / ops_per_s
+        delay = next_at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+    failures = sum(await asyncio.gather(*pending))
+    # leave everything so the next phase starts clean
+    await gen.join([(i, r) for i, rs in joined.items() for r in rs], leave=True)
+    return {"ops": ops, "failures": failures, "seconds": round(time.monotonic() - start, 3)}
+
+
+async def serve() -> None:
+    """Read commands from stdin, answer on stdout (see gateway/bench/runner.py)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    gen = LoadGen()
+
+    def reply(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    while True:
+        line = await reader.readline()
+        if not line:
+            break
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "connect":
+                reply(await gen.connect(cmd["urls"], cmd["count"], cmd.get("deflate", False)))
+            elif op == "join":
+                failures = await gen.join([tuple(p) for p in cmd["pairs"]],
+                                          leave=cmd.get("leave", False))
+                reply({"failures": failures})
+            elif op == "burst":
+                t0 = time.monotonic()
+                failures = await gen.burst([tuple(p) for p in cmd["plan"]],
+                                           cmd.get("text", "hello"))
+                sent_s = time.monotonic() - t0
+                await gen.settle(cmd.get("timeout", 60))
+                reply({"failures": failures, "send_seconds": round(sent_s, 4),
+                       "seconds": round(time.monotonic() - t0, 4), **gen.tally()})
+                gen.reset()
+            elif op == "paced":
+                t0 = time.monotonic()
+                failures = await gen.paced([tuple(p) for p in cmd["plan"]],
+                                           cmd.get("text", "hello"))
+                await gen.settle(cmd.get("timeout", 60))
+                reply({"failures": failures, "seconds": round(time.monotonic() - t0, 4),
+                       **gen.tally()})
+                gen.reset()
+            elif op == "churn":
+                task = loop.create_task(churn(gen, cmd["sockets"], cmd["rooms"], cmd["ops_per_s"],
+                                              cmd["seconds"], cmd.get("seed", 1)))
+                failures = await gen.paced([tuple(p) for p in cmd["plan"]],
+                                           cmd.get("text", "hello"))
+                churned = await task
+                await gen.settle(cmd.get("timeout", 60))
+                reply({"failures": failures, "churn": churned, **gen.tally()})
+                gen.reset()
+            elif op == "close":
+                gen.closing = True
+                for s in gen.sockets:
+                    if s is not None:
+                        s.close()
+                await asyncio.sleep(0.2)
+                reply({"closed": len(gen.sockets), "unexpected_closes": gen.unexpected_closes})
+                gen.sockets.clear()
+                gen.gateway_of.clear()
+                gen.members.clear()
+                gen.unexpected_closes = 0
+                gen.closing = False
+            elif op == "quit":
+                reply({"bye": True})
+                break
+            else:
+                reply({"error": f"unknown op {op!r}"})
+        except Exception as exc:  # report any failure to the driver instead of hanging it
+            reply({"error": f"{type(exc).__name__}: {exc}"})
+
+
+if __name__ == "__main__":
+    asyncio.run(serve())

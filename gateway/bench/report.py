@@ -1,0 +1,173 @@
+"""Benchmark output: JSON, a Markdown table with ratios against stock-redis, PNG charts."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+BASELINE = "stock-redis"
+
+
+def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(scenario/phase, backend, figures) for every measured phase."""
+    rows = []
+    for backend, scenarios in results.items():
+        for scenario, data in scenarios.items():
+            if scenario == "memory":
+                continue
+            if scenario == "reference":
+                for phase, figures in data.items():
+                    rows.append((f"reference/{phase}", backend, figures))
+            else:
+                rows.append((scenario, backend, data))
+    return rows
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _ratio(value: float | None, base: float | None, higher_is_better: bool) -> str:
+    if not value or not base:
+        return ""
+    ratio = value / base if higher_is_better else base / value
+    return f" ({ratio:.2f}x)"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    results: dict[str, dict[str, Any]] = report["results"]
+    lines = [
+        "| scenario | backend | deliveries/s | CPU-s per 1k deliveries | p50 / p99 / p99.9 ms "
+        "(cross-node p99) | broker bytes per delivery | wasted receptions | lost / dup |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    base_of: dict[str, dict[str, Any]] = {s: f for s, b, f in _rows(results) if b == BASELINE}
+    for scenario, backend, f in sorted(_rows(results), key=lambda r: (r[0], r[1])):
+        base = base_of.get(scenario, {})
+        lat = f["latency_ms"]["all"]
+        cross = f["latency_ms"]["cross"]
+        cpu = f["cpu_s_per_1000_deliveries"]
+        per = f["broker_bytes_per_delivery"]
+        lines.append(
+            f"| {scenario} | {backend} | {_fmt(f['deliveries_per_s'])} | "
+            f"{_fmt(cpu, 4)}{_ratio(cpu, base.get('cpu_s_per_1000_deliveries'), False)} | "
+            f"{_fmt(lat['p50'], 2)} / {_fmt(lat['p99'], 2)} / {_fmt(lat['p999'], 2)} "
+            f"({_fmt(cross['p99'], 2)}) | "
+            f"{_fmt(per)}{_ratio(per, base.get('broker_bytes_per_delivery'), False)} | "
+            f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} |"
+        )
+    mem = [(b, s["memory"]) for b, s in results.items() if "memory" in s]
+    if mem:
+        base_mem = dict(mem).get(BASELINE, {})
+        lines += ["", "| idle memory | backend | KB per socket, plain client | "
+                  "KB per socket, client offering permessage-deflate (negotiated) |",
+                  "|---|---|---|---|"]
+        for backend, m in mem:
+            plain, defl = m["plain"], m["deflate-offered"]
+            base_plain = base_mem.get("plain", {}).get("kb_per_socket")
+            base_defl = base_mem.get("deflate-offered", {}).get("kb_per_socket")
+            lines.append(
+                f"| memory | {backend} | {plain['kb_per_socket']}"
+                f"{_ratio(plain['kb_per_socket'], base_plain, False)} | "
+                f"{defl['kb_per_socket']}{_ratio(defl['kb_per_socket'], base_defl, False)} "
+                f"({defl['deflate_negotiated']} of {defl['sockets']}) |")
+    churn = [(b, s["churn"]) for b, s in results.items() if "churn" in s]
+    if churn:
+        lines += ["", "| churn | backend | join/leave ops | broker subscription ops/s | "
+                  "steady-room p99 ms during churn |", "|---|---|---|---|---|"]
+        for backend, c in churn:
+            lines.append(f"| churn | {backend} | {c['churn']['ops']} | "
+                         f"{c['broker_subscription_ops_per_s']} | "
+                         f"{_fmt(c['latency_ms']['all']['p99'], 2)} |")
+    return "\n".join(lines) + "\n"
+
+
+def charts(report: dict[str, Any], folder: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results: dict[str, dict[str, Any]] = report["results"]
+    rows = _rows(results)
+    scenarios = sorted({s for s, _, _ in rows})
+    backends = list(results)
+    made = []
+    for metric, title, fname in (
+        ("cpu_s_per_1000_deliveries", "Gateway CPU seconds per 1,000 deliveries (lower is better)",
+         "cpu.png"),
+        ("broker_bytes_per_delivery", "Broker bytes per delivered message (lower is better)",
+         "broker-bytes.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(10, 4.5))
+        width = 0.8 / max(1, len(backends))
+        for k, backend in enumerate(backends):
+            values = []
+            for scenario in scenarios:
+                f = next((f for s, b, f in rows if s == scenario and b == backend), None)
+                values.append((f or {}).get(metric) or 0)
+            ax.bar([i + k * width for i in range(len(scenarios))], values, width, label=backend)
+        ax.set_xticks([i + width * (len(backends) - 1) / 2 for i in range(len(scenarios))])
+        ax.set_xticklabels(scenarios, rotation=20, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = folder / fname
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        made.append(path)
+    return made
+
+
+def write(report: dict[str, Any], folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
+    paths["json"].write_text(json.dumps(report, indent=2))
+    paths["markdown"].write_text(markdown(report))
+    for path in charts(report, folder):
+        paths[path.stem] = path
+    return paths
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def benchmarks_md(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    return (
+        "# Benchmarks\n\n"
+        f"Latest run: {report['finished']}, `{report['command']}`.\n\n"
+        f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}. "
+        "Brokers, gateways and the load generator share these cores, so absolute figures "
+        "drift between runs; the ratios in parentheses compare each backend with "
+        f"`{BASELINE}` (python-socketio's AsyncRedisManager) measured in the same run.\n\n"
+        "Backends: `nats` (NatsManager, 3-node NATS full mesh), `redis-sharded` "
+        "(RedisShardedManager, 3-master Redis Cluster, SSUBSCRIBE/SPUBLISH), `stock-redis` "
+        "(AsyncRedisManager on one Redis), `redis-cluster-classic` (AsyncRedisManager with "
+        "classic PUBLISH/SUBSCRIBE on the same Redis Cluster).\n\n"
+        "Scenario parameters:\n\n"
+        + "".join(f"- **{k}**: {', '.join(f'{a}={b}' for a, b in v.items())}\n"
+                  for k, v in report["scenarios"].items())
+        + "\n" + markdown(report)
+        + "\nCharts and the full JSON are written next to `results.md` in the output folder.\n"
+    )

@@ -1,0 +1,501 @@
+"""Runs the benchmark: brokers, gateways and the load generator, side by side.
+
+Every backend runs the same scenarios in one run, with the same load generator
+(a separate process) and the same gateway handlers; only the client manager and
+its broker change. Gateway CPU comes from /proc, broker traffic from the brokers'
+own counters (NATS /varz, Redis INFO), gateway traffic from /metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..processes import (
+    Child,
+    GatewayNode,
+    NatsCluster,
+    RedisCluster,
+    find_binary,
+    free_ports,
+    spawn,
+    start_gateway,
+    stop_all,
+    wait_gateways,
+    wait_until,
+)
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+BACKENDS = ("nats", "redis-sharded", "stock-redis", "redis-cluster-classic")
+SCENARIOS = ("reference", "fanout", "many-rooms", "latency", "churn", "memory")
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+
+
+def metrics(url: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            name = key.split("{", 1)[0]
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+# -- brokers ---------------------------------------------------------------------
+
+
+@dataclass
+class Broker:
+    """One backend's broker side: how to start it and read its counters."""
+
+    name: str
+    workdir: Path
+    nats: NatsCluster | None = None
+    redis: RedisCluster | None = None
+    single: Child | None = None
+    single_port: int = 0
+
+    def start(self) -> None:
+        if self.name == "nats":
+            self.nats = NatsCluster(self.workdir / "nats", size=3)
+            self.nats.start()
+        elif self.name in ("redis-sharded", "redis-cluster-classic"):
+            self.redis = RedisCluster(self.workdir / "redis", size=3)
+            self.redis.start()
+        else:
+            self.single_port = free_ports(1)[0]
+            binary = find_binary("redis-server", "apt-get install redis-server")
+            self.single = spawn("redis-single", [
+                binary, "--port", str(self.single_port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir)], self.workdir)
+            from ..processes import redis_cli
+
+            wait_until(lambda: redis_cli(self.single_port, "PING").stdout.strip() == "PONG",
+                       10, "redis-server", [self.single])
+
+    def stop(self) -> None:
+        if self.nats is not None:
+            self.nats.stop()
+        if self.redis is not None:
+            self.redis.stop()
+        stop_all([self.single])
+
+    def gateway(self, index: int) -> tuple[str, list[str]]:
+        """(--backend, broker flags) for gateway ``index``."""
+        if self.nats is not None:
+            return "nats", ["--nats-url", ",".join(self.nats.urls)]
+        if self.redis is not None and self.name == "redis-sharded":
+            return "redis-sharded", ["--redis-url", self.redis.nodes[index % 3].url]
+        if self.redis is not None:
+            # classic PUBLISH/SUBSCRIBE on the cluster: each gateway on another master
+            return "stock-redis", ["--redis-url", self.redis.nodes[index % 3].url]
+        return "stock-redis", ["--redis-url", f"redis://127.0.0.1:{self.single_port}"]
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Per broker node: messages and bytes in and out, from the broker itself."""
+        out: dict[str, dict[str, float]] = {}
+        if self.nats is not None:
+            for node in self.nats.nodes:
+                varz = node.varz("varz") or {}
+                out[node.name] = {k: float(varz.get(k, 0)) for k in
+                                  ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
+        nodes = self.redis.nodes if self.redis is not None else []
+        if self.single is not None:
+            from ..processes import RedisNode
+
+            nodes = [RedisNode("redis-single", "127.0.0.1", self.single_port)]
+        for rnode in nodes:
+            stats = rnode.info("stats")
+            calls = 0
+            for line in rnode.cli("INFO", "commandstats").splitlines():
+                if line.startswith(("cmdstat_publish:", "cmdstat_spublish:")):
+                    calls += int(line.split("calls=")[1].split(",")[0])
+            out[rnode.name] = {
+                "in_msgs": float(calls),
+                "in_bytes": float(stats.get("total_net_input_bytes", 0)),
+                "out_bytes": float(stats.get("total_net_output_bytes", 0)),
+            }
+        return out
+
+
+# -- the load generator ------------------------------------------------------------
+
+
+class LoadGenProcess:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.bench.loadgen"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, bufsize=1,
+        )
+
+    def call(self, **cmd: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"load generator exited with {self.proc.wait()}")
+        reply: dict[str, Any] = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"load generator: {reply['error']}")
+        return reply
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        with contextlib.suppress(RuntimeError, OSError, ValueError):
+            self.call(op="quit")
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- measuring -----------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    cpu: dict[str, float]
+    gateway: dict[str, dict[str, float]]
+    broker: dict[str, dict[str, float]]
+    at: float = field(default_factory=time.monotonic)
+
+
+def snapshot(gateways: list[GatewayNode], broker: Broker) -> Snapshot:
+    return Snapshot(
+        cpu={g.node_id: cpu_seconds(g.child.pid) for g in gateways if g.child},
+        gateway={g.node_id: metrics(g.url) for g in gateways},
+        broker=broker.counters(),
+    )
+
+
+def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[str, Any]:
+    """Figures for one phase from two snapshots and the load generator's tally."""
+    delivered = result["delivered"]
+    cpu = sum(after.cpu[k] - before.cpu[k] for k in after.cpu)
+
+    def gw_delta(name: str) -> dict[str, float]:
+        return {k: after.gateway[k].get(name, 0) - before.gateway[k].get(name, 0)
+                for k in after.gateway}
+
+    received = gw_delta("gateway_broker_messages_received_total")
+    received_bytes = gw_delta("gateway_broker_bytes_received_total")
+    unwanted = gw_delta("gateway_broker_messages_unwanted_total")
+    broker = {node: {k: after.broker[node][k] - before.broker[node].get(k, 0)
+                     for k in after.broker[node]} for node in after.broker}
+    broker_bytes = sum(v.get("in_bytes", 0) + v.get("out_bytes", 0) for v in broker.values())
+    seconds = result.get("seconds") or (after.at - before.at)
+    return {
+        "messages": result["messages"],
+        "expected": result["expected"],
+        "delivered": delivered,
+        "lost": result["lost"],
+        "duplicated": result["duplicated"],
+        "misdelivered": result["misdelivered"],
+        "failures": result.get("failures", 0),
+        "seconds": round(seconds, 3),
+        "deliveries_per_s": round(delivered / seconds, 1) if seconds else None,
+        "gateway_cpu_s": round(cpu, 3),
+        "cpu_s_per_1000_deliveries": round(1000 * cpu / delivered, 4) if delivered else None,
+        "deliveries_per_cpu_s": round(delivered / cpu, 1) if cpu else None,
+        "latency_ms": result["latency_ms"],
+        "gateway_received_msgs": {k: int(v) for k, v in received.items()},
+        "gateway_received_bytes": {k: int(v) for k, v in received_bytes.items()},
+        "wasted_receptions": int(sum(unwanted.values())),
+        "broker": {n: {k: int(v) for k, v in d.items()} for n, d in broker.items()},
+        "broker_bytes_total": int(broker_bytes),
+        "broker_bytes_per_delivery": round(broker_bytes / delivered, 2) if delivered else None,
+    }
+
+
+# -- scenarios ---------------------------------------------------------------------
+
+
+@dataclass
+class Params:
+    quick: bool
+    seed: int = 7
+
+    @property
+    def reference_users(self) -> int:
+        return 30 if self.quick else 150
+
+    @property
+    def fanout_members(self) -> int:
+        return 60 if self.quick else 500
+
+    @property
+    def fanout_senders(self) -> int:
+        return 4
+
+    @property
+    def fanout_messages(self) -> int:  # per sender
+        return 5 if self.quick else 100
+
+    @property
+    def rooms(self) -> int:
+        return 40 if self.quick else 1000
+
+    @property
+    def room_sockets(self) -> int:
+        return 60 if self.quick else 2000
+
+    @property
+    def room_messages(self) -> int:
+        return 80 if self.quick else 4000
+
+    @property
+    def latency_members(self) -> int:
+        return 20 if self.quick else 100
+
+    @property
+    def latency_rate(self) -> float:
+        return 50.0 if self.quick else 200.0
+
+    @property
+    def latency_seconds(self) -> float:
+        return 1.0 if self.quick else 10.0
+
+    @property
+    def churn_sockets(self) -> int:
+        return 20 if self.quick else 200
+
+    @property
+    def churn_ops_per_s(self) -> float:
+        return 100.0 if self.quick else 500.0
+
+    @property
+    def idle_sockets(self) -> int:
+        return 100 if self.quick else 2000
+
+
+def describe(p: Params) -> dict[str, dict[str, Any]]:
+    return {
+        "reference": {"gateways": 3, "users": p.reference_users, "chats_per_user": 3,
+                      "phases": "one room; then 10 rooms, each on one gateway only"},
+        "fanout": {"gateways": 2, "members": p.fanout_members, "senders": p.fanout_senders,
+                   "messages_per_sender": p.fanout_messages, "pacing": "next send on ack"},
+        "many-rooms": {"gateways": 3, "rooms": p.rooms, "members_per_room": "2-20",
+                       "sockets": p.room_sockets, "messages": p.room_messages,
+                       "rate": "Zipf-like: a few busy rooms, many quiet ones"},
+        "latency": {"gateways": 2, "members": p.latency_members,
+                    "rate_msgs_per_s": p.latency_rate, "seconds": p.latency_seconds},
+        "churn": {"gateways": 2, "sockets": p.churn_sockets,
+                  "join_leave_ops_per_s": p.churn_ops_per_s, "rooms": 50,
+                  "background_rate_msgs_per_s": p.latency_rate / 2,
+                  "seconds": p.latency_seconds * 2},
+        "memory": {"gateways": 1, "idle_sockets": p.idle_sockets,
+                   "variants": "client offering permessage-deflate, and not"},
+    }
+
+
+def scenario_reference(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
+                       p: Params) -> dict[str, Any]:
+    urls = [g.url for g in gws]
+    n = p.reference_users
+    lg.call(op="connect", urls=urls, count=n)
+    out: dict[str, Any] = {}
+    lg.call(op="join", pairs=[[i, "reference"] for i in range(n)])
+    before = snapshot(gws, broker)
+    res = lg.call(op="burst", plan=[[i, "reference", 3] for i in range(n)], text="hello")
+    out["one-room"] = measure(before, snapshot(gws, broker), res)
+    lg.call(op="join", pairs=[[i, "reference"] for i in range(n)], leave=True)
+    # 10 rooms, each living on one gateway: socket i is on gateway i % 3, room r on r % 3
+    rooms_of = {g: [r for r in range(10) if r % 3 == g] for g in range(3)}
+    rooms = {i: f"local-{rooms_of[i % 3][(i // 3) % len(rooms_of[i % 3])]}" for i in range(n)}
+    lg.call(op="join", pairs=[[i, r] for i, r in rooms.items()])
+    before = snapshot(gws, broker)
+    res = lg.call(op="burst", plan=[[i, r, 3] for i, r in rooms.items()], text="hello")
+    out["ten-local-rooms"] = measure(before, snapshot(gws, broker), res)
+    lg.call(op="close")
+    return out
+
+
+def scenario_fanout(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
+                    p: Params) -> dict[str, Any]:
+    n = p.fanout_members
+    lg.call(op="connect", urls=[g.url for g in gws], count=n)
+    lg.call(op="join", pairs=[[i, "fanout"] for i in range(n)])
+    if not p.quick:  # warm up, then measure
+        lg.call(op="burst", plan=[[i, "fanout", 1] for i in range(p.fanout_senders)])
+    before = snapshot(gws, broker)
+    res = lg.call(op="burst", plan=[[i, "fanout", p.fanout_messages]
+                                    for i in range(p.fanout_senders)], timeout=120)
+    out = measure(before, snapshot(gws, broker), res)
+    lg.call(op="close")
+    return out
+
+
+def scenario_many_rooms(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
+                        p: Params) -> dict[str, Any]:
+    rng = random.Random(p.seed)
+    lg.call(op="connect", urls=[g.url for g in gws], count=p.room_sockets)
+    members: dict[str, list[int]] = {}
+    for r in range(p.rooms):
+        members[f"room-{r}"] = rng.sample(range(p.room_sockets), rng.randint(2, 20))
+    pairs = [[i, room] for room, ms in members.items() for i in ms]
+    for k in range(0, len(pairs), 5000):
+        lg.call(op="join", pairs=pairs[k:k + 5000])
+    names = list(members)
+    weights = [1 / (k + 1) for k in range(len(names))]
+    total = p.room_messages
+    duration = max(2.0, total / (250 if p.quick else 800))
+    plan = []
+    for m in range(total):
+        room = rng.choices(names, weights)[0]
+        plan.append([round(m * duration / total, 4), rng.choice(members[room]), room])
+    before = snapshot(gws, broker)
+    res = lg.call(op="paced", plan=plan, timeout=120)
+    out = measure(before, snapshot(gws, broker), res)
+    out["joins"] = len(pairs)
+    lg.call(op="close")
+    return out
+
+
+def scenario_latency(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
+                     p: Params) -> dict[str, Any]:
+    n = p.latency_members
+    lg.call(op="connect", urls=[g.url for g in gws], count=n)
+    lg.call(op="join", pairs=[[i, "latency"] for i in range(n)])
+    count = int(p.latency_rate * p.latency_seconds)
+    plan = [[round(k / p.latency_rate, 4), k % n, "latency"] for k in range(count)]
+    if not p.quick:
+        lg.call(op="paced", plan=plan[: max(1, count // 10)])  # warm-up
+    before = snapshot(gws, broker)
+    res = lg.call(op="paced", plan=plan, timeout=60)
+    out = measure(before, snapshot(gws, broker), res)
+    lg.call(op="close")
+    return out
+
+
+def scenario_churn(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
+                   p: Params) -> dict[str, Any]:
+    n = p.churn_sockets
+    lg.call(op="connect", urls=[g.url for g in gws], count=n + 20)
+    listeners = list(range(n, n + 20))
+    lg.call(op="join", pairs=[[i, "steady"] for i in listeners])
+    seconds = p.latency_seconds * 2
+    rate = p.latency_rate / 2
+    count = int(rate * seconds)
+    plan = [[round(k / rate, 4), listeners[k % 20], "steady"] for k in range(count)]
+    before = snapshot(gws, broker)
+    res = lg.call(op="churn", sockets=list(range(n)), rooms=[f"churn-{r}" for r in range(50)],
+                  ops_per_s=p.churn_ops_per_s, seconds=seconds, plan=plan, seed=p.seed)
+    after = snapshot(gws, broker)
+    out = measure(before, after, res)
+    elapsed = after.at - before.at
+
+    def ops(name: str) -> float:
+        return sum(after.gateway[g].get(name, 0) - before.gateway[g].get(name, 0)
+                   for g in after.gateway)
+
+    out["churn"] = res["churn"]
+    out["broker_subscription_ops_per_s"] = round(
+        (ops("gateway_broker_subscribe_ops_total") + ops("gateway_broker_unsubscribe_ops_total"))
+        / elapsed, 1)
+    lg.call(op="close")
+    return out
+
+
+def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> dict[str, Any]:
+    """RSS growth per idle socket on a fresh gateway, per client kind."""
+    variants = (("plain", False), ("deflate-offered", True))
+    name, args = broker.gateway(0)
+    gws = [start_gateway(workdir, f"{backend}-mem-{variant}", free_ports(1)[0], name, args,
+                         extra=["--log-level", "WARNING"]) for variant, _ in variants]
+    out: dict[str, Any] = {}
+    lg = LoadGenProcess()
+    try:
+        wait_gateways(gws)
+        for gw, (variant, deflate) in zip(gws, variants, strict=True):
+            assert gw.child is not None
+            lg.call(op="connect", urls=[gw.url], count=20, deflate=deflate)  # warm up
+            lg.call(op="close")
+            time.sleep(0.3)
+            base = rss_bytes(gw.child.pid)
+            got = lg.call(op="connect", urls=[gw.url], count=p.idle_sockets, deflate=deflate)
+            time.sleep(0.3 if p.quick else 1.0)
+            grown = rss_bytes(gw.child.pid) - base
+            out[variant] = {"sockets": p.idle_sockets, "deflate_negotiated": got["deflate"],
+                            "rss_bytes_per_socket": round(grown / p.idle_sockets),
+                            "kb_per_socket": round(grown / p.idle_sockets / 1024, 1)}
+            lg.call(op="close")
+    finally:
+        lg.stop()
+        stop_all([g.child for g in gws])
+    return out
+
+
+SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
+    "reference": (3, scenario_reference),
+    "many-rooms": (3, scenario_many_rooms),
+    "fanout": (2, scenario_fanout),
+    "latency": (2, scenario_latency),
+    "churn": (2, scenario_churn),
+}
+
+
+def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
+                ) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    broker = Broker(backend, workdir / backend)
+    log(f"{backend}: starting the broker")
+    broker.start()
+    try:
+        for count in (3, 2):
+            group = [s for s in scenarios if s in SCENARIO_FUNCS
+                     and SCENARIO_FUNCS[s][0] == count]
+            if not group:
+                continue
+            gws: list[GatewayNode] = []
+            lg = LoadGenProcess()
+            try:
+                for i in range(count):
+                    name, args = broker.gateway(i)
+                    gws.append(start_gateway(workdir / backend, f"{backend}-gw{count}-{i + 1}",
+                                             free_ports(1)[0], name, args,
+                                             extra=["--log-level", "WARNING"]))
+                wait_gateways(gws)
+                for scenario in group:
+                    log(f"{backend}: {scenario} on {count} gateways")
+                    results[scenario] = SCENARIO_FUNCS[scenario][1](lg, gws, broker, p)
+            finally:
+                lg.stop()
+                stop_all([g.child for g in gws])
+        if "memory" in scenarios and backend != "redis-cluster-classic":
+            log(f"{backend}: memory per idle socket")
+            results["memory"] = scenario_memory(backend, broker, workdir / backend, p)
+    finally:
+        broker.stop()
+    return results

@@ -1,0 +1,39 @@
+"""What the service needs from a client manager: ours, or the stock baseline."""
+
+from __future__ import annotations
+
+from collections.abc import Sized
+from typing import Any, Protocol
+
+from nats_adapter.stats import ManagerStats
+
+
+class BrokerView(Protocol):
+    name: str
+
+    @property
+    def connected(self) -> bool: ...
+
+    def info(self) -> dict[str, Any]: ...
+
+
+class GatewayManager(Protocol):
+    """Implemented by ``nats_adapter.ClusterManager`` and ``gateway.stock.StockRedisManager``."""
+
+    stats: ManagerStats
+
+    @property
+    def transport(self) -> BrokerView: ...
+
+    @property
+    def subscriptions(self) -> Sized: ...
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def get_rooms(self, sid: str, namespace: str) -> list[str]: ...
+
+    def participants_count(self) -> int: ...
+
+    def room_count(self) -> int: ...

@@ -1,0 +1,50 @@
+"""`python -m gateway bench --quick`: every backend and scenario, nothing lost.
+
+A smoke run on tiny parameters. It asserts what the benchmark reports, never how
+fast anything was: speed is measured by the benchmark itself, not by tests.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from gateway.bench.runner import BACKENDS, SCENARIOS
+from tests.helpers import REPO
+
+
+def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "bench", "--quick", "--output",
+                           str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stock-redis: reference on 3 gateways" in proc.stderr, "progress is shown"
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["results"]) == set(BACKENDS)
+    for backend, scenarios in report["results"].items():
+        expected = set(SCENARIOS) - ({"memory"} if backend == "redis-cluster-classic" else set())
+        assert set(scenarios) == expected, backend
+        phases = [*scenarios["reference"].values()]
+        phases += [scenarios[s] for s in ("fanout", "many-rooms", "latency", "churn")]
+        for figures in phases:
+            assert figures["delivered"] == figures["expected"] > 0, (backend, figures)
+            assert figures["lost"] == figures["duplicated"] == figures["misdelivered"] == 0
+            assert figures["failures"] == 0
+            assert figures["cpu_s_per_1000_deliveries"] is not None
+            assert figures["latency_ms"]["all"]["p99"] is not None
+        if "memory" in scenarios:
+            assert scenarios["memory"]["plain"]["deflate_negotiated"] == 0
+            assert scenarios["memory"]["plain"]["rss_bytes_per_socket"] > 0
+    # the problem we solve, visible in the report: rooms that live on one gateway cost
+    # the other gateways nothing with per-room channels, and everything with one channel
+    local = {b: s["reference"]["ten-local-rooms"] for b, s in report["results"].items()}
+    assert local["nats"]["wasted_receptions"] == 0
+    assert local["redis-sharded"]["wasted_receptions"] == 0
+    assert local["stock-redis"]["wasted_receptions"] > 0
+    assert local["redis-cluster-classic"]["wasted_receptions"] > 0
+    md = (out / "results.md").read_text()
+    for backend in BACKENDS:
+        assert f"| {backend} |" in md
+    assert (out / "cpu.png").stat().st_size > 0 and (out / "broker-bytes.png").stat().st_size > 0
