@@ -114,9 +114,20 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     async def start_manager(app: web.Application) -> None:
         await manager.start()
 
+    async def close_sockets(app: web.Application) -> None:
+        # aiohttp has stopped accepting connections. Closing the engine.io transport
+        # (not a Socket.IO disconnect, which clients take as final) makes every
+        # socket.io-client reconnect, through the load balancer, to another node.
+        if sio.eio.sockets:
+            logger.info("closing %d sockets so clients reconnect elsewhere",
+                        len(sio.eio.sockets))
+            await sio.eio.disconnect()
+        await sio.shutdown()
+
     async def stop_manager(app: web.Application) -> None:
-        await manager.close()
+        await manager.close()  # drains: what was published reaches the broker
 
     app.on_startup.append(start_manager)
+    app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop_manager)
     return app

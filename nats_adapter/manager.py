@@ -29,13 +29,12 @@ from functools import partial
 from typing import Any
 
 from bidict import ValueDuplicationError, bidict
-from engineio import packet as eio_packet
-from engineio.exceptions import EngineIOError
 from socketio import AsyncManager
 from socketio import packet as sio_packet
 
 from . import codec
 from .codec import EncodedPacket
+from .fanout import Fanout, FanoutLimits, install
 from .naming import ChannelNames
 from .stats import ManagerStats
 from .subscriptions import RoomSubscriptions
@@ -97,6 +96,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         awaited before its callback is forgotten.
     :param write_only: emit only; never receive (for background workers with no
         Socket.IO server).
+    :param websocket_compression: let websocket clients negotiate permessage-deflate.
+        Off by default: browsers always offer it, and it costs ~100 KB of zlib state
+        per socket and rules out sharing one frame between recipients.
+    :param fanout_limits: per-socket bounds on unsent data; a socket past them is
+        disconnected as a slow consumer.
     """
 
     name = "cluster"
@@ -111,6 +115,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         callback_timeout: float = 120.0,
         dedupe_window: float = 60.0,
         write_only: bool = False,
+        websocket_compression: bool = False,
+        fanout_limits: FanoutLimits | None = None,
     ) -> None:
         super().__init__()
         if subscribe_timeout <= 0:
@@ -137,6 +143,16 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
         self.broker_connected = False
+        self._compression = websocket_compression
+        self._fanout_limits = fanout_limits
+        self.fanout: Fanout | None = None
+        #: whether the direct-write fast path is installed (see nats_adapter.fanout)
+        self.fast_fanout = False
+
+    def set_server(self, server: Any) -> None:
+        super().set_server(server)
+        self.fast_fanout = install(server.eio, compression=self._compression)
+        self.fanout = Fanout(server.eio, self._fanout_limits)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -432,21 +448,15 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         return out
 
     async def _deliver(self, recipients: dict[str, str], pkt: EncodedPacket) -> None:
-        if not recipients or self.server is None:
+        if not recipients or self.fanout is None:
             return
-        parts = [pkt] if isinstance(pkt, str) else pkt
-        eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in parts]
-        eio = self.server.eio
-        delivered = 0
-        for eio_sid in recipients.values():
-            try:
-                for p in eio_pkts:
-                    # engine.io's queue is unbounded, so this never suspends: no task per recipient
-                    await eio.send_packet(eio_sid, p)
-                delivered += 1
-            except EngineIOError:
-                self.stats.delivery_errors += 1
+        queued = self.fanout.queued
+        delivered, failed = self.fanout.deliver(recipients.values(),
+                                                [pkt] if isinstance(pkt, str) else pkt)
         self.stats.delivered += delivered
+        self.stats.delivery_errors += failed
+        if self.fanout.queued != queued:
+            await asyncio.sleep(0)  # let the engine.io writers of queued sockets run
 
     # -- the bus -----------------------------------------------------------------
 

@@ -403,7 +403,7 @@ async def churn(gen: LoadGen, sockets: list[int], rooms: list[str], ops_per_s: f
 async def serve() -> None:
     """Read commands from stdin, answer on stdout (see gateway/bench/runner.py)."""
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=256 * 1024 * 1024)  # plans can be large
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     gen = LoadGen()
 

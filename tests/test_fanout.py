@@ -1,0 +1,87 @@
+"""The direct-write fan-out path: per-socket order and exactly-once, with and without it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from socketio import packet as sio_packet
+
+from nats_adapter import fanout
+from tests.conftest import start_node
+from tests.helpers import Node, SioClient, connect_all
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    n = await start_node("memory", "fanout-gw", {})
+    try:
+        yield n
+    finally:
+        await n.runner.cleanup()
+
+
+async def interleave(node: Node, clients: list[SioClient], count: int) -> None:
+    """Even numbers by room broadcast (direct path), odd ones through engine.io's queue."""
+    members = await connect_all(clients, [(f"m{i}", node) for i in range(3)])
+    for m in members:
+        await m.join("order")
+    eio_sid = node.manager.eio_sid_from_sid(members[0].sid, "/")
+    for k in range(count):
+        if k % 2 == 0:
+            await node.sio.emit("seq", k, to="order")
+        else:
+            await node.sio._send_packet(eio_sid, sio_packet.Packet(
+                sio_packet.EVENT, namespace="/", data=["seq", k]))
+    await members[0].wait_for(lambda c: len(c.received("seq")) >= count, what="all numbers")
+    await members[1].wait_for(lambda c: len(c.received("seq")) >= count // 2, what="evens")
+    await asyncio.sleep(0.2)
+    assert members[0].received("seq") == list(range(count)), "order or exactly-once broken"
+    evens = list(range(0, count, 2))
+    assert members[1].received("seq") == evens
+    assert members[2].received("seq") == evens
+
+
+async def test_direct_writes_keep_order_with_queued_packets(node: Node,
+                                                            clients: list[SioClient]) -> None:
+    assert node.manager.fast_fanout, "the fast path should install on this engine.io/aiohttp"
+    fan = node.manager.fanout
+    assert fan is not None
+    before_direct, before_queued = fan.direct, fan.queued
+    await interleave(node, clients, 2000)
+    assert fan.direct > before_direct, "the direct path was never taken"
+    assert fan.queued > before_queued, "the queue path was never taken"
+    assert fan.slow_consumers_dropped == 0
+
+
+async def test_fallback_path_without_the_fast_path(monkeypatch: pytest.MonkeyPatch,
+                                                   clients: list[SioClient]) -> None:
+    monkeypatch.setitem(fanout.SUPPORTED, "aiohttp", ("0.",))  # an "untested" aiohttp
+    n = await start_node("memory", "fallback-gw", {})
+    try:
+        assert not n.manager.fast_fanout
+        await interleave(n, clients, 500)
+        assert n.manager.fanout is not None and n.manager.fanout.direct == 0
+    finally:
+        await n.runner.cleanup()
+
+
+async def test_clients_offering_deflate_get_plain_frames(node: Node, clients: list[SioClient]
+                                                         ) -> None:
+    (sender,) = await connect_all(clients, [("sender", node)])
+    await sender.join("deflate")
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(node.url.replace("http", "ws")
+                                      + "/socket.io/?EIO=4&transport=websocket", compress=15)
+        assert ws.compress == 0, "permessage-deflate must not be negotiated"
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.send_str("40")
+        assert (await ws.receive_str()).startswith("40{")
+        await ws.send_str('421["join","deflate"]')
+        assert await ws.receive_str() == '431[{"ok":true,"room":"deflate"}]'
+        await sender.chat("deflate", "uncompressed")
+        msg = await ws.receive_str()
+        assert msg.startswith('42["chat",{"room":"deflate","text":"uncompressed"')
+        await ws.close()
