@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,9 @@ import socketio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .chat import ChatProtocol
+from nats_adapter.fanout import FanoutLimits, close_websockets
+
+from .chat import ChatProtocol, json_type
 from .config import GatewayConfig
 from .metrics import make_registry
 from .types import GatewayManager
@@ -26,25 +29,52 @@ CONFIG_KEY = web.AppKey("config", GatewayConfig)
 CHAT_KEY = web.AppKey("chat", ChatProtocol)
 
 
+def nats_options(config: GatewayConfig) -> dict[str, Any]:
+    """nats.connect() credentials and TLS, from the environment (never from flags)."""
+    secrets, options = config.secrets, dict[str, Any]()
+    if secrets.nats_user:
+        options["user"] = secrets.nats_user
+        options["password"] = secrets.nats_password
+    if secrets.nats_tls_ca:
+        import ssl
+
+        options["tls"] = ssl.create_default_context(cafile=secrets.nats_tls_ca)
+    return options
+
+
+def redis_options(config: GatewayConfig) -> dict[str, Any]:
+    secrets, options = config.secrets, {}
+    if secrets.redis_password:
+        options["password"] = secrets.redis_password
+    if secrets.redis_username:
+        options["username"] = secrets.redis_username
+    return options
+
+
 def make_manager(config: GatewayConfig) -> GatewayManager:
     """The client manager for ``config.backend``; concrete backends load only here."""
-    linger = config.unsubscribe_linger
+    common: dict[str, Any] = {
+        "unsubscribe_linger": config.unsubscribe_linger,
+        "fanout_limits": FanoutLimits(config.limits.max_send_buffer_bytes,
+                                      config.limits.max_send_queue_packets),
+    }
     if config.backend == "nats":
         from nats_adapter.nats_transport import NatsManager
 
-        return NatsManager(list(config.nats_urls), unsubscribe_linger=linger,
-                           connection_name=config.node_id)
+        return NatsManager(list(config.nats_urls), connection_name=config.node_id,
+                           connect_options=nats_options(config), **common)
     if config.backend == "redis-sharded":
         from nats_adapter.redis_transport import RedisShardedManager
 
-        return RedisShardedManager(config.redis_url, unsubscribe_linger=linger)
+        return RedisShardedManager(config.redis_url, connect_options=redis_options(config),
+                                   **common)
     if config.backend == "stock-redis":
         from .stock import StockRedisManager
 
         return StockRedisManager(config.redis_url)
     from nats_adapter.memory_transport import MemoryManager
 
-    return MemoryManager(unsubscribe_linger=linger)
+    return MemoryManager(**common)
 
 
 def find_client_js(config: GatewayConfig) -> Path | None:
@@ -69,9 +99,9 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         cors_allowed_origins=cors,
         max_http_buffer_size=config.limits.max_message_bytes,
     )
-    app = web.Application()
+    app = web.Application(client_max_size=config.limits.max_message_bytes)
     sio.attach(app)
-    chat = ChatProtocol(sio, manager, config.limits)
+    chat = ChatProtocol(sio, manager, config)
     registry = make_registry(config.node_id, manager, chat)
     app[MANAGER_KEY] = manager
     app[SIO_KEY] = sio
@@ -105,6 +135,35 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
             )
         return web.FileResponse(client_js)
 
+    async def publish(request: web.Request) -> web.Response:
+        """POST /api/rooms/{room}/messages {"text": str, "from"?: str}: for backend services."""
+        if config.auth == "jwt":
+            expected = config.secrets.api_key
+            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+            if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
+                chat.refused["unauthenticated"] += 1
+                return web.json_response(
+                    {"ok": False, "error": "unauthorized: send Authorization: Bearer <API key>"},
+                    status=401)
+        room, error = chat.check_room(request.match_info["room"])
+        if room is None:
+            return _bad(chat, error or "bad room")
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            return _bad(chat, "body must be JSON")
+        if not isinstance(body, dict):
+            return _bad(chat, f"body must be a JSON object, not {json_type(body)}")
+        problem = chat.check_text(body.get("text"))
+        if problem is not None:
+            return _bad(chat, problem[1])
+        sender = body.get("from", "api")
+        if not isinstance(sender, str) or not 1 <= len(sender) <= 64:
+            return _bad(chat, "from must be a string of 1-64 characters")
+        msg_id = await chat.publish(room, body["text"], sender)
+        return web.json_response({"ok": True, "id": msg_id, "room": room}, status=202)
+
+    app.router.add_post("/api/rooms/{room}/messages", publish)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", index)
@@ -121,13 +180,24 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         if sio.eio.sockets:
             logger.info("closing %d sockets so clients reconnect elsewhere",
                         len(sio.eio.sockets))
+            sockets = list(sio.eio.sockets.values())
             await sio.eio.disconnect()
+            # engine.io waits for each client to hang up; hang up on them instead
+            await close_websockets(sockets)
+            logger.info("sockets closed")
         await sio.shutdown()
 
     async def stop_manager(app: web.Application) -> None:
+        logger.info("draining the broker connection")
         await manager.close()  # drains: what was published reaches the broker
+        logger.info("broker connection drained and closed")
 
     app.on_startup.append(start_manager)
     app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop_manager)
     return app
+
+
+def _bad(chat: ChatProtocol, reason: str) -> web.Response:
+    chat.refused["bad_request"] += 1
+    return web.json_response({"ok": False, "error": reason}, status=400)

@@ -31,6 +31,7 @@ import asyncio
 import importlib.metadata
 import logging
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,7 +97,7 @@ def _versions_ok() -> bool:
     return True
 
 
-def install(eio: Any, *, compression: bool = False) -> bool:
+def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0) -> bool:
     """Prepare an engine.io ``AsyncServer`` (aiohttp mode) for direct frame writes.
 
     Also sets whether websocket connections may negotiate permessage-deflate
@@ -114,8 +115,10 @@ def install(eio: Any, *, compression: bool = False) -> bool:
             from aiohttp.web import WebSocketResponse
 
             request = environ["aiohttp.request"]
+            # timeout: how long a close waits for the client's close frame (aiohttp's
+            # default, 10 s, held every shutdown that long when a client did not answer)
             self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
-                                           compress=compression)
+                                           compress=compression, timeout=close_timeout)
             await self._sock.prepare(request)
             self.environ = environ
             socket = getattr(self.handler, "__self__", None)
@@ -139,6 +142,19 @@ def install(eio: Any, *, compression: bool = False) -> bool:
     eio._async = {**eio._async, "websocket": FanoutWebSocket}
     eio.create_queue = lambda *a, **kw: CountingQueue(*a, **kw)
     return True
+
+
+async def close_websockets(sockets: Iterable[Any], code: int = 1001) -> int:
+    """Close the websocket of each engine.io socket :func:`install` tracks ("going away").
+
+    engine.io's own close only sends its CLOSE packet and then waits for the client
+    to hang up, which holds a server shutdown until the client does. Returns how
+    many were closed.
+    """
+    open_ws = [ws for s in sockets
+               if (ws := getattr(s, "fanout_ws", None)) is not None and not ws.closed]
+    await asyncio.gather(*(ws.close(code=code) for ws in open_ws), return_exceptions=True)
+    return len(open_ws)
 
 
 class Fanout:
