@@ -208,6 +208,10 @@ class NatsCluster:
     client_ports: list[int] | None = None
     cluster_name: str = "gateway"
     config: Path = NATS_CONFIG
+    #: extra environment for every node (credentials, TLS files for node-auth*.conf)
+    env: dict[str, str] = field(default_factory=dict)
+    #: (user, password) the routes log in with, for node-auth*.conf
+    route_auth: tuple[str, str] | None = None
     nodes: list[NatsNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -237,9 +241,13 @@ class NatsCluster:
             "NATS_CLUSTER_NAME": self.cluster_name,
         }
         # node.conf names three routes; smaller clusters repeat their own.
-        routes = [f"nats://{self.host}:{n.route_port}" for n in self.nodes]
+        creds = f"{self.route_auth[0]}:{self.route_auth[1]}@" if self.route_auth else ""
+        routes = [f"nats://{creds}{self.host}:{n.route_port}" for n in self.nodes]
         for i in range(3):
             env[f"NATS_ROUTE_{i + 1}"] = routes[i % len(routes)]
+        env.update(self.env)
+        if self.route_auth:
+            env["NATS_ROUTE_USER"], env["NATS_ROUTE_PASSWORD"] = self.route_auth
         return env
 
     def start_node(self, index: int) -> None:

