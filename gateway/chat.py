@@ -11,13 +11,16 @@ import logging
 import secrets
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
+import jwt
 import socketio
+from socketio.exceptions import ConnectionRefusedError as Refused
 
 from nats_adapter import is_sid
 
-from .config import Limits
+from .config import GatewayConfig, Limits
 from .types import GatewayManager
 
 logger = logging.getLogger(__name__)
@@ -38,17 +41,86 @@ def json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
-class ChatProtocol:
-    """Registers the chat events on ``sio`` and enforces ``limits``."""
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a verified token allows: its subject, and the rooms it may join."""
 
-    def __init__(self, sio: socketio.AsyncServer, manager: GatewayManager, limits: Limits) -> None:
+    subject: str | None
+    rooms: frozenset[str] | None  # None: no restriction by exact name
+    prefixes: tuple[str, ...]
+
+    def allows(self, room: str) -> bool:
+        if self.rooms is None and not self.prefixes:
+            return True
+        return (self.rooms is not None and room in self.rooms) or room.startswith(self.prefixes)
+
+
+def verify_token(token: Any, secret: str) -> Grant:
+    """Check an HS256 JWT and read its room claims; raises ``Refused`` with the reason."""
+    if not isinstance(token, str) or not token:
+        raise Refused('authentication required: connect with auth {"token": "<JWT>"}')
+    try:
+        claims = jwt.decode(token, secret, algorithms=["HS256"])
+    except jwt.ExpiredSignatureError:
+        raise Refused("authentication failed: token expired") from None
+    except jwt.InvalidTokenError:
+        raise Refused("authentication failed: invalid token") from None
+    rooms, prefixes = claims.get("rooms"), claims.get("room_prefixes", [])
+    for name, value in (("rooms", rooms), ("room_prefixes", prefixes)):
+        if value is not None and not (isinstance(value, list)
+                                      and all(isinstance(v, str) for v in value)):
+            raise Refused(f"authentication failed: claim {name!r} must be a list of strings")
+    subject = claims.get("sub")
+    return Grant(subject if isinstance(subject, str) else None,
+                 frozenset(rooms) if rooms is not None else None, tuple(prefixes or ()))
+
+
+class RateLimiter:
+    """Token buckets per socket: ``rate`` requests per second, bursts of ``burst``."""
+
+    __slots__ = ("_buckets", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._buckets: dict[str, list[float]] = {}
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            self._buckets[key] = [self.burst - 1.0, now]
+            return True
+        tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def forget(self, key: str) -> None:
+        self._buckets.pop(key, None)
+
+
+class ChatProtocol:
+    """Registers the chat events on ``sio`` and enforces the configured limits and auth."""
+
+    def __init__(self, sio: socketio.AsyncServer, manager: GatewayManager,
+                 config: GatewayConfig) -> None:
         self.sio = sio
         self.manager = manager
-        self.limits = limits
+        self.limits: Limits = config.limits
+        self.jwt_secret = config.secrets.jwt_secret if config.auth == "jwt" else ""
         #: refused requests by reason (exported as a metric)
         self.refused: Counter[str] = Counter()
         self.chats = 0
+        self.chat_limiter = RateLimiter(self.limits.chat_rate, self.limits.chat_burst)
+        self.join_limiter = RateLimiter(self.limits.join_rate, self.limits.join_burst)
+        #: sid -> what its token allows (only when auth is on)
+        self.grants: dict[str, Grant] = {}
         sio.on("connect", self.on_connect)
+        sio.on("disconnect", self.on_disconnect)
         sio.on("join", self.on_join)
         sio.on("leave", self.on_leave)
         sio.on("chat", self.on_chat)
@@ -62,9 +134,9 @@ class ChatProtocol:
         """(room, None) when ``args`` is exactly one valid room name, else (None, reason)."""
         if len(args) != 1:
             return None, f"expected one argument, the room name; got {len(args)}"
-        return self._check_room(args[0])
+        return self.check_room(args[0])
 
-    def _check_room(self, room: Any) -> tuple[str | None, str | None]:
+    def check_room(self, room: Any) -> tuple[str | None, str | None]:
         if not isinstance(room, str):
             return None, f"room must be a string, not {json_type(room)}"
         if not room:
@@ -76,12 +148,29 @@ class ChatProtocol:
         return room, None
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        return None
+        if not self.jwt_secret:
+            return
+        token = auth.get("token") if isinstance(auth, dict) else None
+        try:
+            self.grants[sid] = verify_token(token, self.jwt_secret)
+        except Refused:
+            self.refused["unauthenticated"] += 1
+            raise
+
+    async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        self.chat_limiter.forget(sid)
+        self.join_limiter.forget(sid)
+        self.grants.pop(sid, None)
 
     async def on_join(self, sid: str, *args: Any) -> Ack:
+        if not self.join_limiter.allow(sid):
+            return self._refuse("rate_limited", "rate limited: too many join/leave requests")
         room, error = self._room_error(args)
         if room is None:
             return self._refuse("bad_request", error or "bad request")
+        grant = self.grants.get(sid)
+        if grant is not None and not grant.allows(room):
+            return self._refuse("forbidden", f"forbidden: your token does not allow room {room!r}")
         joined = self.manager.get_rooms(sid, "/")
         if room not in joined and len(joined) >= self.limits.max_rooms_per_socket:
             return self._refuse(
@@ -91,6 +180,8 @@ class ChatProtocol:
         return {"ok": True, "room": room}
 
     async def on_leave(self, sid: str, *args: Any) -> Ack:
+        if not self.join_limiter.allow(sid):
+            return self._refuse("rate_limited", "rate limited: too many join/leave requests")
         room, error = self._room_error(args)
         if room is None:
             return self._refuse("bad_request", error or "bad request")
@@ -98,27 +189,43 @@ class ChatProtocol:
         return {"ok": True, "room": room}
 
     async def on_chat(self, sid: str, *args: Any) -> Ack:
+        if not self.chat_limiter.allow(sid):
+            return self._refuse("rate_limited", "rate limited: too many chat messages")
         if len(args) != 1 or not isinstance(args[0], dict):
             return self._refuse("bad_request", 'chat takes one object: {"room": str, "text": str}')
         body: dict[str, Any] = args[0]
-        room, error = self._check_room(body.get("room"))
+        room, error = self.check_room(body.get("room"))
         if room is None:
             return self._refuse("bad_request", error or "bad request")
-        text = body.get("text")
-        if not isinstance(text, str):
-            return self._refuse("bad_request", f"text must be a string, not {json_type(text)}")
-        if len(text.encode("utf-8", "surrogatepass")) > self.limits.max_text_bytes:
-            return self._refuse(
-                "too_large", f"text longer than {self.limits.max_text_bytes} bytes"
-            )
+        text: str = body.get("text")  # type: ignore[assignment]  # checked next
+        problem = self.check_text(text)
+        if problem is not None:
+            return self._refuse(*problem)
         if room not in self.manager.get_rooms(sid, "/"):
             return self._refuse("not_member", f"not a member of room {room!r}; join it first")
+        grant = self.grants.get(sid)
+        user = grant.subject if grant is not None else None
+        return {"ok": True, "id": await self.publish(room, text, sid, user, skip_sid=sid)}
+
+    async def publish(self, room: str, text: str, sender: str, user: str | None = None,
+                      skip_sid: str | None = None) -> str:
+        """Emit a chat message to every member of ``room`` on every node; returns its id."""
         msg_id = secrets.token_hex(8)
-        message = {"room": room, "text": text, "from": sid, "id": msg_id,
-                   "ts": int(time.time() * 1000)}
-        await self.sio.emit("chat", message, to=room, skip_sid=sid)
+        message: dict[str, Any] = {"room": room, "text": text, "from": sender, "id": msg_id,
+                                   "ts": int(time.time() * 1000)}
+        if user is not None:
+            message["user"] = user
+        await self.sio.emit("chat", message, to=room, skip_sid=skip_sid)
         self.chats += 1
-        return {"ok": True, "id": msg_id}
+        return msg_id
+
+    def check_text(self, text: Any) -> tuple[str, str] | None:
+        """(metric reason, message) when ``text`` is not an acceptable chat text, or None."""
+        if not isinstance(text, str):
+            return "bad_request", f"text must be a string, not {json_type(text)}"
+        if len(text.encode("utf-8", "surrogatepass")) > self.limits.max_text_bytes:
+            return "too_large", f"text longer than {self.limits.max_text_bytes} bytes"
+        return None
 
     async def on_unknown(self, event: Any, sid: str, *args: Any) -> Ack:
         return self._refuse("unknown_event", f"unknown event {event!r}")

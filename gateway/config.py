@@ -31,6 +31,28 @@ class Limits:
     max_rooms_per_socket: int = 100
     #: the engine's max message size: the largest packet a client may send, in bytes
     max_message_bytes: int = 64 * 1024
+    #: chat messages per second per socket (token bucket), and the burst allowed
+    chat_rate: float = 20.0
+    chat_burst: int = 40
+    #: join/leave requests per second per socket, and the burst allowed
+    join_rate: float = 10.0
+    join_burst: int = 150
+    #: bytes / packets a socket may have waiting unsent before it is dropped
+    max_send_buffer_bytes: int = 1024 * 1024
+    max_send_queue_packets: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Secrets:
+    """Credentials, read only from the environment or files, never from flags or logs."""
+
+    jwt_secret: str = field(default="", repr=False)
+    api_key: str = field(default="", repr=False)
+    nats_user: str = ""
+    nats_password: str = field(default="", repr=False)
+    nats_tls_ca: str = ""
+    redis_username: str = ""
+    redis_password: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +68,10 @@ class GatewayConfig:
     log_level: str = "INFO"
     #: path of socket.io-client's browser bundle; empty: look in node_modules
     client_js: str = ""
+    #: "off", or "jwt": clients must present an HS256 token signed with GATEWAY_JWT_SECRET
+    auth: str = "off"
     limits: Limits = field(default_factory=Limits)
+    secrets: Secrets = field(default_factory=Secrets)
 
 
 # (field, flag, env var, help)
@@ -63,6 +88,8 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
      "comma-separated origins allowed to connect cross-origin ('*' for any)"),
     ("log_level", "--log-level", "GATEWAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
     ("client_js", "--client-js", "GATEWAY_CLIENT_JS", "path of socket.io.min.js for the page"),
+    ("auth", "--auth", "GATEWAY_AUTH",
+     "off, or jwt: sockets must present a JWT signed with GATEWAY_JWT_SECRET"),
 ]
 _LIMITS: list[tuple[str, str, str, str]] = [
     ("max_room_chars", "--max-room-chars", "GATEWAY_MAX_ROOM_CHARS", "longest room name"),
@@ -70,7 +97,26 @@ _LIMITS: list[tuple[str, str, str, str]] = [
     ("max_rooms_per_socket", "--max-rooms", "GATEWAY_MAX_ROOMS", "rooms one socket may join"),
     ("max_message_bytes", "--max-message-bytes", "GATEWAY_MAX_MESSAGE_BYTES",
      "largest packet a client may send"),
+    ("chat_rate", "--chat-rate", "GATEWAY_CHAT_RATE", "chat messages per second per socket"),
+    ("chat_burst", "--chat-burst", "GATEWAY_CHAT_BURST", "chat messages a socket may burst"),
+    ("join_rate", "--join-rate", "GATEWAY_JOIN_RATE", "join/leave requests per second per socket"),
+    ("join_burst", "--join-burst", "GATEWAY_JOIN_BURST", "join/leave requests a socket may burst"),
+    ("max_send_buffer_bytes", "--max-send-buffer", "GATEWAY_MAX_SEND_BUFFER",
+     "unsent bytes a socket may hold before it is dropped as a slow consumer"),
+    ("max_send_queue_packets", "--max-send-queue", "GATEWAY_MAX_SEND_QUEUE",
+     "unsent packets a socket may hold before it is dropped as a slow consumer"),
 ]
+
+# secret -> (environment variable; a variable of the same name + "_FILE" names a file)
+_SECRETS: dict[str, str] = {
+    "jwt_secret": "GATEWAY_JWT_SECRET",
+    "api_key": "GATEWAY_API_KEY",
+    "nats_user": "NATS_USER",
+    "nats_password": "NATS_PASSWORD",
+    "nats_tls_ca": "NATS_TLS_CA",
+    "redis_username": "REDIS_USERNAME",
+    "redis_password": "REDIS_PASSWORD",
+}
 
 
 def _positive_int(text: str) -> int:
@@ -127,6 +173,19 @@ def _log_level(text: str) -> str:
     return level
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError("must be a number > 0")
+    return value
+
+
+def _auth(text: str) -> str:
+    if text not in ("off", "jwt"):
+        raise ValueError("must be off or jwt")
+    return text
+
+
 def _node_id(text: str) -> str:
     if not text or len(text) > 64 or not text.isprintable():
         raise ValueError("must be 1-64 printable characters")
@@ -148,6 +207,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_text_bytes": _positive_int,
     "max_rooms_per_socket": _positive_int,
     "max_message_bytes": _positive_int,
+    "auth": _auth,
+    "chat_rate": _positive_float,
+    "chat_burst": _positive_int,
+    "join_rate": _positive_float,
+    "join_burst": _positive_int,
+    "max_send_buffer_bytes": _positive_int,
+    "max_send_queue_packets": _positive_int,
 }
 
 
@@ -198,7 +264,29 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             f"--max-message-bytes ({limits.max_message_bytes}) must be at least "
             f"--max-text-bytes ({limits.max_text_bytes})"
         )
-    return GatewayConfig(**values, limits=limits)
+    secrets = read_secrets(env)
+    if values.get("auth") == "jwt" and not secrets.jwt_secret:
+        raise ConfigError("--auth jwt needs GATEWAY_JWT_SECRET (or GATEWAY_JWT_SECRET_FILE)")
+    if values.get("auth") == "jwt" and len(secrets.jwt_secret.encode()) < 32:
+        # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced
+        raise ConfigError("GATEWAY_JWT_SECRET must be at least 32 bytes for HS256")
+    return GatewayConfig(**values, limits=limits, secrets=secrets)
+
+
+def read_secrets(env: Mapping[str, str]) -> Secrets:
+    """Each secret from its variable, or from the file its ``*_FILE`` variable names."""
+    values: dict[str, str] = {}
+    for name, var in _SECRETS.items():
+        value = env.get(var, "")
+        path = env.get(f"{var}_FILE")
+        if path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    value = f.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"{var}_FILE: cannot read {path!r}: {exc.strerror}") from None
+        values[name] = value
+    return Secrets(**values)
 
 
 def describe() -> list[tuple[str, str, str, str]]:

@@ -69,6 +69,18 @@ class GatewayCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(values, stats[field])
             yield c
+        fanout = getattr(m, "fanout", None)
+        for name, doc, value in (
+            ("gateway_slow_consumers_dropped", "Sockets dropped for not reading (send buffer full)",
+             getattr(fanout, "slow_consumers_dropped", 0)),
+            ("gateway_fanout_direct_writes", "Deliveries written straight to the websocket",
+             getattr(fanout, "direct", 0)),
+            ("gateway_fanout_queued_writes", "Deliveries that went through engine.io's queue",
+             getattr(fanout, "queued", 0)),
+        ):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, value)
+            yield c
         chats = CounterMetricFamily("gateway_chat_messages", "Chat messages accepted",
                                     labels=labels)
         chats.add_metric(values, self.chat.chats)

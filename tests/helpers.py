@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,16 @@ def parse_metrics(text: str) -> dict[str, float]:
         name = key.split("{", 1)[0]
         out[name] = out.get(name, 0.0) + float(value) if name != key else float(value)
     return out
+
+
+def _metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        return parse_metrics(resp.read().decode()).get(name, 0.0)
+
+
+async def read_metric(url: str, name: str) -> float:
+    """The value of metric ``name`` (summed over labels) on the gateway at ``url``."""
+    return await asyncio.to_thread(_metric, url, name)
 
 
 def nats_subjects(monitor_urls: list[str], connection_name: str) -> set[str]:
