@@ -31,10 +31,12 @@ import asyncio
 import importlib.metadata
 import logging
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from engineio import exceptions
 from engineio import packet as eio_packet
 
 logger = logging.getLogger(__name__)
@@ -70,18 +72,101 @@ class FanoutLimits:
     max_queued_packets: int = 1000
 
 
-class CountingQueue(asyncio.Queue[Any]):
-    """engine.io's per-socket queue, counting packets taken but not yet written."""
+class CountingQueue:
+    """engine.io's per-socket packet queue, lighter and counting what is in flight.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    The subset of ``asyncio.Queue`` that python-engineio uses (put, put_nowait, get,
+    get_nowait, task_done, join, qsize, empty), unbounded, in a few slots and a list
+    that exists only while packets wait: ``asyncio.Queue`` holds four deques, about
+    3 KB for every idle socket. ``in_flight`` counts packets taken but not yet
+    written; ``on_put`` is called after every put.
+    """
+
+    __slots__ = ("_getters", "_items", "_joiners", "_unfinished", "in_flight", "on_put")
+
+    def __init__(self, maxsize: int = 0) -> None:
+        self._items: list[Any] | None = None
+        self._getters: list[asyncio.Future[None]] | None = None
+        self._joiners: list[asyncio.Future[None]] | None = None
+        self._unfinished = 0
         self.in_flight = 0
+        self.on_put: Any = None
 
-    def _get(self) -> Any:
-        item = super()._get()
+    def qsize(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return False
+
+    def put_nowait(self, item: Any) -> None:
+        if self._items is None:
+            self._items = []
+        self._items.append(item)
+        self._unfinished += 1
+        self._wake_getter()
+        if self.on_put is not None:
+            self.on_put()
+
+    async def put(self, item: Any) -> None:
+        self.put_nowait(item)
+
+    def get_nowait(self) -> Any:
+        items = self._items
+        if not items:
+            raise asyncio.QueueEmpty
+        item = items.pop(0)
+        if not items:
+            self._items = None
         if item is not None:
             self.in_flight += 1
         return item
+
+    async def get(self) -> Any:
+        while not self._items:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if self._getters is None:
+                self._getters = []
+            self._getters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if self._getters is not None and fut in self._getters:
+                    self._getters.remove(fut)
+                elif self._items:
+                    self._wake_getter()  # we were woken but leave: pass the item on
+                raise
+        return self.get_nowait()
+
+    def _wake_getter(self) -> None:
+        getters = self._getters
+        while getters:
+            fut = getters.pop(0)
+            if not fut.done():
+                fut.set_result(None)
+                break
+        if not getters:
+            self._getters = None
+
+    def task_done(self) -> None:
+        if self._unfinished <= 0:
+            raise ValueError("task_done() called too many times")
+        self._unfinished -= 1
+        if self._unfinished == 0 and self._joiners:
+            for fut in self._joiners:
+                if not fut.done():
+                    fut.set_result(None)
+            self._joiners = None
+
+    async def join(self) -> None:
+        if self._unfinished > 0:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            if self._joiners is None:
+                self._joiners = []
+            self._joiners.append(fut)
+            await fut
 
 
 def _versions_ok() -> bool:
@@ -128,7 +213,13 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0) 
                     and isinstance(socket.queue, CountingQueue):
                 socket.fanout_ws = self._sock
                 self.counted_queue = socket.queue
-            await self.handler(self)
+                writer = self._sock._writer
+                if writer is not None and not writer.compress:
+                    # what deliver() writes to: only while nothing compresses frames
+                    socket.fanout_transport = writer.transport
+                await _lean_session(socket, self)
+            else:
+                await self.handler(self)
             return self._sock
 
         async def send(self, message: Any) -> None:
@@ -141,7 +232,104 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0) 
 
     eio._async = {**eio._async, "websocket": FanoutWebSocket}
     eio.create_queue = lambda *a, **kw: CountingQueue(*a, **kw)
+    start_task = eio.start_background_task
+
+    def start_background_task(target: Any, *args: Any, **kwargs: Any) -> Any:
+        # engine.io keeps a task per socket asleep for the whole ping interval; a
+        # timer does the same job without a task's memory
+        if getattr(target, "__name__", "") == "_send_ping" and not args and not kwargs:
+            socket = target.__self__
+            loop = asyncio.get_running_loop()
+            return loop.call_later(eio.ping_interval, _send_ping, socket)
+        return start_task(target, *args, **kwargs)
+
+    eio.start_background_task = start_background_task
     return True
+
+
+def _send_ping(socket: Any) -> None:
+    """engine.io's ``AsyncSocket._send_ping`` after its sleep, as a timer callback."""
+    if not socket.closing and not socket.closed:
+        socket.last_ping = time.time()
+        socket.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
+
+
+async def _lean_session(socket: Any, ws: Any) -> None:
+    """engine.io's websocket session loop for a session that starts on websocket.
+
+    The same protocol as ``AsyncSocket._websocket_handler`` (no upgrade branch: the
+    session never polled), with three tasks fewer per idle socket: the receive waits
+    under ``asyncio.timeout`` instead of ``wait_for`` on a new task, and a writer task
+    runs only while packets are queued instead of waiting on the queue forever.
+    """
+    server = socket.server
+    socket.connected = True
+    socket.upgraded = True
+    queue = socket.queue
+    loop = asyncio.get_running_loop()
+    writer_task: asyncio.Task[None] | None = None
+
+    async def drain() -> None:
+        """Send what the queue holds, then end: a writer exists only while there is work."""
+        while not queue.empty():
+            packets = []
+            closing = False
+            while not queue.empty():
+                pkt = queue.get_nowait()
+                queue.task_done()
+                if pkt is None:
+                    closing = True
+                    break
+                packets.append(pkt)
+            try:
+                for p in packets:
+                    await ws.send(p.encode())
+            except Exception:  # the connection is gone; the reader ends the session
+                closing = True
+            if closing:
+                queue.on_put = None
+                await ws.close()
+                return
+
+    def start_writer() -> None:
+        nonlocal writer_task
+        if writer_task is None or writer_task.done():
+            writer_task = loop.create_task(drain())
+
+    queue.on_put = start_writer
+    if not queue.empty():
+        start_writer()
+    timeout = server.ping_interval + server.ping_timeout
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await ws.wait()
+            except (TimeoutError, OSError, asyncio.CancelledError):
+                break
+            if data is None:
+                break
+            if len(data) > server.max_http_buffer_size:
+                break  # engine.io: "packet is too large"
+            try:
+                pkt = eio_packet.Packet(encoded_packet=data)
+            except Exception:
+                logger.info("%s: undecodable engine.io packet; closing", socket.sid)
+                break
+            try:
+                await socket.receive(pkt)
+            except exceptions.UnknownPacketError:
+                pass
+            except exceptions.SocketIsClosedError:
+                break
+            except Exception:
+                logger.exception("%s: receive error", socket.sid)
+    finally:
+        queue.put_nowait(None)
+        if writer_task is not None:
+            await writer_task
+        queue.on_put = None
+        await socket.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
 
 
 async def close_websockets(sockets: Iterable[Any], code: int = 1001) -> int:
@@ -167,43 +355,46 @@ class Fanout:
         self.queued = 0
         self.slow_consumers_dropped = 0
 
-    def deliver(self, eio_sids: Any, parts: list[str | bytes]) -> tuple[int, int]:
-        """Send the encoded Socket.IO packet ``parts`` to every socket in ``eio_sids``.
+    def deliver(self, eio_sids: Iterable[str], parts: list[str | bytes],
+                exclude: Container[str] = ()) -> tuple[int, int]:
+        """Send the encoded Socket.IO packet ``parts`` to every socket in ``eio_sids``
+        except those in ``exclude``.
 
         Returns (delivered, failed). Never suspends: queued packets are put without
         waiting (engine.io's queue is unbounded, and bounded here by the limits); the
         caller should yield to the loop when :attr:`queued` grew, so writers can run.
         """
-        sockets = self.eio.sockets
+        # the hot loop of every emit: locals, and the fewest attribute lookups that
+        # still check everything the module docstring lists
+        sockets_get = self.eio.sockets.get
         frame: bytes | None = None
         eio_pkts: list[Any] | None = None
-        delivered = failed = 0
+        failed = direct = queued = 0
         max_buffer = self.limits.max_buffer_bytes
+        max_queued = self.limits.max_queued_packets
         single_text = len(parts) == 1 and isinstance(parts[0], str)
         for eio_sid in eio_sids:
-            s = sockets.get(eio_sid)
+            if exclude and eio_sid in exclude:
+                continue
+            s = sockets_get(eio_sid)
             if s is None or s.closed or s.closing or getattr(s, "fanout_dropped", False):
                 failed += 1
                 continue
-            ws = getattr(s, "fanout_ws", None)
+            transport = getattr(s, "fanout_transport", None)
             queue = s.queue
-            if ws is not None and single_text and s.upgraded and not s.upgrading \
-                    and queue.empty() and not queue.in_flight:
-                writer = ws._writer
-                transport = writer.transport if writer is not None else None
-                if transport is not None and not writer.compress \
-                        and not transport.is_closing():
-                    if transport.get_write_buffer_size() > max_buffer:
-                        self._drop(s, "send buffer full")
-                        failed += 1
-                        continue
-                    if frame is None:
-                        frame = text_frame(("4" + parts[0]).encode())  # type: ignore[operator]
-                    transport.write(frame)
-                    self.direct += 1
-                    delivered += 1
+            if transport is not None and single_text and s.upgraded \
+                    and not queue._items and not queue.in_flight \
+                    and not transport.is_closing():
+                if transport.get_write_buffer_size() > max_buffer:
+                    self._drop(s, "send buffer full")
+                    failed += 1
                     continue
-            if queue.qsize() >= self.limits.max_queued_packets:
+                if frame is None:
+                    frame = text_frame(("4" + parts[0]).encode())  # type: ignore[operator]
+                transport.write(frame)
+                direct += 1
+                continue
+            if queue.qsize() >= max_queued:
                 self._drop(s, "send queue full")
                 failed += 1
                 continue
@@ -211,9 +402,10 @@ class Fanout:
                 eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in parts]
             for p in eio_pkts:
                 queue.put_nowait(p)
-            self.queued += 1
-            delivered += 1
-        return delivered, failed
+            queued += 1
+        self.direct += direct
+        self.queued += queued
+        return direct + queued, failed
 
     def _drop(self, socket: Any, reason: str) -> None:
         """Disconnect a slow consumer: logged, counted, its memory released."""

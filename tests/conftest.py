@@ -97,7 +97,9 @@ async def start_node(backend: str, node_id: str, extra: dict[str, object]) -> No
     config = GatewayConfig(backend=backend, host="127.0.0.1", port=port, node_id=node_id,
                            unsubscribe_linger=TEST_LINGER, **extra)  # type: ignore[arg-type]
     app = create_app(config)
-    runner = web.AppRunner(app)
+    # a long-poll GET of a polling client that already left holds a graceful shutdown
+    # for its whole poll timeout; the service bounds it with run_app(shutdown_timeout=5)
+    runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()

@@ -85,3 +85,35 @@ async def test_clients_offering_deflate_get_plain_frames(node: Node, clients: li
         msg = await ws.receive_str()
         assert msg.startswith('42["chat",{"room":"deflate","text":"uncompressed"')
         await ws.close()
+
+
+@pytest.mark.parametrize("transports", [["polling"], ["polling", "websocket"]])
+async def test_polling_and_upgraded_sessions_keep_order(node: Node, transports: list[str]
+                                                        ) -> None:
+    """Sessions that did not start on websocket always take engine.io's queue."""
+    client = SioClient("poller")
+    try:
+        await client.sio.connect(node.url, transports=transports, wait_timeout=5)
+        await client.join("polling-order")
+        eio_sid = node.manager.eio_sid_from_sid(client.sid, "/")
+        for k in range(300):
+            if k % 2 == 0:
+                await node.sio.emit("seq", k, to="polling-order")
+            else:
+                await node.sio._send_packet(eio_sid, sio_packet.Packet(
+                    sio_packet.EVENT, namespace="/", data=["seq", k]))
+            # python-engineio's client refuses a long-poll payload of more than 16
+            # packets ("Too many packets in payload"), so a polling burst is kept short
+            if k % 8 == 0:
+                await asyncio.sleep(0.01)
+        await client.wait_for(lambda c: len(c.received("seq")) >= 300, what="all numbers")
+        await asyncio.sleep(0.2)
+        assert client.received("seq") == list(range(300))
+        assert client.sio.transport() == transports[-1]
+    finally:
+        if transports == ["polling"]:
+            # a polling client's disconnect waits out its pending long-poll (~30 s);
+            # the node's shutdown ends that poll instead
+            client.sio.eio.state = "disconnected"
+        else:
+            await client.close()
