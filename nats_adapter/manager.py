@@ -24,7 +24,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from functools import partial
 from typing import Any
 
@@ -356,7 +356,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             sio_packet.EVENT, namespace=namespace, data=[event, *args]
         ).encode()
         if self.server is not None:
-            await self._deliver(self._local_targets(namespace, targets, skip), pkt)
+            await self._deliver_targets(namespace, targets, skip, pkt)
         if kwargs.get("ignore_queue"):
             return
         await self._relay(namespace, targets, skip, pkt)
@@ -399,7 +399,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             pkt = self._packet_class()(
                 sio_packet.EVENT, namespace=namespace, data=[event, *args], id=ack_id
             ).encode()
-            await self._deliver({sid: eio_sid}, pkt)
+            await self._deliver((eio_sid,), pkt)
             return
         if sid_owner(sid) == self.node_id:
             return  # our own sid, but no longer connected: nobody will ack
@@ -447,12 +447,28 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
                     out[s] = e
         return out
 
-    async def _deliver(self, recipients: dict[str, str], pkt: EncodedPacket) -> None:
-        if not recipients or self.fanout is None:
+    async def _deliver_targets(self, namespace: str, targets: list[str] | None,
+                               skip: frozenset[str], pkt: EncodedPacket) -> None:
+        """Deliver to the local sockets ``targets`` address (see :meth:`_local_targets`)."""
+        ns_rooms = self.rooms.get(namespace)
+        if not ns_rooms:
+            return
+        if targets is None or (len(targets) == 1 and not is_sid(targets[0])):
+            # one room or the namespace (nearly every emit): no per-emit recipient copy
+            members = ns_rooms.get(None if targets is None else targets[0])
+            if members:
+                exclude = {e for sid in skip if (e := members.get(sid)) is not None}
+                await self._deliver(members.values(), pkt, exclude)
+            return
+        await self._deliver(self._local_targets(namespace, targets, skip).values(), pkt)
+
+    async def _deliver(self, eio_sids: Iterable[str], pkt: EncodedPacket,
+                       exclude: Container[str] = ()) -> None:
+        if self.fanout is None:
             return
         queued = self.fanout.queued
-        delivered, failed = self.fanout.deliver(recipients.values(),
-                                                [pkt] if isinstance(pkt, str) else pkt)
+        delivered, failed = self.fanout.deliver(eio_sids, [pkt] if isinstance(pkt, str) else pkt,
+                                                exclude)
         self.stats.delivered += delivered
         self.stats.delivery_errors += failed
         if self.fanout.queued != queued:
@@ -542,9 +558,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         ):
             self.stats.unwanted += 1
             return
-        await self._deliver(
-            self._local_targets(msg.namespace, msg.rooms, frozenset(msg.skip)), msg.packet
-        )
+        await self._deliver_targets(msg.namespace, msg.rooms, frozenset(msg.skip), msg.packet)
 
     async def _on_emit_to_sid(self, msg: codec.EmitToSidMessage) -> None:
         if not self._is_local(msg.sid, msg.namespace):
@@ -559,7 +573,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         pkt = self._packet_class()(
             sio_packet.EVENT, namespace=msg.namespace, data=[msg.event, *msg.args], id=ack_id
         ).encode()
-        await self._deliver({msg.sid: eio_sid}, pkt)
+        await self._deliver((eio_sid,), pkt)
 
     async def _on_room_op(self, msg: codec.RoomMessage) -> None:
         assert msg.sid is not None
