@@ -124,8 +124,13 @@ class Broker:
         if self.nats is not None:
             for node in self.nats.nodes:
                 varz = node.varz("varz") or {}
+                connz = node.varz("connz?limit=4096") or {}
                 out[node.name] = {k: float(varz.get(k, 0)) for k in
                                   ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
+                # what crossed between this server and the gateways (routes excluded)
+                conns = connz.get("connections") or []
+                out[node.name]["client_in_bytes"] = float(sum(c["in_bytes"] for c in conns))
+                out[node.name]["client_out_bytes"] = float(sum(c["out_bytes"] for c in conns))
         nodes = self.redis.nodes if self.redis is not None else []
         if self.single is not None:
             from ..processes import RedisNode
@@ -137,11 +142,11 @@ class Broker:
             for line in rnode.cli("INFO", "commandstats").splitlines():
                 if line.startswith(("cmdstat_publish:", "cmdstat_spublish:")):
                     calls += int(line.split("calls=")[1].split(",")[0])
-            out[rnode.name] = {
-                "in_msgs": float(calls),
-                "in_bytes": float(stats.get("total_net_input_bytes", 0)),
-                "out_bytes": float(stats.get("total_net_output_bytes", 0)),
-            }
+            net_in = float(stats.get("total_net_input_bytes", 0))
+            net_out = float(stats.get("total_net_output_bytes", 0))
+            # client connections only: Redis counts the cluster bus separately
+            out[rnode.name] = {"in_msgs": float(calls), "in_bytes": net_in, "out_bytes": net_out,
+                               "client_in_bytes": net_in, "client_out_bytes": net_out}
         return out
 
 
@@ -214,7 +219,11 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
     unwanted = gw_delta("gateway_broker_messages_unwanted_total")
     broker = {node: {k: after.broker[node][k] - before.broker[node].get(k, 0)
                      for k in after.broker[node]} for node in after.broker}
-    broker_bytes = sum(v.get("in_bytes", 0) + v.get("out_bytes", 0) for v in broker.values())
+    # bytes between gateways and brokers; and all bytes of the broker nodes, which for
+    # NATS also counts each message again on every route it crosses
+    broker_bytes = sum(v.get("client_in_bytes", 0) + v.get("client_out_bytes", 0)
+                       for v in broker.values())
+    node_bytes = sum(v.get("in_bytes", 0) + v.get("out_bytes", 0) for v in broker.values())
     seconds = result.get("seconds") or (after.at - before.at)
     return {
         "messages": result["messages"],
@@ -236,6 +245,8 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "broker": {n: {k: int(v) for k, v in d.items()} for n, d in broker.items()},
         "broker_bytes_total": int(broker_bytes),
         "broker_bytes_per_delivery": round(broker_bytes / delivered, 2) if delivered else None,
+        "broker_node_bytes_total": int(node_bytes),
+        "broker_node_bytes_per_delivery": round(node_bytes / delivered, 2) if delivered else None,
     }
 
 
