@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import signal
 import sys
@@ -119,8 +120,10 @@ def _start_brokers(args: argparse.Namespace, workdir: Path) -> tuple[list[str], 
         redis_ports = None
         if args.redis_port is not None:
             redis_ports = [args.redis_port + i for i in range(args.redis_nodes)]
+        # with REDIS_PASSWORD set, the cluster requires it and the gateways (which
+        # inherit the environment) log in with it
         redis = RedisCluster(workdir / "redis", size=args.redis_nodes, host=args.host,
-                             ports=redis_ports)
+                             ports=redis_ports, password=os.environ.get("REDIS_PASSWORD") or None)
         started: list[Child | None] = []
         try:
             redis.start()

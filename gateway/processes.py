@@ -363,11 +363,14 @@ def stop_all(children: Sequence[Child | None]) -> None:
 REDIS_CONFIG = INFRA / "redis" / "node.conf"
 
 
-def redis_cli(port: int, *args: str, host: str = "127.0.0.1", timeout: float = 10.0
-              ) -> subprocess.CompletedProcess[str]:
+def redis_cli(port: int, *args: str, host: str = "127.0.0.1", timeout: float = 10.0,
+              password: str | None = None) -> subprocess.CompletedProcess[str]:
     binary = find_binary("redis-cli", "apt-get install redis-tools")
+    env = dict(os.environ)
+    if password:
+        env["REDISCLI_AUTH"] = password  # not -a: arguments show in ps
     return subprocess.run([binary, "-h", host, "-p", str(port), *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
 
 
 @dataclass
@@ -376,13 +379,14 @@ class RedisNode:
     host: str
     port: int
     child: Child | None = None
+    password: str | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}"
 
     def cli(self, *args: str) -> str:
-        proc = redis_cli(self.port, *args, host=self.host)
+        proc = redis_cli(self.port, *args, host=self.host, password=self.password)
         return proc.stdout if proc.returncode == 0 else ""
 
     def info(self, section: str = "stats") -> dict[str, str]:
@@ -403,6 +407,8 @@ class RedisCluster:
     host: str = "127.0.0.1"
     ports: list[int] | None = None
     config: Path = REDIS_CONFIG
+    #: when set, clients must log in (the default user's password, via an ACL file)
+    password: str | None = field(default=None, repr=False)
     nodes: list[RedisNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -412,7 +418,8 @@ class RedisCluster:
             raise ValueError("ports must name one port per node")
         # a Redis Cluster node also listens on port + 10000 (the cluster bus)
         ports = self.ports or self._bus_safe_ports()
-        self.nodes = [RedisNode(f"redis-{i + 1}", self.host, ports[i]) for i in range(self.size)]
+        self.nodes = [RedisNode(f"redis-{i + 1}", self.host, ports[i], password=self.password)
+                      for i in range(self.size)]
 
     def _bus_safe_ports(self) -> list[int]:
         chosen: list[int] = []
@@ -428,11 +435,16 @@ class RedisCluster:
         node = self.nodes[index]
         binary = find_binary("redis-server", "apt-get install redis-server")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        node.child = spawn(node.name, [
-            binary, str(self.config), "--port", str(node.port), "--bind", self.host,
-            "--cluster-config-file", f"nodes-{node.port}.conf", "--dir", str(self.workdir),
-            "--logfile", "",
-        ], self.workdir)
+        argv = [binary, str(self.config), "--port", str(node.port), "--bind", self.host,
+                "--cluster-config-file", f"nodes-{node.port}.conf", "--dir", str(self.workdir),
+                "--logfile", ""]
+        if self.password:
+            # an ACL file, not --requirepass: arguments are visible to every user in ps
+            acl = self.workdir / "users.acl"
+            acl.write_text(f"user default on >{self.password} ~* &* +@all\n")
+            acl.chmod(0o600)
+            argv += ["--aclfile", str(acl)]
+        node.child = spawn(node.name, argv, self.workdir)
         wait_until(lambda: node.cli("PING").strip() == "PONG", 10, f"{node.name} to answer",
                    [node.child])
 
@@ -441,7 +453,8 @@ class RedisCluster:
             self.start_node(i)
         proc = redis_cli(self.nodes[0].port, "--cluster", "create",
                          *[f"{n.host}:{n.port}" for n in self.nodes],
-                         "--cluster-replicas", "0", "--cluster-yes", host=self.host, timeout=60)
+                         "--cluster-replicas", "0", "--cluster-yes", host=self.host, timeout=60,
+                         password=self.password)
         if proc.returncode != 0:
             raise LaunchError(f"redis-cli --cluster create failed: {proc.stdout}{proc.stderr}")
         self.wait_ready(timeout)

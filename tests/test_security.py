@@ -315,3 +315,37 @@ async def test_gateway_logs_in_to_a_nats_cluster_that_requires_it(
     finally:
         stop_all([g.child for g in gws])
         cluster.stop()
+
+
+async def test_gateway_logs_in_to_a_redis_cluster_that_requires_it(
+        tmp_path: Path, clients: list[SioClient]) -> None:
+    import redis.asyncio
+    import redis.exceptions
+
+    from gateway.processes import RedisCluster
+
+    password = "redis-pass-5e9a1c"
+    cluster = RedisCluster(tmp_path / "redis", size=3, password=password)
+    gws: list[GatewayNode] = []
+    try:
+        cluster.start()
+        anonymous = redis.asyncio.Redis(host="127.0.0.1", port=cluster.nodes[0].port)
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            await anonymous.ping()
+        await anonymous.aclose()
+        for i, port in enumerate(free_ports(2)):
+            gws.append(start_gateway(tmp_path / "gw", f"redis-auth-gw-{i}", port,
+                                     "redis-sharded", ["--redis-url", cluster.nodes[i].url],
+                                     env={"REDIS_PASSWORD": password}))
+        wait_gateways(gws)
+        a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
+        await a.join("guarded")
+        await b.join("guarded")
+        await a.chat("guarded", "through an authenticated cluster")
+        await b.wait_texts(["through an authenticated cluster"])
+        for gw in gws:
+            assert gw.child is not None
+            assert password not in gw.child.log_path.read_text()
+    finally:
+        stop_all([g.child for g in gws])
+        cluster.stop()
