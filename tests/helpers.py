@@ -42,6 +42,23 @@ class Node:
     config: GatewayConfig
 
 
+async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool],
+                        timeout: float, what: str) -> None:
+    """Wait until ``done()``, waking whenever ``client`` records an event."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"{client.name}: timed out waiting for {what}; "
+                                 f"got {client.events!r}")
+        client._changed.clear()
+        try:
+            async with asyncio.timeout(min(remaining, 0.2)):
+                await client._changed.wait()
+        except TimeoutError:
+            pass
+
+
 class SioClient:
     """python-socketio's AsyncClient that records every event it receives."""
 
@@ -92,18 +109,7 @@ class SioClient:
 
     async def wait_for(self, predicate: Callable[[SioClient], bool], timeout: float = WAIT,
                        what: str = "an event") -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{self.name}: timed out waiting for {what}; "
-                                     f"got {self.events!r}")
-            self._changed.clear()
-            try:
-                async with asyncio.timeout(min(remaining, 0.2)):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass
+        await wait_recorded(self, lambda: predicate(self), timeout, what)
 
     async def wait_texts(self, texts: list[str], timeout: float = WAIT) -> None:
         await self.wait_for(lambda c: sorted(c.texts()) == sorted(texts), timeout,
@@ -224,20 +230,12 @@ class NodeClient:
 
     async def wait_for(self, predicate: Callable[[NodeClient], bool], timeout: float = WAIT,
                        what: str = "an event") -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate(self):
+        def done() -> bool:
             if self.proc.returncode is not None:
                 raise AssertionError(f"{self.name}: node exited with {self.proc.returncode}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"{self.name}: timed out waiting for {what}; "
-                                     f"got {self.events!r}")
-            self._changed.clear()
-            try:
-                async with asyncio.timeout(min(remaining, 0.2)):
-                    await self._changed.wait()
-            except TimeoutError:
-                pass
+            return predicate(self)
+
+        await wait_recorded(self, done, timeout, what)
 
     async def close(self) -> None:
         if self.proc.returncode is None:
