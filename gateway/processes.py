@@ -114,11 +114,6 @@ class Child:
                 self.popen.kill()
         return self.popen.wait()
 
-    def kill(self) -> None:
-        if self.alive:
-            self.popen.kill()
-        self.popen.wait()
-
     def log_tail(self, lines: int = 20) -> str:
         try:
             text = self.log_path.read_text(errors="replace")

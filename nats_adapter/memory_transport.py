@@ -26,7 +26,6 @@ class MemoryHub:
 
 class MemoryTransport(Transport):
     name = "memory"
-    suppresses_echo = True
 
     def __init__(self, hub: MemoryHub | None = None) -> None:
         self.hub = hub if hub is not None else MemoryHub()

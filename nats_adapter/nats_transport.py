@@ -34,7 +34,6 @@ class NatsTransport(Transport):
     """
 
     name = "nats"
-    suppresses_echo = True
 
     def __init__(
         self,

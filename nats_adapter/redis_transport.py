@@ -79,7 +79,6 @@ class RedisShardedTransport(Transport):
     """
 
     name = "redis-sharded"
-    suppresses_echo = False
 
     def __init__(
         self,

@@ -43,8 +43,6 @@ class Transport(abc.ABC):
 
     #: Short backend name used in metrics and /healthz.
     name: str = "abstract"
-    #: True when the broker does not deliver a node its own publications.
-    suppresses_echo: bool = False
 
     @abc.abstractmethod
     async def start(self, handler: TransportHandler, control_channel: str) -> None:

@@ -193,7 +193,6 @@ class Sent:
     sender: int
     room: str
     send_ns: int
-    ack_ns: int = 0
 
 
 @dataclass
@@ -207,11 +206,10 @@ class LoadGen:
     #: (msg id, recipient index, receive time ns)
     received: list[tuple[str, int, int]] = field(default_factory=list)
     unexpected_closes: int = 0
-    recording: bool = True
     closing: bool = False
 
     def on_event(self, sock: LeanSocket, data: list[Any], now: int) -> None:
-        if self.recording and data and data[0] == "chat":
+        if data and data[0] == "chat":
             self.received.append((data[1]["id"], sock.index, now))
 
     def on_closed(self, sock: LeanSocket) -> None:
@@ -266,7 +264,7 @@ class LoadGen:
                                      30)
         if not ack.get("ok"):
             return False
-        self.sent[ack["id"]] = Sent(i, room, send_ns, time.monotonic_ns())
+        self.sent[ack["id"]] = Sent(i, room, send_ns)
         return True
 
     async def burst(self, plan: list[tuple[int, str, int]], text: str) -> int:
