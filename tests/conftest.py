@@ -30,7 +30,7 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.helpers import Node, SioClient
+from tests.helpers import Node, SioClient, running
 
 # hypothesis is imported up front: when a session never imported it, its pytest plugin
 # imports it at the very end, and on CPython 3.11.7 pytest's assertion rewriting of it
@@ -53,22 +53,14 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_cluster(workdir: Path) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(workdir / "redis", size=3)
-    try:
-        cluster.start()
+    with running(RedisCluster(workdir / "redis", size=3)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture(scope="session")
 def nats_cluster(workdir: Path) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(workdir / "nats", size=3)
-    try:
-        cluster.start()
+    with running(NatsCluster(workdir / "nats", size=3)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def broker_config(backend: str, request: pytest.FixtureRequest) -> dict[str, object]:

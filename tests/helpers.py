@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import socketio
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.processes import http_json
+from gateway.processes import NatsCluster, RedisCluster, http_json
 from nats_adapter import ClusterManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,6 +41,19 @@ class Node:
     sio: socketio.AsyncServer
     manager: ClusterManager
     config: GatewayConfig
+
+
+Cluster = TypeVar("Cluster", NatsCluster, RedisCluster)
+
+
+@contextlib.contextmanager
+def running(cluster: Cluster) -> Iterator[Cluster]:
+    """Start ``cluster``; stop every process it started on the way out, a failed start too."""
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool],

@@ -25,27 +25,19 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.helpers import NodeClient, SioClient, connect_all, read_metric
+from tests.helpers import NodeClient, SioClient, connect_all, read_metric, running
 
 
 @pytest.fixture
 def nats3(tmp_path: Path) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path / "nats", size=3)
-    try:
-        cluster.start()
+    with running(NatsCluster(tmp_path / "nats", size=3)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
 def redis3(tmp_path: Path) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(tmp_path / "redis", size=3)
-    try:
-        cluster.start()
+    with running(RedisCluster(tmp_path / "redis", size=3)) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
 
 
 def start_pair(tmp_path: Path, backend: str, args: list[str]) -> list[GatewayNode]:
