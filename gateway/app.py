@@ -11,7 +11,8 @@ import socketio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nats_adapter.fanout import FanoutLimits, close_websockets
+from nats_adapter import FanoutLimits
+from nats_adapter.shutdown import close_websockets
 
 from .chat import ChatProtocol, json_type
 from .config import GatewayConfig
@@ -59,20 +60,20 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
                                       config.limits.max_send_queue_packets),
     }
     if config.backend == "nats":
-        from nats_adapter.nats_transport import NatsManager
+        from nats_adapter import NatsManager
 
         return NatsManager(list(config.nats_urls), connection_name=config.node_id,
                            connect_options=nats_options(config), **common)
     if config.backend == "redis-sharded":
-        from nats_adapter.redis_transport import RedisShardedManager
+        from nats_adapter import RedisShardedManager
 
         return RedisShardedManager(config.redis_url, connect_options=redis_options(config),
                                    **common)
     if config.backend == "stock-redis":
-        from .stock import StockRedisManager
+        from .bench.stock import StockRedisManager
 
         return StockRedisManager(config.redis_url)
-    from nats_adapter.memory_transport import MemoryManager
+    from nats_adapter import MemoryManager
 
     return MemoryManager(**common)
 
@@ -110,14 +111,14 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     client_js = find_client_js(config)
 
     async def healthz(request: web.Request) -> web.Response:
-        connected = manager.transport.connected
+        connected = manager.broker.connected
         body = {
             "node_id": config.node_id,
             "backend": config.backend,
             "broker_connected": connected,
             "connections": manager.participants_count(),
             "rooms": manager.room_count(),
-            "broker": manager.transport.info(),
+            "broker": manager.broker.info(),
         }
         return web.json_response(body, status=200 if connected else 503)
 

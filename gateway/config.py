@@ -13,6 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from nats_adapter import FanoutLimits
+
+_FANOUT = FanoutLimits()
+
 BACKENDS = ("nats", "redis-sharded", "memory")
 #: python-socketio's own AsyncRedisManager, the baseline the benchmark compares against
 BASELINE_BACKENDS = ("stock-redis",)
@@ -38,8 +42,8 @@ class Limits:
     join_rate: float = 10.0
     join_burst: int = 150
     #: bytes / packets a socket may have waiting unsent before it is dropped
-    max_send_buffer_bytes: int = 1024 * 1024
-    max_send_queue_packets: int = 1000
+    max_send_buffer_bytes: int = _FANOUT.max_buffer_bytes
+    max_send_queue_packets: int = _FANOUT.max_queued_packets
 
 
 @dataclass(frozen=True, slots=True)

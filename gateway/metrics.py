@@ -47,7 +47,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         m = self.manager
         labels = ["node", "backend"]
-        values = [self.node_id, m.transport.name]
+        values = [self.node_id, m.broker.name]
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             g = GaugeMetricFamily(name, doc, labels=labels)
@@ -63,7 +63,7 @@ class GatewayCollector(Collector):
                     "Subscriptions kept after their last member left (linger)",
                     getattr(m.subscriptions, "lingering", 0))
         yield gauge("gateway_broker_connected", "1 when the broker connection is up",
-                    1 if m.transport.connected else 0)
+                    1 if m.broker.connected else 0)
         stats = m.stats.as_dict()
         for field, (name, doc) in _COUNTERS.items():
             c = CounterMetricFamily(name, doc, labels=labels)

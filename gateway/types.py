@@ -18,12 +18,12 @@ class BrokerView(Protocol):
 
 
 class GatewayManager(Protocol):
-    """Implemented by ``nats_adapter.ClusterManager`` and ``gateway.stock.StockRedisManager``."""
+    """Implemented by ``nats_adapter.ClusterManager`` and ``gateway.bench.stock.StockRedisManager``."""
 
     stats: ManagerStats
 
     @property
-    def transport(self) -> BrokerView: ...
+    def broker(self) -> BrokerView: ...
 
     @property
     def subscriptions(self) -> Sized: ...

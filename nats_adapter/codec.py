@@ -13,6 +13,8 @@ from typing import Any, TypeAlias
 
 import msgpack
 
+from .types import EncodedPacket
+
 VERSION = 1
 
 #: The largest envelope :func:`decode` accepts, in bytes (the NATS default max_payload).
@@ -26,10 +28,6 @@ ENTER_ROOM = 4
 LEAVE_ROOM = 5
 DISCONNECT = 6
 CLOSE_ROOM = 7
-
-#: A Socket.IO packet already encoded by the sender: text, or text + binary attachments.
-EncodedPacket: TypeAlias = str | list[str | bytes]
-
 
 class EnvelopeError(ValueError):
     """A payload from the bus that is not a valid envelope of this version."""

@@ -1,4 +1,4 @@
-"""The node core: a python-socketio ``AsyncManager`` that relays through a :class:`Transport`.
+"""The node core: a python-socketio ``AsyncManager`` that relays through a :class:`Broker`.
 
 What it guarantees, cluster-wide, on top of python-socketio's manager:
 
@@ -13,6 +13,10 @@ What it guarantees, cluster-wide, on top of python-socketio's manager:
 - local members are served directly, never through the broker.
 - delivery across nodes is at most once; what the broker refuses is counted in
   :attr:`ClusterManager.stats`, never silent.
+
+This module holds the python-socketio contract and the cross-node routing: what
+goes to which channel, and what to do with what arrives. Local membership and
+delivery are the :class:`~nats_adapter.hub.LocalHub`'s; the wire is the broker's.
 """
 
 from __future__ import annotations
@@ -20,40 +24,27 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
-import secrets
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
-from bidict import ValueDuplicationError, bidict
+from bidict import ValueDuplicationError
 from socketio import AsyncManager
 from socketio import packet as sio_packet
 
 from . import codec
-from .codec import EncodedPacket
-from .fanout import Fanout, FanoutLimits, install
+from ._engineio_fastpath import install
+from .brokers.base import Broker, BrokerError
+from .dedupe import DedupeWindow
+from .hub import FanoutLimits, LocalHub
 from .naming import ChannelNames
+from .sids import is_sid, new_node_tag, new_sid, sid_owner
 from .stats import ManagerStats
 from .subscriptions import RoomSubscriptions
-from .transport import Transport, TransportError
+from .types import EncodedPacket
 
 logger = logging.getLogger(__name__)
-
-#: Sids are ``<node tag>:<random>``; room names of this shape are reserved.
-SID_RE = re.compile(r"[A-Za-z0-9_-]{8}:[A-Za-z0-9_-]{12}")
-
-
-def is_sid(name: object) -> bool:
-    """Whether ``name`` has the shape of a sid issued by a :class:`ClusterManager`."""
-    return isinstance(name, str) and len(name) == 21 and SID_RE.fullmatch(name) is not None
-
-
-def sid_owner(sid: str) -> str:
-    """The node tag of the node that owns ``sid``."""
-    return sid[:8]
 
 
 def _as_args(data: Any) -> list[Any]:
@@ -82,18 +73,20 @@ def _as_targets(target: Any) -> list[str] | None:
 
 
 class ClusterManager(AsyncManager):  # type: ignore[misc]
-    """A python-socketio client manager that shares rooms across nodes via ``transport``.
+    """A python-socketio client manager that shares rooms across nodes via ``broker``.
 
-    :param transport: the broker connection (see :mod:`nats_adapter.transport`).
+    :param broker: the broker connection (see :mod:`nats_adapter.brokers`).
     :param channel_prefix: first token(s) of every channel; nodes that should
         talk to each other use the same prefix.
     :param unsubscribe_linger: seconds a room's subscription outlives its last
         local member (damps join/leave churn).
     :param subscribe_timeout: seconds ``enter_room`` waits for the broker to
-        confirm a new room subscription before returning anyway (the transport
+        confirm a new room subscription before returning anyway (the broker
         keeps trying; local delivery works meanwhile).
     :param callback_timeout: seconds an ack from a socket on another node is
         awaited before its callback is forgotten.
+    :param dedupe_window: seconds a multi-channel emit's id is remembered, so
+        its second copy is dropped.
     :param write_only: emit only; never receive (for background workers with no
         Socket.IO server).
     :param websocket_compression: let websocket clients negotiate permessage-deflate.
@@ -107,7 +100,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
 
     def __init__(
         self,
-        transport: Transport,
+        broker: Broker,
         *,
         channel_prefix: str = "sio",
         unsubscribe_linger: float = 1.0,
@@ -123,20 +116,20 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             raise ValueError(f"subscribe_timeout must be > 0 seconds, got {subscribe_timeout!r}")
         if callback_timeout <= 0:
             raise ValueError(f"callback_timeout must be > 0 seconds, got {callback_timeout!r}")
-        self.transport = transport
-        self.node_id: str = secrets.token_urlsafe(6)
+        self.broker = broker
+        #: random, names this node in sids, envelopes and its control channel
+        self.node_tag: str = new_node_tag()
         self.channels = ChannelNames(channel_prefix)
         self.stats = ManagerStats()
-        self.subscriptions = RoomSubscriptions(transport, self.stats, unsubscribe_linger)
+        self.hub = LocalHub(self.stats)
+        # python-socketio's own methods read the index through self.rooms
+        self.rooms = self.hub.rooms
+        self.subscriptions = RoomSubscriptions(broker, self.stats, unsubscribe_linger)
         self.write_only = write_only
         self._subscribe_timeout = subscribe_timeout
         self._callback_timeout = callback_timeout
-        self._dedupe_window = dedupe_window
-        #: namespace -> sid -> named rooms it is in (no entry for a socket in no room)
-        self._sid_rooms: dict[str, dict[str, set[str]]] = {}
+        self._dedupe = DedupeWindow(dedupe_window)
         self._emit_ids = itertools.count(1)
-        #: dedupe ids of multi-channel emits already delivered -> time seen
-        self._seen: OrderedDict[str, float] = OrderedDict()
         #: (sid, ack id) of callbacks awaiting an ack from another node -> deadline
         self._remote_callbacks: dict[tuple[str, int], float] = {}
         self._start_task: asyncio.Task[None] | None = None
@@ -145,24 +138,28 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self.broker_connected = False
         self._compression = websocket_compression
         self._fanout_limits = fanout_limits
-        self.fanout: Fanout | None = None
-        #: whether the direct-write fast path is installed (see nats_adapter.fanout)
+        #: whether the direct-write fast path is installed (see nats_adapter._engineio_fastpath)
         self.fast_fanout = False
 
     def set_server(self, server: Any) -> None:
         super().set_server(server)
         self.fast_fanout = install(server.eio, compression=self._compression)
-        self.fanout = Fanout(server.eio, self._fanout_limits)
+        self.hub.attach(server.eio, self._fanout_limits)
+
+    @property
+    def fanout(self) -> Any:
+        """The local writer (its counters are exported as metrics); None before a server."""
+        return self.hub.fanout
 
     # -- lifecycle ---------------------------------------------------------------
 
     def initialize(self) -> None:
-        """Called by python-socketio before the first request; starts the transport."""
+        """Called by python-socketio before the first request; starts the broker."""
         super().initialize()
         self._ensure_started()
 
     async def start(self) -> None:
-        """Connect the transport. Safe to call more than once; ``initialize`` calls it lazily."""
+        """Connect the broker. Safe to call more than once; ``initialize`` calls it lazily."""
         await self._ensure_started()
 
     def _ensure_started(self) -> asyncio.Task[None]:
@@ -171,11 +168,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         return self._start_task
 
     async def _start(self) -> None:
-        control = self.channels.node(self.node_id)
-        await self.transport.start(self, control)
+        control = self.channels.node(self.node_tag)
+        await self.broker.start(self, control)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-        logger.info("%s manager %s started (control channel %s)", self.transport.name,
-                    self.node_id, control)
+        logger.info("%s manager %s started (control channel %s)", self.broker.name,
+                    self.node_tag, control)
 
     async def close(self) -> None:
         """Flush what was published and disconnect from the broker."""
@@ -188,13 +185,13 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.subscriptions.close()
-        await self.transport.close()
+        await self.broker.close()
 
     # -- membership (python-socketio hooks) ----------------------------------------
 
     async def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
         """Register a connecting socket under a sid that names this node; no sid room."""
-        sid = f"{self.node_id}:{secrets.token_urlsafe(9)}"
+        sid = new_sid(self.node_tag)
         try:
             self.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
         except ValueDuplicationError:
@@ -202,69 +199,26 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self.pending_connect.setdefault(namespace, []).append(sid)
         return sid
 
-    def is_sid_room(self, namespace: str, room: Any) -> bool:
-        return is_sid(room)
-
     def basic_enter_room(
         self, sid: str, namespace: str, room: str | None, eio_sid: str | None = None
     ) -> None:
         if room is not None and is_sid(room):
             raise ValueError("cannot enter a sid room")
-        ns_rooms = self.rooms.get(namespace)
-        if eio_sid is None:
-            everyone = (ns_rooms or {}).get(None)
-            if everyone is None or sid not in everyone:
-                raise ValueError("sid is not connected to requested namespace")
-            eio_sid = everyone[sid]
-        if ns_rooms is None:
-            ns_rooms = self.rooms[namespace] = {}
-        members = ns_rooms.get(room)
-        created = members is None
-        if members is None:
-            members = ns_rooms[room] = bidict()
-        try:
-            members[sid] = eio_sid
-        finally:
-            if created:
-                if members:
-                    self.subscriptions.acquire(self.channels.room(namespace, room))
-                else:
-                    del ns_rooms[room]
-        if room is not None:
-            self._sid_rooms.setdefault(namespace, {}).setdefault(sid, set()).add(room)
+        if self.hub.join(sid, namespace, room, eio_sid):
+            self.subscriptions.acquire(self.channels.room(namespace, room))
 
     def basic_leave_room(self, sid: str, namespace: str, room: str | None) -> None:
-        ns_rooms = self.rooms.get(namespace)
-        if ns_rooms is None:
-            return
-        members = ns_rooms.get(room)
-        if members is None or sid not in members:
-            return
-        del members[sid]
-        if room is not None:
-            by_sid = self._sid_rooms.get(namespace, {})
-            joined = by_sid.get(sid)
-            if joined is not None:
-                joined.discard(room)
-                if not joined:
-                    del by_sid[sid]
-                    if not by_sid:
-                        del self._sid_rooms[namespace]
-        if not members:
-            del ns_rooms[room]
+        if self.hub.leave(sid, namespace, room):
             self.subscriptions.release(self.channels.room(namespace, room))
-            if not ns_rooms:
-                del self.rooms[namespace]
 
     def basic_close_room(self, room: str, namespace: str) -> None:
         if is_sid(room):
             raise ValueError("cannot close a sid room")
-        members = self.rooms.get(namespace, {}).get(room)
-        for sid in list(members or ()):
+        for sid in list(self.hub.members(namespace, room)):
             self.basic_leave_room(sid, namespace, room)
 
     def basic_disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
-        for room in list(self._sid_rooms.get(namespace, {}).get(sid, ())):
+        for room in self.hub.rooms_of(sid, namespace):
             self.basic_leave_room(sid, namespace, room)
         self.basic_leave_room(sid, namespace, None)
         self.callbacks.pop(sid, None)
@@ -277,14 +231,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
 
     def get_rooms(self, sid: str, namespace: str) -> list[str]:
         """The named rooms ``sid`` is in (there is no sid room)."""
-        return list(self._sid_rooms.get(namespace, {}).get(sid, ()))
+        return self.hub.rooms_of(sid, namespace)
 
     def get_participants(self, namespace: str, room: Any) -> Iterator[tuple[str, str]]:
         """Local ``(sid, eio_sid)`` pairs in ``room`` (a room, a local sid, a list, or None)."""
-        yield from self._local_targets(namespace, _as_targets(room), frozenset()).items()
-
-    def _is_local(self, sid: str, namespace: str) -> bool:
-        return sid in self.rooms.get(namespace, {}).get(None, ())
+        yield from self.hub.targets(namespace, _as_targets(room), frozenset()).items()
 
     async def enter_room(
         self, sid: str, namespace: str, room: str, eio_sid: str | None = None
@@ -293,7 +244,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         namespace = namespace or "/"
         if is_sid(room):
             raise ValueError("cannot enter a sid room")
-        if eio_sid is not None or self._is_local(sid, namespace):
+        if eio_sid is not None or self.hub.is_local(sid, namespace):
             self.basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
             channel = self.channels.room(namespace, room)
             if not await self.subscriptions.ready(channel, self._subscribe_timeout):
@@ -304,7 +255,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     async def leave_room(self, sid: str, namespace: str, room: str) -> None:
         """Remove ``sid`` (on any node) from ``room``."""
         namespace = namespace or "/"
-        if self._is_local(sid, namespace):
+        if self.hub.is_local(sid, namespace):
             self.basic_leave_room(sid, namespace, room)
         else:
             await self._send_room_op(codec.LEAVE_ROOM, sid, namespace, room)
@@ -313,21 +264,21 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         """Remove every member of ``room`` on every node."""
         namespace = namespace or "/"
         self.basic_close_room(room, namespace)
-        msg = codec.RoomMessage(codec.CLOSE_ROOM, self.node_id, namespace, None, room)
+        msg = codec.RoomMessage(codec.CLOSE_ROOM, self.node_tag, namespace, None, room)
         await self._publish(self.channels.room(namespace, room), msg)
 
     async def can_disconnect(self, sid: str, namespace: str) -> bool:
         namespace = namespace or "/"
-        if self._is_local(sid, namespace):
+        if self.hub.is_local(sid, namespace):
             return bool(self.is_connected(sid, namespace))
         await self._send_room_op(codec.DISCONNECT, sid, namespace, None)
         return False
 
     async def _send_room_op(self, kind: int, sid: str, namespace: str, room: str | None) -> None:
-        if not is_sid(sid) or sid_owner(sid) == self.node_id:
+        if not is_sid(sid) or sid_owner(sid) == self.node_tag:
             logger.debug("ignoring operation %d on unknown sid %r", kind, sid)
             return
-        msg = codec.RoomMessage(kind, self.node_id, namespace, sid, room)
+        msg = codec.RoomMessage(kind, self.node_tag, namespace, sid, room)
         await self._publish(self.channels.node(sid_owner(sid)), msg)
 
     # -- emit --------------------------------------------------------------------
@@ -356,7 +307,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             sio_packet.EVENT, namespace=namespace, data=[event, *args]
         ).encode()
         if self.server is not None:
-            await self._deliver_targets(namespace, targets, skip, pkt)
+            await self.hub.deliver(namespace, targets, skip, pkt)
         if kwargs.get("ignore_queue"):
             return
         await self._relay(namespace, targets, skip, pkt)
@@ -364,22 +315,23 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     async def _relay(
         self, namespace: str, targets: list[str] | None, skip: frozenset[str], pkt: EncodedPacket
     ) -> None:
+        """Publish an emit on every channel that reaches a node with a recipient."""
         skip_list = sorted(skip)
         if targets is None:
-            msg = codec.EmitMessage(self.node_id, namespace, None, skip_list, pkt)
+            msg = codec.EmitMessage(self.node_tag, namespace, None, skip_list, pkt)
             await self._publish(self.channels.room(namespace, None), msg)
             return
         channels: list[str] = []
         for name in dict.fromkeys(targets):
             if not is_sid(name):
                 channels.append(self.channels.room(namespace, name))
-            elif sid_owner(name) != self.node_id and name not in skip:
+            elif sid_owner(name) != self.node_tag and name not in skip:
                 channels.append(self.channels.node(sid_owner(name)))
         channels = list(dict.fromkeys(channels))
         if not channels:
             return
-        dedupe = f"{self.node_id}:{next(self._emit_ids)}" if len(channels) > 1 else None
-        msg = codec.EmitMessage(self.node_id, namespace, targets, skip_list, pkt, dedupe)
+        dedupe = f"{self.node_tag}:{next(self._emit_ids)}" if len(channels) > 1 else None
+        msg = codec.EmitMessage(self.node_tag, namespace, targets, skip_list, pkt, dedupe)
         data = self._encode(msg)
         if data is None:
             return
@@ -393,19 +345,19 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         if not is_sid(target):
             raise ValueError("callbacks are only supported when emitting to a single sid")
         sid: str = target
-        if self._is_local(sid, namespace):
-            eio_sid = self.rooms[namespace][None][sid]
+        if self.hub.is_local(sid, namespace):
+            eio_sid = self.hub.members(namespace, None)[sid]
             ack_id = self._generate_ack_id(sid, callback)
             pkt = self._packet_class()(
                 sio_packet.EVENT, namespace=namespace, data=[event, *args], id=ack_id
             ).encode()
-            await self._deliver((eio_sid,), pkt)
+            await self.hub.deliver_to((eio_sid,), pkt)
             return
-        if sid_owner(sid) == self.node_id:
+        if sid_owner(sid) == self.node_tag:
             return  # our own sid, but no longer connected: nobody will ack
         ack_id = self._generate_ack_id(sid, callback)
         self._remote_callbacks[(sid, ack_id)] = time.monotonic() + self._callback_timeout
-        msg = codec.EmitToSidMessage(self.node_id, namespace, sid, event, args, ack_id)
+        msg = codec.EmitToSidMessage(self.node_tag, namespace, sid, event, args, ack_id)
         await self._publish(self.channels.node(sid_owner(sid)), msg)
 
     async def trigger_callback(self, sid: str, id: int, data: list[Any]) -> None:
@@ -414,65 +366,10 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
 
     async def _return_ack(self, origin: str, sid: str, ack_id: int, *args: Any) -> None:
         await self._publish(self.channels.node(origin),
-                            codec.AckMessage(self.node_id, sid, ack_id, list(args)))
-
-    # -- local delivery ------------------------------------------------------------
+                            codec.AckMessage(self.node_tag, sid, ack_id, list(args)))
 
     def _packet_class(self) -> Any:
         return self.server.packet_class if self.server is not None else sio_packet.Packet
-
-    def _local_targets(
-        self, namespace: str, targets: list[str] | None, skip: frozenset[str]
-    ) -> dict[str, str]:
-        """Local sockets addressed by ``targets`` (rooms and/or sids; None = namespace)."""
-        ns_rooms = self.rooms.get(namespace)
-        if not ns_rooms:
-            return {}
-        if targets is None:
-            members = ns_rooms.get(None) or {}
-            return {s: e for s, e in members.items() if s not in skip}
-        if len(targets) == 1 and not is_sid(targets[0]):
-            members = ns_rooms.get(targets[0]) or {}
-            return {s: e for s, e in members.items() if s not in skip}
-        out: dict[str, str] = {}
-        everyone = ns_rooms.get(None) or {}
-        for name in targets:
-            if is_sid(name):
-                eio_sid = everyone.get(name)
-                if eio_sid is not None and name not in skip:
-                    out[name] = eio_sid
-                continue
-            for s, e in (ns_rooms.get(name) or {}).items():
-                if s not in skip:
-                    out[s] = e
-        return out
-
-    async def _deliver_targets(self, namespace: str, targets: list[str] | None,
-                               skip: frozenset[str], pkt: EncodedPacket) -> None:
-        """Deliver to the local sockets ``targets`` address (see :meth:`_local_targets`)."""
-        ns_rooms = self.rooms.get(namespace)
-        if not ns_rooms:
-            return
-        if targets is None or (len(targets) == 1 and not is_sid(targets[0])):
-            # one room or the namespace (nearly every emit): no per-emit recipient copy
-            members = ns_rooms.get(None if targets is None else targets[0])
-            if members:
-                exclude = {e for sid in skip if (e := members.get(sid)) is not None}
-                await self._deliver(members.values(), pkt, exclude)
-            return
-        await self._deliver(self._local_targets(namespace, targets, skip).values(), pkt)
-
-    async def _deliver(self, eio_sids: Iterable[str], pkt: EncodedPacket,
-                       exclude: Container[str] = ()) -> None:
-        if self.fanout is None:
-            return
-        queued = self.fanout.queued
-        delivered, failed = self.fanout.deliver(eio_sids, [pkt] if isinstance(pkt, str) else pkt,
-                                                exclude)
-        self.stats.delivered += delivered
-        self.stats.delivery_errors += failed
-        if self.fanout.queued != queued:
-            await asyncio.sleep(0)  # let the engine.io writers of queued sockets run
 
     # -- the bus -----------------------------------------------------------------
 
@@ -493,8 +390,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         if self._start_task is None or not self._start_task.done():
             await self._ensure_started()
         try:
-            await self.transport.publish(channel, data)
-        except TransportError as exc:
+            await self.broker.publish(channel, data)
+        except BrokerError as exc:
             self.stats.publish_errors += 1
             logger.warning("publish to %s lost: %s", channel, exc)
             return
@@ -506,7 +403,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             self.stats.disconnects += 1
         self.broker_connected = connected
         logger.log(logging.INFO if connected else logging.WARNING, "%s broker %s",
-                   self.transport.name, "connected" if connected else "disconnected")
+                   self.broker.name, "connected" if connected else "disconnected")
 
     async def on_message(self, channel: str, data: bytes) -> None:
         """Handle one payload from the broker; never raises (except cancellation)."""
@@ -519,7 +416,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             logger.warning("dropped malformed payload of %d bytes on %s: %s", len(data),
                            channel, exc)
             return
-        if msg.origin == self.node_id:
+        if msg.origin == self.node_tag:
             self.stats.dropped_echo += 1
             return
         if self.write_only or self.server is None:
@@ -548,23 +445,19 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             await self._on_room_op(msg)
 
     async def _on_emit(self, msg: codec.EmitMessage) -> None:
-        if msg.dedupe_id is not None and not self._first_copy(msg.dedupe_id):
+        if msg.dedupe_id is not None and not self._dedupe.first(msg.dedupe_id):
             self.stats.dropped_duplicate += 1
             return
-        ns_rooms = self.rooms.get(msg.namespace, {})
-        if msg.rooms is not None and not any(
-            (r in ns_rooms) if not is_sid(r) else self._is_local(r, msg.namespace)
-            for r in msg.rooms
-        ):
+        if msg.rooms is not None and not self.hub.addresses_any(msg.namespace, msg.rooms):
             self.stats.unwanted += 1
             return
-        await self._deliver_targets(msg.namespace, msg.rooms, frozenset(msg.skip), msg.packet)
+        await self.hub.deliver(msg.namespace, msg.rooms, frozenset(msg.skip), msg.packet)
 
     async def _on_emit_to_sid(self, msg: codec.EmitToSidMessage) -> None:
-        if not self._is_local(msg.sid, msg.namespace):
+        eio_sid = self.hub.members(msg.namespace, None).get(msg.sid)
+        if eio_sid is None:
             self.stats.unwanted += 1
             return
-        eio_sid = self.rooms[msg.namespace][None][msg.sid]
         ack_id = None
         if msg.ack_id is not None:
             ack_id = self._generate_ack_id(
@@ -573,11 +466,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         pkt = self._packet_class()(
             sio_packet.EVENT, namespace=msg.namespace, data=[msg.event, *msg.args], id=ack_id
         ).encode()
-        await self._deliver((eio_sid,), pkt)
+        await self.hub.deliver_to((eio_sid,), pkt)
 
     async def _on_room_op(self, msg: codec.RoomMessage) -> None:
         assert msg.sid is not None
-        if not self._is_local(msg.sid, msg.namespace):
+        if not self.hub.is_local(msg.sid, msg.namespace):
             self.stats.unwanted += 1
             return
         if msg.kind == codec.DISCONNECT:
@@ -588,19 +481,6 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             await self.enter_room(msg.sid, msg.namespace, msg.room)
         else:
             self.basic_leave_room(msg.sid, msg.namespace, msg.room)
-
-    def _first_copy(self, dedupe_id: str) -> bool:
-        if dedupe_id in self._seen:
-            return False
-        now = time.monotonic()
-        self._seen[dedupe_id] = now
-        horizon = now - self._dedupe_window
-        while self._seen:
-            oldest_id, seen_at = next(iter(self._seen.items()))
-            if seen_at >= horizon and len(self._seen) <= 100_000:
-                break
-            del self._seen[oldest_id]
-        return True
 
     async def _sweep(self) -> None:
         """Forget callbacks whose ack from another node never came."""
@@ -618,8 +498,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
 
     def participants_count(self) -> int:
         """Connected sockets on this node, across namespaces."""
-        return sum(len(ns.get(None) or ()) for ns in self.rooms.values())
+        return self.hub.participants_count()
 
     def room_count(self) -> int:
         """Named rooms with local members on this node."""
-        return sum(len(ns) - (None in ns) for ns in self.rooms.values())
+        return self.hub.room_count()

@@ -6,8 +6,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
+from .brokers.base import Broker
 from .stats import ManagerStats
-from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
@@ -19,13 +19,13 @@ class RoomSubscriptions:
     ``release`` when it loses its last one. A released channel stays subscribed
     for ``linger`` seconds, so join/leave churn costs no broker interest updates;
     acquiring it again within the linger cancels the unsubscribe. Operations on
-    one channel reach the transport in the order they were requested.
+    one channel reach the broker in the order they were requested.
     """
 
-    def __init__(self, transport: Transport, stats: ManagerStats, linger: float) -> None:
+    def __init__(self, broker: Broker, stats: ManagerStats, linger: float) -> None:
         if linger < 0:
             raise ValueError(f"linger must be >= 0 seconds, got {linger!r}")
-        self._transport = transport
+        self._broker = broker
         self._stats = stats
         self._linger = linger
         #: channel -> the latest operation on it (subscribe or unsubscribe)
@@ -79,7 +79,7 @@ class RoomSubscriptions:
         return True
 
     async def close(self) -> None:
-        """Forget everything without unsubscribing (the transport is closing)."""
+        """Forget everything without unsubscribing (the broker is closing)."""
         for timer in self._lingering.values():
             timer.cancel()
         self._lingering.clear()
@@ -113,7 +113,7 @@ class RoomSubscriptions:
     async def _subscribe(self, channel: str) -> None:
         self._stats.subscribe_ops += 1
         try:
-            await self._transport.subscribe(channel)
+            await self._broker.subscribe(channel)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -123,7 +123,7 @@ class RoomSubscriptions:
     async def _unsubscribe(self, channel: str) -> None:
         self._stats.unsubscribe_ops += 1
         try:
-            await self._transport.unsubscribe(channel)
+            await self._broker.unsubscribe(channel)
         except asyncio.CancelledError:
             raise
         except Exception:

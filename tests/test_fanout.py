@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from socketio import packet as sio_packet
 
-from nats_adapter import fanout
+from nats_adapter import _engineio_fastpath as fastpath
 from tests.conftest import start_node
 from tests.helpers import Node, SioClient, connect_all
 
@@ -58,7 +58,7 @@ async def test_direct_writes_keep_order_with_queued_packets(node: Node,
 
 async def test_fallback_path_without_the_fast_path(monkeypatch: pytest.MonkeyPatch,
                                                    clients: list[SioClient]) -> None:
-    monkeypatch.setitem(fanout.SUPPORTED, "aiohttp", ("0.",))  # an "untested" aiohttp
+    monkeypatch.setitem(fastpath.SUPPORTED, "aiohttp", ("0.",))  # an "untested" aiohttp
     n = await start_node("memory", "fallback-gw", {})
     try:
         assert not n.manager.fast_fanout

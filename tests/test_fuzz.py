@@ -101,7 +101,7 @@ GARBAGE = [
 
 async def publish_raw(node: Node, channel: str, payloads: list[bytes]) -> None:
     """Publish straight onto the broker, as a rogue client would (no gateway involved)."""
-    transport: Any = node.manager.transport
+    broker: Any = node.manager.broker
     if node.config.backend == "nats":
         import nats
 
@@ -116,7 +116,7 @@ async def publish_raw(node: Node, channel: str, payloads: list[bytes]) -> None:
     else:
         from redis.asyncio.cluster import RedisCluster
 
-        rogue = RedisCluster.from_url(transport.url)
+        rogue = RedisCluster.from_url(broker.url)
         try:
             for payload in payloads:
                 await rogue.spublish(channel, payload)
@@ -132,7 +132,7 @@ async def test_garbage_on_room_and_node_channels_is_dropped_and_counted(
     target = nodes[1]
     before = target.manager.stats.dropped_malformed
     room = target.manager.channels.room("/", "lobby")
-    control = target.manager.channels.node(target.manager.node_id)  # type: ignore[attr-defined]
+    control = target.manager.channels.node(target.manager.node_tag)
     await publish_raw(target, room, GARBAGE)
     await publish_raw(target, control, GARBAGE)
     await asyncio.sleep(SETTLE)

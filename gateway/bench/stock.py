@@ -18,7 +18,7 @@ from nats_adapter.stats import ManagerStats
 
 
 class _BrokerView:
-    """The part of the transport interface /healthz and /metrics read."""
+    """The part of the broker interface /healthz and /metrics read."""
 
     name = "stock-redis"
 
@@ -39,7 +39,7 @@ class StockRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.stats = ManagerStats()
-        self.transport = _BrokerView(self)
+        self.broker = _BrokerView(self)
         self.subscriptions: list[str] = [self.channel]
 
     async def start(self) -> None:

@@ -1,8 +1,7 @@
-"""NATS transport: one subject per channel on a NATS cluster, via nats-py."""
+"""NATS broker: one subject per channel on a NATS cluster, via nats-py."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -12,20 +11,19 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .manager import ClusterManager
-from .transport import Transport, TransportError, TransportHandler
+from .base import Broker, BrokerError, BrokerHandler, FirstConnect
 
 logger = logging.getLogger(__name__)
 
 
-class NatsTransport(Transport):
+class NatsBroker(Broker):
     """Moves envelopes over NATS subjects.
 
     The connection uses no-echo, so a node never receives its own publications,
     reconnects forever across the server list (and servers the cluster announces),
     and nats-py restores subscriptions after a reconnect. While disconnected,
     publications wait in nats-py's pending buffer (``pending_size`` bytes) and are
-    sent on reconnect; past that buffer a publish raises :class:`TransportError`.
+    sent on reconnect; past that buffer a publish raises :class:`BrokerError`.
 
     :param servers: NATS URLs, e.g. ``["nats://127.0.0.1:4222"]``.
     :param connect_options: extra keyword arguments for :func:`nats.connect`
@@ -52,10 +50,12 @@ class NatsTransport(Transport):
         self._reconnect_time_wait = reconnect_time_wait
         self._connection_name = connection_name
         self._nc: Client | None = None
-        self._handler: TransportHandler | None = None
+        self._handler: BrokerHandler | None = None
         self._subs: dict[str, Subscription] = {}
         self._wanted: set[str] = set()
-        self._connect_task: asyncio.Task[None] | None = None
+        self._first_connect = FirstConnect("NATS", self._connect,
+                                           (OSError, nats.errors.Error, TimeoutError),
+                                           reconnect_time_wait)
         self._closing = False
         self.slow_consumer_drops = 0
 
@@ -63,14 +63,10 @@ class NatsTransport(Transport):
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
-    async def start(self, handler: TransportHandler, control_channel: str) -> None:
+    async def start(self, handler: BrokerHandler, control_channel: str) -> None:
         self._handler = handler
         self._wanted.add(control_channel)
-        try:
-            await self._connect()
-        except (OSError, nats.errors.Error, TimeoutError) as exc:
-            logger.warning("no NATS server answered (%s); retrying in the background", exc)
-            self._connect_task = asyncio.get_running_loop().create_task(self._connect_forever())
+        await self._first_connect.start()
 
     async def _connect(self) -> None:
         nc = await nats.connect(
@@ -93,17 +89,6 @@ class NatsTransport(Transport):
         await self._flush()
         assert self._handler is not None
         self._handler.on_connection_state(True)
-
-    async def _connect_forever(self) -> None:
-        delay = self._reconnect_time_wait
-        while not self._closing:
-            await asyncio.sleep(delay)
-            try:
-                await self._connect()
-                return
-            except (OSError, nats.errors.Error, TimeoutError) as exc:
-                logger.warning("NATS still unreachable: %s", exc)
-                delay = min(delay * 2, 5.0)
 
     async def _subscribe(self, nc: Client, channel: str) -> None:
         if channel not in self._subs:
@@ -142,17 +127,15 @@ class NatsTransport(Transport):
     async def publish(self, channel: str, data: bytes) -> None:
         nc = self._nc
         if nc is None or nc.is_closed or nc.is_draining:
-            raise TransportError("no NATS connection")
+            raise BrokerError("no NATS connection")
         try:
             await nc.publish(channel, data)
         except nats.errors.Error as exc:
-            raise TransportError(f"NATS publish failed: {exc!r}") from exc
+            raise BrokerError(f"NATS publish failed: {exc!r}") from exc
 
     async def close(self) -> None:
         self._closing = True
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            await asyncio.gather(self._connect_task, return_exceptions=True)
+        await self._first_connect.cancel()
         nc, self._nc = self._nc, None
         if nc is None or nc.is_closed:
             return
@@ -190,26 +173,3 @@ class NatsTransport(Transport):
             return
         if not self._closing:
             logger.warning("NATS error: %r", exc)
-
-
-class NatsManager(ClusterManager):
-    """The python-socketio client manager on a NATS cluster.
-
-    ``socketio.AsyncServer(client_manager=NatsManager(servers=["nats://..."]))``.
-    Keyword arguments other than the transport's go to :class:`ClusterManager`.
-    """
-
-    name = "nats"
-
-    def __init__(
-        self,
-        servers: list[str] | str = "nats://127.0.0.1:4222",
-        *,
-        connect_options: dict[str, Any] | None = None,
-        connection_name: str = "socketio-gateway",
-        **kwargs: Any,
-    ) -> None:
-        urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
-        transport = NatsTransport(urls, connect_options=connect_options,
-                                  connection_name=connection_name)
-        super().__init__(transport, **kwargs)

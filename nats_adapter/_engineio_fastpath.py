@@ -1,28 +1,28 @@
-"""Fan-out to local sockets: one websocket frame built per emit, written to every recipient.
+"""The private python-engineio and aiohttp internals behind the fast fan-out path.
 
 Stock python-socketio creates an asyncio task per recipient, and every packet then
-wakes that socket's engine.io writer task. For websocket sessions on aiohttp this
-module instead builds the websocket frame once and writes the same bytes to each
-recipient's transport, which costs a fraction of the CPU (see BENCHMARKS.md).
+wakes that socket's engine.io writer task. For websocket sessions on aiohttp the
+node instead builds each websocket frame once and writes the same bytes to every
+recipient's transport (see :class:`nats_adapter.hub.Fanout`, which decides when).
+That needs a hold of each socket's asyncio transport and an exact count of what
+is still queued or in flight, which engine.io does not expose: this module
+patches a server to provide both, and nothing else in the package touches
+engine.io or aiohttp internals.
 
-This reaches into private parts of python-engineio and aiohttp, so all of that is
-here, behind :func:`install`, which checks the versions it was written for and
-otherwise leaves the server untouched: delivery then takes the public path
-(``AsyncServer.send_packet``), which is always correct, only slower.
+:func:`install` checks the versions it was written for and otherwise leaves the
+server untouched; :func:`writable_transport` then always answers None and every
+packet takes the public path (engine.io's queue), which is always correct, only
+slower.
 
-A direct write is only made when it cannot reorder or corrupt anything:
+A socket qualifies for direct writes when:
 
 - the session connected over websocket directly (not upgraded from polling), so
   every packet the engine.io queue hands out goes through our websocket wrapper;
-- nothing waits in the socket's engine.io queue and nothing taken from it is still
-  being written (acks and other events stay in order);
-- the connection does not compress (a shared frame is only valid uncompressed);
-- the transport is not closing and its write buffer is below ``max_buffer`` bytes.
+- the connection does not compress (a shared frame is only valid uncompressed).
 
-Otherwise the packet goes through the engine.io queue like in stock python-socketio.
-The per-socket send buffer is bounded: a socket whose transport buffer or queue is
-past the limit is dropped (see :class:`FanoutLimits`) instead of growing the
-node's memory or delaying others.
+and a write is made only while nothing waits in its engine.io queue, nothing taken
+from it is still being written (acks and other events stay in order), and the
+transport is not closing.
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ import importlib.metadata
 import logging
 import struct
 import time
-from collections.abc import Container, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from engineio import exceptions
@@ -57,19 +55,6 @@ def text_frame(payload: bytes) -> bytes:
     if n < 65536:
         return _PACK2(0x81, 126, n) + payload
     return _PACK3(0x81, 127, n) + payload
-
-
-@dataclass(frozen=True, slots=True)
-class FanoutLimits:
-    """Per-socket bounds on what the node holds for a client that does not read.
-
-    :param max_buffer_bytes: bytes waiting in a socket's transport buffer before it
-        is considered a slow consumer.
-    :param max_queued_packets: packets waiting in its engine.io queue likewise.
-    """
-
-    max_buffer_bytes: int = 1024 * 1024
-    max_queued_packets: int = 1000
 
 
 class CountingQueue:
@@ -332,90 +317,17 @@ async def _lean_session(socket: Any, ws: Any) -> None:
         await socket.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
 
 
-async def close_websockets(sockets: Iterable[Any], code: int = 1001) -> int:
-    """Close the websocket of each engine.io socket :func:`install` tracks ("going away").
+def writable_transport(socket: Any) -> asyncio.WriteTransport | None:
+    """``socket``'s transport when a shared frame may be written to it right now.
 
-    engine.io's own close only sends its CLOSE packet and then waits for the client
-    to hang up, which holds a server shutdown until the client does. Returns how
-    many were closed.
+    None when the socket does not qualify (see the module docstring) or when
+    something queued or in flight must go first.
     """
-    open_ws = [ws for s in sockets
-               if (ws := getattr(s, "fanout_ws", None)) is not None and not ws.closed]
-    await asyncio.gather(*(ws.close(code=code) for ws in open_ws), return_exceptions=True)
-    return len(open_ws)
+    transport: asyncio.WriteTransport | None = getattr(socket, "fanout_transport", None)
+    if transport is None or not socket.upgraded:
+        return None
+    queue = socket.queue
+    if queue._items or queue.in_flight or transport.is_closing():
+        return None
+    return transport
 
-
-class Fanout:
-    """Writes packets to local engine.io sockets, directly when safe, else queued."""
-
-    def __init__(self, eio: Any, limits: FanoutLimits | None = None) -> None:
-        self.eio = eio
-        self.limits = limits or FanoutLimits()
-        self.direct = 0
-        self.queued = 0
-        self.slow_consumers_dropped = 0
-
-    def deliver(self, eio_sids: Iterable[str], parts: list[str | bytes],
-                exclude: Container[str] = ()) -> tuple[int, int]:
-        """Send the encoded Socket.IO packet ``parts`` to every socket in ``eio_sids``
-        except those in ``exclude``.
-
-        Returns (delivered, failed). Never suspends: queued packets are put without
-        waiting (engine.io's queue is unbounded, and bounded here by the limits); the
-        caller should yield to the loop when :attr:`queued` grew, so writers can run.
-        """
-        # the hot loop of every emit: locals, and the fewest attribute lookups that
-        # still check everything the module docstring lists
-        sockets_get = self.eio.sockets.get
-        frame: bytes | None = None
-        eio_pkts: list[Any] | None = None
-        failed = direct = queued = 0
-        max_buffer = self.limits.max_buffer_bytes
-        max_queued = self.limits.max_queued_packets
-        single_text = len(parts) == 1 and isinstance(parts[0], str)
-        for eio_sid in eio_sids:
-            if exclude and eio_sid in exclude:
-                continue
-            s = sockets_get(eio_sid)
-            if s is None or s.closed or s.closing or getattr(s, "fanout_dropped", False):
-                failed += 1
-                continue
-            transport = getattr(s, "fanout_transport", None)
-            queue = s.queue
-            if transport is not None and single_text and s.upgraded \
-                    and not queue._items and not queue.in_flight \
-                    and not transport.is_closing():
-                if transport.get_write_buffer_size() > max_buffer:
-                    self._drop(s, "send buffer full")
-                    failed += 1
-                    continue
-                if frame is None:
-                    frame = text_frame(("4" + parts[0]).encode())  # type: ignore[operator]
-                transport.write(frame)
-                direct += 1
-                continue
-            if queue.qsize() >= max_queued:
-                self._drop(s, "send queue full")
-                failed += 1
-                continue
-            if eio_pkts is None:
-                eio_pkts = [eio_packet.Packet(eio_packet.MESSAGE, p) for p in parts]
-            for p in eio_pkts:
-                queue.put_nowait(p)
-            queued += 1
-        self.direct += direct
-        self.queued += queued
-        return direct + queued, failed
-
-    def _drop(self, socket: Any, reason: str) -> None:
-        """Disconnect a slow consumer: logged, counted, its memory released."""
-        self.slow_consumers_dropped += 1
-        socket.fanout_dropped = True
-        logger.warning("dropping slow consumer %s: %s", socket.sid, reason)
-        task = asyncio.get_running_loop().create_task(
-            socket.close(wait=False, abort=True, reason="slow consumer"))
-        _background.add(task)
-        task.add_done_callback(_background.discard)
-
-
-_background: set[asyncio.Task[Any]] = set()

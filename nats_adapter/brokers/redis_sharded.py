@@ -1,4 +1,4 @@
-"""Sharded Redis transport: one shard channel per channel on a Redis 7 Cluster.
+"""Sharded Redis broker: one shard channel per channel on a Redis 7 Cluster.
 
 ``SSUBSCRIBE``/``SPUBLISH`` route by the channel's hash slot, so a message goes to
 the one master that owns the slot and only to the nodes subscribed there; classic
@@ -29,8 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from .manager import ClusterManager
-from .transport import Transport, TransportError, TransportHandler
+from .base import Broker, BrokerError, BrokerHandler, FirstConnect
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +63,14 @@ class _NodeSubscriber:
             await self.client.aclose()
 
 
-class RedisShardedTransport(Transport):
+class RedisShardedBroker(Broker):
     """Moves envelopes over Redis Cluster shard channels.
 
     Delivery is at most once. Redis has no no-echo, so a node subscribed to a room
     receives its own publications there; the core drops them by origin. After a
     master restarts, its connection is re-established and its shard subscriptions
     restored; after a slot moves (resharding), Redis unsubscribes the channel on the
-    old owner and this transport subscribes again on the new one.
+    old owner and this broker subscribes again on the new one.
 
     :param url: a cluster seed node, ``redis://host:port``.
     :param connect_options: extra keyword arguments for the redis-py clients
@@ -95,13 +94,14 @@ class RedisShardedTransport(Transport):
         self._subscribe_timeout = subscribe_timeout
         self._reconnect_wait = reconnect_wait
         self._cluster: RedisCluster | None = None
-        self._handler: TransportHandler | None = None
+        self._handler: BrokerHandler | None = None
         self._nodes: dict[str, _NodeSubscriber] = {}
         #: channel -> name of the master it is subscribed on
         self._channel_node: dict[str, str] = {}
         self._wanted: set[str] = set()
         self._confirm: dict[str, asyncio.Future[None]] = {}
-        self._connect_task: asyncio.Task[None] | None = None
+        self._first_connect = FirstConnect("Redis Cluster", self._connect, (RedisError, OSError),
+                                           reconnect_wait)
         self._reroutes: set[asyncio.Task[None]] = set()
         self._closing = False
         self._was_connected = False
@@ -120,15 +120,10 @@ class RedisShardedTransport(Transport):
             self._was_connected = now
             self._handler.on_connection_state(now)
 
-    async def start(self, handler: TransportHandler, control_channel: str) -> None:
+    async def start(self, handler: BrokerHandler, control_channel: str) -> None:
         self._handler = handler
         self._wanted.add(control_channel)
-        try:
-            await self._connect()
-        except (RedisError, OSError) as exc:
-            logger.warning("no Redis Cluster node answered (%s); retrying in the background",
-                           exc)
-            self._connect_task = asyncio.get_running_loop().create_task(self._connect_forever())
+        await self._first_connect.start()
 
     async def _connect(self) -> None:
         cluster = RedisCluster.from_url(
@@ -145,17 +140,6 @@ class RedisShardedTransport(Transport):
         for channel in sorted(self._wanted):
             await self._subscribe(channel)
         self._notify()
-
-    async def _connect_forever(self) -> None:
-        delay = self._reconnect_wait
-        while not self._closing:
-            await asyncio.sleep(delay)
-            try:
-                await self._connect()
-                return
-            except (RedisError, OSError) as exc:
-                logger.warning("Redis Cluster still unreachable: %s", exc)
-                delay = min(delay * 2, 5.0)
 
     def _node_options(self) -> dict[str, Any]:
         allowed = ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
@@ -185,7 +169,7 @@ class RedisShardedTransport(Transport):
         assert self._cluster is not None
         node = self._cluster.get_node_from_key(channel)
         if node is None:
-            raise TransportError(f"no Redis node serves the slot of {channel!r}")
+            raise BrokerError(f"no Redis node serves the slot of {channel!r}")
         sub = self._subscriber(node)
         loop = asyncio.get_running_loop()
         confirm = self._confirm.get(channel)
@@ -275,15 +259,16 @@ class RedisShardedTransport(Transport):
 
     async def publish(self, channel: str, data: bytes) -> None:
         if self._cluster is None or self._closing:
-            raise TransportError("no Redis Cluster connection")
+            raise BrokerError("no Redis Cluster connection")
         try:
             await self._cluster.spublish(channel, data)
         except (RedisError, OSError) as exc:
-            raise TransportError(f"SPUBLISH failed: {exc!r}") from exc
+            raise BrokerError(f"SPUBLISH failed: {exc!r}") from exc
 
     async def close(self) -> None:
         self._closing = True
-        tasks = [*self._reroutes, *([self._connect_task] if self._connect_task else [])]
+        await self._first_connect.cancel()
+        tasks = list(self._reroutes)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -305,22 +290,3 @@ class RedisShardedTransport(Transport):
             "nodes": {name: {"up": sub.up, "subscriptions": per_node.get(name, 0)}
                       for name, sub in sorted(self._nodes.items())},
         }
-
-
-class RedisShardedManager(ClusterManager):
-    """The python-socketio client manager on a Redis 7 Cluster's sharded pub/sub.
-
-    ``socketio.AsyncServer(client_manager=RedisShardedManager("redis://host:7000"))``.
-    Keyword arguments other than the transport's go to :class:`ClusterManager`.
-    """
-
-    name = "redis-sharded"
-
-    def __init__(
-        self,
-        url: str = "redis://127.0.0.1:7000",
-        *,
-        connect_options: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(RedisShardedTransport(url, connect_options=connect_options), **kwargs)

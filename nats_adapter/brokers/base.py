@@ -1,0 +1,133 @@
+"""The interface between the node core and a broker.
+
+A broker only moves bytes between nodes: it owns the broker connection,
+reconnects, sharding and (re)subscription; it never sees a Socket.IO object and
+imports no manager. The core owns membership, naming, the envelope and fan-out,
+and calls :meth:`Broker.subscribe` only for a channel's first local member.
+
+"Broker" rather than "transport": transport already means the engine.io
+(polling/websocket) and asyncio transports in this codebase.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerHandler(Protocol):
+    """What a broker calls back into; implemented by the node core."""
+
+    async def on_message(self, channel: str, data: bytes) -> None:
+        """A payload arrived on ``channel`` (a room channel or this node's control channel).
+
+        Called once per payload in arrival order per channel; must not raise.
+        """
+
+    def on_connection_state(self, connected: bool) -> None:
+        """The broker connection went up (``True``) or down (``False``)."""
+
+
+class BrokerError(RuntimeError):
+    """The broker could not take a publish (down, closed, buffer full)."""
+
+
+class Broker(abc.ABC):
+    """A pub/sub broker connection with at-most-once delivery.
+
+    Contract:
+    - ``publish`` is fire-and-forget; it raises :class:`BrokerError` when the
+      payload certainly cannot be sent, and never blocks on a slow broker beyond
+      its own buffer.
+    - a subscription survives reconnects: the broker restores it.
+    - messages a node publishes are never handed back to that node when the broker
+      supports it (NATS no-echo); otherwise the core drops its own by origin.
+    """
+
+    #: Short backend name used in metrics and /healthz.
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    async def start(self, handler: BrokerHandler, control_channel: str) -> None:
+        """Connect (retrying in the background if no broker answers) and subscribe to
+        ``control_channel``, this node's own channel."""
+
+    @abc.abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Register interest in ``channel``; returns once the broker has it, or once it
+        is queued for restoration when the broker is down."""
+
+    @abc.abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Drop interest in ``channel``; a no-op for a channel not subscribed."""
+
+    @abc.abstractmethod
+    async def publish(self, channel: str, data: bytes) -> None:
+        """Send ``data`` to every node subscribed to ``channel``."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush what was already published, then disconnect. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """Whether a broker connection is up right now."""
+
+    def info(self) -> dict[str, Any]:
+        """Details for health output (current server, counters); no secrets."""
+        return {}
+
+
+class FirstConnect:
+    """A broker's first connection: made now, or retried in the background.
+
+    Once connected, the client library's own reconnect logic takes over; this
+    only covers a node that starts while no broker node answers.
+
+    :param what: the broker's name in log lines ("NATS", "Redis Cluster").
+    :param connect: makes the connection; raises one of ``errors`` on failure.
+    :param retry_wait: seconds before the first retry, doubling up to ``max_wait``.
+    """
+
+    def __init__(self, what: str, connect: Callable[[], Awaitable[None]],
+                 errors: tuple[type[BaseException], ...], retry_wait: float,
+                 max_wait: float = 5.0) -> None:
+        self._what = what
+        self._connect = connect
+        self._errors = errors
+        self._retry_wait = retry_wait
+        self._max_wait = max_wait
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Connect, or log why not and keep trying in the background."""
+        try:
+            await self._connect()
+        except self._errors as exc:
+            logger.warning("no %s node answered (%s); retrying in the background",
+                           self._what, exc)
+            self._task = asyncio.get_running_loop().create_task(self._retry())
+
+    async def _retry(self) -> None:
+        delay = self._retry_wait
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self._connect()
+                return
+            except self._errors as exc:
+                logger.warning("%s still unreachable: %s", self._what, exc)
+                delay = min(delay * 2, self._max_wait)
+
+    async def cancel(self) -> None:
+        """Stop retrying (the broker is closing)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

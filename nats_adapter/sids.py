@@ -1,0 +1,35 @@
+"""Socket ids that name their node: ``<node tag>:<random>``.
+
+There is no per-socket default room, so a direct message to a sid is routed by
+the node tag its sid starts with. Room names of this shape are reserved.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+#: Length of a node tag (``secrets.token_urlsafe(6)``) and of a whole sid.
+NODE_TAG_CHARS = 8
+SID_CHARS = 21
+SID_RE = re.compile(r"[A-Za-z0-9_-]{8}:[A-Za-z0-9_-]{12}")
+
+
+def new_node_tag() -> str:
+    """A random tag naming one manager (one node) for the life of its process."""
+    return secrets.token_urlsafe(6)
+
+
+def new_sid(node_tag: str) -> str:
+    """A fresh sid owned by the node tagged ``node_tag``."""
+    return f"{node_tag}:{secrets.token_urlsafe(9)}"
+
+
+def is_sid(name: object) -> bool:
+    """Whether ``name`` has the shape of a sid issued by a :class:`ClusterManager`."""
+    return isinstance(name, str) and len(name) == SID_CHARS and SID_RE.fullmatch(name) is not None
+
+
+def sid_owner(sid: str) -> str:
+    """The node tag of the node that owns ``sid``."""
+    return sid[:NODE_TAG_CHARS]
