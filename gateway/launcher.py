@@ -18,7 +18,9 @@ from .processes import (
     Child,
     GatewayNode,
     LaunchError,
+    LocalCluster,
     NatsCluster,
+    NatsNode,
     RedisCluster,
     port_is_free,
     start_gateway,
@@ -81,9 +83,13 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-cluster-"))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     children: list[Child | None] = []
-    brokers: list[Child | None] = []
+    brokers = _brokers(args, workdir)
     try:
-        broker_args, brokers = _start_brokers(args, workdir)
+        broker_args: list[str] = []
+        if brokers is not None:
+            brokers.start()
+            for node in brokers.nodes:
+                _say(_broker_line(node))
         extra: list[str] = []
         if args.unsubscribe_linger is not None:
             extra += ["--unsubscribe-linger", str(args.unsubscribe_linger)]
@@ -91,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
             extra += ["--log-level", args.log_level]
         gateways: list[GatewayNode] = []
         for i in range(args.gateways):
+            if brokers is not None:
+                broker_args = brokers.gateway_args(i)
             gw = start_gateway(workdir, f"gw-{i + 1}", args.port + i, args.backend, broker_args,
                                host=args.host, extra=extra)
             gateways.append(gw)
@@ -99,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         for gw in gateways:
             _say(f"gateway {gw.node_id} {gw.url}")
         _say("cluster ready")
-        return _watch([*children, *brokers])
+        return _watch([*children, *(brokers.children if brokers is not None else [])])
     except LaunchError as exc:
         print(f"gateway cluster: error: {exc}", file=sys.stderr)
         return 1
@@ -108,43 +116,35 @@ def run(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_all(children)
-        stop_all(brokers)
+        if brokers is not None:
+            brokers.stop()  # also the nodes of a start that failed half-way
         shutil.rmtree(workdir, ignore_errors=True)
         signal.signal(signal.SIGTERM, previous)
 
 
-def _start_brokers(args: argparse.Namespace, workdir: Path) -> tuple[list[str], list[Child | None]]:
+def _brokers(args: argparse.Namespace, workdir: Path) -> LocalCluster[Any] | None:
+    """The local broker cluster ``args`` ask for (not started); None for ``memory``."""
     if args.backend == "memory":
-        return [], []
+        return None
     if args.backend == "redis-sharded":
         redis_ports = None
         if args.redis_port is not None:
             redis_ports = [args.redis_port + i for i in range(args.redis_nodes)]
         # with REDIS_PASSWORD set, the cluster requires it and the gateways (which
         # inherit the environment) log in with it
-        redis = RedisCluster(workdir / "redis", size=args.redis_nodes, host=args.host,
-                             ports=redis_ports, password=os.environ.get("REDIS_PASSWORD") or None)
-        started: list[Child | None] = []
-        try:
-            redis.start()
-        finally:
-            started.extend(redis.children)
-        for rnode in redis.nodes:
-            _say(f"redis {rnode.name} {rnode.url}")
-        return ["--redis-url", redis.nodes[0].url], started
+        return RedisCluster(workdir / "redis", size=args.redis_nodes, host=args.host,
+                            ports=redis_ports, password=os.environ.get("REDIS_PASSWORD") or None)
     client_ports = None
     if args.nats_port is not None:
         client_ports = [args.nats_port + i for i in range(args.nats_nodes)]
-    nats = NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
+    return NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
                        client_ports=client_ports)
-    try:
-        nats.start()
-    except LaunchError:
-        stop_all(nats.children)
-        raise
-    for node in nats.nodes:
-        _say(f"nats {node.name} {node.url} {node.monitor_url}")
-    return ["--nats-url", ",".join(nats.urls)], list(nats.children)
+
+
+def _broker_line(node: Any) -> str:
+    if isinstance(node, NatsNode):
+        return f"nats {node.name} {node.url} {node.monitor_url}"
+    return f"redis {node.name} {node.url}"
 
 
 def _watch(children: list[Child | None]) -> int:

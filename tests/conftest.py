@@ -8,21 +8,25 @@ suites that need the service as users run it start ``python -m gateway serve``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import hypothesis  # noqa: F401  (see below)
 import pytest
 from aiohttp import web
 
+from gateway import config as cfg
 from gateway.app import CONFIG_KEY, MANAGER_KEY, SIO_KEY, create_app
 from gateway.config import GatewayConfig
 from gateway.processes import (
     GatewayNode,
+    LocalCluster,
     NatsCluster,
     RedisCluster,
     free_ports,
@@ -63,25 +67,21 @@ def nats_cluster(workdir: Path) -> Iterator[NatsCluster]:
         yield cluster
 
 
+def broker_args(backend: str, request: pytest.FixtureRequest, index: int = 0) -> list[str]:
+    """``serve`` flags that point gateway ``index`` at the session's cluster for ``backend``."""
+    fixture = {"nats": "nats_cluster", "redis-sharded": "redis_cluster"}.get(backend)
+    if fixture is None:
+        return []
+    cluster: LocalCluster[Any] = request.getfixturevalue(fixture)
+    return cluster.gateway_args(index)
+
+
 def broker_config(backend: str, request: pytest.FixtureRequest) -> dict[str, object]:
-    """GatewayConfig fields that point a node at the session's cluster for ``backend``."""
-    if backend == "nats":
-        cluster: NatsCluster = request.getfixturevalue("nats_cluster")
-        return {"nats_urls": tuple(cluster.urls)}
-    if backend == "redis-sharded":
-        redis = request.getfixturevalue("redis_cluster")
-        return {"redis_url": redis.nodes[0].url}
-    return {}
-
-
-def broker_args(backend: str, request: pytest.FixtureRequest) -> list[str]:
-    """``serve`` flags that point a gateway process at the session's cluster."""
-    conf = broker_config(backend, request)
-    if "nats_urls" in conf:
-        return ["--nats-url", ",".join(conf["nats_urls"])]  # type: ignore[arg-type]
-    if "redis_url" in conf:
-        return ["--redis-url", str(conf["redis_url"])]
-    return []
+    """The same as GatewayConfig fields, for nodes run in this process."""
+    parser = argparse.ArgumentParser()
+    cfg.add_arguments(parser, only=("nats_urls", "redis_url"))
+    conf = cfg.from_args(parser.parse_args(broker_args(backend, request)), env={})
+    return {"nats_urls": conf.nats_urls, "redis_url": conf.redis_url}
 
 
 async def start_node(backend: str, node_id: str, extra: dict[str, object]) -> Node:

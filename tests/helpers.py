@@ -16,7 +16,7 @@ import socketio
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.processes import NatsCluster, RedisCluster, http_json
+from gateway.processes import LocalCluster, http_json
 from nats_adapter import ClusterManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ class Node:
     config: GatewayConfig
 
 
-Cluster = TypeVar("Cluster", NatsCluster, RedisCluster)
+Cluster = TypeVar("Cluster", bound=LocalCluster[Any])
 
 
 @contextlib.contextmanager

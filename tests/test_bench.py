@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.bench.runner import BACKENDS, SCENARIOS
+from gateway.bench.runner import BENCH_BACKENDS, SCENARIOS
 from tests.helpers import REPO
 
 
@@ -22,7 +22,7 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "stock-redis: reference on 3 gateways" in proc.stderr, "progress is shown"
     report = json.loads((out / "results.json").read_text())
-    assert set(report["results"]) == set(BACKENDS)
+    assert set(report["results"]) == set(BENCH_BACKENDS)
     for backend, scenarios in report["results"].items():
         expected = set(SCENARIOS) - ({"memory"} if backend == "redis-cluster-classic" else set())
         assert set(scenarios) == expected, backend
@@ -45,6 +45,6 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     assert local["stock-redis"]["wasted_receptions"] > 0
     assert local["redis-cluster-classic"]["wasted_receptions"] > 0
     md = (out / "results.md").read_text()
-    for backend in BACKENDS:
+    for backend in BENCH_BACKENDS:
         assert f"| {backend} |" in md
     assert (out / "cpu.png").stat().st_size > 0 and (out / "broker-bytes.png").stat().st_size > 0

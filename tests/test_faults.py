@@ -74,7 +74,7 @@ async def first_delivery_after(sender: SioClient, receiver: SioClient, room: str
 
 async def test_nats_node_killed_and_restarted(tmp_path: Path, nats3: NatsCluster,
                                               clients: list[SioClient]) -> None:
-    gws = start_pair(tmp_path, "nats", ["--nats-url", ",".join(nats3.urls)])
+    gws = start_pair(tmp_path, "nats", nats3.gateway_args())
     try:
         a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
         await a.join("faults")
@@ -105,7 +105,7 @@ async def test_nats_node_killed_and_restarted(tmp_path: Path, nats3: NatsCluster
 
 async def test_healthz_is_503_only_without_any_broker(tmp_path: Path, nats3: NatsCluster,
                                                       clients: list[SioClient]) -> None:
-    gws = start_pair(tmp_path, "nats", ["--nats-url", ",".join(nats3.urls)])
+    gws = start_pair(tmp_path, "nats", nats3.gateway_args())
     try:
         a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
         await a.join("outage")
@@ -143,7 +143,7 @@ async def test_redis_master_restarted(tmp_path: Path, redis3: RedisCluster,
                                       clients: list[SioClient]) -> None:
     from tests.test_redis_sharding import owner_of
 
-    gws = start_pair(tmp_path, "redis-sharded", ["--redis-url", redis3.nodes[0].url])
+    gws = start_pair(tmp_path, "redis-sharded", redis3.gateway_args())
     try:
         a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
         await a.join("faults")
@@ -174,7 +174,7 @@ async def test_redis_master_restarted(tmp_path: Path, redis3: RedisCluster,
 
 async def test_sigterm_tells_clients_to_reconnect_and_drains(
         tmp_path: Path, nats3: NatsCluster, node_bin: str) -> None:
-    gws = start_pair(tmp_path, "nats", ["--nats-url", ",".join(nats3.urls)])
+    gws = start_pair(tmp_path, "nats", nats3.gateway_args())
     leaving = await NodeClient.start(node_bin, gws[0].url, "leaving")
     staying = await NodeClient.start(node_bin, gws[1].url, "staying")
     try:

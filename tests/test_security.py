@@ -302,7 +302,7 @@ async def test_gateway_logs_in_to_a_nats_cluster_that_requires_it(
                                max_reconnect_attempts=0)
         for i, port in enumerate(free_ports(2)):
             gws.append(start_gateway(tmp_path / "gw", f"auth-gw-{i}", port, "nats",
-                                     ["--nats-url", ",".join(cluster.urls)], env=creds))
+                                     cluster.gateway_args(), env=creds))
         wait_gateways(gws)
         a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
         await a.join("guarded")
@@ -335,7 +335,7 @@ async def test_gateway_logs_in_to_a_redis_cluster_that_requires_it(
         await anonymous.aclose()
         for i, port in enumerate(free_ports(2)):
             gws.append(start_gateway(tmp_path / "gw", f"redis-auth-gw-{i}", port,
-                                     "redis-sharded", ["--redis-url", cluster.nodes[i].url],
+                                     "redis-sharded", cluster.gateway_args(i),
                                      env={"REDIS_PASSWORD": password}))
         wait_gateways(gws)
         a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from . import report as rep
-from .runner import BACKENDS, SCENARIOS, Params, describe, log, run_backend
+from .runner import BENCH_BACKENDS, SCENARIOS, Params, describe, log, run_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny parameters: a smoke run in under a minute")
-    parser.add_argument("--backends", default=",".join(BACKENDS),
-                        help=f"comma-separated subset of {','.join(BACKENDS)}")
+    parser.add_argument("--backends", default=",".join(BENCH_BACKENDS),
+                        help=f"comma-separated subset of {','.join(BENCH_BACKENDS)}")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)}")
     parser.add_argument("--output", default=None,
@@ -38,7 +38,7 @@ def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    backends = _subset(args.backends, BACKENDS, "--backends")
+    backends = _subset(args.backends, BENCH_BACKENDS, "--backends")
     scenarios = _subset(args.scenarios, SCENARIOS, "--scenarios")
     for value in (backends, scenarios):
         if isinstance(value, str):

@@ -21,23 +21,25 @@ from pathlib import Path
 from typing import Any
 
 from ..processes import (
-    Child,
     GatewayNode,
+    LocalCluster,
     NatsCluster,
     RedisCluster,
-    find_binary,
+    RedisServer,
     free_ports,
-    spawn,
     start_gateway,
     stop_all,
     wait_gateways,
-    wait_until,
 )
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
-BACKENDS = ("nats", "redis-sharded", "stock-redis", "redis-cluster-classic")
+#: the systems compared, and the gateway backend each runs its gateways with
+#: (redis-cluster-classic: AsyncRedisManager's PUBLISH/SUBSCRIBE on a Redis Cluster)
+GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
+                   "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
+BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
 SCENARIOS = ("reference", "fanout", "many-rooms", "latency", "churn", "memory")
 
 
@@ -73,56 +75,37 @@ def metrics(url: str) -> dict[str, float]:
 
 @dataclass
 class Broker:
-    """One backend's broker side: how to start it and read its counters."""
+    """One benchmarked system's broker side: how to start it and read its counters."""
 
     name: str
     workdir: Path
-    nats: NatsCluster | None = None
-    redis: RedisCluster | None = None
-    single: Child | None = None
-    single_port: int = 0
+    cluster: LocalCluster[Any] | None = None
 
     def start(self) -> None:
         if self.name == "nats":
-            self.nats = NatsCluster(self.workdir / "nats", size=3)
-            self.nats.start()
+            self.cluster = NatsCluster(self.workdir / "nats", size=3)
         elif self.name in ("redis-sharded", "redis-cluster-classic"):
-            self.redis = RedisCluster(self.workdir / "redis", size=3)
-            self.redis.start()
+            # redis-cluster-classic: AsyncRedisManager's PUBLISH/SUBSCRIBE on the same
+            # cluster, each gateway on another master
+            self.cluster = RedisCluster(self.workdir / "redis", size=3)
         else:
-            self.single_port = free_ports(1)[0]
-            binary = find_binary("redis-server", "apt-get install redis-server")
-            self.single = spawn("redis-single", [
-                binary, "--port", str(self.single_port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir)], self.workdir)
-            from ..processes import redis_cli
-
-            wait_until(lambda: redis_cli(self.single_port, "PING").stdout.strip() == "PONG",
-                       10, "redis-server", [self.single])
+            self.cluster = RedisServer(self.workdir)
+        self.cluster.start()
 
     def stop(self) -> None:
-        if self.nats is not None:
-            self.nats.stop()
-        if self.redis is not None:
-            self.redis.stop()
-        stop_all([self.single])
+        if self.cluster is not None:
+            self.cluster.stop()
 
     def gateway(self, index: int) -> tuple[str, list[str]]:
         """(--backend, broker flags) for gateway ``index``."""
-        if self.nats is not None:
-            return "nats", ["--nats-url", ",".join(self.nats.urls)]
-        if self.redis is not None and self.name == "redis-sharded":
-            return "redis-sharded", ["--redis-url", self.redis.nodes[index % 3].url]
-        if self.redis is not None:
-            # classic PUBLISH/SUBSCRIBE on the cluster: each gateway on another master
-            return "stock-redis", ["--redis-url", self.redis.nodes[index % 3].url]
-        return "stock-redis", ["--redis-url", f"redis://127.0.0.1:{self.single_port}"]
+        assert self.cluster is not None
+        return GATEWAY_BACKEND[self.name], self.cluster.gateway_args(index)
 
     def counters(self) -> dict[str, dict[str, float]]:
         """Per broker node: messages and bytes in and out, from the broker itself."""
         out: dict[str, dict[str, float]] = {}
-        if self.nats is not None:
-            for node in self.nats.nodes:
+        if isinstance(self.cluster, NatsCluster):
+            for node in self.cluster.nodes:
                 varz = node.varz("varz") or {}
                 connz = node.varz("connz?limit=4096") or {}
                 out[node.name] = {k: float(varz.get(k, 0)) for k in
@@ -131,12 +114,9 @@ class Broker:
                 conns = connz.get("connections") or []
                 out[node.name]["client_in_bytes"] = float(sum(c["in_bytes"] for c in conns))
                 out[node.name]["client_out_bytes"] = float(sum(c["out_bytes"] for c in conns))
-        nodes = self.redis.nodes if self.redis is not None else []
-        if self.single is not None:
-            from ..processes import RedisNode
-
-            nodes = [RedisNode("redis-single", "127.0.0.1", self.single_port)]
-        for rnode in nodes:
+        redis_nodes = [] if isinstance(self.cluster, NatsCluster) or self.cluster is None \
+            else self.cluster.nodes
+        for rnode in redis_nodes:
             stats = rnode.info("stats")
             calls = 0
             for line in rnode.cli("INFO", "commandstats").splitlines():

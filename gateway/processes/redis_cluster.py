@@ -1,0 +1,157 @@
+"""A local Redis Cluster (or one plain Redis server) from ``infra/redis/``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .children import (
+    INFRA,
+    Child,
+    LaunchError,
+    LocalCluster,
+    find_binary,
+    free_ports,
+    port_is_free,
+    spawn,
+    wait_until,
+)
+
+REDIS_CONFIG = INFRA / "redis" / "node.conf"
+
+def redis_cli(port: int, *args: str, host: str = "127.0.0.1", timeout: float = 10.0,
+              password: str | None = None) -> subprocess.CompletedProcess[str]:
+    binary = find_binary("redis-cli", "apt-get install redis-tools")
+    env = dict(os.environ)
+    if password:
+        env["REDISCLI_AUTH"] = password  # not -a: arguments show in ps
+    return subprocess.run([binary, "-h", host, "-p", str(port), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@dataclass
+class RedisNode:
+    name: str
+    host: str
+    port: int
+    child: Child | None = None
+    password: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}"
+
+    def cli(self, *args: str) -> str:
+        proc = redis_cli(self.port, *args, host=self.host, password=self.password)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    def info(self, section: str = "stats") -> dict[str, str]:
+        out = {}
+        for line in self.cli("INFO", section).splitlines():
+            key, sep, value = line.partition(":")
+            if sep:
+                out[key] = value.strip()
+        return out
+
+
+@dataclass
+class RedisCluster(LocalCluster[RedisNode]):
+    """A local Redis Cluster of ``size`` masters from ``infra/redis/node.conf``."""
+
+    workdir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    ports: list[int] | None = None
+    config: Path = REDIS_CONFIG
+    #: when set, clients must log in (the default user's password, via an ACL file)
+    password: str | None = field(default=None, repr=False)
+    nodes: list[RedisNode] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.size < 3:
+            raise ValueError(f"a Redis Cluster needs at least 3 masters, got {self.size}")
+        if self.ports is not None and len(self.ports) != self.size:
+            raise ValueError("ports must name one port per node")
+        # a Redis Cluster node also listens on port + 10000 (the cluster bus)
+        ports = self.ports or self._bus_safe_ports()
+        self.nodes = [RedisNode(f"redis-{i + 1}", self.host, ports[i], password=self.password)
+                      for i in range(self.size)]
+
+    def _bus_safe_ports(self) -> list[int]:
+        chosen: list[int] = []
+        while len(chosen) < self.size:
+            for port in free_ports(self.size * 2, self.host):
+                if port < 55535 and port not in chosen and port_is_free(port + 10000, self.host):
+                    chosen.append(port)
+                    if len(chosen) == self.size:
+                        break
+        return chosen
+
+    def start_node(self, index: int) -> None:
+        node = self.nodes[index]
+        binary = find_binary("redis-server", "apt-get install redis-server")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        argv = [binary, str(self.config), "--port", str(node.port), "--bind", self.host,
+                "--cluster-config-file", f"nodes-{node.port}.conf", "--dir", str(self.workdir),
+                "--logfile", ""]
+        if self.password:
+            # an ACL file, not --requirepass: arguments are visible to every user in ps
+            acl = self.workdir / "users.acl"
+            acl.write_text(f"user default on >{self.password} ~* &* +@all\n")
+            acl.chmod(0o600)
+            argv += ["--aclfile", str(acl)]
+        node.child = spawn(node.name, argv, self.workdir)
+        wait_until(lambda: node.cli("PING").strip() == "PONG", 10, f"{node.name} to answer",
+                   [node.child])
+
+    def start(self, timeout: float = 30.0) -> None:
+        for i in range(self.size):
+            self.start_node(i)
+        proc = redis_cli(self.nodes[0].port, "--cluster", "create",
+                         *[f"{n.host}:{n.port}" for n in self.nodes],
+                         "--cluster-replicas", "0", "--cluster-yes", host=self.host, timeout=60,
+                         password=self.password)
+        if proc.returncode != 0:
+            raise LaunchError(f"redis-cli --cluster create failed: {proc.stdout}{proc.stderr}")
+        self.wait_ready(timeout)
+
+    def cluster_ok(self, node: RedisNode) -> bool:
+        info = node.cli("CLUSTER", "INFO")
+        return "cluster_state:ok" in info and f"cluster_known_nodes:{self.size}" in info
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        wait_until(lambda: all(self.cluster_ok(n) for n in self.nodes), timeout,
+                   "cluster_state:ok on every Redis node", self.children)
+
+    def gateway_args(self, index: int = 0) -> list[str]:
+        # gateways take different seed nodes, so one master down does not stop them all
+        return ["--redis-url", self.nodes[index % len(self.nodes)].url]
+
+
+@dataclass
+class RedisServer(LocalCluster[RedisNode]):
+    """One plain Redis server (no cluster mode): the stock baseline's broker."""
+
+    workdir: Path
+    host: str = "127.0.0.1"
+    nodes: list[RedisNode] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.nodes = [RedisNode("redis-single", self.host, free_ports(1, self.host)[0])]
+
+    def start(self, timeout: float = 10.0) -> None:
+        self.start_node(0)
+
+    def start_node(self, index: int) -> None:
+        node = self.nodes[index]
+        binary = find_binary("redis-server", "apt-get install redis-server")
+        node.child = spawn(node.name, [
+            binary, "--port", str(node.port), "--bind", self.host, "--save", "",
+            "--appendonly", "no", "--dir", str(self.workdir)], self.workdir)
+        wait_until(lambda: node.cli("PING").strip() == "PONG", 10, f"{node.name} to answer",
+                   [node.child])
+
+    def gateway_args(self, index: int = 0) -> list[str]:
+        return ["--redis-url", self.nodes[0].url]
