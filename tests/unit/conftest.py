@@ -1,0 +1,75 @@
+"""Several nodes of the core in this process, talking over an in-process bus.
+
+Each node is a real python-socketio ``AsyncServer`` on aiohttp with a
+``MemoryManager``; all of them share one ``MemoryBus``. No broker process runs,
+so this layer checks the core's routing, dedupe, linger and acks in seconds;
+the same behaviour against real NATS and Redis is in ``tests/test_contract.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import pytest
+import socketio
+from aiohttp import web
+
+from gateway.processes import free_ports
+from nats_adapter import MemoryManager
+from nats_adapter.brokers.memory import MemoryBus
+
+LINGER = 0.2
+
+
+@dataclass
+class CoreNode:
+    name: str
+    url: str
+    sio: socketio.AsyncServer
+    manager: MemoryManager
+    runner: web.AppRunner
+
+
+NodeFactory = Callable[..., Awaitable[CoreNode]]
+
+
+@pytest.fixture
+async def make_node() -> AsyncIterator[NodeFactory]:
+    """Start nodes on one bus (``make_node(name, **manager_kwargs)``); all stop at teardown."""
+    bus = MemoryBus()
+    started: list[CoreNode] = []
+
+    async def make(name: str, **kwargs: object) -> CoreNode:
+        kwargs.setdefault("unsubscribe_linger", LINGER)
+        manager = MemoryManager(bus, **kwargs)  # type: ignore[arg-type]
+        sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=manager)
+        app = web.Application()
+        sio.attach(app)
+
+        @sio.on("join")  # type: ignore[untyped-decorator]
+        async def join(sid: str, room: str) -> dict[str, object]:
+            await sio.enter_room(sid, room)
+            return {"ok": True, "room": room}
+
+        @sio.on("leave")  # type: ignore[untyped-decorator]
+        async def leave(sid: str, room: str) -> dict[str, object]:
+            await sio.leave_room(sid, room)
+            return {"ok": True, "room": room}
+
+        port = free_ports(1)[0]
+        runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await manager.start()
+        node = CoreNode(name, f"http://127.0.0.1:{port}", sio, manager, runner)
+        started.append(node)
+        return node
+
+    try:
+        yield make
+    finally:
+        for node in started:
+            with contextlib.suppress(Exception):
+                await node.runner.cleanup()
