@@ -1,4 +1,10 @@
-"""``python -m gateway cluster``: a local broker cluster plus gateways, in the foreground."""
+"""``python -m gateway cluster``: a local broker cluster plus gateways, in the foreground.
+
+Once everything answers its health check, the launcher supervises: a broker node or
+gateway that dies is reported and restarted (with a backoff while it keeps dying),
+and the rest keeps serving. Only SIGINT/SIGTERM stop the cluster, every child by
+its PID, and remove its temporary state.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +14,20 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from .config import BACKENDS
 from .processes import (
-    Child,
     GatewayNode,
+    HasChild,
     LaunchError,
     LocalCluster,
     NatsCluster,
     NatsNode,
     RedisCluster,
+    Supervisor,
     port_is_free,
     start_gateway,
     stop_all,
@@ -82,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     workdir = Path(tempfile.mkdtemp(prefix="gateway-cluster-"))
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    children: list[Child | None] = []
+    gateways: list[GatewayNode] = []
     brokers = _brokers(args, workdir)
     try:
         broker_args: list[str] = []
@@ -95,19 +101,20 @@ def run(args: argparse.Namespace) -> int:
             extra += ["--unsubscribe-linger", str(args.unsubscribe_linger)]
         if args.log_level is not None:
             extra += ["--log-level", args.log_level]
-        gateways: list[GatewayNode] = []
         for i in range(args.gateways):
             if brokers is not None:
                 broker_args = brokers.gateway_args(i)
             gw = start_gateway(workdir, f"gw-{i + 1}", args.port + i, args.backend, broker_args,
                                host=args.host, extra=extra)
             gateways.append(gw)
-            children.append(gw.child)
         wait_gateways(gateways)
         for gw in gateways:
             _say(f"gateway {gw.node_id} {gw.url}")
         _say("cluster ready")
-        return _watch([*children, *(brokers.children if brokers is not None else [])])
+        # from here on a process that dies is restarted; only a signal stops the cluster
+        nodes: list[HasChild] = [*(brokers.nodes if brokers is not None else []), *gateways]
+        Supervisor(nodes, say=lambda line: _say(f"gateway cluster: {line}")).run()
+        return 0
     except LaunchError as exc:
         print(f"gateway cluster: error: {exc}", file=sys.stderr)
         return 1
@@ -115,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_all(children)
+        stop_all([gw.child for gw in gateways])  # the current child of each, restarted or not
         if brokers is not None:
             brokers.stop()  # also the nodes of a start that failed half-way
         shutil.rmtree(workdir, ignore_errors=True)
@@ -147,14 +154,3 @@ def _broker_line(node: Any) -> str:
     return f"redis {node.name} {node.url}"
 
 
-def _watch(children: list[Child | None]) -> int:
-    """Block until a signal arrives or a child dies; a death is reported, not hidden."""
-    live: list[Any] = [c for c in children if c is not None]
-    while True:
-        for child in live:
-            if not child.alive:
-                print(f"gateway cluster: {child.name} (pid {child.pid}) exited with code "
-                      f"{child.returncode}; stopping the cluster\n{child.log_tail()}",
-                      file=sys.stderr, flush=True)
-                return 1
-        time.sleep(0.2)

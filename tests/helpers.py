@@ -7,7 +7,7 @@ import contextlib
 import json
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,7 +16,7 @@ import socketio
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.processes import LocalCluster, http_json
+from gateway.processes import LocalCluster, RedisNode, http_json
 from nats_adapter import ClusterManager
 
 REPO = Path(__file__).resolve().parent.parent
@@ -80,6 +80,8 @@ class SioClient:
         self.name = name
         self.sio = socketio.AsyncClient(reconnection=False)
         self.events: list[tuple[str, Any]] = []
+        #: time.monotonic() of each event, in the order of ``events``
+        self.times: list[float] = []
         self._changed = asyncio.Event()
         #: replies for server-initiated calls, by event name
         self.replies: dict[str, Callable[..., Any]] = {}
@@ -87,6 +89,7 @@ class SioClient:
 
     async def _record(self, event: str, *args: Any) -> Any:
         self.events.append((event, args[0] if len(args) == 1 else list(args)))
+        self.times.append(time.monotonic())
         self._changed.set()
         reply = self.replies.get(event)
         return reply(*args) if reply is not None else None
@@ -159,9 +162,14 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def _metric(url: str, name: str) -> float:
+def metrics_of(url: str) -> dict[str, float]:
+    """Every metric of the gateway at ``url`` (see :func:`parse_metrics`)."""
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        return parse_metrics(resp.read().decode()).get(name, 0.0)
+        return parse_metrics(resp.read().decode())
+
+
+def _metric(url: str, name: str) -> float:
+    return metrics_of(url).get(name, 0.0)
 
 
 async def read_metric(url: str, name: str) -> float:
@@ -262,3 +270,16 @@ class NodeClient:
                 await self.proc.wait()
         self._reader.cancel()
 
+
+
+def owner_of(nodes: Sequence[RedisNode], channel: str) -> RedisNode:
+    """The Redis Cluster master that owns ``channel``'s hash slot, asked of Redis itself."""
+    slot = int(nodes[0].cli("CLUSTER", "KEYSLOT", channel).strip())
+    for node in nodes:
+        myself = next(line for line in node.cli("CLUSTER", "NODES").splitlines()
+                      if "myself" in line)
+        for part in myself.split()[8:]:
+            lo, _, hi = part.partition("-")
+            if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                return node
+    raise AssertionError(f"no master owns slot {slot}")

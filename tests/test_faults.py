@@ -25,7 +25,7 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.helpers import NodeClient, SioClient, connect_all, read_metric, running
+from tests.helpers import NodeClient, SioClient, connect_all, owner_of, read_metric, running
 
 
 @pytest.fixture
@@ -86,8 +86,10 @@ async def test_nats_node_killed_and_restarted(tmp_path: Path, nats3: NatsCluster
         assert victim.child is not None
         victim.child.signal(signal.SIGKILL)
         victim.child.popen.wait()
-        recovery = await first_delivery_after(a, b, "faults", 30)
-        print(f"\nNATS node killed: first cross-node delivery after {recovery * 1000:.0f} ms")
+        for sender, receiver in ((a, b), (b, a)):
+            recovery = await first_delivery_after(sender, receiver, "faults", 30)
+            print(f"\nNATS node killed: first {sender.name}->{receiver.name} delivery after "
+                  f"{recovery * 1000:.0f} ms")
         for gw in gws:
             status, body = gw.healthz()
             assert status == 200 and body["broker_connected"], body
@@ -97,6 +99,7 @@ async def test_nats_node_killed_and_restarted(tmp_path: Path, nats3: NatsCluster
         nats3.start_node(nats3.nodes.index(victim))
         nats3.wait_ready()
         await first_delivery_after(a, b, "faults", 10)
+        await first_delivery_after(b, a, "faults", 10)
         assert gws[0].child is not None and gws[0].child.alive
         assert gws[1].child is not None and gws[1].child.alive
     finally:
@@ -141,7 +144,6 @@ async def test_healthz_is_503_only_without_any_broker(tmp_path: Path, nats3: Nat
 
 async def test_redis_master_restarted(tmp_path: Path, redis3: RedisCluster,
                                       clients: list[SioClient]) -> None:
-    from tests.test_redis_sharding import owner_of
 
     gws = start_pair(tmp_path, "redis-sharded", redis3.gateway_args())
     try:
@@ -149,7 +151,7 @@ async def test_redis_master_restarted(tmp_path: Path, redis3: RedisCluster,
         await a.join("faults")
         await b.join("faults")
         await first_delivery_after(a, b, "faults", 5)
-        owner = owner_of(redis3, "sio.room._2F.faults")
+        owner = owner_of(redis3.nodes, "sio.room._2F.faults")
         assert owner.child is not None
         owner.child.stop()  # SIGTERM: the master that owns the room's slot goes away
         stopped_at = time.monotonic()

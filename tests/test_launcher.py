@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +28,39 @@ GATEWAY_LINE = re.compile(r"gateway (\S+) http://127\.0\.0\.1:(\d+)")
 class Launcher:
     proc: subprocess.Popen[str]
     lines: list[str] = field(default_factory=list)
+    #: stdout lines after "cluster ready" (the supervisor's reports), read by a thread
+    later: list[str] = field(default_factory=list)
+    reader: threading.Thread | None = None
+
+    def follow(self) -> None:
+        """Keep reading stdout in the background (the launcher blocks if nobody does)."""
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.later.append(line.rstrip("\n"))
+
+        self.reader = threading.Thread(target=read, daemon=True)
+        self.reader.start()
+
+    async def wait_line(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """The first later stdout line matching ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.later:
+                if (m := regex.search(line)) is not None:
+                    return m
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no line matching {pattern!r} in {self.later!r}")
+
+    def nats_nodes(self) -> dict[str, tuple[int, int]]:
+        """name -> (client port, monitoring port) of each NATS node."""
+        return {m.group(1): (int(m.group(2)), int(m.group(3))) for line in self.lines
+                if (m := NATS_LINE.fullmatch(line))}
+
+    def redis_nodes(self) -> dict[str, int]:
+        return {m.group(1): int(m.group(2)) for line in self.lines
+                if (m := REDIS_LINE.fullmatch(line))}
 
     def ports(self) -> list[int]:
         out = []
@@ -61,6 +96,7 @@ def start_launcher(*args: str, timeout: float = 90.0) -> Launcher:
             break
         launcher.lines.append(line.rstrip("\n"))
         if line.strip() == "cluster ready":
+            launcher.follow()
             return launcher
     proc.kill()
     stderr = proc.stderr.read() if proc.stderr else ""
@@ -87,6 +123,20 @@ def descendants(pid: int) -> set[int]:
     return out
 
 
+def child_pids(launcher: Launcher, match: Callable[[bytes, bytes], bool]) -> list[int]:
+    """The launcher's children whose (command line, environment) ``match``."""
+    out = []
+    for pid in sorted(descendants(launcher.proc.pid)):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if match(cmd, env):
+            out.append(pid)
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -103,6 +153,11 @@ def stop(launcher: Launcher, sig: int = signal.SIGTERM) -> int:
         if launcher.proc.poll() is None:
             launcher.proc.kill()
             launcher.proc.wait()
+        if launcher.reader is not None:
+            launcher.reader.join(timeout=5)  # it reads until the launcher's stdout closes
+        for pipe in (launcher.proc.stdout, launcher.proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 async def chat_across(urls: list[str]) -> None:
@@ -151,23 +206,25 @@ async def test_cluster_serves_and_leaves_nothing_behind(sig: int) -> None:
                 launcher.proc.wait()
 
 
-def test_a_dying_child_is_reported_and_the_cluster_stops() -> None:
+async def test_a_dying_gateway_is_reported_restarted_and_serves_again() -> None:
     launcher = start_launcher("--port", str(consecutive_free_ports(2)))
     try:
-        kids = descendants(launcher.proc.pid)
-        gateway_pids = [p for p in kids
-                        if b"gateway" in Path(f"/proc/{p}/cmdline").read_bytes()]
-        assert gateway_pids
-        os.kill(gateway_pids[0], signal.SIGKILL)
-        code = launcher.proc.wait(timeout=30)
-        assert code == 1
-        assert launcher.proc.stderr is not None
-        stderr = launcher.proc.stderr.read()
-        assert re.search(r"gw-\d \(pid \d+\) exited with code -9", stderr), stderr
+        gateways = child_pids(launcher, lambda cmd, env: b"gateway" in cmd)
+        assert len(gateways) == 2
+        os.kill(gateways[0], signal.SIGKILL)
+        m = await launcher.wait_line(r"(gw-\d) \(pid \d+\) exited with code -9; restarting")
+        await launcher.wait_line(rf"{m.group(1)} is back \(pid \d+")
+        assert launcher.proc.poll() is None, "the launcher must keep running"
+        for url in launcher.gateway_urls():
+            assert http_json(f"{url}/healthz")[0] == 200
+        await chat_across(launcher.gateway_urls())
+        await chat_across(launcher.gateway_urls()[::-1])
+        kids = descendants(launcher.proc.pid)  # with the restarted gateway
+        assert stop(launcher) == 0
         deadline = time.monotonic() + 10
         while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not [p for p in kids if pid_alive(p)]
+            await asyncio.sleep(0.1)
+        assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
     finally:
         if launcher.proc.poll() is None:
             launcher.proc.kill()

@@ -14,21 +14,9 @@ import pytest
 
 from gateway.processes import RedisCluster, RedisNode
 from tests.conftest import TEST_LINGER
-from tests.helpers import SETTLE, Node, SioClient, connect_all
+from tests.helpers import SETTLE, Node, SioClient, connect_all, owner_of
 
 pytestmark = pytest.mark.parametrize("backend", ["redis-sharded"], indirect=True)
-
-
-def owner_of(cluster: RedisCluster, channel: str) -> RedisNode:
-    slot = int(cluster.nodes[0].cli("CLUSTER", "KEYSLOT", channel).strip())
-    for node in cluster.nodes:
-        myself = next(line for line in node.cli("CLUSTER", "NODES").splitlines()
-                      if "myself" in line)
-        for part in myself.split()[8:]:
-            lo, _, hi = part.partition("-")
-            if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
-                return node
-    raise AssertionError(f"no master owns slot {slot}")
 
 
 def spublish_calls(node: RedisNode) -> int:
@@ -47,7 +35,7 @@ async def test_room_traffic_reaches_only_the_owning_master(
         nodes: list[Node], redis_cluster: RedisCluster, clients: list[SioClient]) -> None:
     room = f"shard-{uuid.uuid4().hex[:8]}"
     channel = nodes[0].manager.channels.room("/", room)
-    owner = owner_of(redis_cluster, channel)
+    owner = owner_of(redis_cluster.nodes, channel)
     a, b = await connect_all(clients, [("a", nodes[0]), ("b", nodes[1])])
     await a.join(room)
     await b.join(room)
@@ -75,7 +63,7 @@ async def test_shard_subscription_goes_after_last_member_leaves(
         nodes: list[Node], redis_cluster: RedisCluster, clients: list[SioClient]) -> None:
     room = f"shard-linger-{uuid.uuid4().hex[:8]}"
     channel = nodes[2].manager.channels.room("/", room)
-    owner = owner_of(redis_cluster, channel)
+    owner = owner_of(redis_cluster.nodes, channel)
     (a,) = await connect_all(clients, [("a", nodes[2])])
     await a.join(room)
     assert shard_subscribers(owner, channel) == 1
@@ -91,7 +79,7 @@ async def test_delivery_follows_a_slot_moved_to_another_master(
         nodes: list[Node], redis_cluster: RedisCluster, clients: list[SioClient]) -> None:
     room = f"reshard-{uuid.uuid4().hex[:8]}"
     channel = nodes[0].manager.channels.room("/", room)
-    source = owner_of(redis_cluster, channel)
+    source = owner_of(redis_cluster.nodes, channel)
     target = next(n for n in redis_cluster.nodes if n is not source)
     slot = source.cli("CLUSTER", "KEYSLOT", channel).strip()
     a, b = await connect_all(clients, [("a", nodes[0]), ("b", nodes[1])])

@@ -10,6 +10,7 @@ from .children import (
     INFRA,
     REPO_ROOT,
     Child,
+    HasChild,
     LaunchError,
     LocalCluster,
     find_binary,
@@ -23,6 +24,7 @@ from .children import (
 from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
 from .nats_cluster import NATS_CONFIG, NatsCluster, NatsNode
 from .redis_cluster import REDIS_CONFIG, RedisCluster, RedisNode, RedisServer, redis_cli
+from .supervisor import Supervisor
 
 __all__ = [
     "INFRA",
@@ -31,6 +33,7 @@ __all__ = [
     "REPO_ROOT",
     "Child",
     "GatewayNode",
+    "HasChild",
     "LaunchError",
     "LocalCluster",
     "NatsCluster",
@@ -38,6 +41,7 @@ __all__ = [
     "RedisCluster",
     "RedisNode",
     "RedisServer",
+    "Supervisor",
     "find_binary",
     "free_ports",
     "gateway_argv",

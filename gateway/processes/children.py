@@ -85,6 +85,9 @@ class Child:
     argv: list[str]
     log_path: Path
     popen: subprocess.Popen[bytes]
+    #: what spawn() was given besides argv, so the same process can be started again
+    env: dict[str, str] | None = None
+    cwd: Path | None = None
 
     @property
     def pid(self) -> int:
@@ -112,6 +115,10 @@ class Child:
                 self.popen.kill()
         return self.popen.wait()
 
+    def respawn(self) -> Child:
+        """Start the same command again (same arguments, environment and log file)."""
+        return spawn(self.name, self.argv, self.log_path.parent, env=self.env, cwd=self.cwd)
+
     def log_tail(self, lines: int = 20) -> str:
         try:
             text = self.log_path.read_text(errors="replace")
@@ -131,7 +138,7 @@ def spawn(name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | N
             list(argv), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=full_env, cwd=cwd, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
-    return Child(name, list(argv), log_path, popen)
+    return Child(name, list(argv), log_path, popen, env=env, cwd=cwd)
 
 
 def http_json(url: str, timeout: float = 2.0) -> tuple[int, Any]:
@@ -175,8 +182,16 @@ def stop_all(children: Sequence[Child | None]) -> None:
 
 
 class HasChild(Protocol):
-    name: str
+    """A node run as a child process (a broker node or a gateway)."""
+
     child: Child | None
+
+    @property
+    def name(self) -> str: ...
+
+    def ready(self) -> bool:
+        """Whether the process serves (answers its health check)."""
+        ...
 
 
 NodeT = TypeVar("NodeT", bound=HasChild)

@@ -19,8 +19,15 @@ class GatewayNode:
     child: Child | None = None
 
     @property
+    def name(self) -> str:
+        return self.node_id
+
+    @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def ready(self) -> bool:
+        return self.healthz()[0] == 200
 
     def healthz(self) -> tuple[int, Any]:
         return http_json(f"{self.url}/healthz")

@@ -38,6 +38,9 @@ class NatsNode:
     def monitor_url(self) -> str:
         return f"http://{self.host}:{self.http_port}"
 
+    def ready(self) -> bool:
+        return http_json(f"{self.monitor_url}/healthz")[0] == 200
+
     def varz(self, endpoint: str = "varz") -> Any:
         status, body = http_json(f"{self.monitor_url}/{endpoint}")
         return body if status == 200 else None

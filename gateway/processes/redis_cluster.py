@@ -38,10 +38,17 @@ class RedisNode:
     port: int
     child: Child | None = None
     password: str | None = field(default=None, repr=False)
+    #: a Redis Cluster node (False: a plain server)
+    clustered: bool = True
 
     @property
     def url(self) -> str:
         return f"redis://{self.host}:{self.port}"
+
+    def ready(self) -> bool:
+        if not self.clustered:
+            return self.cli("PING").strip() == "PONG"
+        return "cluster_state:ok" in self.cli("CLUSTER", "INFO")
 
     def cli(self, *args: str) -> str:
         proc = redis_cli(self.port, *args, host=self.host, password=self.password)
@@ -139,7 +146,8 @@ class RedisServer(LocalCluster[RedisNode]):
     nodes: list[RedisNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.nodes = [RedisNode("redis-single", self.host, free_ports(1, self.host)[0])]
+        self.nodes = [RedisNode("redis-single", self.host, free_ports(1, self.host)[0],
+                                clustered=False)]
 
     def start(self, timeout: float = 10.0) -> None:
         self.start_node(0)
