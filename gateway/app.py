@@ -56,6 +56,7 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
     """The client manager for ``config.backend``; concrete backends load only here."""
     common: dict[str, Any] = {
         "unsubscribe_linger": config.unsubscribe_linger,
+        "subscribe_timeout": config.subscribe_timeout,
         "fanout_limits": FanoutLimits(config.limits.max_send_buffer_bytes,
                                       config.limits.max_send_queue_packets),
     }

@@ -18,7 +18,7 @@ import jwt
 import socketio
 from socketio.exceptions import ConnectionRefusedError as Refused
 
-from nats_adapter import is_sid
+from nats_adapter import SubscriptionError, is_sid
 
 from .config import GatewayConfig, Limits
 from .types import GatewayManager
@@ -164,7 +164,7 @@ class ChatProtocol:
 
     async def on_join(self, sid: str, *args: Any) -> Ack:
         if not self.join_limiter.allow(sid):
-            return self._refuse("rate_limited", "rate limited: too many join/leave requests")
+            return self._refuse("rate_limited", "rate limited: too many join requests")
         room, error = self._room_error(args)
         if room is None:
             return self._refuse("bad_request", error or "bad request")
@@ -176,12 +176,17 @@ class ChatProtocol:
             return self._refuse(
                 "too_many_rooms", f"too many rooms (at most {self.limits.max_rooms_per_socket})"
             )
-        await self.sio.enter_room(sid, room)
+        try:
+            await self.sio.enter_room(sid, room)
+        except SubscriptionError as exc:
+            # the node could not start receiving the room: say so rather than ack a
+            # join that would get nothing from the other nodes
+            return self._refuse("unavailable", f"room unavailable: {exc}")
         return {"ok": True, "room": room}
 
     async def on_leave(self, sid: str, *args: Any) -> Ack:
-        if not self.join_limiter.allow(sid):
-            return self._refuse("rate_limited", "rate limited: too many join/leave requests")
+        # never rate limited: leaving adds no load, and refusing it would keep a client
+        # receiving a room it asked to stop
         room, error = self._room_error(args)
         if room is None:
             return self._refuse("bad_request", error or "bad request")

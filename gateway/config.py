@@ -38,7 +38,7 @@ class Limits:
     #: chat messages per second per socket (token bucket), and the burst allowed
     chat_rate: float = 20.0
     chat_burst: int = 40
-    #: join/leave requests per second per socket, and the burst allowed
+    #: join requests per second per socket, and the burst allowed (leaving is never limited)
     join_rate: float = 10.0
     join_burst: int = 150
     #: bytes / packets a socket may have waiting unsent before it is dropped
@@ -68,6 +68,7 @@ class GatewayConfig:
     port: int = 8001
     node_id: str = "gw-1"
     unsubscribe_linger: float = 1.0
+    subscribe_timeout: float = 5.0
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     #: path of socket.io-client's browser bundle; empty: look in node_modules
@@ -88,6 +89,9 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("node_id", "--node-id", "GATEWAY_NODE_ID", "this node's name in /healthz and logs"),
     ("unsubscribe_linger", "--unsubscribe-linger", "GATEWAY_UNSUBSCRIBE_LINGER",
      "seconds a room subscription outlives its last local member"),
+    ("subscribe_timeout", "--subscribe-timeout", "GATEWAY_SUBSCRIBE_TIMEOUT",
+     "seconds a join waits for the broker to confirm the room's subscription; past it "
+     "the join is refused"),
     ("cors_origins", "--cors-origins", "GATEWAY_CORS_ORIGINS",
      "comma-separated origins allowed to connect cross-origin ('*' for any)"),
     ("log_level", "--log-level", "GATEWAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
@@ -103,8 +107,9 @@ _LIMITS: list[tuple[str, str, str, str]] = [
      "largest packet a client may send"),
     ("chat_rate", "--chat-rate", "GATEWAY_CHAT_RATE", "chat messages per second per socket"),
     ("chat_burst", "--chat-burst", "GATEWAY_CHAT_BURST", "chat messages a socket may burst"),
-    ("join_rate", "--join-rate", "GATEWAY_JOIN_RATE", "join/leave requests per second per socket"),
-    ("join_burst", "--join-burst", "GATEWAY_JOIN_BURST", "join/leave requests a socket may burst"),
+    ("join_rate", "--join-rate", "GATEWAY_JOIN_RATE",
+     "join requests per second per socket (leave is never limited)"),
+    ("join_burst", "--join-burst", "GATEWAY_JOIN_BURST", "join requests a socket may burst"),
     ("max_send_buffer_bytes", "--max-send-buffer", "GATEWAY_MAX_SEND_BUFFER",
      "unsent bytes a socket may hold before it is dropped as a slow consumer"),
     ("max_send_queue_packets", "--max-send-queue", "GATEWAY_MAX_SEND_QUEUE",
@@ -204,6 +209,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "port": _port,
     "node_id": _node_id,
     "unsubscribe_linger": _non_negative_float,
+    "subscribe_timeout": _positive_float,
     "cors_origins": _csv,
     "log_level": _log_level,
     "client_js": str,

@@ -15,6 +15,7 @@ from .manager import ClusterManager
 from .managers import MemoryManager, NatsManager, RedisShardedManager
 from .sids import is_sid
 from .stats import ManagerStats
+from .subscriptions import SubscriptionError
 
 __all__ = [
     "Broker",
@@ -27,5 +28,6 @@ __all__ = [
     "MemoryManager",
     "NatsManager",
     "RedisShardedManager",
+    "SubscriptionError",
     "is_sid",
 ]

@@ -34,14 +34,15 @@ from socketio import AsyncManager
 from socketio import packet as sio_packet
 
 from . import codec
-from ._engineio_fastpath import install
+from ._engineio_fastpath import FastPath, install
+from ._logging import ThrottledLog
 from .brokers.base import Broker, BrokerError
 from .dedupe import DedupeWindow
 from .hub import FanoutLimits, LocalHub
 from .naming import ChannelNames
 from .sids import is_sid, new_node_tag, new_sid, sid_owner
 from .stats import ManagerStats
-from .subscriptions import RoomSubscriptions
+from .subscriptions import RoomSubscriptions, SubscriptionError
 from .types import EncodedPacket
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     :param unsubscribe_linger: seconds a room's subscription outlives its last
         local member (damps join/leave churn).
     :param subscribe_timeout: seconds ``enter_room`` waits for the broker to
-        confirm a new room subscription before returning anyway (the broker
-        keeps trying; local delivery works meanwhile).
+        confirm a room's subscription before it gives up and raises
+        :class:`SubscriptionError` (the deadline that applies, whatever the broker).
     :param callback_timeout: seconds an ack from a socket on another node is
         awaited before its callback is forgotten.
     :param dedupe_window: seconds a multi-channel emit's id is remembered, so
@@ -138,13 +139,18 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self.broker_connected = False
         self._compression = websocket_compression
         self._fanout_limits = fanout_limits
-        #: whether the direct-write fast path is installed (see nats_adapter._engineio_fastpath)
-        self.fast_fanout = False
+        self._fastpath: FastPath | None = None
+        self._log = ThrottledLog(logger)
 
     def set_server(self, server: Any) -> None:
         super().set_server(server)
-        self.fast_fanout = install(server.eio, compression=self._compression)
+        self._fastpath = install(server.eio, compression=self._compression)
         self.hub.attach(server.eio, self._fanout_limits)
+
+    @property
+    def fast_fanout(self) -> bool:
+        """Whether direct websocket writes are on (see nats_adapter._engineio_fastpath)."""
+        return self._fastpath is not None and self._fastpath.enabled
 
     @property
     def fanout(self) -> Any:
@@ -240,15 +246,27 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     async def enter_room(
         self, sid: str, namespace: str, room: str, eio_sid: str | None = None
     ) -> None:
-        """Add ``sid`` (on any node) to ``room``; returns once the room's subscription is up."""
+        """Add ``sid`` (on any node) to ``room``.
+
+        For a local socket, returns once this node's broker subscription for the room
+        is confirmed, so the socket receives what any node sends to the room from
+        then on. If the broker does not confirm it within ``subscribe_timeout``, the
+        socket is taken out of the room again and :class:`SubscriptionError` is
+        raised. For a socket on another node, the request is sent to that node.
+        """
         namespace = namespace or "/"
         if is_sid(room):
             raise ValueError("cannot enter a sid room")
         if eio_sid is not None or self.hub.is_local(sid, namespace):
+            was_member = sid in self.hub.members(namespace, room)
             self.basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
             channel = self.channels.room(namespace, room)
             if not await self.subscriptions.ready(channel, self._subscribe_timeout):
-                logger.warning("broker has not confirmed subscription to %s yet", channel)
+                if not was_member:
+                    self.basic_leave_room(sid, namespace, room)
+                raise SubscriptionError(
+                    f"the {self.broker.name} broker did not confirm the room's subscription "
+                    f"within {self._subscribe_timeout:g} s")
         else:
             await self._send_room_op(codec.ENTER_ROOM, sid, namespace, room)
 
@@ -393,7 +411,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             await self.broker.publish(channel, data)
         except BrokerError as exc:
             self.stats.publish_errors += 1
-            logger.warning("publish to %s lost: %s", channel, exc)
+            self._log.warning("publish", "publish to %s lost: %s", channel, exc)
             return
         self.stats.published += 1
         self.stats.published_bytes += len(data)
@@ -478,7 +496,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             return
         assert msg.room is not None
         if msg.kind == codec.ENTER_ROOM:
-            await self.enter_room(msg.sid, msg.namespace, msg.room)
+            try:
+                await self.enter_room(msg.sid, msg.namespace, msg.room)
+            except SubscriptionError as exc:
+                logger.warning("remote enter_room of %s to %r refused: %s", msg.sid, msg.room,
+                               exc)
         else:
             self.basic_leave_room(msg.sid, msg.namespace, msg.room)
 

@@ -29,13 +29,15 @@ class NatsManager(ClusterManager):
         *,
         connect_options: dict[str, Any] | None = None,
         connection_name: str = "socketio-gateway",
+        pending_msgs_limit: int | None = None,
         **kwargs: Any,
     ) -> None:
         from .brokers.nats import NatsBroker
 
         urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
         super().__init__(NatsBroker(urls, connect_options=connect_options,
-                                    connection_name=connection_name), **kwargs)
+                                    connection_name=connection_name,
+                                    pending_msgs_limit=pending_msgs_limit), **kwargs)
 
 
 class RedisShardedManager(ClusterManager):

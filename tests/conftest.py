@@ -34,7 +34,8 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.helpers import Node, SioClient, running
+from gateway.types import GatewayManager
+from tests.helpers import Node, SioClient, metrics_of, running
 
 # hypothesis is imported up front: when a session never imported it, its pytest plugin
 # imports it at the very end, and on CPython 3.11.7 pytest's assertion rewriting of it
@@ -48,6 +49,51 @@ TEST_LINGER = 0.5
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: needs Chromium and playwright-core")
+    config.addinivalue_line(
+        "markers", "expected_errors(*counters): the test makes these error counters move "
+        "(all of them when none is named)")
+
+
+#: manager counters of things that went wrong; a test that does not expect one to move
+#: fails when it does (see no_unexpected_errors)
+ERROR_COUNTERS = {
+    "dropped_failed": "gateway_broker_messages_failed_total",
+    "delivery_errors": "gateway_delivery_errors_total",
+    "subscription_errors": "gateway_broker_subscription_errors_total",
+    "publish_errors": "gateway_broker_publish_errors_total",
+    "dropped_malformed": "gateway_broker_messages_malformed_total",
+}
+
+
+def _error_counts(request: pytest.FixtureRequest) -> dict[str, float]:
+    counts: dict[str, float] = {}
+    if "nodes" in request.fixturenames:
+        for node in request.getfixturevalue("nodes"):
+            stats = node.manager.stats.as_dict()
+            for field in ERROR_COUNTERS:
+                counts[f"{node.node_id}.{field}"] = stats[field]
+    if "gateway_procs" in request.fixturenames:
+        for proc in request.getfixturevalue("gateway_procs"):
+            metrics = metrics_of(proc.url)
+            for field, metric in ERROR_COUNTERS.items():
+                counts[f"{proc.node_id}.{field}"] = metrics.get(metric, 0.0)
+    return counts
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that made an error counter move on a gateway it used, unless it is
+    marked ``expected_errors`` (naming the counters it expects)."""
+    before = _error_counts(request)
+    yield
+    marker = request.node.get_closest_marker("expected_errors")
+    if marker is not None and not marker.args:
+        return
+    allowed = set(marker.args) if marker is not None else set()
+    after = _error_counts(request)
+    moved = {key: after[key] - before.get(key, 0.0) for key in after
+             if after[key] != before.get(key, 0.0) and key.rsplit(".", 1)[1] not in allowed}
+    assert not moved, f"error counters moved: {moved}"
 
 
 @pytest.fixture(scope="session")
@@ -84,11 +130,12 @@ def broker_config(backend: str, request: pytest.FixtureRequest) -> dict[str, obj
     return {"nats_urls": conf.nats_urls, "redis_url": conf.redis_url}
 
 
-async def start_node(backend: str, node_id: str, extra: dict[str, object]) -> Node:
+async def start_node(backend: str, node_id: str, extra: dict[str, object],
+                     manager: GatewayManager | None = None) -> Node:
     port = free_ports(1)[0]
     config = GatewayConfig(backend=backend, host="127.0.0.1", port=port, node_id=node_id,
                            unsubscribe_linger=TEST_LINGER, **extra)  # type: ignore[arg-type]
-    app = create_app(config)
+    app = create_app(config, manager)
     # a long-poll GET of a polling client that already left holds a graceful shutdown
     # for its whole poll timeout; the service bounds it with run_app(shutdown_timeout=5)
     runner = web.AppRunner(app, shutdown_timeout=2.0)

@@ -127,7 +127,7 @@ async def test_join_flood_is_rate_limited(secure_procs: list[GatewayNode],
     acks = await asyncio.gather(*(c.call("join", f"j{i}") for i in range(40)))
     assert 10 <= sum(a["ok"] for a in acks) <= 14
     assert {a["error"] for a in acks if not a["ok"]} == {
-        "rate limited: too many join/leave requests"}
+        "rate limited: too many join requests"}
 
 
 def post(url: str, body: bytes, key: str | None = None,

@@ -83,6 +83,15 @@ class Broker(abc.ABC):
         """Details for health output (current server, counters); no secrets."""
         return {}
 
+    def losses(self) -> dict[str, int]:
+        """Messages the broker client lost, by reason (since start).
+
+        Mostly what is lost without the core seeing it, such as inbound messages a
+        client library drops for a slow consumer. A reason may also name a kind of
+        publish the broker refused (which the core counts as a publish error too).
+        """
+        return {}
+
 
 class FirstConnect:
     """A broker's first connection: made now, or retried in the background.

@@ -11,6 +11,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .._logging import ThrottledLog
 from .base import Broker, BrokerError, BrokerHandler, FirstConnect
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,10 @@ class NatsBroker(Broker):
     :param servers: NATS URLs, e.g. ``["nats://127.0.0.1:4222"]``.
     :param connect_options: extra keyword arguments for :func:`nats.connect`
         (``user``, ``password``, ``tls``, ``nkeys_seed`` ...).
-    :param flush_timeout: seconds to wait for the server to confirm a new subscription.
+    :param pending_msgs_limit: messages held per subscription for a node that falls
+        behind before nats-py drops them (counted as slow-consumer losses).
+    :param confirm_timeout: seconds a subscribe waits for the server's confirmation
+        before it fails (the core usually gives up sooner, at its own deadline).
     """
 
     name = "nats"
@@ -38,17 +42,22 @@ class NatsBroker(Broker):
         servers: list[str],
         *,
         connect_options: dict[str, Any] | None = None,
-        flush_timeout: float = 2.0,
+        confirm_timeout: float = 10.0,
         reconnect_time_wait: float = 0.5,
         connection_name: str = "socketio-gateway",
+        pending_msgs_limit: int | None = None,
     ) -> None:
         if not servers or not all(isinstance(s, str) and s for s in servers):
             raise ValueError(f"servers must be a non-empty list of NATS URLs, got {servers!r}")
         self.servers = list(servers)
         self._options = dict(connect_options or {})
-        self._flush_timeout = flush_timeout
+        self._confirm_timeout = confirm_timeout
         self._reconnect_time_wait = reconnect_time_wait
         self._connection_name = connection_name
+        # per subscription: messages nats-py holds for a node that falls behind before
+        # it drops them (a slow consumer); None keeps nats-py's default
+        self._sub_limits: dict[str, Any] = {} if pending_msgs_limit is None \
+            else {"pending_msgs_limit": pending_msgs_limit}
         self._nc: Client | None = None
         self._handler: BrokerHandler | None = None
         self._subs: dict[str, Subscription] = {}
@@ -58,6 +67,9 @@ class NatsBroker(Broker):
                                            reconnect_time_wait)
         self._closing = False
         self.slow_consumer_drops = 0
+        #: publishes refused because nats-py's reconnect buffer was full
+        self.reconnect_buffer_overflows = 0
+        self._log = ThrottledLog(logger)
 
     @property
     def connected(self) -> bool:
@@ -86,33 +98,37 @@ class NatsBroker(Broker):
         self._nc = nc
         for channel in sorted(self._wanted):
             await self._subscribe(nc, channel)
-        await self._flush()
+        try:
+            await self._confirm(nc)
+        except BrokerError as exc:
+            logger.warning("%s", exc)
         assert self._handler is not None
         self._handler.on_connection_state(True)
 
     async def _subscribe(self, nc: Client, channel: str) -> None:
         if channel not in self._subs:
-            self._subs[channel] = await nc.subscribe(channel, cb=self._on_msg)
+            self._subs[channel] = await nc.subscribe(channel, cb=self._on_msg, **self._sub_limits)
 
     async def _on_msg(self, msg: Msg) -> None:
         assert self._handler is not None
         await self._handler.on_message(msg.subject, msg.data)
 
-    async def _flush(self) -> None:
-        if self._nc is None:
-            return
+    async def _confirm(self, nc: Client) -> None:
+        """Wait for the server to have processed everything sent so far (a PING/PONG)."""
         try:
-            await self._nc.flush(timeout=self._flush_timeout)  # type: ignore[arg-type]
+            await nc.flush(timeout=self._confirm_timeout)  # type: ignore[arg-type]
         except (nats.errors.Error, TimeoutError) as exc:
             # the subscription stays registered; nats-py sends it again on reconnect
-            logger.warning("NATS did not confirm a subscription in time: %r", exc)
+            raise BrokerError(f"NATS did not confirm the subscription: {exc!r}") from exc
 
     async def subscribe(self, channel: str) -> None:
         self._wanted.add(channel)
-        if self._nc is None or self._nc.is_closed:
-            return  # subscribed by _connect once a server answers
-        await self._subscribe(self._nc, channel)
-        await self._flush()
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            # made by _connect once a server answers; not confirmed until then
+            raise BrokerError("no NATS connection yet")
+        await self._subscribe(nc, channel)
+        await self._confirm(nc)
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
@@ -130,6 +146,9 @@ class NatsBroker(Broker):
             raise BrokerError("no NATS connection")
         try:
             await nc.publish(channel, data)
+        except nats.errors.OutboundBufferLimitError as exc:
+            self.reconnect_buffer_overflows += 1
+            raise BrokerError("NATS reconnect buffer full (no server for too long)") from exc
         except nats.errors.Error as exc:
             raise BrokerError(f"NATS publish failed: {exc!r}") from exc
 
@@ -144,6 +163,10 @@ class NatsBroker(Broker):
         except (nats.errors.Error, TimeoutError) as exc:
             logger.warning("NATS drain failed (%r); closing", exc)
             await nc.close()
+
+    def losses(self) -> dict[str, int]:
+        return {"slow_consumer": self.slow_consumer_drops,
+                "reconnect_buffer_full": self.reconnect_buffer_overflows}
 
     def info(self) -> dict[str, Any]:
         nc = self._nc
@@ -169,7 +192,10 @@ class NatsBroker(Broker):
 
     async def _error_cb(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
+            # nats-py dropped an inbound message: this node fell behind its subscriptions
             self.slow_consumer_drops += 1
+            self._log.warning("slow-consumer", "NATS dropped an inbound message on %s: this "
+                              "node is not keeping up (slow consumer)", exc.subject)
             return
         if not self._closing:
             logger.warning("NATS error: %r", exc)

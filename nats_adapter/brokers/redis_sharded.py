@@ -84,14 +84,14 @@ class RedisShardedBroker(Broker):
         url: str,
         *,
         connect_options: dict[str, Any] | None = None,
-        subscribe_timeout: float = 2.0,
-        reconnect_wait: float = 0.5,
+        confirm_timeout: float = 10.0,
+        reconnect_wait: float = 0.1,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://")):
             raise ValueError(f"url must be a redis:// or rediss:// URL, got {url!r}")
         self.url = url
         self._options = dict(connect_options or {})
-        self._subscribe_timeout = subscribe_timeout
+        self._confirm_timeout = confirm_timeout
         self._reconnect_wait = reconnect_wait
         self._cluster: RedisCluster | None = None
         self._handler: BrokerHandler | None = None
@@ -138,7 +138,10 @@ class RedisShardedBroker(Broker):
             raise
         self._cluster = cluster
         for channel in sorted(self._wanted):
-            await self._subscribe(channel)
+            try:
+                await self._subscribe(channel)
+            except BrokerError as exc:
+                logger.warning("%s; restored once its master answers", exc)
         self._notify()
 
     def _node_options(self) -> dict[str, Any]:
@@ -160,7 +163,8 @@ class RedisShardedBroker(Broker):
     async def subscribe(self, channel: str) -> None:
         self._wanted.add(channel)
         if self._cluster is None:
-            return  # subscribed by _connect once a node answers
+            # made by _connect once a node answers; not confirmed until then
+            raise BrokerError("no Redis Cluster connection yet")
         await self._subscribe(channel)
 
     async def _subscribe(self, channel: str) -> None:
@@ -188,10 +192,10 @@ class RedisShardedBroker(Broker):
         if sub.reader is None or sub.reader.done():
             sub.reader = loop.create_task(self._read(sub))
         try:
-            async with asyncio.timeout(self._subscribe_timeout):
+            async with asyncio.timeout(self._confirm_timeout):
                 await asyncio.shield(confirm)
         except TimeoutError:
-            logger.warning("Redis did not confirm SSUBSCRIBE %s in time", channel)
+            raise BrokerError(f"Redis did not confirm SSUBSCRIBE {channel} in time") from None
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
@@ -220,7 +224,8 @@ class RedisShardedBroker(Broker):
                     sub.up = False
                     self._notify()
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                # a restarted master is usually back within a second: retry often
+                delay = min(delay * 2, 1.0)
                 continue
             if not sub.up:
                 logger.info("Redis node %s is back; shard subscriptions restored", sub.name)
@@ -252,7 +257,7 @@ class RedisShardedBroker(Broker):
             await self._cluster.nodes_manager.initialize()
             if channel in self._wanted:
                 await self._subscribe(channel)
-        except (RedisError, OSError):
+        except (RedisError, OSError, BrokerError):
             logger.exception("could not re-subscribe %s after a slot move", channel)
 
     # -- publish -----------------------------------------------------------------
