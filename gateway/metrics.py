@@ -81,6 +81,14 @@ class GatewayCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(values, value)
             yield c
+        losses = CounterMetricFamily(
+            "gateway_broker_losses", "Messages the broker client lost, by reason "
+            "(slow_consumer: inbound messages dropped because this node fell behind; "
+            "reconnect_buffer_full: publishes refused while no broker node was reachable, "
+            "also counted in gateway_broker_publish_errors)", labels=[*labels, "reason"])
+        for reason, count in sorted(m.broker.losses().items()):
+            losses.add_metric([*values, reason], count)
+        yield losses
         chats = CounterMetricFamily("gateway_chat_messages", "Chat messages accepted",
                                     labels=labels)
         chats.add_metric(values, self.chat.chats)

@@ -16,9 +16,11 @@ class BrokerView(Protocol):
 
     def info(self) -> dict[str, Any]: ...
 
+    def losses(self) -> dict[str, int]: ...
+
 
 class GatewayManager(Protocol):
-    """Implemented by ``nats_adapter.ClusterManager`` and ``gateway.bench.stock.StockRedisManager``."""
+    """Implemented by ``nats_adapter.ClusterManager`` and the bench's ``StockRedisManager``."""
 
     stats: ManagerStats
 

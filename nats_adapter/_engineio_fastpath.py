@@ -9,10 +9,12 @@ is still queued or in flight, which engine.io does not expose: this module
 patches a server to provide both, and nothing else in the package touches
 engine.io or aiohttp internals.
 
-:func:`install` checks the versions it was written for and otherwise leaves the
-server untouched; :func:`writable_transport` then always answers None and every
-packet takes the public path (engine.io's queue), which is always correct, only
-slower.
+:func:`install` checks that every attribute, method and signature it relies on
+is there (:func:`missing_features`) and otherwise leaves the server untouched;
+:func:`writable_transport` then always answers None and every packet takes the
+public path (engine.io's queue), which is always correct, only slower. An error
+inside the patched code at run time turns the fast path off for good, with one
+warning (:meth:`FastPath.disable`).
 
 A socket qualifies for direct writes when:
 
@@ -28,7 +30,7 @@ transport is not closing.
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
+import inspect
 import logging
 import struct
 import time
@@ -38,9 +40,6 @@ from engineio import exceptions
 from engineio import packet as eio_packet
 
 logger = logging.getLogger(__name__)
-
-#: versions the private-attribute path was written and tested against (major.minor)
-SUPPORTED = {"python-engineio": ("4.",), "aiohttp": ("3.1",)}
 
 _PACK1 = struct.Struct("!BB").pack
 _PACK2 = struct.Struct("!BBH").pack
@@ -154,28 +153,114 @@ class CountingQueue:
             await fut
 
 
-def _versions_ok() -> bool:
-    for dist, prefixes in SUPPORTED.items():
-        try:
-            version = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return False
-        if not version.startswith(prefixes):
-            logger.warning("fast fan-out disabled: %s %s is untested (wants %s*)", dist,
-                           version, "/".join(prefixes))
-            return False
-    return True
+def _params(func: Any) -> set[str]:
+    try:
+        return set(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return set()
 
 
-def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0) -> bool:
+def missing_features(eio: Any) -> list[str]:
+    """What the patched path needs from python-engineio and aiohttp that ``eio`` lacks.
+
+    Checks the attributes, methods and signatures used below (not version
+    numbers, which say nothing about private attributes).
+    """
+    from aiohttp import http_websocket, web
+    from engineio import async_socket
+
+    missing: list[str] = []
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            missing.append(what)
+
+    sock_cls = async_socket.AsyncSocket
+    for name in ("receive", "send", "close", "_send_ping", "_websocket_handler"):
+        need(callable(getattr(sock_cls, name, None)), f"engineio AsyncSocket.{name}")
+    need({"wait", "abort", "reason"} <= _params(getattr(sock_cls, "close", None)),
+         "engineio AsyncSocket.close(wait, abort, reason)")
+    need(_params(getattr(sock_cls, "_send_ping", None)) == {"self"},
+         "engineio AsyncSocket._send_ping(self)")
+    for name in ("create_queue", "start_background_task", "ping_interval", "ping_timeout",
+                 "max_http_buffer_size", "sockets", "reason"):
+        need(hasattr(eio, name), f"engineio AsyncServer.{name}")
+    need(hasattr(getattr(eio, "reason", None), "TRANSPORT_CLOSE"),
+         "engineio AsyncServer.reason.TRANSPORT_CLOSE")
+    base = getattr(eio, "_async", {}).get("websocket")
+    need(base is not None and {"handler", "server"} <= _params(base),
+         "engineio aiohttp WebSocket(handler, server)")
+    for name in ("send", "wait", "close"):
+        need(callable(getattr(base, name, None)), f"engineio aiohttp WebSocket.{name}")
+    need("encoded_packet" in _params(eio_packet.Packet), "engineio Packet(encoded_packet=)")
+    for name in ("UnknownPacketError", "SocketIsClosedError"):
+        need(hasattr(exceptions, name), f"engineio exceptions.{name}")
+    need({"max_msg_size", "compress", "timeout"} <= _params(web.WebSocketResponse),
+         "aiohttp WebSocketResponse(max_msg_size, compress, timeout)")
+    writer = getattr(http_websocket, "WebSocketWriter", None)
+    need({"transport", "compress"} <= _params(writer), "aiohttp WebSocketWriter(transport, "
+         "compress)")
+    return missing
+
+
+def _self_test() -> str | None:
+    """Check CountingQueue against the subset of asyncio.Queue engine.io uses."""
+    q = CountingQueue()
+    q.put_nowait("a")
+    q.put_nowait(None)
+    if q.qsize() != 2 or q.empty() or q.get_nowait() != "a" or q.in_flight != 1:
+        return "CountingQueue does not count what it holds"
+    q.task_done()
+    if q.get_nowait() is not None or not q.empty() or q.in_flight != 1:
+        return "CountingQueue lost its order"
+    q.task_done()
+    try:
+        q.task_done()
+    except ValueError:
+        return None
+    return "CountingQueue.task_done does not check its count"
+
+
+class FastPath:
+    """The fast path installed on one engine.io server; turns itself off for good
+    (with one warning) on the first error in the code it patched."""
+
+    def __init__(self, eio: Any) -> None:
+        self.eio = eio
+        self.enabled = True
+
+    def disable(self, reason: str) -> None:
+        """Every socket takes the public path from now on."""
+        if not self.enabled:
+            return
+        self.enabled = False
+        logger.warning("fast fan-out disabled for this server (%s); delivery continues on "
+                       "engine.io's public path", reason)
+        for socket in list(self.eio.sockets.values()):
+            if getattr(socket, "fanout_transport", None) is not None:
+                socket.fanout_transport = None
+
+
+def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
+            ) -> FastPath | None:
     """Prepare an engine.io ``AsyncServer`` (aiohttp mode) for direct frame writes.
 
     Also sets whether websocket connections may negotiate permessage-deflate
-    (``compression``; engine.io offers no switch for it). Returns False, changing
-    nothing, when the server is not aiohttp-based or the versions are untested.
+    (``compression``; engine.io offers no switch for it). Returns None, changing
+    nothing, when the server is not aiohttp-based or lacks a feature the fast path
+    needs (logged once); then every packet takes engine.io's public path.
     """
-    if getattr(eio, "async_mode", None) != "aiohttp" or not _versions_ok():
-        return False
+    if getattr(eio, "async_mode", None) != "aiohttp":
+        return None
+    problems = missing_features(eio)
+    failed = _self_test()
+    if failed:
+        problems.append(failed)
+    if problems:
+        logger.warning("fast fan-out not installed; engine.io's public path serves instead. "
+                       "Missing: %s", "; ".join(problems))
+        return None
+    fastpath = FastPath(eio)
     base = eio._async["websocket"]
 
     class FanoutWebSocket(base):  # type: ignore[misc, valid-type]
@@ -191,20 +276,20 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0) 
                                            compress=compression, timeout=close_timeout)
             await self._sock.prepare(request)
             self.environ = environ
-            socket = getattr(self.handler, "__self__", None)
-            # only sessions that start on websocket: an upgraded one may have had
-            # packets taken from its queue by a polling request
-            if socket is not None and not socket.connected \
-                    and isinstance(socket.queue, CountingQueue):
-                socket.fanout_ws = self._sock
-                self.counted_queue = socket.queue
-                writer = self._sock._writer
-                if writer is not None and not writer.compress:
-                    # what deliver() writes to: only while nothing compresses frames
-                    socket.fanout_transport = writer.transport
-                await _lean_session(socket, self)
-            else:
+            socket = None
+            if fastpath.enabled:
+                try:
+                    socket = _direct_session(self, fastpath)
+                except Exception as exc:
+                    fastpath.disable(f"websocket set-up failed: {exc!r}")
+                    socket = None
+            if socket is None:
                 await self.handler(self)
+                return self._sock
+            try:
+                await _lean_session(socket, self)  # closes the socket however it ends
+            except Exception as exc:
+                fastpath.disable(f"session loop failed: {exc!r}")
             return self._sock
 
         async def send(self, message: Any) -> None:
@@ -229,7 +314,27 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0) 
         return start_task(target, *args, **kwargs)
 
     eio.start_background_task = start_background_task
-    return True
+    return fastpath
+
+
+def _writer_transport(ws: Any) -> Any:
+    """The asyncio transport under an aiohttp websocket, if frames go out uncompressed."""
+    writer = ws._writer
+    if writer is None or writer.compress:
+        return None  # a shared frame is only valid while nothing compresses frames
+    return writer.transport
+
+
+def _direct_session(ws: Any, fastpath: FastPath) -> Any:
+    """The engine.io socket behind ``ws`` set up for direct writes; None if it does not
+    qualify (an upgraded session may have had packets taken by a polling request)."""
+    socket = getattr(ws.handler, "__self__", None)
+    if socket is None or socket.connected or not isinstance(socket.queue, CountingQueue):
+        return None
+    socket.fanout_ws = ws._sock
+    ws.counted_queue = socket.queue
+    socket.fanout_transport = _writer_transport(ws._sock)
+    return socket
 
 
 def _send_ping(socket: Any) -> None:

@@ -167,6 +167,7 @@ async def test_oversize_message_closes_only_that_socket(
     await assert_still_serving(gateway_procs, a, b, "still alive after an oversize frame")
 
 
+@pytest.mark.expected_errors("dropped_malformed")
 async def test_garbage_on_the_bus_is_counted_and_dropped(
         gateway_procs: list[GatewayNode], nats_cluster: NatsCluster,
         pair: tuple[SioClient, SioClient]) -> None:

@@ -56,14 +56,49 @@ async def test_direct_writes_keep_order_with_queued_packets(node: Node,
     assert fan.slow_consumers_dropped == 0
 
 
-async def test_fallback_path_without_the_fast_path(monkeypatch: pytest.MonkeyPatch,
-                                                   clients: list[SioClient]) -> None:
-    monkeypatch.setitem(fastpath.SUPPORTED, "aiohttp", ("0.",))  # an "untested" aiohttp
+async def test_a_missing_internal_means_no_fast_path_and_correct_delivery(
+        monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
+        caplog: pytest.LogCaptureFixture) -> None:
+    # an aiohttp release whose WebSocketWriter no longer takes (transport, compress)
+    import aiohttp.http_websocket
+
+    class RenamedWriter:
+        def __init__(self, protocol: object, sink: object) -> None: ...
+
+    monkeypatch.setattr(aiohttp.http_websocket, "WebSocketWriter", RenamedWriter)
     n = await start_node("memory", "fallback-gw", {})
     try:
         assert not n.manager.fast_fanout
+        assert "aiohttp WebSocketWriter(transport, compress)" in caplog.text
         await interleave(n, clients, 500)
         assert n.manager.fanout is not None and n.manager.fanout.direct == 0
+    finally:
+        await n.runner.cleanup()
+
+
+async def test_an_error_inside_the_fast_path_falls_back_for_good(
+        monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
+        caplog: pytest.LogCaptureFixture) -> None:
+    n = await start_node("memory", "broken-fastpath-gw", {})
+    try:
+        assert n.manager.fast_fanout
+        early = await connect_all(clients, [("early", n)])  # set up on the fast path
+        await early[0].join("order")
+
+        def renamed(ws: object) -> object:
+            raise AttributeError("'WebSocketResponse' object has no attribute '_writer'")
+
+        # a private attribute that a new aiohttp renamed, met at the next handshake
+        monkeypatch.setattr(fastpath, "_writer_transport", renamed)
+        await interleave(n, clients, 500)  # the handshakes succeed, delivery is exact
+        assert not n.manager.fast_fanout
+        assert caplog.text.count("fast fan-out disabled") == 1
+        fan = n.manager.fanout
+        assert fan is not None
+        direct = fan.direct
+        await n.sio.emit("seq", "after", to="order")
+        await early[0].wait_for(lambda c: "after" in c.received("seq"), what="the emit")
+        assert fan.direct == direct, "a socket kept the fast path after it was disabled"
     finally:
         await n.runner.cleanup()
 

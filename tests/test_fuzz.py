@@ -124,6 +124,7 @@ async def publish_raw(node: Node, channel: str, payloads: list[bytes]) -> None:
             await rogue.aclose()
 
 
+@pytest.mark.expected_errors("dropped_malformed")
 async def test_garbage_on_room_and_node_channels_is_dropped_and_counted(
         nodes: list[Node], clients: list[SioClient]) -> None:
     member, other = await connect_all(clients, [("member", nodes[1]), ("other", nodes[2])])

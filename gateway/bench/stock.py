@@ -32,6 +32,9 @@ class _BrokerView:
     def info(self) -> dict[str, Any]:
         return {"url": self._manager.redis_url.split("@")[-1], "channel": self._manager.channel}
 
+    def losses(self) -> dict[str, int]:
+        return {}
+
 
 class StockRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     name = "stock-redis"
