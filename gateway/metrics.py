@@ -8,6 +8,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .chat import ChatProtocol
+from .guards import RequestGuard
+from .serving import ConnectionCounts
 from .types import GatewayManager
 
 # manager stats field -> (metric name, help); all counters
@@ -39,10 +41,14 @@ _COUNTERS = {
 
 
 class GatewayCollector(Collector):
-    def __init__(self, node_id: str, manager: GatewayManager, chat: ChatProtocol) -> None:
+    def __init__(self, node_id: str, manager: GatewayManager, chat: ChatProtocol,
+                 guard: RequestGuard | None = None,
+                 connections: ConnectionCounts | None = None) -> None:
         self.node_id = node_id
         self.manager = manager
         self.chat = chat
+        self.guard = guard
+        self.connections = connections
 
     def collect(self) -> Iterator[Metric]:
         m = self.manager
@@ -93,6 +99,23 @@ class GatewayCollector(Collector):
                                     labels=labels)
         chats.add_metric(values, self.chat.chats)
         yield chats
+        for name, doc, value in (
+            ("gateway_http_misdirected", "Requests refused for a Host this gateway does not "
+             "serve (421)", self.guard.refused if self.guard else 0),
+            ("gateway_connections_refused", "Connections refused over --max-connections (503)",
+             self.connections.refused if self.connections else 0),
+        ):
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, value)
+            yield c
+        rejected = CounterMetricFamily(
+            "gateway_broker_messages_rejected", "Envelopes from the broker dropped as not "
+            "from a legitimate node, by reason (invalid: nothing a node could send; "
+            "unsigned / forged / stale / replayed: with a cluster key)",
+            labels=[*labels, "reason"])
+        for reason in ("invalid", "unsigned", "forged", "stale", "replayed"):
+            rejected.add_metric([*values, reason], stats[f"dropped_{reason}"])
+        yield rejected
         refused = CounterMetricFamily("gateway_requests_refused",
                                       "Client requests answered ok:false, by reason",
                                       labels=[*labels, "reason"])
@@ -101,7 +124,9 @@ class GatewayCollector(Collector):
         yield refused
 
 
-def make_registry(node_id: str, manager: GatewayManager, chat: ChatProtocol) -> CollectorRegistry:
+def make_registry(node_id: str, manager: GatewayManager, chat: ChatProtocol,
+                  guard: RequestGuard | None = None,
+                  connections: ConnectionCounts | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(node_id, manager, chat))
+    registry.register(GatewayCollector(node_id, manager, chat, guard, connections))
     return registry

@@ -25,7 +25,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from functools import partial
 from typing import Any
 
@@ -34,13 +34,15 @@ from socketio import AsyncManager
 from socketio import packet as sio_packet
 
 from . import codec
-from ._engineio_fastpath import FastPath, install
+from ._engineio_fastpath import FastPath, QueueLimits, install
 from ._logging import ThrottledLog
 from .brokers.base import Broker, BrokerError
 from .dedupe import DedupeWindow
 from .hub import FanoutLimits, LocalHub
 from .naming import ChannelNames
-from .sids import is_sid, new_node_tag, new_sid, sid_owner
+from .packets import is_event_packet
+from .sealing import ClusterKey, ReplayWindow, Verdict
+from .sids import is_node_tag, is_sid, new_node_tag, new_sid, sid_owner
 from .stats import ManagerStats
 from .subscriptions import RoomSubscriptions, SubscriptionError
 from .types import EncodedPacket
@@ -95,6 +97,18 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         per socket and rules out sharing one frame between recipients.
     :param fanout_limits: per-socket bounds on unsent data; a socket past them is
         disconnected as a slow consumer.
+    :param cluster_key: a secret shared by every node (at least 32 bytes). When
+        set, envelopes are sealed with it and unsealed, forged, stale or replayed
+        ones are dropped and counted (see :mod:`nats_adapter.sealing`).
+    :param max_room_chars: longest room name a room operation from another node
+        may carry.
+    :param max_rooms_per_socket: rooms a socket may be put in by other nodes.
+
+    Whatever arrives from the broker must be something a node could send: emits
+    carry EVENT packets of the envelope's namespace without an ack id, acks are
+    accepted only from the node of the sid they answer and only when this node
+    asked for them, and room operations stay within the limits above. Anything
+    else is dropped and counted in :attr:`stats` (``dropped_invalid``).
     """
 
     name = "cluster"
@@ -111,6 +125,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         write_only: bool = False,
         websocket_compression: bool = False,
         fanout_limits: FanoutLimits | None = None,
+        cluster_key: bytes | None = None,
+        max_room_chars: int = 256,
+        max_rooms_per_socket: int = 1000,
     ) -> None:
         super().__init__()
         if subscribe_timeout <= 0:
@@ -135,17 +152,27 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self._remote_callbacks: dict[tuple[str, int], float] = {}
         self._start_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: background work started by messages from the broker
+        self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.broker_connected = False
         self._compression = websocket_compression
         self._fanout_limits = fanout_limits
         self._fastpath: FastPath | None = None
         self._log = ThrottledLog(logger)
+        self._key = ClusterKey(cluster_key) if cluster_key is not None else None
+        self._replays = ReplayWindow()
+        self._max_room_chars = max_room_chars
+        self._max_rooms = max_rooms_per_socket
 
     def set_server(self, server: Any) -> None:
         super().set_server(server)
-        self._fastpath = install(server.eio, compression=self._compression)
-        self.hub.attach(server.eio, self._fanout_limits)
+        limits = self._fanout_limits or FanoutLimits()
+        queue_limits = QueueLimits(limits.max_queued_packets, limits.max_buffer_bytes)
+        self._fastpath = install(server.eio, compression=self._compression,
+                                 queue_limits=queue_limits)
+        self.hub.attach(server.eio, limits,
+                        queue_limits if self._fastpath is not None else None)
 
     @property
     def fast_fanout(self) -> bool:
@@ -190,6 +217,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.subscriptions.close()
         await self.broker.close()
 
@@ -210,8 +240,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     ) -> None:
         if room is not None and is_sid(room):
             raise ValueError("cannot enter a sid room")
+        channel = self.channels.room(namespace, room)  # refuses names too long for one
         if self.hub.join(sid, namespace, room, eio_sid):
-            self.subscriptions.acquire(self.channels.room(namespace, room))
+            self.subscriptions.acquire(channel)
 
     def basic_leave_room(self, sid: str, namespace: str, room: str | None) -> None:
         if self.hub.leave(sid, namespace, room):
@@ -393,11 +424,12 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
 
     def _encode(self, msg: codec.Message) -> bytes | None:
         try:
-            return codec.encode(msg)
+            data = codec.encode(msg)
         except (TypeError, ValueError):
             self.stats.publish_errors += 1
             logger.exception("cannot encode %s for the bus", type(msg).__name__)
             return None
+        return self._key.seal(data) if self._key is not None else data
 
     async def _publish(self, channel: str, msg: codec.Message) -> None:
         data = self._encode(msg)
@@ -427,17 +459,38 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         """Handle one payload from the broker; never raises (except cancellation)."""
         self.stats.received += 1
         self.stats.received_bytes += len(data)
+        seq = 0
+        if self._key is not None:
+            verdict, body, seq = self._key.open(data)
+            if verdict is not Verdict.OK:
+                self._reject_unsealed(verdict, data, channel)
+                return
+            data = body
         try:
             msg = codec.decode(data)
         except codec.EnvelopeError as exc:
             self.stats.dropped_malformed += 1
-            logger.warning("dropped malformed payload of %d bytes on %s: %s", len(data),
-                           channel, exc)
+            self._log.warning("malformed", "dropped malformed payload of %d bytes on %s: %s",
+                              len(data), channel, exc)
             return
         if msg.origin == self.node_tag:
             self.stats.dropped_echo += 1
             return
+        if self._key is not None and not self._replays.first(msg.origin, seq):
+            if isinstance(msg, codec.EmitMessage) and msg.dedupe_id is not None:
+                self.stats.dropped_duplicate += 1  # the same emit over another channel
+            else:
+                self.stats.dropped_replayed += 1
+                self._log.warning("replayed", "dropped a replayed envelope from %r on %s",
+                                  msg.origin, channel)
+            return
         if self.write_only or self.server is None:
+            return
+        problem = self._invalid(msg)
+        if problem is not None:
+            self.stats.dropped_invalid += 1
+            self._log.warning("invalid", "dropped %s from %r on %s: %s", type(msg).__name__,
+                              msg.origin, channel, problem)
             return
         try:
             await self._dispatch(msg)
@@ -447,6 +500,51 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             self.stats.dropped_failed += 1
             logger.exception("failed to handle %s from node %s on %s", type(msg).__name__,
                              msg.origin, channel)
+
+    def _reject_unsealed(self, verdict: Verdict, data: bytes, channel: str) -> None:
+        if verdict is Verdict.STALE:
+            self.stats.dropped_stale += 1
+        else:
+            try:
+                codec.decode(data)  # a whole envelope with no seal at all
+                verdict = Verdict.UNSIGNED
+            except codec.EnvelopeError:
+                verdict = Verdict.FORGED
+            if verdict is Verdict.UNSIGNED:
+                self.stats.dropped_unsigned += 1
+            else:
+                self.stats.dropped_forged += 1
+        self._log.warning(verdict.value, "dropped a %s envelope of %d bytes on %s (cluster key "
+                          "set)", verdict.value, len(data), channel)
+
+    def _invalid(self, msg: codec.Message) -> str | None:
+        """Why ``msg`` is not something a node could legitimately send; None if it is."""
+        if not is_node_tag(msg.origin):
+            return "origin is not a node tag"
+        if isinstance(msg, codec.EmitMessage):
+            if not is_event_packet(msg.packet, msg.namespace):
+                return "not an EVENT packet of the envelope's namespace without an ack id"
+            for name in msg.rooms or ():
+                if not is_sid(name) and len(name) > self._max_room_chars:
+                    return "room name too long"
+            return None
+        if isinstance(msg, codec.EmitToSidMessage):
+            if msg.ack_id is not None and msg.ack_id < 0:
+                return "negative ack id"
+            return None
+        if isinstance(msg, codec.AckMessage):
+            if sid_owner(msg.sid) != msg.origin:
+                return "ack from a node that does not own the sid"
+            if (msg.sid, msg.ack_id) not in self._remote_callbacks:
+                return "ack this node did not ask for"
+            return None
+        if msg.room is not None and (is_sid(msg.room) or len(msg.room) > self._max_room_chars):
+            return "room name is a sid or too long"
+        if msg.kind == codec.ENTER_ROOM and msg.sid is not None \
+                and msg.sid not in self.hub.members(msg.namespace, msg.room) \
+                and len(self.hub.rooms_of(msg.sid, msg.namespace)) >= self._max_rooms:
+            return "the socket is in too many rooms"
+        return None
 
     async def _dispatch(self, msg: codec.Message) -> None:
         if isinstance(msg, codec.EmitMessage):
@@ -496,13 +594,32 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             return
         assert msg.room is not None
         if msg.kind == codec.ENTER_ROOM:
-            try:
-                await self.enter_room(msg.sid, msg.namespace, msg.room)
-            except SubscriptionError as exc:
-                logger.warning("remote enter_room of %s to %r refused: %s", msg.sid, msg.room,
-                               exc)
+            # membership changes now, in the order operations arrive; waiting for the
+            # subscription here would hold up this channel's reader, which on Redis may
+            # be the very connection the confirmation has to arrive on
+            was_member = msg.sid in self.hub.members(msg.namespace, msg.room)
+            self.basic_enter_room(msg.sid, msg.namespace, msg.room)
+            self._spawn(self._confirm_remote_enter(msg.sid, msg.namespace, msg.room,
+                                                   was_member))
         else:
             self.basic_leave_room(msg.sid, msg.namespace, msg.room)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _confirm_remote_enter(self, sid: str, namespace: str, room: str,
+                                    was_member: bool) -> None:
+        """Undo a remote enter_room whose subscription the broker did not confirm."""
+        channel = self.channels.room(namespace, room)
+        if await self.subscriptions.ready(channel, self._subscribe_timeout):
+            return
+        if not was_member:
+            self.basic_leave_room(sid, namespace, room)
+        logger.warning("remote enter_room of %s to %r undone: the %s broker did not confirm "
+                       "the room's subscription within %g s", sid, room, self.broker.name,
+                       self._subscribe_timeout)
 
     async def _sweep(self) -> None:
         """Forget callbacks whose ack from another node never came."""

@@ -25,6 +25,14 @@ _TOKEN_RE = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+|_")
 _PREFIX_RE = re.compile(r"[A-Za-z0-9-_]+(?:\.[A-Za-z0-9-_]+)*")
 
 EMPTY_TOKEN = "_"
+#: The longest channel name produced. NATS takes a subject on one protocol line of at
+#: most max_control_line (4096 bytes by default) with the verb, reply and size; a
+#: longer name must be refused here, not by the broker on the wire.
+MAX_CHANNEL_CHARS = 2048
+
+
+class ChannelNameTooLong(ValueError):
+    """A room or namespace name encodes to a channel longer than MAX_CHANNEL_CHARS."""
 
 
 def encode_token(name: str) -> str:
@@ -85,10 +93,20 @@ class ChannelNames:
         self._node = f"{prefix}.node."
 
     def room(self, namespace: str, room: str | None) -> str:
-        """The channel of ``room`` in ``namespace``; ``None`` is the whole namespace."""
+        """The channel of ``room`` in ``namespace``; ``None`` is the whole namespace.
+
+        Raises :class:`ChannelNameTooLong` past :data:`MAX_CHANNEL_CHARS` (a 128
+        character name always fits: each character encodes to at most 12).
+        """
         if room is None:
-            return self._ns + encode_token(namespace)
-        return f"{self._room}{encode_token(namespace)}.{encode_token(room)}"
+            channel = self._ns + encode_token(namespace)
+        else:
+            channel = f"{self._room}{encode_token(namespace)}.{encode_token(room)}"
+        if len(channel) > MAX_CHANNEL_CHARS:
+            raise ChannelNameTooLong(
+                f"room {room!r:.60} of namespace {namespace!r:.60} encodes to a channel of "
+                f"{len(channel)} characters, more than {MAX_CHANNEL_CHARS}")
+        return channel
 
     def node(self, node_id: str) -> str:
         """The control channel of the node ``node_id``."""

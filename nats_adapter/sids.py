@@ -13,6 +13,7 @@ import secrets
 NODE_TAG_CHARS = 8
 SID_CHARS = 21
 SID_RE = re.compile(r"[A-Za-z0-9_-]{8}:[A-Za-z0-9_-]{12}")
+NODE_TAG_RE = re.compile(r"[A-Za-z0-9_-]{8}")
 
 
 def new_node_tag() -> str:
@@ -28,6 +29,11 @@ def new_sid(node_tag: str) -> str:
 def is_sid(name: object) -> bool:
     """Whether ``name`` has the shape of a sid issued by a :class:`ClusterManager`."""
     return isinstance(name, str) and len(name) == SID_CHARS and SID_RE.fullmatch(name) is not None
+
+
+def is_node_tag(name: object) -> bool:
+    """Whether ``name`` has the shape of a node tag (:func:`new_node_tag`)."""
+    return isinstance(name, str) and NODE_TAG_RE.fullmatch(name) is not None
 
 
 def sid_owner(sid: str) -> str:

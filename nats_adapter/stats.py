@@ -31,6 +31,15 @@ class ManagerStats:
     dropped_echo: int = 0
     #: second copies of a multi-channel emit (dropped by design)
     dropped_duplicate: int = 0
+    #: envelopes no node could legitimately send: a non-event packet, a namespace
+    #: mismatch, an ack nobody asked for, a room operation past the client limits
+    dropped_invalid: int = 0
+    #: with a cluster key: envelopes without a seal, with a wrong one, with a
+    #: timestamp too far from this clock, or seen before (replayed)
+    dropped_unsigned: int = 0
+    dropped_forged: int = 0
+    dropped_stale: int = 0
+    dropped_replayed: int = 0
     #: writes to local sockets that were already closed
     delivery_errors: int = 0
     #: subscribe / unsubscribe operations sent to the broker

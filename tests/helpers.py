@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import time
 import urllib.request
@@ -92,7 +93,10 @@ class SioClient:
         self.times.append(time.monotonic())
         self._changed.set()
         reply = self.replies.get(event)
-        return reply(*args) if reply is not None else None
+        if reply is None:
+            return None
+        result = reply(*args)
+        return await result if inspect.isawaitable(result) else result
 
     async def connect(self, url: str, auth: Any = None) -> SioClient:
         await self.sio.connect(url, transports=["websocket"], auth=auth, wait_timeout=WAIT)
