@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,9 +14,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from nats_adapter import FanoutLimits
 from nats_adapter.shutdown import close_websockets
 
-from .chat import ChatProtocol, json_type
+from .chat import ChatProtocol
 from .config import GatewayConfig
+from .guards import RequestGuard
+from .http_api import PublishApi
 from .metrics import make_registry
+from .serving import CONNECTIONS_KEY, ConnectionCounts
 from .types import GatewayManager
 
 logger = logging.getLogger(__name__)
@@ -49,6 +52,8 @@ def redis_options(config: GatewayConfig) -> dict[str, Any]:
         options["password"] = secrets.redis_password
     if secrets.redis_username:
         options["username"] = secrets.redis_username
+    if secrets.redis_tls_ca:
+        options["ssl_ca_certs"] = secrets.redis_tls_ca  # with a rediss:// URL
     return options
 
 
@@ -59,6 +64,10 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
         "subscribe_timeout": config.subscribe_timeout,
         "fanout_limits": FanoutLimits(config.limits.max_send_buffer_bytes,
                                       config.limits.max_send_queue_packets),
+        # other nodes may do to a socket only what its client could
+        "max_room_chars": config.limits.max_room_chars,
+        "max_rooms_per_socket": config.limits.max_rooms_per_socket,
+        "cluster_key": config.secrets.cluster_key.encode() or None,
     }
     if config.backend == "nats":
         from nats_adapter import NatsManager
@@ -101,10 +110,15 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         cors_allowed_origins=cors,
         max_http_buffer_size=config.limits.max_message_bytes,
     )
-    app = web.Application(client_max_size=config.limits.max_message_bytes)
+    guard = RequestGuard(config)
+    app = web.Application(client_max_size=config.limits.max_message_bytes,
+                          middlewares=[guard.middleware])
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
-    registry = make_registry(config.node_id, manager, chat)
+    refuse_binary(sio, chat)
+    connections = ConnectionCounts()
+    app[CONNECTIONS_KEY] = connections
+    registry = make_registry(config.node_id, manager, chat, guard, connections)
     app[MANAGER_KEY] = manager
     app[SIO_KEY] = sio
     app[CONFIG_KEY] = config
@@ -137,35 +151,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
             )
         return web.FileResponse(client_js)
 
-    async def publish(request: web.Request) -> web.Response:
-        """POST /api/rooms/{room}/messages {"text": str, "from"?: str}: for backend services."""
-        if config.auth == "jwt":
-            expected = config.secrets.api_key
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not expected or not hmac.compare_digest(given.encode(), expected.encode()):
-                chat.refused["unauthenticated"] += 1
-                return web.json_response(
-                    {"ok": False, "error": "unauthorized: send Authorization: Bearer <API key>"},
-                    status=401)
-        room, error = chat.check_room(request.match_info["room"])
-        if room is None:
-            return _bad(chat, error or "bad room")
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return _bad(chat, "body must be JSON")
-        if not isinstance(body, dict):
-            return _bad(chat, f"body must be a JSON object, not {json_type(body)}")
-        problem = chat.check_text(body.get("text"))
-        if problem is not None:
-            return _bad(chat, problem[1])
-        sender = body.get("from", "api")
-        if not isinstance(sender, str) or not 1 <= len(sender) <= 64:
-            return _bad(chat, "from must be a string of 1-64 characters")
-        msg_id = await chat.publish(room, body["text"], sender)
-        return web.json_response({"ok": True, "id": msg_id, "room": room}, status=202)
-
-    app.router.add_post("/api/rooms/{room}/messages", publish)
+    app.router.add_post("/api/rooms/{room}/messages", PublishApi(chat, config).publish)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", index)
@@ -200,6 +186,31 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     return app
 
 
-def _bad(chat: ChatProtocol, reason: str) -> web.Response:
-    chat.refused["bad_request"] += 1
-    return web.json_response({"ok": False, "error": reason}, status=400)
+def refuse_binary(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
+    """Disconnect a socket that sends binary packets: the chat protocol has none, and
+    python-socketio would buffer attachments until a count the client declares (up to
+    ten digits) arrives."""
+    handle = sio.eio.handlers["message"]
+    closing: set[asyncio.Task[None]] = set()
+
+    async def hang_up(eio_sid: str) -> None:
+        socket = sio.eio.sockets.get(eio_sid)
+        await sio.eio.disconnect(eio_sid)  # engine.io's CLOSE packet...
+        if socket is not None:
+            await close_websockets([socket])  # ...and no waiting for the client to obey
+
+    async def on_message(eio_sid: str, data: str | bytes) -> None:
+        # 5: BINARY_EVENT, 6: BINARY_ACK; bytes: an attachment
+        if isinstance(data, bytes) or data[:1] in ("5", "6"):
+            chat.refused["binary"] += 1
+            logger.info("disconnecting %s: binary packets are not part of the chat protocol",
+                        eio_sid)
+            # not awaited here: this runs inside the socket's read loop, which must go on
+            # reading for the close handshake to complete
+            task = asyncio.get_running_loop().create_task(hang_up(eio_sid))
+            closing.add(task)
+            task.add_done_callback(closing.discard)
+            return
+        await handle(eio_sid, data)
+
+    sio.eio.on("message", on_message)

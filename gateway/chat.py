@@ -7,6 +7,7 @@ argument count a client sends is answered, never raised on.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -41,13 +42,31 @@ def json_type(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
+def utf8_problem(text: str) -> bool:
+    """Whether ``text`` cannot travel as UTF-8 (a lone surrogate, which JSON allows)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def shown(name: Any, limit: int = 32) -> str:
+    """``name`` for an error message, cut short: a reply never echoes a client's
+    input in full (that would let it make the node hold its data twice)."""
+    text = name if isinstance(name, str) else json_type(name)
+    return repr(text[:limit] + "..." if len(text) > limit else text)
+
+
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """What a verified token allows: its subject, and the rooms it may join."""
+    """What a verified token allows: its subject, the rooms it may join, and until when."""
 
     subject: str | None
     rooms: frozenset[str] | None  # None: no restriction by exact name
     prefixes: tuple[str, ...]
+    #: the token's exp (seconds since the epoch)
+    expires: float = float("inf")
 
     def allows(self, room: str) -> bool:
         if self.rooms is None and not self.prefixes:
@@ -55,14 +74,33 @@ class Grant:
         return (self.rooms is not None and room in self.rooms) or room.startswith(self.prefixes)
 
 
-def verify_token(token: Any, secret: str) -> Grant:
-    """Check an HS256 JWT and read its room claims; raises ``Refused`` with the reason."""
+@dataclass(frozen=True, slots=True)
+class TokenRules:
+    """How tokens are checked: the HS256 secret, clock leeway, required iss / aud."""
+
+    secret: str
+    leeway: float = 30.0
+    issuer: str = ""
+    audience: str = ""
+
+
+def verify_token(token: Any, rules: TokenRules) -> Grant:
+    """Check an HS256 JWT (``exp`` required) and read its room claims; raises
+    ``Refused`` with the reason."""
     if not isinstance(token, str) or not token:
         raise Refused('authentication required: connect with auth {"token": "<JWT>"}')
     try:
-        claims = jwt.decode(token, secret, algorithms=["HS256"])
+        claims = jwt.decode(token, rules.secret, algorithms=["HS256"],
+                            options={"require": ["exp"]}, leeway=rules.leeway,
+                            issuer=rules.issuer or None, audience=rules.audience or None)
     except jwt.ExpiredSignatureError:
         raise Refused("authentication failed: token expired") from None
+    except jwt.MissingRequiredClaimError as exc:
+        raise Refused(f"authentication failed: token has no {exc.claim!r} claim") from None
+    except jwt.InvalidIssuerError:
+        raise Refused("authentication failed: wrong issuer") from None
+    except jwt.InvalidAudienceError:
+        raise Refused("authentication failed: wrong audience") from None
     except jwt.InvalidTokenError:
         raise Refused("authentication failed: invalid token") from None
     rooms, prefixes = claims.get("rooms"), claims.get("room_prefixes", [])
@@ -72,7 +110,8 @@ def verify_token(token: Any, secret: str) -> Grant:
             raise Refused(f"authentication failed: claim {name!r} must be a list of strings")
     subject = claims.get("sub")
     return Grant(subject if isinstance(subject, str) else None,
-                 frozenset(rooms) if rooms is not None else None, tuple(prefixes or ()))
+                 frozenset(rooms) if rooms is not None else None, tuple(prefixes or ()),
+                 float(claims["exp"]) + rules.leeway)
 
 
 class RateLimiter:
@@ -111,7 +150,9 @@ class ChatProtocol:
         self.sio = sio
         self.manager = manager
         self.limits: Limits = config.limits
-        self.jwt_secret = config.secrets.jwt_secret if config.auth == "jwt" else ""
+        self.tokens = TokenRules(config.secrets.jwt_secret, config.jwt_leeway,
+                                 config.jwt_issuer, config.jwt_audience) \
+            if config.auth == "jwt" else None
         #: refused requests by reason (exported as a metric)
         self.refused: Counter[str] = Counter()
         self.chats = 0
@@ -119,7 +160,11 @@ class ChatProtocol:
         self.join_limiter = RateLimiter(self.limits.join_rate, self.limits.join_burst)
         #: sid -> what its token allows (only when auth is on)
         self.grants: dict[str, Grant] = {}
+        #: sid -> the timer that ends its session when its token expires
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         sio.on("connect", self.on_connect)
+        sio.on("refresh", self.on_refresh)
         sio.on("disconnect", self.on_disconnect)
         sio.on("join", self.on_join)
         sio.on("leave", self.on_leave)
@@ -141,6 +186,8 @@ class ChatProtocol:
             return None, f"room must be a string, not {json_type(room)}"
         if not room:
             return None, "room must not be empty"
+        if utf8_problem(room):
+            return None, "room must be valid Unicode text (it holds a lone surrogate)"
         if len(room) > self.limits.max_room_chars:
             return None, f"room name longer than {self.limits.max_room_chars} characters"
         if is_sid(room):
@@ -148,19 +195,67 @@ class ChatProtocol:
         return room, None
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        if not self.jwt_secret:
+        if self.tokens is None:
             return
         token = auth.get("token") if isinstance(auth, dict) else None
         try:
-            self.grants[sid] = verify_token(token, self.jwt_secret)
+            grant = verify_token(token, self.tokens)
         except Refused:
             self.refused["unauthenticated"] += 1
             raise
+        self.grants[sid] = grant
+        self._expire_at(sid, grant.expires)
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         self.chat_limiter.forget(sid)
         self.join_limiter.forget(sid)
         self.grants.pop(sid, None)
+        timer = self._expiry.pop(sid, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire_at(self, sid: str, when: float) -> None:
+        """End ``sid``'s session when its token expires (wall-clock ``when``)."""
+        old = self._expiry.pop(sid, None)
+        if old is not None:
+            old.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, when - time.time())
+        self._expiry[sid] = loop.call_later(delay, self._on_expired, sid)
+
+    def _on_expired(self, sid: str) -> None:
+        self._expiry.pop(sid, None)
+        task = asyncio.get_running_loop().create_task(self._end_expired(sid))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _end_expired(self, sid: str) -> None:
+        self.refused["token_expired"] += 1
+        # the client sees why, then a server-side disconnect (no automatic reconnect
+        # with the same token, which would be refused anyway)
+        await self.sio.emit("auth_error", {"error": "token expired: connect again with a "
+                                           "fresh token, or send it with 'refresh' before "
+                                           "expiry"}, to=sid)
+        await self.sio.disconnect(sid)
+
+    async def on_refresh(self, sid: str, *args: Any) -> Ack:
+        """``refresh`` ({"token": JWT}): a fresh token for the same subject extends the
+        session (and replaces its room claims)."""
+        if self.tokens is None:
+            return self._refuse("bad_request", "refresh is only for --auth jwt")
+        if not self.chat_limiter.allow(sid):
+            return self._refuse("rate_limited", "rate limited: too many requests")
+        token = args[0].get("token") if len(args) == 1 and isinstance(args[0], dict) else None
+        try:
+            grant = verify_token(token, self.tokens)
+        except Refused as exc:
+            return self._refuse("unauthenticated", str(exc.error_args["message"]))
+        current = self.grants.get(sid)
+        if current is None or grant.subject != current.subject:
+            return self._refuse("forbidden", "forbidden: a refresh must keep the token's sub")
+        self.grants[sid] = grant
+        self._expire_at(sid, grant.expires)
+        return {"ok": True, "expires": int(grant.expires)}
 
     async def on_join(self, sid: str, *args: Any) -> Ack:
         if not self.join_limiter.allow(sid):
@@ -228,9 +323,14 @@ class ChatProtocol:
         """(metric reason, message) when ``text`` is not an acceptable chat text, or None."""
         if not isinstance(text, str):
             return "bad_request", f"text must be a string, not {json_type(text)}"
-        if len(text.encode("utf-8", "surrogatepass")) > self.limits.max_text_bytes:
+        if utf8_problem(text):
+            return "bad_request", "text must be valid Unicode text (it holds a lone surrogate)"
+        if len(text.encode("utf-8")) > self.limits.max_text_bytes:
             return "too_large", f"text longer than {self.limits.max_text_bytes} bytes"
         return None
 
     async def on_unknown(self, event: Any, sid: str, *args: Any) -> Ack:
-        return self._refuse("unknown_event", f"unknown event {event!r}")
+        # an unknown event costs a reply like a chat does: the same budget
+        if not self.chat_limiter.allow(sid):
+            return self._refuse("rate_limited", "rate limited: too many requests")
+        return self._refuse("unknown_event", f"unknown event {shown(event)}")

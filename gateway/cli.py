@@ -23,14 +23,14 @@ def _serve(args: argparse.Namespace) -> int:
     for noisy in ("socketio", "engineio", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(conf.log_level),
                                               logging.WARNING))
-    from aiohttp import web
-
     from .app import create_app
+    from .serving import run
 
     app = create_app(conf)
     logging.getLogger("gateway").info("gateway %s (%s) listening on http://%s:%d",
                                       conf.node_id, conf.backend, conf.host, conf.port)
-    web.run_app(app, host=conf.host, port=conf.port, print=None, shutdown_timeout=5.0)
+    run(app, host=conf.host, port=conf.port, max_connections=conf.max_connections,
+        shutdown_timeout=5.0)
     return 0
 
 

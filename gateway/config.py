@@ -44,6 +44,11 @@ class Limits:
     #: bytes / packets a socket may have waiting unsent before it is dropped
     max_send_buffer_bytes: int = _FANOUT.max_buffer_bytes
     max_send_queue_packets: int = _FANOUT.max_queued_packets
+    #: HTTP publish requests per second per client address, and the burst allowed
+    api_rate: float = 50.0
+    api_burst: int = 100
+    #: seconds an HTTP request body may take to arrive
+    body_timeout: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,9 @@ class Secrets:
     nats_tls_ca: str = ""
     redis_username: str = ""
     redis_password: str = field(default="", repr=False)
+    redis_tls_ca: str = ""
+    #: shared by every gateway; seals the envelopes between them (nats_adapter.sealing)
+    cluster_key: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +83,18 @@ class GatewayConfig:
     client_js: str = ""
     #: "off", or "jwt": clients must present an HS256 token signed with GATEWAY_JWT_SECRET
     auth: str = "off"
+    #: seconds of clock skew allowed on a token's exp/nbf/iat
+    jwt_leeway: float = 30.0
+    #: when set, a token's iss / aud must be exactly this
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    #: Host headers accepted (host or host:port); empty: any, except on a loopback
+    #: address, where only loopback names are (DNS rebinding)
+    allowed_hosts: tuple[str, ...] = ()
+    #: peers whose X-Forwarded-* headers are believed (a reverse proxy); others' are dropped
+    trusted_proxies: tuple[str, ...] = ()
+    #: concurrent connections (websockets included); 0: as many as the file limit allows
+    max_connections: int = 0
     limits: Limits = field(default_factory=Limits)
     secrets: Secrets = field(default_factory=Secrets)
 
@@ -98,6 +118,16 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("client_js", "--client-js", "GATEWAY_CLIENT_JS", "path of socket.io.min.js for the page"),
     ("auth", "--auth", "GATEWAY_AUTH",
      "off, or jwt: sockets must present a JWT signed with GATEWAY_JWT_SECRET"),
+    ("jwt_leeway", "--jwt-leeway", "GATEWAY_JWT_LEEWAY",
+     "seconds of clock skew allowed on a token's exp, nbf and iat"),
+    ("jwt_issuer", "--jwt-issuer", "GATEWAY_JWT_ISSUER", "the iss a token must carry"),
+    ("jwt_audience", "--jwt-audience", "GATEWAY_JWT_AUDIENCE", "the aud a token must carry"),
+    ("allowed_hosts", "--allowed-hosts", "GATEWAY_ALLOWED_HOSTS",
+     "comma-separated Host headers accepted (host or host:port); others get 421"),
+    ("trusted_proxies", "--trusted-proxies", "GATEWAY_TRUSTED_PROXIES",
+     "comma-separated proxy addresses whose X-Forwarded-* headers are believed"),
+    ("max_connections", "--max-connections", "GATEWAY_MAX_CONNECTIONS",
+     "concurrent connections accepted, websockets included (0: the open-file limit)"),
 ]
 _LIMITS: list[tuple[str, str, str, str]] = [
     ("max_room_chars", "--max-room-chars", "GATEWAY_MAX_ROOM_CHARS", "longest room name"),
@@ -114,6 +144,12 @@ _LIMITS: list[tuple[str, str, str, str]] = [
      "unsent bytes a socket may hold before it is dropped as a slow consumer"),
     ("max_send_queue_packets", "--max-send-queue", "GATEWAY_MAX_SEND_QUEUE",
      "unsent packets a socket may hold before it is dropped as a slow consumer"),
+    ("api_rate", "--api-rate", "GATEWAY_API_RATE",
+     "HTTP publish requests per second per client address"),
+    ("api_burst", "--api-burst", "GATEWAY_API_BURST",
+     "HTTP publish requests a client address may burst"),
+    ("body_timeout", "--body-timeout", "GATEWAY_BODY_TIMEOUT",
+     "seconds an HTTP request body may take to arrive (then 408)"),
 ]
 
 # secret -> (environment variable; a variable of the same name + "_FILE" names a file)
@@ -125,6 +161,8 @@ _SECRETS: dict[str, str] = {
     "nats_tls_ca": "NATS_TLS_CA",
     "redis_username": "REDIS_USERNAME",
     "redis_password": "REDIS_PASSWORD",
+    "redis_tls_ca": "REDIS_TLS_CA",
+    "cluster_key": "GATEWAY_CLUSTER_KEY",
 }
 
 
@@ -132,6 +170,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be an integer >= 0")
     return value
 
 
@@ -224,6 +269,15 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "join_burst": _positive_int,
     "max_send_buffer_bytes": _positive_int,
     "max_send_queue_packets": _positive_int,
+    "jwt_leeway": _non_negative_float,
+    "jwt_issuer": str,
+    "jwt_audience": str,
+    "allowed_hosts": _csv,
+    "trusted_proxies": _csv,
+    "max_connections": _non_negative_int,
+    "api_rate": _positive_float,
+    "api_burst": _positive_int,
+    "body_timeout": _positive_float,
 }
 
 
@@ -280,6 +334,8 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     if values.get("auth") == "jwt" and len(secrets.jwt_secret.encode()) < 32:
         # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced
         raise ConfigError("GATEWAY_JWT_SECRET must be at least 32 bytes for HS256")
+    if secrets.cluster_key and len(secrets.cluster_key.encode()) < 32:
+        raise ConfigError("GATEWAY_CLUSTER_KEY must be at least 32 bytes")
     return GatewayConfig(**values, limits=limits, secrets=secrets)
 
 

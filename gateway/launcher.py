@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -96,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
             brokers.start()
             for node in brokers.nodes:
                 _say(_broker_line(node))
+        # the gateways seal what they send each other with a key only they know (one
+        # generated per cluster unless GATEWAY_CLUSTER_KEY is set; they inherit it)
+        env = {} if os.environ.get("GATEWAY_CLUSTER_KEY") or \
+            os.environ.get("GATEWAY_CLUSTER_KEY_FILE") \
+            else {"GATEWAY_CLUSTER_KEY": secrets.token_urlsafe(32)}
         extra: list[str] = []
         if args.unsubscribe_linger is not None:
             extra += ["--unsubscribe-linger", str(args.unsubscribe_linger)]
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             if brokers is not None:
                 broker_args = brokers.gateway_args(i)
             gw = start_gateway(workdir, f"gw-{i + 1}", args.port + i, args.backend, broker_args,
-                               host=args.host, extra=extra)
+                               host=args.host, extra=extra, env=env)
             gateways.append(gw)
         wait_gateways(gateways)
         for gw in gateways:

@@ -56,25 +56,44 @@ def text_frame(payload: bytes) -> bytes:
     return _PACK3(0x81, 127, n) + payload
 
 
+class QueueLimits:
+    """Bounds on every socket's engine.io queue, whatever puts into it (broadcasts,
+    acks, replies, pings), so a client that stops reading cannot grow the node's
+    memory: past them its connection is closed, and what it misses is dropped."""
+
+    __slots__ = ("max_bytes", "max_items", "overflows")
+
+    def __init__(self, max_items: int, max_bytes: int) -> None:
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        #: connections closed for overflowing (a metric)
+        self.overflows = 0
+
+
 class CountingQueue:
-    """engine.io's per-socket packet queue, lighter and counting what is in flight.
+    """engine.io's per-socket packet queue, lighter, bounded, counting what is in flight.
 
     The subset of ``asyncio.Queue`` that python-engineio uses (put, put_nowait, get,
-    get_nowait, task_done, join, qsize, empty), unbounded, in a few slots and a list
-    that exists only while packets wait: ``asyncio.Queue`` holds four deques, about
-    3 KB for every idle socket. ``in_flight`` counts packets taken but not yet
-    written; ``on_put`` is called after every put.
+    get_nowait, task_done, join, qsize, empty), in a few slots and a list that
+    exists only while packets wait: ``asyncio.Queue`` holds four deques, about 3 KB
+    for every idle socket. ``in_flight`` counts packets taken but not yet written;
+    ``on_put`` is called after every put. Past ``limits`` the queue takes nothing
+    more but a final ``None``, which makes engine.io close the connection.
     """
 
-    __slots__ = ("_getters", "_items", "_joiners", "_unfinished", "in_flight", "on_put")
+    __slots__ = ("_bytes", "_getters", "_items", "_joiners", "_unfinished", "in_flight",
+                 "limits", "on_put", "overflowed")
 
-    def __init__(self, maxsize: int = 0) -> None:
+    def __init__(self, maxsize: int = 0, limits: QueueLimits | None = None) -> None:
         self._items: list[Any] | None = None
         self._getters: list[asyncio.Future[None]] | None = None
         self._joiners: list[asyncio.Future[None]] | None = None
         self._unfinished = 0
+        self._bytes = 0
         self.in_flight = 0
         self.on_put: Any = None
+        self.limits = limits
+        self.overflowed = False
 
     def qsize(self) -> int:
         return len(self._items) if self._items else 0
@@ -86,8 +105,20 @@ class CountingQueue:
         return False
 
     def put_nowait(self, item: Any) -> None:
+        if self.overflowed:
+            return  # the connection is closing: nothing more is sent
         if self._items is None:
             self._items = []
+        limits = self.limits
+        if item is not None and limits is not None:
+            data = getattr(item, "data", None)
+            self._bytes += len(data) if isinstance(data, (str, bytes)) else 0
+            if len(self._items) >= limits.max_items or self._bytes > limits.max_bytes:
+                self.overflowed = True
+                limits.overflows += 1
+                logger.warning("closing a connection that stopped reading: %d packets, "
+                               "%d bytes unsent", len(self._items), self._bytes)
+                item = None
         self._items.append(item)
         self._unfinished += 1
         self._wake_getter()
@@ -104,8 +135,12 @@ class CountingQueue:
         item = items.pop(0)
         if not items:
             self._items = None
+            self._bytes = 0
         if item is not None:
             self.in_flight += 1
+            if self._bytes:
+                data = getattr(item, "data", None)
+                self._bytes -= len(data) if isinstance(data, (str, bytes)) else 0
         return item
 
     async def get(self) -> Any:
@@ -228,6 +263,7 @@ class FastPath:
     def __init__(self, eio: Any) -> None:
         self.eio = eio
         self.enabled = True
+        self.queue_limits: QueueLimits | None = None
 
     def disable(self, reason: str) -> None:
         """Every socket takes the public path from now on."""
@@ -241,12 +277,13 @@ class FastPath:
                 socket.fanout_transport = None
 
 
-def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
-            ) -> FastPath | None:
+def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
+            queue_limits: QueueLimits | None = None) -> FastPath | None:
     """Prepare an engine.io ``AsyncServer`` (aiohttp mode) for direct frame writes.
 
     Also sets whether websocket connections may negotiate permessage-deflate
-    (``compression``; engine.io offers no switch for it). Returns None, changing
+    (``compression``; engine.io offers no switch for it), and bounds every socket's
+    queue with ``queue_limits`` (:class:`CountingQueue`). Returns None, changing
     nothing, when the server is not aiohttp-based or lacks a feature the fast path
     needs (logged once); then every packet takes engine.io's public path.
     """
@@ -261,6 +298,7 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
                        "Missing: %s", "; ".join(problems))
         return None
     fastpath = FastPath(eio)
+    fastpath.queue_limits = queue_limits
     base = eio._async["websocket"]
 
     class FanoutWebSocket(base):  # type: ignore[misc, valid-type]
@@ -301,7 +339,7 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
                     queue.in_flight -= 1
 
     eio._async = {**eio._async, "websocket": FanoutWebSocket}
-    eio.create_queue = lambda *a, **kw: CountingQueue(*a, **kw)
+    eio.create_queue = lambda *a, **kw: CountingQueue(limits=queue_limits)  # unbounded in stock
     start_task = eio.start_background_task
 
     def start_background_task(target: Any, *args: Any, **kwargs: Any) -> Any:

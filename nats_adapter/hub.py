@@ -18,7 +18,7 @@ from typing import Any
 from bidict import bidict
 from engineio import packet as eio_packet
 
-from ._engineio_fastpath import text_frame, writable_transport
+from ._engineio_fastpath import QueueLimits, text_frame, writable_transport
 from .sids import is_sid
 from .stats import ManagerStats
 from .types import EncodedPacket, RoomIndex
@@ -49,12 +49,20 @@ class Fanout:
     node's memory or delaying others.
     """
 
-    def __init__(self, eio: Any, limits: FanoutLimits | None = None) -> None:
+    def __init__(self, eio: Any, limits: FanoutLimits | None = None,
+                 queue_limits: QueueLimits | None = None) -> None:
         self.eio = eio
         self.limits = limits or FanoutLimits()
+        self.queue_limits = queue_limits
         self.direct = 0
         self.queued = 0
-        self.slow_consumers_dropped = 0
+        self._dropped = 0
+
+    @property
+    def slow_consumers_dropped(self) -> int:
+        """Sockets closed for not reading: here, or by their bounded queue (acks,
+        replies and everything else engine.io queues)."""
+        return self._dropped + (self.queue_limits.overflows if self.queue_limits else 0)
 
     def deliver(self, eio_sids: Iterable[str], parts: list[str | bytes],
                 exclude: Container[str] = ()) -> tuple[int, int]:
@@ -108,7 +116,7 @@ class Fanout:
 
     def _drop(self, socket: Any, reason: str) -> None:
         """Disconnect a slow consumer: logged, counted, its memory released."""
-        self.slow_consumers_dropped += 1
+        self._dropped += 1
         socket.fanout_dropped = True
         logger.warning("dropping slow consumer %s: %s", socket.sid, reason)
         task = asyncio.get_running_loop().create_task(
@@ -136,9 +144,10 @@ class LocalHub:
         self.stats = stats
         self.fanout: Fanout | None = None
 
-    def attach(self, eio: Any, limits: FanoutLimits | None = None) -> None:
+    def attach(self, eio: Any, limits: FanoutLimits | None = None,
+               queue_limits: QueueLimits | None = None) -> None:
         """Deliver through the engine.io server ``eio`` from now on."""
-        self.fanout = Fanout(eio, limits)
+        self.fanout = Fanout(eio, limits, queue_limits)
 
     # -- the index -----------------------------------------------------------------
 

@@ -97,9 +97,12 @@ async def test_text_at_the_limit_is_accepted(gateway_procs: list[GatewayNode],
 async def test_unknown_events_are_refused(gateway_procs: list[GatewayNode],
                                           clients: list[SioClient]) -> None:
     (c,) = await connect_all(clients, [("c", gateway_procs[1].url)])
-    for event in ["nope", "JOIN", "message", "chat2", "x" * 1000]:
+    for event in ["nope", "JOIN", "message", "chat2"]:
         ack = await c.sio.call(event, {"a": 1}, timeout=5)
         assert ack == {"ok": False, "error": f"unknown event {event!r}"}
+    # a long name is not echoed back in full
+    ack = await c.sio.call("x" * 60_000, {"a": 1}, timeout=5)
+    assert ack == {"ok": False, "error": f"unknown event {'x' * 32 + '...'!r}"}
 
 
 async def test_room_limit_per_socket(gateway_procs: list[GatewayNode],

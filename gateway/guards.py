@@ -1,0 +1,81 @@
+"""What every HTTP request passes before it reaches a handler (Socket.IO included).
+
+- The ``Host`` header must be one the gateway serves (``--allowed-hosts``). A
+  gateway listening on a loopback address accepts only loopback names by default,
+  which defeats DNS rebinding: a page on evil.example whose name resolves to
+  127.0.0.1 would otherwise pass engine.io's same-origin check (it compares
+  ``Origin`` with ``Host``, both evil.example).
+- ``X-Forwarded-*`` and ``Forwarded`` headers are believed only from a configured
+  reverse proxy (``--trusted-proxies``); from anyone else they are dropped before
+  engine.io's same-origin check or the rate limits read them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import GatewayConfig
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded")
+
+
+def _is_loopback(host: str) -> bool:
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(host_header: str) -> str:
+    """``example.com:8001`` -> ``example.com``; ``[::1]:8001`` -> ``[::1]``."""
+    if host_header.startswith("["):
+        return host_header.split("]", 1)[0] + "]"
+    return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+class RequestGuard:
+    """The aiohttp middleware described in the module docstring."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.allowed = {h.lower() for h in config.allowed_hosts}
+        #: no list given and listening on loopback: loopback names only
+        self.loopback_only = not self.allowed and _is_loopback(config.host)
+        self.proxies = frozenset(config.trusted_proxies)
+        self.refused = 0
+
+    def host_allowed(self, host_header: str) -> bool:
+        host = host_header.strip().lower()
+        name = _host_name(host)
+        if self.allowed:
+            return host in self.allowed or name in self.allowed
+        if self.loopback_only:
+            return _is_loopback(name.strip("[]")) or name in LOOPBACK_NAMES
+        return True
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not self.host_allowed(request.headers.get("Host", "")):
+            self.refused += 1
+            return web.json_response(
+                {"ok": False, "error": "misdirected request: this gateway does not serve "
+                 "that host (see --allowed-hosts)"}, status=421)
+        if not any(h in request.headers for h in FORWARDED_HEADERS):
+            return await handler(request)
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer is not None and peer[0] in self.proxies:
+            forwarded_for = request.headers.get("X-Forwarded-For", "")
+            client = forwarded_for.split(",")[0].strip()
+            return await handler(request.clone(remote=client) if client else request)
+        headers = CIMultiDict(request.headers)
+        for name in FORWARDED_HEADERS:
+            headers.popall(name, None)
+        return await handler(request.clone(headers=headers))

@@ -1,0 +1,92 @@
+"""The HTTP publish API: ``POST /api/rooms/{room}/messages`` for backend services.
+
+What a request must be, in the order it is checked (each refusal is a 4xx with a
+JSON reason, counted under ``gateway_requests_refused_total``):
+
+- ``Authorization: Bearer <GATEWAY_API_KEY>`` whenever a key is set (401); with
+  JWT auth on and no key, the API is closed.
+- at most ``--api-rate`` requests per second per client address (429).
+- ``Content-Type: application/json`` in UTF-8 (415): browsers cannot send that
+  cross-site without a CORS preflight, which the gateway does not grant.
+- a body that arrives within ``--body-timeout`` seconds (408) and fits
+  ``--max-message-bytes`` (413).
+- a JSON object with ``text`` and an optional ``from`` that is a plain name, never
+  a socket id, so an API message cannot pass for a client's (400).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from typing import Any
+
+from aiohttp import web
+
+from nats_adapter import is_sid
+
+from .chat import ChatProtocol, RateLimiter, json_type, utf8_problem
+from .config import GatewayConfig
+
+
+class PublishApi:
+    def __init__(self, chat: ChatProtocol, config: GatewayConfig) -> None:
+        self.chat = chat
+        self.key = config.secrets.api_key.encode()
+        self.closed = config.auth == "jwt" and not self.key
+        self.limiter = RateLimiter(config.limits.api_rate, config.limits.api_burst)
+        self.body_timeout = config.limits.body_timeout
+
+    def _refuse(self, reason: str, message: str, status: int) -> web.Response:
+        self.chat.refused[reason] += 1
+        return web.json_response({"ok": False, "error": message}, status=status)
+
+    def _authorized(self, request: web.Request) -> bool:
+        if self.closed:
+            return False
+        if not self.key:
+            return True
+        # header values may hold any bytes: compare bytes, in constant time
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given.removeprefix(b"Bearer ").strip(), self.key)
+
+    async def publish(self, request: web.Request) -> web.Response:
+        if not self._authorized(request):
+            return self._refuse("unauthenticated",
+                                "unauthorized: send Authorization: Bearer <API key>", 401)
+        if not self.limiter.allow(request.remote or "?"):
+            response = self._refuse("rate_limited", "rate limited: too many requests", 429)
+            response.headers["Retry-After"] = "1"
+            return response
+        if request.content_type != "application/json":
+            return self._refuse("bad_request", "Content-Type must be application/json", 415)
+        if request.charset not in (None, "utf-8", "UTF-8"):
+            return self._refuse("bad_request", "the body must be UTF-8 JSON", 415)
+        room, error = self.chat.check_room(request.match_info["room"])
+        if room is None:
+            return self._bad(error or "bad room")
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                raw = await request.read()
+        except TimeoutError:
+            return self._refuse("slow_request", f"the body took more than "
+                                f"{self.body_timeout:g} s to arrive", 408)
+        try:
+            body: Any = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+            return self._bad("body must be JSON")
+        if not isinstance(body, dict):
+            return self._bad(f"body must be a JSON object, not {json_type(body)}")
+        problem = self.chat.check_text(body.get("text"))
+        if problem is not None:
+            return self._bad(problem[1])
+        sender = body.get("from", "api")
+        if not isinstance(sender, str) or not 1 <= len(sender) <= 64:
+            return self._bad("from must be a string of 1-64 characters")
+        if is_sid(sender) or utf8_problem(sender):
+            return self._bad("from must be a name, not a socket id or invalid text")
+        msg_id = await self.chat.publish(room, body["text"], sender)
+        return web.json_response({"ok": True, "id": msg_id, "room": room}, status=202)
+
+    def _bad(self, reason: str) -> web.Response:
+        return self._refuse("bad_request", reason, 400)
