@@ -29,6 +29,7 @@ API_KEY = "test-api-key-9b1e55c3"
 
 def token(**claims: Any) -> str:
     claims.setdefault("sub", "alice")
+    claims.setdefault("exp", int(time.time()) + 600)
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
@@ -45,7 +46,9 @@ def secure_procs(workdir: Path, request: pytest.FixtureRequest) -> Iterator[list
                 workdir / "secure", f"secure-gw-{i + 1}", port, "nats", args,
                 extra=["--auth", "jwt", "--chat-rate", "5", "--chat-burst", "5",
                        "--join-rate", "5", "--join-burst", "10", "--log-level", "DEBUG",
-                       "--max-send-buffer", "65536", "--max-send-queue", "64"],
+                       "--max-send-buffer", "65536", "--max-send-queue", "64",
+                       # the slow-consumer test pushes through the API as fast as it can
+                       "--api-rate", "100000", "--api-burst", "100000"],
                 env=env))
         wait_gateways(procs)
         yield procs
@@ -67,7 +70,8 @@ async def connect_with(url: str, auth: Any) -> SioClient:
     ({"token": jwt.encode({"sub": "x"}, "another-secret-of-enough-length-0123456789",
                           algorithm="HS256")}, "invalid token"),
     ({"token": jwt.encode({"sub": "x", "exp": 1}, SECRET, algorithm="HS256")}, "token expired"),
-    ({"token": jwt.encode({"rooms": "lobby"}, SECRET, algorithm="HS256")}, "list of strings"),
+    ({"token": jwt.encode({"sub": "x"}, SECRET, algorithm="HS256")}, "no 'exp' claim"),
+    ({"token": token(rooms="lobby")}, "list of strings"),
     ({"token": jwt.encode({"sub": "x"}, SECRET * 2, algorithm="HS512")}, "invalid token"),
 ])
 async def test_unauthenticated_sockets_are_refused_with_a_reason(
@@ -346,6 +350,38 @@ async def test_gateway_logs_in_to_a_redis_cluster_that_requires_it(
         for gw in gws:
             assert gw.child is not None
             assert password not in gw.child.log_path.read_text()
+    finally:
+        stop_all([g.child for g in gws])
+        cluster.stop()
+
+
+async def test_gateway_talks_tls_to_a_redis_cluster_that_requires_it(
+        tmp_path: Path, clients: list[SioClient]) -> None:
+    """Every connection, the per-master subscribers included, goes over TLS with a
+    rediss:// URL: a cluster that listens with TLS only carries the chat."""
+    from gateway.processes import RedisCluster, TlsFiles
+    from tests.test_compose import tls_files
+
+    files = tls_files(tmp_path)
+    tls = TlsFiles(files["NATS_TLS_CERT"], files["NATS_TLS_KEY"], files["NATS_TLS_CA"])
+    password = "redis-tls-pass-91c0"
+    cluster = RedisCluster(tmp_path / "redis", size=3, password=password, tls=tls)
+    gws: list[GatewayNode] = []
+    try:
+        cluster.start()
+        assert cluster.nodes[0].url.startswith("rediss://")
+        env = {"REDIS_PASSWORD": password, "REDIS_TLS_CA": tls.ca}
+        for i, port in enumerate(free_ports(2)):
+            gws.append(start_gateway(tmp_path / "gw", f"redis-tls-gw-{i}", port,
+                                     "redis-sharded", cluster.gateway_args(i), env=env))
+        wait_gateways(gws)
+        a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
+        await a.join("encrypted")
+        await b.join("encrypted")
+        await a.chat("encrypted", "over TLS")
+        await b.wait_texts(["over TLS"])
+        await b.chat("encrypted", "and back")
+        await a.wait_texts(["and back"])
     finally:
         stop_all([g.child for g in gws])
         cluster.stop()

@@ -23,7 +23,7 @@ from .children import (
 )
 from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
 from .nats_cluster import NATS_CONFIG, NatsCluster, NatsNode
-from .redis_cluster import REDIS_CONFIG, RedisCluster, RedisNode, RedisServer, redis_cli
+from .redis_cluster import REDIS_CONFIG, RedisCluster, RedisNode, RedisServer, TlsFiles, redis_cli
 from .supervisor import Supervisor
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "RedisNode",
     "RedisServer",
     "Supervisor",
+    "TlsFiles",
     "find_binary",
     "free_ports",
     "gateway_argv",

@@ -22,13 +22,24 @@ from .children import (
 REDIS_CONFIG = INFRA / "redis" / "node.conf"
 
 def redis_cli(port: int, *args: str, host: str = "127.0.0.1", timeout: float = 10.0,
-              password: str | None = None) -> subprocess.CompletedProcess[str]:
+              password: str | None = None, tls_ca: str | None = None
+              ) -> subprocess.CompletedProcess[str]:
     binary = find_binary("redis-cli", "apt-get install redis-tools")
     env = dict(os.environ)
     if password:
         env["REDISCLI_AUTH"] = password  # not -a: arguments show in ps
-    return subprocess.run([binary, "-h", host, "-p", str(port), *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    tls = ["--tls", "--cacert", tls_ca] if tls_ca else []
+    return subprocess.run([binary, "-h", host, "-p", str(port), *tls, *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for a TLS listener: this node's certificate and key, and the CA."""
+
+    cert: str
+    key: str
+    ca: str
 
 
 @dataclass
@@ -40,10 +51,12 @@ class RedisNode:
     password: str | None = field(default=None, repr=False)
     #: a Redis Cluster node (False: a plain server)
     clustered: bool = True
+    #: the CA to check the node's certificate with, when it listens with TLS only
+    tls_ca: str | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}"
+        return f"{'rediss' if self.tls_ca else 'redis'}://{self.host}:{self.port}"
 
     def ready(self) -> bool:
         if not self.clustered:
@@ -51,7 +64,8 @@ class RedisNode:
         return "cluster_state:ok" in self.cli("CLUSTER", "INFO")
 
     def cli(self, *args: str) -> str:
-        proc = redis_cli(self.port, *args, host=self.host, password=self.password)
+        proc = redis_cli(self.port, *args, host=self.host, password=self.password,
+                         tls_ca=self.tls_ca)
         return proc.stdout if proc.returncode == 0 else ""
 
     def info(self, section: str = "stats") -> dict[str, str]:
@@ -74,6 +88,8 @@ class RedisCluster(LocalCluster[RedisNode]):
     config: Path = REDIS_CONFIG
     #: when set, clients must log in (the default user's password, via an ACL file)
     password: str | None = field(default=None, repr=False)
+    #: when set, every node (clients and the cluster bus) speaks TLS only
+    tls: TlsFiles | None = None
     nodes: list[RedisNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -83,7 +99,8 @@ class RedisCluster(LocalCluster[RedisNode]):
             raise ValueError("ports must name one port per node")
         # a Redis Cluster node also listens on port + 10000 (the cluster bus)
         ports = self.ports or self._bus_safe_ports()
-        self.nodes = [RedisNode(f"redis-{i + 1}", self.host, ports[i], password=self.password)
+        self.nodes = [RedisNode(f"redis-{i + 1}", self.host, ports[i], password=self.password,
+                                tls_ca=self.tls.ca if self.tls else None)
                       for i in range(self.size)]
 
     def _bus_safe_ports(self) -> list[int]:
@@ -103,11 +120,18 @@ class RedisCluster(LocalCluster[RedisNode]):
         argv = [binary, str(self.config), "--port", str(node.port), "--bind", self.host,
                 "--cluster-config-file", f"nodes-{node.port}.conf", "--dir", str(self.workdir),
                 "--logfile", ""]
+        if self.tls:
+            argv[2:4] = ["--port", "0", "--tls-port", str(node.port)]
+            argv += ["--tls-cert-file", self.tls.cert, "--tls-key-file", self.tls.key,
+                     "--tls-ca-cert-file", self.tls.ca, "--tls-cluster", "yes",
+                     "--tls-auth-clients", "no"]
         if self.password:
-            # an ACL file, not --requirepass: arguments are visible to every user in ps
+            # an ACL file, not --requirepass: arguments are visible to every user in ps;
+            # created unreadable to others from the start, not chmod-ed after writing
             acl = self.workdir / "users.acl"
-            acl.write_text(f"user default on >{self.password} ~* &* +@all\n")
-            acl.chmod(0o600)
+            fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"user default on >{self.password} ~* &* +@all\n")
             argv += ["--aclfile", str(acl)]
         node.child = spawn(node.name, argv, self.workdir)
         wait_until(lambda: node.cli("PING").strip() == "PONG", 10, f"{node.name} to answer",
@@ -119,7 +143,7 @@ class RedisCluster(LocalCluster[RedisNode]):
         proc = redis_cli(self.nodes[0].port, "--cluster", "create",
                          *[f"{n.host}:{n.port}" for n in self.nodes],
                          "--cluster-replicas", "0", "--cluster-yes", host=self.host, timeout=60,
-                         password=self.password)
+                         password=self.password, tls_ca=self.tls.ca if self.tls else None)
         if proc.returncode != 0:
             raise LaunchError(f"redis-cli --cluster create failed: {proc.stdout}{proc.stderr}")
         self.wait_ready(timeout)

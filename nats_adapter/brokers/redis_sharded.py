@@ -145,9 +145,13 @@ class RedisShardedBroker(Broker):
         self._notify()
 
     def _node_options(self) -> dict[str, Any]:
+        """Options for the per-master subscriber connections: the same credentials and
+        TLS as the cluster client (a rediss:// URL means TLS for every connection)."""
         allowed = ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile",
-                   "socket_connect_timeout")
+                   "ssl_cert_reqs", "ssl_check_hostname", "socket_connect_timeout")
         opts = {k: v for k, v in self._options.items() if k in allowed}
+        if self.url.startswith("rediss://"):
+            opts["ssl"] = True
         opts.setdefault("socket_connect_timeout", 2.0)
         return opts
 
