@@ -28,6 +28,7 @@ ENTER_ROOM = 4
 LEAVE_ROOM = 5
 DISCONNECT = 6
 CLOSE_ROOM = 7
+CLUSTER = 8  # the cluster-wide server API: requests, replies, heartbeats (see cluster.py)
 
 class EnvelopeError(ValueError):
     """A payload from the bus that is not a valid envelope of this version."""
@@ -82,7 +83,22 @@ class RoomMessage:
     room: str | None
 
 
-Message: TypeAlias = EmitMessage | EmitToSidMessage | AckMessage | RoomMessage
+@dataclass(frozen=True, slots=True)
+class ClusterMessage:
+    """One operation of the cluster-wide server API (``nats_adapter.cluster``).
+
+    ``op`` names it, ``req_id`` ties replies to their request (None for heartbeats
+    and one-way operations), ``body`` holds its arguments: a map from string keys
+    to msgpack values, checked by whoever handles ``op``.
+    """
+
+    origin: str
+    op: str
+    req_id: str | None
+    body: dict[str, Any]
+
+
+Message: TypeAlias = EmitMessage | EmitToSidMessage | AckMessage | RoomMessage | ClusterMessage
 
 
 def encode(msg: Message) -> bytes:
@@ -97,6 +113,8 @@ def encode(msg: Message) -> bytes:
                  msg.ack_id]
     elif isinstance(msg, AckMessage):
         items = [VERSION, ACK, msg.origin, msg.sid, msg.ack_id, msg.args]
+    elif isinstance(msg, ClusterMessage):
+        items = [VERSION, CLUSTER, msg.origin, msg.op, msg.req_id, msg.body]
     else:
         items = [VERSION, msg.kind, msg.origin, msg.namespace, msg.sid, msg.room]
     data: bytes = msgpack.packb(items, use_bin_type=True)
@@ -173,6 +191,12 @@ def decode(data: bytes) -> Message:
                 raise EnvelopeError("args must be a list")
             return AckMessage(_str(origin, "origin"), _str(sid, "sid"), _int(ack_id, "ack id"),
                               args)
+        if kind == CLUSTER and len(items) == 6:
+            _, _, origin, op, req_id, body = items
+            if not isinstance(body, dict) or not all(isinstance(k, str) for k in body):
+                raise EnvelopeError("body must be a map with string keys")
+            return ClusterMessage(_str(origin, "origin"), _str(op, "op"),
+                                  _opt_str(req_id, "request id"), body)
         if kind in (ENTER_ROOM, LEAVE_ROOM, DISCONNECT, CLOSE_ROOM) and len(items) == 6:
             _, _, origin, ns, sid, room = items
             msg = RoomMessage(kind, _str(origin, "origin"), _str(ns, "namespace"),

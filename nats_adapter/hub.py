@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,8 @@ class LocalHub:
         self._sid_rooms: dict[str, dict[str, set[str]]] = {}
         self.stats = stats
         self.fanout: Fanout | None = None
+        #: eio sid -> when it connected (time.time()), for the handshake of fetched sockets
+        self._connected_at: dict[str, float] = {}
 
     def attach(self, eio: Any, limits: FanoutLimits | None = None,
                queue_limits: QueueLimits | None = None) -> None:
@@ -179,6 +182,8 @@ class LocalHub:
                 del ns_rooms[room]
         if room is not None:
             self._sid_rooms.setdefault(namespace, {}).setdefault(sid, set()).add(room)
+        elif eio_sid not in self._connected_at:
+            self._connected_at[eio_sid] = time.time()
         return created
 
     def leave(self, sid: str, namespace: str, room: str | None) -> bool:
@@ -189,7 +194,10 @@ class LocalHub:
         members = ns_rooms.get(room)
         if members is None or sid not in members:
             return False
-        del members[sid]
+        eio_sid = members.pop(sid)
+        if room is None and not any(eio_sid in ns[None].inverse
+                                    for ns in self.rooms.values() if None in ns):
+            self._connected_at.pop(eio_sid, None)  # gone from its last namespace
         if room is not None:
             by_sid = self._sid_rooms.get(namespace, {})
             joined = by_sid.get(sid)
@@ -205,6 +213,10 @@ class LocalHub:
         if not ns_rooms:
             del self.rooms[namespace]
         return True
+
+    def connected_at(self, eio_sid: str) -> float:
+        """When the engine.io session ``eio_sid`` connected (seconds since the epoch)."""
+        return self._connected_at.get(eio_sid, 0.0)
 
     def rooms_of(self, sid: str, namespace: str) -> list[str]:
         """The named rooms ``sid`` is in."""

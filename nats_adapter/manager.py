@@ -37,6 +37,7 @@ from . import codec
 from ._engineio_fastpath import FastPath, QueueLimits, install
 from ._logging import ThrottledLog
 from .brokers.base import Broker, BrokerError
+from .cluster import ClusterApi, check_cluster_body
 from .dedupe import DedupeWindow
 from .hub import FanoutLimits, LocalHub
 from .naming import ChannelNames
@@ -75,7 +76,7 @@ def _as_targets(target: Any) -> list[str] | None:
     return list(target)
 
 
-class ClusterManager(AsyncManager):  # type: ignore[misc]
+class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     """A python-socketio client manager that shares rooms across nodes via ``broker``.
 
     :param broker: the broker connection (see :mod:`nats_adapter.brokers`).
@@ -103,6 +104,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     :param max_room_chars: longest room name a room operation from another node
         may carry.
     :param max_rooms_per_socket: rooms a socket may be put in by other nodes.
+    :param node_name: a human name for this node (``gw-1``) in the cluster API's
+        node listings and errors; the node is also known by its random tag.
+    :param heartbeat_interval: seconds between this node's heartbeats to the others.
+    :param heartbeat_timeout: seconds without a sign of life after which a node is
+        no longer waited for (default: three heartbeats).
 
     Whatever arrives from the broker must be something a node could send: emits
     carry EVENT packets of the envelope's namespace without an ack id, acks are
@@ -128,6 +134,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         cluster_key: bytes | None = None,
         max_room_chars: int = 256,
         max_rooms_per_socket: int = 1000,
+        node_name: str = "",
+        heartbeat_interval: float = 2.0,
+        heartbeat_timeout: float | None = None,
     ) -> None:
         super().__init__()
         if subscribe_timeout <= 0:
@@ -164,6 +173,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self._replays = ReplayWindow()
         self._max_room_chars = max_room_chars
         self._max_rooms = max_rooms_per_socket
+        self._init_cluster(node_name, heartbeat_interval, heartbeat_timeout)
 
     def set_server(self, server: Any) -> None:
         super().set_server(server)
@@ -204,6 +214,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         control = self.channels.node(self.node_tag)
         await self.broker.start(self, control)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        if not self.write_only:
+            # after this task ends: what it publishes waits for the start to be done
+            self._spawn(self._start_cluster())
         logger.info("%s manager %s started (control channel %s)", self.broker.name,
                     self.node_tag, control)
 
@@ -217,6 +230,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self._stop_cluster()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -255,6 +269,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             self.basic_leave_room(sid, namespace, room)
 
     def basic_disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
+        if self._broadcast_acks:
+            self._broadcast_recipient_gone(sid)
         for room in self.hub.rooms_of(sid, namespace):
             self.basic_leave_room(sid, namespace, room)
         self.basic_leave_room(sid, namespace, None)
@@ -451,6 +467,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     def on_connection_state(self, connected: bool) -> None:
         if self.broker_connected and not connected:
             self.stats.disconnects += 1
+        if connected and not self.broker_connected and self.stats.disconnects:
+            self._cluster_reconnected()
         self.broker_connected = connected
         logger.log(logging.INFO if connected else logging.WARNING, "%s broker %s",
                    self.broker.name, "connected" if connected else "disconnected")
@@ -476,6 +494,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         if msg.origin == self.node_tag:
             self.stats.dropped_echo += 1
             return
+        if isinstance(msg, codec.ClusterMessage):
+            self.stats.cluster_received += 1
         if self._key is not None and not self._replays.first(msg.origin, seq):
             if isinstance(msg, codec.EmitMessage) and msg.dedupe_id is not None:
                 self.stats.dropped_duplicate += 1  # the same emit over another channel
@@ -532,6 +552,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             if msg.ack_id is not None and msg.ack_id < 0:
                 return "negative ack id"
             return None
+        if isinstance(msg, codec.ClusterMessage):
+            return check_cluster_body(msg.op, msg.body, self._max_room_chars)
         if isinstance(msg, codec.AckMessage):
             if sid_owner(msg.sid) != msg.origin:
                 return "ack from a node that does not own the sid"
@@ -553,6 +575,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             await self._on_emit_to_sid(msg)
         elif isinstance(msg, codec.AckMessage):
             await self.trigger_callback(msg.sid, msg.ack_id, msg.args)
+        elif isinstance(msg, codec.ClusterMessage):
+            await self._on_cluster(msg)
         elif msg.kind == codec.CLOSE_ROOM:
             assert msg.room is not None
             if not is_sid(msg.room):
@@ -629,6 +653,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             expired = [key for key, deadline in self._remote_callbacks.items() if deadline < now]
             for sid, ack_id in expired:
                 del self._remote_callbacks[(sid, ack_id)]
+                self._broadcast_acks.pop((sid, ack_id), None)
                 pending = self.callbacks.get(sid)
                 if pending is not None:
                     pending.pop(ack_id, None)

@@ -82,15 +82,21 @@ class ChannelNames:
     - ``{prefix}.room.{ns}.{room}``: traffic for one room of one namespace
     - ``{prefix}.ns.{ns}``: broadcasts to a whole namespace
     - ``{prefix}.node.{node_id}``: control traffic for one node
+    - ``{prefix}.cluster``: requests and heartbeats of the cluster-wide server API
     """
 
-    __slots__ = ("_node", "_ns", "_room", "prefix")
+    __slots__ = ("_cluster", "_node", "_ns", "_room", "prefix")
 
     def __init__(self, prefix: str = "sio") -> None:
         self.prefix = validate_prefix(prefix)
         self._room = f"{prefix}.room."
         self._ns = f"{prefix}.ns."
         self._node = f"{prefix}.node."
+        self._cluster = f"{prefix}.cluster"
+
+    def cluster(self) -> str:
+        """The channel every node listens on for cluster-wide requests."""
+        return self._cluster
 
     def room(self, namespace: str, room: str | None) -> str:
         """The channel of ``room`` in ``namespace``; ``None`` is the whole namespace.

@@ -49,6 +49,12 @@ class ManagerStats:
     subscription_errors: int = 0
     #: times the broker connection was lost
     disconnects: int = 0
+    #: cluster-wide calls made by this node (fetch_sockets, sockets_join ...), and
+    #: those that ended with a node not answering in time
+    cluster_requests: int = 0
+    cluster_timeouts: int = 0
+    #: envelopes of the cluster API received (heartbeats included; part of received)
+    cluster_received: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -45,6 +45,8 @@ from tests.helpers import Node, SioClient, metrics_of, running
 REPO = Path(__file__).resolve().parent.parent
 #: linger used by test gateways: short, so "after the last member leaves" is quick to see
 TEST_LINGER = 0.5
+#: heartbeats between test gateways: a dead one is no longer waited for after 1.5 s
+TEST_HEARTBEAT = 0.5
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -133,8 +135,10 @@ def broker_config(backend: str, request: pytest.FixtureRequest) -> dict[str, obj
 async def start_node(backend: str, node_id: str, extra: dict[str, object],
                      manager: GatewayManager | None = None) -> Node:
     port = free_ports(1)[0]
+    fields: dict[str, object] = {"unsubscribe_linger": TEST_LINGER,
+                                 "heartbeat_interval": TEST_HEARTBEAT, **extra}
     config = GatewayConfig(backend=backend, host="127.0.0.1", port=port, node_id=node_id,
-                           unsubscribe_linger=TEST_LINGER, **extra)  # type: ignore[arg-type]
+                           **fields)  # type: ignore[arg-type]
     app = create_app(config, manager)
     # a long-poll GET of a polling client that already left holds a graceful shutdown
     # for its whole poll timeout; the service bounds it with run_app(shutdown_timeout=5)

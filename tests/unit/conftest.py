@@ -73,3 +73,5 @@ async def make_node() -> AsyncIterator[NodeFactory]:
         for node in started:
             with contextlib.suppress(Exception):
                 await node.runner.cleanup()
+            with contextlib.suppress(Exception):
+                await node.manager.close()
