@@ -11,13 +11,13 @@ import socketio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from nats_adapter import FanoutLimits
+from nats_adapter import ClusterManager, FanoutLimits
 from nats_adapter.shutdown import close_websockets
 
 from .chat import ChatProtocol
 from .config import GatewayConfig
 from .guards import RequestGuard
-from .http_api import PublishApi
+from .http_api import HttpApi
 from .metrics import make_registry
 from .serving import CONNECTIONS_KEY, ConnectionCounts
 from .types import GatewayManager
@@ -62,6 +62,8 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
     common: dict[str, Any] = {
         "unsubscribe_linger": config.unsubscribe_linger,
         "subscribe_timeout": config.subscribe_timeout,
+        "node_name": config.node_id,
+        "heartbeat_interval": config.heartbeat_interval,
         "fanout_limits": FanoutLimits(config.limits.max_send_buffer_bytes,
                                       config.limits.max_send_queue_packets),
         # other nodes may do to a socket only what its client could
@@ -116,6 +118,13 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
     refuse_binary(sio, chat)
+    if config.secrets.admin_password and isinstance(manager, ClusterManager):
+        # the Socket.IO Admin UI, over every gateway of the cluster
+        from nats_adapter.admin import ClusterInstrumentedServer
+
+        ClusterInstrumentedServer(sio, auth={"username": "admin",
+                                             "password": config.secrets.admin_password},
+                                  mode=config.admin_mode)
     connections = ConnectionCounts()
     app[CONNECTIONS_KEY] = connections
     registry = make_registry(config.node_id, manager, chat, guard, connections)
@@ -151,7 +160,9 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
             )
         return web.FileResponse(client_js)
 
-    app.router.add_post("/api/rooms/{room}/messages", PublishApi(chat, config).publish)
+    api = HttpApi(chat, config)
+    app.router.add_post("/api/rooms/{room}/messages", api.publish)
+    app.router.add_get("/api/rooms/{room}", api.room)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", index)

@@ -150,6 +150,7 @@ class ChatProtocol:
         self.sio = sio
         self.manager = manager
         self.limits: Limits = config.limits
+        self.presence = config.presence
         self.tokens = TokenRules(config.secrets.jwt_secret, config.jwt_leeway,
                                  config.jwt_issuer, config.jwt_audience) \
             if config.auth == "jwt" else None
@@ -207,6 +208,9 @@ class ChatProtocol:
         self._expire_at(sid, grant.expires)
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
+        if self.presence:  # the rooms are still there while this handler runs
+            for room in self.manager.get_rooms(sid, "/"):
+                await self._announce(sid, room, "left")
         self.chat_limiter.forget(sid)
         self.join_limiter.forget(sid)
         self.grants.pop(sid, None)
@@ -271,13 +275,24 @@ class ChatProtocol:
             return self._refuse(
                 "too_many_rooms", f"too many rooms (at most {self.limits.max_rooms_per_socket})"
             )
+        was_member = room in joined
         try:
             await self.sio.enter_room(sid, room)
         except SubscriptionError as exc:
             # the node could not start receiving the room: say so rather than ack a
             # join that would get nothing from the other nodes
             return self._refuse("unavailable", f"room unavailable: {exc}")
+        if self.presence and not was_member:
+            await self._announce(sid, room, "joined")
         return {"ok": True, "room": room}
+
+    async def _announce(self, sid: str, room: str, change: str) -> None:
+        """Tell the room's other members, on every node, that ``sid`` joined or left."""
+        grant = self.grants.get(sid)
+        event: dict[str, Any] = {"room": room, "sid": sid, "change": change}
+        if grant is not None and grant.subject is not None:
+            event["user"] = grant.subject
+        await self.sio.emit("presence", event, to=room, skip_sid=sid)
 
     async def on_leave(self, sid: str, *args: Any) -> Ack:
         # never rate limited: leaving adds no load, and refusing it would keep a client
@@ -285,7 +300,10 @@ class ChatProtocol:
         room, error = self._room_error(args)
         if room is None:
             return self._refuse("bad_request", error or "bad request")
+        was_member = room in self.manager.get_rooms(sid, "/")
         await self.sio.leave_room(sid, room)
+        if self.presence and was_member:
+            await self._announce(sid, room, "left")
         return {"ok": True, "room": room}
 
     async def on_chat(self, sid: str, *args: Any) -> Ack:

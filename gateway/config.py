@@ -65,6 +65,8 @@ class Secrets:
     redis_tls_ca: str = ""
     #: shared by every gateway; seals the envelopes between them (nats_adapter.sealing)
     cluster_key: str = field(default="", repr=False)
+    #: when set, the Socket.IO Admin UI may connect (user "admin", this password)
+    admin_password: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,12 @@ class GatewayConfig:
     node_id: str = "gw-1"
     unsubscribe_linger: float = 1.0
     subscribe_timeout: float = 5.0
+    #: seconds between heartbeats to the other gateways (cluster API liveness)
+    heartbeat_interval: float = 2.0
+    #: send presence events (member joined / left) to a room's members
+    presence: bool = False
+    #: the Admin UI's mode: production (stats only) or development (every socket, event)
+    admin_mode: str = "production"
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     #: path of socket.io-client's browser bundle; empty: look in node_modules
@@ -112,6 +120,15 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("subscribe_timeout", "--subscribe-timeout", "GATEWAY_SUBSCRIBE_TIMEOUT",
      "seconds a join waits for the broker to confirm the room's subscription; past it "
      "the join is refused"),
+    ("heartbeat_interval", "--heartbeat-interval", "GATEWAY_HEARTBEAT_INTERVAL",
+     "seconds between heartbeats to the other gateways; one silent for three is no longer "
+     "waited for by cluster-wide calls"),
+    ("presence", "--presence", "GATEWAY_PRESENCE",
+     "on: tell a room's members when a member joins or leaves (cost grows with members "
+     "squared)"),
+    ("admin_mode", "--admin-mode", "GATEWAY_ADMIN_MODE",
+     "with GATEWAY_ADMIN_PASSWORD set: production (stats) or development (every socket "
+     "and event; costly)"),
     ("cors_origins", "--cors-origins", "GATEWAY_CORS_ORIGINS",
      "comma-separated origins allowed to connect cross-origin ('*' for any)"),
     ("log_level", "--log-level", "GATEWAY_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
@@ -163,6 +180,7 @@ _SECRETS: dict[str, str] = {
     "redis_password": "REDIS_PASSWORD",
     "redis_tls_ca": "REDIS_TLS_CA",
     "cluster_key": "GATEWAY_CLUSTER_KEY",
+    "admin_password": "GATEWAY_ADMIN_PASSWORD",
 }
 
 
@@ -171,6 +189,20 @@ def _positive_int(text: str) -> int:
     if value <= 0:
         raise ValueError("must be a positive integer")
     return value
+
+
+def _admin_mode(text: str) -> str:
+    if text not in ("production", "development"):
+        raise ValueError("must be production or development")
+    return text
+
+
+def _on_off(text: str) -> bool:
+    if text.lower() in ("on", "1", "true", "yes"):
+        return True
+    if text.lower() in ("off", "0", "false", "no"):
+        return False
+    raise ValueError("must be on or off")
 
 
 def _non_negative_int(text: str) -> int:
@@ -255,6 +287,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "node_id": _node_id,
     "unsubscribe_linger": _non_negative_float,
     "subscribe_timeout": _positive_float,
+    "heartbeat_interval": _positive_float,
+    "presence": _on_off,
+    "admin_mode": _admin_mode,
     "cors_origins": _csv,
     "log_level": _log_level,
     "client_js": str,

@@ -1,6 +1,7 @@
-"""The HTTP publish API: ``POST /api/rooms/{room}/messages`` for backend services.
+"""The HTTP API for backend services: ``POST /api/rooms/{room}/messages`` publishes a
+chat message, ``GET /api/rooms/{room}`` tells who is in a room across the cluster.
 
-What a request must be, in the order it is checked (each refusal is a 4xx with a
+What a publish request must be, in the order it is checked (each refusal is a 4xx with a
 JSON reason, counted under ``gateway_requests_refused_total``):
 
 - ``Authorization: Bearer <GATEWAY_API_KEY>`` whenever a key is set (401); with
@@ -24,12 +25,13 @@ from typing import Any
 from aiohttp import web
 
 from nats_adapter import is_sid
+from nats_adapter.cluster import ClusterTimeoutError
 
 from .chat import ChatProtocol, RateLimiter, json_type, utf8_problem
 from .config import GatewayConfig
 
 
-class PublishApi:
+class HttpApi:
     def __init__(self, chat: ChatProtocol, config: GatewayConfig) -> None:
         self.chat = chat
         self.key = config.secrets.api_key.encode()
@@ -87,6 +89,35 @@ class PublishApi:
             return self._bad("from must be a name, not a socket id or invalid text")
         msg_id = await self.chat.publish(room, body["text"], sender)
         return web.json_response({"ok": True, "id": msg_id, "room": room}, status=202)
+
+    async def room(self, request: web.Request) -> web.Response:
+        """GET /api/rooms/{room}: the room's member count across the cluster, and with
+        the API key, its members' sids. ``partial`` and ``missing`` say which gateways
+        did not answer in time (the count then covers the others)."""
+        room, error = self.chat.check_room(request.match_info["room"])
+        if room is None:
+            return self._bad(error or "bad room")
+        if not self.limiter.allow(request.remote or "?"):
+            return self._refuse("rate_limited", "rate limited: too many requests", 429)
+        manager: Any = self.chat.manager
+        if not hasattr(manager, "room_size"):
+            return self._refuse("bad_request", "this backend has no cluster-wide room size",
+                                501)
+        body: dict[str, Any] = {"ok": True, "room": room}
+        try:
+            if self.key and self._authorized(request):
+                sockets = await manager.room_members(room)
+                body.update(members=len(sockets), sockets=sockets)
+            else:
+                body["members"] = await manager.room_size(room)
+        except ClusterTimeoutError as exc:
+            partial = exc.responses
+            if isinstance(partial, list):
+                body.update(members=len(partial), sockets=partial)
+            else:
+                body["members"] = partial
+            body.update(partial=True, missing=exc.missing)
+        return web.json_response(body)
 
     def _bad(self, reason: str) -> web.Response:
         return self._refuse("bad_request", reason, 400)

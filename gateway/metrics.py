@@ -37,6 +37,10 @@ _COUNTERS = {
     "subscription_errors": ("gateway_broker_subscription_errors",
                             "Subscribe/unsubscribe operations that failed"),
     "disconnects": ("gateway_broker_disconnects", "Times the broker connection was lost"),
+    "cluster_requests": ("gateway_cluster_requests",
+                         "Cluster-wide calls made by this node (fetch_sockets, room sizes ...)"),
+    "cluster_timeouts": ("gateway_cluster_timeouts",
+                         "Cluster-wide calls in which some node did not answer in time"),
 }
 
 
@@ -70,6 +74,10 @@ class GatewayCollector(Collector):
                     getattr(m.subscriptions, "lingering", 0))
         yield gauge("gateway_broker_connected", "1 when the broker connection is up",
                     1 if m.broker.connected else 0)
+        server_count = getattr(m, "server_count", None)
+        if server_count is not None:
+            yield gauge("gateway_cluster_nodes", "Gateways alive in the cluster, this one "
+                        "included (from their heartbeats)", server_count())
         stats = m.stats.as_dict()
         for field, (name, doc) in _COUNTERS.items():
             c = CounterMetricFamily(name, doc, labels=labels)

@@ -34,6 +34,11 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
             assert figures["failures"] == 0
             assert figures["cpu_s_per_1000_deliveries"] is not None
             assert figures["latency_ms"]["all"]["p99"] is not None
+        api = scenarios["cluster-api"]
+        if backend in ("nats", "redis-sharded"):
+            assert set(api) == {"all_alive_ms", "one_stopped_ms", "after_heartbeats_missed_ms"}
+        else:
+            assert "skipped" in api
         if "memory" in scenarios:
             assert scenarios["memory"]["plain"]["deflate_negotiated"] == 0
             assert scenarios["memory"]["plain"]["rss_bytes_per_socket"] > 0

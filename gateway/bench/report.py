@@ -15,8 +15,8 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     rows = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario == "memory":
-                continue
+            if scenario in ("memory", "cluster-api"):
+                continue  # tables of their own
             if scenario == "reference":
                 for phase, figures in data.items():
                     rows.append((f"reference/{phase}", backend, figures))
@@ -90,6 +90,16 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| churn | {backend} | {c['churn']['ops']} | "
                          f"{c['broker_subscription_ops_per_s']} | "
                          f"{_fmt(c['latency_ms']['all']['p99'], 2)} |")
+    api = [(b, s["cluster-api"]) for b, s in results.items()
+           if "all_alive_ms" in s.get("cluster-api", {})]
+    if api:
+        lines += ["", "| cluster-api | backend | all gateways alive: p50 / p99 ms | one "
+                  "SIGSTOPped: longest ms (timeout 5000) | after its heartbeats are missed: "
+                  "p50 ms |", "|---|---|---|---|---|"]
+        for backend, a in api:
+            lines.append(f"| cluster-api | {backend} | {a['all_alive_ms']['p50']} / "
+                         f"{a['all_alive_ms']['p99']} | {a['one_stopped_ms']['max']} | "
+                         f"{a['after_heartbeats_missed_ms']['p50']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +41,9 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
                    "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
 BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
-SCENARIOS = ("reference", "fanout", "many-rooms", "latency", "churn", "memory")
+#: flags of every benchmarked gateway: quiet, and no API limit in the way of the census
+GATEWAY_FLAGS = ["--log-level", "WARNING", "--api-rate", "100000", "--api-burst", "100000"]
+SCENARIOS = ("reference", "fanout", "many-rooms", "latency", "churn", "memory", "cluster-api")
 
 
 def log(msg: str) -> None:
@@ -306,6 +309,9 @@ def describe(p: Params) -> dict[str, dict[str, Any]]:
                   "join_leave_ops_per_s": p.churn_ops_per_s, "rooms": 50,
                   "background_rate_msgs_per_s": p.latency_rate / 2,
                   "seconds": p.latency_seconds * 2},
+        "cluster-api": {"gateways": 3, "sockets": 30 if p.quick else 300,
+                        "call": "GET /api/rooms/{room} (a member count from every gateway)",
+                        "phases": "all alive; one SIGSTOPped; after its heartbeats are missed"},
         "memory": {"gateways": 1, "idle_sockets": p.idle_sockets,
                    "variants": "client offering permessage-deflate, and not"},
     }
@@ -448,7 +454,53 @@ def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> d
     return out
 
 
+def scenario_cluster_api(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
+                         p: Params) -> dict[str, Any]:
+    """How long a cluster-wide call takes (GET /api/rooms/{room}: a count from every
+    gateway), with every gateway alive, then with one SIGSTOPped (the call's timeout,
+    5 s, is the bound), then after it has missed its heartbeats."""
+    import urllib.request
+
+    if GATEWAY_BACKEND[broker.name] == "stock-redis":
+        return {"skipped": "python-socketio's manager has no cluster-wide calls"}
+    n = 30 if p.quick else 300
+    lg.call(op="connect", urls=[g.url for g in gws], count=n)
+    lg.call(op="join", pairs=[[i, "census"] for i in range(n)])
+    url = f"{gws[0].url}/api/rooms/census"
+
+    def timed(count: int) -> list[float]:
+        took = []
+        for _ in range(count):
+            started = time.perf_counter()
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                body = json.loads(resp.read())
+            took.append((time.perf_counter() - started) * 1000)
+            if body.get("members") is None:
+                raise RuntimeError(f"bad answer {body}")
+        return sorted(took)
+
+    out: dict[str, Any] = {}
+    alive = timed(20 if p.quick else 200)
+    out["all_alive_ms"] = {"p50": round(alive[len(alive) // 2], 2),
+                           "p99": round(alive[int(len(alive) * 0.99) - 1], 2)}
+    victim = gws[-1].child
+    assert victim is not None
+    victim.signal(signal.SIGSTOP)
+    try:
+        stopped = timed(2)
+        out["one_stopped_ms"] = {"max": round(stopped[-1], 1), "timeout_ms": 5000}
+        time.sleep(7)  # past three missed heartbeats (2 s apart)
+        after = timed(20)
+        out["after_heartbeats_missed_ms"] = {"p50": round(after[len(after) // 2], 2)}
+    finally:
+        victim.signal(signal.SIGCONT)
+    time.sleep(3)  # it comes back and announces itself
+    lg.call(op="close")
+    return out
+
+
 SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
+    "cluster-api": (3, scenario_cluster_api),
     "reference": (3, scenario_reference),
     "many-rooms": (3, scenario_many_rooms),
     "fanout": (2, scenario_fanout),
@@ -476,7 +528,7 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
                     name, args = broker.gateway(i)
                     gws.append(start_gateway(workdir / backend, f"{backend}-gw{count}-{i + 1}",
                                              free_ports(1)[0], name, args,
-                                             extra=["--log-level", "WARNING"]))
+                                             extra=GATEWAY_FLAGS))
                 wait_gateways(gws)
                 for scenario in group:
                     log(f"{backend}: {scenario} on {count} gateways")
