@@ -73,9 +73,11 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
     }
     if config.backend == "nats":
         from nats_adapter import NatsManager
+        from nats_adapter.recovery import RecoveryOptions
 
+        recovery = RecoveryOptions(config.recovery_window) if config.recovery else None
         return NatsManager(list(config.nats_urls), connection_name=config.node_id,
-                           connect_options=nats_options(config), **common)
+                           connect_options=nats_options(config), recovery=recovery, **common)
     if config.backend == "redis-sharded":
         from nats_adapter import RedisShardedManager
 
@@ -163,6 +165,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     api = HttpApi(chat, config)
     app.router.add_post("/api/rooms/{room}/messages", api.publish)
     app.router.add_get("/api/rooms/{room}", api.room)
+    app.router.add_get("/api/rooms/{room}/messages", api.messages)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/", index)

@@ -19,7 +19,8 @@ import jwt
 import socketio
 from socketio.exceptions import ConnectionRefusedError as Refused
 
-from nats_adapter import SubscriptionError, is_sid
+from nats_adapter import BrokerError, SubscriptionError, is_sid
+from nats_adapter.recovery import MAX_HISTORY
 
 from .config import GatewayConfig, Limits
 from .types import GatewayManager
@@ -264,6 +265,18 @@ class ChatProtocol:
     async def on_join(self, sid: str, *args: Any) -> Ack:
         if not self.join_limiter.allow(sid):
             return self._refuse("rate_limited", "rate limited: too many join requests")
+        history = 0
+        if len(args) == 1 and isinstance(args[0], dict):  # {"room": ..., "history": N}
+            history = args[0].get("history", 0)
+            if not isinstance(history, int) or isinstance(history, bool) \
+                    or not 0 <= history <= MAX_HISTORY:
+                return self._refuse("bad_request",
+                                    f"history must be a number from 0 to {MAX_HISTORY}")
+            args = (args[0].get("room"),)
+            if not isinstance(args[0], str):
+                return self._refuse(
+                    "bad_request", f"room must be a string, not {json_type(args[0])} (join "
+                    'takes a room name, or {"room": <name>, "history": <count>})')
         room, error = self._room_error(args)
         if room is None:
             return self._refuse("bad_request", error or "bad request")
@@ -284,7 +297,17 @@ class ChatProtocol:
             return self._refuse("unavailable", f"room unavailable: {exc}")
         if self.presence and not was_member:
             await self._announce(sid, room, "joined")
-        return {"ok": True, "room": room}
+        ack: Ack = {"ok": True, "room": room}
+        if history and getattr(self.manager, "recovery", None) is not None:
+            ack["history"] = await self.history(room, history)
+        return ack
+
+    async def history(self, room: str, limit: int) -> list[Any]:
+        """The room's last ``limit`` chat messages, oldest first (with --recovery)."""
+        recovery: Any = getattr(self.manager, "recovery", None)
+        events = await recovery.room_history(room, limit)
+        return [args[0] for event, args, _offset in events
+                if event == "chat" and args and isinstance(args[0], dict)]
 
     async def _announce(self, sid: str, room: str, change: str) -> None:
         """Tell the room's other members, on every node, that ``sid`` joined or left."""
@@ -323,7 +346,11 @@ class ChatProtocol:
             return self._refuse("not_member", f"not a member of room {room!r}; join it first")
         grant = self.grants.get(sid)
         user = grant.subject if grant is not None else None
-        return {"ok": True, "id": await self.publish(room, text, sid, user, skip_sid=sid)}
+        try:
+            msg_id = await self.publish(room, text, sid, user, skip_sid=sid)
+        except BrokerError as exc:  # with --recovery: not stored, so nobody got it
+            return self._refuse("unavailable", f"not delivered: {exc}")
+        return {"ok": True, "id": msg_id}
 
     async def publish(self, room: str, text: str, sender: str, user: str | None = None,
                       skip_sid: str | None = None) -> str:

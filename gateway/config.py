@@ -85,6 +85,10 @@ class GatewayConfig:
     presence: bool = False
     #: the Admin UI's mode: production (stats only) or development (every socket, event)
     admin_mode: str = "production"
+    #: Socket.IO connection state recovery across gateways (NATS JetStream)
+    recovery: bool = False
+    #: seconds a disconnected session stays recoverable
+    recovery_window: float = 120.0
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     #: path of socket.io-client's browser bundle; empty: look in node_modules
@@ -126,6 +130,11 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("presence", "--presence", "GATEWAY_PRESENCE",
      "on: tell a room's members when a member joins or leaves (cost grows with members "
      "squared)"),
+    ("recovery", "--recovery", "GATEWAY_RECOVERY",
+     "on: Socket.IO connection state recovery across gateways (needs --backend nats, "
+     "with JetStream)"),
+    ("recovery_window", "--recovery-window", "GATEWAY_RECOVERY_WINDOW",
+     "seconds a disconnected session stays recoverable"),
     ("admin_mode", "--admin-mode", "GATEWAY_ADMIN_MODE",
      "with GATEWAY_ADMIN_PASSWORD set: production (stats) or development (every socket "
      "and event; costly)"),
@@ -290,6 +299,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "heartbeat_interval": _positive_float,
     "presence": _on_off,
     "admin_mode": _admin_mode,
+    "recovery": _on_off,
+    "recovery_window": _positive_float,
     "cors_origins": _csv,
     "log_level": _log_level,
     "client_js": str,
@@ -324,6 +335,10 @@ def add_arguments(parser: argparse.ArgumentParser, *, only: Sequence[str] | None
     """
     for name, flag, env, help_text in [*_SETTINGS, *_LIMITS]:
         if only is not None and name not in only:
+            continue
+        if _PARSERS[name] is _on_off:  # a switch: the flag alone means on
+            parser.add_argument(flag, dest=name, default=None, nargs="?", const="on",
+                                metavar="on|off", help=f"{help_text} (env {env})")
             continue
         parser.add_argument(flag, dest=name, default=None, metavar=env,
                             help=f"{help_text} (env {env})")
@@ -369,6 +384,9 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     if values.get("auth") == "jwt" and len(secrets.jwt_secret.encode()) < 32:
         # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced
         raise ConfigError("GATEWAY_JWT_SECRET must be at least 32 bytes for HS256")
+    if values.get("recovery") and values.get("backend", "nats") != "nats":
+        raise ConfigError(f"--recovery needs --backend nats (JetStream keeps the sessions and "
+                          f"the missed messages); {values['backend']} has no message store")
     if secrets.cluster_key and len(secrets.cluster_key.encode()) < 32:
         raise ConfigError("GATEWAY_CLUSTER_KEY must be at least 32 bytes")
     return GatewayConfig(**values, limits=limits, secrets=secrets)

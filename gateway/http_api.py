@@ -24,8 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
-from nats_adapter import is_sid
+from nats_adapter import BrokerError, is_sid
 from nats_adapter.cluster import ClusterTimeoutError
+from nats_adapter.recovery import MAX_HISTORY
 
 from .chat import ChatProtocol, RateLimiter, json_type, utf8_problem
 from .config import GatewayConfig
@@ -87,7 +88,10 @@ class HttpApi:
             return self._bad("from must be a string of 1-64 characters")
         if is_sid(sender) or utf8_problem(sender):
             return self._bad("from must be a name, not a socket id or invalid text")
-        msg_id = await self.chat.publish(room, body["text"], sender)
+        try:
+            msg_id = await self.chat.publish(room, body["text"], sender)
+        except BrokerError as exc:  # with --recovery: not stored, so nobody got it
+            return self._refuse("unavailable", f"not delivered: {exc}", 503)
         return web.json_response({"ok": True, "id": msg_id, "room": room}, status=202)
 
     async def room(self, request: web.Request) -> web.Response:
@@ -118,6 +122,26 @@ class HttpApi:
                 body["members"] = partial
             body.update(partial=True, missing=exc.missing)
         return web.json_response(body)
+
+    async def messages(self, request: web.Request) -> web.Response:
+        """GET /api/rooms/{room}/messages?limit=N: the room's last N chat messages,
+        oldest first (with --recovery; the same key as publishing)."""
+        if not self._authorized(request):
+            return self._refuse("unauthenticated",
+                                "unauthorized: send Authorization: Bearer <API key>", 401)
+        if not self.limiter.allow(request.remote or "?"):
+            return self._refuse("rate_limited", "rate limited: too many requests", 429)
+        room, error = self.chat.check_room(request.match_info["room"])
+        if room is None:
+            return self._bad(error or "bad room")
+        raw = request.query.get("limit", "50")
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
+            return self._bad(f"limit must be a number from 1 to {MAX_HISTORY}")
+        recovery = getattr(self.chat.manager, "recovery", None)
+        if recovery is None:
+            return self._refuse("bad_request", "history is kept only with --recovery", 501)
+        messages = await self.chat.history(room, int(raw))
+        return web.json_response({"ok": True, "room": room, "messages": messages})
 
     def _bad(self, reason: str) -> web.Response:
         return self._refuse("bad_request", reason, 400)

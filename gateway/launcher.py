@@ -61,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unsubscribe-linger", default=None,
                         help="passed to every gateway")
     parser.add_argument("--log-level", default=None, help="passed to every gateway")
+    parser.add_argument("--recovery", action="store_true",
+                        help="Socket.IO connection state recovery across the gateways "
+                             "(NATS JetStream; env GATEWAY_RECOVERY=1)")
+    parser.add_argument("--recovery-window", default=None,
+                        help="seconds a disconnected session stays recoverable (default 120)")
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -68,6 +73,10 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--gateways must be at least 1"
     if args.nats_nodes < 1:
         return "--nats-nodes must be at least 1"
+    recovery = args.recovery or os.environ.get("GATEWAY_RECOVERY", "").lower() in (
+        "1", "on", "true", "yes")
+    if recovery and args.backend != "nats":
+        return "--recovery needs --backend nats (JetStream keeps sessions and missed messages)"
     if args.redis_nodes < 3 and args.backend == "redis-sharded":
         return "--redis-nodes must be at least 3 (a Redis Cluster needs 3 masters)"
     if not 1 <= args.port <= 65535 - args.gateways:
@@ -107,6 +116,10 @@ def run(args: argparse.Namespace) -> int:
             extra += ["--unsubscribe-linger", str(args.unsubscribe_linger)]
         if args.log_level is not None:
             extra += ["--log-level", args.log_level]
+        if args.recovery:
+            extra += ["--recovery", "on"]
+        if args.recovery_window is not None:
+            extra += ["--recovery-window", str(args.recovery_window)]
         for i in range(args.gateways):
             if brokers is not None:
                 broker_args = brokers.gateway_args(i)

@@ -368,6 +368,26 @@ class ClusterApi:
 
     # -- requests --------------------------------------------------------------------
 
+    async def _cluster_notice(self, op: str, body: dict[str, Any]) -> None:
+        """Tell every other node something (no reply)."""
+        await self._publish(self.channels.cluster(),
+                            ClusterMessage(self.node_tag, op, None, body))
+
+    async def _ask(self, node: str, op: str, body: dict[str, Any], timeout: float) -> Any:
+        """Ask one node; its answer (raises ``asyncio.TimeoutError`` when none comes)."""
+        req_id = f"{self.node_tag}:{next(self._request_ids)}"
+        pending = Pending({node})
+        self._pending[req_id] = pending
+        try:
+            await self._publish(self.channels.node(node),
+                                ClusterMessage(self.node_tag, op, req_id, body))
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(pending.done)
+        finally:
+            del self._pending[req_id]
+        replies = pending.replies.get(node)
+        return replies[0] if replies else None
+
     def _local_selection(self, namespace: str, rooms: list[str] | None,
                          except_rooms: list[str] | None) -> dict[str, str]:
         chosen = self.hub.targets(namespace, rooms, frozenset())
@@ -750,8 +770,22 @@ class ClusterApi:
             logger.info("node %s joined the cluster", self.peers.name(origin))
             await self._publish(self.channels.node(origin),
                                 ClusterMessage(self.node_tag, "heartbeat", None, self._info()))
+            recovery = getattr(self, "recovery", None)
+            for sid, tag in list(recovery.adopted.items()) if recovery is not None else ():
+                if tag == self.node_tag:  # sids restored here: where direct messages go
+                    await self._publish(self.channels.node(origin), ClusterMessage(
+                        self.node_tag, "adopt", None, {"sid": sid}))
             return
         if op == "heartbeat":
+            return
+        if op in ("adopt", "disown"):
+            recovery = getattr(self, "recovery", None)
+            sid = msg.body.get("sid")
+            if recovery is not None and isinstance(sid, str):
+                if op == "adopt":
+                    recovery.adopted[sid] = origin
+                elif recovery.adopted.get(sid) == origin:
+                    del recovery.adopted[sid]
             return
         if op in ("reply", "bcast_count", "bcast_ack"):
             self._on_reply(msg)
@@ -808,6 +842,18 @@ class ClusterApi:
         elif msg.op == "bcast":
             n = await self._deliver_with_acks(origin, req_id, body)
             await self._reply(origin, req_id, {"n": n}, op="bcast_count")
+        elif msg.op == "release":
+            await self._reply(origin, req_id, await self._release(body["sid"], body["ns"]))
+
+    async def _release(self, sid: str, namespace: str) -> bool:
+        """Another node restores ``sid``'s session: drop the connection still here (its
+        client has left it), without keeping its session."""
+        recovery = getattr(self, "recovery", None)
+        if recovery is not None:
+            recovery.pids.pop(sid, None)
+        if self.hub.is_local(sid, namespace):
+            await self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
+        return True
 
     async def _send_parts(self, to: str, req_id: str, items: list[Any]) -> None:
         part: list[Any] = []
@@ -844,10 +890,14 @@ class _BroadcastAck:
 def check_cluster_body(op: str, body: dict[str, Any], max_room_chars: int) -> str | None:
     """Why a cluster request ``body`` is not well formed; None if it is."""
     ops = {"hello", "heartbeat", "bye", "reply", "bcast_count", "bcast_ack", "fetch", "join",
-           "leave", "disconnect", "server_emit", "bcast"}
+           "leave", "disconnect", "server_emit", "bcast", "adopt", "disown", "release"}
     if op not in ops:
         return f"unknown cluster operation {op!r:.40}"
     if op in ("hello", "heartbeat", "bye", "reply", "bcast_count", "bcast_ack"):
+        return None
+    if op in ("adopt", "disown", "release") and not is_sid(body.get("sid")):
+        return f"{op} needs a sid"
+    if op in ("adopt", "disown"):
         return None
     if not isinstance(body.get("ns"), str):
         return "namespace must be a string"

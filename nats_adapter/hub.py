@@ -58,6 +58,9 @@ class Fanout:
         self.direct = 0
         self.queued = 0
         self._dropped = 0
+        #: eio sid -> a catching-up restore (connection state recovery): what is
+        #: delivered to it meanwhile is held there, with its sequence, not written
+        self.held: dict[str, Any] = {}
 
     @property
     def slow_consumers_dropped(self) -> int:
@@ -66,7 +69,7 @@ class Fanout:
         return self._dropped + (self.queue_limits.overflows if self.queue_limits else 0)
 
     def deliver(self, eio_sids: Iterable[str], parts: list[str | bytes],
-                exclude: Container[str] = ()) -> tuple[int, int]:
+                exclude: Container[str] = (), seq: int | None = None) -> tuple[int, int]:
         """Send the encoded Socket.IO packet ``parts`` to every socket in ``eio_sids``
         except those in ``exclude``.
 
@@ -83,8 +86,13 @@ class Fanout:
         max_queued = self.limits.max_queued_packets
         writable = writable_transport if len(parts) == 1 and isinstance(parts[0], str) \
             else None
+        held = self.held if seq is not None else None
         for eio_sid in eio_sids:
             if exclude and eio_sid in exclude:
+                continue
+            if held and eio_sid in held:
+                held[eio_sid].held.append((seq, parts[0] if len(parts) == 1 else parts))
+                direct += 1
                 continue
             s = sockets_get(eio_sid)
             if s is None or s.closed or s.closing or getattr(s, "fanout_dropped", False):
@@ -218,6 +226,10 @@ class LocalHub:
         """When the engine.io session ``eio_sid`` connected (seconds since the epoch)."""
         return self._connected_at.get(eio_sid, 0.0)
 
+    def namespaces_of(self, sid: str) -> list[str]:
+        """The namespaces ``sid`` is connected to here."""
+        return [ns for ns, rooms in self.rooms.items() if sid in (rooms.get(None) or ())]
+
     def rooms_of(self, sid: str, namespace: str) -> list[str]:
         """The named rooms ``sid`` is in."""
         return list(self._sid_rooms.get(namespace, {}).get(sid, ()))
@@ -272,7 +284,7 @@ class LocalHub:
     # -- delivery ------------------------------------------------------------------
 
     async def deliver(self, namespace: str, targets: list[str] | None,
-                      skip: frozenset[str], pkt: EncodedPacket) -> None:
+                      skip: frozenset[str], pkt: EncodedPacket, seq: int | None = None) -> None:
         """Deliver ``pkt`` to the local sockets ``targets`` address (see :meth:`targets`);
         a socket in several target rooms gets it once."""
         ns_rooms = self.rooms.get(namespace)
@@ -283,19 +295,20 @@ class LocalHub:
             members = ns_rooms.get(None if targets is None else targets[0])
             if members:
                 exclude = {e for sid in skip if (e := members.get(sid)) is not None}
-                await self.deliver_to(members.values(), pkt, exclude)
+                await self.deliver_to(members.values(), pkt, exclude, seq)
             return
-        await self.deliver_to(self.targets(namespace, targets, skip).values(), pkt)
+        await self.deliver_to(self.targets(namespace, targets, skip).values(), pkt, seq=seq)
 
     async def deliver_to(self, eio_sids: Iterable[str], pkt: EncodedPacket,
-                         exclude: Container[str] = ()) -> None:
-        """Write ``pkt`` to each engine.io session in ``eio_sids`` but ``exclude``."""
+                         exclude: Container[str] = (), seq: int | None = None) -> None:
+        """Write ``pkt`` to each engine.io session in ``eio_sids`` but ``exclude``
+        (``seq``: its sequence in the message store, when it is a stored message)."""
         fanout = self.fanout
         if fanout is None:
             return
         queued = fanout.queued
         delivered, failed = fanout.deliver(eio_sids, [pkt] if isinstance(pkt, str) else pkt,
-                                           exclude)
+                                           exclude, seq)
         self.stats.delivered += delivered
         self.stats.delivery_errors += failed
         if fanout.queued != queued:

@@ -33,6 +33,7 @@ from bidict import ValueDuplicationError
 from socketio import AsyncManager
 from socketio import packet as sio_packet
 
+from . import _socketio_hooks as socketio_hooks
 from . import codec
 from ._engineio_fastpath import FastPath, QueueLimits, install
 from ._logging import ThrottledLog
@@ -42,6 +43,7 @@ from .dedupe import DedupeWindow
 from .hub import FanoutLimits, LocalHub
 from .naming import ChannelNames
 from .packets import is_event_packet
+from .recovery import Recovery, RecoveryOptions
 from .sealing import ClusterKey, ReplayWindow, Verdict
 from .sids import is_node_tag, is_sid, new_node_tag, new_sid, sid_owner
 from .stats import ManagerStats
@@ -109,6 +111,9 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     :param heartbeat_interval: seconds between this node's heartbeats to the others.
     :param heartbeat_timeout: seconds without a sign of life after which a node is
         no longer waited for (default: three heartbeats).
+    :param recovery: Socket.IO connection state recovery (``True`` or
+        :class:`~nats_adapter.recovery.RecoveryOptions`): needs a broker with a
+        message store (NATS with JetStream); see :mod:`nats_adapter.recovery`.
 
     Whatever arrives from the broker must be something a node could send: emits
     carry EVENT packets of the envelope's namespace without an ack id, acks are
@@ -137,6 +142,7 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         node_name: str = "",
         heartbeat_interval: float = 2.0,
         heartbeat_timeout: float | None = None,
+        recovery: RecoveryOptions | bool | None = None,
     ) -> None:
         super().__init__()
         if subscribe_timeout <= 0:
@@ -146,7 +152,8 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         self.broker = broker
         #: random, names this node in sids, envelopes and its control channel
         self.node_tag: str = new_node_tag()
-        self.channels = ChannelNames(channel_prefix)
+        options = RecoveryOptions() if recovery is True else (recovery or None)
+        self.channels = ChannelNames(channel_prefix, stored=options is not None)
         self.stats = ManagerStats()
         self.hub = LocalHub(self.stats)
         # python-socketio's own methods read the index through self.rooms
@@ -174,6 +181,7 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         self._max_room_chars = max_room_chars
         self._max_rooms = max_rooms_per_socket
         self._init_cluster(node_name, heartbeat_interval, heartbeat_timeout)
+        self.recovery = Recovery(self, options) if options is not None else None
 
     def set_server(self, server: Any) -> None:
         super().set_server(server)
@@ -183,6 +191,10 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
                                  queue_limits=queue_limits)
         self.hub.attach(server.eio, limits,
                         queue_limits if self._fastpath is not None else None)
+        if self.recovery is not None:
+            assert self.hub.fanout is not None
+            self.hub.fanout.held = self.recovery.catching_up
+            socketio_hooks.install(server, self.recovery)
 
     @property
     def fast_fanout(self) -> bool:
@@ -213,6 +225,8 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     async def _start(self) -> None:
         control = self.channels.node(self.node_tag)
         await self.broker.start(self, control)
+        if self.recovery is not None:
+            await self.recovery.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         if not self.write_only:
             # after this task ends: what it publishes waits for the start to be done
@@ -240,13 +254,17 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     # -- membership (python-socketio hooks) ----------------------------------------
 
     async def pre_connect(self, eio_sid: str, namespace: str) -> str | None:
-        """Register a connecting socket under a sid that names this node; no sid room."""
-        sid = new_sid(self.node_tag)
+        """Register a connecting socket under a sid that names this node (or the sid of
+        the session it restores); no sid room."""
+        restored = self.recovery.restored_sid(eio_sid, namespace) if self.recovery else None
+        sid = restored or new_sid(self.node_tag)
         try:
             self.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
         except ValueDuplicationError:
             return None  # this engine.io session is already connected to the namespace
         self.pending_connect.setdefault(namespace, []).append(sid)
+        if restored is not None and self.recovery is not None:
+            await self.recovery.reattach(sid, eio_sid, namespace)
         return sid
 
     def basic_enter_room(
@@ -257,10 +275,14 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         channel = self.channels.room(namespace, room)  # refuses names too long for one
         if self.hub.join(sid, namespace, room, eio_sid):
             self.subscriptions.acquire(channel)
+        if room is not None and self.recovery is not None:
+            self.recovery.touch(sid)
 
     def basic_leave_room(self, sid: str, namespace: str, room: str | None) -> None:
         if self.hub.leave(sid, namespace, room):
             self.subscriptions.release(self.channels.room(namespace, room))
+        if room is not None and self.recovery is not None:
+            self.recovery.touch(sid)
 
     def basic_close_room(self, room: str, namespace: str) -> None:
         if is_sid(room):
@@ -271,6 +293,10 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     def basic_disconnect(self, sid: str, namespace: str, **kwargs: Any) -> None:
         if self._broadcast_acks:
             self._broadcast_recipient_gone(sid)
+        if self.recovery is not None:
+            eio_sid = self.hub.members(namespace, None).get(sid)
+            if eio_sid is not None:
+                self.recovery.on_disconnect(sid, namespace, eio_sid)
         for room in self.hub.rooms_of(sid, namespace):
             self.basic_leave_room(sid, namespace, room)
         self.basic_leave_room(sid, namespace, None)
@@ -339,12 +365,16 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         await self._send_room_op(codec.DISCONNECT, sid, namespace, None)
         return False
 
+    def _owner(self, sid: str) -> str:
+        """The node tag of the node that has ``sid`` (a restored sid may have moved)."""
+        return self.recovery.owner(sid) if self.recovery is not None else sid_owner(sid)
+
     async def _send_room_op(self, kind: int, sid: str, namespace: str, room: str | None) -> None:
-        if not is_sid(sid) or sid_owner(sid) == self.node_tag:
+        if not is_sid(sid) or self._owner(sid) == self.node_tag:
             logger.debug("ignoring operation %d on unknown sid %r", kind, sid)
             return
         msg = codec.RoomMessage(kind, self.node_tag, namespace, sid, room)
-        await self._publish(self.channels.node(sid_owner(sid)), msg)
+        await self._publish(self.channels.node(self._owner(sid)), msg)
 
     # -- emit --------------------------------------------------------------------
 
@@ -371,6 +401,10 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         pkt = self._packet_class()(
             sio_packet.EVENT, namespace=namespace, data=[event, *args]
         ).encode()
+        if self.recovery is not None and not kwargs.get("ignore_queue"):
+            # stored, then delivered (here too) from the copy that carries its offset
+            await self.recovery.store_emit(namespace, targets, skip, pkt)
+            return
         if self.server is not None:
             await self.hub.deliver(namespace, targets, skip, pkt)
         if kwargs.get("ignore_queue"):
@@ -390,8 +424,8 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         for name in dict.fromkeys(targets):
             if not is_sid(name):
                 channels.append(self.channels.room(namespace, name))
-            elif sid_owner(name) != self.node_tag and name not in skip:
-                channels.append(self.channels.node(sid_owner(name)))
+            elif self._owner(name) != self.node_tag and name not in skip:
+                channels.append(self.channels.node(self._owner(name)))
         channels = list(dict.fromkeys(channels))
         if not channels:
             return
@@ -418,12 +452,12 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             ).encode()
             await self.hub.deliver_to((eio_sid,), pkt)
             return
-        if sid_owner(sid) == self.node_tag:
+        if self._owner(sid) == self.node_tag:
             return  # our own sid, but no longer connected: nobody will ack
         ack_id = self._generate_ack_id(sid, callback)
         self._remote_callbacks[(sid, ack_id)] = time.monotonic() + self._callback_timeout
         msg = codec.EmitToSidMessage(self.node_tag, namespace, sid, event, args, ack_id)
-        await self._publish(self.channels.node(sid_owner(sid)), msg)
+        await self._publish(self.channels.node(self._owner(sid)), msg)
 
     async def trigger_callback(self, sid: str, id: int, data: list[Any]) -> None:
         self._remote_callbacks.pop((sid, id), None)
@@ -473,13 +507,19 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         logger.log(logging.INFO if connected else logging.WARNING, "%s broker %s",
                    self.broker.name, "connected" if connected else "disconnected")
 
-    async def on_message(self, channel: str, data: bytes) -> None:
-        """Handle one payload from the broker; never raises (except cancellation)."""
+    async def on_message(self, channel: str, data: bytes, seq: int | None = None) -> None:
+        """Handle one payload from the broker; never raises (except cancellation).
+
+        ``seq`` set: a stored message coming back live (connection state recovery),
+        delivered with its offset, whoever sent it (this node included)."""
         self.stats.received += 1
         self.stats.received_bytes += len(data)
-        seq = 0
+        if seq is not None and self.recovery is not None:
+            await self._on_stored(channel, data, seq)
+            return
+        sealed_seq = 0
         if self._key is not None:
-            verdict, body, seq = self._key.open(data)
+            verdict, body, sealed_seq = self._key.open(data)
             if verdict is not Verdict.OK:
                 self._reject_unsealed(verdict, data, channel)
                 return
@@ -496,7 +536,7 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             return
         if isinstance(msg, codec.ClusterMessage):
             self.stats.cluster_received += 1
-        if self._key is not None and not self._replays.first(msg.origin, seq):
+        if self._key is not None and not self._replays.first(msg.origin, sealed_seq):
             if isinstance(msg, codec.EmitMessage) and msg.dedupe_id is not None:
                 self.stats.dropped_duplicate += 1  # the same emit over another channel
             else:
@@ -520,6 +560,37 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             self.stats.dropped_failed += 1
             logger.exception("failed to handle %s from node %s on %s", type(msg).__name__,
                              msg.origin, channel)
+
+    async def _on_stored(self, channel: str, data: bytes, seq: int) -> None:
+        assert self.recovery is not None
+        if self._key is not None:
+            verdict, body, _ = self._key.open(data, check_time=False)
+            if verdict is not Verdict.OK:
+                self._reject_unsealed(verdict, data, channel)
+                return
+            data = body
+        try:
+            msg = codec.decode(data)
+        except codec.EnvelopeError as exc:
+            self.stats.dropped_malformed += 1
+            self._log.warning("malformed", "dropped malformed stored payload on %s: %s",
+                              channel, exc)
+            return
+        if self.write_only or self.server is None:
+            return
+        problem = self._invalid(msg)
+        if problem is not None:
+            self.stats.dropped_invalid += 1
+            self._log.warning("invalid", "dropped stored %s on %s: %s", type(msg).__name__,
+                              channel, problem)
+            return
+        try:
+            await self.recovery.deliver_stored(msg, seq)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self.stats.dropped_failed += 1
+            logger.exception("failed to deliver stored message %d on %s", seq, channel)
 
     def _reject_unsealed(self, verdict: Verdict, data: bytes, channel: str) -> None:
         if verdict is Verdict.STALE:
@@ -555,7 +626,7 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         if isinstance(msg, codec.ClusterMessage):
             return check_cluster_body(msg.op, msg.body, self._max_room_chars)
         if isinstance(msg, codec.AckMessage):
-            if sid_owner(msg.sid) != msg.origin:
+            if self._owner(msg.sid) != msg.origin:
                 return "ack from a node that does not own the sid"
             if (msg.sid, msg.ack_id) not in self._remote_callbacks:
                 return "ack this node did not ask for"

@@ -83,16 +83,43 @@ class ChannelNames:
     - ``{prefix}.ns.{ns}``: broadcasts to a whole namespace
     - ``{prefix}.node.{node_id}``: control traffic for one node
     - ``{prefix}.cluster``: requests and heartbeats of the cluster-wide server API
+
+    With ``stored=True`` (connection state recovery) room traffic is published to
+    ``{prefix}.store.…`` subjects, kept by the broker's message store, and comes
+    back on the matching ``{prefix}.live.…`` ones: :meth:`room` then names the live
+    channel a node subscribes to, :meth:`stored_room` the subject to publish to.
     """
 
-    __slots__ = ("_cluster", "_node", "_ns", "_room", "prefix")
+    __slots__ = ("_cluster", "_node", "_ns", "_room", "prefix", "stored")
 
-    def __init__(self, prefix: str = "sio") -> None:
+    def __init__(self, prefix: str = "sio", stored: bool = False) -> None:
         self.prefix = validate_prefix(prefix)
-        self._room = f"{prefix}.room."
-        self._ns = f"{prefix}.ns."
+        self.stored = stored
+        live = f"{prefix}.live." if stored else f"{prefix}."
+        self._room = f"{live}room."
+        self._ns = f"{live}ns."
         self._node = f"{prefix}.node."
         self._cluster = f"{prefix}.cluster"
+
+    def stored_room(self, namespace: str, room: str | None) -> str:
+        """The subject an emit to ``room`` (None: the namespace) is stored under."""
+        live = self.room(namespace, room)
+        return f"{self.prefix}.store.{live[len(self.prefix) + len('.live.'):]}"
+
+    def stored_sid(self, namespace: str, sid: str) -> str:
+        """The subject an emit to one socket is stored under (its node, then the rest)."""
+        tag, _, rest = sid.partition(":")
+        return (f"{self.prefix}.store.sid.{encode_token(namespace)}.{encode_token(tag)}."
+                f"{encode_token(rest)}")
+
+    def live_sids(self, node_tag: str) -> str:
+        """The live channel of every emit to a socket named after ``node_tag``."""
+        return f"{self.prefix}.live.sid.*.{encode_token(node_tag)}.*"
+
+    def live_sid(self, sid: str) -> str:
+        """The live channel of emits to one socket (in any namespace)."""
+        tag, _, rest = sid.partition(":")
+        return f"{self.prefix}.live.sid.*.{encode_token(tag)}.{encode_token(rest)}"
 
     def cluster(self) -> str:
         """The channel every node listens on for cluster-wide requests."""

@@ -55,6 +55,11 @@ class ManagerStats:
     cluster_timeouts: int = 0
     #: envelopes of the cluster API received (heartbeats included; part of received)
     cluster_received: int = 0
+    #: connection state recovery: reconnects that asked to restore a session, those
+    #: refused (a new session instead), and sessions restored
+    recovery_attempts: int = 0
+    recovery_refused: int = 0
+    recovered: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

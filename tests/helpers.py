@@ -77,10 +77,13 @@ async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool]
 class SioClient:
     """python-socketio's AsyncClient that records every event it receives."""
 
-    def __init__(self, name: str = "client") -> None:
+    def __init__(self, name: str = "client", offsets: bool = False) -> None:
         self.name = name
         self.sio = socketio.AsyncClient(reconnection=False)
         self.events: list[tuple[str, Any]] = []
+        #: with connection state recovery, events end with an offset: kept apart here
+        self.strip_offsets = offsets
+        self.offsets: list[str] = []
         #: time.monotonic() of each event, in the order of ``events``
         self.times: list[float] = []
         self._changed = asyncio.Event()
@@ -89,6 +92,9 @@ class SioClient:
         self.sio.on("*", self._record)
 
     async def _record(self, event: str, *args: Any) -> Any:
+        if self.strip_offsets and args and isinstance(args[-1], str):
+            self.offsets.append(args[-1])
+            args = args[:-1]
         self.events.append((event, args[0] if len(args) == 1 else list(args)))
         self.times.append(time.monotonic())
         self._changed.set()
@@ -141,12 +147,12 @@ class SioClient:
             await self.sio.disconnect()
 
 
-async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | str]]
-                      ) -> list[SioClient]:
+async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | str]],
+                      offsets: bool = False) -> list[SioClient]:
     """Connect one client per (name, node) and register them in ``clients`` for teardown."""
     made = []
     for name, node in pairs:
-        c = SioClient(name)
+        c = SioClient(name, offsets)
         clients.append(c)
         await c.connect(node if isinstance(node, str) else node.url)
         made.append(c)

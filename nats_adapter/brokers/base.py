@@ -23,10 +23,12 @@ logger = logging.getLogger(__name__)
 class BrokerHandler(Protocol):
     """What a broker calls back into; implemented by the node core."""
 
-    async def on_message(self, channel: str, data: bytes) -> None:
+    async def on_message(self, channel: str, data: bytes, seq: int | None = None) -> None:
         """A payload arrived on ``channel`` (a room channel or this node's control channel).
 
-        Called once per payload in arrival order per channel; must not raise.
+        ``seq`` is its sequence number in the broker's :class:`MessageStore` when it
+        is a stored message delivered live. Called once per payload in arrival order
+        per channel; must not raise.
         """
 
     def on_connection_state(self, connected: bool) -> None:
@@ -83,6 +85,14 @@ class Broker(abc.ABC):
         """Details for health output (current server, counters); no secrets."""
         return {}
 
+    def message_store(self, prefix: str, window: float) -> MessageStore:
+        """The broker's :class:`MessageStore` for connection state recovery.
+
+        Raises :class:`BrokerError` when this broker has none (the default).
+        """
+        raise BrokerError(f"the {self.name} broker does not support connection state "
+                          "recovery (use NATS, with JetStream)")
+
     def losses(self) -> dict[str, int]:
         """Messages the broker client lost, by reason (since start).
 
@@ -91,6 +101,50 @@ class Broker(abc.ABC):
         publish the broker refused (which the core counts as a publish error too).
         """
         return {}
+
+
+class MessageStore(abc.ABC):
+    """What a broker keeps for connection state recovery: recent messages with a
+    sequence number each, and sessions that outlive their connection.
+
+    Contract: ``publish`` returns once the message is stored, with its sequence
+    (strictly increasing across the store); stored messages are also delivered live
+    to the channel the broker maps them to, carrying that sequence.
+    """
+
+    @abc.abstractmethod
+    async def setup(self, timeout: float = 20.0) -> None:
+        """Create what the store needs (idempotent)."""
+
+    @abc.abstractmethod
+    async def publish(self, subject: str, data: bytes) -> int:
+        """Store ``data`` under ``subject``; its sequence number."""
+
+    @abc.abstractmethod
+    async def bounds(self) -> tuple[int, int]:
+        """(first, last) sequence numbers still stored."""
+
+    @abc.abstractmethod
+    async def replay(self, subjects: list[str], after: int, until: int
+                     ) -> list[tuple[int, str, bytes]]:
+        """(sequence, subject, data) of the messages on ``subjects`` with
+        ``after < sequence <= until``, in sequence order."""
+
+    @abc.abstractmethod
+    async def history(self, subject: str, limit: int) -> list[tuple[int, bytes]]:
+        """The last ``limit`` messages on ``subject``, oldest first."""
+
+    @abc.abstractmethod
+    async def put_session(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        """Store a session (``ttl`` seconds, or the store's default)."""
+
+    @abc.abstractmethod
+    async def take_session(self, key: str) -> bytes | None:
+        """Read and delete a session in one step: of two takers, one gets it."""
+
+    @abc.abstractmethod
+    async def delete_session(self, key: str) -> None:
+        """Forget a session (a no-op if there is none)."""
 
 
 class FirstConnect:

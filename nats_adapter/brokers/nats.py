@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .._logging import ThrottledLog
-from .base import Broker, BrokerError, BrokerHandler, FirstConnect
+from .base import Broker, BrokerError, BrokerHandler, FirstConnect, MessageStore
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,12 @@ class NatsBroker(Broker):
 
     async def _on_msg(self, msg: Msg) -> None:
         assert self._handler is not None
-        await self._handler.on_message(msg.subject, msg.data)
+        headers = msg.headers
+        if headers and "Nats-Sequence" in headers:  # a stored message, re-published
+            await self._handler.on_message(msg.subject, msg.data,
+                                           int(headers["Nats-Sequence"]))
+        else:
+            await self._handler.on_message(msg.subject, msg.data)
 
     async def _confirm(self, nc: Client) -> None:
         """Wait for the server to have processed everything sent so far (a PING/PONG)."""
@@ -163,6 +168,13 @@ class NatsBroker(Broker):
         except (nats.errors.Error, TimeoutError) as exc:
             logger.warning("NATS drain failed (%r); closing", exc)
             await nc.close()
+
+    def message_store(self, prefix: str, window: float) -> MessageStore:
+        from .nats_store import NatsMessageStore
+
+        if self._nc is None or self._nc.is_closed:
+            raise BrokerError("no NATS connection for JetStream")
+        return NatsMessageStore(self._nc, prefix, window)
 
     def losses(self) -> dict[str, int]:
         return {"slow_consumer": self.slow_consumer_drops,

@@ -205,3 +205,25 @@ def test_dedupe_window_forgets_old_ids_and_stays_bounded() -> None:
     assert len(window) == 3  # "a" pushed out by the bound
     time.sleep(0.06)
     assert window.first("e") and len(window) == 1  # the rest aged out
+
+
+def test_offsets_are_appended_as_the_last_argument() -> None:
+    from nats_adapter.recovery import with_offset
+
+    assert with_offset('2["chat",{"text":"hi"}]', 42) == '2["chat",{"text":"hi"},"42"]'
+    assert with_offset('2/admin,["x"]', 7) == '2/admin,["x","7"]'
+    assert with_offset(['51-["file",{"_placeholder":true,"num":0}]', b"\x00"], 3) == \
+        ['51-["file",{"_placeholder":true,"num":0},"3"]', b"\x00"]
+
+
+def test_stored_channels_do_not_overlap_the_live_ones() -> None:
+    from nats_adapter.naming import ChannelNames
+
+    stored = ChannelNames("sio", stored=True)
+    assert stored.room("/", "lobby") == "sio.live.room._2F.lobby"
+    assert stored.stored_room("/", "lobby") == "sio.store.room._2F.lobby"
+    assert stored.stored_room("/", None) == "sio.store.ns._2F"
+    sid = "AbCd-f_h:0123456789ab"
+    assert stored.stored_sid("/", sid) == "sio.store.sid._2F.AbCd-f_5Fh.0123456789ab"
+    assert stored.live_sid(sid) == "sio.live.sid.*.AbCd-f_5Fh.0123456789ab"
+    assert ChannelNames("sio").room("/", "lobby") == "sio.room._2F.lobby"

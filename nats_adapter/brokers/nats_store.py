@@ -1,0 +1,228 @@
+"""What connection state recovery keeps on NATS: a JetStream stream of the traffic of
+the last minutes, and a key-value bucket of sessions.
+
+The stream holds every envelope published on ``{prefix}.store.>`` for twice the
+recovery window and re-publishes each one, once stored, on ``{prefix}.live.>`` with
+its stream sequence in the ``Nats-Sequence`` header: nodes receive room traffic from
+those copies, so every node (the sender's included) delivers in one order, the
+stream's, and that sequence is the offset a client remembers. Both the stream and
+the bucket are replicated on three nodes when the cluster has them, so losing one
+NATS node loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.js import api
+
+from .base import BrokerError, MessageStore
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client
+
+logger = logging.getLogger(__name__)
+
+#: seconds the stream keeps messages at least: twice the window, never less than this,
+#: so gateways with different windows agree on one stream configuration
+MIN_RETENTION = 600.0
+#: seconds a store operation is tried again while JetStream has no leader for it
+PUBLISH_RETRY_FOR = 10.0
+#: at most this many subject filters on one replay consumer; more read the whole
+#: stream's subjects and filter here (servers slow down with many filters)
+MAX_FILTERS = 32
+
+
+def _names(prefix: str) -> tuple[str, str]:
+    safe = prefix.replace(".", "_").replace("-", "_")
+    return f"SIO_{safe}", f"SIO_{safe}_sessions"
+
+
+class NatsMessageStore(MessageStore):
+    """:class:`MessageStore` on NATS JetStream (see the module docstring).
+
+    :param nc: a connected nats-py client.
+    :param prefix: the channel prefix: the stream takes ``{prefix}.store.>``.
+    :param window: seconds a disconnected session stays recoverable; the stream keeps
+        messages twice as long (at least ``MIN_RETENTION``).
+    :param replicas: copies of the stream and bucket (3 wants a 3-node cluster; falls
+        back to 1 on a single server).
+    """
+
+    def __init__(self, nc: Client, prefix: str, window: float, replicas: int = 3) -> None:
+        self._nc = nc
+        self._js = nc.jetstream()
+        self.prefix = prefix
+        self.window = window
+        self.replicas = replicas
+        self.stream, self.bucket = _names(prefix)
+        self._kv: Any = None
+
+    async def setup(self, timeout: float = 20.0) -> None:
+        """Create (or update) the stream and the bucket; retries while JetStream elects
+        its leaders after the cluster starts."""
+        deadline = time.monotonic() + timeout
+        delay = 0.2
+        while True:
+            try:
+                await self._setup()
+                return
+            except (TimeoutError, nats.errors.Error) as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerError(f"JetStream is not available: {exc!r}") from exc
+                logger.info("JetStream not ready yet (%r); retrying", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    async def _setup(self) -> None:
+        config = api.StreamConfig(
+            name=self.stream, subjects=[f"{self.prefix}.store.>"],
+            max_age=max(self.window * 2, MIN_RETENTION), storage=api.StorageType.FILE,
+            num_replicas=self.replicas, allow_direct=True, discard=api.DiscardPolicy.OLD,
+            republish=api.RePublish(src=f"{self.prefix}.store.>", dest=f"{self.prefix}.live.>"),
+        )
+        try:
+            await self._js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code == 10058:  # exists with another configuration: bring it up to date
+                await self._js.update_stream(config)
+            elif self.replicas > 1 and exc.err_code in (10074, 10023):  # not enough servers
+                logger.warning("JetStream has too few servers for %d replicas; using 1",
+                               self.replicas)
+                self.replicas = 1
+                await self._setup()
+                return
+            else:
+                raise
+        self._kv = await self._js.create_key_value(
+            bucket=self.bucket, ttl=max(self.window * 2, 24 * 3600.0), history=1,
+            replicas=self.replicas)
+
+    # -- messages ----------------------------------------------------------------------
+
+    async def publish(self, subject: str, data: bytes) -> int:
+        try:
+            ack = await self._js.publish(subject, data, stream=self.stream, timeout=5.0)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerError(f"JetStream did not store the message: {exc!r}") from exc
+        return int(ack.seq)
+
+    async def bounds(self) -> tuple[int, int]:
+        info = await self._js.stream_info(self.stream)
+        return int(info.state.first_seq), int(info.state.last_seq)
+
+    async def replay(self, subjects: list[str], after: int, until: int
+                     ) -> list[tuple[int, str, bytes]]:
+        if until <= after:
+            return []
+        filters = sorted(set(subjects))
+        wanted: set[str] | None = None
+        if len(filters) > MAX_FILTERS:
+            wanted, filters = set(filters), [f"{self.prefix}.store.>"]
+        config = api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
+        out: list[tuple[int, str, bytes]] = []
+        async for seq, subject, data in self._read(filters, config):
+            if seq > until:
+                break
+            if wanted is None or subject in wanted:
+                out.append((seq, subject, data))
+        return out
+
+    async def history(self, subject: str, limit: int) -> list[tuple[int, bytes]]:
+        """The last ``limit`` messages on ``subject`` within the window, oldest first."""
+        start = datetime.now(UTC) - timedelta(seconds=self.window)
+        config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                                    opt_start_time=start)
+        out: list[tuple[int, bytes]] = []
+        async for seq, _, data in self._read([subject], config):
+            out.append((seq, data))
+            if len(out) > 2 * limit:
+                out = out[-limit:]
+        return out[-limit:]
+
+    async def _read(self, filters: list[str], config: api.ConsumerConfig
+                    ) -> AsyncIterator[tuple[int, str, bytes]]:
+        """Every stored message on ``filters`` from ``config``'s start, in order, read
+        by an ephemeral consumer that is deleted afterwards."""
+        config.ack_policy = api.AckPolicy.NONE
+        config.inactive_threshold = 10.0
+        config.mem_storage = True
+        config.num_replicas = 1
+        if len(filters) > 1:
+            config.filter_subjects = filters
+        try:
+            sub = await self._js.pull_subscribe(filters[0] if len(filters) == 1 else "",
+                                                stream=self.stream, config=config)
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerError(f"cannot read the stream: {exc!r}") from exc
+        try:
+            pending = int((await sub.consumer_info()).num_pending or 0)
+            while pending > 0:
+                batch = await sub.fetch(min(pending, 256), timeout=5)
+                for msg in batch:
+                    meta = msg.metadata
+                    pending = int(meta.num_pending)
+                    yield int(meta.sequence.stream), msg.subject, msg.data
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise BrokerError(f"reading the stream failed: {exc!r}") from exc
+        finally:
+            with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                await sub.unsubscribe()
+            if config.name:
+                with contextlib.suppress(nats.errors.Error, asyncio.TimeoutError):
+                    await self._js.delete_consumer(self.stream, config.name)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    async def _retrying(self, what: str, op: Any) -> Any:
+        """``op()``, tried again while JetStream elects leaders (see PUBLISH_RETRY_FOR)."""
+        deadline = time.monotonic() + PUBLISH_RETRY_FOR
+        delay = 0.05
+        while True:
+            try:
+                return await op()
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.BadRequestError):
+                raise
+            except (TimeoutError, nats.errors.Error) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise BrokerError(f"{what}: {exc!r}") from exc
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+    async def put_session(self, key: str, value: bytes, ttl: float | None = None) -> None:
+        async def put() -> None:
+            if ttl is None:
+                await self._kv.put(key, value)
+            else:  # a per-message TTL: nats-py's put takes none
+                await self._js.publish(f"$KV.{self.bucket}.{key}", value,
+                                       headers={"Nats-TTL": str(max(1, int(ttl)))},
+                                       timeout=2.0)
+
+        await self._retrying("could not store session", put)
+
+    async def take_session(self, key: str) -> bytes | None:
+        try:
+            entry = await self._retrying("could not read session", lambda: self._kv.get(key))
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        try:  # single use: of two nodes restoring it, one wins
+            await self._retrying("could not take session",
+                                 lambda: self._kv.delete(key, last=entry.revision))
+        except nats.js.errors.BadRequestError:
+            return None
+        return bytes(entry.value)
+
+    async def delete_session(self, key: str) -> None:
+        with contextlib.suppress(BrokerError, nats.errors.Error, asyncio.TimeoutError):
+            await self._retrying("could not delete session", lambda: self._kv.delete(key))

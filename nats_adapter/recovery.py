@@ -1,0 +1,476 @@
+"""Socket.IO connection state recovery across nodes, on the broker's message store.
+
+The protocol is the one socket.io-client >= 4.6 already speaks: the CONNECT reply
+carries a private id (``pid``); every event a socket receives from an emit without
+a callback ends with an offset (a string); on a reconnect the client sends
+``{pid, offset}`` in its CONNECT auth, and a server that can restore the session
+answers with the same pid after sending every packet the client missed, so the
+client sees ``socket.recovered === true``, the same sid, its rooms and its data.
+
+How this node does it:
+
+- Emits without a callback are not delivered from memory: they are stored
+  (:class:`~nats_adapter.brokers.base.MessageStore`) and every node, this one
+  included, delivers the stored copy the broker sends back with its sequence
+  number, which becomes the offset. Every socket therefore gets its events in
+  the store's order, whichever node sent them.
+- A session (sid, pid, rooms, data, owning node) is written to the store's
+  session bucket at connect and after room changes (so it survives a crash of its
+  node) and, on an engine.io-level close (network gone, ping timeout, server
+  shutdown), marked disconnected for ``window`` seconds. A namespace disconnect
+  (the client or the app said goodbye) deletes it.
+- On a reconnect with ``{pid, offset}`` to any node, the session is taken from the
+  bucket (once: of two nodes, one wins), its rooms re-joined, and, while new
+  traffic for the socket is held back, every stored message after ``offset`` for
+  its rooms, its namespace and its sid is sent, then the CONNECT reply, then what
+  was held back (without what was already replayed): exactly once, in order, no
+  gap at the seam. The sid is kept; when it names another node, this node adopts it
+  and tells the others, so direct messages reach it here.
+
+What cannot be restored gets a normal new session (a new pid: ``recovered`` is
+false): an unknown, forged or expired pid, a session of another namespace, an
+offset that is not a number or is older than what the store still holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from . import codec
+from .brokers.base import BrokerError, MessageStore
+from .sealing import Verdict
+from .sids import is_sid, sid_owner
+from .types import EncodedPacket
+
+if TYPE_CHECKING:
+    from .manager import ClusterManager
+
+logger = logging.getLogger(__name__)
+
+#: the most messages one room history request returns
+MAX_HISTORY = 200
+
+
+@dataclass(frozen=True, slots=True)
+class RecoveryOptions:
+    """:param window: seconds a disconnected session stays recoverable (socket.io's
+        ``maxDisconnectionDuration``, 2 minutes by default)."""
+
+    window: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not self.window > 0:
+            raise ValueError(f"window must be > 0 seconds, got {self.window!r}")
+
+
+@dataclass
+class _Restore:
+    """A session being restored on this node."""
+
+    pid: str
+    offset: int
+    session: dict[str, Any]
+    #: what the socket gets while it catches up: (seq, packet) held back
+    held: list[tuple[int, EncodedPacket]] = field(default_factory=list)
+
+
+def with_offset(pkt: EncodedPacket, seq: int) -> EncodedPacket:
+    """``pkt`` (an encoded EVENT) with the offset appended as its last argument."""
+    tail = f',"{seq}"]'
+    if isinstance(pkt, str):
+        return pkt[:-1] + tail
+    return [pkt[0][:-1] + tail, *pkt[1:]]  # type: ignore[operator]
+
+
+class Recovery:
+    """Connection state recovery for one :class:`ClusterManager` (see the module)."""
+
+    def __init__(self, manager: ClusterManager, options: RecoveryOptions) -> None:
+        self.manager = manager
+        self.options = options
+        self.store: MessageStore | None = None
+        #: sid -> pid of the local sockets
+        self.pids: dict[str, str] = {}
+        #: (eio sid, namespace) -> the restore in progress for that connection
+        self._restoring: dict[tuple[str, str], _Restore] = {}
+        #: eio sid -> restore whose socket is catching up (its live traffic is held)
+        self.catching_up: dict[str, _Restore] = {}
+        #: eio sids whose engine.io connection is closing (a recoverable disconnect)
+        self._engine_closing: set[str] = set()
+        #: sids adopted from another node (restored here) -> the node tag that has them
+        self.adopted: dict[str, str] = {}
+        self._dirty: set[str] = set()
+        self._flush_task: asyncio.Task[None] | None = None
+
+    # -- set-up ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        m = self.manager
+        store = m.broker.message_store(m.channels.prefix, self.options.window)
+        await store.setup()
+        self.store = store
+        # direct messages to this node's sids come back from the store on one wildcard
+        m.subscriptions.acquire(m.channels.live_sids(m.node_tag))
+
+    # -- where a sid lives -------------------------------------------------------------
+
+    def owner(self, sid: str) -> str:
+        return self.adopted.get(sid) or sid_owner(sid)
+
+    # -- sending -----------------------------------------------------------------------
+
+    async def store_emit(self, namespace: str, targets: list[str] | None,
+                         skip: frozenset[str], pkt: EncodedPacket) -> None:
+        """Store an emit on the subject of each target; the copies come back to every
+        node (this one too) with their sequence, and are delivered from there.
+
+        Returns once stored; raises :class:`BrokerError` if the store would not take it
+        (retried meanwhile): unlike an at-most-once relay, nobody got it then."""
+        m = self.manager
+        if targets is None:
+            subjects = [m.channels.stored_room(namespace, None)]
+        else:
+            subjects = list(dict.fromkeys(
+                m.channels.stored_sid(namespace, name) if is_sid(name)
+                else m.channels.stored_room(namespace, name)
+                for name in targets if not (is_sid(name) and name in skip)))
+        if not subjects:
+            return
+        dedupe = f"{m.node_tag}:{next(m._emit_ids)}" if len(subjects) > 1 else None
+        data = m._encode(codec.EmitMessage(m.node_tag, namespace, targets, sorted(skip), pkt,
+                                           dedupe))
+        if data is None:
+            return
+        for subject in subjects:
+            await self.publish(subject, data)
+
+    async def publish(self, subject: str, data: bytes) -> None:
+        """Store one envelope; raises :class:`BrokerError` when the store would not
+        take it (then nobody received it: the caller can say so)."""
+        m = self.manager
+        try:
+            if self.store is None:
+                raise BrokerError("the message store is not ready")
+            await self.store.publish(subject, data)
+        except BrokerError as exc:
+            m.stats.publish_errors += 1
+            m._log.warning("publish", "publish to %s lost: %s", subject, exc)
+            raise
+        m.stats.published += 1
+        m.stats.published_bytes += len(data)
+
+    # -- receiving ---------------------------------------------------------------------
+
+    async def deliver_stored(self, msg: codec.Message, seq: int) -> None:
+        """A stored message came back: deliver it with its offset."""
+        m = self.manager
+        if isinstance(msg, codec.EmitMessage):
+            if msg.dedupe_id is not None and not m._dedupe.first(msg.dedupe_id):
+                m.stats.dropped_duplicate += 1
+                return
+            if msg.rooms is not None and not m.hub.addresses_any(msg.namespace, msg.rooms):
+                m.stats.unwanted += 1
+                return
+            await m.hub.deliver(msg.namespace, msg.rooms, frozenset(msg.skip),
+                                with_offset(msg.packet, seq), seq=seq)
+        elif isinstance(msg, codec.RoomMessage) and msg.kind == codec.CLOSE_ROOM \
+                and msg.room is not None and not is_sid(msg.room):
+            m.basic_close_room(msg.room, msg.namespace)
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def session_of(self, sid: str, namespace: str, connected: bool) -> dict[str, Any]:
+        m = self.manager
+        eio_sid = m.hub.members(namespace, None).get(sid, "")
+        return {"sid": sid, "ns": namespace, "rooms": m.hub.rooms_of(sid, namespace),
+                "data": m._session_data(eio_sid, namespace), "node": m.node_tag,
+                "connected": connected, "at": time.time()}
+
+    def touch(self, sid: str) -> None:
+        """``sid``'s rooms changed: write its session soon (changes are coalesced)."""
+        if sid not in self.pids:
+            return
+        self._dirty.add(sid)
+        if self._flush_task is None or self._flush_task.done():
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0.05)
+        while self._dirty:
+            sid = self._dirty.pop()
+            pid = self.pids.get(sid)
+            if pid is None:
+                continue
+            for ns in self.manager.hub.namespaces_of(sid):
+                await self._put(pid, self.session_of(sid, ns, True))
+
+    async def _put(self, pid: str, session: dict[str, Any], ttl: float | None = None) -> None:
+        if self.store is None:
+            return
+        try:
+            await self.store.put_session(pid, msgpack.packb(session, use_bin_type=True), ttl)
+        except (BrokerError, TypeError, ValueError) as exc:
+            logger.warning("could not store the session of %s: %s", session.get("sid"), exc)
+
+    def engine_closing(self, eio_sid: str) -> None:
+        self._engine_closing.add(eio_sid)
+
+    def engine_closed(self, eio_sid: str) -> None:
+        self._engine_closing.discard(eio_sid)
+
+    def on_disconnect(self, sid: str, namespace: str, eio_sid: str) -> None:
+        """``sid`` is leaving (before its rooms are): keep its session for the window if
+        the network went away, forget it if it said goodbye."""
+        self._dirty.discard(sid)
+        pid = self.pids.pop(sid, None)
+        restore = self.catching_up.pop(eio_sid, None)
+        if restore is not None:
+            self._restoring.pop((eio_sid, namespace), None)
+        m = self.manager
+        if self.adopted.get(sid) == m.node_tag:
+            del self.adopted[sid]
+            m.subscriptions.release(m.channels.live_sid(sid))
+            m._spawn(m._cluster_notice("disown", {"sid": sid}))
+        if pid is None or self.store is None:
+            return
+        if eio_sid in self._engine_closing:
+            session = self.session_of(sid, namespace, False)
+            m._spawn(self._put(pid, session, ttl=self.options.window))
+        else:
+            m._spawn(self.store.delete_session(pid))
+
+    # -- restoring ---------------------------------------------------------------------
+
+    async def before_connect(self, eio_sid: str, namespace: str, auth: Any) -> None:
+        """A CONNECT arrived: if its auth asks to restore a session we can, plan it."""
+        if self.store is None or not isinstance(auth, dict):
+            return
+        pid, offset = auth.get("pid"), auth.get("offset")
+        if not isinstance(pid, str) or not isinstance(offset, str):
+            return
+        m = self.manager
+        m.stats.recovery_attempts += 1
+        problem = await self._restorable(pid, offset, namespace)
+        if isinstance(problem, str):
+            m.stats.recovery_refused += 1
+            logger.info("not restoring a session for %s: %s", eio_sid, problem)
+            return
+        self._restoring[(eio_sid, namespace)] = problem
+
+    async def _restorable(self, pid: str, offset: str, namespace: str) -> _Restore | str:
+        if not (0 < len(pid) <= 64 and pid.replace("-", "").replace("_", "").isalnum()):
+            return "not a pid"
+        if not (offset.isascii() and offset.isdigit() and len(offset) <= 20):
+            return "not an offset"
+        assert self.store is not None
+        try:
+            blob = await self.store.take_session(pid)
+        except BrokerError as exc:
+            return f"the session store did not answer: {exc}"
+        if blob is None:
+            return "no such session (unknown, expired or taken)"
+        try:
+            session = msgpack.unpackb(blob, raw=False)
+        except Exception:
+            return "unreadable session"
+        if not isinstance(session, dict) or session.get("ns") != namespace \
+                or not is_sid(session.get("sid")):
+            return "a session of another namespace"
+        position = int(offset)
+        first, last = await self.store.bounds()
+        if position > last:
+            return "an offset from the future"
+        if position + 1 < first:
+            return "messages after the offset are no longer stored"
+        if not session.get("connected"):
+            if time.time() - float(session.get("at", 0)) > self.options.window:
+                return "disconnected for longer than the window"
+        elif not await self._release_elsewhere(session):
+            return "the socket is still connected on its node"
+        return _Restore(pid, position, session)
+
+    async def _release_elsewhere(self, session: dict[str, Any]) -> bool:
+        """The session says its socket is connected: make sure it is not (its node
+        died, or keeps a connection the client has already left)."""
+        m = self.manager
+        sid, node = str(session["sid"]), str(session.get("node", ""))
+        if node == m.node_tag or self.owner(sid) == m.node_tag:
+            if m.hub.is_local(sid, str(session["ns"])):
+                await m.server.disconnect(sid, namespace=session["ns"], ignore_queue=True)
+            return True
+        if node not in m.peers.tags():
+            return True  # its node is gone
+        try:
+            answer = await m._ask(node, "release", {"sid": sid, "ns": session["ns"]},
+                                  timeout=1.0)
+        except TimeoutError:
+            return True  # its node does not answer: as good as gone
+        return answer is not None
+
+    def after_connect(self, eio_sid: str, namespace: str) -> None:
+        # a connect that was refused (or failed) leaves nothing half restored
+        restore = self._restoring.pop((eio_sid, namespace), None)
+        if restore is not None and self.catching_up.get(eio_sid) is restore:
+            del self.catching_up[eio_sid]
+
+    def restored_sid(self, eio_sid: str, namespace: str) -> str | None:
+        """The sid to give this connection, when it restores a session (pre_connect)."""
+        restore = self._restoring.get((eio_sid, namespace))
+        if restore is None:
+            return None
+        sid = str(restore.session["sid"])
+        if self.manager.hub.is_local(sid, namespace):
+            return None  # still here after all: not restorable
+        return sid
+
+    async def reattach(self, sid: str, eio_sid: str, namespace: str) -> None:
+        """pre_connect gave ``sid`` back: its rooms, its data, and hold its traffic."""
+        restore = self._restoring[(eio_sid, namespace)]
+        m = self.manager
+        self.catching_up[eio_sid] = restore
+        if sid_owner(sid) != m.node_tag:
+            self.adopted[sid] = m.node_tag
+            m.subscriptions.acquire(m.channels.live_sid(sid))
+            await m._cluster_notice("adopt", {"sid": sid})
+        rooms = [r for r in restore.session.get("rooms") or [] if isinstance(r, str)]
+        for room in rooms[:m._max_rooms]:
+            m.basic_enter_room(sid, namespace, room)
+        data = restore.session.get("data")
+        if isinstance(data, dict) and data and m.server is not None:
+            await m.server.save_session(sid, data, namespace=namespace)
+
+    async def send_connect_reply(self, eio_sid: str, pkt: Any,
+                                 send: Callable[[str, Any], Any]) -> None:
+        """The CONNECT reply: with a pid, after the missed packets when restoring."""
+        ns = pkt.namespace or "/"
+        sid = str(pkt.data.get("sid"))
+        restore = self._restoring.pop((eio_sid, ns), None)
+        if restore is None or self.catching_up.get(eio_sid) is not restore:
+            pid = secrets.token_urlsafe(16)
+            self.pids[sid] = pid
+            pkt.data["pid"] = pid
+            await send(eio_sid, pkt)
+            self.touch(sid)
+            return
+        try:
+            replayed = await self._catch_up(sid, ns, restore, eio_sid, send)
+        except BrokerError as exc:
+            # the session is taken but what it missed cannot be read: carry on as a new
+            # session (a new pid: the client sees recovered false)
+            self.catching_up.pop(eio_sid, None)
+            self.manager.stats.recovery_refused += 1
+            logger.warning("could not replay for %s (%s): a new session instead", sid, exc)
+            pid = secrets.token_urlsafe(16)
+            self.pids[sid] = pid
+            pkt.data["pid"] = pid
+            await send(eio_sid, pkt)
+            for _seq, held in sorted(restore.held, key=lambda item: item[0]):
+                await send(eio_sid, _Raw(held))
+            self.touch(sid)
+            return
+        finally:
+            self.catching_up.pop(eio_sid, None)
+        self.pids[sid] = restore.pid
+        self.manager.stats.recovered += 1
+        logger.info("restored %s (%d missed packets)", sid, replayed)
+        self.touch(sid)
+
+    async def _catch_up(self, sid: str, ns: str, restore: _Restore, eio_sid: str,
+                        send: Callable[[str, Any], Any]) -> int:
+        m = self.manager
+        assert self.store is not None
+        channels = m.channels
+        rooms = m.hub.rooms_of(sid, ns)
+        for room in rooms:  # live traffic must reach the hold-back buffer from here on
+            await m.subscriptions.ready(channels.room(ns, room), m._subscribe_timeout)
+        subjects = [channels.stored_room(ns, r) for r in rooms]
+        subjects += [channels.stored_room(ns, None), channels.stored_sid(ns, sid)]
+        done, count = restore.offset, 0
+        seen: set[str] = set()
+        for _ in range(2):  # again, for what was stored while the first pass ran
+            _, last = await self.store.bounds()
+            for seq, _subject, data in await self.store.replay(subjects, done, last):
+                pkt = self._replayable(data, sid, ns, rooms, seen)
+                if pkt is not None:
+                    await send(eio_sid, _Raw(with_offset(pkt, seq)))
+                    count += 1
+                done = max(done, seq)
+            await asyncio.sleep(0.05)
+        pkt_class = m.server.packet_class
+        reply = pkt_class(0, {"sid": sid, "pid": restore.pid}, namespace=ns)
+        await send(eio_sid, reply)
+        for seq, held in sorted(restore.held, key=lambda item: item[0]):
+            if seq > done:
+                await send(eio_sid, _Raw(held))
+        return count
+
+    def _replayable(self, data: bytes, sid: str, ns: str, rooms: list[str],
+                    seen: set[str]) -> EncodedPacket | None:
+        """The packet of a stored envelope if ``sid`` was among its recipients."""
+        m = self.manager
+        if m._key is not None:
+            verdict, body, _ = m._key.open(data, check_time=False)
+            if verdict is not Verdict.OK:
+                return None
+            data = body
+        try:
+            msg = codec.decode(data)
+        except codec.EnvelopeError:
+            return None
+        if not isinstance(msg, codec.EmitMessage) or msg.namespace != ns or sid in msg.skip:
+            return None
+        if msg.rooms is not None and sid not in msg.rooms \
+                and not any(r in rooms for r in msg.rooms):
+            return None
+        if msg.dedupe_id is not None:
+            if msg.dedupe_id in seen:
+                return None
+            seen.add(msg.dedupe_id)
+        return msg.packet
+
+    # -- history -----------------------------------------------------------------------
+
+    async def room_history(self, room: str, limit: int, namespace: str = "/"
+                           ) -> list[tuple[str, list[Any], str]]:
+        """The last ``limit`` events emitted to ``room`` (event, args, offset), oldest
+        first."""
+        if self.store is None:
+            raise BrokerError("the message store is not ready")
+        if not 0 < limit <= MAX_HISTORY:
+            raise ValueError(f"limit must be 1-{MAX_HISTORY}, got {limit!r}")
+        m = self.manager
+        out = []
+        for seq, data in await self.store.history(m.channels.stored_room(namespace, room),
+                                                 limit):
+            pkt = self._replayable(data, "", namespace, [room], set())
+            if not isinstance(pkt, str):
+                continue
+            head = "2" + ("" if namespace == "/" else f"{namespace},")
+            try:
+                decoded = m.server.packet_class.json.loads(pkt[len(head):])
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(decoded, list) and decoded and isinstance(decoded[0], str):
+                out.append((decoded[0], decoded[1:], str(seq)))
+        return out
+
+
+class _Raw:
+    """An already encoded packet, sent as is by python-socketio's _send_packet."""
+
+    __slots__ = ("encoded", "packet_type")
+
+    def __init__(self, encoded: EncodedPacket) -> None:
+        self.encoded = encoded
+        self.packet_type = 2
+
+    def encode(self) -> EncodedPacket:
+        return self.encoded

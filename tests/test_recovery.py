@@ -1,0 +1,320 @@
+"""Connection state recovery across gateways, with the official socket.io-client in its
+default settings, reconnecting through a front that sends it to the other gateway.
+
+A dedicated 3-node NATS cluster with JetStream; gateways run with --recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway.processes import (
+    GatewayNode,
+    NatsCluster,
+    free_ports,
+    start_gateway,
+    stop_all,
+    wait_gateways,
+)
+from tests.front import Front
+from tests.helpers import REPO, WAIT, NodeClient, SioClient, connect_all, http_json, running
+
+
+class DefaultClient(NodeClient):
+    """socket.io-client with default options (tests/js/recovery_driver.mjs)."""
+
+    @classmethod
+    async def start(cls, node_bin: str, url: str, name: str = "node") -> DefaultClient:
+        proc = await asyncio.create_subprocess_exec(
+            node_bin, str(REPO / "tests" / "js" / "recovery_driver.mjs"), url,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO))
+        client = cls(proc, name)
+        await client.wait_for(lambda c: c.connects(), what="connect")
+        return client
+
+    def connects(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == "connect"]
+
+    def chats(self) -> list[tuple[dict[str, Any], str]]:
+        """(message, offset) of every chat received."""
+        return [(e["args"][0], e["args"][-1]) for e in self.events
+                if e["type"] == "event" and e["event"] == "chat"]
+
+
+@pytest.fixture(scope="module")
+def nats3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    with running(NatsCluster(tmp_path_factory.mktemp("recovery") / "nats", size=3)) as c:
+        yield c
+
+
+def start_gateways(workdir: Path, cluster: NatsCluster, count: int, *extra: str
+                   ) -> list[GatewayNode]:
+    gws: list[GatewayNode] = []
+    try:
+        for i, port in enumerate(free_ports(count)):
+            gws.append(start_gateway(workdir, f"rec-gw-{i + 1}-{uuid.uuid4().hex[:4]}", port,
+                                     "nats", cluster.gateway_args(),
+                                     extra=["--recovery", "on", "--heartbeat-interval", "0.5",
+                                            *extra]))
+        wait_gateways(gws, timeout=40)
+    except BaseException:
+        stop_all([g.child for g in gws])
+        raise
+    return gws
+
+
+@pytest.fixture
+def trio(tmp_path: Path, nats3: NatsCluster) -> Iterator[list[GatewayNode]]:
+    """gw-1: where the client starts; gw-2: where the front sends it back; gw-3: a sender."""
+    gws = start_gateways(tmp_path, nats3, 3)
+    try:
+        yield gws
+    finally:
+        stop_all([g.child for g in gws])
+
+
+@pytest.fixture
+async def front(trio: list[GatewayNode]) -> AsyncIterator[Front]:
+    f = await Front(("127.0.0.1", trio[0].port)).start()
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
+class Senders:
+    """a on gw-1 and b on gw-2 chat on every room every 100 ms."""
+
+    def __init__(self, a: SioClient, b: SioClient, rooms: list[str]) -> None:
+        self.sent: list[tuple[str, str]] = []  # (room, text)
+        self._tasks = [asyncio.get_running_loop().create_task(self._run(c, rooms))
+                       for c in (a, b)]
+
+    async def _run(self, c: SioClient, rooms: list[str]) -> None:
+        n = 0
+        while True:
+            n += 1
+            for room in rooms:
+                text = f"{c.name}-{room}-{n}"
+                ack = await c.call("chat", {"room": room, "text": text})
+                if isinstance(ack, dict) and ack.get("ok"):
+                    self.sent.append((room, text))
+            await asyncio.sleep(0.1)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def until(done: Any, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+OUTAGES = ["network", "sigterm", "sigkill", "nats-node"]
+
+
+@pytest.mark.parametrize("outage", OUTAGES)
+async def test_a_dropped_client_comes_back_on_the_other_gateway_with_nothing_missed(
+        outage: str, trio: list[GatewayNode], front: Front, nats3: NatsCluster,
+        clients: list[SioClient], node_bin: str) -> None:
+    """In two rooms, with chat flowing on both from two gateways, the client loses its
+    connection for 5 s (its network drops; its gateway is stopped for a rolling
+    deploy; its gateway crashes; a NATS node dies meanwhile) and comes back through
+    the front on another gateway: recovered, same sid, both rooms, every message it
+    missed once and in order, none of its own."""
+    rooms = [f"rec-{uuid.uuid4().hex[:4]}" for _ in range(2)]
+    a, b = await connect_all(clients, [("a", trio[2].url), ("b", trio[1].url)], offsets=True)
+    js = await DefaultClient.start(node_bin, front.url, "js")
+    senders = None
+    killed_nats = None
+    try:
+        for room in rooms:
+            for c in (a, b):
+                await c.join(room)
+            assert (await js.call("join", room))["ok"] is True
+        first = js.connects()[0]
+        assert first["recovered"] is False
+        mine = (await js.call("chat", {"room": rooms[0], "text": "from js"}))["id"]
+        senders = Senders(a, b, rooms)
+        await until(lambda: len(js.chats()) >= 10)
+        front.refusing = True
+        gw1 = trio[0].child
+        assert gw1 is not None
+        if outage == "sigterm":
+            gw1.signal(signal.SIGTERM)
+        elif outage == "sigkill":
+            gw1.signal(signal.SIGKILL)
+        else:
+            front.cut()
+        if outage == "nats-node":
+            killed_nats = nats3.nodes[0]
+            assert killed_nats.child is not None
+            killed_nats.child.signal(signal.SIGKILL)
+        await asyncio.sleep(5)
+        front.target = ("127.0.0.1", trio[1].port)
+        front.refusing = False
+        await until(lambda: len(js.connects()) >= 2, timeout=20)
+        again = js.connects()[-1]
+        assert again["recovered"] is True, js.events[-10:]
+        assert again["sid"] == first["sid"]
+        await asyncio.sleep(1.0)  # live traffic after the seam
+        await senders.stop()
+        await asyncio.sleep(1.0)
+        got = [(m["room"], m["text"]) for m, _ in js.chats()]
+        sent = set(senders.sent)
+        print(f"\n{outage}: sent {len(sent)}, received {len(got)}")
+        assert len(got) == len(set(got)), "a message arrived twice"
+        assert all(m["id"] != mine for m, _ in js.chats()), "its own message came back"
+        missing = sent - set(got)
+        assert not missing, f"{len(missing)} of {len(sent)} never arrived: {sorted(missing)[:5]}"
+        offsets = [int(o) for _, o in js.chats()]
+        assert offsets == sorted(offsets), "not in the store's order"
+        for sender in ("a", "b"):
+            for room in rooms:
+                seq = [int(t.rsplit("-", 1)[1]) for r, t in got
+                       if r == room and t.startswith(f"{sender}-")]
+                assert seq == sorted(seq), f"{sender} on {room} out of order"
+        # both rooms are still joined, now on gw-2
+        ack = await js.call("chat", {"room": rooms[1], "text": "back"})
+        assert ack["ok"] is True, ack
+        await a.wait_for(lambda c: "back" in c.texts(), what="the recovered client's chat")
+    finally:
+        if senders is not None:
+            await senders.stop()
+        await js.close()
+        if killed_nats is not None:
+            nats3.start_node(nats3.nodes.index(killed_nats))
+            nats3.wait_ready()
+
+
+async def test_bad_pids_and_offsets_get_a_new_session_never_someone_elses(
+        trio: list[GatewayNode], clients: list[SioClient]) -> None:
+    room = f"rec-{uuid.uuid4().hex[:4]}"
+    (owner,) = await connect_all(clients, [("owner", trio[0].url)], offsets=True)
+    await owner.join(room)
+    (other,) = await connect_all(clients, [("other", trio[1].url)], offsets=True)
+    await other.join(room)
+    await other.chat(room, "so owner has an offset")
+    await owner.wait_for(lambda c: c.texts() == ["so owner has an offset"], what="a chat")
+    # what a forger might send in its CONNECT auth
+    attempts = [
+        {"pid": "forged-pid", "offset": owner.offsets[-1]},
+        {"pid": "x" * 5000, "offset": "1"},
+        {"pid": 5, "offset": "1"},
+        {"pid": "AAAAAAAAAAAAAAAAAAAAAA", "offset": "not a number"},
+        {"pid": "AAAAAAAAAAAAAAAAAAAAAA", "offset": "99999999999999999999999"},
+    ]
+    for auth in attempts:
+        c = SioClient("forger", offsets=True)
+        clients.append(c)
+        await c.connect(trio[2].url, auth=auth)
+        assert c.sid != owner.sid
+        refused = await c.call("chat", {"room": room, "text": "let me in"})
+        assert refused["ok"] is False and "not a member" in refused["error"], (auth, refused)
+        await c.close()
+    assert owner.sio.connected, "an attempt disturbed the real session"
+
+
+async def test_history_on_join_and_over_http(trio: list[GatewayNode],
+                                           clients: list[SioClient]) -> None:
+    room = f"hist-{uuid.uuid4().hex[:4]}"
+    (talker,) = await connect_all(clients, [("talker", trio[0].url)], offsets=True)
+    await talker.join(room)
+    for i in range(8):
+        await talker.chat(room, f"h{i}")
+    (late,) = await connect_all(clients, [("late", trio[1].url)], offsets=True)
+    ack = await late.call("join", {"room": room, "history": 5})
+    assert ack["ok"] is True and [m["text"] for m in ack["history"]] == \
+        [f"h{i}" for i in range(3, 8)], ack
+    too_many = await late.call("join", {"room": room, "history": 10**9})
+    assert too_many["ok"] is False and "history must be" in too_many["error"]
+    status, body = await asyncio.to_thread(
+        http_json, f"{trio[2].url}/api/rooms/{room}/messages?limit=3")
+    assert status == 200 and [m["text"] for m in body["messages"]] == ["h5", "h6", "h7"]
+    status, body = await asyncio.to_thread(
+        http_json, f"{trio[2].url}/api/rooms/{room}/messages?limit=100000")
+    assert status == 400
+
+
+async def test_past_the_window_a_client_gets_a_fresh_session(
+        tmp_path: Path, nats3: NatsCluster, clients: list[SioClient], node_bin: str) -> None:
+    gws = start_gateways(tmp_path, nats3, 1, "--recovery-window", "2")
+    front = await Front(("127.0.0.1", gws[0].port)).start()
+    js = await DefaultClient.start(node_bin, front.url, "js")
+    try:
+        room = f"rec-{uuid.uuid4().hex[:4]}"
+        assert (await js.call("join", room))["ok"] is True
+        (other,) = await connect_all(clients, [("other", gws[0].url)], offsets=True)
+        await other.join(room)
+        await other.chat(room, "one")
+        await js.wait_for(lambda c: len(c.chats()) == 1, what="a chat")
+        front.refusing = True
+        front.cut()
+        await asyncio.sleep(4)  # twice the window
+        front.refusing = False
+        await until(lambda: len(js.connects()) >= 2, timeout=15)
+        again = js.connects()[-1]
+        assert again["recovered"] is False
+        assert again["sid"] != js.connects()[0]["sid"]
+        refused = await js.call("chat", {"room": room, "text": "still here?"})
+        assert refused["ok"] is False and "not a member" in refused["error"]
+    finally:
+        await js.close()
+        await front.close()
+        stop_all([g.child for g in gws])
+
+
+@pytest.mark.browser
+async def test_the_chat_page_in_chromium_recovers_and_says_so(
+        trio: list[GatewayNode], front: Front, clients: list[SioClient], node_bin: str,
+        chromium_bin: str, tmp_path: Path) -> None:
+    room = f"page-{uuid.uuid4().hex[:4]}"
+    (talker,) = await connect_all(clients, [("talker", trio[2].url)], offsets=True)
+    await talker.join(room)
+    await talker.chat(room, "before the page came")
+    proc = await asyncio.create_subprocess_exec(
+        node_bin, str(REPO / "tests" / "js" / "browser_recovery.mjs"), front.url, room,
+        chromium_bin, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        cwd=str(REPO), env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+        assert ready.get("ready"), ready
+        sent = []
+        for i in range(5):
+            sent.append(f"live-{i}")
+            await talker.chat(room, sent[-1])
+        front.refusing = True
+        front.cut()
+        for i in range(5):  # while the page is away
+            sent.append(f"missed-{i}")
+            await talker.chat(room, sent[-1])
+            await asyncio.sleep(0.5)
+        front.target = ("127.0.0.1", trio[1].port)
+        front.refusing = False
+        proc.stdin.write(b"look\n")
+        await proc.stdin.drain()
+        seen = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+    assert seen["errors"] == [], seen["errors"]
+    assert [c["recovered"] for c in seen["connects"]] == [False, True]
+    assert seen["connects"][1]["id"] == ready["id"]
+    assert [m["text"] for m in seen["messages"]] == sent
+    assert "reconnected: session recovered, nothing was missed" in seen["log"]
+    assert f"[{room}] {talker.sid}: before the page came (earlier)" in seen["log"]
