@@ -102,10 +102,11 @@ def run(args: argparse.Namespace) -> int:
         if args.log_level is not None:
             extra += ["--log-level", args.log_level]
         for i in range(args.gateways):
+            env: dict[str, str] = {}
             if brokers is not None:
-                broker_args = brokers.gateway_args(i)
+                broker_args, env = brokers.gateway_args(i), brokers.gateway_env(i)
             gw = start_gateway(workdir, f"gw-{i + 1}", args.port + i, args.backend, broker_args,
-                               host=args.host, extra=extra)
+                               host=args.host, extra=extra, env=env)
             gateways.append(gw)
         wait_gateways(gateways)
         for gw in gateways:
@@ -137,8 +138,8 @@ def _brokers(args: argparse.Namespace, workdir: Path) -> LocalCluster[Any] | Non
         redis_ports = None
         if args.redis_port is not None:
             redis_ports = [args.redis_port + i for i in range(args.redis_nodes)]
-        # with REDIS_PASSWORD set, the cluster requires it and the gateways (which
-        # inherit the environment) log in with it
+        # with REDIS_PASSWORD set, the cluster requires it (users.acl: admin and
+        # gateway) and the gateways log in with it as the limited user `gateway`
         return RedisCluster(workdir / "redis", size=args.redis_nodes, host=args.host,
                             ports=redis_ports, password=os.environ.get("REDIS_PASSWORD") or None)
     client_ports = None

@@ -22,14 +22,24 @@ from .children import (
     wait_until,
 )
 from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
-from .nats_cluster import NATS_CONFIG, NatsCluster, NatsNode
-from .redis_cluster import REDIS_CONFIG, RedisCluster, RedisNode, RedisServer, redis_cli
+from .nats_cluster import NATS_CONFIG, NATS_SECURE_CONFIG, NatsCluster, NatsNode
+from .redis_cluster import (
+    REDIS_CONFIG,
+    REDIS_USERS,
+    RedisCluster,
+    RedisNode,
+    RedisServer,
+    acl_file_text,
+    redis_cli,
+)
 from .supervisor import Supervisor
 
 __all__ = [
     "INFRA",
     "NATS_CONFIG",
+    "NATS_SECURE_CONFIG",
     "REDIS_CONFIG",
+    "REDIS_USERS",
     "REPO_ROOT",
     "Child",
     "GatewayNode",
@@ -42,6 +52,7 @@ __all__ = [
     "RedisNode",
     "RedisServer",
     "Supervisor",
+    "acl_file_text",
     "find_binary",
     "free_ports",
     "gateway_argv",

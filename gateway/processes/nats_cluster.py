@@ -20,6 +20,9 @@ from .children import (
 )
 
 NATS_CONFIG = INFRA / "nats" / "node.conf"
+#: the production variant docker-compose.yml runs: one user per gateway, confined to
+#: the gateway's subjects (see the file for its variables)
+NATS_SECURE_CONFIG = INFRA / "nats" / "node-secure.conf"
 
 @dataclass
 class NatsNode:
