@@ -17,6 +17,8 @@ import nats.errors
 import pytest
 import redis.asyncio
 import redis.exceptions
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from gateway.processes import (
     NATS_SECURE_CONFIG,
@@ -65,7 +67,7 @@ class Rogue:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
-        self.nc: nats.NATS | None = None
+        self.nc: Client | None = None
 
     async def connect(self, url: str, user: str, password: str) -> Rogue:
         async def error_cb(exc: Exception) -> None:
@@ -137,7 +139,7 @@ async def test_gateway_credentials_cannot_publish_outside_the_prefix(
         assert rogue.nc is not None and listener.nc is not None
         got: list[str] = []
 
-        async def record(msg: nats.aio.msg.Msg) -> None:
+        async def record(msg: Msg) -> None:
             got.append(msg.subject)
 
         await listener.nc.subscribe("sio.room.>", cb=record)
