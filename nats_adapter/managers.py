@@ -30,6 +30,7 @@ class NatsManager(ClusterManager):
         connect_options: dict[str, Any] | None = None,
         connection_name: str = "socketio-gateway",
         pending_msgs_limit: int | None = None,
+        ping_interval: int = 5,
         **kwargs: Any,
     ) -> None:
         from .brokers.nats import NatsBroker
@@ -37,7 +38,8 @@ class NatsManager(ClusterManager):
         urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
         super().__init__(NatsBroker(urls, connect_options=connect_options,
                                     connection_name=connection_name,
-                                    pending_msgs_limit=pending_msgs_limit), **kwargs)
+                                    pending_msgs_limit=pending_msgs_limit,
+                                    ping_interval=ping_interval), **kwargs)
 
 
 class RedisShardedManager(ClusterManager):
