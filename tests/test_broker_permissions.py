@@ -9,6 +9,9 @@ A gateway's credentials in the wrong hands reach chat traffic and nothing else.
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,11 +29,13 @@ from gateway.processes import (
     NatsCluster,
     RedisCluster,
     free_ports,
+    http_json,
     start_gateway,
     stop_all,
     wait_gateways,
 )
-from tests.helpers import WAIT, SioClient, connect_all, owner_of, running
+from tests.helpers import REPO, WAIT, SioClient, connect_all, owner_of, running
+from tests.test_launcher import consecutive_free_ports, start_launcher
 
 PASSWORDS = {"gw-1": "gw1-pass-4d2a9f", "gw-2": "gw2-pass-81c3e0"}
 ROUTE_AUTH = ("route", "route-pass-6b0e2c")
@@ -38,10 +43,9 @@ ROUTE_AUTH = ("route", "route-pass-6b0e2c")
 
 @pytest.fixture(scope="module")
 def secure_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    env = {"NATS_GATEWAY_1_PASSWORD": PASSWORDS["gw-1"],
-           "NATS_GATEWAY_2_PASSWORD": PASSWORDS["gw-2"]}
-    cluster = NatsCluster(tmp_path_factory.mktemp("secure-nats"), size=3, config=NATS_SECURE_CONFIG,
-                          env=env, route_auth=ROUTE_AUTH)
+    cluster = NatsCluster(tmp_path_factory.mktemp("secure-nats"), size=3,
+                          config=NATS_SECURE_CONFIG, route_auth=ROUTE_AUTH,
+                          gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
     with running(cluster):
         yield cluster
 
@@ -53,9 +57,9 @@ def per_user_gateways(secure_nats: NatsCluster, tmp_path_factory: pytest.TempPat
     workdir = tmp_path_factory.mktemp("secure-gws")
     gws: list[GatewayNode] = []
     try:
-        for (user, password), port in zip(PASSWORDS.items(), free_ports(2), strict=True):
-            gws.append(start_gateway(workdir, user, port, "nats", secure_nats.gateway_args(),
-                                     env={"NATS_USER": user, "NATS_PASSWORD": password}))
+        for i, port in enumerate(free_ports(2)):
+            gws.append(start_gateway(workdir, f"gw-{i + 1}", port, "nats",
+                                     secure_nats.gateway_args(), env=secure_nats.gateway_env(i)))
         wait_gateways(gws)
         yield gws
     finally:
@@ -107,6 +111,39 @@ async def test_gateways_with_their_own_nats_users_chat_across_nodes(
         log = gw.child.log_path.read_text()
         assert "ermissions" not in log, f"{gw.node_id} was refused something it needs:\n{log}"
         assert PASSWORDS[gw.node_id] not in log
+
+
+async def test_launcher_secure_runs_per_gateway_users(clients: list[SioClient]) -> None:
+    """``python -m gateway cluster --secure``: the brokers as compose runs them, each
+    gateway logged in as its own user, and nothing gets in without a password."""
+    launcher = start_launcher("--secure", "--port", str(consecutive_free_ports(2)))
+    try:
+        nats_nodes = launcher.nats_nodes()
+        a, b = await connect_all(clients, [("a", launcher.gateway_urls()[0]),
+                                           ("b", launcher.gateway_urls()[1])])
+        for c in (a, b):
+            await c.join("launched")
+        await a.chat("launched", "secure launcher")
+        await b.wait_texts(["secure launcher"])
+        users = set()
+        for _client, monitor in nats_nodes.values():
+            _, body = http_json(f"http://127.0.0.1:{monitor}/connz?auth=1")
+            users |= {c.get("authorized_user") for c in body["connections"]}
+        assert users == {"gw-1", "gw-2"}, users
+        client_port = next(iter(nats_nodes.values()))[0]
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(f"nats://127.0.0.1:{client_port}", allow_reconnect=False,
+                               connect_timeout=2, max_reconnect_attempts=0)
+    finally:
+        launcher.proc.send_signal(signal.SIGTERM)
+        launcher.proc.wait(30)
+
+
+def test_launcher_secure_refuses_gateways_without_a_user() -> None:
+    proc = subprocess.run([sys.executable, "-m", "gateway", "cluster", "--secure",
+                           "--gateways", "3"], capture_output=True, text=True, timeout=30,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "users for 2 gateways" in proc.stderr, proc.stderr
 
 
 async def test_without_a_password_nothing_connects(secure_nats: NatsCluster) -> None:

@@ -163,6 +163,9 @@ async def test_crashed_nats_container_is_restarted_by_the_policy(
         await wait_for(lambda: stack.inspect(victim)["RestartCount"] > before, 30,
                        f"{victim} to be restarted")
         await wait_for(lambda: mesh_is_whole(stack), 30, "the mesh to be whole again")
+        # the gateway that was on it may still be reconnecting (the restarted node
+        # can come back before the gateway's next try)
+        await asyncio.to_thread(stack.wait_healthy, 30)
         traffic.mark("restart")
         await asyncio.sleep(3)
     flows = [traffic.flow_report(f) for f in traffic.flows]
@@ -245,9 +248,9 @@ async def redis_stack(podman: Podman, images: Images, stack: ComposeStack
 def room_owner(stack: ComposeStack, room: str) -> str:
     """The redis service whose master owns ``room``'s shard channel, asked of Redis."""
     password = TEST_PASSWORDS["REDIS_ADMIN_PASSWORD"]
-    nodes = {RedisNode(s, stack.ip(s), 7000, password=password): s
-             for s in ("redis-1", "redis-2", "redis-3")}
-    return nodes[owner_of(list(nodes), ChannelNames().room("/", room))]
+    services = ("redis-1", "redis-2", "redis-3")
+    nodes = [RedisNode(s, stack.ip(s), 7000, password=password) for s in services]
+    return owner_of(nodes, ChannelNames().room("/", room)).name
 
 
 async def test_redis_profile_chats_and_survives_a_master_crash(

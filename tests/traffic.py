@@ -185,10 +185,27 @@ class Traffic:
 
 
 def record(scenario: str, result: dict[str, Any]) -> Path:
-    """Append one scenario's measurements to bench-results/reliability/results.jsonl."""
+    """Append one scenario's measurements to bench-results/reliability/results.jsonl
+    and rewrite results.md, a table of every run so far."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "results.jsonl"
     with path.open("a") as f:
         f.write(json.dumps({"scenario": scenario, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                             **result}) + "\n")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    (RESULTS / "results.md").write_text(markdown_table(rows))
     return path
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """One line per scenario and flow: delivery, loss, gap, latency, /healthz."""
+    out = ["| when | scenario | flow | acked | lost | longest gap s | p99 ms | max ms "
+           "| /healthz not 200 s (gw-1, gw-2) |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        health = ", ".join(str(h["healthz_not_200_s"]) for h in row.get("health", []))
+        for flow in row.get("flows", []):
+            out.append(f"| {row['time']} | {row['scenario']} | {flow['flow']} "
+                       f"| {flow['sent_acked']} | {flow['lost']} | {flow['max_gap_s']} "
+                       f"| {flow['latency_p99_ms']} | {flow['latency_max_ms']} | {health} |")
+    return "\n".join(out) + "\n"
