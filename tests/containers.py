@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,13 +308,13 @@ def _wheelhouse() -> Path:
     constraints = folder / "constraints.txt"
     constraints.write_text(freeze)
     pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
+    # the project's dependencies, not the project: the image builds that from its
+    # sources (and building it here would leave build/ in the checkout)
+    dependencies = tomllib.loads(pyproject.decode())["project"]["dependencies"]
     _run([*pip, "wheel", "--wheel-dir", str(folder), "--constraint", str(constraints),
-          str(REPO_ROOT)], timeout=900)
-    # the project's own wheel is built in the image from its sources; pip's build
-    # isolation there needs setuptools (and wheel) from this folder. Debian's Python
-    # is 3.11.2, where redis-py also needs async-timeout (markers: < 3.11.3).
-    for own in folder.glob("nats_socketio_gateway-*.whl"):
-        own.unlink()
+          *dependencies], timeout=900)
+    # pip's build isolation in the image needs setuptools (and wheel) from this folder.
+    # Debian's Python is 3.11.2, where redis-py also needs async-timeout (< 3.11.3).
     _run([*pip, "download", "--dest", str(folder), "--only-binary", ":all:",
           "setuptools>=68", "wheel", "async-timeout>=4.0.3"], timeout=900)
     (folder / ".complete").touch()
