@@ -22,8 +22,8 @@ from gateway.processes import (
     REDIS_CONFIG,
     RedisCluster,
     acl_file_text,
+    cluster_ports,
     find_binary,
-    free_ports,
     redis_cli,
     spawn,
     wait_until,
@@ -218,7 +218,7 @@ def test_redis_nodes_keep_protected_mode() -> None:
 def test_compose_start_script_runs_a_node_with_the_launcher_acl(tmp_path: Path) -> None:
     """start-node.sh (what compose runs) starts a real redis-server whose ACL is the one
     the launcher writes: the default user is off, admin and gateway log in."""
-    port = free_ports(1)[0]
+    port = cluster_ports(1)[0]
     acl = tmp_path / "users.acl"
     env = {"REDIS_ADMIN_PASSWORD": PASSWORDS["REDIS_ADMIN_PASSWORD"],
            "REDIS_GATEWAY_PASSWORD": PASSWORDS["REDIS_GATEWAY_PASSWORD"],

@@ -30,6 +30,7 @@ from .redis_cluster import (
     RedisNode,
     RedisServer,
     acl_file_text,
+    cluster_ports,
     redis_cli,
 )
 from .supervisor import Supervisor
@@ -53,6 +54,7 @@ __all__ = [
     "RedisServer",
     "Supervisor",
     "acl_file_text",
+    "cluster_ports",
     "find_binary",
     "free_ports",
     "gateway_argv",

@@ -58,6 +58,19 @@ def redis_cli(port: int, *args: str, host: str = "127.0.0.1", timeout: float = 1
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def cluster_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` free ports a Redis Cluster node can use: it also listens on port + 10000
+    (the cluster bus), so the port must be at most 55535 and port + 10000 free too."""
+    chosen: list[int] = []
+    while len(chosen) < count:
+        for port in free_ports(count * 2, host):
+            if port < 55535 and port not in chosen and port_is_free(port + 10000, host):
+                chosen.append(port)
+                if len(chosen) == count:
+                    break
+    return chosen
+
+
 @dataclass
 class RedisNode:
     name: str
@@ -110,20 +123,9 @@ class RedisCluster(LocalCluster[RedisNode]):
             raise ValueError(f"a Redis Cluster needs at least 3 masters, got {self.size}")
         if self.ports is not None and len(self.ports) != self.size:
             raise ValueError("ports must name one port per node")
-        # a Redis Cluster node also listens on port + 10000 (the cluster bus)
-        ports = self.ports or self._bus_safe_ports()
+        ports = self.ports or cluster_ports(self.size, self.host)
         self.nodes = [RedisNode(f"redis-{i + 1}", self.host, ports[i], password=self.password)
                       for i in range(self.size)]
-
-    def _bus_safe_ports(self) -> list[int]:
-        chosen: list[int] = []
-        while len(chosen) < self.size:
-            for port in free_ports(self.size * 2, self.host):
-                if port < 55535 and port not in chosen and port_is_free(port + 10000, self.host):
-                    chosen.append(port)
-                    if len(chosen) == self.size:
-                        break
-        return chosen
 
     def start_node(self, index: int) -> None:
         node = self.nodes[index]
