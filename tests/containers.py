@@ -1,11 +1,13 @@
 """docker-compose.yml run for real: Debian's docker-compose 1.29 driving Debian's podman.
 
-- :class:`Podman`: podman configured for this project only (``CONTAINERS_CONF`` and
-  ``CONTAINERS_STORAGE_CONF``: the ``runc`` runtime, because ``crun`` refuses this
-  machine's hybrid cgroups; ``default_ulimits = []`` and ``pids_limit = 0``, because
-  podman's defaults make container start fail with "setrlimit ... Operation not
-  permitted"), and its Docker-compatible API service (``podman system service``) as
-  a child process that docker-compose reaches through ``DOCKER_HOST``.
+- :class:`Podman`: podman configured for this project only (``CONTAINERS_CONF``:
+  infra/podman/containers.conf, the file README gives podman users: the ``runc``
+  runtime, because ``crun`` refuses this machine's hybrid cgroups;
+  ``default_ulimits = []`` and ``pids_limit = 0``, because podman's defaults make
+  container start fail with "setrlimit ... Operation not permitted"; and
+  ``CONTAINERS_STORAGE_CONF`` for the image cache), and its Docker-compatible API
+  service (``podman system service``) as a child process that docker-compose reaches
+  through ``DOCKER_HOST``.
 - :func:`build_images`: every image the compose file names, built offline from local
   inputs, since no image registry is reachable: a minimal Debian made by
   ``mmdebstrap`` from the machine's own apt sources and ``podman import``-ed; on it a
@@ -47,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.processes import (
+    INFRA,
     REPO_ROOT,
     Child,
     LaunchError,
@@ -71,25 +74,25 @@ IMAGE_REPO = "localhost/nats-socketio-gateway-test"
 DEBIAN_PACKAGES = ("python3", "python3-venv", "nodejs", "npm", "redis-server", "redis-tools",
                    "ca-certificates")
 
-CONTAINERS_CONF = """\
-# Written by tests/containers.py: podman for this project's tests only.
-[containers]
-# podman's default ulimits and pids limit make runc fail here with
-# "setrlimit ... Operation not permitted"
-default_ulimits = []
-pids_limit = 0
-
-[engine]
-# crun refuses this machine's hybrid cgroup setup; runc works
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-events_logger = "file"
-tmp_dir = "{run}/libpod"
-
+#: what README tells podman users to use; the tests add where their state goes
+PODMAN_CONF = INFRA / "podman" / "containers.conf"
+TEST_ENGINE_CONF = '''tmp_dir = "{run}/libpod"
+'''
+TEST_NETWORK_CONF = '''
 [network]
 network_backend = "netavark"
 network_config_dir = "{cache}/networks"
-"""
+'''
+
+
+def containers_conf() -> str:
+    """infra/podman/containers.conf plus this project's test state locations."""
+    text = PODMAN_CONF.read_text()
+    if "\n[engine]\n" not in text or "[network]" in text:
+        raise LaunchError(f"{PODMAN_CONF} must have an [engine] table and no [network] one")
+    text = text.replace("\n[engine]\n", "\n[engine]\n" + TEST_ENGINE_CONF.format(run=RUN_DIR), 1)
+    return "# Written by tests/containers.py from infra/podman/containers.conf.\n" + text \
+        + TEST_NETWORK_CONF.format(cache=CACHE)
 
 STORAGE_CONF = """\
 # Written by tests/containers.py: images are kept here between test runs.
@@ -148,9 +151,8 @@ class Podman:
         RUN_DIR.mkdir(parents=True, exist_ok=True)
         self.containers_conf = CACHE / "containers.conf"
         self.storage_conf = CACHE / "storage.conf"
-        for path, template in ((self.containers_conf, CONTAINERS_CONF),
-                               (self.storage_conf, STORAGE_CONF)):
-            text = template.format(cache=CACHE, run=RUN_DIR)
+        for path, text in ((self.containers_conf, containers_conf()),
+                           (self.storage_conf, STORAGE_CONF.format(cache=CACHE, run=RUN_DIR))):
             if not path.exists() or path.read_text() != text:
                 path.write_text(text)
         self.socket_path = self.workdir / "podman.sock"

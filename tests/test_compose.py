@@ -253,3 +253,25 @@ def test_redis_config_starts_a_cluster_node(tmp_path: Path) -> None:
         assert cluster.nodes[0].cli("CONFIG", "GET", "save").split() == ["save"]
     finally:
         cluster.stop()
+
+
+def test_readme_env_step_gives_compose_every_password(tmp_path: Path) -> None:
+    """The README's "Run with docker-compose" writes .env; with it and nothing else
+    in the environment, compose accepts the file (the redis profile too)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Run with docker-compose", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    env_step = block.split("docker-compose", 1)[0]
+    assert "> .env" in env_step, env_step
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    subprocess.run(["sh", "-c", env_step], cwd=tmp_path, check=True, timeout=30)
+    binary = shutil.which("docker-compose")
+    assert binary is not None
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    for profile in ([], ["--profile", "redis"]):
+        proc = subprocess.run([binary, *profile, "config"], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path, env=base)
+        assert proc.returncode == 0, proc.stderr
+        config = yaml.safe_load(proc.stdout)
+        password = config["services"]["gateway-1"]["environment"]["NATS_PASSWORD"]
+        assert len(password) == 32, "a generated password, not a default"
