@@ -18,8 +18,9 @@ import pytest
 
 from gateway.processes import RedisNode, http_json
 from nats_adapter.naming import ChannelNames
+from tests.conftest import ERROR_COUNTERS
 from tests.containers import TEST_PASSWORDS, ComposeStack, Images, Podman
-from tests.helpers import WAIT, NodeClient, SioClient, connect_all, owner_of
+from tests.helpers import WAIT, NodeClient, SioClient, connect_all, metrics_of, owner_of
 from tests.traffic import Flow, Traffic, record
 
 pytestmark = pytest.mark.compose
@@ -106,6 +107,9 @@ async def test_official_client_chats_across_the_two_gateways(
     for url in stack.gateway_urls:
         status, body = http_json(f"{url}/healthz")
         assert status == 200 and body["broker_connected"] is True
+        metrics = metrics_of(url)
+        moved = {m: metrics.get(m) for m in ERROR_COUNTERS.values() if metrics.get(m)}
+        assert not moved, f"{url}: error counters moved: {moved}"
 
 
 def test_brokers_and_monitoring_are_not_published(stack: ComposeStack) -> None:
