@@ -22,7 +22,8 @@ from tests.helpers import SioClient, connect_all
 from tests.test_compose_live import NATS_NODES, mesh_is_whole, nats_service_of, wait_for
 from tests.traffic import Flow, Traffic, record
 
-pytestmark = pytest.mark.compose
+#: the first test may build the images (a few minutes on a cold cache)
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from tests.containers import TEST_PASSWORDS, ComposeStack, Images, Podman
 from tests.helpers import WAIT, NodeClient, SioClient, connect_all, metrics_of, owner_of
 from tests.traffic import Flow, Traffic, record
 
-pytestmark = pytest.mark.compose
+#: the first test may build the images (a few minutes on a cold cache)
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 NATS_NODES = ("nats-1", "nats-2", "nats-3")
 
@@ -257,10 +258,10 @@ def room_owner(stack: ComposeStack, room: str) -> str:
     return owner_of(nodes, ChannelNames().room("/", room)).name
 
 
-async def test_redis_profile_chats_and_survives_a_master_crash(
+async def test_redis_profile_chats_and_survives_a_master_crash_and_stop(
         redis_stack: ComposeStack) -> None:
     """The master owning the room's slot dies; the restart policy brings it back with its
-    slots, and the gateways re-subscribe there."""
+    slots, and the gateways re-subscribe there. Then it is stopped and started by hand."""
     made: list[SioClient] = []
     try:
         a, b = await connect_all(made, [("a", redis_stack.gateway_urls[0]),
@@ -284,6 +285,25 @@ async def test_redis_profile_chats_and_survives_a_master_crash(
         flows = [traffic.flow_report(f) for f in traffic.flows]
         record(f"redis profile: {victim} (the room's master) killed, restart policy",
                {"flows": flows, "health": [traffic.health_report(i) for i in (0, 1)]})
+        for flow in traffic.flows:
+            late = traffic.flow_report(flow, since=traffic.marks["restart"] + 5)
+            assert late["lost"] == 0 and late["delivered"] > 0, late
+
+        # stopped by hand: its slots are unserved until it is started again
+        traffic = Traffic([Flow("gw1-to-gw2-stop", a, b, "sharded"),
+                           Flow("gw2-to-gw1-stop", b, a, "sharded")], redis_stack.gateway_urls)
+        async with traffic.running():
+            await asyncio.sleep(2)
+            traffic.mark("fault")
+            await asyncio.to_thread(redis_stack.compose, "stop", victim)
+            await asyncio.sleep(3)
+            await asyncio.to_thread(redis_stack.compose, "start", victim)
+            traffic.mark("restart")
+            await asyncio.sleep(10)
+        flows = [traffic.flow_report(f) for f in traffic.flows]
+        record(f"redis profile: docker-compose stop {victim} (the room's master) for 3 s, "
+               "then start", {"flows": flows,
+                              "health": [traffic.health_report(i) for i in (0, 1)]})
         for flow in traffic.flows:
             late = traffic.flow_report(flow, since=traffic.marks["restart"] + 5)
             assert late["lost"] == 0 and late["delivered"] > 0, late
