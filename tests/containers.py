@@ -520,6 +520,32 @@ class ComposeStack:
             raise LaunchError(f"docker-compose down left containers {left} networks {nets}")
 
 
+NATS_NODES = ("nats-1", "nats-2", "nats-3")
+
+
+def nats_service_of(stack: ComposeStack, gateway: int) -> str:
+    """The NATS service gateway ``gateway`` (0 or 1) is connected to, from its /healthz."""
+    status, body = http_json(f"{stack.gateway_urls[gateway]}/healthz")
+    assert status == 200, body
+    host = str(body["broker"]["server"]).split("//")[1].rsplit(":", 1)[0]
+    if host in NATS_NODES:
+        return host
+    by_ip = {stack.ip(n): n for n in NATS_NODES}
+    return by_ip[host]
+
+
+def mesh_is_whole(stack: ComposeStack) -> bool:
+    """Every NATS node routes to the other two (their monitoring, on the compose network)."""
+    for node in NATS_NODES:
+        status, body = http_json(f"{stack.nats_monitor(node)}/routez", 1.0)
+        if status != 200:
+            return False
+        peers = {r.get("remote_name") for r in body.get("routes") or []}
+        if peers != set(NATS_NODES) - {node}:
+            return False
+    return True
+
+
 # ---------------------------------------------------------------------------------------
 # network faults inside a container's network namespace
 

@@ -17,10 +17,18 @@ from collections.abc import AsyncIterator, Callable, Iterator
 import pytest
 
 from gateway.processes import http_json
-from tests.containers import ComposeStack, Images, Podman, packet_loss, partition
+from tests.containers import (
+    NATS_NODES,
+    ComposeStack,
+    Images,
+    Podman,
+    mesh_is_whole,
+    nats_service_of,
+    packet_loss,
+    partition,
+)
 from tests.helpers import SioClient, connect_all
-from tests.test_compose_live import NATS_NODES, mesh_is_whole, nats_service_of, wait_for
-from tests.traffic import Flow, Traffic, record
+from tests.traffic import Flow, Traffic, record, wait_for
 
 #: the first test may build the images (a few minutes on a cold cache)
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -19,15 +18,20 @@ import pytest
 from gateway.processes import RedisNode, http_json
 from nats_adapter.naming import ChannelNames
 from tests.conftest import ERROR_COUNTERS
-from tests.containers import TEST_PASSWORDS, ComposeStack, Images, Podman
+from tests.containers import (
+    NATS_NODES,
+    TEST_PASSWORDS,
+    ComposeStack,
+    Images,
+    Podman,
+    mesh_is_whole,
+    nats_service_of,
+)
 from tests.helpers import WAIT, NodeClient, SioClient, connect_all, metrics_of, owner_of
-from tests.traffic import Flow, Traffic, record
+from tests.traffic import Flow, Traffic, record, wait_for
 
 #: the first test may build the images (a few minutes on a cold cache)
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
-
-NATS_NODES = ("nats-1", "nats-2", "nats-3")
-
 
 @pytest.fixture(scope="module")
 def stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
@@ -38,39 +42,6 @@ def stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
         yield compose
     finally:
         compose.down()
-
-
-def nats_service_of(stack: ComposeStack, gateway: int) -> str:
-    """The NATS service gateway ``gateway`` (0 or 1) is connected to, from its /healthz."""
-    status, body = http_json(f"{stack.gateway_urls[gateway]}/healthz")
-    assert status == 200, body
-    host = str(body["broker"]["server"]).split("//")[1].rsplit(":", 1)[0]
-    if host in NATS_NODES:
-        return host
-    by_ip = {stack.ip(n): n for n in NATS_NODES}
-    return by_ip[host]
-
-
-def mesh_is_whole(stack: ComposeStack) -> bool:
-    """Every NATS node routes to the other two (their monitoring, on the compose network)."""
-    for node in NATS_NODES:
-        status, body = http_json(f"{stack.nats_monitor(node)}/routez", 1.0)
-        if status != 200:
-            return False
-        peers = {r.get("remote_name") for r in body.get("routes") or []}
-        if peers != set(NATS_NODES) - {node}:
-            return False
-    return True
-
-
-async def wait_for(check: object, timeout: float, what: str) -> float:
-    """Wait until ``check()`` (run in a thread) is true; the seconds it took."""
-    start = time.monotonic()
-    while not await asyncio.to_thread(check):  # type: ignore[arg-type]
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.25)
-    return time.monotonic() - start
 
 
 @pytest.fixture

@@ -20,6 +20,16 @@ from tests.helpers import REPO, SioClient, metrics_of
 RESULTS = REPO / "bench-results" / "reliability"
 
 
+async def wait_for(check: object, timeout: float, what: str) -> float:
+    """Wait until ``check()`` (run in a thread) is true; the seconds it took."""
+    start = time.monotonic()
+    while not await asyncio.to_thread(check):  # type: ignore[arg-type]
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.25)
+    return time.monotonic() - start
+
+
 @dataclass
 class Flow:
     """One sender chatting into a room at a fixed rate, one receiver on another gateway."""
