@@ -35,7 +35,7 @@ from gateway.processes import (
     wait_gateways,
 )
 from gateway.types import GatewayManager
-from tests.containers import Images, Podman, build_images
+from tests.containers import ComposeStack, Images, Podman, build_images
 from tests.helpers import Node, SioClient, metrics_of, running
 
 # hypothesis is imported up front: when a session never imported it, its pytest plugin
@@ -214,6 +214,18 @@ def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
 def images(podman: Podman) -> Images:
     """The compose file's images, built offline (or reused from the cache)."""
     return build_images(podman)
+
+
+@pytest.fixture(scope="module")
+def compose_stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
+    """``docker-compose up`` of the shipped file (3 NATS nodes, 2 gateways), once per
+    test module; everything it made is removed at the end."""
+    stack = ComposeStack(podman, images)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""Network faults between hosts, on the compose stack: each node has its own address,
+"""Network faults between hosts, on the compose compose_stack: each node has its own address,
 so links can fail one at a time (iptables rules inside a container's network
 namespace, tests/containers.py). Measured from the host through the published
 gateway ports: delivery gap, messages lost, time to recover, and what /healthz said.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -20,8 +20,6 @@ from gateway.processes import http_json
 from tests.containers import (
     NATS_NODES,
     ComposeStack,
-    Images,
-    Podman,
     mesh_is_whole,
     nats_service_of,
     packet_loss,
@@ -34,34 +32,24 @@ from tests.traffic import Flow, Traffic, record, wait_for
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
 
-@pytest.fixture(scope="module")
-def stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
-    compose = ComposeStack(podman, images)
-    try:
-        compose.up()
-        yield compose
-    finally:
-        compose.down()
-
-
 @pytest.fixture
-async def traffic(stack: ComposeStack, request: pytest.FixtureRequest
+async def traffic(compose_stack: ComposeStack, request: pytest.FixtureRequest
                   ) -> AsyncIterator[Traffic]:
     """Chat both ways between a client on each gateway, in a room of the test's own."""
     made: list[SioClient] = []
-    await asyncio.to_thread(stack.wait_healthy, 60)
+    await asyncio.to_thread(compose_stack.wait_healthy, 60)
     try:
-        a, b = await connect_all(made, [("on-gw-1", stack.gateway_urls[0]),
-                                        ("on-gw-2", stack.gateway_urls[1])])
+        a, b = await connect_all(made, [("on-gw-1", compose_stack.gateway_urls[0]),
+                                        ("on-gw-2", compose_stack.gateway_urls[1])])
         room = request.node.name
         for c in (a, b):
             await c.join(room)
         yield Traffic([Flow("gw1-to-gw2", a, b, room), Flow("gw2-to-gw1", b, a, room)],
-                      stack.gateway_urls)
+                      compose_stack.gateway_urls)
     finally:
         await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
     # the next test starts from a whole mesh
-    await wait_for(lambda: mesh_is_whole(stack), 60, "the mesh to be whole again")
+    await wait_for(lambda: mesh_is_whole(compose_stack), 60, "the mesh to be whole again")
 
 
 def deliveries_resumed(traffic: Traffic, since: float, window: float = 1.0) -> bool:
@@ -97,17 +85,17 @@ def summarise(traffic: Traffic, **extra: object) -> dict[str, object]:
 
 
 async def test_gateway_partitioned_from_its_nats_node(
-        stack: ComposeStack, traffic: Traffic) -> None:
+        compose_stack: ComposeStack, traffic: Traffic) -> None:
     """gateway-1 can no longer reach the NATS node it is connected to (the other two
     still can, and so can its clients). It must notice, move to another node and
     carry traffic both ways again while the partition lasts."""
-    node = nats_service_of(stack, 0)
+    node = nats_service_of(compose_stack, 0)
     async with traffic.running():
         await asyncio.sleep(2)
         fault = traffic.mark("fault")
-        with partition(stack, "gateway-1", [node]):
+        with partition(compose_stack, "gateway-1", [node]):
             took = await measure(lambda: deliveries_resumed(traffic, fault + 0.5)
-                                 and nats_service_of(stack, 0) != node, 60)
+                                 and nats_service_of(compose_stack, 0) != node, 60)
             traffic.mark("recovered")
             await asyncio.sleep(2)
         traffic.mark("healed")
@@ -121,19 +109,19 @@ async def test_gateway_partitioned_from_its_nats_node(
 
 
 async def test_nats_node_split_from_the_other_two(
-        stack: ComposeStack, traffic: Traffic) -> None:
+        compose_stack: ComposeStack, traffic: Traffic) -> None:
     """gateway-1's NATS node loses both routes (split brain of the mesh) for 20 s while
     gateway-1 stays connected to it; then the split heals. Measures what crosses
     meanwhile and how soon the mesh and delivery recover after it heals."""
-    node = nats_service_of(stack, 0)
+    node = nats_service_of(compose_stack, 0)
     others = [n for n in NATS_NODES if n != node]
     async with traffic.running():
         await asyncio.sleep(2)
         traffic.mark("fault")
-        with partition(stack, node, others):
+        with partition(compose_stack, node, others):
             await asyncio.sleep(20)
         healed = traffic.mark("healed")
-        mesh_took = await measure(lambda: mesh_is_whole(stack), 90)
+        mesh_took = await measure(lambda: mesh_is_whole(compose_stack), 90)
         took = await measure(lambda: deliveries_resumed(traffic, healed), 60)
         traffic.mark("recovered")
         await asyncio.sleep(2)
@@ -148,13 +136,13 @@ async def test_nats_node_split_from_the_other_two(
 
 @pytest.mark.parametrize("probability", [0.2])
 async def test_packet_loss_between_a_gateway_and_nats(
-        stack: ComposeStack, traffic: Traffic, probability: float) -> None:
+        compose_stack: ComposeStack, traffic: Traffic, probability: float) -> None:
     """A lossy link: each packet between gateway-1 and every NATS node is dropped with
     ``probability`` for 15 s. TCP retransmits: nothing is lost, delivery is late."""
     async with traffic.running(settle=5):
         await asyncio.sleep(2)
         traffic.mark("fault")
-        with packet_loss(stack, "gateway-1", list(NATS_NODES), probability):
+        with packet_loss(compose_stack, "gateway-1", list(NATS_NODES), probability):
             await asyncio.sleep(15)
         traffic.mark("healed")
         await asyncio.sleep(3)
@@ -162,5 +150,5 @@ async def test_packet_loss_between_a_gateway_and_nats(
     record(f"packet loss {probability:.0%} between gateway-1 and NATS", result)
     for flow in result["flows"]:  # type: ignore[attr-defined]
         assert flow["lost"] == 0, flow
-    for url in stack.gateway_urls:
+    for url in compose_stack.gateway_urls:
         assert http_json(f"{url}/healthz")[0] == 200

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -33,24 +33,13 @@ from tests.traffic import Flow, Traffic, record, wait_for
 #: the first test may build the images (a few minutes on a cold cache)
 pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
 
-@pytest.fixture(scope="module")
-def stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
-    """``docker-compose up`` of the shipped file: 3 NATS nodes, 2 gateways."""
-    compose = ComposeStack(podman, images)
-    try:
-        compose.up()
-        yield compose
-    finally:
-        compose.down()
-
-
 @pytest.fixture
-async def pair(stack: ComposeStack) -> AsyncIterator[list[SioClient]]:
+async def pair(compose_stack: ComposeStack) -> AsyncIterator[list[SioClient]]:
     """One python-socketio client on each gateway (reconnecting clients are new ones)."""
     made: list[SioClient] = []
     try:
-        yield await connect_all(made, [("on-gw-1", stack.gateway_urls[0]),
-                                       ("on-gw-2", stack.gateway_urls[1])])
+        yield await connect_all(made, [("on-gw-1", compose_stack.gateway_urls[0]),
+                                       ("on-gw-2", compose_stack.gateway_urls[1])])
     finally:
         await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
 
@@ -63,9 +52,9 @@ async def cross_traffic(pair: list[SioClient], room: str, urls: list[str]) -> Tr
 
 
 async def test_official_client_chats_across_the_two_gateways(
-        stack: ComposeStack, node_bin: str) -> None:
-    a = await NodeClient.start(node_bin, stack.gateway_urls[0], "js-gw-1")
-    b = await NodeClient.start(node_bin, stack.gateway_urls[1], "js-gw-2")
+        compose_stack: ComposeStack, node_bin: str) -> None:
+    a = await NodeClient.start(node_bin, compose_stack.gateway_urls[0], "js-gw-1")
+    b = await NodeClient.start(node_bin, compose_stack.gateway_urls[1], "js-gw-2")
     try:
         for c in (a, b):
             assert await c.call("join", "containers") == {"ok": True, "room": "containers"}
@@ -76,7 +65,7 @@ async def test_official_client_chats_across_the_two_gateways(
         await a.wait_for(lambda c: c.texts() == ["from gw-2"], what="gw-2's chat")
     finally:
         await asyncio.gather(a.close(), b.close())
-    for url in stack.gateway_urls:
+    for url in compose_stack.gateway_urls:
         status, body = http_json(f"{url}/healthz")
         assert status == 200 and body["broker_connected"] is True
         metrics = metrics_of(url)
@@ -84,10 +73,10 @@ async def test_official_client_chats_across_the_two_gateways(
         assert not moved, f"{url}: error counters moved: {moved}"
 
 
-def test_brokers_and_monitoring_are_not_published(stack: ComposeStack) -> None:
+def test_brokers_and_monitoring_are_not_published(compose_stack: ComposeStack) -> None:
     """Only the gateways have host ports; NATS (client, route, monitoring) has none."""
     for service in (*NATS_NODES, "gateway-1", "gateway-2"):
-        ports = stack.inspect(service)["NetworkSettings"]["Ports"] or {}
+        ports = compose_stack.inspect(service)["NetworkSettings"]["Ports"] or {}
         published = {k: v for k, v in ports.items() if v}
         if service.startswith("gateway"):
             assert list(published) == ["8001/tcp"], (service, published)
@@ -97,22 +86,22 @@ def test_brokers_and_monitoring_are_not_published(stack: ComposeStack) -> None:
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
 async def test_nats_container_stopped_under_traffic_then_started(
-        stack: ComposeStack, pair: list[SioClient], how: str) -> None:
+        compose_stack: ComposeStack, pair: list[SioClient], how: str) -> None:
     """``docker-compose stop``/``kill`` of the NATS node gateway-1 uses, under traffic:
     gateway-1 fails over to another node and traffic resumes; compose does not restart a
     container stopped by hand (as Docker), ``start`` brings it back into the mesh."""
-    victim = nats_service_of(stack, 0)
-    traffic = await cross_traffic(pair, f"stop-{how}", stack.gateway_urls)
+    victim = nats_service_of(compose_stack, 0)
+    traffic = await cross_traffic(pair, f"stop-{how}", compose_stack.gateway_urls)
     async with traffic.running():
         await asyncio.sleep(2)
         traffic.mark("fault")
-        await asyncio.to_thread(stack.compose, how, victim)
+        await asyncio.to_thread(compose_stack.compose, how, victim)
         await asyncio.sleep(8)
-        assert stack.inspect(victim)["State"]["Status"] == "exited", "restarted by itself"
-        assert nats_service_of(stack, 0) != victim
+        assert compose_stack.inspect(victim)["State"]["Status"] == "exited", "restarted by itself"
+        assert nats_service_of(compose_stack, 0) != victim
         traffic.mark("restart")
-        await asyncio.to_thread(stack.compose, "start", victim)
-        await wait_for(lambda: mesh_is_whole(stack), 30, "the mesh to be whole again")
+        await asyncio.to_thread(compose_stack.compose, "start", victim)
+        await wait_for(lambda: mesh_is_whole(compose_stack), 30, "the mesh to be whole again")
         await asyncio.sleep(2)
     flows = [traffic.flow_report(f) for f in traffic.flows]
     record(f"docker-compose {how} {victim} (gateway-1's node), then start",
@@ -126,22 +115,22 @@ async def test_nats_container_stopped_under_traffic_then_started(
 
 
 async def test_crashed_nats_container_is_restarted_by_the_policy(
-        stack: ComposeStack, pair: list[SioClient]) -> None:
+        compose_stack: ComposeStack, pair: list[SioClient]) -> None:
     """The nats-server process of a node dies (SIGKILL by its PID): compose's
     ``restart: unless-stopped`` starts it again and it rejoins the mesh."""
-    victim = nats_service_of(stack, 1)
-    before = stack.inspect(victim)["RestartCount"]
-    traffic = await cross_traffic(pair, "crash-nats", stack.gateway_urls)
+    victim = nats_service_of(compose_stack, 1)
+    before = compose_stack.inspect(victim)["RestartCount"]
+    traffic = await cross_traffic(pair, "crash-nats", compose_stack.gateway_urls)
     async with traffic.running():
         await asyncio.sleep(2)
         traffic.mark("fault")
-        os.kill(stack.pid(victim), signal.SIGKILL)
-        await wait_for(lambda: stack.inspect(victim)["RestartCount"] > before, 30,
+        os.kill(compose_stack.pid(victim), signal.SIGKILL)
+        await wait_for(lambda: compose_stack.inspect(victim)["RestartCount"] > before, 30,
                        f"{victim} to be restarted")
-        await wait_for(lambda: mesh_is_whole(stack), 30, "the mesh to be whole again")
+        await wait_for(lambda: mesh_is_whole(compose_stack), 30, "the mesh to be whole again")
         # the gateway that was on it may still be reconnecting (the restarted node
         # can come back before the gateway's next try)
-        await asyncio.to_thread(stack.wait_healthy, 30)
+        await asyncio.to_thread(compose_stack.wait_healthy, 30)
         traffic.mark("restart")
         await asyncio.sleep(3)
     flows = [traffic.flow_report(f) for f in traffic.flows]
@@ -153,25 +142,26 @@ async def test_crashed_nats_container_is_restarted_by_the_policy(
 
 
 async def test_crashed_gateway_is_restarted_and_the_other_keeps_serving(
-        stack: ComposeStack) -> None:
+        compose_stack: ComposeStack) -> None:
     """gateway-1's process dies: its clients are cut off, gateway-2's keep chatting
     without a gap; the restart policy brings gateway-1 back and it serves across."""
     made: list[SioClient] = []
     try:
-        a, b, c = await connect_all(made, [("gw2-a", stack.gateway_urls[1]),
-                                           ("gw2-b", stack.gateway_urls[1]),
-                                           ("gw1-c", stack.gateway_urls[0])])
+        a, b, c = await connect_all(made, [("gw2-a", compose_stack.gateway_urls[1]),
+                                           ("gw2-b", compose_stack.gateway_urls[1]),
+                                           ("gw1-c", compose_stack.gateway_urls[0])])
         for client in (a, b, c):
             await client.join("crash-gateway")
-        traffic = Traffic([Flow("gw2-local", a, b, "crash-gateway")], stack.gateway_urls)
-        before = stack.inspect("gateway-1")["RestartCount"]
+        traffic = Traffic([Flow("gw2-local", a, b, "crash-gateway")], compose_stack.gateway_urls)
+        before = compose_stack.inspect("gateway-1")["RestartCount"]
         async with traffic.running():
             await asyncio.sleep(1)
             traffic.mark("fault")
-            os.kill(stack.pid("gateway-1"), signal.SIGKILL)
-            await wait_for(lambda: stack.inspect("gateway-1")["RestartCount"] > before, 30,
+            os.kill(compose_stack.pid("gateway-1"), signal.SIGKILL)
+            await wait_for(lambda: compose_stack.inspect("gateway-1")["RestartCount"] > before, 30,
                            "gateway-1 to be restarted")
-            await wait_for(lambda: http_json(f"{stack.gateway_urls[0]}/healthz")[0] == 200, 30,
+            url = compose_stack.gateway_urls[0]
+            await wait_for(lambda: http_json(f"{url}/healthz")[0] == 200, 30,
                            "gateway-1 to serve again")
             await asyncio.sleep(1)
         report = traffic.flow_report(traffic.flows[0])
@@ -181,7 +171,7 @@ async def test_crashed_gateway_is_restarted_and_the_other_keeps_serving(
         assert not c.sio.connected
         d = SioClient("gw1-after")
         made.append(d)
-        await d.connect(stack.gateway_urls[0])
+        await d.connect(compose_stack.gateway_urls[0])
         await d.join("crash-gateway")
         await d.chat("crash-gateway", "gateway-1 is back")
         await a.wait_for(lambda x: "gateway-1 is back" in x.texts(), WAIT, "the chat")
@@ -189,16 +179,16 @@ async def test_crashed_gateway_is_restarted_and_the_other_keeps_serving(
         await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
 
 
-async def test_gateway_container_restarted(stack: ComposeStack) -> None:
+async def test_gateway_container_restarted(compose_stack: ComposeStack) -> None:
     """``docker-compose restart gateway-2``: it closes its sockets, comes back, serves."""
     made: list[SioClient] = []
     try:
-        a, = await connect_all(made, [("gw2", stack.gateway_urls[1])])
-        await asyncio.to_thread(stack.compose, "restart", "-t", "10", "gateway-2")
+        a, = await connect_all(made, [("gw2", compose_stack.gateway_urls[1])])
+        await asyncio.to_thread(compose_stack.compose, "restart", "-t", "10", "gateway-2")
         await wait_for(lambda: not a.sio.connected, 10, "the old socket to be closed")
-        await asyncio.to_thread(stack.wait_healthy, 30)
-        b, c = await connect_all(made, [("gw2-new", stack.gateway_urls[1]),
-                                        ("gw1", stack.gateway_urls[0])])
+        await asyncio.to_thread(compose_stack.wait_healthy, 30)
+        b, c = await connect_all(made, [("gw2-new", compose_stack.gateway_urls[1]),
+                                        ("gw1", compose_stack.gateway_urls[0])])
         for client in (b, c):
             await client.join("restarted")
         await c.chat("restarted", "to the restarted gateway")
@@ -208,11 +198,11 @@ async def test_gateway_container_restarted(stack: ComposeStack) -> None:
 
 
 @pytest.fixture(scope="module")
-async def redis_stack(podman: Podman, images: Images, stack: ComposeStack
+async def redis_stack(podman: Podman, images: Images, compose_stack: ComposeStack
                       ) -> AsyncIterator[ComposeStack]:
-    """The redis profile with GATEWAY_BACKEND=redis-sharded (after the NATS stack is
-    down: one stack at a time on two cores)."""
-    stack.down()
+    """The redis profile with GATEWAY_BACKEND=redis-sharded (after the NATS compose_stack is
+    down: one compose_stack at a time on two cores)."""
+    compose_stack.down()
     compose = ComposeStack(podman, images, backend="redis-sharded", profiles=("redis",))
     try:
         await asyncio.to_thread(compose.up, 120)
@@ -221,11 +211,11 @@ async def redis_stack(podman: Podman, images: Images, stack: ComposeStack
         compose.down()
 
 
-def room_owner(stack: ComposeStack, room: str) -> str:
+def room_owner(compose_stack: ComposeStack, room: str) -> str:
     """The redis service whose master owns ``room``'s shard channel, asked of Redis."""
     password = TEST_PASSWORDS["REDIS_ADMIN_PASSWORD"]
     services = ("redis-1", "redis-2", "redis-3")
-    nodes = [RedisNode(s, stack.ip(s), 7000, password=password) for s in services]
+    nodes = [RedisNode(s, compose_stack.ip(s), 7000, password=password) for s in services]
     return owner_of(nodes, ChannelNames().room("/", room)).name
 
 
