@@ -21,6 +21,7 @@ from typing import Any
 
 from .config import BACKENDS
 from .processes import (
+    NATS_SECURE_CONFIG,
     GatewayNode,
     HasChild,
     LaunchError,
@@ -34,6 +35,9 @@ from .processes import (
     stop_all,
     wait_gateways,
 )
+
+#: gateways node-secure.conf has NATS users for (gw-1, gw-2)
+SECURE_GATEWAYS = 2
 
 
 class _Shutdown(Exception):
@@ -66,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(NATS JetStream; env GATEWAY_RECOVERY=1)")
     parser.add_argument("--recovery-window", default=None,
                         help="seconds a disconnected session stays recoverable (default 120)")
+    parser.add_argument("--secure", action="store_true",
+                        help="run the brokers as docker-compose.yml does: NATS with "
+                             "node-secure.conf (a user per gateway, allowed only the "
+                             "gateway's subjects), Redis with the ACL users of users.acl; "
+                             "passwords are made up for the run")
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -79,6 +88,9 @@ def _check(args: argparse.Namespace) -> str | None:
         return "--recovery needs --backend nats (JetStream keeps sessions and missed messages)"
     if args.redis_nodes < 3 and args.backend == "redis-sharded":
         return "--redis-nodes must be at least 3 (a Redis Cluster needs 3 masters)"
+    if args.secure and args.backend == "nats" and args.gateways > SECURE_GATEWAYS:
+        return (f"--secure: {NATS_SECURE_CONFIG.name} has NATS users for {SECURE_GATEWAYS} "
+                f"gateways, not {args.gateways}")
     if not 1 <= args.port <= 65535 - args.gateways:
         return f"--port {args.port} is not a usable port"
     for i in range(args.gateways):
@@ -108,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
                 _say(_broker_line(node))
         # the gateways seal what they send each other with a key only they know (one
         # generated per cluster unless GATEWAY_CLUSTER_KEY is set; they inherit it)
-        env = {} if os.environ.get("GATEWAY_CLUSTER_KEY") or \
+        sealing = {} if os.environ.get("GATEWAY_CLUSTER_KEY") or \
             os.environ.get("GATEWAY_CLUSTER_KEY_FILE") \
             else {"GATEWAY_CLUSTER_KEY": secrets.token_urlsafe(32)}
         extra: list[str] = []
@@ -121,8 +133,10 @@ def run(args: argparse.Namespace) -> int:
         if args.recovery_window is not None:
             extra += ["--recovery-window", str(args.recovery_window)]
         for i in range(args.gateways):
+            env = dict(sealing)
             if brokers is not None:
                 broker_args = brokers.gateway_args(i)
+                env.update(brokers.gateway_env(i))
             gw = start_gateway(workdir, f"gw-{i + 1}", args.port + i, args.backend, broker_args,
                                host=args.host, extra=extra, env=env)
             gateways.append(gw)
@@ -156,13 +170,23 @@ def _brokers(args: argparse.Namespace, workdir: Path) -> LocalCluster[Any] | Non
         redis_ports = None
         if args.redis_port is not None:
             redis_ports = [args.redis_port + i for i in range(args.redis_nodes)]
-        # with REDIS_PASSWORD set, the cluster requires it and the gateways (which
-        # inherit the environment) log in with it
+        # with REDIS_PASSWORD set, the cluster requires it (users.acl: admin and
+        # gateway) and the gateways log in with it as the limited user `gateway`
+        password = os.environ.get("REDIS_PASSWORD") or None
+        if args.secure and password is None:
+            password = secrets.token_hex(16)
         return RedisCluster(workdir / "redis", size=args.redis_nodes, host=args.host,
-                            ports=redis_ports, password=os.environ.get("REDIS_PASSWORD") or None)
+                            ports=redis_ports, password=password,
+                            gateway_password=secrets.token_hex(16) if args.secure else None)
     client_ports = None
     if args.nats_port is not None:
         client_ports = [args.nats_port + i for i in range(args.nats_nodes)]
+    if args.secure:
+        return NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
+                           client_ports=client_ports, config=NATS_SECURE_CONFIG,
+                           route_auth=("route", secrets.token_hex(16)),
+                           gateway_passwords=tuple(secrets.token_hex(16)
+                                                   for _ in range(SECURE_GATEWAYS)))
     return NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
                        client_ports=client_ports)
 

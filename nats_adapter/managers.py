@@ -30,14 +30,20 @@ class NatsManager(ClusterManager):
         connect_options: dict[str, Any] | None = None,
         connection_name: str = "socketio-gateway",
         pending_msgs_limit: int | None = None,
+        ping_interval: int = 5,
         **kwargs: Any,
     ) -> None:
         from .brokers.nats import NatsBroker
 
         urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
+        # replies (JetStream's, with recovery) come to an inbox under the gateways' own
+        # prefix, so broker permissions can confine a gateway to that prefix
+        connect_options = {"inbox_prefix": f"{kwargs.get('channel_prefix', 'sio')}.inbox",
+                           **(connect_options or {})}
         super().__init__(NatsBroker(urls, connect_options=connect_options,
                                     connection_name=connection_name,
-                                    pending_msgs_limit=pending_msgs_limit), **kwargs)
+                                    pending_msgs_limit=pending_msgs_limit,
+                                    ping_interval=ping_interval), **kwargs)
 
 
 class RedisShardedManager(ClusterManager):

@@ -35,6 +35,7 @@ from gateway.processes import (
     wait_gateways,
 )
 from gateway.types import GatewayManager
+from tests.containers import ComposeStack, Images, Podman, build_images
 from tests.helpers import Node, SioClient, metrics_of, running
 
 # hypothesis is imported up front: when a session never imported it, its pytest plugin
@@ -51,6 +52,8 @@ TEST_HEARTBEAT = 0.5
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "browser: needs Chromium and playwright-core")
+    config.addinivalue_line("markers", "compose: runs docker-compose.yml on podman "
+                            "(tests/containers.py)")
     config.addinivalue_line(
         "markers", "expected_errors(*counters): the test makes these error counters move "
         "(all of them when none is named)")
@@ -197,6 +200,36 @@ def gateway_procs(workdir: Path, request: pytest.FixtureRequest) -> Iterator[lis
         yield procs
     finally:
         stop_all([p.child for p in procs])
+
+
+@pytest.fixture(scope="session")
+def podman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Podman]:
+    """podman's API service for docker-compose, stopped by PID at the end."""
+    service = Podman(tmp_path_factory.mktemp("podman"))
+    try:
+        service.start()
+        yield service
+    finally:
+        service.stop()
+        assert service.child is None or not service.child.alive
+
+
+@pytest.fixture(scope="session")
+def images(podman: Podman) -> Images:
+    """The compose file's images, built offline (or reused from the cache)."""
+    return build_images(podman)
+
+
+@pytest.fixture(scope="module")
+def compose_stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
+    """``docker-compose up`` of the shipped file (3 NATS nodes, 2 gateways), once per
+    test module; everything it made is removed at the end."""
+    stack = ComposeStack(podman, images)
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
 
 
 @pytest.fixture(scope="session")

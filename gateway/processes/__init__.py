@@ -22,14 +22,26 @@ from .children import (
     wait_until,
 )
 from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
-from .nats_cluster import NATS_CONFIG, NatsCluster, NatsNode
-from .redis_cluster import REDIS_CONFIG, RedisCluster, RedisNode, RedisServer, TlsFiles, redis_cli
+from .nats_cluster import NATS_CONFIG, NATS_SECURE_CONFIG, NatsCluster, NatsNode
+from .redis_cluster import (
+    REDIS_CONFIG,
+    REDIS_USERS,
+    RedisCluster,
+    RedisNode,
+    RedisServer,
+    TlsFiles,
+    acl_file_text,
+    cluster_ports,
+    redis_cli,
+)
 from .supervisor import Supervisor
 
 __all__ = [
     "INFRA",
     "NATS_CONFIG",
+    "NATS_SECURE_CONFIG",
     "REDIS_CONFIG",
+    "REDIS_USERS",
     "REPO_ROOT",
     "Child",
     "GatewayNode",
@@ -43,6 +55,8 @@ __all__ = [
     "RedisServer",
     "Supervisor",
     "TlsFiles",
+    "acl_file_text",
+    "cluster_ports",
     "find_binary",
     "free_ports",
     "gateway_argv",

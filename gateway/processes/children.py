@@ -215,6 +215,10 @@ class LocalCluster(Generic[NodeT]):
         """``python -m gateway serve`` flags that point gateway ``index`` at this cluster."""
         raise NotImplementedError
 
+    def gateway_env(self, index: int = 0) -> dict[str, str]:
+        """Environment gateway ``index`` needs to log in to this cluster (credentials)."""
+        return {}
+
     def stop(self) -> None:
         """Stop every node by its PID."""
         for node in self.nodes:

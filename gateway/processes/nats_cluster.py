@@ -11,6 +11,7 @@ from typing import Any
 from .children import (
     INFRA,
     Child,
+    LaunchError,
     LocalCluster,
     find_binary,
     free_ports,
@@ -20,6 +21,9 @@ from .children import (
 )
 
 NATS_CONFIG = INFRA / "nats" / "node.conf"
+#: the production variant docker-compose.yml runs: one user per gateway, confined to
+#: the gateway's subjects (see the file for its variables)
+NATS_SECURE_CONFIG = INFRA / "nats" / "node-secure.conf"
 
 @dataclass
 class NatsNode:
@@ -60,6 +64,8 @@ class NatsCluster(LocalCluster[NatsNode]):
     env: dict[str, str] = field(default_factory=dict)
     #: (user, password) the routes log in with, for node-auth*.conf
     route_auth: tuple[str, str] | None = None
+    #: the password of each gateway's own user (gw-1, gw-2 ...), for node-secure.conf
+    gateway_passwords: tuple[str, ...] = field(default=(), repr=False)
     nodes: list[NatsNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -94,6 +100,8 @@ class NatsCluster(LocalCluster[NatsNode]):
         routes = [f"nats://{creds}{self.host}:{n.route_port}" for n in self.nodes]
         for i in range(3):
             env[f"NATS_ROUTE_{i + 1}"] = routes[i % len(routes)]
+        for i, password in enumerate(self.gateway_passwords):
+            env[f"NATS_GATEWAY_{i + 1}_PASSWORD"] = password
         env.update(self.env)
         if self.route_auth:
             env["NATS_ROUTE_USER"], env["NATS_ROUTE_PASSWORD"] = self.route_auth
@@ -152,3 +160,11 @@ class NatsCluster(LocalCluster[NatsNode]):
 
     def gateway_args(self, index: int = 0) -> list[str]:
         return ["--nats-url", ",".join(self.urls)]
+
+    def gateway_env(self, index: int = 0) -> dict[str, str]:
+        if not self.gateway_passwords:
+            return {}
+        if index >= len(self.gateway_passwords):
+            raise LaunchError(f"no NATS user for gateway {index + 1}: "
+                              f"{len(self.gateway_passwords)} configured")
+        return {"NATS_USER": f"gw-{index + 1}", "NATS_PASSWORD": self.gateway_passwords[index]}

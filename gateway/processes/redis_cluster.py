@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,16 +21,42 @@ from .children import (
 )
 
 REDIS_CONFIG = INFRA / "redis" / "node.conf"
+#: the cluster's ACL users without passwords, shared with docker-compose (start-node.sh)
+REDIS_USERS = INFRA / "redis" / "users.acl"
+#: the ACL user that forms the cluster and answers operators (and these helpers)
+REDIS_ADMIN = "admin"
+#: the ACL user gateways log in as: the shard channels and commands they use, no more
+REDIS_GATEWAY_USER = "gateway"
+
+
+def acl_file_text(passwords: Mapping[str, str]) -> str:
+    """``users.acl`` with each user's password added, as ``start-node.sh`` writes it."""
+    lines = []
+    for line in REDIS_USERS.read_text().splitlines():
+        word, _, rest = line.partition(" ")
+        if word != "user":
+            continue
+        name, _, rules = rest.partition(" ")
+        password = passwords.get(name, "")
+        if name != "default" and not password:
+            raise LaunchError(f"no password given for Redis user {name!r}")
+        if any(c.isspace() for c in password):
+            raise LaunchError(f"the password of Redis user {name!r} contains whitespace")
+        lines.append(f"user {name} {'>' + password + ' ' if password else ''}{rules}")
+    return "\n".join(lines) + "\n"
+
 
 def redis_cli(port: int, *args: str, host: str = "127.0.0.1", timeout: float = 10.0,
               password: str | None = None, tls_ca: str | None = None
               ) -> subprocess.CompletedProcess[str]:
     binary = find_binary("redis-cli", "apt-get install redis-tools")
     env = dict(os.environ)
+    user: list[str] = []
     if password:
         env["REDISCLI_AUTH"] = password  # not -a: arguments show in ps
+        user = ["--user", REDIS_ADMIN]
     tls = ["--tls", "--cacert", tls_ca] if tls_ca else []
-    return subprocess.run([binary, "-h", host, "-p", str(port), *tls, *args],
+    return subprocess.run([binary, *user, "-h", host, "-p", str(port), *tls, *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -40,6 +67,19 @@ class TlsFiles:
     cert: str
     key: str
     ca: str
+
+
+def cluster_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` free ports a Redis Cluster node can use: it also listens on port + 10000
+    (the cluster bus), so the port must be at most 55535 and port + 10000 free too."""
+    chosen: list[int] = []
+    while len(chosen) < count:
+        for port in free_ports(count * 2, host):
+            if port < 55535 and port not in chosen and port_is_free(port + 10000, host):
+                chosen.append(port)
+                if len(chosen) == count:
+                    break
+    return chosen
 
 
 @dataclass
@@ -86,8 +126,10 @@ class RedisCluster(LocalCluster[RedisNode]):
     host: str = "127.0.0.1"
     ports: list[int] | None = None
     config: Path = REDIS_CONFIG
-    #: when set, clients must log in (the default user's password, via an ACL file)
+    #: when set, clients must log in: the admin user's password, and the gateway
+    #: user's unless ``gateway_password`` is given (users.acl via --aclfile)
     password: str | None = field(default=None, repr=False)
+    gateway_password: str | None = field(default=None, repr=False)
     #: when set, every node (clients and the cluster bus) speaks TLS only
     tls: TlsFiles | None = None
     nodes: list[RedisNode] = field(default_factory=list)
@@ -97,21 +139,10 @@ class RedisCluster(LocalCluster[RedisNode]):
             raise ValueError(f"a Redis Cluster needs at least 3 masters, got {self.size}")
         if self.ports is not None and len(self.ports) != self.size:
             raise ValueError("ports must name one port per node")
-        # a Redis Cluster node also listens on port + 10000 (the cluster bus)
-        ports = self.ports or self._bus_safe_ports()
+        ports = self.ports or cluster_ports(self.size, self.host)
         self.nodes = [RedisNode(f"redis-{i + 1}", self.host, ports[i], password=self.password,
                                 tls_ca=self.tls.ca if self.tls else None)
                       for i in range(self.size)]
-
-    def _bus_safe_ports(self) -> list[int]:
-        chosen: list[int] = []
-        while len(chosen) < self.size:
-            for port in free_ports(self.size * 2, self.host):
-                if port < 55535 and port not in chosen and port_is_free(port + 10000, self.host):
-                    chosen.append(port)
-                    if len(chosen) == self.size:
-                        break
-        return chosen
 
     def start_node(self, index: int) -> None:
         node = self.nodes[index]
@@ -129,9 +160,12 @@ class RedisCluster(LocalCluster[RedisNode]):
             # an ACL file, not --requirepass: arguments are visible to every user in ps;
             # created unreadable to others from the start, not chmod-ed after writing
             acl = self.workdir / "users.acl"
+            text = acl_file_text({REDIS_ADMIN: self.password,
+                                  REDIS_GATEWAY_USER: self.gateway_password or self.password})
+            # created readable by its owner only: it holds the passwords
             fd = os.open(acl, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(f"user default on >{self.password} ~* &* +@all\n")
+                f.write(text)
             argv += ["--aclfile", str(acl)]
         node.child = spawn(node.name, argv, self.workdir)
         wait_until(lambda: node.cli("PING").strip() == "PONG", 10, f"{node.name} to answer",
@@ -155,6 +189,12 @@ class RedisCluster(LocalCluster[RedisNode]):
     def wait_ready(self, timeout: float = 30.0) -> None:
         wait_until(lambda: all(self.cluster_ok(n) for n in self.nodes), timeout,
                    "cluster_state:ok on every Redis node", self.children)
+
+    def gateway_env(self, index: int = 0) -> dict[str, str]:
+        if not self.password:
+            return {}
+        return {"REDIS_USERNAME": REDIS_GATEWAY_USER,
+                "REDIS_PASSWORD": self.gateway_password or self.password}
 
     def gateway_args(self, index: int = 0) -> list[str]:
         # gateways take different seed nodes, so one master down does not stop them all

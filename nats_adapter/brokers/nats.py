@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from typing import Any
 
 import nats
@@ -33,6 +34,18 @@ class NatsBroker(Broker):
         behind before nats-py drops them (counted as slow-consumer losses).
     :param confirm_timeout: seconds a subscribe waits for the server's confirmation
         before it fails (the core usually gives up sooner, at its own deadline).
+    :param ping_interval: whole seconds between the client's PINGs. A server that vanished
+        without closing the connection (a network partition, a host gone) is noticed
+        when ``max_outstanding_pings`` PINGs in a row went unanswered, then the client
+        moves to another server: within ``ping_interval * (max_outstanding_pings + 1)``.
+        nats-py's default (120 s, so 4 to 6 minutes blind) is far too long for a
+        gateway whose rooms go silent meanwhile; 5 s gives 10 to 15 s, for one small
+        PING per interval. The connection's socket also gets ``TCP_USER_TIMEOUT`` of
+        ``ping_interval * max_outstanding_pings`` seconds: nats-py waits for the old
+        socket to close before it reconnects, which never happens while unsent data
+        sits on a dead link (nats-io/nats.py#671: about 15 minutes, until TCP gives up).
+        With the timeout the kernel drops the socket once data stays unacknowledged
+        that long.
     """
 
     name = "nats"
@@ -46,7 +59,12 @@ class NatsBroker(Broker):
         reconnect_time_wait: float = 0.5,
         connection_name: str = "socketio-gateway",
         pending_msgs_limit: int | None = None,
+        ping_interval: int = 5,
+        max_outstanding_pings: int = 2,
     ) -> None:
+        if ping_interval < 1 or max_outstanding_pings < 1:
+            raise ValueError(f"ping_interval must be >= 1 and max_outstanding_pings >= 1, got "
+                             f"{ping_interval!r} and {max_outstanding_pings!r}")
         if not servers or not all(isinstance(s, str) and s for s in servers):
             raise ValueError(f"servers must be a non-empty list of NATS URLs, got {servers!r}")
         self.servers = list(servers)
@@ -54,6 +72,8 @@ class NatsBroker(Broker):
         self._confirm_timeout = confirm_timeout
         self._reconnect_time_wait = reconnect_time_wait
         self._connection_name = connection_name
+        self._ping_interval = ping_interval
+        self._max_outstanding_pings = max_outstanding_pings
         # per subscription: messages nats-py holds for a node that falls behind before
         # it drops them (a slow consumer); None keeps nats-py's default
         self._sub_limits: dict[str, Any] = {} if pending_msgs_limit is None \
@@ -70,6 +90,7 @@ class NatsBroker(Broker):
         #: publishes refused because nats-py's reconnect buffer was full
         self.reconnect_buffer_overflows = 0
         self._log = ThrottledLog(logger)
+        self._warned_no_socket = False
 
     @property
     def connected(self) -> bool:
@@ -89,6 +110,8 @@ class NatsBroker(Broker):
             max_reconnect_attempts=-1,
             reconnect_time_wait=self._reconnect_time_wait,
             connect_timeout=2,
+            ping_interval=self._ping_interval,
+            max_outstanding_pings=self._max_outstanding_pings,
             disconnected_cb=self._disconnected_cb,
             reconnected_cb=self._reconnected_cb,
             error_cb=self._error_cb,
@@ -96,6 +119,7 @@ class NatsBroker(Broker):
             **self._options,
         )
         self._nc = nc
+        self._limit_unacked_time(nc)
         for channel in sorted(self._wanted):
             await self._subscribe(nc, channel)
         try:
@@ -194,7 +218,30 @@ class NatsBroker(Broker):
         if self._handler is not None and not self._closing:
             self._handler.on_connection_state(False)
 
+    def _limit_unacked_time(self, nc: Client) -> None:
+        """Set TCP_USER_TIMEOUT on the connection's socket (see the class docstring).
+
+        nats-py has no option for it, so this reaches the socket through its transport;
+        if that is not where this nats-py keeps it, reconnects after a partition are as
+        slow as nats-py makes them, and a warning says so once."""
+        seconds = self._ping_interval * self._max_outstanding_pings
+        writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+        sock = writer.get_extra_info("socket") if writer is not None else None
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if sock is None or option is None:
+            if not self._warned_no_socket:
+                self._warned_no_socket = True
+                logger.warning("cannot set TCP_USER_TIMEOUT on the NATS socket: after a "
+                               "network partition, reconnecting may take minutes")
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, int(seconds * 1000))
+        except OSError as exc:
+            logger.warning("cannot set TCP_USER_TIMEOUT on the NATS socket: %r", exc)
+
     async def _reconnected_cb(self) -> None:
+        if self._nc is not None:
+            self._limit_unacked_time(self._nc)
         if self._handler is not None:
             self._handler.on_connection_state(True)
 

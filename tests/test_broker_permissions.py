@@ -1,0 +1,250 @@
+"""The production broker configs, live: per-gateway NATS users confined to the
+gateway's subjects, and a Redis ACL user confined to the gateway's shard channels.
+
+These are the configs docker-compose.yml runs (infra/nats/node-secure.conf,
+infra/redis/users.acl), started here by the launcher's process layer on 127.0.0.1.
+A gateway's credentials in the wrong hands reach chat traffic and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import nats.errors
+import pytest
+import redis.asyncio
+import redis.exceptions
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from gateway.processes import (
+    NATS_SECURE_CONFIG,
+    GatewayNode,
+    NatsCluster,
+    RedisCluster,
+    free_ports,
+    http_json,
+    start_gateway,
+    stop_all,
+    wait_gateways,
+)
+from tests.helpers import REPO, WAIT, SioClient, connect_all, owner_of, running
+from tests.test_launcher import consecutive_free_ports, start_launcher
+
+PASSWORDS = {"gw-1": "gw1-pass-4d2a9f", "gw-2": "gw2-pass-81c3e0"}
+ROUTE_AUTH = ("route", "route-pass-6b0e2c")
+
+
+@pytest.fixture(scope="module")
+def secure_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    cluster = NatsCluster(tmp_path_factory.mktemp("secure-nats"), size=3,
+                          config=NATS_SECURE_CONFIG, route_auth=ROUTE_AUTH,
+                          gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
+    with running(cluster):
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def per_user_gateways(secure_nats: NatsCluster, tmp_path_factory: pytest.TempPathFactory
+                      ) -> Iterator[list[GatewayNode]]:
+    """gw-1 and gw-2, each logged in as its own NATS user."""
+    workdir = tmp_path_factory.mktemp("secure-gws")
+    gws: list[GatewayNode] = []
+    try:
+        for i, port in enumerate(free_ports(2)):
+            gws.append(start_gateway(workdir, f"gw-{i + 1}", port, "nats",
+                                     secure_nats.gateway_args(), env=secure_nats.gateway_env(i)))
+        wait_gateways(gws)
+        yield gws
+    finally:
+        stop_all([g.child for g in gws])
+
+
+class Rogue:
+    """A NATS client holding a gateway's credentials, recording the server's refusals."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.nc: Client | None = None
+
+    async def connect(self, url: str, user: str, password: str) -> Rogue:
+        async def error_cb(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        self.nc = await nats.connect(url, user=user, password=password, error_cb=error_cb,
+                                     allow_reconnect=False, connect_timeout=2)
+        return self
+
+    async def refused(self, fragment: str) -> bool:
+        """Whether the server refused something naming ``fragment`` (within WAIT)."""
+        assert self.nc is not None
+        deadline = asyncio.get_running_loop().time() + WAIT
+        while asyncio.get_running_loop().time() < deadline:
+            await self.nc.flush()
+            # nats-py lower-cases the server's -ERR text
+            if any("permissions" in e.lower() and fragment.lower() in e.lower()
+                   for e in self.errors):
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+
+async def test_gateways_with_their_own_nats_users_chat_across_nodes(
+        per_user_gateways: list[GatewayNode], secure_nats: NatsCluster,
+        clients: list[SioClient]) -> None:
+    a, b = await connect_all(clients, [("a", per_user_gateways[0].url),
+                                       ("b", per_user_gateways[1].url)])
+    for c in (a, b):
+        await c.join("vault")
+    await a.chat("vault", "gw-1 to gw-2")
+    await b.chat("vault", "gw-2 to gw-1")
+    await b.wait_texts(["gw-1 to gw-2"])
+    await a.wait_texts(["gw-2 to gw-1"])
+    for gw in per_user_gateways:
+        assert gw.child is not None
+        log = gw.child.log_path.read_text()
+        assert "ermissions" not in log, f"{gw.node_id} was refused something it needs:\n{log}"
+        assert PASSWORDS[gw.node_id] not in log
+
+
+@pytest.mark.parametrize("recovery", [False, True])
+async def test_launcher_secure_runs_per_gateway_users(clients: list[SioClient],
+                                                      recovery: bool) -> None:
+    """``python -m gateway cluster --secure``: the brokers as compose runs them, each
+    gateway logged in as its own user, and nothing gets in without a password; with
+    --recovery too (JetStream's API within the same permissions)."""
+    launcher = start_launcher("--secure", *(["--recovery"] if recovery else []),
+                              "--port", str(consecutive_free_ports(2)))
+    try:
+        nats_nodes = launcher.nats_nodes()
+        a, b = await connect_all(clients, [("a", launcher.gateway_urls()[0]),
+                                           ("b", launcher.gateway_urls()[1])], offsets=recovery)
+        for c in (a, b):
+            await c.join("launched")
+        await a.chat("launched", "secure launcher")
+        await b.wait_for(lambda c: [m["text"] for m in c.received()] == ["secure launcher"],
+                         what="the chat")
+        if recovery:  # the stream and the session bucket are reachable under the rules
+            ack = await b.call("join", {"room": "launched", "history": 5})
+            assert [m["text"] for m in ack["history"]] == ["secure launcher"], ack
+        users = set()
+        for _client, monitor in nats_nodes.values():
+            _, body = http_json(f"http://127.0.0.1:{monitor}/connz?auth=1")
+            users |= {c.get("authorized_user") for c in body["connections"]}
+        assert users == {"gw-1", "gw-2"}, users
+        client_port = next(iter(nats_nodes.values()))[0]
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(f"nats://127.0.0.1:{client_port}", allow_reconnect=False,
+                               connect_timeout=2, max_reconnect_attempts=0)
+    finally:
+        launcher.proc.send_signal(signal.SIGTERM)
+        launcher.proc.wait(30)
+
+
+def test_launcher_secure_refuses_gateways_without_a_user() -> None:
+    proc = subprocess.run([sys.executable, "-m", "gateway", "cluster", "--secure",
+                           "--gateways", "3"], capture_output=True, text=True, timeout=30,
+                          cwd=REPO)
+    assert proc.returncode == 2 and "users for 2 gateways" in proc.stderr, proc.stderr
+
+
+async def test_without_a_password_nothing_connects(secure_nats: NatsCluster) -> None:
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(secure_nats.urls[0], allow_reconnect=False, connect_timeout=2,
+                           max_reconnect_attempts=0)
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(secure_nats.urls[0], user="gw-1", password=PASSWORDS["gw-2"],
+                           allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0)
+
+
+@pytest.mark.parametrize("subject", [">", "sio.>", "_INBOX.>", "$SYS.>", "billing.invoices"])
+async def test_gateway_credentials_cannot_subscribe_outside_the_prefix(
+        secure_nats: NatsCluster, subject: str) -> None:
+    rogue = await Rogue().connect(secure_nats.urls[1], "gw-1", PASSWORDS["gw-1"])
+    try:
+        assert rogue.nc is not None
+        await rogue.nc.subscribe(subject)
+        assert await rogue.refused(subject), f"subscribing to {subject!r} was allowed"
+    finally:
+        assert rogue.nc is not None
+        await rogue.nc.close()
+
+
+async def test_gateway_credentials_cannot_publish_outside_the_prefix(
+        secure_nats: NatsCluster) -> None:
+    rogue = await Rogue().connect(secure_nats.urls[0], "gw-1", PASSWORDS["gw-1"])
+    listener = await Rogue().connect(secure_nats.urls[0], "gw-2", PASSWORDS["gw-2"])
+    try:
+        assert rogue.nc is not None and listener.nc is not None
+        got: list[str] = []
+
+        async def record(msg: Msg) -> None:
+            got.append(msg.subject)
+
+        await listener.nc.subscribe("sio.room.>", cb=record)
+        await listener.nc.flush()
+        for subject in ("billing.invoices", "$SYS.REQ.SERVER.PING", "_INBOX.stolen"):
+            await rogue.nc.publish(subject, b"forged")
+            assert await rogue.refused(subject), f"publishing to {subject!r} was allowed"
+        # what the gateway's own subjects allow still passes: the refusals above are
+        # the permissions at work, not a broken connection
+        await rogue.nc.publish("sio.room.x.y", b"inside the prefix")
+        await rogue.nc.flush()
+        for _ in range(100):
+            if got:
+                break
+            await asyncio.sleep(0.02)
+        assert got == ["sio.room.x.y"]
+    finally:
+        for client in (rogue, listener):
+            if client.nc is not None:
+                await client.nc.close()
+
+
+async def test_redis_gateway_user_has_only_its_shard_channels(
+        tmp_path: Path, clients: list[SioClient]) -> None:
+    cluster = RedisCluster(tmp_path / "redis", size=3, password="admin-pass-0f3b7d",
+                           gateway_password="gateway-pass-a91c55")
+    gws: list[GatewayNode] = []
+    try:
+        with running(cluster):
+            for i, port in enumerate(free_ports(2)):
+                gws.append(start_gateway(tmp_path / "gw", f"acl-gw-{i}", port, "redis-sharded",
+                                         cluster.gateway_args(i), env=cluster.gateway_env(i)))
+            wait_gateways(gws)
+            a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
+            for c in (a, b):
+                await c.join("ledger")
+            await a.chat("ledger", "under the gateway user")
+            await b.wait_texts(["under the gateway user"])
+            denied = [n.cli("ACL", "LOG") for n in cluster.nodes]
+            assert all(not log.strip() for log in denied), f"the gateway was refused: {denied}"
+
+            node = owner_of(cluster.nodes, "sio.room.x.y")
+            rogue = redis.asyncio.Redis(host=node.host, port=node.port, username="gateway",
+                                        password="gateway-pass-a91c55")
+            try:
+                assert await rogue.ping()
+                assert await rogue.execute_command("SPUBLISH", "sio.room.x.y", b"ok") >= 0
+                for command in (("GET", "k"), ("SET", "k", "v"), ("PUBLISH", "sio.room.x", "m"),
+                                ("SPUBLISH", "other.channel", "m"), ("CONFIG", "GET", "*"),
+                                ("KEYS", "*"), ("FLUSHALL",), ("CLUSTER", "RESET"),
+                                ("ACL", "LIST")):
+                    with pytest.raises(redis.exceptions.NoPermissionError):
+                        await rogue.execute_command(*command)
+            finally:
+                await rogue.aclose()
+            anonymous = redis.asyncio.Redis(host=node.host, port=node.port)
+            try:
+                with pytest.raises(redis.exceptions.AuthenticationError):
+                    await anonymous.ping()
+            finally:
+                await anonymous.aclose()
+    finally:
+        stop_all([g.child for g in gws])

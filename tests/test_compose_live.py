@@ -1,0 +1,272 @@
+"""The shipped docker-compose.yml, run: 3 NATS nodes and 2 gateways in containers
+(podman behind docker-compose, tests/containers.py), used from the host through the
+gateways' published ports only, as users reach them.
+
+Brokers are stopped, killed and crashed under chat traffic; compose's restart policy
+brings crashed containers back. The redis profile runs the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gateway.processes import RedisNode, http_json
+from nats_adapter.naming import ChannelNames
+from tests.conftest import ERROR_COUNTERS
+from tests.containers import (
+    NATS_NODES,
+    TEST_PASSWORDS,
+    ComposeStack,
+    Images,
+    Podman,
+    mesh_is_whole,
+    nats_service_of,
+)
+from tests.helpers import WAIT, NodeClient, SioClient, connect_all, metrics_of, owner_of
+from tests.traffic import Flow, Traffic, record, wait_for
+
+#: the first test may build the images (a few minutes on a cold cache)
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(900)]
+
+@pytest.fixture
+async def pair(compose_stack: ComposeStack) -> AsyncIterator[list[SioClient]]:
+    """One python-socketio client on each gateway (reconnecting clients are new ones)."""
+    made: list[SioClient] = []
+    try:
+        yield await connect_all(made, [("on-gw-1", compose_stack.gateway_urls[0]),
+                                       ("on-gw-2", compose_stack.gateway_urls[1])])
+    finally:
+        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
+async def cross_traffic(pair: list[SioClient], room: str, urls: list[str]) -> Traffic:
+    a, b = pair
+    for c in (a, b):
+        await c.join(room)
+    return Traffic([Flow("gw1-to-gw2", a, b, room), Flow("gw2-to-gw1", b, a, room)], urls)
+
+
+async def test_official_client_chats_across_the_two_gateways(
+        compose_stack: ComposeStack, node_bin: str) -> None:
+    a = await NodeClient.start(node_bin, compose_stack.gateway_urls[0], "js-gw-1")
+    b = await NodeClient.start(node_bin, compose_stack.gateway_urls[1], "js-gw-2")
+    try:
+        for c in (a, b):
+            assert await c.call("join", "containers") == {"ok": True, "room": "containers"}
+        await asyncio.sleep(0.2)  # interest crosses the mesh's routes
+        assert (await a.call("chat", {"room": "containers", "text": "from gw-1"}))["ok"]
+        assert (await b.call("chat", {"room": "containers", "text": "from gw-2"}))["ok"]
+        await b.wait_for(lambda c: c.texts() == ["from gw-1"], what="gw-1's chat")
+        await a.wait_for(lambda c: c.texts() == ["from gw-2"], what="gw-2's chat")
+    finally:
+        await asyncio.gather(a.close(), b.close())
+    for url in compose_stack.gateway_urls:
+        status, body = http_json(f"{url}/healthz")
+        assert status == 200 and body["broker_connected"] is True
+        metrics = metrics_of(url)
+        moved = {m: metrics.get(m) for m in ERROR_COUNTERS.values() if metrics.get(m)}
+        assert not moved, f"{url}: error counters moved: {moved}"
+
+
+def test_brokers_and_monitoring_are_not_published(compose_stack: ComposeStack) -> None:
+    """Only the gateways have host ports; NATS (client, route, monitoring) has none."""
+    for service in (*NATS_NODES, "gateway-1", "gateway-2"):
+        ports = compose_stack.inspect(service)["NetworkSettings"]["Ports"] or {}
+        published = {k: v for k, v in ports.items() if v}
+        if service.startswith("gateway"):
+            assert list(published) == ["8001/tcp"], (service, published)
+        else:
+            assert published == {}, (service, published)
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_nats_container_stopped_under_traffic_then_started(
+        compose_stack: ComposeStack, pair: list[SioClient], how: str) -> None:
+    """``docker-compose stop``/``kill`` of the NATS node gateway-1 uses, under traffic:
+    gateway-1 fails over to another node and traffic resumes; compose does not restart a
+    container stopped by hand (as Docker), ``start`` brings it back into the mesh."""
+    victim = nats_service_of(compose_stack, 0)
+    traffic = await cross_traffic(pair, f"stop-{how}", compose_stack.gateway_urls)
+    async with traffic.running():
+        await asyncio.sleep(2)
+        traffic.mark("fault")
+        await asyncio.to_thread(compose_stack.compose, how, victim)
+        await asyncio.sleep(8)
+        assert compose_stack.inspect(victim)["State"]["Status"] == "exited", "restarted by itself"
+        assert nats_service_of(compose_stack, 0) != victim
+        traffic.mark("restart")
+        await asyncio.to_thread(compose_stack.compose, "start", victim)
+        await wait_for(lambda: mesh_is_whole(compose_stack), 30, "the mesh to be whole again")
+        await asyncio.sleep(2)
+    flows = [traffic.flow_report(f) for f in traffic.flows]
+    record(f"docker-compose {how} {victim} (gateway-1's node), then start",
+           {"flows": flows, "health": [traffic.health_report(i) for i in (0, 1)]})
+    for report in flows:
+        assert report["max_gap_s"] < 15, report
+    # traffic after the node came back is whole
+    for flow in traffic.flows:
+        late = traffic.flow_report(flow, since=traffic.marks["restart"] + 2)
+        assert late["lost"] == 0 and late["delivered"] > 0, late
+
+
+async def test_crashed_nats_container_is_restarted_by_the_policy(
+        compose_stack: ComposeStack, pair: list[SioClient]) -> None:
+    """The nats-server process of a node dies (SIGKILL by its PID): compose's
+    ``restart: unless-stopped`` starts it again and it rejoins the mesh."""
+    victim = nats_service_of(compose_stack, 1)
+    before = compose_stack.inspect(victim)["RestartCount"]
+    traffic = await cross_traffic(pair, "crash-nats", compose_stack.gateway_urls)
+    async with traffic.running():
+        await asyncio.sleep(2)
+        traffic.mark("fault")
+        os.kill(compose_stack.pid(victim), signal.SIGKILL)
+        await wait_for(lambda: compose_stack.inspect(victim)["RestartCount"] > before, 30,
+                       f"{victim} to be restarted")
+        await wait_for(lambda: mesh_is_whole(compose_stack), 30, "the mesh to be whole again")
+        # the gateway that was on it may still be reconnecting (the restarted node
+        # can come back before the gateway's next try)
+        await asyncio.to_thread(compose_stack.wait_healthy, 30)
+        traffic.mark("restart")
+        await asyncio.sleep(3)
+    flows = [traffic.flow_report(f) for f in traffic.flows]
+    record(f"nats-server of {victim} (gateway-2's node) killed, restart policy",
+           {"flows": flows, "health": [traffic.health_report(i) for i in (0, 1)]})
+    for flow in traffic.flows:
+        late = traffic.flow_report(flow, since=traffic.marks["restart"])
+        assert late["lost"] == 0 and late["delivered"] > 0, late
+
+
+async def test_crashed_gateway_is_restarted_and_the_other_keeps_serving(
+        compose_stack: ComposeStack) -> None:
+    """gateway-1's process dies: its clients are cut off, gateway-2's keep chatting
+    without a gap; the restart policy brings gateway-1 back and it serves across."""
+    made: list[SioClient] = []
+    try:
+        a, b, c = await connect_all(made, [("gw2-a", compose_stack.gateway_urls[1]),
+                                           ("gw2-b", compose_stack.gateway_urls[1]),
+                                           ("gw1-c", compose_stack.gateway_urls[0])])
+        for client in (a, b, c):
+            await client.join("crash-gateway")
+        traffic = Traffic([Flow("gw2-local", a, b, "crash-gateway")], compose_stack.gateway_urls)
+        before = compose_stack.inspect("gateway-1")["RestartCount"]
+        async with traffic.running():
+            await asyncio.sleep(1)
+            traffic.mark("fault")
+            os.kill(compose_stack.pid("gateway-1"), signal.SIGKILL)
+            await wait_for(lambda: compose_stack.inspect("gateway-1")["RestartCount"] > before, 30,
+                           "gateway-1 to be restarted")
+            url = compose_stack.gateway_urls[0]
+            await wait_for(lambda: http_json(f"{url}/healthz")[0] == 200, 30,
+                           "gateway-1 to serve again")
+            await asyncio.sleep(1)
+        report = traffic.flow_report(traffic.flows[0])
+        record("gateway-1 process killed, restart policy", {
+            "flows": [report], "health": [traffic.health_report(i) for i in (0, 1)]})
+        assert report["lost"] == 0 and report["max_gap_s"] < 1.0, report
+        assert not c.sio.connected
+        d = SioClient("gw1-after")
+        made.append(d)
+        await d.connect(compose_stack.gateway_urls[0])
+        await d.join("crash-gateway")
+        await d.chat("crash-gateway", "gateway-1 is back")
+        await a.wait_for(lambda x: "gateway-1 is back" in x.texts(), WAIT, "the chat")
+    finally:
+        await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
+
+
+async def test_gateway_container_restarted(compose_stack: ComposeStack) -> None:
+    """``docker-compose restart gateway-2``: it closes its sockets, comes back, serves."""
+    made: list[SioClient] = []
+    try:
+        a, = await connect_all(made, [("gw2", compose_stack.gateway_urls[1])])
+        await asyncio.to_thread(compose_stack.compose, "restart", "-t", "10", "gateway-2")
+        await wait_for(lambda: not a.sio.connected, 10, "the old socket to be closed")
+        await asyncio.to_thread(compose_stack.wait_healthy, 30)
+        b, c = await connect_all(made, [("gw2-new", compose_stack.gateway_urls[1]),
+                                        ("gw1", compose_stack.gateway_urls[0])])
+        for client in (b, c):
+            await client.join("restarted")
+        await c.chat("restarted", "to the restarted gateway")
+        await b.wait_texts(["to the restarted gateway"])
+    finally:
+        await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+async def redis_stack(podman: Podman, images: Images, compose_stack: ComposeStack
+                      ) -> AsyncIterator[ComposeStack]:
+    """The redis profile with GATEWAY_BACKEND=redis-sharded (after the NATS compose_stack is
+    down: one compose_stack at a time on two cores)."""
+    compose_stack.down()
+    compose = ComposeStack(podman, images, backend="redis-sharded", profiles=("redis",))
+    try:
+        await asyncio.to_thread(compose.up, 120)
+        yield compose
+    finally:
+        compose.down()
+
+
+def room_owner(compose_stack: ComposeStack, room: str) -> str:
+    """The redis service whose master owns ``room``'s shard channel, asked of Redis."""
+    password = TEST_PASSWORDS["REDIS_ADMIN_PASSWORD"]
+    services = ("redis-1", "redis-2", "redis-3")
+    nodes = [RedisNode(s, compose_stack.ip(s), 7000, password=password) for s in services]
+    return owner_of(nodes, ChannelNames().room("/", room)).name
+
+
+async def test_redis_profile_chats_and_survives_a_master_crash_and_stop(
+        redis_stack: ComposeStack) -> None:
+    """The master owning the room's slot dies; the restart policy brings it back with its
+    slots, and the gateways re-subscribe there. Then it is stopped and started by hand."""
+    made: list[SioClient] = []
+    try:
+        a, b = await connect_all(made, [("a", redis_stack.gateway_urls[0]),
+                                        ("b", redis_stack.gateway_urls[1])])
+        for c in (a, b):
+            await c.join("sharded")
+        await a.chat("sharded", "over sharded pub/sub")
+        await b.wait_texts(["over sharded pub/sub"])
+        traffic = Traffic([Flow("gw1-to-gw2", a, b, "sharded"),
+                           Flow("gw2-to-gw1", b, a, "sharded")], redis_stack.gateway_urls)
+        victim = room_owner(redis_stack, "sharded")
+        before = redis_stack.inspect(victim)["RestartCount"]
+        async with traffic.running():
+            await asyncio.sleep(2)
+            traffic.mark("fault")
+            os.kill(redis_stack.pid(victim), signal.SIGKILL)
+            await wait_for(lambda: redis_stack.inspect(victim)["RestartCount"] > before, 30,
+                           f"{victim} to be restarted")
+            traffic.mark("restart")
+            await asyncio.sleep(8)
+        flows = [traffic.flow_report(f) for f in traffic.flows]
+        record(f"redis profile: {victim} (the room's master) killed, restart policy",
+               {"flows": flows, "health": [traffic.health_report(i) for i in (0, 1)]})
+        for flow in traffic.flows:
+            late = traffic.flow_report(flow, since=traffic.marks["restart"] + 5)
+            assert late["lost"] == 0 and late["delivered"] > 0, late
+
+        # stopped by hand: its slots are unserved until it is started again
+        traffic = Traffic([Flow("gw1-to-gw2-stop", a, b, "sharded"),
+                           Flow("gw2-to-gw1-stop", b, a, "sharded")], redis_stack.gateway_urls)
+        async with traffic.running():
+            await asyncio.sleep(2)
+            traffic.mark("fault")
+            await asyncio.to_thread(redis_stack.compose, "stop", victim)
+            await asyncio.sleep(3)
+            await asyncio.to_thread(redis_stack.compose, "start", victim)
+            traffic.mark("restart")
+            await asyncio.sleep(10)
+        flows = [traffic.flow_report(f) for f in traffic.flows]
+        record(f"redis profile: docker-compose stop {victim} (the room's master) for 3 s, "
+               "then start", {"flows": flows,
+                              "health": [traffic.health_report(i) for i in (0, 1)]})
+        for flow in traffic.flows:
+            late = traffic.flow_report(flow, since=traffic.marks["restart"] + 5)
+            assert late["lost"] == 0 and late["delivered"] > 0, late
+    finally:
+        await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
