@@ -245,6 +245,11 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self._stop_cluster()
+        pending = list(self._tasks)
+        if self.recovery is not None and self.recovery.flushing is not None:
+            pending.append(self.recovery.flushing)
+        if pending:  # let what is under way finish (session writes at shutdown)
+            await asyncio.wait(pending, timeout=2.0)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

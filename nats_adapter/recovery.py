@@ -194,6 +194,12 @@ class Recovery:
                 "data": m._session_data(eio_sid, namespace), "node": m.node_tag,
                 "connected": connected, "at": time.time()}
 
+    @property
+    def flushing(self) -> asyncio.Task[None] | None:
+        """The session write under way, if any."""
+        task = self._flush_task
+        return task if task is not None and not task.done() else None
+
     def touch(self, sid: str) -> None:
         """``sid``'s rooms changed: write its session soon (changes are coalesced)."""
         if sid not in self.pids:
