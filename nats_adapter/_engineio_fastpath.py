@@ -16,13 +16,12 @@ public path (engine.io's queue), which is always correct, only slower. An error
 inside the patched code at run time turns the fast path off for good, with one
 warning (:meth:`FastPath.disable`).
 
-A socket qualifies for direct writes when:
-
-- the session connected over websocket directly (not upgraded from polling), so
-  every packet the engine.io queue hands out goes through our websocket wrapper;
-- the connection does not compress (a shared frame is only valid uncompressed).
-
-and a write is made only while nothing waits in its engine.io queue, nothing taken
+A socket qualifies for direct writes once its session runs on websocket: from
+the start, or after an upgrade from long-polling has completed (the client's
+UPGRADE packet came, so nothing a polling request took is still on its way:
+socket.io-client sends UPGRADE only after its last poll has returned), and while
+the connection does not compress (a shared frame is only valid uncompressed).
+A write is made only while nothing waits in its engine.io queue, nothing taken
 from it is still being written (acks and other events stay in order), and the
 transport is not closing.
 """
@@ -326,15 +325,20 @@ def _writer_transport(ws: Any) -> Any:
 
 
 def _direct_session(ws: Any, fastpath: FastPath) -> Any:
-    """The engine.io socket behind ``ws`` set up for direct writes; None if it does not
-    qualify (an upgraded session may have had packets taken by a polling request)."""
+    """The engine.io socket behind ``ws`` if its session can run the lean loop; None if
+    not (a session that was upgraded already, or a queue that is not ours)."""
     socket = getattr(ws.handler, "__self__", None)
-    if socket is None or socket.connected or not isinstance(socket.queue, CountingQueue):
+    if socket is None or socket.upgraded or not isinstance(socket.queue, CountingQueue):
         return None
+    _writer_transport(ws._sock)  # fail here, at set-up, if aiohttp moved its writer
+    return socket
+
+
+def _enable_direct_writes(socket: Any, ws: Any) -> None:
+    """From now on ``socket`` may get shared frames written to its transport."""
     socket.fanout_ws = ws._sock
     ws.counted_queue = socket.queue
     socket.fanout_transport = _writer_transport(ws._sock)
-    return socket
 
 
 def _send_ping(socket: Any) -> None:
@@ -344,17 +348,56 @@ def _send_ping(socket: Any) -> None:
         socket.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
 
 
-async def _lean_session(socket: Any, ws: Any) -> None:
-    """engine.io's websocket session loop for a session that starts on websocket.
+async def _upgrade(socket: Any, ws: Any, timeout: float) -> bool:
+    """The probe exchange that moves a polling session to this websocket.
 
-    The same protocol as ``AsyncSocket._websocket_handler`` (no upgrade branch: the
-    session never polled), with three tasks fewer per idle socket: the receive waits
-    under ``asyncio.timeout`` instead of ``wait_for`` on a new task, and a writer task
-    runs only while packets are queued instead of waiting on the queue forever.
+    As ``AsyncSocket._websocket_handler``'s upgrade branch, except that the NOOP
+    which ends a pending long-poll is queued only while a poll waits for it (else it
+    would reach the client over the websocket, after the upgrade). True once the
+    client's UPGRADE came; False leaves the session polling.
+    """
+    socket.upgrading = True  # engine.io answers further polls with a NOOP from now on
+    try:
+        async with asyncio.timeout(timeout):
+            probe = eio_packet.Packet(encoded_packet=await ws.wait())
+            if probe.packet_type != eio_packet.PING or probe.data != "probe":
+                logger.info("%s: failed websocket upgrade, no probe", socket.sid)
+                return False
+            await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+            if socket.queue._getters:  # a long-poll is waiting: end it
+                socket.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+            done = eio_packet.Packet(encoded_packet=await ws.wait())
+            if done.packet_type != eio_packet.UPGRADE:
+                logger.info("%s: failed websocket upgrade, no UPGRADE packet", socket.sid)
+                return False
+    except (TimeoutError, OSError, ValueError, IndexError, TypeError):
+        return False  # timed out, closed, or not engine.io: the session keeps polling
+    finally:
+        socket.upgrading = False
+    socket.upgraded = True
+    # what polling requests took was answered before the client sent UPGRADE
+    socket.queue.in_flight = 0
+    return True
+
+
+async def _lean_session(socket: Any, ws: Any) -> None:
+    """engine.io's websocket session loop, for a session that starts on websocket or
+    has just been upgraded from long-polling.
+
+    The same protocol as ``AsyncSocket._websocket_handler``, with three tasks fewer
+    per idle socket: the receive waits under ``asyncio.timeout`` instead of
+    ``wait_for`` on a new task, and a writer task runs only while packets are queued
+    instead of waiting on the queue forever.
     """
     server = socket.server
-    socket.connected = True
-    socket.upgraded = True
+    if socket.connected:  # it polled until now
+        if not await _upgrade(socket, ws, server.ping_interval + server.ping_timeout):
+            await ws.close()
+            return
+    else:
+        socket.connected = True
+        socket.upgraded = True
+    _enable_direct_writes(socket, ws)
     queue = socket.queue
     loop = asyncio.get_running_loop()
     writer_task: asyncio.Task[None] | None = None
