@@ -27,7 +27,8 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
         expected = set(SCENARIOS) - ({"memory"} if backend == "redis-cluster-classic" else set())
         assert set(scenarios) == expected, backend
         phases = [*scenarios["reference"].values()]
-        phases += [scenarios[s] for s in ("fanout", "many-rooms", "latency", "churn")]
+        phases += [scenarios[s] for s in ("fanout", "fanout-upgrade", "many-rooms", "latency",
+                                          "latency-upgrade", "churn")]
         for figures in phases:
             assert figures["delivered"] == figures["expected"] > 0, (backend, figures)
             assert figures["lost"] == figures["duplicated"] == figures["misdelivered"] == 0

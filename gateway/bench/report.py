@@ -70,18 +70,25 @@ def markdown(report: dict[str, Any]) -> str:
     mem = [(b, s["memory"]) for b, s in results.items() if "memory" in s]
     if mem:
         base_mem = dict(mem).get(BASELINE, {})
-        lines += ["", "| idle memory | backend | KB per socket, plain client | "
-                  "KB per socket, client offering permessage-deflate (negotiated) |",
-                  "|---|---|---|---|"]
+
+        def kb(m: dict[str, Any], variant: str, key: str) -> str:
+            value = m.get(variant, {}).get(key)
+            return f"{_fmt(value)}{_ratio(value, base_mem.get(variant, {}).get(key), False)}"
+
+        lines += ["", "| idle memory | backend | KB per socket: websocket client | "
+                  "polling, then upgraded | client offering permessage-deflate (negotiated) | "
+                  "+KB per room of its own (websocket / upgraded) | +KB per shared-room "
+                  "membership (websocket / upgraded) |", "|---|---|---|---|---|---|---|"]
         for backend, m in mem:
-            plain, defl = m["plain"], m["deflate-offered"]
-            base_plain = base_mem.get("plain", {}).get("kb_per_socket")
-            base_defl = base_mem.get("deflate-offered", {}).get("kb_per_socket")
+            defl = m["deflate-offered"]
             lines.append(
-                f"| memory | {backend} | {plain['kb_per_socket']}"
-                f"{_ratio(plain['kb_per_socket'], base_plain, False)} | "
-                f"{defl['kb_per_socket']}{_ratio(defl['kb_per_socket'], base_defl, False)} "
-                f"({defl['deflate_negotiated']} of {defl['sockets']}) |")
+                f"| memory | {backend} | {kb(m, 'plain', 'kb_per_socket')} | "
+                f"{kb(m, 'upgraded', 'kb_per_socket')} | "
+                f"{kb(m, 'deflate-offered', 'kb_per_socket')} "
+                f"({defl['deflate_negotiated']} of {defl['sockets']}) | "
+                f"{kb(m, 'plain', 'kb_per_own_room')} / {kb(m, 'upgraded', 'kb_per_own_room')} | "
+                f"{kb(m, 'plain', 'kb_per_shared_room_membership')} / "
+                f"{kb(m, 'upgraded', 'kb_per_shared_room_membership')} |")
     churn = [(b, s["churn"]) for b, s in results.items() if "churn" in s]
     if churn:
         lines += ["", "| churn | backend | join/leave ops | broker subscription ops/s | "

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
                    "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
 BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
-SCENARIOS = ("reference", "fanout", "many-rooms", "latency", "churn", "memory")
+SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
+             "latency-upgrade", "churn", "memory")
 
 
 def log(msg: str) -> None:
@@ -296,18 +298,26 @@ def describe(p: Params) -> dict[str, dict[str, Any]]:
         "reference": {"gateways": 3, "users": p.reference_users, "chats_per_user": 3,
                       "phases": "one room; then 10 rooms, each on one gateway only"},
         "fanout": {"gateways": 2, "members": p.fanout_members, "senders": p.fanout_senders,
-                   "messages_per_sender": p.fanout_messages, "pacing": "next send on ack"},
+                   "messages_per_sender": p.fanout_messages, "pacing": "next send on ack",
+                   "clients": "websocket from the start"},
+        "fanout-upgrade": {"as": "fanout", "clients": "polling, then upgrade to websocket "
+                           "(socket.io-client's default)"},
         "many-rooms": {"gateways": 3, "rooms": p.rooms, "members_per_room": "2-20",
                        "sockets": p.room_sockets, "messages": p.room_messages,
                        "rate": "Zipf-like: a few busy rooms, many quiet ones"},
         "latency": {"gateways": 2, "members": p.latency_members,
-                    "rate_msgs_per_s": p.latency_rate, "seconds": p.latency_seconds},
+                    "rate_msgs_per_s": p.latency_rate, "seconds": p.latency_seconds,
+                    "clients": "websocket from the start"},
+        "latency-upgrade": {"as": "latency", "clients": "polling, then upgrade to websocket "
+                            "(socket.io-client's default)"},
         "churn": {"gateways": 2, "sockets": p.churn_sockets,
                   "join_leave_ops_per_s": p.churn_ops_per_s, "rooms": 50,
                   "background_rate_msgs_per_s": p.latency_rate / 2,
                   "seconds": p.latency_seconds * 2},
         "memory": {"gateways": 1, "idle_sockets": p.idle_sockets,
-                   "variants": "client offering permessage-deflate, and not"},
+                   "variants": "websocket client offering permessage-deflate, and not; "
+                               "polling then upgrade", "rooms": "one of its own per socket, "
+                               "then one shared by all"},
     }
 
 
@@ -334,9 +344,9 @@ def scenario_reference(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broke
 
 
 def scenario_fanout(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
-                    p: Params) -> dict[str, Any]:
+                    p: Params, upgrade: bool = False) -> dict[str, Any]:
     n = p.fanout_members
-    lg.call(op="connect", urls=[g.url for g in gws], count=n)
+    lg.call(op="connect", urls=[g.url for g in gws], count=n, upgrade=upgrade)
     lg.call(op="join", pairs=[[i, "fanout"] for i in range(n)])
     if not p.quick:  # warm up, then measure
         lg.call(op="burst", plan=[[i, "fanout", 1] for i in range(p.fanout_senders)])
@@ -375,9 +385,9 @@ def scenario_many_rooms(lg: LoadGenProcess, gws: list[GatewayNode], broker: Brok
 
 
 def scenario_latency(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
-                     p: Params) -> dict[str, Any]:
+                     p: Params, upgrade: bool = False) -> dict[str, Any]:
     n = p.latency_members
-    lg.call(op="connect", urls=[g.url for g in gws], count=n)
+    lg.call(op="connect", urls=[g.url for g in gws], count=n, upgrade=upgrade)
     lg.call(op="join", pairs=[[i, "latency"] for i in range(n)])
     count = int(p.latency_rate * p.latency_seconds)
     plan = [[round(k / p.latency_rate, 4), k % n, "latency"] for k in range(count)]
@@ -420,27 +430,52 @@ def scenario_churn(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
 
 
 def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> dict[str, Any]:
-    """RSS growth per idle socket on a fresh gateway, per client kind."""
-    variants = (("plain", False), ("deflate-offered", True))
+    """RSS growth per idle socket on a fresh gateway, per client kind; for the plain and
+    upgraded clients also the growth per room membership: each socket in a room of its
+    own (a room, its index entry and broker subscription per socket), then all of them
+    in one shared room."""
+    variants = (("plain", False, False), ("deflate-offered", True, False),
+                ("upgraded", False, True))
     name, args = broker.gateway(0)
     gws = [start_gateway(workdir, f"{backend}-mem-{variant}", free_ports(1)[0], name, args,
-                         extra=["--log-level", "WARNING"]) for variant, _ in variants]
+                         extra=["--log-level", "WARNING"]) for variant, _, _ in variants]
     out: dict[str, Any] = {}
     lg = LoadGenProcess()
+    n = p.idle_sockets
+    settle = 0.3 if p.quick else 1.0
     try:
         wait_gateways(gws)
-        for gw, (variant, deflate) in zip(gws, variants, strict=True):
+        for gw, (variant, deflate, upgrade) in zip(gws, variants, strict=True):
             assert gw.child is not None
-            lg.call(op="connect", urls=[gw.url], count=20, deflate=deflate)  # warm up
+            # warm up
+            lg.call(op="connect", urls=[gw.url], count=20, deflate=deflate, upgrade=upgrade)
+            lg.call(op="join", pairs=[[i, f"warm-{i}"] for i in range(20)])
             lg.call(op="close")
-            time.sleep(0.3)
+            time.sleep(settle)
             base = rss_bytes(gw.child.pid)
-            got = lg.call(op="connect", urls=[gw.url], count=p.idle_sockets, deflate=deflate)
-            time.sleep(0.3 if p.quick else 1.0)
-            grown = rss_bytes(gw.child.pid) - base
-            out[variant] = {"sockets": p.idle_sockets, "deflate_negotiated": got["deflate"],
-                            "rss_bytes_per_socket": round(grown / p.idle_sockets),
-                            "kb_per_socket": round(grown / p.idle_sockets / 1024, 1)}
+            got = lg.call(op="connect", urls=[gw.url], count=n, deflate=deflate,
+                          upgrade=upgrade)
+            time.sleep(settle)
+            idle = rss_bytes(gw.child.pid)
+            grown = idle - base
+            figures: dict[str, Any] = {
+                "sockets": n, "deflate_negotiated": got["deflate"],
+                "upgraded": got.get("upgraded", 0),
+                "rss_bytes_per_socket": round(grown / n),
+                "kb_per_socket": round(grown / n / 1024, 1)}
+            if not deflate:
+                failures = lg.call(op="join", pairs=[[i, f"own-{i}"] for i in range(n)])
+                time.sleep(settle)
+                own = rss_bytes(gw.child.pid)
+                failures["failures"] += lg.call(op="join", pairs=[[i, "shared"]
+                                                                  for i in range(n)])["failures"]
+                time.sleep(settle)
+                shared = rss_bytes(gw.child.pid)
+                figures.update({
+                    "join_failures": failures["failures"],
+                    "kb_per_own_room": round((own - idle) / n / 1024, 2),
+                    "kb_per_shared_room_membership": round((shared - own) / n / 1024, 2)})
+            out[variant] = figures
             lg.call(op="close")
     finally:
         lg.stop()
@@ -452,7 +487,9 @@ SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
     "reference": (3, scenario_reference),
     "many-rooms": (3, scenario_many_rooms),
     "fanout": (2, scenario_fanout),
+    "fanout-upgrade": (2, partial(scenario_fanout, upgrade=True)),
     "latency": (2, scenario_latency),
+    "latency-upgrade": (2, partial(scenario_latency, upgrade=True)),
     "churn": (2, scenario_churn),
 }
 
