@@ -38,6 +38,8 @@ from typing import Any
 from engineio import exceptions
 from engineio import packet as eio_packet
 
+from . import _lean_websocket as lean
+
 logger = logging.getLogger(__name__)
 
 _PACK1 = struct.Struct("!BB").pack
@@ -63,11 +65,17 @@ class CountingQueue:
     that exists only while packets wait: ``asyncio.Queue`` holds four deques, about
     3 KB for every idle socket. ``in_flight`` counts packets taken but not yet
     written; ``on_put`` is called after every put.
+
+    ``ping_interval_ms``, when given, is written into the session's OPEN packet (the
+    first one put): engine.io advertises ``int(interval) * 1000``, so an interval of
+    0.3 s reaches clients as 0 and they give up on the server at once.
     """
 
-    __slots__ = ("_getters", "_items", "_joiners", "_unfinished", "in_flight", "on_put")
+    __slots__ = ("_getters", "_items", "_joiners", "_unfinished", "in_flight", "on_put",
+                 "ping_interval_ms")
 
-    def __init__(self, maxsize: int = 0) -> None:
+    def __init__(self, maxsize: int = 0, ping_interval_ms: int | None = None) -> None:
+        self.ping_interval_ms = ping_interval_ms
         self._items: list[Any] | None = None
         self._getters: list[asyncio.Future[None]] | None = None
         self._joiners: list[asyncio.Future[None]] | None = None
@@ -85,6 +93,12 @@ class CountingQueue:
         return False
 
     def put_nowait(self, item: Any) -> None:
+        if self.ping_interval_ms is not None:
+            ms, self.ping_interval_ms = self.ping_interval_ms, None
+            if getattr(item, "packet_type", None) == eio_packet.OPEN \
+                    and isinstance(item.data, dict):
+                item.data["pingInterval"] = ms
+                item.encode_cache = None
         if self._items is None:
             self._items = []
         self._items.append(item)
@@ -142,6 +156,21 @@ class CountingQueue:
                 if not fut.done():
                     fut.set_result(None)
             self._joiners = None
+
+    def take(self) -> list[Any]:
+        """Everything queued, in order, marked done (for a writer that writes it all
+        out at once; nothing stays in flight)."""
+        items = self._items
+        if not items:
+            return []
+        self._items = None
+        self._unfinished -= len(items)
+        if self._unfinished == 0 and self._joiners:
+            for fut in self._joiners:
+                if not fut.done():
+                    fut.set_result(None)
+            self._joiners = None
+        return items
 
     async def join(self) -> None:
         if self._unfinished > 0:
@@ -224,9 +253,11 @@ class FastPath:
     """The fast path installed on one engine.io server; turns itself off for good
     (with one warning) on the first error in the code it patched."""
 
-    def __init__(self, eio: Any) -> None:
+    def __init__(self, eio: Any, heartbeat: lean.Heartbeat | None = None) -> None:
         self.eio = eio
         self.enabled = True
+        #: drives lean websocket connections; None when they are not available
+        self.heartbeat = heartbeat
 
     def disable(self, reason: str) -> None:
         """Every socket takes the public path from now on."""
@@ -259,7 +290,26 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
         logger.warning("fast fan-out not installed; engine.io's public path serves instead. "
                        "Missing: %s", "; ".join(problems))
         return None
-    fastpath = FastPath(eio)
+    lean_missing = lean.missing_features()
+    if lean_missing:
+        logger.warning("lean websocket connections not available (missing: %s); "
+                       "websockets stay on aiohttp", "; ".join(lean_missing))
+    fastpath = FastPath(eio, None if lean_missing or compression else lean.Heartbeat(eio))
+    if fastpath.heartbeat is not None:
+        # the heartbeat also checks polling sessions' ping timeouts, which engine.io's
+        # service task did with a wake-up (and a wait_for) per socket
+        eio.start_service_task = False
+        handle_request = eio.handle_request
+
+        async def handle_request_lean(*args: Any, **kwargs: Any) -> Any:
+            if fastpath.enabled and args and lean.close_second_websocket(eio, args[0]):
+                from aiohttp import web
+
+                return web.Response()  # never sent: the connection is no longer aiohttp's
+            return await handle_request(*args, **kwargs)
+
+        # before python-socketio's attach() routes requests to it
+        eio.handle_request = handle_request_lean
     base = eio._async["websocket"]
 
     class FanoutWebSocket(base):  # type: ignore[misc, valid-type]
@@ -269,6 +319,11 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
             from aiohttp.web import WebSocketResponse
 
             request = environ["aiohttp.request"]
+            heartbeat = fastpath.heartbeat
+            if heartbeat is not None and fastpath.enabled:
+                taken = await _take_over(self, environ, heartbeat, fastpath)
+                if taken is not None:
+                    return taken
             # timeout: how long a close waits for the client's close frame (aiohttp's
             # default, 10 s, held every shutdown that long when a client did not answer)
             self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
@@ -300,7 +355,13 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
                     queue.in_flight -= 1
 
     eio._async = {**eio._async, "websocket": FanoutWebSocket}
-    eio.create_queue = lambda *a, **kw: CountingQueue(*a, **kw)
+    interval_ms = round((eio.ping_interval + getattr(eio, "ping_interval_grace_period", 0))
+                        * 1000)
+
+    def create_queue(*args: Any, **kwargs: Any) -> CountingQueue:
+        return CountingQueue(*args, **{"ping_interval_ms": interval_ms, **kwargs})
+
+    eio.create_queue = create_queue
     start_task = eio.start_background_task
 
     def start_background_task(target: Any, *args: Any, **kwargs: Any) -> Any:
@@ -314,6 +375,43 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
 
     eio.start_background_task = start_background_task
     return fastpath
+
+
+async def _take_over(ws: Any, environ: dict[str, Any], heartbeat: lean.Heartbeat,
+                     fastpath: FastPath) -> Any:
+    """Serve this websocket on a :class:`~nats_adapter._lean_websocket.LeanWebSocket`.
+
+    Returns the (never sent) response for aiohttp once the connection is taken over,
+    or None when aiohttp's websocket should serve it.
+    """
+    from aiohttp import web
+
+    socket = getattr(ws.handler, "__self__", None)
+    if socket is None or socket.upgraded or not isinstance(socket.queue, CountingQueue):
+        return None
+    request = environ["aiohttp.request"]
+    try:
+        conn = lean.take_over(socket, environ, heartbeat)
+    except Exception as exc:
+        fastpath.disable(f"websocket take-over failed: {exc!r}")
+        if request.transport is not None:
+            return None  # still aiohttp's: its websocket serves it
+        # the connection was already detached from aiohttp, and is lost
+        await socket.close(wait=False, abort=True, reason=ws.server.reason.TRANSPORT_ERROR)
+        return web.Response()
+    if conn is None:
+        return None
+    heartbeat.start_sweep()
+    # aiohttp's handler no longer has the connection: this response is never sent
+    return web.Response()
+
+
+async def close_session(socket: Any, reason: str) -> None:
+    """Close an engine.io session and hang up its websocket, if it has one."""
+    await socket.close(wait=False, abort=True, reason=reason)
+    ws = getattr(socket, "fanout_ws", None)
+    if ws is not None and not ws.closed:
+        await ws.close(code=1008)
 
 
 def _writer_transport(ws: Any) -> Any:
@@ -343,6 +441,8 @@ def _enable_direct_writes(socket: Any, ws: Any) -> None:
 
 def _send_ping(socket: Any) -> None:
     """engine.io's ``AsyncSocket._send_ping`` after its sleep, as a timer callback."""
+    if getattr(socket, "lean", None) is not None:
+        return  # a lean connection's heartbeat pings it
     if not socket.closing and not socket.closed:
         socket.last_ping = time.time()
         socket.queue.put_nowait(eio_packet.Packet(eio_packet.PING))

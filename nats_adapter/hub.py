@@ -18,7 +18,7 @@ from typing import Any
 from bidict import bidict
 from engineio import packet as eio_packet
 
-from ._engineio_fastpath import text_frame, writable_transport
+from ._engineio_fastpath import close_session, text_frame, writable_transport
 from .sids import is_sid
 from .stats import ManagerStats
 from .types import EncodedPacket, RoomIndex
@@ -111,8 +111,7 @@ class Fanout:
         self.slow_consumers_dropped += 1
         socket.fanout_dropped = True
         logger.warning("dropping slow consumer %s: %s", socket.sid, reason)
-        task = asyncio.get_running_loop().create_task(
-            socket.close(wait=False, abort=True, reason="slow consumer"))
+        task = asyncio.get_running_loop().create_task(close_session(socket, "slow consumer"))
         _background.add(task)
         task.add_done_callback(_background.discard)
 

@@ -10,6 +10,7 @@ import pytest
 from socketio import packet as sio_packet
 
 from nats_adapter import _engineio_fastpath as fastpath
+from nats_adapter import _lean_websocket as lean_websocket
 from tests.conftest import start_node
 from tests.helpers import Node, NodeClient, SioClient, connect_all
 
@@ -44,16 +45,28 @@ async def interleave(node: Node, clients: list[SioClient], count: int) -> None:
     assert members[2].received("seq") == evens
 
 
-async def test_direct_writes_keep_order_with_queued_packets(node: Node,
-                                                            clients: list[SioClient]) -> None:
-    assert node.manager.fast_fanout, "the fast path should install on this engine.io/aiohttp"
-    fan = node.manager.fanout
-    assert fan is not None
-    before_direct, before_queued = fan.direct, fan.queued
-    await interleave(node, clients, 2000)
-    assert fan.direct > before_direct, "the direct path was never taken"
-    assert fan.queued > before_queued, "the queue path was never taken"
-    assert fan.slow_consumers_dropped == 0
+@pytest.mark.parametrize("connections", ["lean", "aiohttp"])
+async def test_direct_writes_keep_order_with_queued_packets(
+        connections: str, monkeypatch: pytest.MonkeyPatch, clients: list[SioClient]) -> None:
+    """Shared frames and engine.io's queue, interleaved, on lean connections (which
+    write the queue out as packets are put) and on aiohttp's websocket (used where
+    lean connections are not available: then a shared frame waits its turn)."""
+    if connections == "aiohttp":
+        monkeypatch.setattr(lean_websocket, "missing_features", lambda: ["(test)"])
+    n = await start_node("memory", f"order-{connections}-gw", {})
+    try:
+        assert n.manager.fast_fanout, "the fast path should install on this engine.io/aiohttp"
+        fan = n.manager.fanout
+        assert fan is not None
+        await interleave(n, clients, 2000)
+        lean = [getattr(s, "lean", None) is not None for s in n.sio.eio.sockets.values()]
+        assert all(lean) if connections == "lean" else not any(lean)
+        assert fan.direct > 0, "the direct path was never taken"
+        if connections == "aiohttp":
+            assert fan.queued > 0, "the queue path was never taken"
+        assert fan.slow_consumers_dropped == 0
+    finally:
+        await n.runner.cleanup()
 
 
 async def test_a_missing_internal_means_no_fast_path_and_correct_delivery(
@@ -76,20 +89,29 @@ async def test_a_missing_internal_means_no_fast_path_and_correct_delivery(
         await n.runner.cleanup()
 
 
+@pytest.mark.parametrize("connections", ["lean", "aiohttp"])
 async def test_an_error_inside_the_fast_path_falls_back_for_good(
-        monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
+        connections: str, monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
         caplog: pytest.LogCaptureFixture) -> None:
-    n = await start_node("memory", "broken-fastpath-gw", {})
+    if connections == "aiohttp":
+        monkeypatch.setattr(lean_websocket, "missing_features", lambda: ["(test)"])
+    n = await start_node("memory", f"broken-fastpath-{connections}-gw", {})
     try:
         assert n.manager.fast_fanout
         early = await connect_all(clients, [("early", n)])  # set up on the fast path
         await early[0].join("order")
 
-        def renamed(ws: object) -> object:
-            raise AttributeError("'WebSocketResponse' object has no attribute '_writer'")
-
         # a private attribute that a new aiohttp renamed, met at the next handshake
-        monkeypatch.setattr(fastpath, "_writer_transport", renamed)
+        if connections == "aiohttp":
+            def renamed(ws: object) -> object:
+                raise AttributeError("'WebSocketResponse' object has no attribute '_writer'")
+
+            monkeypatch.setattr(fastpath, "_writer_transport", renamed)
+        else:
+            def detach(request: object) -> object:
+                raise AttributeError("'RequestHandler' object has no attribute '_message_tail'")
+
+            monkeypatch.setattr(lean_websocket, "_detach", detach)
         await interleave(n, clients, 500)  # the handshakes succeed, delivery is exact
         assert not n.manager.fast_fanout
         assert caplog.text.count("fast fan-out disabled") == 1
