@@ -24,7 +24,8 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     report = json.loads((out / "results.json").read_text())
     assert set(report["results"]) == set(BENCH_BACKENDS)
     for backend, scenarios in report["results"].items():
-        expected = set(SCENARIOS) - ({"memory"} if backend == "redis-cluster-classic" else set())
+        expected = set(SCENARIOS) - ({"memory", "idle"} if backend == "redis-cluster-classic"
+                                     else set())
         assert set(scenarios) == expected, backend
         phases = [*scenarios["reference"].values()]
         phases += [scenarios[s] for s in ("fanout", "fanout-upgrade", "many-rooms", "latency",
@@ -38,6 +39,12 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
         if "memory" in scenarios:
             assert scenarios["memory"]["plain"]["deflate_negotiated"] == 0
             assert scenarios["memory"]["plain"]["rss_bytes_per_socket"] > 0
+            assert scenarios["memory"]["upgraded"]["upgraded"] > 0
+            assert scenarios["memory"]["plain"]["join_failures"] == 0
+        if "idle" in scenarios:
+            idle = scenarios["idle"]
+            assert idle["alive_at_end"] == idle["sockets"] and idle["unexpected_closes"] == 0
+            assert idle["cpu_ms_per_s_per_1k"] is not None
     # the problem we solve, visible in the report: rooms that live on one gateway cost
     # the other gateways nothing with per-room channels, and everything with one channel
     local = {b: s["reference"]["ten-local-rooms"] for b, s in report["results"].items()}

@@ -281,7 +281,8 @@ class LoadGen:
             self.unexpected_closes += 1
 
     async def connect(self, urls: list[str], count: int, deflate: bool,
-                      concurrency: int = 200, upgrade: bool = False) -> dict[str, Any]:
+                      concurrency: int = 200, upgrade: bool = False,
+                      local_host: str | None = None) -> dict[str, Any]:
         """Connect ``count`` sockets round-robin over ``urls``: on websocket from the
         start, or (``upgrade``) by polling and then upgrading, as socket.io-client
         does by default."""
@@ -299,7 +300,8 @@ class LoadGen:
 
             async def open_ws(up: Upgrade | None) -> LeanSocket:
                 _, proto = await loop.create_connection(
-                    lambda: LeanSocket(i, host, port, self, deflate, up), host, port)
+                    lambda: LeanSocket(i, host, port, self, deflate, up), host, port,
+                    local_addr=(local_host, 0) if local_host else None)
                 self.sockets[i] = proto
                 async with asyncio.timeout(30):
                     await proto.connected
@@ -502,10 +504,15 @@ async def serve() -> None:
         try:
             if op == "connect":
                 reply(await gen.connect(cmd["urls"], cmd["count"], cmd.get("deflate", False),
-                                        upgrade=cmd.get("upgrade", False)))
+                                        upgrade=cmd.get("upgrade", False),
+                                        local_host=cmd.get("local_host")))
+            elif op == "status":
+                reply({"open": sum(1 for s in gen.sockets if s is not None and not s.closed),
+                       "unexpected_closes": gen.unexpected_closes})
             elif op == "join":
                 failures = await gen.join([tuple(p) for p in cmd["pairs"]],
-                                          leave=cmd.get("leave", False))
+                                          leave=cmd.get("leave", False),
+                                          concurrency=cmd.get("concurrency", 500))
                 reply({"failures": failures})
             elif op == "burst":
                 t0 = time.monotonic()

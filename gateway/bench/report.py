@@ -15,7 +15,7 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     rows = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario == "memory":
+            if scenario in ("memory", "idle"):
                 continue
             if scenario == "reference":
                 for phase, figures in data.items():
@@ -77,8 +77,9 @@ def markdown(report: dict[str, Any]) -> str:
 
         lines += ["", "| idle memory | backend | KB per socket: websocket client | "
                   "polling, then upgraded | client offering permessage-deflate (negotiated) | "
-                  "+KB per room of its own (websocket / upgraded) | +KB per shared-room "
-                  "membership (websocket / upgraded) |", "|---|---|---|---|---|---|---|"]
+                  "+KB for a first room of its own (websocket / upgraded) | +KB per further "
+                  "room of its own | +KB per shared-room membership |",
+                  "|---|---|---|---|---|---|---|---|"]
         for backend, m in mem:
             defl = m["deflate-offered"]
             lines.append(
@@ -87,8 +88,24 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{kb(m, 'deflate-offered', 'kb_per_socket')} "
                 f"({defl['deflate_negotiated']} of {defl['sockets']}) | "
                 f"{kb(m, 'plain', 'kb_per_own_room')} / {kb(m, 'upgraded', 'kb_per_own_room')} | "
+                f"{kb(m, 'plain', 'kb_per_second_own_room')} / "
+                f"{kb(m, 'upgraded', 'kb_per_second_own_room')} | "
                 f"{kb(m, 'plain', 'kb_per_shared_room_membership')} / "
                 f"{kb(m, 'upgraded', 'kb_per_shared_room_membership')} |")
+    idle = [(b, s["idle"]) for b, s in results.items() if "idle" in s]
+    if idle:
+        base_idle = dict(idle).get(BASELINE, {})
+        lines += ["", "| idle sockets | backend | sockets | KB per socket | CPU ms per s per "
+                  "1k sockets | connect time s (sockets/s) | alive at the end |",
+                  "|---|---|---|---|---|---|---|"]
+        for backend, d in idle:
+            lines.append(
+                f"| idle | {backend} | {d['sockets']:,} | {d['kb_per_socket']}"
+                f"{_ratio(d['kb_per_socket'], base_idle.get('kb_per_socket'), False)} | "
+                f"{d['cpu_ms_per_s_per_1k']}"
+                f"{_ratio(d['cpu_ms_per_s_per_1k'], base_idle.get('cpu_ms_per_s_per_1k'), False)}"
+                f" | {d['connect_seconds']} ({_fmt(d['sockets_per_s'])}) | "
+                f"{d['alive_at_end']:,} |")
     churn = [(b, s["churn"]) for b, s in results.items() if "churn" in s]
     if churn:
         lines += ["", "| churn | backend | join/leave ops | broker subscription ops/s | "

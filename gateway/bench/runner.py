@@ -42,7 +42,7 @@ GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
                    "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
 BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
 SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
-             "latency-upgrade", "churn", "memory")
+             "latency-upgrade", "churn", "memory", "idle")
 
 
 def log(msg: str) -> None:
@@ -143,9 +143,18 @@ class LoadGenProcess:
         )
 
     def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.send(**cmd)
+        return self.reply()
+
+    def send(self, **cmd: Any) -> None:
+        """Send a command; :meth:`reply` reads its answer (other generators may run
+        their commands meanwhile)."""
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"load generator exited with {self.proc.wait()}")
@@ -292,6 +301,17 @@ class Params:
     def idle_sockets(self) -> int:
         return 100 if self.quick else 2000
 
+    #: the idle scenario's sockets; None: 300 quick, 10,000 full
+    idle_many: int | None = None
+
+    @property
+    def idle_count(self) -> int:
+        return self.idle_many or (300 if self.quick else 10_000)
+
+    @property
+    def idle_seconds(self) -> float:
+        return 3.0 if self.quick else 60.0
+
 
 def describe(p: Params) -> dict[str, dict[str, Any]]:
     return {
@@ -314,6 +334,9 @@ def describe(p: Params) -> dict[str, dict[str, Any]]:
                   "join_leave_ops_per_s": p.churn_ops_per_s, "rooms": 50,
                   "background_rate_msgs_per_s": p.latency_rate / 2,
                   "seconds": p.latency_seconds * 2},
+        "idle": {"gateways": 1, "idle_sockets": p.idle_count, "seconds": p.idle_seconds,
+                 "clients": "websocket, answering engine.io pings (interval 25 s)",
+                 "load_generators": _idle_generators(p.idle_count)},
         "memory": {"gateways": 1, "idle_sockets": p.idle_sockets,
                    "variants": "websocket client offering permessage-deflate, and not; "
                                "polling then upgrade", "rooms": "one of its own per socket, "
@@ -464,23 +487,83 @@ def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> d
                 "rss_bytes_per_socket": round(grown / n),
                 "kb_per_socket": round(grown / n / 1024, 1)}
             if not deflate:
-                failures = lg.call(op="join", pairs=[[i, f"own-{i}"] for i in range(n)])
-                time.sleep(settle)
-                own = rss_bytes(gw.child.pid)
-                failures["failures"] += lg.call(op="join", pairs=[[i, "shared"]
-                                                                  for i in range(n)])["failures"]
-                time.sleep(settle)
-                shared = rss_bytes(gw.child.pid)
+                # the first room also pays for what a socket's first request creates; the
+                # second shows a room's own cost. Joins go 20 at a time, so what is
+                # measured is what stays, not the peak of many requests in flight.
+                rss = [idle]
+                failures = 0
+                for rooms in ([f"own-{i}" for i in range(n)], [f"own2-{i}" for i in range(n)],
+                              ["shared"] * n):
+                    failures += lg.call(op="join", concurrency=20, pairs=[
+                        [i, room] for i, room in enumerate(rooms)])["failures"]
+                    time.sleep(settle)
+                    rss.append(rss_bytes(gw.child.pid))
                 figures.update({
-                    "join_failures": failures["failures"],
-                    "kb_per_own_room": round((own - idle) / n / 1024, 2),
-                    "kb_per_shared_room_membership": round((shared - own) / n / 1024, 2)})
+                    "join_failures": failures,
+                    "kb_per_own_room": round((rss[1] - rss[0]) / n / 1024, 2),
+                    "kb_per_second_own_room": round((rss[2] - rss[1]) / n / 1024, 2),
+                    "kb_per_shared_room_membership": round((rss[3] - rss[2]) / n / 1024, 2)})
             out[variant] = figures
             lg.call(op="close")
     finally:
         lg.stop()
         stop_all([g.child for g in gws])
     return out
+
+
+#: sockets per load generator process in the idle scenario (its file limit and one
+#: source address's ephemeral ports bound it)
+IDLE_PER_GENERATOR = 15_000
+
+
+def _idle_generators(count: int) -> int:
+    return -(-count // IDLE_PER_GENERATOR)
+
+
+def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dict[str, Any]:
+    """Many idle websocket sockets on one gateway: KB per socket, gateway CPU per
+    second per 1,000 sockets while engine.io pings flow, and the time to connect
+    them all (load generators connect in parallel, each from its own 127.0.0.x)."""
+    n = p.idle_count
+    name, args = broker.gateway(0)
+    gw = start_gateway(workdir, f"{backend}-idle", free_ports(1)[0], name, args,
+                       extra=["--log-level", "WARNING"])
+    gens = [LoadGenProcess() for _ in range(_idle_generators(n))]
+    try:
+        wait_gateways([gw])
+        assert gw.child is not None
+        pid = gw.child.pid
+        gens[0].call(op="connect", urls=[gw.url], count=20)  # warm up
+        gens[0].call(op="close")
+        time.sleep(1.0)
+        base = rss_bytes(pid)
+        shares = [n // len(gens) + (k < n % len(gens)) for k in range(len(gens))]
+        started = time.monotonic()
+        for k, (lg, share) in enumerate(zip(gens, shares, strict=True)):
+            lg.send(op="connect", urls=[gw.url], count=share, local_host=f"127.0.0.{k + 2}")
+        for lg in gens:
+            lg.reply()
+        connect_s = time.monotonic() - started
+        time.sleep(2.0)
+        rss = rss_bytes(pid)
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(p.idle_seconds)
+        cpu = cpu_seconds(pid) - cpu0
+        seconds = time.monotonic() - t0
+        status = [lg.call(op="status") for lg in gens]
+        return {
+            "sockets": n, "connect_seconds": round(connect_s, 2),
+            "sockets_per_s": round(n / connect_s, 1),
+            "kb_per_socket": round((rss - base) / n / 1024, 2),
+            "cpu_ms_per_s_per_1k": round(1000 * cpu / seconds / (n / 1000), 3),
+            "seconds": round(seconds, 1),
+            "alive_at_end": sum(s["open"] for s in status),
+            "unexpected_closes": sum(s["unexpected_closes"] for s in status),
+        }
+    finally:
+        for lg in gens:
+            lg.stop()
+        stop_all([gw.child])
 
 
 SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
@@ -524,6 +607,9 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
         if "memory" in scenarios and backend != "redis-cluster-classic":
             log(f"{backend}: memory per idle socket")
             results["memory"] = scenario_memory(backend, broker, workdir / backend, p)
+        if "idle" in scenarios and backend != "redis-cluster-classic":
+            log(f"{backend}: {p.idle_count} idle sockets for {p.idle_seconds:g} s")
+            results["idle"] = scenario_idle(backend, broker, workdir / backend, p)
     finally:
         broker.stop()
     return results
