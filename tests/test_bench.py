@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.bench.runner import BENCH_BACKENDS, SCENARIOS
 from tests.helpers import REPO
 
@@ -56,3 +58,16 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     for backend in BENCH_BACKENDS:
         assert f"| {backend} |" in md
     assert (out / "cpu.png").stat().st_size > 0 and (out / "broker-bytes.png").stat().st_size > 0
+
+
+def test_without_matplotlib_the_report_is_written_without_charts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.bench import report as rep
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra is missing
+    assert "pip install" in (rep.charts_problem() or "")
+    report = {"results": {"nats": {}}, "machine": rep.machine(), "scenarios": {}}
+    paths = rep.write(report, tmp_path)
+    assert set(paths) == {"json", "markdown"}
+    assert json.loads(paths["json"].read_text())["results"] == {"nats": {}}
+    assert not list(tmp_path.glob("*.png"))

@@ -52,6 +52,9 @@ def run(args: argparse.Namespace) -> int:
         print("gateway bench: error: --idle-sockets must be at least 1", file=sys.stderr)
         return 2
     params = Params(quick=args.quick, seed=args.seed, idle_many=args.idle_sockets)
+    problem = rep.charts_problem()
+    if problem is not None:  # said before the run, not after it
+        log(f"warning: {problem}")
     folder = Path(args.output or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     started = time.time()

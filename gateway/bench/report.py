@@ -159,9 +159,21 @@ def write(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["markdown"].write_text(markdown(report))
+    if charts_problem() is not None:
+        return paths
     for path in charts(report, folder):
         paths[path.stem] = path
     return paths
+
+
+def charts_problem() -> str | None:
+    """Why no charts can be drawn (matplotlib, the ``bench`` extra, is missing)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ("matplotlib is not installed (pip install 'nats-socketio-gateway[bench]'): "
+                "results.json and results.md are written, the PNG charts are not")
+    return None
 
 
 def machine() -> dict[str, str]:
