@@ -135,6 +135,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self._remote_callbacks: dict[tuple[str, int], float] = {}
         self._start_task: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: remote joins waiting for their room's subscription
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         self.broker_connected = False
         self._compression = websocket_compression
@@ -190,6 +192,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self.subscriptions.close()
         await self.broker.close()
 
@@ -496,13 +501,30 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             return
         assert msg.room is not None
         if msg.kind == codec.ENTER_ROOM:
-            try:
-                await self.enter_room(msg.sid, msg.namespace, msg.room)
-            except SubscriptionError as exc:
-                logger.warning("remote enter_room of %s to %r refused: %s", msg.sid, msg.room,
-                               exc)
+            # The socket joins now, in order with other operations on it; the wait for
+            # the broker's confirmation of the room's subscription runs apart: the
+            # broker's reader that delivered this message may be the one that must
+            # deliver that confirmation (a Redis master serving both channels), and
+            # other rooms' messages must not wait behind it.
+            was_member = msg.sid in self.hub.members(msg.namespace, msg.room)
+            self.basic_enter_room(msg.sid, msg.namespace, msg.room)
+            task = asyncio.get_running_loop().create_task(
+                self._confirm_remote_join(msg.sid, msg.namespace, msg.room, was_member))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         else:
             self.basic_leave_room(msg.sid, msg.namespace, msg.room)
+
+    async def _confirm_remote_join(self, sid: str, namespace: str, room: str,
+                                   was_member: bool) -> None:
+        """As :meth:`enter_room` after its join: undo it if the broker never confirms."""
+        channel = self.channels.room(namespace, room)
+        if not await self.subscriptions.ready(channel, self._subscribe_timeout):
+            if not was_member:
+                self.basic_leave_room(sid, namespace, room)
+            logger.warning("remote enter_room of %s to %r refused: the %s broker did not "
+                           "confirm the room's subscription within %g s", sid, room,
+                           self.broker.name, self._subscribe_timeout)
 
     async def _sweep(self) -> None:
         """Forget callbacks whose ack from another node never came."""
