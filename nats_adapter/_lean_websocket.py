@@ -300,6 +300,14 @@ class LeanWebSocket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         parser = self.parser
         if parser is None:
+            # An idle socket's only traffic is its PONG, one 7-byte frame every ping
+            # interval; reading it here costs ~1 us against ~20 us through wsproto
+            # (a new parser and a parse), most of an idle socket's CPU. Anything else
+            # goes to wsproto.
+            if len(data) == 7 and data[0] == 0x81 and data[1] == 0x81 \
+                    and data[6] ^ data[2] == 0x33 and self.state == _OPEN:  # "3" unmasked
+                self._pong()
+                return
             parser = Connection(ConnectionType.SERVER)
         parser.receive_data(data)
         limit = self.server.max_http_buffer_size
@@ -335,9 +343,8 @@ class LeanWebSocket(asyncio.Protocol):
     def on_message(self, message: str | bytes) -> None:
         state = self.state
         if state == _OPEN:
-            if message == "3":  # the client's PONG
-                self.waiting_pong = False
-                self.heartbeat.ping_later(self)
+            if message == "3":
+                self._pong()
                 return
             try:
                 pkt = eio_packet.Packet(encoded_packet=message)
@@ -361,6 +368,11 @@ class LeanWebSocket(asyncio.Protocol):
         elif state in (_PROBING, _UPGRADING):
             logger.info("%s: failed websocket upgrade, got %r", self.sid, message[:20])
             self._abandon_upgrade()
+
+    def _pong(self) -> None:
+        """The client answered a ping: the next one is due an interval from now."""
+        self.waiting_pong = False
+        self.heartbeat.ping_later(self)
 
     def _upgraded(self) -> None:
         socket = self.socket

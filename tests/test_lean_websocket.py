@@ -234,3 +234,20 @@ async def test_a_failed_upgrade_leaves_the_session_polling(server: Server) -> No
         async with session.get(url) as resp:
             assert '431["still here"]' in await resp.text()
         assert not lean_sockets(server.sio)
+
+
+async def test_a_client_that_answers_pings_stays(server: Server) -> None:
+    """aiohttp's client masks every frame with a random key, as browsers do."""
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.url.replace("http", "ws")
+                                      + "/socket.io/?EIO=4&transport=websocket")
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.send_str("40")
+        assert (await ws.receive_str()).startswith("40{")
+        for _ in range(4):  # 4 x 0.3 s: twice interval + timeout
+            assert await ws.receive_str() == "2"
+            await ws.send_str("3")
+        await ws.send_str('421["echo","alive"]')
+        assert await ws.receive_str() == '431["alive"]'
+        await ws.close()
+    assert all(reason != "ping timeout" for _, reason in server.disconnects)
