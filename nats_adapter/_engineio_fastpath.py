@@ -369,6 +369,10 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0
         # timer does the same job without a task's memory
         if getattr(target, "__name__", "") == "_send_ping" and not args and not kwargs:
             socket = target.__self__
+            if fastpath.heartbeat is not None:
+                # every session's first ping passes here: the heartbeat's check of
+                # polling sessions (engine.io's service task is off) starts with the first
+                fastpath.heartbeat.start_sweep()
             loop = asyncio.get_running_loop()
             return loop.call_later(eio.ping_interval, _send_ping, socket)
         return start_task(target, *args, **kwargs)

@@ -251,3 +251,19 @@ async def test_a_client_that_answers_pings_stays(server: Server) -> None:
         assert await ws.receive_str() == '431["alive"]'
         await ws.close()
     assert all(reason != "ping timeout" for _, reason in server.disconnects)
+
+
+async def test_a_polling_client_that_vanishes_is_timed_out(server: Server) -> None:
+    """engine.io's service task is off; the heartbeat checks polling sessions instead,
+    also on a server that never saw a websocket."""
+    async with aiohttp.ClientSession() as session:
+        base = f"{server.url}/socket.io/?EIO=4&transport=polling"
+        async with session.get(base) as resp:
+            eio_sid = json.loads((await resp.text())[1:])["sid"]
+        async with session.post(f"{base}&sid={eio_sid}", data="40") as resp:
+            assert resp.status == 200
+        await until(lambda: server.environs, what="the connect handler")
+    # the client is gone: no poll, no pong
+    await until(lambda: server.disconnects, timeout=3, what="the session to time out")
+    assert server.disconnects[0][1] == "ping timeout"
+    await until(lambda: not server.sio.eio.sockets, timeout=2, what="the session to go")
