@@ -71,3 +71,15 @@ def test_without_matplotlib_the_report_is_written_without_charts(
     assert set(paths) == {"json", "markdown"}
     assert json.loads(paths["json"].read_text())["results"] == {"nats": {}}
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_run_that_misdelivers_or_refuses_fails() -> None:
+    from gateway.bench import report as rep
+
+    clean = {"lost": 0, "duplicated": 0, "misdelivered": 0, "failures": 0}
+    results = {"nats": {"fanout": dict(clean), "latency": {**clean, "misdelivered": 2},
+                        "churn": {**clean, "failures": 3}},
+               "stock-redis": {"fanout": dict(clean)}}
+    assert rep.faults({"results": results}) == ["latency on nats: 2 misdelivered",
+                                                "churn on nats: 3 refused"]
+    assert rep.faults({"results": {"nats": {"fanout": clean}}}) == []

@@ -84,4 +84,7 @@ def run(args: argparse.Namespace) -> int:
         Path("BENCHMARKS.md").write_text(rep.benchmarks_md(report))
         log("wrote BENCHMARKS.md")
     log(f"results in {paths['json'].parent} ({report['seconds']} s)")
-    return 0
+    bad = rep.faults(report)
+    for fault in bad:
+        log(f"FAILED: {fault}")
+    return 1 if bad else 0

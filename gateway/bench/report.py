@@ -47,7 +47,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "| scenario | backend | deliveries/s | CPU-s per 1k deliveries | p50 / p99 / p99.9 ms "
         "(cross-node p99) | gateway-broker bytes per delivery | all broker-node bytes per "
-        "delivery | wasted receptions | lost / dup |",
+        "delivery | wasted receptions | lost / dup / misdelivered / refused |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     base_of: dict[str, dict[str, Any]] = {s: f for s, b, f in _rows(results) if b == BASELINE}
@@ -65,7 +65,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"({_fmt(cross['p99'], 2)}) | "
             f"{_fmt(per)}{_ratio(per, base.get('broker_bytes_per_delivery'), False)} | "
             f"{_fmt(node)}{_ratio(node, base.get('broker_node_bytes_per_delivery'), False)} | "
-            f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} |"
+            f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} / "
+            f"{f['misdelivered']} / {f.get('failures', 0)} |"
         )
     mem = [(b, s["memory"]) for b, s in results.items() if "memory" in s]
     if mem:
@@ -115,6 +116,19 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{c['broker_subscription_ops_per_s']} | "
                          f"{_fmt(c['latency_ms']['all']['p99'], 2)} |")
     return "\n".join(lines) + "\n"
+
+
+def faults(report: dict[str, Any]) -> list[str]:
+    """Every phase that lost, duplicated, misdelivered or refused a message."""
+    out = []
+    for scenario, backend, f in _rows(report["results"]):
+        bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures")
+               if f.get(k, 0)}
+        if bad:
+            out.append(f"{scenario} on {backend}: "
+                       + ", ".join(f"{v} {k.replace('failures', 'refused')}"
+                                   for k, v in bad.items()))
+    return out
 
 
 def charts(report: dict[str, Any], folder: Path) -> list[Path]:

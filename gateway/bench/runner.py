@@ -41,6 +41,10 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
                    "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
 BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
+#: every bench gateway's flags: rate limits far above any load the bench makes, so
+#: that they never refuse a send (a refused send would be counted, not hidden)
+GATEWAY_FLAGS = ["--log-level", "WARNING", "--chat-rate", "1000000", "--chat-burst", "1000000",
+                 "--join-rate", "1000000", "--join-burst", "1000000"]
 SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
              "latency-upgrade", "churn", "memory", "idle")
 
@@ -461,7 +465,7 @@ def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> d
                 ("upgraded", False, True))
     name, args = broker.gateway(0)
     gws = [start_gateway(workdir, f"{backend}-mem-{variant}", free_ports(1)[0], name, args,
-                         extra=["--log-level", "WARNING"]) for variant, _, _ in variants]
+                         extra=GATEWAY_FLAGS) for variant, _, _ in variants]
     out: dict[str, Any] = {}
     lg = LoadGenProcess()
     n = p.idle_sockets
@@ -527,7 +531,7 @@ def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dic
     n = p.idle_count
     name, args = broker.gateway(0)
     gw = start_gateway(workdir, f"{backend}-idle", free_ports(1)[0], name, args,
-                       extra=["--log-level", "WARNING"])
+                       extra=GATEWAY_FLAGS)
     gens = [LoadGenProcess() for _ in range(_idle_generators(n))]
     try:
         wait_gateways([gw])
@@ -596,7 +600,7 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
                     name, args = broker.gateway(i)
                     gws.append(start_gateway(workdir / backend, f"{backend}-gw{count}-{i + 1}",
                                              free_ports(1)[0], name, args,
-                                             extra=["--log-level", "WARNING"]))
+                                             extra=GATEWAY_FLAGS))
                 wait_gateways(gws)
                 for scenario in group:
                     log(f"{backend}: {scenario} on {count} gateways")
