@@ -37,6 +37,8 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
             assert figures["lost"] == figures["duplicated"] == figures["misdelivered"] == 0
             assert figures["failures"] == 0
             assert figures["cpu_s_per_1000_deliveries"] is not None
+            assert figures["total_cpu_s_per_1000_deliveries"] >= \
+                figures["cpu_s_per_1000_deliveries"]
             assert figures["latency_ms"]["all"]["p99"] is not None
         if "memory" in scenarios:
             assert scenarios["memory"]["plain"]["deflate_negotiated"] == 0

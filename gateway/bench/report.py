@@ -45,10 +45,11 @@ def _ratio(value: float | None, base: float | None, higher_is_better: bool) -> s
 def markdown(report: dict[str, Any]) -> str:
     results: dict[str, dict[str, Any]] = report["results"]
     lines = [
-        "| scenario | backend | deliveries/s | CPU-s per 1k deliveries | p50 / p99 / p99.9 ms "
+        "| scenario | backend | deliveries/s | gateway CPU-s per 1k deliveries | broker "
+        "CPU-s per 1k | gateway + broker CPU-s per 1k | p50 / p99 / p99.9 ms "
         "(cross-node p99) | gateway-broker bytes per delivery | all broker-node bytes per "
         "delivery | wasted receptions | lost / dup / misdelivered / refused |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_of: dict[str, dict[str, Any]] = {s: f for s, b, f in _rows(results) if b == BASELINE}
     for scenario, backend, f in sorted(_rows(results), key=lambda r: (r[0], r[1])):
@@ -56,11 +57,16 @@ def markdown(report: dict[str, Any]) -> str:
         lat = f["latency_ms"]["all"]
         cross = f["latency_ms"]["cross"]
         cpu = f["cpu_s_per_1000_deliveries"]
+        bcpu = f.get("broker_cpu_s_per_1000_deliveries")
+        total = f.get("total_cpu_s_per_1000_deliveries")
         per = f["broker_bytes_per_delivery"]
         node = f.get("broker_node_bytes_per_delivery")
         lines.append(
             f"| {scenario} | {backend} | {_fmt(f['deliveries_per_s'])} | "
             f"{_fmt(cpu, 4)}{_ratio(cpu, base.get('cpu_s_per_1000_deliveries'), False)} | "
+            f"{_fmt(bcpu, 4)} | "
+            f"{_fmt(total, 4)}{_ratio(total, base.get('total_cpu_s_per_1000_deliveries'), False)}"
+            " | "
             f"{_fmt(lat['p50'], 2)} / {_fmt(lat['p99'], 2)} / {_fmt(lat['p999'], 2)} "
             f"({_fmt(cross['p99'], 2)}) | "
             f"{_fmt(per)}{_ratio(per, base.get('broker_bytes_per_delivery'), False)} | "

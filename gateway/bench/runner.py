@@ -189,14 +189,19 @@ class Snapshot:
     cpu: dict[str, float]
     gateway: dict[str, dict[str, float]]
     broker: dict[str, dict[str, float]]
+    #: CPU seconds of each broker node process
+    broker_cpu: dict[str, float] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
 
 
 def snapshot(gateways: list[GatewayNode], broker: Broker) -> Snapshot:
+    nodes = broker.cluster.nodes if broker.cluster is not None else []
     return Snapshot(
         cpu={g.node_id: cpu_seconds(g.child.pid) for g in gateways if g.child},
         gateway={g.node_id: metrics(g.url) for g in gateways},
         broker=broker.counters(),
+        broker_cpu={n.name: cpu_seconds(n.child.pid) for n in nodes
+                    if n.child is not None and n.child.alive},
     )
 
 
@@ -204,6 +209,8 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
     """Figures for one phase from two snapshots and the load generator's tally."""
     delivered = result["delivered"]
     cpu = sum(after.cpu[k] - before.cpu[k] for k in after.cpu)
+    broker_cpu = sum(after.broker_cpu[k] - before.broker_cpu.get(k, after.broker_cpu[k])
+                     for k in after.broker_cpu)
 
     def gw_delta(name: str) -> dict[str, float]:
         return {k: after.gateway[k].get(name, 0) - before.gateway[k].get(name, 0)
@@ -232,6 +239,11 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "deliveries_per_s": round(delivered / seconds, 1) if seconds else None,
         "gateway_cpu_s": round(cpu, 3),
         "cpu_s_per_1000_deliveries": round(1000 * cpu / delivered, 4) if delivered else None,
+        "broker_cpu_s": round(broker_cpu, 3),
+        "broker_cpu_s_per_1000_deliveries": round(1000 * broker_cpu / delivered, 4)
+        if delivered else None,
+        "total_cpu_s_per_1000_deliveries": round(1000 * (cpu + broker_cpu) / delivered, 4)
+        if delivered else None,
         "deliveries_per_cpu_s": round(delivered / cpu, 1) if cpu else None,
         "latency_ms": result["latency_ms"],
         "gateway_received_msgs": {k: int(v) for k, v in received.items()},
