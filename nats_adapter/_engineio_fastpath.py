@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import struct
 import time
 from typing import Any
 
@@ -42,19 +41,9 @@ from . import _lean_websocket as lean
 
 logger = logging.getLogger(__name__)
 
-_PACK1 = struct.Struct("!BB").pack
-_PACK2 = struct.Struct("!BBH").pack
-_PACK3 = struct.Struct("!BBQ").pack
-
-
 def text_frame(payload: bytes) -> bytes:
     """An unmasked, final websocket text frame (server to client)."""
-    n = len(payload)
-    if n < 126:
-        return _PACK1(0x81, n) + payload
-    if n < 65536:
-        return _PACK2(0x81, 126, n) + payload
-    return _PACK3(0x81, 127, n) + payload
+    return lean.frame(0x1, payload)
 
 
 class CountingQueue:

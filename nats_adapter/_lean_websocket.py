@@ -477,6 +477,12 @@ def _accept_key(request: Any) -> bytes | None:
     return generate_accept_token(key.encode())
 
 
+def _switching_protocols(accept: bytes) -> bytes:
+    """The handshake's answer (no extension: permessage-deflate is never agreed)."""
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+
 def _detach(request: Any) -> tuple[asyncio.Transport, bytes]:
     """Take ``request``'s connection away from aiohttp: its handler forgets it (and
     its server's connection list drops it) without closing it. Returns the transport
@@ -506,8 +512,7 @@ def take_over(socket: Any, environ: dict[str, Any], heartbeat: Heartbeat
         return None
     upgrading = bool(socket.connected)
     transport, tail = _detach(request)
-    transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    transport.write(_switching_protocols(accept))
     conn = LeanWebSocket(socket, transport, heartbeat)
     transport.set_protocol(conn)
     if not transport.is_reading():
@@ -534,8 +539,7 @@ def close_second_websocket(eio: Any, request: Any) -> bool:
             or not handler._upgraded:
         return False
     transport, _ = _detach(request)
-    transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                    b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    transport.write(_switching_protocols(accept)
                     + frame(0x8, int(CloseReason.POLICY_VIOLATION).to_bytes(2, "big")))
     transport.close()
     return True
