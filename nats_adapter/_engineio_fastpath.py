@@ -16,13 +16,12 @@ public path (engine.io's queue), which is always correct, only slower. An error
 inside the patched code at run time turns the fast path off for good, with one
 warning (:meth:`FastPath.disable`).
 
-A socket qualifies for direct writes when:
-
-- the session connected over websocket directly (not upgraded from polling), so
-  every packet the engine.io queue hands out goes through our websocket wrapper;
-- the connection does not compress (a shared frame is only valid uncompressed).
-
-and a write is made only while nothing waits in its engine.io queue, nothing taken
+A socket qualifies for direct writes once its session runs on websocket: from
+the start, or after an upgrade from long-polling has completed (the client's
+UPGRADE packet came, so nothing a polling request took is still on its way:
+socket.io-client sends UPGRADE only after its last poll has returned), and while
+the connection does not compress (a shared frame is only valid uncompressed).
+A write is made only while nothing waits in its engine.io queue, nothing taken
 from it is still being written (acks and other events stay in order), and the
 transport is not closing.
 """
@@ -32,28 +31,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-import struct
 import time
 from typing import Any
 
 from engineio import exceptions
 from engineio import packet as eio_packet
 
+from . import _lean_websocket as lean
+
 logger = logging.getLogger(__name__)
-
-_PACK1 = struct.Struct("!BB").pack
-_PACK2 = struct.Struct("!BBH").pack
-_PACK3 = struct.Struct("!BBQ").pack
-
 
 def text_frame(payload: bytes) -> bytes:
     """An unmasked, final websocket text frame (server to client)."""
-    n = len(payload)
-    if n < 126:
-        return _PACK1(0x81, n) + payload
-    if n < 65536:
-        return _PACK2(0x81, 126, n) + payload
-    return _PACK3(0x81, 127, n) + payload
+    return lean.frame(0x1, payload)
 
 
 class QueueLimits:
@@ -79,12 +69,18 @@ class CountingQueue:
     for every idle socket. ``in_flight`` counts packets taken but not yet written;
     ``on_put`` is called after every put. Past ``limits`` the queue takes nothing
     more but a final ``None``, which makes engine.io close the connection.
+
+    ``ping_interval_ms``, when given, is written into the session's OPEN packet (the
+    first one put): engine.io advertises ``int(interval) * 1000``, so an interval of
+    0.3 s reaches clients as 0 and they give up on the server at once.
     """
 
     __slots__ = ("_bytes", "_getters", "_items", "_joiners", "_unfinished", "in_flight",
-                 "limits", "on_put", "overflowed")
+                 "limits", "on_put", "overflowed", "ping_interval_ms")
 
-    def __init__(self, maxsize: int = 0, limits: QueueLimits | None = None) -> None:
+    def __init__(self, maxsize: int = 0, limits: QueueLimits | None = None,
+                 ping_interval_ms: int | None = None) -> None:
+        self.ping_interval_ms = ping_interval_ms
         self._items: list[Any] | None = None
         self._getters: list[asyncio.Future[None]] | None = None
         self._joiners: list[asyncio.Future[None]] | None = None
@@ -107,6 +103,12 @@ class CountingQueue:
     def put_nowait(self, item: Any) -> None:
         if self.overflowed:
             return  # the connection is closing: nothing more is sent
+        if self.ping_interval_ms is not None:
+            ms, self.ping_interval_ms = self.ping_interval_ms, None
+            if getattr(item, "packet_type", None) == eio_packet.OPEN \
+                    and isinstance(item.data, dict):
+                item.data["pingInterval"] = ms
+                item.encode_cache = None
         if self._items is None:
             self._items = []
         limits = self.limits
@@ -178,6 +180,22 @@ class CountingQueue:
                 if not fut.done():
                     fut.set_result(None)
             self._joiners = None
+
+    def take(self) -> list[Any]:
+        """Everything queued, in order, marked done (for a writer that writes it all
+        out at once; nothing stays in flight)."""
+        items = self._items
+        if not items:
+            return []
+        self._items = None
+        self._bytes = 0
+        self._unfinished -= len(items)
+        if self._unfinished == 0 and self._joiners:
+            for fut in self._joiners:
+                if not fut.done():
+                    fut.set_result(None)
+            self._joiners = None
+        return items
 
     async def join(self) -> None:
         if self._unfinished > 0:
@@ -260,10 +278,12 @@ class FastPath:
     """The fast path installed on one engine.io server; turns itself off for good
     (with one warning) on the first error in the code it patched."""
 
-    def __init__(self, eio: Any) -> None:
+    def __init__(self, eio: Any, heartbeat: lean.Heartbeat | None = None) -> None:
         self.eio = eio
         self.enabled = True
         self.queue_limits: QueueLimits | None = None
+        #: drives lean websocket connections; None when they are not available
+        self.heartbeat = heartbeat
 
     def disable(self, reason: str) -> None:
         """Every socket takes the public path from now on."""
@@ -297,8 +317,27 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
         logger.warning("fast fan-out not installed; engine.io's public path serves instead. "
                        "Missing: %s", "; ".join(problems))
         return None
-    fastpath = FastPath(eio)
+    lean_missing = lean.missing_features()
+    if lean_missing:
+        logger.warning("lean websocket connections not available (missing: %s); "
+                       "websockets stay on aiohttp", "; ".join(lean_missing))
+    fastpath = FastPath(eio, None if lean_missing or compression else lean.Heartbeat(eio))
     fastpath.queue_limits = queue_limits
+    if fastpath.heartbeat is not None:
+        # the heartbeat also checks polling sessions' ping timeouts, which engine.io's
+        # service task did with a wake-up (and a wait_for) per socket
+        eio.start_service_task = False
+        handle_request = eio.handle_request
+
+        async def handle_request_lean(*args: Any, **kwargs: Any) -> Any:
+            if fastpath.enabled and args and lean.close_second_websocket(eio, args[0]):
+                from aiohttp import web
+
+                return web.Response()  # never sent: the connection is no longer aiohttp's
+            return await handle_request(*args, **kwargs)
+
+        # before python-socketio's attach() routes requests to it
+        eio.handle_request = handle_request_lean
     base = eio._async["websocket"]
 
     class FanoutWebSocket(base):  # type: ignore[misc, valid-type]
@@ -308,6 +347,11 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
             from aiohttp.web import WebSocketResponse
 
             request = environ["aiohttp.request"]
+            heartbeat = fastpath.heartbeat
+            if heartbeat is not None and fastpath.enabled:
+                taken = await _take_over(self, environ, heartbeat, fastpath)
+                if taken is not None:
+                    return taken
             # timeout: how long a close waits for the client's close frame (aiohttp's
             # default, 10 s, held every shutdown that long when a client did not answer)
             self._sock = WebSocketResponse(max_msg_size=self.server.max_http_buffer_size,
@@ -339,7 +383,14 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
                     queue.in_flight -= 1
 
     eio._async = {**eio._async, "websocket": FanoutWebSocket}
-    eio.create_queue = lambda *a, **kw: CountingQueue(limits=queue_limits)  # unbounded in stock
+    interval_ms = round((eio.ping_interval + getattr(eio, "ping_interval_grace_period", 0))
+                        * 1000)
+
+    def create_queue(*args: Any, **kwargs: Any) -> CountingQueue:
+        return CountingQueue(*args, **{"ping_interval_ms": interval_ms, "limits": queue_limits,
+                                       **kwargs})
+
+    eio.create_queue = create_queue
     start_task = eio.start_background_task
 
     def start_background_task(target: Any, *args: Any, **kwargs: Any) -> Any:
@@ -347,12 +398,53 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
         # timer does the same job without a task's memory
         if getattr(target, "__name__", "") == "_send_ping" and not args and not kwargs:
             socket = target.__self__
+            if fastpath.heartbeat is not None:
+                # every session's first ping passes here: the heartbeat's check of
+                # polling sessions (engine.io's service task is off) starts with the first
+                fastpath.heartbeat.start_sweep()
             loop = asyncio.get_running_loop()
             return loop.call_later(eio.ping_interval, _send_ping, socket)
         return start_task(target, *args, **kwargs)
 
     eio.start_background_task = start_background_task
     return fastpath
+
+
+async def _take_over(ws: Any, environ: dict[str, Any], heartbeat: lean.Heartbeat,
+                     fastpath: FastPath) -> Any:
+    """Serve this websocket on a :class:`~nats_adapter._lean_websocket.LeanWebSocket`.
+
+    Returns the (never sent) response for aiohttp once the connection is taken over,
+    or None when aiohttp's websocket should serve it.
+    """
+    from aiohttp import web
+
+    socket = getattr(ws.handler, "__self__", None)
+    if socket is None or socket.upgraded or not isinstance(socket.queue, CountingQueue):
+        return None
+    request = environ["aiohttp.request"]
+    try:
+        conn = lean.take_over(socket, environ, heartbeat)
+    except Exception as exc:
+        fastpath.disable(f"websocket take-over failed: {exc!r}")
+        if request.transport is not None:
+            return None  # still aiohttp's: its websocket serves it
+        # the connection was already detached from aiohttp, and is lost
+        await socket.close(wait=False, abort=True, reason=ws.server.reason.TRANSPORT_ERROR)
+        return web.Response()
+    if conn is None:
+        return None
+    heartbeat.start_sweep()
+    # aiohttp's handler no longer has the connection: this response is never sent
+    return web.Response()
+
+
+async def close_session(socket: Any, reason: str) -> None:
+    """Close an engine.io session and hang up its websocket, if it has one."""
+    await socket.close(wait=False, abort=True, reason=reason)
+    ws = getattr(socket, "fanout_ws", None)
+    if ws is not None and not ws.closed:
+        await ws.close(code=1008)
 
 
 def _writer_transport(ws: Any) -> Any:
@@ -364,41 +456,88 @@ def _writer_transport(ws: Any) -> Any:
 
 
 def _direct_session(ws: Any, fastpath: FastPath) -> Any:
-    """The engine.io socket behind ``ws`` set up for direct writes; None if it does not
-    qualify (an upgraded session may have had packets taken by a polling request)."""
+    """The engine.io socket behind ``ws`` if its session can run the lean loop; None if
+    not (a session that was upgraded already, or a queue that is not ours)."""
     socket = getattr(ws.handler, "__self__", None)
-    if socket is None or socket.connected or not isinstance(socket.queue, CountingQueue):
+    if socket is None or socket.upgraded or not isinstance(socket.queue, CountingQueue):
         return None
+    _writer_transport(ws._sock)  # fail here, at set-up, if aiohttp moved its writer
+    return socket
+
+
+def _enable_direct_writes(socket: Any, ws: Any) -> None:
+    """From now on ``socket`` may get shared frames written to its transport."""
     socket.fanout_ws = ws._sock
     ws.counted_queue = socket.queue
     socket.fanout_transport = _writer_transport(ws._sock)
-    return socket
 
 
 def _send_ping(socket: Any) -> None:
     """engine.io's ``AsyncSocket._send_ping`` after its sleep, as a timer callback."""
+    if getattr(socket, "lean", None) is not None:
+        return  # a lean connection's heartbeat pings it
     if not socket.closing and not socket.closed:
         socket.last_ping = time.time()
         socket.queue.put_nowait(eio_packet.Packet(eio_packet.PING))
 
 
-async def _lean_session(socket: Any, ws: Any) -> None:
-    """engine.io's websocket session loop for a session that starts on websocket.
+async def _upgrade(socket: Any, ws: Any, timeout: float) -> bool:
+    """The probe exchange that moves a polling session to this websocket.
 
-    The same protocol as ``AsyncSocket._websocket_handler`` (no upgrade branch: the
-    session never polled), with three tasks fewer per idle socket: the receive waits
-    under ``asyncio.timeout`` instead of ``wait_for`` on a new task, and a writer task
-    runs only while packets are queued instead of waiting on the queue forever.
+    As ``AsyncSocket._websocket_handler``'s upgrade branch, except that the NOOP
+    which ends a pending long-poll is queued only while a poll waits for it (else it
+    would reach the client over the websocket, after the upgrade). True once the
+    client's UPGRADE came; False leaves the session polling.
+    """
+    socket.upgrading = True  # engine.io answers further polls with a NOOP from now on
+    try:
+        async with asyncio.timeout(timeout):
+            probe = eio_packet.Packet(encoded_packet=await ws.wait())
+            if probe.packet_type != eio_packet.PING or probe.data != "probe":
+                logger.info("%s: failed websocket upgrade, no probe", socket.sid)
+                return False
+            await ws.send(eio_packet.Packet(eio_packet.PONG, data="probe").encode())
+            if socket.queue._getters:  # a long-poll is waiting: end it
+                socket.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+            done = eio_packet.Packet(encoded_packet=await ws.wait())
+            if done.packet_type != eio_packet.UPGRADE:
+                logger.info("%s: failed websocket upgrade, no UPGRADE packet", socket.sid)
+                return False
+    except (TimeoutError, OSError, ValueError, IndexError, TypeError):
+        return False  # timed out, closed, or not engine.io: the session keeps polling
+    finally:
+        socket.upgrading = False
+    socket.upgraded = True
+    # what polling requests took was answered before the client sent UPGRADE
+    socket.queue.in_flight = 0
+    return True
+
+
+async def _lean_session(socket: Any, ws: Any) -> None:
+    """engine.io's websocket session loop, for a session that starts on websocket or
+    has just been upgraded from long-polling.
+
+    The same protocol as ``AsyncSocket._websocket_handler``, with three tasks fewer
+    per idle socket: the receive waits under ``asyncio.timeout`` instead of
+    ``wait_for`` on a new task, and a writer task runs only while packets are queued
+    instead of waiting on the queue forever.
     """
     server = socket.server
-    socket.connected = True
-    socket.upgraded = True
+    if socket.connected:  # it polled until now
+        if not await _upgrade(socket, ws, server.ping_interval + server.ping_timeout):
+            await ws.close()
+            return
+    else:
+        socket.connected = True
+        socket.upgraded = True
+    _enable_direct_writes(socket, ws)
     queue = socket.queue
     loop = asyncio.get_running_loop()
     writer_task: asyncio.Task[None] | None = None
 
     async def drain() -> None:
         """Send what the queue holds, then end: a writer exists only while there is work."""
+        nonlocal writer_task
         while not queue.empty():
             packets = []
             closing = False
@@ -418,6 +557,7 @@ async def _lean_session(socket: Any, ws: Any) -> None:
                 queue.on_put = None
                 await ws.close()
                 return
+        writer_task = None  # a finished task kept per idle socket is ~0.3 KB for nothing
 
     def start_writer() -> None:
         nonlocal writer_task

@@ -14,12 +14,12 @@ import logging
 import time
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from bidict import bidict
 from engineio import packet as eio_packet
 
-from ._engineio_fastpath import QueueLimits, text_frame, writable_transport
+from ._engineio_fastpath import QueueLimits, close_session, text_frame, writable_transport
 from .sids import is_sid
 from .stats import ManagerStats
 from .types import EncodedPacket, RoomIndex
@@ -128,8 +128,7 @@ class Fanout:
         self._dropped += 1
         socket.fanout_dropped = True
         logger.warning("dropping slow consumer %s: %s", socket.sid, reason)
-        task = asyncio.get_running_loop().create_task(
-            socket.close(wait=False, abort=True, reason="slow consumer"))
+        task = asyncio.get_running_loop().create_task(close_session(socket, "slow consumer"))
         _background.add(task)
         task.add_done_callback(_background.discard)
 
@@ -148,8 +147,10 @@ class LocalHub:
 
     def __init__(self, stats: ManagerStats) -> None:
         self.rooms: RoomIndex = {}
-        #: namespace -> sid -> named rooms it is in (no entry for a socket in no room)
-        self._sid_rooms: dict[str, dict[str, set[str]]] = {}
+        #: namespace -> sid -> named rooms it is in (no entry for a socket in no room); a
+        #: list, not a set: a socket is in few rooms (at most 100 in the gateway), and a
+        #: one-room list costs a third of a one-room set
+        self._sid_rooms: dict[str, dict[str, list[str]]] = {}
         self.stats = stats
         self.fanout: Fanout | None = None
         #: eio sid -> when it connected (time.time()), for the handshake of fetched sockets
@@ -182,15 +183,16 @@ class LocalHub:
         members = ns_rooms.get(room)
         created = members is None
         if members is None:
-            members = ns_rooms[room] = bidict()
+            members = ns_rooms[room] = bidict() if room is None else {}
+        joined = sid in members
         try:
             members[sid] = eio_sid
         finally:
             if created and not members:
                 del ns_rooms[room]
-        if room is not None:
-            self._sid_rooms.setdefault(namespace, {}).setdefault(sid, set()).add(room)
-        elif eio_sid not in self._connected_at:
+        if room is not None and not joined:
+            self._sid_rooms.setdefault(namespace, {}).setdefault(sid, []).append(room)
+        elif room is None and eio_sid not in self._connected_at:
             self._connected_at[eio_sid] = time.time()
         return created
 
@@ -203,14 +205,14 @@ class LocalHub:
         if members is None or sid not in members:
             return False
         eio_sid = members.pop(sid)
-        if room is None and not any(eio_sid in ns[None].inverse
+        if room is None and not any(eio_sid in cast("bidict[str, str]", ns[None]).inverse
                                     for ns in self.rooms.values() if None in ns):
             self._connected_at.pop(eio_sid, None)  # gone from its last namespace
         if room is not None:
             by_sid = self._sid_rooms.get(namespace, {})
             joined = by_sid.get(sid)
             if joined is not None:
-                joined.discard(room)
+                joined.remove(room)  # it is there: sid was in the room
                 if not joined:
                     del by_sid[sid]
                     if not by_sid:

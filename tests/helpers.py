@@ -212,9 +212,13 @@ class NodeClient:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     @classmethod
-    async def start(cls, node_bin: str, url: str, name: str = "node") -> NodeClient:
+    async def start(cls, node_bin: str, url: str, name: str = "node",
+                    transports: Sequence[str] = ("websocket",)) -> NodeClient:
+        """Connect; ``transports`` as socket.io-client's option (its default, the one
+        browsers use, is ``("polling", "websocket")``: polling, then an upgrade)."""
+        options = json.dumps({"transports": list(transports)})
         proc = await asyncio.create_subprocess_exec(
-            node_bin, str(REPO / "tests" / "js" / "driver.mjs"), url,
+            node_bin, str(REPO / "tests" / "js" / "driver.mjs"), url, "", options,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO),
         )
         client = cls(proc, name)
@@ -256,9 +260,15 @@ class NodeClient:
         async with asyncio.timeout(timeout):
             return await fut
 
+    def received(self, event: str = "chat") -> list[Any]:
+        return [e["data"] for e in self.events if e["type"] == "event" and e["event"] == event]
+
     def texts(self) -> list[str]:
-        return [e["data"]["text"] for e in self.events if e["type"] == "event"
-                and e["event"] == "chat"]
+        return [m["text"] for m in self.received("chat")]
+
+    @property
+    def upgraded(self) -> bool:
+        return any(e["type"] == "upgrade" for e in self.events)
 
     async def wait_for(self, predicate: Callable[[NodeClient], bool], timeout: float = WAIT,
                        what: str = "an event") -> None:

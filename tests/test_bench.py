@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from gateway.bench.runner import BENCH_BACKENDS, SCENARIOS
 from tests.helpers import REPO
 
@@ -24,15 +26,19 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     report = json.loads((out / "results.json").read_text())
     assert set(report["results"]) == set(BENCH_BACKENDS)
     for backend, scenarios in report["results"].items():
-        expected = set(SCENARIOS) - ({"memory"} if backend == "redis-cluster-classic" else set())
+        expected = set(SCENARIOS) - ({"memory", "idle"} if backend == "redis-cluster-classic"
+                                     else set())
         assert set(scenarios) == expected, backend
         phases = [*scenarios["reference"].values()]
-        phases += [scenarios[s] for s in ("fanout", "many-rooms", "latency", "churn")]
+        phases += [scenarios[s] for s in ("fanout", "fanout-upgrade", "many-rooms", "latency",
+                                          "latency-upgrade", "churn")]
         for figures in phases:
             assert figures["delivered"] == figures["expected"] > 0, (backend, figures)
             assert figures["lost"] == figures["duplicated"] == figures["misdelivered"] == 0
             assert figures["failures"] == 0
             assert figures["cpu_s_per_1000_deliveries"] is not None
+            assert figures["total_cpu_s_per_1000_deliveries"] >= \
+                figures["cpu_s_per_1000_deliveries"]
             assert figures["latency_ms"]["all"]["p99"] is not None
         api = scenarios["cluster-api"]
         if backend in ("nats", "redis-sharded"):
@@ -42,6 +48,12 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
         if "memory" in scenarios:
             assert scenarios["memory"]["plain"]["deflate_negotiated"] == 0
             assert scenarios["memory"]["plain"]["rss_bytes_per_socket"] > 0
+            assert scenarios["memory"]["upgraded"]["upgraded"] > 0
+            assert scenarios["memory"]["plain"]["join_failures"] == 0
+        if "idle" in scenarios:
+            idle = scenarios["idle"]
+            assert idle["alive_at_end"] == idle["sockets"] and idle["unexpected_closes"] == 0
+            assert idle["cpu_ms_per_s_per_1k"] is not None
     # the problem we solve, visible in the report: rooms that live on one gateway cost
     # the other gateways nothing with per-room channels, and everything with one channel
     local = {b: s["reference"]["ten-local-rooms"] for b, s in report["results"].items()}
@@ -53,3 +65,28 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     for backend in BENCH_BACKENDS:
         assert f"| {backend} |" in md
     assert (out / "cpu.png").stat().st_size > 0 and (out / "broker-bytes.png").stat().st_size > 0
+
+
+def test_without_matplotlib_the_report_is_written_without_charts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.bench import report as rep
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra is missing
+    assert "pip install" in (rep.charts_problem() or "")
+    report = {"results": {"nats": {}}, "machine": rep.machine(), "scenarios": {}}
+    paths = rep.write(report, tmp_path)
+    assert set(paths) == {"json", "markdown"}
+    assert json.loads(paths["json"].read_text())["results"] == {"nats": {}}
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_a_run_that_misdelivers_or_refuses_fails() -> None:
+    from gateway.bench import report as rep
+
+    clean = {"lost": 0, "duplicated": 0, "misdelivered": 0, "failures": 0}
+    results = {"nats": {"fanout": dict(clean), "latency": {**clean, "misdelivered": 2},
+                        "churn": {**clean, "failures": 3}},
+               "stock-redis": {"fanout": dict(clean)}}
+    assert rep.faults({"results": results}) == ["latency on nats: 2 misdelivered",
+                                                "churn on nats: 3 refused"]
+    assert rep.faults({"results": {"nats": {"fanout": clean}}}) == []

@@ -10,8 +10,9 @@ import pytest
 from socketio import packet as sio_packet
 
 from nats_adapter import _engineio_fastpath as fastpath
+from nats_adapter import _lean_websocket as lean_websocket
 from tests.conftest import start_node
-from tests.helpers import Node, SioClient, connect_all
+from tests.helpers import Node, NodeClient, SioClient, connect_all
 
 
 @pytest.fixture
@@ -44,16 +45,28 @@ async def interleave(node: Node, clients: list[SioClient], count: int) -> None:
     assert members[2].received("seq") == evens
 
 
-async def test_direct_writes_keep_order_with_queued_packets(node: Node,
-                                                            clients: list[SioClient]) -> None:
-    assert node.manager.fast_fanout, "the fast path should install on this engine.io/aiohttp"
-    fan = node.manager.fanout
-    assert fan is not None
-    before_direct, before_queued = fan.direct, fan.queued
-    await interleave(node, clients, 2000)
-    assert fan.direct > before_direct, "the direct path was never taken"
-    assert fan.queued > before_queued, "the queue path was never taken"
-    assert fan.slow_consumers_dropped == 0
+@pytest.mark.parametrize("connections", ["lean", "aiohttp"])
+async def test_direct_writes_keep_order_with_queued_packets(
+        connections: str, monkeypatch: pytest.MonkeyPatch, clients: list[SioClient]) -> None:
+    """Shared frames and engine.io's queue, interleaved, on lean connections (which
+    write the queue out as packets are put) and on aiohttp's websocket (used where
+    lean connections are not available: then a shared frame waits its turn)."""
+    if connections == "aiohttp":
+        monkeypatch.setattr(lean_websocket, "missing_features", lambda: ["(test)"])
+    n = await start_node("memory", f"order-{connections}-gw", {})
+    try:
+        assert n.manager.fast_fanout, "the fast path should install on this engine.io/aiohttp"
+        fan = n.manager.fanout
+        assert fan is not None
+        await interleave(n, clients, 2000)
+        lean = [getattr(s, "lean", None) is not None for s in n.sio.eio.sockets.values()]
+        assert all(lean) if connections == "lean" else not any(lean)
+        assert fan.direct > 0, "the direct path was never taken"
+        if connections == "aiohttp":
+            assert fan.queued > 0, "the queue path was never taken"
+        assert fan.slow_consumers_dropped == 0
+    finally:
+        await n.runner.cleanup()
 
 
 async def test_a_missing_internal_means_no_fast_path_and_correct_delivery(
@@ -76,20 +89,29 @@ async def test_a_missing_internal_means_no_fast_path_and_correct_delivery(
         await n.runner.cleanup()
 
 
+@pytest.mark.parametrize("connections", ["lean", "aiohttp"])
 async def test_an_error_inside_the_fast_path_falls_back_for_good(
-        monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
+        connections: str, monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
         caplog: pytest.LogCaptureFixture) -> None:
-    n = await start_node("memory", "broken-fastpath-gw", {})
+    if connections == "aiohttp":
+        monkeypatch.setattr(lean_websocket, "missing_features", lambda: ["(test)"])
+    n = await start_node("memory", f"broken-fastpath-{connections}-gw", {})
     try:
         assert n.manager.fast_fanout
         early = await connect_all(clients, [("early", n)])  # set up on the fast path
         await early[0].join("order")
 
-        def renamed(ws: object) -> object:
-            raise AttributeError("'WebSocketResponse' object has no attribute '_writer'")
-
         # a private attribute that a new aiohttp renamed, met at the next handshake
-        monkeypatch.setattr(fastpath, "_writer_transport", renamed)
+        if connections == "aiohttp":
+            def renamed(ws: object) -> object:
+                raise AttributeError("'WebSocketResponse' object has no attribute '_writer'")
+
+            monkeypatch.setattr(fastpath, "_writer_transport", renamed)
+        else:
+            def detach(request: object) -> object:
+                raise AttributeError("'RequestHandler' object has no attribute '_message_tail'")
+
+            monkeypatch.setattr(lean_websocket, "_detach", detach)
         await interleave(n, clients, 500)  # the handshakes succeed, delivery is exact
         assert not n.manager.fast_fanout
         assert caplog.text.count("fast fan-out disabled") == 1
@@ -125,12 +147,16 @@ async def test_clients_offering_deflate_get_plain_frames(node: Node, clients: li
 @pytest.mark.parametrize("transports", [["polling"], ["polling", "websocket"]])
 async def test_polling_and_upgraded_sessions_keep_order(node: Node, transports: list[str]
                                                         ) -> None:
-    """Sessions that did not start on websocket always take engine.io's queue."""
+    """A polling session always takes engine.io's queue; an upgraded one takes shared
+    frames once upgraded, in order with what it queued."""
     client = SioClient("poller")
+    fan = node.manager.fanout
+    assert fan is not None
     try:
         await client.sio.connect(node.url, transports=transports, wait_timeout=5)
         await client.join("polling-order")
         eio_sid = node.manager.eio_sid_from_sid(client.sid, "/")
+        direct = fan.direct
         for k in range(300):
             if k % 2 == 0:
                 await node.sio.emit("seq", k, to="polling-order")
@@ -145,6 +171,7 @@ async def test_polling_and_upgraded_sessions_keep_order(node: Node, transports: 
         await asyncio.sleep(0.2)
         assert client.received("seq") == list(range(300))
         assert client.sio.transport() == transports[-1]
+        assert (fan.direct > direct) == (transports[-1] == "websocket")
     finally:
         if transports == ["polling"]:
             # a polling client's disconnect waits out its pending long-poll (~30 s);
@@ -152,3 +179,61 @@ async def test_polling_and_upgraded_sessions_keep_order(node: Node, transports: 
             client.sio.eio.state = "disconnected"
         else:
             await client.close()
+
+
+async def test_socketio_client_default_mode_keeps_order_across_the_upgrade(
+        node: Node, node_bin: str) -> None:
+    """socket.io-client's default mode (polling, then websocket) under a burst that runs
+    through every client's upgrade: each gets every number from its join on, once and
+    in order, and once upgraded the shared-frame path serves it."""
+    fan = node.manager.fanout
+    assert fan is not None and node.manager.fast_fanout
+    room = "upgrade-burst"
+    sent = 0
+    stop = asyncio.Event()
+
+    async def burst() -> None:
+        # even numbers by room broadcast (direct once a socket may take it), odd ones
+        # through each member's engine.io queue: both paths race the upgrade
+        nonlocal sent
+        while not stop.is_set():
+            members = dict(node.manager.hub.members("/", room))
+            if sent % 2 == 0:
+                await node.sio.emit("seq", sent, to=room)
+            else:
+                for eio_sid in members.values():
+                    await node.sio._send_packet(eio_sid, sio_packet.Packet(
+                        sio_packet.EVENT, namespace="/", data=["seq", sent]))
+            sent += 1
+            if sent % 4 == 0:
+                await asyncio.sleep(0.002)
+
+    clients: list[NodeClient] = []
+    task = asyncio.get_running_loop().create_task(burst())
+    try:
+        for i in range(4):
+            client = await NodeClient.start(node_bin, node.url, f"default-{i}",
+                                            transports=("polling", "websocket"))
+            clients.append(client)
+            assert await client.call("join", room) == {"ok": True, "room": room}
+        for client in clients:
+            await client.wait_for(lambda c: c.upgraded, what="the upgrade to websocket")
+        direct = fan.direct
+        await asyncio.sleep(0.3)  # the burst goes on over the upgraded sessions
+        stop.set()
+        await task
+        assert fan.direct - direct >= len(clients) * 10, "upgraded sockets took no direct writes"
+        last = sent - 1
+        for client in clients:
+            await client.wait_for(lambda c: last in c.received("seq"), timeout=10,
+                                  what="the last number")
+        await asyncio.sleep(0.3)
+        for client in clients:
+            got = client.received("seq")
+            assert got == list(range(got[0], got[0] + len(got))), \
+                f"{client.name}: numbers lost, repeated or reordered"
+            assert got[-1] == last
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

@@ -116,3 +116,28 @@ async def test_delivery_follows_a_slot_moved_to_another_master(
         # give the slot back so other tests see the cluster as it was
         for node in redis_cluster.nodes:
             node.cli("CLUSTER", "SETSLOT", slot, "NODE", source_id)
+
+
+async def test_remote_join_to_a_room_on_the_master_of_the_nodes_control_channel(
+        nodes: list[Node], redis_cluster: RedisCluster, clients: list[SioClient]) -> None:
+    """A remote enter_room arrives on the target node's control channel; when the room's
+    channel lives on the same master, the confirmation of its SSUBSCRIBE comes through
+    the very reader that delivered the request. The join must not wait on itself."""
+    target_node = nodes[1]
+    control = target_node.manager.channels.node(target_node.manager.node_tag)
+    master = owner_of(redis_cluster.nodes, control)
+    room = next(r for r in (f"same-master-{uuid.uuid4().hex[:8]}" for _ in range(200))
+                if owner_of(redis_cluster.nodes, target_node.manager.channels.room("/", r))
+                is master)
+    sender, target = await connect_all(clients, [("sender", nodes[0]), ("target", target_node)])
+    await sender.join(room)
+    await nodes[2].sio.enter_room(target.sid, room)
+    deadline = time.monotonic() + 2
+    while room not in target_node.manager.get_rooms(target.sid, "/"):
+        assert time.monotonic() < deadline, "the remote join never arrived"
+        await asyncio.sleep(0.02)
+    channel = target_node.manager.channels.room("/", room)
+    assert await target_node.manager.subscriptions.ready(channel, 2.0), \
+        "the room's subscription was not confirmed while the request was handled"
+    await sender.chat(room, "same master")
+    await target.wait_texts(["same master"], timeout=2)

@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--write-benchmarks-md", action="store_true",
                         help="also write the table into BENCHMARKS.md")
     parser.add_argument("--seed", type=int, default=7, help="random seed for room layouts")
+    parser.add_argument("--idle-sockets", type=int, default=None, metavar="N",
+                        help="sockets in the idle scenario (default 10000, --quick 300); "
+                             "each load generator process holds at most 15000")
 
 
 def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
@@ -45,7 +48,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"gateway bench: error: {value}", file=sys.stderr)
             return 2
     assert isinstance(backends, list) and isinstance(scenarios, list)
-    params = Params(quick=args.quick, seed=args.seed)
+    if args.idle_sockets is not None and args.idle_sockets < 1:
+        print("gateway bench: error: --idle-sockets must be at least 1", file=sys.stderr)
+        return 2
+    params = Params(quick=args.quick, seed=args.seed, idle_many=args.idle_sockets)
+    problem = rep.charts_problem()
+    if problem is not None:  # said before the run, not after it
+        log(f"warning: {problem}")
     folder = Path(args.output or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     started = time.time()
@@ -75,4 +84,7 @@ def run(args: argparse.Namespace) -> int:
         Path("BENCHMARKS.md").write_text(rep.benchmarks_md(report))
         log("wrote BENCHMARKS.md")
     log(f"results in {paths['json'].parent} ({report['seconds']} s)")
-    return 0
+    bad = rep.faults(report)
+    for fault in bad:
+        log(f"FAILED: {fault}")
+    return 1 if bad else 0

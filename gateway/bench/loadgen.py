@@ -44,12 +44,15 @@ def _frame(payload: bytes) -> bytes:
 class LeanSocket(asyncio.Protocol):
     """One Engine.IO/Socket.IO websocket client connection."""
 
-    def __init__(self, index: int, host: str, port: int, gen: LoadGen, deflate: bool) -> None:
+    def __init__(self, index: int, host: str, port: int, gen: LoadGen, deflate: bool,
+                 upgrade: Upgrade | None = None) -> None:
         self.index = index
         self.host = host
         self.port = port
         self.gen = gen
         self.offer_deflate = deflate
+        #: set when this websocket upgrades a session that connected by polling
+        self.upgrade = upgrade
         self.deflated = False
         self.inflater: Any = None
         self.transport: asyncio.Transport | None = None
@@ -70,8 +73,10 @@ class LeanSocket(asyncio.Protocol):
         key = base64.b64encode(os.urandom(16)).decode()
         ext = "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n" \
             if self.offer_deflate else ""
+        query = "" if self.upgrade is None else f"&sid={self.upgrade.eio_sid}"
         transport.write(
-            f"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: {self.host}:{self.port}"
+            f"GET /socket.io/?EIO=4&transport=websocket{query} HTTP/1.1\r\n"
+            f"Host: {self.host}:{self.port}"
             f"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
             f"Sec-WebSocket-Version: 13\r\n{ext}\r\n".encode()
         )
@@ -103,6 +108,8 @@ class LeanSocket(asyncio.Protocol):
             if "permessage-deflate" in head.lower():
                 self.deflated = True
                 self.inflater = zlib.decompressobj(-15)
+            if self.upgrade is not None:
+                self.send_text("2probe")
         while len(buf) >= 2:
             b0, b1 = buf[0], buf[1]
             n = b1 & 0x7F
@@ -173,6 +180,9 @@ class LeanSocket(asyncio.Protocol):
                 self.connected.set_exception(ConnectionError(body))
         elif kind == "2":  # engine.io ping
             self.send_text("3")
+        elif text == "3probe" and self.upgrade is not None:
+            upgrade = self.upgrade
+            upgrade.probed(self)
         elif kind == "0":  # engine.io open
             self.send_text("40")
 
@@ -186,6 +196,60 @@ class LeanSocket(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+class Upgrade:
+    """socket.io-client's default start: connect over HTTP long-polling, then upgrade.
+
+    :meth:`poll_then_upgrade` does what the client does: handshake and Socket.IO
+    CONNECT by polling, a long-poll left pending, a websocket with the session id,
+    ``2probe``/``3probe``, then (once the pending poll has returned, ended by the
+    server's NOOP) ``5``. The polling connection is closed once upgraded.
+    """
+
+    def __init__(self, base: str) -> None:
+        self.base = base
+        self.eio_sid = ""
+        self.sio_sid: str | None = None
+        self.pending_poll: asyncio.Task[str] | None = None
+
+    async def poll_then_upgrade(self, session: Any, make_socket: Any) -> LeanSocket:
+        url = f"{self.base}/socket.io/?EIO=4&transport=polling"
+        async with session.get(url) as resp:
+            opened = await resp.text()
+        if not opened.startswith("0"):
+            raise ConnectionError(f"polling handshake answered {opened[:80]!r}")
+        self.eio_sid = json.loads(opened[1:])["sid"]
+        url += f"&sid={self.eio_sid}"
+        async with session.post(url, data="40") as resp:
+            await resp.read()
+        received = ""
+        while "40{" not in received:
+            async with session.get(url) as resp:
+                received += await resp.text()
+        sio = received[received.index("40{") + 2:].split("\x1e", 1)[0]
+        self.sio_sid = json.loads(sio)["sid"]
+
+        async def poll() -> str:
+            async with session.get(url) as resp:
+                return str(await resp.text())
+
+        self.pending_poll = asyncio.get_running_loop().create_task(poll())
+        sock: LeanSocket = await make_socket(self)
+        return sock
+
+    def probed(self, sock: LeanSocket) -> None:
+        """``3probe`` came: send ``5`` once the pending poll has returned."""
+        def upgrade(_: Any = None) -> None:
+            sock.send_text("5")
+            sock.sid = self.sio_sid
+            if not sock.connected.done():
+                sock.connected.set_result(None)
+
+        if self.pending_poll is None or self.pending_poll.done():
+            upgrade()
+        else:
+            self.pending_poll.add_done_callback(upgrade)
 
 
 @dataclass
@@ -217,26 +281,48 @@ class LoadGen:
             self.unexpected_closes += 1
 
     async def connect(self, urls: list[str], count: int, deflate: bool,
-                      concurrency: int = 200) -> dict[str, Any]:
+                      concurrency: int = 200, upgrade: bool = False,
+                      local_host: str | None = None) -> dict[str, Any]:
+        """Connect ``count`` sockets round-robin over ``urls``: on websocket from the
+        start, or (``upgrade``) by polling and then upgrading, as socket.io-client
+        does by default."""
+        import aiohttp
+
         loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(concurrency)
         start = len(self.sockets)
+        t0 = time.monotonic()
 
         async def one(i: int) -> None:
             gw = (i - start) % len(urls)
             parts = urlsplit(urls[gw])
             host, port = parts.hostname or "127.0.0.1", parts.port or 80
-            async with sem:
+
+            async def open_ws(up: Upgrade | None) -> LeanSocket:
                 _, proto = await loop.create_connection(
-                    lambda: LeanSocket(i, host, port, self, deflate), host, port)
+                    lambda: LeanSocket(i, host, port, self, deflate, up), host, port,
+                    local_addr=(local_host, 0) if local_host else None)
                 self.sockets[i] = proto
                 async with asyncio.timeout(30):
                     await proto.connected
+                return proto
+
+            async with sem:
+                if not upgrade:
+                    await open_ws(None)
+                    return
+                # one polling connection per socket, as a browser tab has, closed once
+                # the socket is upgraded
+                async with aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=1)) as own:
+                    await Upgrade(f"http://{host}:{port}").poll_then_upgrade(own, open_ws)
 
         self.sockets.extend([None] * count)  # type: ignore[list-item]
         self.gateway_of.extend((i % len(urls)) for i in range(count))
         await asyncio.gather(*(one(start + i) for i in range(count)))
-        return {"connected": count, "deflate": sum(s.deflated for s in self.sockets[start:])}
+        return {"connected": count, "deflate": sum(s.deflated for s in self.sockets[start:]),
+                "upgraded": count if upgrade else 0,
+                "seconds": round(time.monotonic() - t0, 3)}
 
     async def join(self, pairs: list[tuple[int, str]], leave: bool = False,
                    concurrency: int = 500) -> int:
@@ -417,10 +503,16 @@ async def serve() -> None:
         op = cmd["op"]
         try:
             if op == "connect":
-                reply(await gen.connect(cmd["urls"], cmd["count"], cmd.get("deflate", False)))
+                reply(await gen.connect(cmd["urls"], cmd["count"], cmd.get("deflate", False),
+                                        upgrade=cmd.get("upgrade", False),
+                                        local_host=cmd.get("local_host")))
+            elif op == "status":
+                reply({"open": sum(1 for s in gen.sockets if s is not None and not s.closed),
+                       "unexpected_closes": gen.unexpected_closes})
             elif op == "join":
                 failures = await gen.join([tuple(p) for p in cmd["pairs"]],
-                                          leave=cmd.get("leave", False))
+                                          leave=cmd.get("leave", False),
+                                          concurrency=cmd.get("concurrency", 500))
                 reply({"failures": failures})
             elif op == "burst":
                 t0 = time.monotonic()

@@ -15,7 +15,7 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     rows = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario in ("memory", "cluster-api"):
+            if scenario in ("memory", "idle", "cluster-api"):
                 continue  # tables of their own
             if scenario == "reference":
                 for phase, figures in data.items():
@@ -45,10 +45,11 @@ def _ratio(value: float | None, base: float | None, higher_is_better: bool) -> s
 def markdown(report: dict[str, Any]) -> str:
     results: dict[str, dict[str, Any]] = report["results"]
     lines = [
-        "| scenario | backend | deliveries/s | CPU-s per 1k deliveries | p50 / p99 / p99.9 ms "
+        "| scenario | backend | deliveries/s | gateway CPU-s per 1k deliveries | broker "
+        "CPU-s per 1k | gateway + broker CPU-s per 1k | p50 / p99 / p99.9 ms "
         "(cross-node p99) | gateway-broker bytes per delivery | all broker-node bytes per "
-        "delivery | wasted receptions | lost / dup |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "delivery | wasted receptions | lost / dup / misdelivered / refused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_of: dict[str, dict[str, Any]] = {s: f for s, b, f in _rows(results) if b == BASELINE}
     for scenario, backend, f in sorted(_rows(results), key=lambda r: (r[0], r[1])):
@@ -56,32 +57,62 @@ def markdown(report: dict[str, Any]) -> str:
         lat = f["latency_ms"]["all"]
         cross = f["latency_ms"]["cross"]
         cpu = f["cpu_s_per_1000_deliveries"]
+        bcpu = f.get("broker_cpu_s_per_1000_deliveries")
+        total = f.get("total_cpu_s_per_1000_deliveries")
         per = f["broker_bytes_per_delivery"]
         node = f.get("broker_node_bytes_per_delivery")
         lines.append(
             f"| {scenario} | {backend} | {_fmt(f['deliveries_per_s'])} | "
             f"{_fmt(cpu, 4)}{_ratio(cpu, base.get('cpu_s_per_1000_deliveries'), False)} | "
+            f"{_fmt(bcpu, 4)} | "
+            f"{_fmt(total, 4)}{_ratio(total, base.get('total_cpu_s_per_1000_deliveries'), False)}"
+            " | "
             f"{_fmt(lat['p50'], 2)} / {_fmt(lat['p99'], 2)} / {_fmt(lat['p999'], 2)} "
             f"({_fmt(cross['p99'], 2)}) | "
             f"{_fmt(per)}{_ratio(per, base.get('broker_bytes_per_delivery'), False)} | "
             f"{_fmt(node)}{_ratio(node, base.get('broker_node_bytes_per_delivery'), False)} | "
-            f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} |"
+            f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} / "
+            f"{f['misdelivered']} / {f.get('failures', 0)} |"
         )
     mem = [(b, s["memory"]) for b, s in results.items() if "memory" in s]
     if mem:
         base_mem = dict(mem).get(BASELINE, {})
-        lines += ["", "| idle memory | backend | KB per socket, plain client | "
-                  "KB per socket, client offering permessage-deflate (negotiated) |",
-                  "|---|---|---|---|"]
+
+        def kb(m: dict[str, Any], variant: str, key: str) -> str:
+            value = m.get(variant, {}).get(key)
+            return f"{_fmt(value)}{_ratio(value, base_mem.get(variant, {}).get(key), False)}"
+
+        lines += ["", "| idle memory | backend | KB per socket: websocket client | "
+                  "polling, then upgraded | client offering permessage-deflate (negotiated) | "
+                  "+KB for a first room of its own (websocket / upgraded) | +KB per further "
+                  "room of its own | +KB per shared-room membership |",
+                  "|---|---|---|---|---|---|---|---|"]
         for backend, m in mem:
-            plain, defl = m["plain"], m["deflate-offered"]
-            base_plain = base_mem.get("plain", {}).get("kb_per_socket")
-            base_defl = base_mem.get("deflate-offered", {}).get("kb_per_socket")
+            defl = m["deflate-offered"]
             lines.append(
-                f"| memory | {backend} | {plain['kb_per_socket']}"
-                f"{_ratio(plain['kb_per_socket'], base_plain, False)} | "
-                f"{defl['kb_per_socket']}{_ratio(defl['kb_per_socket'], base_defl, False)} "
-                f"({defl['deflate_negotiated']} of {defl['sockets']}) |")
+                f"| memory | {backend} | {kb(m, 'plain', 'kb_per_socket')} | "
+                f"{kb(m, 'upgraded', 'kb_per_socket')} | "
+                f"{kb(m, 'deflate-offered', 'kb_per_socket')} "
+                f"({defl['deflate_negotiated']} of {defl['sockets']}) | "
+                f"{kb(m, 'plain', 'kb_per_own_room')} / {kb(m, 'upgraded', 'kb_per_own_room')} | "
+                f"{kb(m, 'plain', 'kb_per_second_own_room')} / "
+                f"{kb(m, 'upgraded', 'kb_per_second_own_room')} | "
+                f"{kb(m, 'plain', 'kb_per_shared_room_membership')} / "
+                f"{kb(m, 'upgraded', 'kb_per_shared_room_membership')} |")
+    idle = [(b, s["idle"]) for b, s in results.items() if "idle" in s]
+    if idle:
+        base_idle = dict(idle).get(BASELINE, {})
+        lines += ["", "| idle sockets | backend | sockets | KB per socket | CPU ms per s per "
+                  "1k sockets | connect time s (sockets/s) | alive at the end |",
+                  "|---|---|---|---|---|---|---|"]
+        for backend, d in idle:
+            lines.append(
+                f"| idle | {backend} | {d['sockets']:,} | {d['kb_per_socket']}"
+                f"{_ratio(d['kb_per_socket'], base_idle.get('kb_per_socket'), False)} | "
+                f"{d['cpu_ms_per_s_per_1k']}"
+                f"{_ratio(d['cpu_ms_per_s_per_1k'], base_idle.get('cpu_ms_per_s_per_1k'), False)}"
+                f" | {d['connect_seconds']} ({_fmt(d['sockets_per_s'])}) | "
+                f"{d['alive_at_end']:,} |")
     churn = [(b, s["churn"]) for b, s in results.items() if "churn" in s]
     if churn:
         lines += ["", "| churn | backend | join/leave ops | broker subscription ops/s | "
@@ -101,6 +132,19 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{a['all_alive_ms']['p99']} | {a['one_stopped_ms']['max']} | "
                          f"{a['after_heartbeats_missed_ms']['p50']} |")
     return "\n".join(lines) + "\n"
+
+
+def faults(report: dict[str, Any]) -> list[str]:
+    """Every phase that lost, duplicated, misdelivered or refused a message."""
+    out = []
+    for scenario, backend, f in _rows(report["results"]):
+        bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures")
+               if f.get(k, 0)}
+        if bad:
+            out.append(f"{scenario} on {backend}: "
+                       + ", ".join(f"{v} {k.replace('failures', 'refused')}"
+                                   for k, v in bad.items()))
+    return out
 
 
 def charts(report: dict[str, Any], folder: Path) -> list[Path]:
@@ -145,9 +189,21 @@ def write(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["markdown"].write_text(markdown(report))
+    if charts_problem() is not None:
+        return paths
     for path in charts(report, folder):
         paths[path.stem] = path
     return paths
+
+
+def charts_problem() -> str | None:
+    """Why no charts can be drawn (matplotlib, the ``bench`` extra, is missing)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ("matplotlib is not installed (pip install 'nats-socketio-gateway[bench]'): "
+                "results.json and results.md are written, the PNG charts are not")
+    return None
 
 
 def machine() -> dict[str, str]:

@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +42,14 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
                    "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
 BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
-#: flags of every benchmarked gateway: quiet, and no API limit in the way of the census
-GATEWAY_FLAGS = ["--log-level", "WARNING", "--api-rate", "100000", "--api-burst", "100000"]
-SCENARIOS = ("reference", "fanout", "many-rooms", "latency", "churn", "memory", "cluster-api")
+#: every bench gateway's flags: quiet, and rate limits far above any load the bench
+#: makes, so that they never refuse a send (a refused send would be counted, not
+#: hidden) nor stand in the way of the census
+GATEWAY_FLAGS = ["--log-level", "WARNING", "--chat-rate", "1000000", "--chat-burst", "1000000",
+                 "--join-rate", "1000000", "--join-burst", "1000000",
+                 "--api-rate", "100000", "--api-burst", "100000"]
+SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
+             "latency-upgrade", "churn", "memory", "idle", "cluster-api")
 
 
 def log(msg: str) -> None:
@@ -144,9 +150,18 @@ class LoadGenProcess:
         )
 
     def call(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.send(**cmd)
+        return self.reply()
+
+    def send(self, **cmd: Any) -> None:
+        """Send a command; :meth:`reply` reads its answer (other generators may run
+        their commands meanwhile)."""
+        assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps(cmd) + "\n")
         self.proc.stdin.flush()
+
+    def reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"load generator exited with {self.proc.wait()}")
@@ -177,14 +192,19 @@ class Snapshot:
     cpu: dict[str, float]
     gateway: dict[str, dict[str, float]]
     broker: dict[str, dict[str, float]]
+    #: CPU seconds of each broker node process
+    broker_cpu: dict[str, float] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
 
 
 def snapshot(gateways: list[GatewayNode], broker: Broker) -> Snapshot:
+    nodes = broker.cluster.nodes if broker.cluster is not None else []
     return Snapshot(
         cpu={g.node_id: cpu_seconds(g.child.pid) for g in gateways if g.child},
         gateway={g.node_id: metrics(g.url) for g in gateways},
         broker=broker.counters(),
+        broker_cpu={n.name: cpu_seconds(n.child.pid) for n in nodes
+                    if n.child is not None and n.child.alive},
     )
 
 
@@ -192,6 +212,8 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
     """Figures for one phase from two snapshots and the load generator's tally."""
     delivered = result["delivered"]
     cpu = sum(after.cpu[k] - before.cpu[k] for k in after.cpu)
+    broker_cpu = sum(after.broker_cpu[k] - before.broker_cpu.get(k, after.broker_cpu[k])
+                     for k in after.broker_cpu)
 
     def gw_delta(name: str) -> dict[str, float]:
         return {k: after.gateway[k].get(name, 0) - before.gateway[k].get(name, 0)
@@ -220,6 +242,11 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "deliveries_per_s": round(delivered / seconds, 1) if seconds else None,
         "gateway_cpu_s": round(cpu, 3),
         "cpu_s_per_1000_deliveries": round(1000 * cpu / delivered, 4) if delivered else None,
+        "broker_cpu_s": round(broker_cpu, 3),
+        "broker_cpu_s_per_1000_deliveries": round(1000 * broker_cpu / delivered, 4)
+        if delivered else None,
+        "total_cpu_s_per_1000_deliveries": round(1000 * (cpu + broker_cpu) / delivered, 4)
+        if delivered else None,
         "deliveries_per_cpu_s": round(delivered / cpu, 1) if cpu else None,
         "latency_ms": result["latency_ms"],
         "gateway_received_msgs": {k: int(v) for k, v in received.items()},
@@ -293,18 +320,35 @@ class Params:
     def idle_sockets(self) -> int:
         return 100 if self.quick else 2000
 
+    #: the idle scenario's sockets; None: 300 quick, 10,000 full
+    idle_many: int | None = None
+
+    @property
+    def idle_count(self) -> int:
+        return self.idle_many or (300 if self.quick else 10_000)
+
+    @property
+    def idle_seconds(self) -> float:
+        return 3.0 if self.quick else 60.0
+
 
 def describe(p: Params) -> dict[str, dict[str, Any]]:
     return {
         "reference": {"gateways": 3, "users": p.reference_users, "chats_per_user": 3,
                       "phases": "one room; then 10 rooms, each on one gateway only"},
         "fanout": {"gateways": 2, "members": p.fanout_members, "senders": p.fanout_senders,
-                   "messages_per_sender": p.fanout_messages, "pacing": "next send on ack"},
+                   "messages_per_sender": p.fanout_messages, "pacing": "next send on ack",
+                   "clients": "websocket from the start"},
+        "fanout-upgrade": {"as": "fanout", "clients": "polling, then upgrade to websocket "
+                           "(socket.io-client's default)"},
         "many-rooms": {"gateways": 3, "rooms": p.rooms, "members_per_room": "2-20",
                        "sockets": p.room_sockets, "messages": p.room_messages,
                        "rate": "Zipf-like: a few busy rooms, many quiet ones"},
         "latency": {"gateways": 2, "members": p.latency_members,
-                    "rate_msgs_per_s": p.latency_rate, "seconds": p.latency_seconds},
+                    "rate_msgs_per_s": p.latency_rate, "seconds": p.latency_seconds,
+                    "clients": "websocket from the start"},
+        "latency-upgrade": {"as": "latency", "clients": "polling, then upgrade to websocket "
+                            "(socket.io-client's default)"},
         "churn": {"gateways": 2, "sockets": p.churn_sockets,
                   "join_leave_ops_per_s": p.churn_ops_per_s, "rooms": 50,
                   "background_rate_msgs_per_s": p.latency_rate / 2,
@@ -312,8 +356,13 @@ def describe(p: Params) -> dict[str, dict[str, Any]]:
         "cluster-api": {"gateways": 3, "sockets": 30 if p.quick else 300,
                         "call": "GET /api/rooms/{room} (a member count from every gateway)",
                         "phases": "all alive; one SIGSTOPped; after its heartbeats are missed"},
+        "idle": {"gateways": 1, "idle_sockets": p.idle_count, "seconds": p.idle_seconds,
+                 "clients": "websocket, answering engine.io pings (interval 25 s)",
+                 "load_generators": _idle_generators(p.idle_count)},
         "memory": {"gateways": 1, "idle_sockets": p.idle_sockets,
-                   "variants": "client offering permessage-deflate, and not"},
+                   "variants": "websocket client offering permessage-deflate, and not; "
+                               "polling then upgrade", "rooms": "one of its own per socket, "
+                               "then one shared by all"},
     }
 
 
@@ -340,9 +389,9 @@ def scenario_reference(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broke
 
 
 def scenario_fanout(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
-                    p: Params) -> dict[str, Any]:
+                    p: Params, upgrade: bool = False) -> dict[str, Any]:
     n = p.fanout_members
-    lg.call(op="connect", urls=[g.url for g in gws], count=n)
+    lg.call(op="connect", urls=[g.url for g in gws], count=n, upgrade=upgrade)
     lg.call(op="join", pairs=[[i, "fanout"] for i in range(n)])
     if not p.quick:  # warm up, then measure
         lg.call(op="burst", plan=[[i, "fanout", 1] for i in range(p.fanout_senders)])
@@ -381,9 +430,9 @@ def scenario_many_rooms(lg: LoadGenProcess, gws: list[GatewayNode], broker: Brok
 
 
 def scenario_latency(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
-                     p: Params) -> dict[str, Any]:
+                     p: Params, upgrade: bool = False) -> dict[str, Any]:
     n = p.latency_members
-    lg.call(op="connect", urls=[g.url for g in gws], count=n)
+    lg.call(op="connect", urls=[g.url for g in gws], count=n, upgrade=upgrade)
     lg.call(op="join", pairs=[[i, "latency"] for i in range(n)])
     count = int(p.latency_rate * p.latency_seconds)
     plan = [[round(k / p.latency_rate, 4), k % n, "latency"] for k in range(count)]
@@ -426,27 +475,57 @@ def scenario_churn(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
 
 
 def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> dict[str, Any]:
-    """RSS growth per idle socket on a fresh gateway, per client kind."""
-    variants = (("plain", False), ("deflate-offered", True))
+    """RSS growth per idle socket on a fresh gateway, per client kind; for the plain and
+    upgraded clients also the growth per room membership: each socket in a room of its
+    own (a room, its index entry and broker subscription per socket), then all of them
+    in one shared room."""
+    variants = (("plain", False, False), ("deflate-offered", True, False),
+                ("upgraded", False, True))
     name, args = broker.gateway(0)
     gws = [start_gateway(workdir, f"{backend}-mem-{variant}", free_ports(1)[0], name, args,
-                         extra=["--log-level", "WARNING"]) for variant, _ in variants]
+                         extra=GATEWAY_FLAGS) for variant, _, _ in variants]
     out: dict[str, Any] = {}
     lg = LoadGenProcess()
+    n = p.idle_sockets
+    settle = 0.3 if p.quick else 1.0
     try:
         wait_gateways(gws)
-        for gw, (variant, deflate) in zip(gws, variants, strict=True):
+        for gw, (variant, deflate, upgrade) in zip(gws, variants, strict=True):
             assert gw.child is not None
-            lg.call(op="connect", urls=[gw.url], count=20, deflate=deflate)  # warm up
+            # warm up
+            lg.call(op="connect", urls=[gw.url], count=20, deflate=deflate, upgrade=upgrade)
+            lg.call(op="join", pairs=[[i, f"warm-{i}"] for i in range(20)])
             lg.call(op="close")
-            time.sleep(0.3)
+            time.sleep(settle)
             base = rss_bytes(gw.child.pid)
-            got = lg.call(op="connect", urls=[gw.url], count=p.idle_sockets, deflate=deflate)
-            time.sleep(0.3 if p.quick else 1.0)
-            grown = rss_bytes(gw.child.pid) - base
-            out[variant] = {"sockets": p.idle_sockets, "deflate_negotiated": got["deflate"],
-                            "rss_bytes_per_socket": round(grown / p.idle_sockets),
-                            "kb_per_socket": round(grown / p.idle_sockets / 1024, 1)}
+            got = lg.call(op="connect", urls=[gw.url], count=n, deflate=deflate,
+                          upgrade=upgrade)
+            time.sleep(settle)
+            idle = rss_bytes(gw.child.pid)
+            grown = idle - base
+            figures: dict[str, Any] = {
+                "sockets": n, "deflate_negotiated": got["deflate"],
+                "upgraded": got.get("upgraded", 0),
+                "rss_bytes_per_socket": round(grown / n),
+                "kb_per_socket": round(grown / n / 1024, 1)}
+            if not deflate:
+                # the first room also pays for what a socket's first request creates; the
+                # second shows a room's own cost. Joins go 20 at a time, so what is
+                # measured is what stays, not the peak of many requests in flight.
+                rss = [idle]
+                failures = 0
+                for rooms in ([f"own-{i}" for i in range(n)], [f"own2-{i}" for i in range(n)],
+                              ["shared"] * n):
+                    failures += lg.call(op="join", concurrency=20, pairs=[
+                        [i, room] for i, room in enumerate(rooms)])["failures"]
+                    time.sleep(settle)
+                    rss.append(rss_bytes(gw.child.pid))
+                figures.update({
+                    "join_failures": failures,
+                    "kb_per_own_room": round((rss[1] - rss[0]) / n / 1024, 2),
+                    "kb_per_second_own_room": round((rss[2] - rss[1]) / n / 1024, 2),
+                    "kb_per_shared_room_membership": round((rss[3] - rss[2]) / n / 1024, 2)})
+            out[variant] = figures
             lg.call(op="close")
     finally:
         lg.stop()
@@ -497,6 +576,59 @@ def scenario_cluster_api(lg: LoadGenProcess, gws: list[GatewayNode], broker: Bro
     time.sleep(3)  # it comes back and announces itself
     lg.call(op="close")
     return out
+#: sockets per load generator process in the idle scenario (its file limit and one
+#: source address's ephemeral ports bound it)
+IDLE_PER_GENERATOR = 15_000
+
+
+def _idle_generators(count: int) -> int:
+    return -(-count // IDLE_PER_GENERATOR)
+
+
+def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dict[str, Any]:
+    """Many idle websocket sockets on one gateway: KB per socket, gateway CPU per
+    second per 1,000 sockets while engine.io pings flow, and the time to connect
+    them all (load generators connect in parallel, each from its own 127.0.0.x)."""
+    n = p.idle_count
+    name, args = broker.gateway(0)
+    gw = start_gateway(workdir, f"{backend}-idle", free_ports(1)[0], name, args,
+                       extra=GATEWAY_FLAGS)
+    gens = [LoadGenProcess() for _ in range(_idle_generators(n))]
+    try:
+        wait_gateways([gw])
+        assert gw.child is not None
+        pid = gw.child.pid
+        gens[0].call(op="connect", urls=[gw.url], count=20)  # warm up
+        gens[0].call(op="close")
+        time.sleep(1.0)
+        base = rss_bytes(pid)
+        shares = [n // len(gens) + (k < n % len(gens)) for k in range(len(gens))]
+        started = time.monotonic()
+        for k, (lg, share) in enumerate(zip(gens, shares, strict=True)):
+            lg.send(op="connect", urls=[gw.url], count=share, local_host=f"127.0.0.{k + 2}")
+        for lg in gens:
+            lg.reply()
+        connect_s = time.monotonic() - started
+        time.sleep(2.0)
+        rss = rss_bytes(pid)
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        time.sleep(p.idle_seconds)
+        cpu = cpu_seconds(pid) - cpu0
+        seconds = time.monotonic() - t0
+        status = [lg.call(op="status") for lg in gens]
+        return {
+            "sockets": n, "connect_seconds": round(connect_s, 2),
+            "sockets_per_s": round(n / connect_s, 1),
+            "kb_per_socket": round((rss - base) / n / 1024, 2),
+            "cpu_ms_per_s_per_1k": round(1000 * cpu / seconds / (n / 1000), 3),
+            "seconds": round(seconds, 1),
+            "alive_at_end": sum(s["open"] for s in status),
+            "unexpected_closes": sum(s["unexpected_closes"] for s in status),
+        }
+    finally:
+        for lg in gens:
+            lg.stop()
+        stop_all([gw.child])
 
 
 SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
@@ -504,7 +636,9 @@ SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
     "reference": (3, scenario_reference),
     "many-rooms": (3, scenario_many_rooms),
     "fanout": (2, scenario_fanout),
+    "fanout-upgrade": (2, partial(scenario_fanout, upgrade=True)),
     "latency": (2, scenario_latency),
+    "latency-upgrade": (2, partial(scenario_latency, upgrade=True)),
     "churn": (2, scenario_churn),
 }
 
@@ -539,6 +673,9 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
         if "memory" in scenarios and backend != "redis-cluster-classic":
             log(f"{backend}: memory per idle socket")
             results["memory"] = scenario_memory(backend, broker, workdir / backend, p)
+        if "idle" in scenarios and backend != "redis-cluster-classic":
+            log(f"{backend}: {p.idle_count} idle sockets for {p.idle_seconds:g} s")
+            results["idle"] = scenario_idle(backend, broker, workdir / backend, p)
     finally:
         broker.stop()
     return results

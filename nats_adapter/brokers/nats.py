@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import socket
+from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats
@@ -16,6 +20,120 @@ from .._logging import ThrottledLog
 from .base import Broker, BrokerError, BrokerHandler, FirstConnect, MessageStore
 
 logger = logging.getLogger(__name__)
+
+#: nats-py's default bound on the messages a subscription holds for a slow reader
+DEFAULT_PENDING_MSGS_LIMIT = 512 * 1024
+
+
+class _NoQueue:
+    """Stands in for the per-subscription ``asyncio.Queue`` nats-py makes and a
+    subscription on :class:`SharedInbox` never uses: always empty."""
+
+    __slots__ = ()
+
+    def __bool__(self) -> bool:
+        return False
+
+    def empty(self) -> bool:
+        return True
+
+    def qsize(self) -> int:
+        return 0
+
+    async def join(self) -> None:
+        return None
+
+
+_NO_QUEUE = _NoQueue()
+
+
+def shared_inbox_problem() -> str | None:
+    """Why nats-py cannot deliver to a :class:`SharedInbox`, or None when it can.
+
+    nats-py gives every ``subscribe(cb=...)`` its own ``asyncio.Queue`` (~3.3 KB)
+    and task (~2 KB), the bulk of what a room costs a node when most rooms have one
+    local member. A subscription made with ``future=`` gets neither: nats-py hands
+    each message to ``future.set_result`` (meant for one reply; an inbox takes
+    many), and drops its idle queue. This checks that nats-py still works that way.
+    """
+    from nats.aio.client import Client as _Client
+
+    try:
+        source = inspect.getsource(_Client._process_msg)
+    except (OSError, TypeError, AttributeError) as exc:
+        return f"cannot read nats-py's message dispatch: {exc!r}"
+    if "sub._future.set_result(msg)" not in source:
+        return "nats-py no longer hands messages of future subscriptions to set_result"
+    if "future" not in inspect.signature(_Client.subscribe).parameters:
+        return "nats-py's subscribe() takes no future"
+    try:
+        drain = inspect.getsource(Subscription._drain)
+        unsubscribe = inspect.getsource(Subscription.unsubscribe)
+    except (OSError, TypeError, AttributeError) as exc:
+        return f"cannot read nats-py's Subscription: {exc!r}"
+    if "if self._pending_queue:" not in drain or "limit == 0 or" not in unsubscribe:
+        return "nats-py's Subscription uses its queue in ways this does not replace"
+    return None
+
+
+class SharedInbox:
+    """One FIFO of inbound messages for every subscription of a connection, read by
+    one task, instead of a queue and a task per subscription.
+
+    Looks like a never-cancelled future to nats-py (``cancelled``, ``set_result``).
+    Holds at most ``limit`` messages for a node that falls behind; past it a message
+    is dropped and ``on_drop`` is called with its subject (a slow consumer).
+    """
+
+    def __init__(self, deliver: Callable[[Msg], Awaitable[None]], limit: int,
+                 on_drop: Callable[[str], None]) -> None:
+        self._deliver = deliver
+        self._limit = limit
+        self._on_drop = on_drop
+        self._items: deque[Msg] = deque()
+        self._wake: asyncio.Event = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        if len(self._items) >= self._limit:
+            self._on_drop(msg.subject)
+            return
+        self._items.append(msg)
+        self._wake.set()
+
+    async def _run(self) -> None:
+        items = self._items
+        while not (self._closing and not items):
+            await self._wake.wait()
+            self._wake.clear()
+            while items:
+                msg = items.popleft()
+                try:
+                    await self._deliver(msg)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # the handler should not raise; keep serving the rest
+                    logger.exception("handling a NATS message on %s failed", msg.subject)
+
+    async def drain(self, timeout: float = 5.0) -> None:
+        """Handle what was received (for up to ``timeout`` seconds), then stop."""
+        self._closing = True
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._task)
+        except TimeoutError:
+            logger.warning("dropped %d inbound NATS messages at close", len(self._items))
+        finally:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
 
 
 class NatsBroker(Broker):
@@ -81,6 +199,12 @@ class NatsBroker(Broker):
         self._nc: Client | None = None
         self._handler: BrokerHandler | None = None
         self._subs: dict[str, Subscription] = {}
+        self._pending_limit = pending_msgs_limit or DEFAULT_PENDING_MSGS_LIMIT
+        problem = shared_inbox_problem()
+        if problem is not None:
+            logger.warning("NATS subscriptions each get their own queue and task (%s)", problem)
+        self._inbox_ok = problem is None
+        self._inbox: SharedInbox | None = None
         self._wanted: set[str] = set()
         self._first_connect = FirstConnect("NATS", self._connect,
                                            (OSError, nats.errors.Error, TimeoutError),
@@ -130,8 +254,21 @@ class NatsBroker(Broker):
         self._handler.on_connection_state(True)
 
     async def _subscribe(self, nc: Client, channel: str) -> None:
-        if channel not in self._subs:
+        if channel in self._subs:
+            return
+        if not self._inbox_ok:
             self._subs[channel] = await nc.subscribe(channel, cb=self._on_msg, **self._sub_limits)
+            return
+        if self._inbox is None:
+            self._inbox = SharedInbox(self._on_msg, self._pending_limit, self._dropped)
+        sub = await nc.subscribe(channel, future=self._inbox)  # type: ignore[arg-type]
+        sub._pending_queue = _NO_QUEUE  # type: ignore[assignment]  # never used: free it
+        self._subs[channel] = sub
+
+    def _dropped(self, subject: str) -> None:
+        self.slow_consumer_drops += 1
+        self._log.warning("slow-consumer", "dropped an inbound NATS message on %s: this node "
+                          "is not keeping up (slow consumer)", subject)
 
     async def _on_msg(self, msg: Msg) -> None:
         assert self._handler is not None
@@ -185,13 +322,18 @@ class NatsBroker(Broker):
         self._closing = True
         await self._first_connect.cancel()
         nc, self._nc = self._nc, None
-        if nc is None or nc.is_closed:
-            return
+        inbox, self._inbox = self._inbox, None
         try:
-            await nc.drain()
-        except (nats.errors.Error, TimeoutError) as exc:
-            logger.warning("NATS drain failed (%r); closing", exc)
-            await nc.close()
+            if nc is None or nc.is_closed:
+                return
+            try:
+                await nc.drain()
+            except (nats.errors.Error, TimeoutError) as exc:
+                logger.warning("NATS drain failed (%r); closing", exc)
+                await nc.close()
+        finally:
+            if inbox is not None:
+                await inbox.drain()
 
     def message_store(self, prefix: str, window: float) -> MessageStore:
         from .nats_store import NatsMessageStore

@@ -4,13 +4,19 @@
 //         {"type": "ack", "ref": n, "data": ...}
 //         {"type": "event", "event": name, "data": first argument}
 //         {"type": "disconnect", "reason": ...} / {"type": "connect_error", "message": ...}
+//         {"type": "upgrade", "transport": name} (the engine.io transport switched)
+// argv: url [auth JSON] [io() options JSON, e.g. {"transports": ["polling", "websocket"]}]
 import { createInterface } from "node:readline";
 import { io } from "socket.io-client";
 
 const url = process.argv[2];
 const auth = process.argv[3] ? JSON.parse(process.argv[3]) : undefined;
+const options = process.argv[4] ? JSON.parse(process.argv[4]) : {};
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
-const socket = io(url, { transports: ["websocket"], reconnection: false, auth });
+const socket = io(url, { transports: ["websocket"], reconnection: false, auth, ...options });
+socket.io.on("open", () => {
+  socket.io.engine.on("upgrade", (transport) => out({ type: "upgrade", transport: transport.name }));
+});
 
 socket.on("connect", () => out({ type: "connect", sid: socket.id }));
 socket.on("disconnect", (reason) => out({ type: "disconnect", reason }));

@@ -1,0 +1,553 @@
+"""engine.io websocket sessions without aiohttp's per-connection machinery.
+
+An idle socket on aiohttp's websocket costs ~16 KB before engine.io adds anything:
+the request handler, its HTTP parser and task, the websocket reader and writer,
+a task waiting on the reader. Here aiohttp still answers every HTTP request,
+long-polling and the websocket handshake's routing; once engine.io hands a
+websocket request to its websocket class, :func:`take_over` answers the
+handshake itself and moves the TCP connection to a :class:`LeanWebSocket`: an
+``asyncio.Protocol`` holding only the engine.io socket, with wsproto (a
+maintained sans-I/O parser) reading frames, no task while nothing arrives, and
+pings and timeouts of every connection driven by one :class:`Heartbeat` timer.
+It serves sessions that start on websocket and sessions that upgrade from
+long-polling (the probe exchange is done here).
+
+python-socketio and python-engineio keep their public API: handlers, ``emit``,
+``disconnect``, sessions, and packets go through engine.io's socket and queue as
+before; the queue is written out synchronously as packets are put, so shared
+frames (:mod:`nats_adapter.hub`) and queued packets stay in order.
+
+Differences from engine.io's own websocket path: the handshake environ kept by
+python-socketio loses ``aiohttp.request``, ``wsgi.input`` and ``wsgi.errors``
+(which would keep the whole aiohttp request alive; headers, query and path stay);
+a server-side close
+sends engine.io's CLOSE packet and then closes the websocket; permessage-deflate
+is never negotiated (connections that should compress stay on aiohttp).
+
+Everything here reaches into aiohttp's request handler (its private attributes
+are checked by :func:`missing_features`, and wsproto's for the idle-parser
+saving by :func:`idle_parser_supported`); nothing else in the package does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import time
+from collections import deque
+from typing import Any
+
+from engineio import exceptions
+from engineio import packet as eio_packet
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import CloseReason
+from wsproto.utilities import generate_accept_token
+
+logger = logging.getLogger(__name__)
+
+#: what aiohttp's request handler must have for :func:`take_over` to detach it
+_HANDLER_SLOTS = ("_message_tail", "_upgraded", "_payload_parser", "_manager")
+#: environ keys that hold the aiohttp request (and through it its connection) alive
+_HEAVY_ENVIRON_KEYS = ("aiohttp.request", "wsgi.input", "wsgi.errors")
+
+_PROBING, _UPGRADING, _OPEN, _CLOSED = range(4)
+
+_background: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Any) -> None:
+    task = asyncio.get_running_loop().create_task(coro)
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+
+
+def frame(opcode: int, payload: bytes) -> bytes:
+    """An unmasked, final websocket frame (server to client)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
+
+
+_PING_FRAME = frame(0x1, b"2")
+_PROBE_FRAME = frame(0x1, b"3probe")
+
+
+def missing_features() -> list[str]:
+    """What :func:`take_over` needs from aiohttp and asyncio that is not there."""
+    import aiohttp.web_protocol
+    from aiohttp import web_request
+
+    missing = []
+    slots = {name for cls in aiohttp.web_protocol.RequestHandler.__mro__
+             for name in getattr(cls, "__slots__", ())}
+    for name in _HANDLER_SLOTS:
+        if name not in slots:
+            missing.append(f"aiohttp RequestHandler.{name}")
+    for name in ("connection_lost", "transport"):
+        if not hasattr(aiohttp.web_protocol.RequestHandler, name):
+            missing.append(f"aiohttp RequestHandler.{name}")
+    for name in ("protocol", "transport"):
+        if not hasattr(web_request.BaseRequest, name):
+            missing.append(f"aiohttp BaseRequest.{name}")
+    if not hasattr(asyncio.Transport, "set_protocol"):
+        missing.append("asyncio Transport.set_protocol")
+    return missing
+
+
+def idle_parser_supported() -> bool:
+    """Whether wsproto still shows when a connection has no partial frame or message
+    (then an idle connection keeps no parser, ~1.7 KB less per socket)."""
+    conn = Connection(ConnectionType.SERVER)
+    proto = getattr(conn, "_proto", None)
+    decoder = getattr(proto, "_frame_decoder", None)
+    messages = getattr(proto, "_message_decoder", None)
+    return (decoder is not None and messages is not None and hasattr(decoder, "header")
+            and hasattr(decoder, "buffer") and hasattr(messages, "opcode"))
+
+
+_IDLE_PARSER = idle_parser_supported()
+
+
+def _parser_idle(conn: Connection) -> bool:
+    proto = conn._proto
+    decoder = proto._frame_decoder
+    return (decoder.header is None and not len(decoder.buffer)
+            and proto._message_decoder.opcode is None
+            and conn.state is ConnectionState.OPEN)
+
+
+def reduce_environ(environ: dict[str, Any] | None) -> None:
+    """Drop what keeps the handshake's aiohttp request alive (see the module doc)."""
+    if environ is not None:
+        for key in _HEAVY_ENVIRON_KEYS:
+            environ.pop(key, None)
+
+
+class Heartbeat:
+    """engine.io pings and timeouts for every lean connection of one server, on one
+    timer; and the check of polling sessions' ping timeouts that engine.io's service
+    task did (one task that woke once per socket, with a ``wait_for`` each time).
+
+    Every connection has at most one live entry: when its next ping is due, or when
+    its pong (or a pending upgrade) is overdue. All pings are due ``interval`` after
+    they are scheduled and all deadlines ``timeout`` after, so two FIFO queues stay
+    sorted and each step is O(1); stale entries are skipped by generation number.
+    """
+
+    def __init__(self, eio: Any) -> None:
+        self.eio = eio
+        self.interval = float(eio.ping_interval)
+        self.timeout = float(eio.ping_timeout)
+        # entries due within this much are handled together: fewer wake-ups
+        self.slack = min(0.05, self.interval / 10, self.timeout / 10)
+        self._pings: deque[tuple[float, LeanWebSocket, int]] = deque()
+        self._deadlines: deque[tuple[float, LeanWebSocket, int]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._sweeping = False
+
+    def ping_later(self, conn: LeanWebSocket) -> None:
+        """``conn`` gets a ping ``interval`` from now."""
+        conn.gen += 1
+        due = asyncio.get_running_loop().time() + self.interval
+        self._pings.append((due, conn, conn.gen))
+        self._arm(due)
+
+    def deadline(self, conn: LeanWebSocket) -> None:
+        """``conn``'s timer fires ``timeout`` from now unless rescheduled."""
+        conn.gen += 1
+        due = asyncio.get_running_loop().time() + self.timeout
+        self._deadlines.append((due, conn, conn.gen))
+        self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self._timer is not None and self._timer_at <= due:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = due
+        self._timer = asyncio.get_running_loop().call_at(due + self.slack, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = asyncio.get_running_loop().time() + self.slack
+        for entries in (self._pings, self._deadlines):
+            while entries and entries[0][0] <= now:
+                _, conn, gen = entries.popleft()
+                if conn.gen == gen:
+                    try:
+                        conn.on_timer()
+                    except Exception:  # one broken connection must not stop the rest
+                        logger.exception("heartbeat of %s failed", conn.sid)
+                        conn.hang_up(CloseReason.INTERNAL_ERROR)
+        heads = [q[0][0] for q in (self._pings, self._deadlines) if q]
+        if heads:
+            self._arm(min(heads))
+
+    def start_sweep(self) -> None:
+        """Check polling sessions' ping timeouts, every half ``timeout``."""
+        if not self._sweeping:
+            self._sweeping = True
+            asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.time()
+        sockets = self.eio.sockets
+        for sid, s in list(sockets.items()):
+            if s.closed:
+                if sockets.get(sid) is s:
+                    del sockets[sid]
+            elif (not s.closing and getattr(s, "lean", None) is None and s.last_ping
+                  and now - s.last_ping > self.timeout):
+                _spawn(s.check_ping_timeout())  # closes it, as engine.io's service task
+        asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
+
+
+class LeanWebSocket(asyncio.Protocol):
+    """One engine.io session's websocket connection (see the module docstring)."""
+
+    __slots__ = ("gen", "heartbeat", "inbox", "parser", "parts", "receiver", "server",
+                 "size", "socket", "state", "transport", "waiting_pong")
+
+    def __init__(self, socket: Any, transport: asyncio.Transport, heartbeat: Heartbeat
+                 ) -> None:
+        self.socket = socket
+        self.server = socket.server
+        self.transport = transport
+        self.heartbeat = heartbeat
+        self.gen = 0
+        self.state = _OPEN
+        self.parser: Connection | None = None
+        #: text or binary message being received in several frames, and its size
+        self.parts: list[Any] | None = None
+        self.size = 0
+        self.inbox: deque[Any] | None = None
+        self.receiver: asyncio.Task[None] | None = None
+        self.waiting_pong = False
+
+    @property
+    def sid(self) -> str:
+        return str(self.socket.sid)
+
+    @property
+    def closed(self) -> bool:
+        return self.state == _CLOSED or self.transport.is_closing()
+
+    # -- set-up ------------------------------------------------------------------
+
+    def start(self, upgrading: bool) -> None:
+        socket = self.socket
+        if upgrading:  # engine.io keeps pinging the session by polling meanwhile
+            self.state = _PROBING
+            socket.upgrading = True  # engine.io answers polls with a NOOP from now on
+            self.heartbeat.deadline(self)
+            return
+        socket.connected = True
+        socket.upgraded = True
+        self._open()
+
+    def _open(self) -> None:
+        socket = self.socket
+        self.state = _OPEN
+        socket.lean = self
+        socket.last_ping = None  # timeouts are the heartbeat's from now on, not engine.io's
+        socket.fanout_ws = self
+        socket.fanout_transport = self.transport
+        socket.queue.on_put = self.flush
+        self.flush()
+        self.heartbeat.ping_later(self)
+
+    # -- writing -----------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Write out what engine.io queued, in order; called on every put."""
+        socket = self.socket
+        if self.state != _OPEN:
+            return
+        write = self.transport.write
+        for pkt in socket.queue.take():
+            if pkt is None:
+                self.hang_up(CloseReason.NORMAL_CLOSURE)
+                return
+            encoded = pkt.encode()
+            if isinstance(encoded, str):
+                write(frame(0x1, encoded.encode()))
+            else:
+                write(frame(0x2, encoded))
+            if pkt.packet_type == eio_packet.CLOSE:
+                self.hang_up(CloseReason.NORMAL_CLOSURE)
+                return
+        # what engine.io queues is written at once, so a client that stops reading
+        # grows the transport's buffer instead of the queue: bounded the same way
+        limits = socket.queue.limits
+        if limits is not None and self.transport.get_write_buffer_size() > limits.max_bytes:
+            limits.overflows += 1
+            logger.warning("closing a connection that stopped reading: %d bytes unsent",
+                           self.transport.get_write_buffer_size())
+            self.transport.abort()
+
+    def hang_up(self, code: int = CloseReason.NORMAL_CLOSURE) -> None:
+        """Send a websocket close and close the connection (after what is buffered)."""
+        transport = self.transport
+        if not transport.is_closing():
+            transport.write(frame(0x8, int(code).to_bytes(2, "big")))
+            transport.close()
+
+    async def close(self, code: int = 1000) -> None:
+        """Close the websocket (shutdown: :func:`nats_adapter.shutdown.close_websockets`)."""
+        self.hang_up(code)
+
+    # -- reading -----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        parser = self.parser
+        if parser is None:
+            # An idle socket's only traffic is its PONG, one 7-byte frame every ping
+            # interval; reading it here costs ~1 us against ~20 us through wsproto
+            # (a new parser and a parse), most of an idle socket's CPU. Anything else
+            # goes to wsproto.
+            if len(data) == 7 and data[0] == 0x81 and data[1] == 0x81 \
+                    and data[6] ^ data[2] == 0x33 and self.state == _OPEN:  # "3" unmasked
+                self._pong()
+                return
+            parser = Connection(ConnectionType.SERVER)
+        parser.receive_data(data)
+        limit = self.server.max_http_buffer_size
+        for event in parser.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                self.size += len(event.data)
+                if self.size > limit:  # engine.io: "packet is too large"
+                    self.hang_up(CloseReason.MESSAGE_TOO_BIG)
+                    return
+                if not event.message_finished:
+                    if self.parts is None:
+                        self.parts = []
+                    self.parts.append(event.data)
+                    continue
+                message = event.data if isinstance(event.data, str) else bytes(event.data)
+                if self.parts is not None:
+                    self.parts.append(message)
+                    message = ("" if isinstance(message, str) else b"").join(self.parts)
+                    self.parts = None
+                self.size = 0
+                self.on_message(message)
+            elif isinstance(event, Ping):
+                self.transport.write(parser.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                if parser.state is not ConnectionState.CLOSED:
+                    self.transport.write(parser.send(event.response()))
+                self.transport.close()
+                return
+            if self.transport.is_closing():
+                return
+        self.parser = None if _IDLE_PARSER and _parser_idle(parser) else parser
+
+    def on_message(self, message: str | bytes) -> None:
+        state = self.state
+        if state == _OPEN:
+            if message == "3":
+                self._pong()
+                return
+            try:
+                pkt = eio_packet.Packet(encoded_packet=message)
+            except Exception:
+                logger.info("%s: undecodable engine.io packet; closing", self.sid)
+                self.hang_up(CloseReason.PROTOCOL_ERROR)
+                return
+            if self.inbox is None:
+                self.inbox = deque()
+            self.inbox.append(pkt)
+            if self.receiver is None:
+                self.receiver = asyncio.get_running_loop().create_task(self._receive())
+        elif state == _PROBING and message == "2probe":
+            self.transport.write(_PROBE_FRAME)
+            queue = self.socket.queue
+            if queue._getters:  # a long-poll is waiting: end it (else no NOOP is needed)
+                queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+            self.state = _UPGRADING
+        elif state == _UPGRADING and message == "5":
+            self._upgraded()
+        elif state in (_PROBING, _UPGRADING):
+            logger.info("%s: failed websocket upgrade, got %r", self.sid, message[:20])
+            self._abandon_upgrade()
+
+    def _pong(self) -> None:
+        """The client answered a ping: the next one is due an interval from now."""
+        self.waiting_pong = False
+        self.heartbeat.ping_later(self)
+
+    def _upgraded(self) -> None:
+        socket = self.socket
+        socket.upgrading = False
+        socket.upgraded = True
+        # what polling requests took was answered before the client sent UPGRADE
+        socket.queue.in_flight = 0
+        connect = self.server.handlers.get("connect")
+        stored = getattr(getattr(connect, "__self__", None), "environ", None)
+        if isinstance(stored, dict):
+            reduce_environ(stored.get(socket.sid))
+        self._open()
+
+    def _abandon_upgrade(self) -> None:
+        """The session keeps polling; this websocket goes."""
+        self.socket.upgrading = False
+        self.state = _CLOSED
+        self.gen += 1
+        self.hang_up(CloseReason.POLICY_VIOLATION)
+
+    async def _receive(self) -> None:
+        """Hand received packets to engine.io one after another, then end."""
+        socket = self.socket
+        inbox = self.inbox
+        try:
+            while inbox:
+                pkt = inbox.popleft()
+                try:
+                    await socket.receive(pkt)
+                except exceptions.UnknownPacketError:
+                    pass
+                except exceptions.SocketIsClosedError:
+                    break
+                except Exception:
+                    logger.exception("%s: receive error", self.sid)
+                if socket.closed:
+                    self.hang_up(CloseReason.NORMAL_CLOSURE)
+                    break
+        finally:
+            self.receiver = None
+            if not inbox:
+                self.inbox = None
+
+    # -- timers and the end ------------------------------------------------------
+
+    def on_timer(self) -> None:
+        socket = self.socket
+        if self.state in (_PROBING, _UPGRADING):
+            logger.info("%s: websocket upgrade timed out", self.sid)
+            self._abandon_upgrade()
+        elif self.state != _OPEN:
+            return
+        elif socket.closed:
+            self.hang_up(CloseReason.NORMAL_CLOSURE)
+        elif self.waiting_pong:
+            logger.info("%s: client is gone (no pong), closing", self.sid)
+            _spawn(socket.close(wait=False, abort=False, reason=self.server.reason.PING_TIMEOUT))
+        else:
+            self.waiting_pong = True
+            self.transport.write(_PING_FRAME)
+            self.heartbeat.deadline(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        state, self.state = self.state, _CLOSED
+        self.gen += 1  # no heartbeat entry of this connection is live any more
+        self.inbox = None
+        socket = self.socket
+        if state != _OPEN:  # the session never moved here: it goes on polling
+            if state != _CLOSED:
+                socket.upgrading = False
+            return
+        if getattr(socket, "lean", None) is self:
+            socket.lean = None
+        socket.queue.on_put = None
+        socket.fanout_transport = None
+        _spawn(self._end_session())
+
+    async def _end_session(self) -> None:
+        socket = self.socket
+        await socket.close(wait=False, abort=True,
+                           reason=self.server.reason.TRANSPORT_CLOSE)
+        sockets = self.server.sockets
+        if sockets.get(socket.sid) is socket:
+            del sockets[socket.sid]
+
+
+def _accept_key(request: Any) -> bytes | None:
+    """The Sec-WebSocket-Accept value for a valid websocket handshake, else None."""
+    headers = request.headers
+    if request.method != "GET" or headers.get("Upgrade", "").lower() != "websocket":
+        return None
+    if "upgrade" not in {t.strip().lower() for t in headers.get("Connection", "").split(",")}:
+        return None
+    if headers.get("Sec-WebSocket-Version") != "13":
+        return None
+    key = headers.get("Sec-WebSocket-Key", "")
+    try:
+        if len(base64.b64decode(key, validate=True)) != 16:
+            return None
+    except (binascii.Error, ValueError):
+        return None
+    return generate_accept_token(key.encode())
+
+
+def _switching_protocols(accept: bytes) -> bytes:
+    """The handshake's answer (no extension: permessage-deflate is never agreed)."""
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+
+def _detach(request: Any) -> tuple[asyncio.Transport, bytes]:
+    """Take ``request``'s connection away from aiohttp: its handler forgets it (and
+    its server's connection list drops it) without closing it. Returns the transport
+    and the bytes aiohttp had read past the handshake."""
+    handler = request.protocol
+    transport = request.transport
+    tail = bytes(handler._message_tail)
+    handler._message_tail = b""
+    handler.transport = None  # so that nothing aiohttp does next touches the connection
+    handler.connection_lost(None)
+    return transport, tail
+
+
+def take_over(socket: Any, environ: dict[str, Any], heartbeat: Heartbeat
+              ) -> LeanWebSocket | None:
+    """Answer the websocket handshake of ``environ`` and serve ``socket``'s session on
+    a :class:`LeanWebSocket`; None (nothing done) when the request is not a valid
+    handshake aiohttp holds for an upgrade, so aiohttp's path answers it instead."""
+    request = environ.get("aiohttp.request")
+    if request is None:
+        return None
+    accept = _accept_key(request)
+    transport = request.transport
+    handler = request.protocol
+    if accept is None or transport is None or transport.is_closing() \
+            or handler._payload_parser is not None or not handler._upgraded:
+        return None
+    upgrading = bool(socket.connected)
+    transport, tail = _detach(request)
+    transport.write(_switching_protocols(accept))
+    conn = LeanWebSocket(socket, transport, heartbeat)
+    transport.set_protocol(conn)
+    if not transport.is_reading():
+        transport.resume_reading()
+    reduce_environ(environ)
+    conn.start(upgrading)
+    if tail:
+        conn.data_received(tail)
+    return conn
+
+
+def close_second_websocket(eio: Any, request: Any) -> bool:
+    """Answer a websocket handshake for a session that already runs on a lean
+    websocket by opening and at once closing it, as Node's engine.io does (engine.io
+    answers 400, which clients report as a failed request). True when done so."""
+    if getattr(request, "method", None) != "GET" or request.query.get("transport") != "websocket":
+        return False
+    socket = eio.sockets.get(request.query.get("sid", ""))
+    if socket is None or getattr(socket, "lean", None) is None:
+        return False
+    accept = _accept_key(request)
+    handler = request.protocol
+    if accept is None or request.transport is None or handler._payload_parser is not None \
+            or not handler._upgraded:
+        return False
+    transport, _ = _detach(request)
+    transport.write(_switching_protocols(accept)
+                    + frame(0x8, int(CloseReason.POLICY_VIOLATION).to_bytes(2, "big")))
+    transport.close()
+    return True

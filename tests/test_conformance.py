@@ -1,0 +1,122 @@
+"""The socket.io maintainers' protocol test suites, on our path and on stock.
+
+The suites (``docs/socket.io-protocol/v5-test-suite`` and
+``docs/engine.io-protocol/v4-test-suite`` of the socket.io repository) are not
+copied into this repository: they are read from the folder named by
+``SOCKETIO_CONFORMANCE_DIR``, by default ``shared/conformance`` beside the
+repository (``sio/`` and ``eio/``, as the team keeps them). Their npm dependencies
+(mocha, chai, ws ...) come from ``tests/conformance/package-lock.json``, installed
+by ``scripts/bootstrap test``. Each run copies a suite to a temporary folder,
+points it at a server on a free port (the suites hard-code ``localhost:3000``), and
+runs it with mocha against ``tests/conformance/server.py``.
+
+Our path must pass every test stock python-socketio / python-engineio passes (run
+in the same test, side by side), and the tests the lean websocket path fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.processes import free_ports, spawn, stop_all
+from tests.helpers import REPO
+
+CONFORMANCE = Path(os.environ.get("SOCKETIO_CONFORMANCE_DIR")
+                   or REPO.parent / "shared" / "conformance")
+DEPENDENCIES = REPO / "tests" / "conformance" / "node_modules"
+
+#: tests stock fails that our path passes, by suite: the OPEN packet's exact
+#: pingInterval (the queue fixes it), the websocket handshake and the upgrade (lean
+#: connections), a second websocket for an upgraded session (closed, not refused)
+FIXED_BY_OUR_PATH = {
+    "eio": {
+        "Engine.IO protocol handshake HTTP long-polling successfully opens a session",
+        "Engine.IO protocol handshake WebSocket successfully opens a session",
+        "Engine.IO protocol upgrade ignores HTTP requests with same sid after upgrade",
+        "Engine.IO protocol upgrade ignores WebSocket connection with same sid after upgrade",
+        "Engine.IO protocol upgrade successfully upgrades from HTTP long-polling to WebSocket",
+    },
+    "sio": {
+        "Engine.IO protocol handshake HTTP long-polling should successfully open a session",
+        "Engine.IO protocol handshake WebSocket should successfully open a session",
+        "Engine.IO protocol upgrade should ignore WebSocket connection with same sid after "
+        "upgrade",
+    },
+}
+
+
+#: (suite, kind) -> {failed test: mocha's message}, for the assertion messages
+FAILURES: dict[tuple[str, str], dict[str, str]] = {}
+
+
+def run_suite(suite: str, kind: str, workdir: Path, node_bin: str, grep: tuple[str, ...] = ()
+              ) -> dict[str, bool]:
+    """{test title: passed} for ``suite`` (sio/eio) against a ``kind`` (ours/stock) server."""
+    source = CONFORMANCE / suite
+    if not (source / "test-suite.js").is_file():
+        pytest.fail(f"the protocol test suites are not in {CONFORMANCE} (set "
+                    "SOCKETIO_CONFORMANCE_DIR to the folder holding sio/ and eio/)")
+    if not (DEPENDENCIES / "mocha").is_dir():
+        pytest.fail("tests/conformance/node_modules is missing: run scripts/bootstrap test")
+    port = free_ports(1)[0]
+    folder = workdir / f"{suite}-{kind}"
+    folder.mkdir()
+    for name in ("test-suite.js", "node-imports.js"):
+        text = (source / name).read_text()
+        (folder / name).write_text(text.replace("localhost:3000", f"127.0.0.1:{port}"))
+    (folder / "package.json").write_text('{"type": "module"}')
+    (folder / "node_modules").symlink_to(DEPENDENCIES)
+    server = spawn(f"{suite}-{kind}-server", [sys.executable, str(REPO / "tests" / "conformance"
+                                                                   / "server.py"),
+                                              suite, kind, str(port)], workdir, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 20
+        while "Running on" not in server.log_path.read_text():
+            assert server.alive, server.log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the conformance server did not start"
+            time.sleep(0.05)
+        proc = subprocess.run(
+            [node_bin, str(DEPENDENCIES / "mocha" / "bin" / "mocha"), "--reporter", "json",
+             "--timeout", "3000", "--exit", *grep, "test-suite.js"],
+            cwd=folder, capture_output=True, text=True, timeout=240,
+            env={**os.environ, "NODE_OPTIONS": "--dns-result-order=ipv4first"})
+    finally:
+        stop_all([server])
+    report = json.loads(proc.stdout[proc.stdout.index("{"):])
+    results = {t["fullTitle"]: True for t in report["passes"]}
+    results.update({t["fullTitle"]: False for t in report["failures"]})
+    FAILURES[(suite, kind)] = {t["fullTitle"]: t.get("err", {}).get("message", "")
+                               for t in report["failures"]}
+    return results
+
+
+@pytest.mark.parametrize("suite", ["eio", "sio"])
+def test_protocol_suite_passes_what_stock_passes(suite: str, tmp_path: Path,
+                                                 node_bin: str) -> None:
+    stock = run_suite(suite, "stock", tmp_path, node_bin)
+    ours = run_suite(suite, "ours", tmp_path, node_bin)
+    assert ours.keys() == stock.keys() and len(ours) > 20
+    failures = FAILURES[(suite, "ours")]
+    regressed = {t: failures[t] for t, ok in stock.items() if ok and not ours[t]}
+    assert not regressed, f"stock passes, ours fails: {regressed}"
+    not_fixed = {t: failures.get(t) for t in FIXED_BY_OUR_PATH[suite] if not ours.get(t)}
+    assert not not_fixed, f"no longer passing on our path: {not_fixed}"
+    print(f"{suite}: ours {sum(ours.values())}/{len(ours)}, "
+          f"stock {sum(stock.values())}/{len(stock)}")
+
+
+def test_the_suites_dependencies_are_locked() -> None:
+    lock = json.loads((REPO / "tests" / "conformance" / "package-lock.json").read_text())
+    wanted = json.loads((REPO / "tests" / "conformance" / "package.json").read_text())
+    for name in wanted["devDependencies"]:
+        assert lock["packages"][f"node_modules/{name}"]["version"] == \
+            wanted["devDependencies"][name]
+    assert shutil.which("node") is not None

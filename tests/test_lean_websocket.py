@@ -1,0 +1,269 @@
+"""Lean websocket connections (nats_adapter._lean_websocket) as clients see them.
+
+A python-socketio server with this project's manager, in this event loop, with
+engine.io timings short enough to watch pings and timeouts (interval 0.3 s,
+timeout 0.2 s); clients speak Engine.IO/Socket.IO over real TCP connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+import socketio
+from aiohttp import web
+
+from gateway.bench.loadgen import LoadGen
+from gateway.processes import free_ports
+from nats_adapter import MemoryManager
+
+
+@dataclass
+class Server:
+    url: str
+    sio: socketio.AsyncServer
+    runner: web.AppRunner
+    disconnects: list[tuple[str, str]] = field(default_factory=list)
+    environs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=MemoryManager(),
+                               ping_interval=0.3, ping_timeout=0.2, max_http_buffer_size=4096)
+    port = free_ports(1)[0]
+    app = web.Application()
+    sio.attach(app)
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    srv = Server(f"http://127.0.0.1:{port}", sio, runner)
+
+    @sio.on("connect")
+    async def connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        srv.environs[sid] = environ
+
+    @sio.on("disconnect")
+    async def disconnect(sid: str, reason: str) -> None:
+        srv.disconnects.append((sid, reason))
+
+    @sio.on("echo")
+    async def echo(sid: str, *args: Any) -> Any:
+        return args
+
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield srv
+    finally:
+        await runner.cleanup()
+
+
+def lean_sockets(sio: socketio.AsyncServer) -> list[Any]:
+    return [s for s in sio.eio.sockets.values() if getattr(s, "lean", None) is not None]
+
+
+async def until(predicate: Any, timeout: float = 5.0, what: str = "the condition") -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+def masked(opcode: int, payload: bytes, fin: bool = True) -> bytes:
+    """A client frame, masked with a zero key (valid, and masking is then a no-op)."""
+    assert len(payload) < 126
+    return bytes(((0x80 if fin else 0) | opcode, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+class RawClient:
+    """A websocket client on a bare TCP connection, for frames aiohttp will not send."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def connect(cls, url: str, query: str = "") -> RawClient:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(f"GET /socket.io/?EIO=4&transport=websocket{query} HTTP/1.1\r\n"
+                     f"Host: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+        return cls(reader, writer)
+
+    async def frame(self) -> tuple[int, bytes]:
+        """(opcode, payload) of the next server frame; (-1, b"") at end of stream."""
+        try:
+            b0, b1 = await self.reader.readexactly(2)
+        except asyncio.IncompleteReadError:
+            return -1, b""
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await self.reader.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await self.reader.readexactly(8), "big")
+        return b0 & 0x0F, await self.reader.readexactly(n)
+
+    async def text(self) -> str:
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == 0x1:
+                return payload.decode()
+            assert opcode != -1 and opcode != 0x8, "closed"
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def close(self) -> None:
+        self.writer.close()
+        await asyncio.gather(self.writer.wait_closed(), return_exceptions=True)
+
+
+async def test_idle_sockets_keep_no_task_and_no_aiohttp_connection(server: Server) -> None:
+    gen = LoadGen()
+    tasks = len(asyncio.all_tasks())
+    await gen.connect([server.url], 40, False)
+    await gen.connect([server.url], 10, False, upgrade=True)
+    assert len(lean_sockets(server.sio)) == 50
+    aiohttp_server = server.runner.server
+    assert aiohttp_server is not None and len(aiohttp_server.connections) == 0
+    await asyncio.sleep(1.2)  # four ping intervals: every client answered every ping
+    assert len(asyncio.all_tasks()) <= tasks + 2, "a task per idle socket"
+    assert gen.unexpected_closes == 0 and len(lean_sockets(server.sio)) == 50
+    assert server.disconnects == []
+    sid = next(iter(server.environs))
+    environ = server.sio.get_environ(sid)
+    assert "aiohttp.request" not in environ and "wsgi.input" not in environ
+    assert environ["HTTP_HOST"].startswith("127.0.0.1:") and "EIO=4" in environ["QUERY_STRING"]
+    gen.closing = True
+    for sock in gen.sockets:
+        sock.close()
+    await until(lambda: not server.sio.eio.sockets, what="every session to end")
+    assert {reason for _, reason in server.disconnects} == {"transport close"}
+
+
+async def test_a_client_that_stops_answering_pings_is_dropped(server: Server) -> None:
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.url.replace("http", "ws")
+                                      + "/socket.io/?EIO=4&transport=websocket")
+        opened = json.loads((await ws.receive_str())[1:])
+        assert opened["pingInterval"] == 300 and opened["pingTimeout"] == 200
+        await ws.send_str("40")
+        assert (await ws.receive_str()).startswith("40{")
+        assert await ws.receive_str() == "2"  # a ping, never answered
+        async with asyncio.timeout(2):
+            texts = [msg.data async for msg in ws if msg.type == aiohttp.WSMsgType.TEXT]
+        assert texts == ["1"], "the server closes the session with engine.io's CLOSE"
+    await until(lambda: server.disconnects, what="the disconnect handler")
+    assert server.disconnects[0][1] == "ping timeout"
+    assert not server.sio.eio.sockets
+
+
+async def test_fragmented_binary_and_oversized_messages(server: Server) -> None:
+    client = await RawClient.connect(server.url)
+    try:
+        assert (await client.text()).startswith("0{")
+        client.send(masked(0x1, b"40"))
+        assert (await client.text()).startswith("40{")
+        # one Socket.IO EVENT with an ack, in three frames
+        client.send(masked(0x1, b'421["ec', fin=False) + masked(0x0, b'ho",', fin=False)
+                    + masked(0x0, b'"hi"]'))
+        assert await client.text() == '431["hi"]'
+        # an event with a binary attachment: a text frame, then a binary frame
+        client.send(masked(0x1, b'451-2["echo",{"_placeholder":true,"num":0}]')
+                    + masked(0x2, b"\x01\x02\x03"))
+        assert await client.text() == '461-2[{"_placeholder":true,"num":0}]'
+        assert await client.frame() == (0x2, b"\x01\x02\x03")
+        # a websocket ping is answered with a pong
+        client.send(masked(0x9, b"hey"))
+        while (got := await client.frame())[0] == 0x1:
+            pass  # engine.io pings may come first
+        assert got == (0xA, b"hey")
+        # past max_http_buffer_size (4096 bytes), the connection is closed (1009)
+        for _ in range(50):
+            client.send(masked(0x0 if _ else 0x1, b"4" * 100, fin=False))
+        while (got := await client.frame())[0] == 0x1:
+            pass
+        assert got == (0x8, (1009).to_bytes(2, "big"))
+    finally:
+        await client.close()
+    await until(lambda: not server.sio.eio.sockets, what="the session to end")
+
+
+async def test_server_disconnect_sends_close_then_hangs_up(server: Server) -> None:
+    client = await RawClient.connect(server.url)
+    try:
+        assert (await client.text()).startswith("0{")
+        client.send(masked(0x1, b"40"))
+        sid = json.loads((await client.text())[2:])["sid"]
+        await server.sio.disconnect(sid)
+        texts = []
+        while (got := await client.frame())[0] == 0x1:
+            texts.append(got[1].decode())
+        assert [t for t in texts if t != "2"] == ["41", "1"]
+        assert got[0] == 0x8
+        assert await client.frame() == (-1, b""), "the server closes the TCP connection"
+    finally:
+        await client.close()
+
+
+async def test_a_failed_upgrade_leaves_the_session_polling(server: Server) -> None:
+    async with aiohttp.ClientSession() as session:
+        base = f"{server.url}/socket.io/?EIO=4&transport=polling"
+        async with session.get(base) as resp:
+            eio_sid = json.loads((await resp.text())[1:])["sid"]
+        url = f"{base}&sid={eio_sid}"
+        async with session.post(url, data="40") as resp:
+            assert resp.status == 200
+        async with session.get(url) as resp:
+            assert (await resp.text()).startswith("40{")
+        client = await RawClient.connect(server.url, f"&sid={eio_sid}")
+        client.send(masked(0x1, b"2notaprobe"))
+        assert (await client.frame())[0] == 0x8
+        await client.close()
+        # still a polling session: an ack comes back by polling
+        async with session.post(url, data='421["echo","still here"]') as resp:
+            assert resp.status == 200
+        async with session.get(url) as resp:
+            assert '431["still here"]' in await resp.text()
+        assert not lean_sockets(server.sio)
+
+
+async def test_a_client_that_answers_pings_stays(server: Server) -> None:
+    """aiohttp's client masks every frame with a random key, as browsers do."""
+    async with aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(server.url.replace("http", "ws")
+                                      + "/socket.io/?EIO=4&transport=websocket")
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.send_str("40")
+        assert (await ws.receive_str()).startswith("40{")
+        for _ in range(4):  # 4 x 0.3 s: twice interval + timeout
+            assert await ws.receive_str() == "2"
+            await ws.send_str("3")
+        await ws.send_str('421["echo","alive"]')
+        assert await ws.receive_str() == '431["alive"]'
+        await ws.close()
+    assert all(reason != "ping timeout" for _, reason in server.disconnects)
+
+
+async def test_a_polling_client_that_vanishes_is_timed_out(server: Server) -> None:
+    """engine.io's service task is off; the heartbeat checks polling sessions instead,
+    also on a server that never saw a websocket."""
+    async with aiohttp.ClientSession() as session:
+        base = f"{server.url}/socket.io/?EIO=4&transport=polling"
+        async with session.get(base) as resp:
+            eio_sid = json.loads((await resp.text())[1:])["sid"]
+        async with session.post(f"{base}&sid={eio_sid}", data="40") as resp:
+            assert resp.status == 200
+        await until(lambda: server.environs, what="the connect handler")
+    # the client is gone: no poll, no pong
+    await until(lambda: server.disconnects, timeout=3, what="the session to time out")
+    assert server.disconnects[0][1] == "ping timeout"
+    await until(lambda: not server.sio.eio.sockets, timeout=2, what="the session to go")
