@@ -29,7 +29,8 @@ API_KEY = "test-api-key-9b1e55c3"
 
 def token(**claims: Any) -> str:
     claims.setdefault("sub", "alice")
-    claims.setdefault("exp", int(time.time()) + 600)
+    # tokens built at collection (parametrize) must outlive a whole suite run
+    claims.setdefault("exp", int(time.time()) + 6 * 3600)
     return jwt.encode(claims, SECRET, algorithm="HS256")
 
 
@@ -370,8 +371,8 @@ async def test_gateway_talks_tls_to_a_redis_cluster_that_requires_it(
     try:
         cluster.start()
         assert cluster.nodes[0].url.startswith("rediss://")
-        env = {"REDIS_PASSWORD": password, "REDIS_TLS_CA": tls.ca}
         for i, port in enumerate(free_ports(2)):
+            env = {**cluster.gateway_env(i), "REDIS_TLS_CA": tls.ca}
             gws.append(start_gateway(tmp_path / "gw", f"redis-tls-gw-{i}", port,
                                      "redis-sharded", cluster.gateway_args(i), env=env))
         wait_gateways(gws)
