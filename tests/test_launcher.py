@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gateway.processes import free_ports, http_json, port_is_free
-from tests.helpers import REPO, SioClient
+from tests.helpers import REPO, SioClient, first_delivery_after
 
 NATS_LINE = re.compile(r"nats (\S+) nats://127\.0\.0\.1:(\d+) http://127\.0\.0\.1:(\d+)")
 REDIS_LINE = re.compile(r"redis (\S+) redis://127\.0\.0\.1:(\d+)")
@@ -268,3 +268,63 @@ async def test_redis_sharded_cluster_serves_and_leaves_nothing_behind() -> None:
         if launcher.proc.poll() is None:
             launcher.proc.kill()
             launcher.proc.wait()
+
+
+async def deliveries_both_ways(urls: list[str], timeout: float) -> None:
+    """A room with a member on each of two gateways carries chats both ways (probing
+    until it does: interest crosses between clusters asynchronously)."""
+    a, b = SioClient("a"), SioClient("b")
+    try:
+        await a.connect(urls[0])
+        await b.connect(urls[1])
+        await a.join("launcher")
+        await b.join("launcher")
+        await first_delivery_after(a, b, "launcher", timeout)
+        await first_delivery_after(b, a, "launcher", timeout)
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize(("topology", "names", "link"), [
+    # two clusters of one node: west-1 carries the link and serves gw-2
+    ("supercluster", ["east-1", "west-1"], "west-1"),
+    # the hub joins the two leaf servers gw-1 and gw-2 use
+    ("leaf", ["hub-1", "leaf-1", "leaf-2"], "hub-1"),
+])
+async def test_topologies_serve_across_and_a_dead_link_node_is_restarted(
+        topology: str, names: list[str], link: str) -> None:
+    launcher = start_launcher("--topology", topology, "--nats-nodes", "1",
+                              "--port", str(consecutive_free_ports(2)))
+    try:
+        assert list(launcher.nats_nodes()) == names, launcher.lines
+        urls = launcher.gateway_urls()
+        servers = {http_json(f"{u}/healthz")[1]["broker"]["server"] for u in urls}
+        assert len(servers) == 2, "the two gateways use different clusters / leaf servers"
+        await deliveries_both_ways(urls, 10)
+        pids = child_pids(launcher, lambda cmd, env: f"NATS_SERVER_NAME={link}\0".encode()
+                          in env and b"nats-server" in cmd)
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        await launcher.wait_line(rf"{link} \(pid {pids[0]}\) exited with code -9; restarting")
+        await launcher.wait_line(rf"{link} is back \(pid \d+")
+        await deliveries_both_ways(urls, 30)
+        kids = descendants(launcher.proc.pid)
+        assert stop(launcher) == 0
+        deadline = time.monotonic() + 10
+        while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
+        assert all(port_is_free(p) for p in launcher.ports()), "a port is still bound"
+    finally:
+        if launcher.proc.poll() is None:
+            launcher.proc.kill()
+            launcher.proc.wait()
+
+
+def test_topology_needs_nats() -> None:
+    proc = subprocess.run([sys.executable, "-m", "gateway", "cluster", "--topology", "leaf",
+                           "--backend", "redis-sharded"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert "--topology leaf needs --backend nats" in proc.stderr

@@ -1,7 +1,8 @@
 """Child processes for the launcher, the benchmark and the tests: brokers and gateways.
 
 One module per kind of process: ``children`` (starting, waiting for and stopping
-any child by PID), ``nats_cluster``, ``redis_cluster`` and ``gateways``. Every
+any child by PID), ``nats_cluster``, ``nats_topologies`` (a supercluster, leaf
+nodes), ``redis_cluster`` and ``gateways``. Every
 process is started from the configs in ``infra/`` and listens on 127.0.0.1 on a
 free port unless told otherwise.
 """
@@ -23,21 +24,35 @@ from .children import (
 )
 from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
 from .nats_cluster import NATS_CONFIG, NatsCluster, NatsNode
+from .nats_topologies import (
+    HUB_CONFIG,
+    LEAF_CONFIG,
+    SUPERCLUSTER_CONFIG,
+    TOPOLOGIES,
+    NatsLeafTopology,
+    NatsSupercluster,
+)
 from .redis_cluster import REDIS_CONFIG, RedisCluster, RedisNode, RedisServer, TlsFiles, redis_cli
 from .supervisor import Supervisor
 
 __all__ = [
+    "HUB_CONFIG",
     "INFRA",
+    "LEAF_CONFIG",
     "NATS_CONFIG",
     "REDIS_CONFIG",
     "REPO_ROOT",
+    "SUPERCLUSTER_CONFIG",
+    "TOPOLOGIES",
     "Child",
     "GatewayNode",
     "HasChild",
     "LaunchError",
     "LocalCluster",
     "NatsCluster",
+    "NatsLeafTopology",
     "NatsNode",
+    "NatsSupercluster",
     "RedisCluster",
     "RedisNode",
     "RedisServer",

@@ -29,6 +29,9 @@ class NatsNode:
     route_port: int
     http_port: int
     child: Child | None = None
+    #: other listeners by the environment variable that names their port in the config
+    #: (NATS_GATEWAY_PORT, NATS_LEAF_PORT)
+    ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -60,6 +63,11 @@ class NatsCluster(LocalCluster[NatsNode]):
     env: dict[str, str] = field(default_factory=dict)
     #: (user, password) the routes log in with, for node-auth*.conf
     route_auth: tuple[str, str] | None = None
+    #: node names are ``{name_prefix}-1`` ... (unique across clusters that are linked)
+    name_prefix: str = "nats"
+    #: listeners each node opens besides client, route and monitoring, by the variable
+    #: that names the port in the config (NATS_GATEWAY_PORT for supercluster.conf ...)
+    listeners: tuple[str, ...] = ()
     nodes: list[NatsNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -67,11 +75,17 @@ class NatsCluster(LocalCluster[NatsNode]):
             raise ValueError(f"a NATS cluster needs at least 1 node, got {self.size}")
         if self.client_ports is not None and len(self.client_ports) != self.size:
             raise ValueError("client_ports must name one port per node")
-        ports = free_ports(self.size * 3, self.host)
+        per_node = 3 + len(self.listeners)
+        ports = free_ports(self.size * per_node, self.host)
         clients = self.client_ports or ports[: self.size]
+
+        def port(kind: int, i: int) -> int:
+            return ports[kind * self.size + i]
+
         self.nodes = [
-            NatsNode(f"nats-{i + 1}", self.host, clients[i], ports[self.size + i],
-                     ports[2 * self.size + i])
+            NatsNode(f"{self.name_prefix}-{i + 1}", self.host, clients[i], port(1, i),
+                     port(2, i), ports={var: port(3 + k, i)
+                                        for k, var in enumerate(self.listeners)})
             for i in range(self.size)
         ]
 
@@ -88,11 +102,13 @@ class NatsCluster(LocalCluster[NatsNode]):
             "NATS_ROUTE_PORT": str(node.route_port),
             "NATS_CLUSTER_NAME": self.cluster_name,
         }
-        # node.conf names three routes; smaller clusters repeat their own.
+        # node.conf names three routes; smaller clusters repeat their own, larger ones
+        # list their first three nodes and the others are learnt from them (gossip).
         creds = f"{self.route_auth[0]}:{self.route_auth[1]}@" if self.route_auth else ""
         routes = [f"nats://{creds}{self.host}:{n.route_port}" for n in self.nodes]
         for i in range(3):
             env[f"NATS_ROUTE_{i + 1}"] = routes[i % len(routes)]
+        env.update({var: str(port) for var, port in node.ports.items()})
         env.update(self.env)
         if self.route_auth:
             env["NATS_ROUTE_USER"], env["NATS_ROUTE_PASSWORD"] = self.route_auth
