@@ -475,8 +475,9 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
 
     async def on_message(self, channel: str, data: bytes) -> None:
         """Handle one payload from the broker; never raises (except cancellation)."""
+        size = len(data)
         self.stats.received += 1
-        self.stats.received_bytes += len(data)
+        self.stats.received_bytes += size
         seq = 0
         if self._key is not None:
             verdict, body, seq = self._key.open(data)
@@ -496,6 +497,7 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             return
         if isinstance(msg, codec.ClusterMessage):
             self.stats.cluster_received += 1
+            self.stats.cluster_received_bytes += size
         if self._key is not None and not self._replays.first(msg.origin, seq):
             if isinstance(msg, codec.EmitMessage) and msg.dedupe_id is not None:
                 self.stats.dropped_duplicate += 1  # the same emit over another channel
