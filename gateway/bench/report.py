@@ -7,6 +7,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from . import scale_report
+
 BASELINE = "stock-redis"
 
 
@@ -15,7 +17,7 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     rows = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario in ("memory", "cluster-api"):
+            if scenario in ("memory", "cluster-api", "scale"):
                 continue  # tables of their own
             if scenario == "reference":
                 for phase, figures in data.items():
@@ -67,6 +69,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(node)}{_ratio(node, base.get('broker_node_bytes_per_delivery'), False)} | "
             f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} |"
         )
+    if len(lines) == 2:
+        lines = []  # no scenario of this table ran (a scale-only run)
     mem = [(b, s["memory"]) for b, s in results.items() if "memory" in s]
     if mem:
         base_mem = dict(mem).get(BASELINE, {})
@@ -100,6 +104,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| cluster-api | {backend} | {a['all_alive_ms']['p50']} / "
                          f"{a['all_alive_ms']['p99']} | {a['one_stopped_ms']['max']} | "
                          f"{a['after_heartbeats_missed_ms']['p50']} |")
+    scale = scale_report.markdown(results)
+    if scale:
+        lines += ["", scale.rstrip("\n")] if lines else [scale.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -145,7 +152,7 @@ def write(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
     paths["json"].write_text(json.dumps(report, indent=2))
     paths["markdown"].write_text(markdown(report))
-    for path in charts(report, folder):
+    for path in [*charts(report, folder), *scale_report.charts(report["results"], folder)]:
         paths[path.stem] = path
     return paths
 
