@@ -78,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stock-payload-bytes", type=float, default=319.0,
                    help="the same message as python-socketio's AsyncRedisManager pickles it "
                         "(default 319)")
+    p.add_argument("--sites", type=int, default=2,
+                   help="sites (NATS clusters of a supercluster, or leaf servers) for the "
+                        "link traffic line (default 2)")
+    p.add_argument("--site-local-share", type=float, default=0.9,
+                   help="share of the traffic in rooms whose members all sit on one site, "
+                        "for the link traffic line (default 0.9)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = p.add_subparsers(dest="command")
     m = sub.add_parser("measure", help="measure NATS interest memory and churn CPU")
@@ -188,6 +194,18 @@ def main(argv: list[str] | None = None) -> int:
           f"({predictions[0].workload.rate:,.0f} msgs/s), joins {args.joins_per_s:,.0f}/s\n")
     print(table(predictions))
     print(mega_lines(args))
+    print(f"\nNATS interest per server (entries, memory) by layout, {args.sites} sites: "
+          "mesh of N | supercluster of sites x N | leaf: a leaf server, a hub server")
+    for p in predictions:
+        parts = model.topology_interest(p.workload, args.sites)
+        print(f"- {p.workload.gateways} gateways, N={p.workload.nats_nodes}: " + " | ".join(
+            f"{t.topology} {_si(t.entries)} ({t.memory_bytes / 2**30:.1f} GiB)"
+            for t in parts))
+    w = predictions[0].workload
+    print(f"\nBetween {args.sites} sites (supercluster clusters, or leaf servers), messages "
+          f"per second over all links: {_si(model.link_msgs(w, args.sites))} with members "
+          f"anywhere; {_si(model.link_msgs(w, args.sites, args.site_local_share))} when "
+          f"{args.site_local_share:.0%} of the traffic is in rooms living on one site.")
     return 0
 
 

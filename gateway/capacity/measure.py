@@ -5,7 +5,8 @@ in CPU, on the server a gateway subscribes on and on the other servers of the me
 A 3-node mesh from ``infra/nats/node.conf``; one nats-py client on the first node
 subscribes to ``subjects`` room subjects (shaped like the gateway's), and the other
 nodes learn them over their routes. Then the client churns: it unsubscribes one
-subject and subscribes a new one, as fast as it can, for ``seconds``.
+subject and subscribes a new one, as fast as it can, for ``seconds``. Last, what a
+message costs a server: published on the first, received on the first and the second.
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ async def _measure(cluster: NatsCluster, subjects: int, seconds: float) -> dict[
         churn_seconds = time.monotonic() - churn_start
         await asyncio.to_thread(wait_until, learnt, 60, "the routes to catch up")
         cpu2 = {n.name: _cpu(n) for n in cluster.nodes}
+        for sub in subs:
+            await sub.unsubscribe()
+        await nc.flush(timeout=60)
+        messages = await _messages(cluster, nc, MESSAGES)
     finally:
         await nc.close()
 
@@ -84,6 +89,7 @@ async def _measure(cluster: NatsCluster, subjects: int, seconds: float) -> dict[
     remote_churn_cpu = sum(cpu2[n.name] - cpu1[n.name] for n in others) / len(others)
     return {
         "nats_server": _varz(origin).get("version"),
+        "messages": messages,
         "subjects": subjects,
         "subscribe_seconds": round(took, 2),
         "memory_bytes_per_entry": {"origin": round(mem_per_entry(origin)),
@@ -99,6 +105,56 @@ async def _measure(cluster: NatsCluster, subjects: int, seconds: float) -> dict[
                 "remote": round(1e6 * remote_churn_cpu / ops, 2)},
         },
     }
+
+
+#: messages of the message-cost measurement, and their payload (a short chat envelope)
+MESSAGES = 100_000
+PAYLOAD = b"x" * 168
+
+
+async def _messages(cluster: NatsCluster, publisher: Any, count: int) -> dict[str, Any]:
+    """CPU per message: published on the first server, received by one subscriber there
+    and one on the second server (so it crosses one route); the third server idles."""
+    origin, remote, idle = cluster.nodes
+    got = {"local": 0, "remote": 0}
+    done = asyncio.Event()
+
+    def counter(which: str) -> Any:
+        async def cb(msg: Any) -> None:
+            got[which] += 1
+            if got["local"] >= count and got["remote"] >= count:
+                done.set()
+        return cb
+
+    local = await nats.connect(origin.url)
+    far = await nats.connect(remote.url)
+    try:
+        for client, which in ((local, "local"), (far, "remote")):
+            await client.subscribe("bench.msgs", cb=counter(which),
+                                   pending_msgs_limit=count + 1, pending_bytes_limit=1 << 30)
+        await local.flush()
+        await far.flush()
+        await asyncio.sleep(0.5)  # the route carries the remote interest
+        cpu0 = {n.name: _cpu(n) for n in cluster.nodes}
+        for k in range(count):
+            await publisher.publish("bench.msgs", PAYLOAD)
+            if k % 1000 == 999:
+                await publisher.flush()
+        await asyncio.wait_for(done.wait(), 120)
+        cpu1 = {n.name: _cpu(n) for n in cluster.nodes}
+    finally:
+        await local.close()
+        await far.close()
+
+    def us(node: NatsNode) -> float:
+        return round(1e6 * (cpu1[node.name] - cpu0[node.name]) / count, 2)
+
+    return {"count": count, "payload_bytes": len(PAYLOAD),
+            # in from a client, out to a client and to a route
+            "cpu_us_per_msg_publishing_server": us(origin),
+            # in from a route, out to a client
+            "cpu_us_per_msg_receiving_server": us(remote),
+            "cpu_us_idle_server": us(idle)}
 
 
 def measure(workdir: Path, subjects: int = 100_000, seconds: float = 5.0) -> dict[str, Any]:

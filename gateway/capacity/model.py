@@ -367,3 +367,74 @@ def from_rooms(sizes: Iterable[int], rates: Iterable[float]) -> tuple[RoomClass,
         entry[0] += 1
         entry[1] += rate
     return tuple(RoomClass(s, n, r) for s, (n, r) in sorted(by_size.items()))
+
+
+def link_msgs(w: Workload, sites: int, site_local_share: float = 0.0) -> float:
+    """Messages per second crossing between sites (NATS clusters of a supercluster, or
+    leaf servers and their hub), over all links: a message crosses once to each other
+    site holding a member of its room (interest-only gateways, leaf-node interest).
+    ``site_local_share`` of the traffic is in rooms whose members all sit on one site
+    (regional rooms), which never cross; the rest have members on any gateway."""
+    if sites < 2:
+        return 0.0
+    s_total = float(w.sockets)
+    per_site = s_total / sites
+    crossing = sum(c.rate * (sites - 1) * (1 - p_none(s_total - 1, per_site, c.size - 1))
+                   for c in w.classes)
+    return crossing * (1 - site_local_share)
+
+
+@dataclass
+class TopologyInterest:
+    """Interest entries and their memory on the busiest kind of NATS server."""
+
+    topology: str
+    servers: int
+    entries: float
+    memory_bytes: float
+
+
+def topology_interest(w: Workload, sites: int = 2,
+                      costs: NatsConstants | None = None) -> list[TopologyInterest]:
+    """The same gateways on three NATS layouts, each server holding what nats-server 2.15
+    keeps (checked on real servers, see docs/SCALING.md):
+
+    - ``mesh``: one mesh of ``w.nats_nodes`` servers: its gateways' subscriptions, plus
+      one entry per (other server, subject with interest there);
+    - ``supercluster``: ``sites`` clusters of ``w.nats_nodes`` servers, the gateways
+      split evenly: the same within its cluster, plus one entry per subject with interest
+      anywhere in each other cluster (a gateway connection dedupes a whole cluster);
+    - ``leaf``: ``sites`` leaf servers (the gateways split evenly) on a hub of
+      ``w.nats_nodes`` servers: a leaf holds its gateways' subscriptions plus one entry per
+      subject with interest on any other leaf; a hub server one per (leaf, subject).
+    """
+    c = costs or NatsConstants()
+    s_total = float(w.sockets)
+
+    def distinct(sockets_here: float, gateways_here: float) -> float:
+        rooms = sum(k.rooms * (1 - p_none(s_total, sockets_here, k.size)) for k in w.classes)
+        return rooms + gateways_here + 1
+
+    def local(gateways_here: float) -> float:
+        return gateways_here * (sum(k.rooms * (1 - p_none(s_total, w.per_gateway, k.size))
+                                    for k in w.classes) + FIXED_SUBSCRIPTIONS)
+
+    def entry(name: str, servers: int, own: float, learnt: float) -> TopologyInterest:
+        return TopologyInterest(name, servers, own + learnt,
+                                own * c.local_entry_bytes + learnt * c.remote_entry_bytes)
+
+    n = w.nats_nodes
+    out = []
+    per_server = w.gateways / n
+    out.append(entry("mesh", n, local(per_server),
+                     (n - 1) * distinct(s_total / n, per_server)))
+    per_server = w.gateways / (sites * n)
+    out.append(entry("supercluster", sites * n, local(per_server),
+                     (n - 1) * distinct(s_total / (sites * n), per_server)
+                     + (sites - 1) * distinct(s_total / sites, w.gateways / sites)))
+    per_leaf = w.gateways / sites
+    leaf = entry("leaf (a leaf server)", sites, local(per_leaf),
+                 distinct(s_total * (sites - 1) / sites, w.gateways - per_leaf))
+    hub = entry("leaf (a hub server)", n, 0.0, sites * distinct(s_total / sites, per_leaf))
+    out += [leaf, hub]
+    return out

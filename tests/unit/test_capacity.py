@@ -115,3 +115,32 @@ def test_framing_is_what_the_protocols_put_on_the_wire() -> None:
         resp = (b"*3\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n"
                 % (len(kind), kind, len(channel), channel.encode(), len(payload), payload))
         assert wire.frame(backend, len(payload), len(channel)) == len(resp)
+
+
+def test_link_messages_cross_once_per_other_site_with_a_member() -> None:
+    """Two sites of four sockets each: every placement of a 3-member room, every sender."""
+    sites, size = 2, 3
+    crossings = 0
+    cases = 0
+    for members in _placements(size):
+        for sender in members:
+            cases += 1
+            home = sender // 4
+            crossings += len({m // 4 for m in members if m != sender} - {home})
+    w = model.Workload((model.RoomClass(size, 1, 1.0),), sockets=SOCKETS, gateways=2)
+    assert model.link_msgs(w, sites) == pytest.approx(crossings / cases)
+    assert model.link_msgs(w, sites, site_local_share=0.75) == pytest.approx(
+        crossings / cases / 4)
+    assert model.link_msgs(w, 1) == 0
+
+
+def test_topology_interest_agrees_with_the_mesh_model_and_dedupes_across_clusters() -> None:
+    classes = model.uniform_sizes(2, 20, 10_000, 100.0)
+    w = model.Workload(classes, sockets=50_000, gateways=12, nats_nodes=3)
+    mesh, supercluster, leaf, hub = model.topology_interest(w, sites=2)
+    assert mesh.entries == pytest.approx(model.predict(w).nats.interest_entries)
+    # the same 12 gateways on 2 clusters of 3: half the gateways per server, and the
+    # other cluster's interest once, not once per server there
+    assert supercluster.servers == 6 and supercluster.entries < mesh.entries
+    assert leaf.servers == 2 and hub.servers == 3
+    assert mesh.memory_bytes > mesh.entries * model.NatsConstants().remote_entry_bytes
