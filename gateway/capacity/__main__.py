@@ -120,8 +120,8 @@ def table(predictions: list[model.Prediction]) -> str:
         "redis-sharded / stock | of which wasted (stock) | heartbeats/s per gateway | "
         "bytes/s in per gateway: nats / stock | NATS interest entries per server (memory) | "
         "NATS route msgs/s out per server | NATS msgs/s to gateways per server | "
-        "subscription ops/s per server | interest updates/s in per server | NATS CPU for "
-        "churn per server (cores) |",
+        "subscription ops/s per server | interest updates/s in per server | NATS CPU per "
+        "server, cores: messages / churn |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in predictions:
@@ -134,7 +134,8 @@ def table(predictions: list[model.Prediction]) -> str:
             f"{_si(gw['stock-redis'].bytes)} | {_si(nats.interest_entries)} "
             f"({nats.interest_bytes / 2**20:,.0f} MiB) | {_si(nats.route_msgs_out)} | "
             f"{_si(nats.client_msgs_out)} | {_si(nats.subscription_ops)} | "
-            f"{_si(nats.interest_updates_in)} | {nats.churn_cpu:.2f} |")
+            f"{_si(nats.interest_updates_in)} | {nats.message_cpu:.2f} / "
+            f"{nats.churn_cpu:.2f} |")
     return "\n".join(lines)
 
 
