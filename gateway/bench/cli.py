@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         others = [s for s in scenarios if s not in EXTRA_SCENARIOS]
         scale_report.write_benchmarks_md(Path("BENCHMARKS.md"), report,
                                          rep.benchmarks_md(scale_report.without(report))
-                                         if others else None)
+                                         if others else None, paths.get("scale"))
         log("wrote BENCHMARKS.md")
     log(f"results in {paths['json'].parent} ({report['seconds']} s)")
     return 0

@@ -176,8 +176,9 @@ def section(report: dict[str, Any]) -> str:
         "gateway.capacity`, docs/SCALING.md). Broker bytes are counted by the kernel on "
         "each gateway's broker sockets (`ss -tin`), the same way for every broker; "
         "messages by the gateway's counter of what its broker client handed it, with the "
-        "cluster API's heartbeats apart. Chart: `scale.png` in the output folder.\n\n"
-        + markdown(report["results"]) + f"\n{SECTION_END}\n"
+        "cluster API's heartbeats apart.\n\n"
+        + markdown(report["results"]) + f"\n![scale: measured and the model]({CHART})\n\n"
+        f"{SECTION_END}\n"
     )
 
 
@@ -189,9 +190,19 @@ def without(report: dict[str, Any]) -> dict[str, Any]:
     return {**report, "results": results, "scenarios": scenarios}
 
 
-def write_benchmarks_md(path: Path, report: dict[str, Any], main: str | None) -> None:
+#: where BENCHMARKS.md's scale chart lives (next to it)
+CHART = Path("docs") / "scale.png"
+
+
+def write_benchmarks_md(path: Path, report: dict[str, Any], main: str | None,
+                        chart: Path | None = None) -> None:
     """Write BENCHMARKS.md: ``main`` (the other scenarios' text; None keeps the file's)
-    and the scale section (this report's, else the file's)."""
+    and the scale section (this report's, else the file's); a scale ``chart`` is copied
+    to :data:`CHART` beside it."""
+    if chart is not None:
+        target = path.parent / CHART
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(chart.read_bytes())
     old = path.read_text() if path.exists() else ""
     pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?",
                          re.S)
