@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,18 +161,25 @@ def stop(launcher: Launcher, sig: int = signal.SIGTERM) -> int:
                 pipe.close()
 
 
-async def chat_across(urls: list[str]) -> None:
+@contextlib.asynccontextmanager
+async def pair(urls: list[str]) -> AsyncIterator[tuple[SioClient, SioClient]]:
+    """Two clients in the room "launcher", on the first and the second gateway."""
     a, b = SioClient("a"), SioClient("b")
     try:
         await a.connect(urls[0])
         await b.connect(urls[1])
         await a.join("launcher")
         await b.join("launcher")
-        await a.chat("launcher", "through the launcher")
-        await b.wait_texts(["through the launcher"])
+        yield a, b
     finally:
         await a.close()
         await b.close()
+
+
+async def chat_across(urls: list[str]) -> None:
+    async with pair(urls) as (a, b):
+        await a.chat("launcher", "through the launcher")
+        await b.wait_texts(["through the launcher"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -273,17 +281,9 @@ async def test_redis_sharded_cluster_serves_and_leaves_nothing_behind() -> None:
 async def deliveries_both_ways(urls: list[str], timeout: float) -> None:
     """A room with a member on each of two gateways carries chats both ways (probing
     until it does: interest crosses between clusters asynchronously)."""
-    a, b = SioClient("a"), SioClient("b")
-    try:
-        await a.connect(urls[0])
-        await b.connect(urls[1])
-        await a.join("launcher")
-        await b.join("launcher")
+    async with pair(urls) as (a, b):
         await first_delivery_after(a, b, "launcher", timeout)
         await first_delivery_after(b, a, "launcher", timeout)
-    finally:
-        await a.close()
-        await b.close()
 
 
 @pytest.mark.parametrize(("topology", "names", "link"), [

@@ -141,6 +141,18 @@ async def test_leaf_nodes_carry_rooms_across_and_keep_local_rooms_home(
     await across_and_home(leaf, gateways, clients)
 
 
+async def in_one_room(gws: Sequence[GatewayNode], clients: list[SioClient]
+                      ) -> list[SioClient]:
+    """A client on each gateway, all in the room "link", which carries chats both ways
+    between the sides."""
+    made = await connect_all(clients, [(f"c{i + 1}", gw.url) for i, gw in enumerate(gws)])
+    for client in made:
+        await client.join("link")
+    await first_delivery_after(made[0], made[1], "link", 10)
+    await first_delivery_after(made[1], made[0], "link", 10)
+    return made
+
+
 def _by_server_id(nodes: Sequence[NatsNode]) -> dict[str, NatsNode]:
     return {node.varz("varz")["server_id"]: node for node in nodes}
 
@@ -160,11 +172,7 @@ def _kill(node: NatsNode) -> None:
 async def test_supercluster_link_killed_and_restored(
         supercluster: NatsSupercluster, gateways: list[GatewayNode],
         clients: list[SioClient]) -> None:
-    a, b, c = await connect_all(clients, [("a", gateways[0].url), ("b", gateways[1].url),
-                                          ("c", gateways[2].url)])
-    for client, room in ((a, "link"), (b, "link"), (c, "link")):
-        await client.join(room)
-    await first_delivery_after(a, b, "link", 10)
+    a, b, c = await in_one_room(gateways, clients)
     west = supercluster.clusters[1]
     # the west server at the far end of the link gw-1's messages take
     origin = _serving(supercluster, gateways[0])
@@ -195,12 +203,7 @@ async def test_supercluster_link_killed_and_restored(
 @pytest.mark.parametrize("gateways", ["leaf"], indirect=True)
 async def test_leaf_link_cut_and_restored(leaf: NatsLeafTopology, gateways: list[GatewayNode],
                                           clients: list[SioClient]) -> None:
-    a, b, c = await connect_all(clients, [("a", gateways[0].url), ("b", gateways[1].url),
-                                          ("c", gateways[2].url)])
-    for client, room in ((a, "link"), (b, "link"), (c, "link")):
-        await client.join(room)
-    await first_delivery_after(a, b, "link", 10)
-    await first_delivery_after(b, a, "link", 10)
+    a, b, c = await in_one_room(gateways, clients)
     hub = leaf.hub.nodes[0]
     _kill(hub)
     # cut off from the hub, each leaf server still serves its own gateways, and
