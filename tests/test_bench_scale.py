@@ -67,6 +67,13 @@ def test_quick_scale_counts_every_broker_the_same_way(tmp_path: Path) -> None:
     md = (out / "results.md").read_text()
     assert "| scale | gateways |" in md and "Model check:" in md
     assert (out / "scale.png").stat().st_size > 0
+    # the model's command sets this checkout's model beside the recorded run
+    check = subprocess.run([sys.executable, "-m", "gateway.capacity", "validate",
+                            str(out / "results.json")],
+                           capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert check.returncode == 0, check.stderr
+    assert "| stock-redis | 4 | room messages per gateway per s |" in check.stdout
+    assert "Model check:" in check.stdout
 
 
 def _report(results: dict[str, Any], command: str) -> dict[str, Any]:

@@ -89,6 +89,7 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("measure", help="measure NATS interest memory and churn CPU")
     m.add_argument("--subjects", type=int, default=100_000)
     m.add_argument("--seconds", type=float, default=5.0)
+    m.add_argument("--messages", type=int, default=100_000)
     v = sub.add_parser("validate", help="the model against a benchmark run's scale scenario")
     v.add_argument("results", type=Path, help="results.json of `bench --scenario scale`")
     return p
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
         workdir = Path(tempfile.mkdtemp(prefix="gateway-capacity-"))
         try:
-            print(json.dumps(measure(workdir, args.subjects, args.seconds), indent=2))
+            print(json.dumps(measure(workdir, args.subjects, args.seconds,
+                                        args.messages), indent=2))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         return 0

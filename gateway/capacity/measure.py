@@ -37,7 +37,8 @@ def _subject(i: int) -> str:
     return f"sio.room._2F.room-{i:07d}"
 
 
-async def _measure(cluster: NatsCluster, subjects: int, seconds: float) -> dict[str, Any]:
+async def _measure(cluster: NatsCluster, subjects: int, seconds: float, messages: int
+                   ) -> dict[str, Any]:
     origin, *others = cluster.nodes
     nc = await nats.connect(origin.url, no_echo=True)
     try:
@@ -77,7 +78,7 @@ async def _measure(cluster: NatsCluster, subjects: int, seconds: float) -> dict[
         for sub in subs:
             await sub.unsubscribe()
         await nc.flush(timeout=60)
-        messages = await _messages(cluster, nc, MESSAGES)
+        message_costs = await _messages(cluster, nc, messages)
     finally:
         await nc.close()
 
@@ -89,7 +90,7 @@ async def _measure(cluster: NatsCluster, subjects: int, seconds: float) -> dict[
     remote_churn_cpu = sum(cpu2[n.name] - cpu1[n.name] for n in others) / len(others)
     return {
         "nats_server": _varz(origin).get("version"),
-        "messages": messages,
+        "messages": message_costs,
         "subjects": subjects,
         "subscribe_seconds": round(took, 2),
         "memory_bytes_per_entry": {"origin": round(mem_per_entry(origin)),
@@ -157,11 +158,12 @@ async def _messages(cluster: NatsCluster, publisher: Any, count: int) -> dict[st
             "cpu_us_idle_server": us(idle)}
 
 
-def measure(workdir: Path, subjects: int = 100_000, seconds: float = 5.0) -> dict[str, Any]:
+def measure(workdir: Path, subjects: int = 100_000, seconds: float = 5.0,
+            messages: int = MESSAGES) -> dict[str, Any]:
     """Start a 3-node mesh in ``workdir``, measure, stop it."""
     cluster = NatsCluster(workdir / "nats", size=3)
     try:
         cluster.start()
-        return asyncio.run(_measure(cluster, subjects, seconds))
+        return asyncio.run(_measure(cluster, subjects, seconds, messages))
     finally:
         cluster.stop()

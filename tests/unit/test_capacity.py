@@ -144,3 +144,20 @@ def test_topology_interest_agrees_with_the_mesh_model_and_dedupes_across_cluster
     assert supercluster.servers == 6 and supercluster.entries < mesh.entries
     assert leaf.servers == 2 and hub.servers == 3
     assert mesh.memory_bytes > mesh.entries * model.NatsConstants().remote_entry_bytes
+
+
+def test_the_command_line_predicts_and_names_bad_input(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.capacity.__main__ import main
+
+    assert main(["--rooms", "1000", "--sockets", "5000", "--gateways", "3,30",
+                 "--mega", "2:4000", "--nats-nodes", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "| 3 | 3 |" in out and "| 30 | 3 |" in out and "2 rooms of 4,000" in out
+    assert "- 30 gateways: " in out, "the mega-room line"
+    for bad, named in ((["--sizes", "20-2"], "--sizes"), (["--gateways", "0"], "--gateways"),
+                       (["--mega", "ten"], "--mega")):
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        assert exc.value.code == 2
+        assert named in capsys.readouterr().err
