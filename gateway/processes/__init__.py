@@ -20,6 +20,7 @@ from .children import (
     port_is_free,
     spawn,
     stop_all,
+    wait_settled,
     wait_until,
 )
 from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
@@ -68,5 +69,6 @@ __all__ = [
     "start_gateway",
     "stop_all",
     "wait_gateways",
+    "wait_settled",
     "wait_until",
 ]

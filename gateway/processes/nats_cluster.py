@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +15,7 @@ from .children import (
     free_ports,
     http_json,
     spawn,
-    wait_until,
+    wait_settled,
 )
 
 NATS_CONFIG = INFRA / "nats" / "node.conf"
@@ -153,17 +152,7 @@ class NatsCluster(LocalCluster[NatsNode]):
         unchanged over two polls (a pool fills up over a few moments)."""
         nodes = list(nodes) if nodes is not None else self.nodes
         children = [n.child for n in nodes if n.child is not None]
-        previous: list[list[dict[str, int]] | None] = [None]
-
-        def settled() -> bool:
-            snapshot = self.mesh_snapshot(nodes)
-            stable = snapshot is not None and snapshot == previous[0]
-            previous[0] = snapshot
-            if not stable:
-                time.sleep(0.1)
-            return stable
-
-        wait_until(settled, timeout, "the NATS full mesh", children)
+        wait_settled("the NATS full mesh", lambda: self.mesh_snapshot(nodes), children, timeout)
 
     def gateway_args(self, index: int = 0) -> list[str]:
         return ["--nats-url", ",".join(self.urls)]

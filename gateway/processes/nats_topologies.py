@@ -11,13 +11,11 @@ their nodes like those of a single mesh.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from .children import INFRA, LocalCluster, wait_until
+from .children import INFRA, LocalCluster, wait_settled
 from .nats_cluster import NatsCluster, NatsNode
 
 SUPERCLUSTER_CONFIG = INFRA / "nats" / "supercluster.conf"
@@ -41,21 +39,6 @@ def _split_ports(ports: Sequence[int] | None, sizes: Sequence[int]) -> list[list
         out.append(list(ports[start:start + size]))
         start += size
     return out
-
-
-def _wait_settled(what: str, check: Any, children: Sequence[Any], timeout: float) -> None:
-    """Wait until ``check()`` returns the same non-None snapshot twice in a row."""
-    previous: list[Any] = [None]
-
-    def settled() -> bool:
-        snapshot = check()
-        stable = snapshot is not None and snapshot == previous[0]
-        previous[0] = snapshot
-        if not stable:
-            time.sleep(0.1)
-        return stable
-
-    wait_until(settled, timeout, what, children)
 
 
 @dataclass
@@ -117,7 +100,7 @@ class NatsSupercluster(LocalCluster[NatsNode]):
         server), so every node of a cluster is some node's inbound connection."""
         for cluster in self.clusters:
             cluster.wait_ready(timeout)
-        _wait_settled("the NATS gateways between the clusters", self.links_snapshot,
+        wait_settled("the NATS gateways between the clusters", self.links_snapshot,
                       self.children, timeout)
 
     def links_snapshot(self) -> list[tuple[str, str, int]] | None:
@@ -203,7 +186,7 @@ class NatsLeafTopology(LocalCluster[NatsNode]):
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Wait for the hub's mesh and for every leaf server's connection to the hub."""
         self.hub.wait_ready(timeout)
-        _wait_settled("the leaf servers' connections to the hub", self.links_snapshot,
+        wait_settled("the leaf servers' connections to the hub", self.links_snapshot,
                       self.children, timeout)
 
     def links_snapshot(self) -> list[tuple[str, int]] | None:
