@@ -161,6 +161,18 @@ def stop(launcher: Launcher, sig: int = signal.SIGTERM) -> int:
                 pipe.close()
 
 
+async def stop_leaving_nothing(launcher: Launcher, sig: int = signal.SIGTERM) -> None:
+    """Stop the launcher with ``sig``: it exits 0, every child (restarted ones too) is
+    gone and every port it printed is free."""
+    kids = descendants(launcher.proc.pid)
+    assert stop(launcher, sig) == 0
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
+    assert all(port_is_free(p) for p in launcher.ports()), "a port is still bound"
+
+
 @contextlib.asynccontextmanager
 async def pair(urls: list[str]) -> AsyncIterator[tuple[SioClient, SioClient]]:
     """Two clients in the room "launcher", on the first and the second gateway."""
@@ -199,14 +211,9 @@ async def test_cluster_serves_and_leaves_nothing_behind(sig: int) -> None:
         await chat_across(first.gateway_urls())
         await chat_across(second.gateway_urls())
         for launcher in (first, second):
-            kids = descendants(launcher.proc.pid)
-            assert len(kids) >= 5, "3 nats-server and 2 gateway processes"
-            assert stop(launcher, sig) == 0
-            deadline = time.monotonic() + 10
-            while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
-            assert all(port_is_free(p) for p in launcher.ports()), "a port is still bound"
+            assert len(descendants(launcher.proc.pid)) >= 5, \
+                "3 nats-server and 2 gateway processes"
+            await stop_leaving_nothing(launcher, sig)
     finally:
         for launcher in (first, second):
             if launcher is not None and launcher.proc.poll() is None:
@@ -309,13 +316,7 @@ async def test_topologies_serve_across_and_a_dead_link_node_is_restarted(
         await launcher.wait_line(rf"{link} \(pid {pids[0]}\) exited with code -9; restarting")
         await launcher.wait_line(rf"{link} is back \(pid \d+")
         await deliveries_both_ways(urls, 30)
-        kids = descendants(launcher.proc.pid)
-        assert stop(launcher) == 0
-        deadline = time.monotonic() + 10
-        while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
-        assert all(port_is_free(p) for p in launcher.ports()), "a port is still bound"
+        await stop_leaving_nothing(launcher)
     finally:
         if launcher.proc.poll() is None:
             launcher.proc.kill()
