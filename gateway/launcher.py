@@ -22,12 +22,15 @@ from typing import Any
 from .config import BACKENDS
 from .processes import (
     NATS_SECURE_CONFIG,
+    TOPOLOGIES,
     GatewayNode,
     HasChild,
     LaunchError,
     LocalCluster,
     NatsCluster,
+    NatsLeafTopology,
     NatsNode,
+    NatsSupercluster,
     RedisCluster,
     Supervisor,
     port_is_free,
@@ -55,7 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8001,
                         help="first gateway port; the others follow (default 8001)")
     parser.add_argument("--host", default="127.0.0.1", help="address everything listens on")
-    parser.add_argument("--nats-nodes", type=int, default=3, help="NATS nodes (default 3)")
+    parser.add_argument("--nats-nodes", type=int, default=3,
+                        help="NATS nodes (default 3); with --topology supercluster, per "
+                             "cluster; with --topology leaf, in the hub")
+    parser.add_argument("--topology", choices=TOPOLOGIES, default="mesh",
+                        help="NATS layout: mesh (one full mesh, the default), supercluster "
+                             "(two meshes joined by NATS gateways; gateways alternate between "
+                             "them) or leaf (a hub mesh and leaf servers the gateways connect "
+                             "to, alternately)")
+    parser.add_argument("--leaf-nodes", type=int, default=2,
+                        help="leaf servers with --topology leaf (default 2)")
     parser.add_argument("--nats-port", type=int, default=None,
                         help="first NATS client port; the others follow (default: free ports)")
     parser.add_argument("--redis-nodes", type=int, default=3,
@@ -86,6 +98,13 @@ def _check(args: argparse.Namespace) -> str | None:
         "1", "on", "true", "yes")
     if recovery and args.backend != "nats":
         return "--recovery needs --backend nats (JetStream keeps sessions and missed messages)"
+    if args.topology != "mesh" and args.backend != "nats":
+        return f"--topology {args.topology} needs --backend nats"
+    if args.leaf_nodes < 1:
+        return "--leaf-nodes must be at least 1"
+    if args.topology != "mesh" and (args.secure or recovery):
+        flag = "--secure" if args.secure else "--recovery"
+        return f"{flag} runs on --topology mesh only, not {args.topology}"
     if args.redis_nodes < 3 and args.backend == "redis-sharded":
         return "--redis-nodes must be at least 3 (a Redis Cluster needs 3 masters)"
     if args.secure and args.backend == "nats" and args.gateways > SECURE_GATEWAYS:
@@ -178,15 +197,24 @@ def _brokers(args: argparse.Namespace, workdir: Path) -> LocalCluster[Any] | Non
         return RedisCluster(workdir / "redis", size=args.redis_nodes, host=args.host,
                             ports=redis_ports, password=password,
                             gateway_password=secrets.token_hex(16) if args.secure else None)
+    count = {"mesh": args.nats_nodes, "supercluster": 2 * args.nats_nodes,
+             "leaf": args.nats_nodes + args.leaf_nodes}[args.topology]
     client_ports = None
     if args.nats_port is not None:
-        client_ports = [args.nats_port + i for i in range(args.nats_nodes)]
+        client_ports = [args.nats_port + i for i in range(count)]
     if args.secure:
         return NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
                            client_ports=client_ports, config=NATS_SECURE_CONFIG,
                            route_auth=("route", secrets.token_hex(16)),
                            gateway_passwords=tuple(secrets.token_hex(16)
                                                    for _ in range(SECURE_GATEWAYS)))
+    if args.topology == "supercluster":
+        return NatsSupercluster(workdir / "nats", size=args.nats_nodes, host=args.host,
+                                client_ports=client_ports)
+    if args.topology == "leaf":
+        return NatsLeafTopology(workdir / "nats", hub_size=args.nats_nodes,
+                                leaves=args.leaf_nodes, host=args.host,
+                                client_ports=client_ports)
     return NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
                        client_ports=client_ports)
 

@@ -41,6 +41,11 @@ _COUNTERS = {
                          "Cluster-wide calls made by this node (fetch_sockets, room sizes ...)"),
     "cluster_timeouts": ("gateway_cluster_timeouts",
                          "Cluster-wide calls in which some node did not answer in time"),
+    "cluster_received": ("gateway_cluster_messages_received",
+                         "Envelopes of the cluster-wide API received from the broker, "
+                         "heartbeats included (also in gateway_broker_messages_received)"),
+    "cluster_received_bytes": ("gateway_cluster_bytes_received",
+                               "Their bytes (also in gateway_broker_bytes_received)"),
 }
 
 

@@ -517,8 +517,9 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
 
         ``seq`` set: a stored message coming back live (connection state recovery),
         delivered with its offset, whoever sent it (this node included)."""
+        size = len(data)
         self.stats.received += 1
-        self.stats.received_bytes += len(data)
+        self.stats.received_bytes += size
         if seq is not None and self.recovery is not None:
             await self._on_stored(channel, data, seq)
             return
@@ -541,6 +542,7 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             return
         if isinstance(msg, codec.ClusterMessage):
             self.stats.cluster_received += 1
+            self.stats.cluster_received_bytes += size
         if self._key is not None and not self._replays.first(msg.origin, sealed_seq):
             if isinstance(msg, codec.EmitMessage) and msg.dedupe_id is not None:
                 self.stats.dropped_duplicate += 1  # the same emit over another channel

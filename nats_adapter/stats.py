@@ -55,6 +55,8 @@ class ManagerStats:
     cluster_timeouts: int = 0
     #: envelopes of the cluster API received (heartbeats included; part of received)
     cluster_received: int = 0
+    #: their bytes (part of received_bytes)
+    cluster_received_bytes: int = 0
     #: connection state recovery: reconnects that asked to restore a session, those
     #: refused (a new session instead), and sessions restored
     recovery_attempts: int = 0

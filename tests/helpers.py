@@ -8,6 +8,7 @@ import inspect
 import json
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,26 @@ async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | st
         await c.connect(node if isinstance(node, str) else node.url)
         made.append(c)
     return made
+
+
+async def first_delivery_after(sender: SioClient, receiver: SioClient, room: str,
+                               timeout: float) -> float:
+    """Send every 50 ms until ``receiver`` gets one; seconds until it did."""
+    start = time.monotonic()
+    n = 0
+    tag = uuid.uuid4().hex[:6]
+    while time.monotonic() - start < timeout:
+        n += 1
+        text = f"probe-{tag}-{n}"
+        ack = await sender.call("chat", {"room": room, "text": text}, timeout=10)
+        assert ack["ok"] is True, ack
+        try:
+            await receiver.wait_for(lambda c, t=text: t in c.texts(), timeout=0.05,
+                                    what="probe")
+            return time.monotonic() - start
+        except AssertionError:
+            continue
+    raise AssertionError(f"no cross-node delivery within {timeout}s")
 
 
 def parse_metrics(text: str) -> dict[str, float]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,7 +24,15 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.helpers import NodeClient, SioClient, connect_all, owner_of, read_metric, running
+from tests.helpers import (
+    NodeClient,
+    SioClient,
+    connect_all,
+    first_delivery_after,
+    owner_of,
+    read_metric,
+    running,
+)
 
 
 @pytest.fixture
@@ -50,26 +57,6 @@ def start_pair(tmp_path: Path, backend: str, args: list[str]) -> list[GatewayNod
         stop_all([g.child for g in gws])
         raise
     return gws
-
-
-async def first_delivery_after(sender: SioClient, receiver: SioClient, room: str,
-                               timeout: float) -> float:
-    """Send every 50 ms until ``receiver`` gets one; seconds until it did."""
-    start = time.monotonic()
-    n = 0
-    tag = uuid.uuid4().hex[:6]
-    while time.monotonic() - start < timeout:
-        n += 1
-        text = f"probe-{tag}-{n}"
-        ack = await sender.call("chat", {"room": room, "text": text}, timeout=10)
-        assert ack["ok"] is True, ack
-        try:
-            await receiver.wait_for(lambda c, t=text: t in c.texts(), timeout=0.05,
-                                    what="probe")
-            return time.monotonic() - start
-        except AssertionError:
-            continue
-    raise AssertionError(f"no cross-node delivery within {timeout}s")
 
 
 async def test_nats_node_killed_and_restarted(tmp_path: Path, nats3: NatsCluster,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -10,14 +11,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from gateway.processes import free_ports, http_json, port_is_free
-from tests.helpers import REPO, SioClient
+from tests.helpers import REPO, SioClient, first_delivery_after
 
 NATS_LINE = re.compile(r"nats (\S+) nats://127\.0\.0\.1:(\d+) http://127\.0\.0\.1:(\d+)")
 REDIS_LINE = re.compile(r"redis (\S+) redis://127\.0\.0\.1:(\d+)")
@@ -160,18 +161,37 @@ def stop(launcher: Launcher, sig: int = signal.SIGTERM) -> int:
                 pipe.close()
 
 
-async def chat_across(urls: list[str]) -> None:
+async def stop_leaving_nothing(launcher: Launcher, sig: int = signal.SIGTERM) -> None:
+    """Stop the launcher with ``sig``: it exits 0, every child (restarted ones too) is
+    gone and every port it printed is free."""
+    kids = descendants(launcher.proc.pid)
+    assert stop(launcher, sig) == 0
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
+    assert all(port_is_free(p) for p in launcher.ports()), "a port is still bound"
+
+
+@contextlib.asynccontextmanager
+async def pair(urls: list[str]) -> AsyncIterator[tuple[SioClient, SioClient]]:
+    """Two clients in the room "launcher", on the first and the second gateway."""
     a, b = SioClient("a"), SioClient("b")
     try:
         await a.connect(urls[0])
         await b.connect(urls[1])
         await a.join("launcher")
         await b.join("launcher")
-        await a.chat("launcher", "through the launcher")
-        await b.wait_texts(["through the launcher"])
+        yield a, b
     finally:
         await a.close()
         await b.close()
+
+
+async def chat_across(urls: list[str]) -> None:
+    async with pair(urls) as (a, b):
+        await a.chat("launcher", "through the launcher")
+        await b.wait_texts(["through the launcher"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -191,14 +211,9 @@ async def test_cluster_serves_and_leaves_nothing_behind(sig: int) -> None:
         await chat_across(first.gateway_urls())
         await chat_across(second.gateway_urls())
         for launcher in (first, second):
-            kids = descendants(launcher.proc.pid)
-            assert len(kids) >= 5, "3 nats-server and 2 gateway processes"
-            assert stop(launcher, sig) == 0
-            deadline = time.monotonic() + 10
-            while any(pid_alive(p) for p in kids) and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
-            assert not [p for p in kids if pid_alive(p)], "a child outlived the launcher"
-            assert all(port_is_free(p) for p in launcher.ports()), "a port is still bound"
+            assert len(descendants(launcher.proc.pid)) >= 5, \
+                "3 nats-server and 2 gateway processes"
+            await stop_leaving_nothing(launcher, sig)
     finally:
         for launcher in (first, second):
             if launcher is not None and launcher.proc.poll() is None:
@@ -268,3 +283,54 @@ async def test_redis_sharded_cluster_serves_and_leaves_nothing_behind() -> None:
         if launcher.proc.poll() is None:
             launcher.proc.kill()
             launcher.proc.wait()
+
+
+async def deliveries_both_ways(urls: list[str], timeout: float) -> None:
+    """A room with a member on each of two gateways carries chats both ways (probing
+    until it does: interest crosses between clusters asynchronously)."""
+    async with pair(urls) as (a, b):
+        await first_delivery_after(a, b, "launcher", timeout)
+        await first_delivery_after(b, a, "launcher", timeout)
+
+
+@pytest.mark.parametrize(("topology", "names", "link"), [
+    # two clusters of one node: west-1 carries the link and serves gw-2
+    ("supercluster", ["east-1", "west-1"], "west-1"),
+    # the hub joins the two leaf servers gw-1 and gw-2 use
+    ("leaf", ["hub-1", "leaf-1", "leaf-2"], "hub-1"),
+])
+async def test_topologies_serve_across_and_a_dead_link_node_is_restarted(
+        topology: str, names: list[str], link: str) -> None:
+    launcher = start_launcher("--topology", topology, "--nats-nodes", "1",
+                              "--port", str(consecutive_free_ports(2)))
+    try:
+        assert list(launcher.nats_nodes()) == names, launcher.lines
+        urls = launcher.gateway_urls()
+        servers = {http_json(f"{u}/healthz")[1]["broker"]["server"] for u in urls}
+        assert len(servers) == 2, "the two gateways use different clusters / leaf servers"
+        await deliveries_both_ways(urls, 10)
+        pids = child_pids(launcher, lambda cmd, env: f"NATS_SERVER_NAME={link}\0".encode()
+                          in env and b"nats-server" in cmd)
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)
+        await launcher.wait_line(rf"{link} \(pid {pids[0]}\) exited with code -9; restarting")
+        await launcher.wait_line(rf"{link} is back \(pid \d+")
+        await deliveries_both_ways(urls, 30)
+        await stop_leaving_nothing(launcher)
+    finally:
+        if launcher.proc.poll() is None:
+            launcher.proc.kill()
+            launcher.proc.wait()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--topology", "leaf", "--backend", "redis-sharded"], "--topology leaf needs --backend nats"),
+    (["--topology", "supercluster", "--secure"],
+     "--secure runs on --topology mesh only, not supercluster"),
+    (["--topology", "leaf", "--recovery"], "--recovery runs on --topology mesh only, not leaf"),
+])
+def test_topology_refuses_what_it_cannot_run(flags: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gateway", "cluster", *flags],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2
+    assert message in proc.stderr

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import report as rep
-from .runner import BENCH_BACKENDS, SCENARIOS, Params, describe, log, run_backend
+from . import scale_report
+from .runner import BENCH_BACKENDS, EXTRA_SCENARIOS, SCENARIOS, Params, describe, log, run_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,8 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tiny parameters: a smoke run in under a minute")
     parser.add_argument("--backends", default=",".join(BENCH_BACKENDS),
                         help=f"comma-separated subset of {','.join(BENCH_BACKENDS)}")
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--scenarios", "--scenario", default=",".join(SCENARIOS),
+                        help=f"comma-separated subset of {','.join(SCENARIOS)} (the "
+                             f"default: all of them), or {','.join(EXTRA_SCENARIOS)} (run "
+                             "only when named)")
     parser.add_argument("--output", default=None,
                         help="output folder (default bench-results/<time>)")
     parser.add_argument("--write-benchmarks-md", action="store_true",
@@ -42,7 +45,7 @@ def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
 
 def run(args: argparse.Namespace) -> int:
     backends = _subset(args.backends, BENCH_BACKENDS, "--backends")
-    scenarios = _subset(args.scenarios, SCENARIOS, "--scenarios")
+    scenarios = _subset(args.scenarios, SCENARIOS + EXTRA_SCENARIOS, "--scenarios")
     for value in (backends, scenarios):
         if isinstance(value, str):
             print(f"gateway bench: error: {value}", file=sys.stderr)
@@ -81,7 +84,11 @@ def run(args: argparse.Namespace) -> int:
     paths = rep.write(report, folder)
     print(rep.markdown(report))
     if args.write_benchmarks_md:
-        Path("BENCHMARKS.md").write_text(rep.benchmarks_md(report))
+        # the scale section survives runs of the other scenarios, and the reverse
+        others = [s for s in scenarios if s not in EXTRA_SCENARIOS]
+        scale_report.write_benchmarks_md(Path("BENCHMARKS.md"), report,
+                                         rep.benchmarks_md(scale_report.without(report))
+                                         if others else None, paths.get("scale"))
         log("wrote BENCHMARKS.md")
     log(f"results in {paths['json'].parent} ({report['seconds']} s)")
     bad = rep.faults(report)

@@ -7,6 +7,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from . import scale_report
+
 BASELINE = "stock-redis"
 
 
@@ -15,7 +17,7 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     rows = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario in ("memory", "idle", "cluster-api"):
+            if scenario in ("memory", "idle", "cluster-api", "scale"):
                 continue  # tables of their own
             if scenario == "reference":
                 for phase, figures in data.items():
@@ -74,6 +76,8 @@ def markdown(report: dict[str, Any]) -> str:
             f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} / "
             f"{f['misdelivered']} / {f.get('failures', 0)} |"
         )
+    if len(lines) == 2:
+        lines = []  # no scenario of this table ran (a scale-only run)
     mem = [(b, s["memory"]) for b, s in results.items() if "memory" in s]
     if mem:
         base_mem = dict(mem).get(BASELINE, {})
@@ -131,6 +135,9 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| cluster-api | {backend} | {a['all_alive_ms']['p50']} / "
                          f"{a['all_alive_ms']['p99']} | {a['one_stopped_ms']['max']} | "
                          f"{a['after_heartbeats_missed_ms']['p50']} |")
+    scale = scale_report.markdown(results)
+    if scale:
+        lines += ["", scale.rstrip("\n")] if lines else [scale.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -191,7 +198,7 @@ def write(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     paths["markdown"].write_text(markdown(report))
     if charts_problem() is not None:
         return paths
-    for path in charts(report, folder):
+    for path in [*charts(report, folder), *scale_report.charts(report["results"], folder)]:
         paths[path.stem] = path
     return paths
 

@@ -50,6 +50,8 @@ GATEWAY_FLAGS = ["--log-level", "WARNING", "--chat-rate", "1000000", "--chat-bur
                  "--api-rate", "100000", "--api-burst", "100000"]
 SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
              "latency-upgrade", "churn", "memory", "idle", "cluster-api")
+#: scenarios run only when named (--scenario scale): heavier, with brokers of their own
+EXTRA_SCENARIOS = ("scale",)
 
 
 def log(msg: str) -> None:
@@ -333,7 +335,10 @@ class Params:
 
 
 def describe(p: Params) -> dict[str, dict[str, Any]]:
+    from .scale import ScaleParams
+
     return {
+        "scale": ScaleParams.of(p.quick, p.seed).describe(),
         "reference": {"gateways": 3, "users": p.reference_users, "chats_per_user": 3,
                       "phases": "one room; then 10 rooms, each on one gateway only"},
         "fanout": {"gateways": 2, "members": p.fanout_members, "senders": p.fanout_senders,
@@ -646,6 +651,13 @@ SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
 def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
                 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    if "scale" in scenarios:  # brokers of its own (3 and 5 NATS nodes)
+        from .scale import run_scale
+
+        results["scale"] = run_scale(backend, workdir / backend / "scale", p.quick, p.seed)
+        scenarios = [s for s in scenarios if s != "scale"]
+        if not scenarios:
+            return results
     broker = Broker(backend, workdir / backend)
     log(f"{backend}: starting the broker")
     broker.start()

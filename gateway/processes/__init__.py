@@ -1,7 +1,8 @@
 """Child processes for the launcher, the benchmark and the tests: brokers and gateways.
 
 One module per kind of process: ``children`` (starting, waiting for and stopping
-any child by PID), ``nats_cluster``, ``redis_cluster`` and ``gateways``. Every
+any child by PID), ``nats_cluster``, ``nats_topologies`` (a supercluster, leaf
+nodes), ``redis_cluster`` and ``gateways``. Every
 process is started from the configs in ``infra/`` and listens on 127.0.0.1 on a
 free port unless told otherwise.
 """
@@ -19,10 +20,19 @@ from .children import (
     port_is_free,
     spawn,
     stop_all,
+    wait_settled,
     wait_until,
 )
 from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
 from .nats_cluster import NATS_CONFIG, NATS_SECURE_CONFIG, NatsCluster, NatsNode
+from .nats_topologies import (
+    HUB_CONFIG,
+    LEAF_CONFIG,
+    SUPERCLUSTER_CONFIG,
+    TOPOLOGIES,
+    NatsLeafTopology,
+    NatsSupercluster,
+)
 from .redis_cluster import (
     REDIS_CONFIG,
     REDIS_USERS,
@@ -37,19 +47,25 @@ from .redis_cluster import (
 from .supervisor import Supervisor
 
 __all__ = [
+    "HUB_CONFIG",
     "INFRA",
+    "LEAF_CONFIG",
     "NATS_CONFIG",
     "NATS_SECURE_CONFIG",
     "REDIS_CONFIG",
     "REDIS_USERS",
     "REPO_ROOT",
+    "SUPERCLUSTER_CONFIG",
+    "TOPOLOGIES",
     "Child",
     "GatewayNode",
     "HasChild",
     "LaunchError",
     "LocalCluster",
     "NatsCluster",
+    "NatsLeafTopology",
     "NatsNode",
+    "NatsSupercluster",
     "RedisCluster",
     "RedisNode",
     "RedisServer",
@@ -67,5 +83,6 @@ __all__ = [
     "start_gateway",
     "stop_all",
     "wait_gateways",
+    "wait_settled",
     "wait_until",
 ]

@@ -173,6 +173,23 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str,
         time.sleep(0.05)
 
 
+def wait_settled(what: str, check: Callable[[], object], children: Sequence[Child],
+                 timeout: float) -> None:
+    """Wait until ``check()`` returns the same snapshot, not None, twice in a row (for
+    state that fills up over a few moments, such as NATS route pools)."""
+    previous: list[object] = [None]
+
+    def settled() -> bool:
+        snapshot = check()
+        stable = snapshot is not None and snapshot == previous[0]
+        previous[0] = snapshot
+        if not stable:
+            time.sleep(0.1)
+        return stable
+
+    wait_until(settled, timeout, what, children)
+
+
 def stop_all(children: Sequence[Child | None]) -> None:
     """Stop every child; never raises (teardown path)."""
     for child in children:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from .children import (
     free_ports,
     http_json,
     spawn,
-    wait_until,
+    wait_settled,
 )
 
 NATS_CONFIG = INFRA / "nats" / "node.conf"
@@ -33,6 +32,9 @@ class NatsNode:
     route_port: int
     http_port: int
     child: Child | None = None
+    #: other listeners by the environment variable that names their port in the config
+    #: (NATS_GATEWAY_PORT, NATS_LEAF_PORT)
+    ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -66,6 +68,11 @@ class NatsCluster(LocalCluster[NatsNode]):
     route_auth: tuple[str, str] | None = None
     #: the password of each gateway's own user (gw-1, gw-2 ...), for node-secure.conf
     gateway_passwords: tuple[str, ...] = field(default=(), repr=False)
+    #: node names are ``{name_prefix}-1`` ... (unique across clusters that are linked)
+    name_prefix: str = "nats"
+    #: listeners each node opens besides client, route and monitoring, by the variable
+    #: that names the port in the config (NATS_GATEWAY_PORT for supercluster.conf ...)
+    listeners: tuple[str, ...] = ()
     nodes: list[NatsNode] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -73,11 +80,17 @@ class NatsCluster(LocalCluster[NatsNode]):
             raise ValueError(f"a NATS cluster needs at least 1 node, got {self.size}")
         if self.client_ports is not None and len(self.client_ports) != self.size:
             raise ValueError("client_ports must name one port per node")
-        ports = free_ports(self.size * 3, self.host)
+        per_node = 3 + len(self.listeners)
+        ports = free_ports(self.size * per_node, self.host)
         clients = self.client_ports or ports[: self.size]
+
+        def port(kind: int, i: int) -> int:
+            return ports[kind * self.size + i]
+
         self.nodes = [
-            NatsNode(f"nats-{i + 1}", self.host, clients[i], ports[self.size + i],
-                     ports[2 * self.size + i])
+            NatsNode(f"{self.name_prefix}-{i + 1}", self.host, clients[i], port(1, i),
+                     port(2, i), ports={var: port(3 + k, i)
+                                        for k, var in enumerate(self.listeners)})
             for i in range(self.size)
         ]
 
@@ -95,13 +108,15 @@ class NatsCluster(LocalCluster[NatsNode]):
             "NATS_CLUSTER_NAME": self.cluster_name,
             "NATS_STORE_DIR": str(self.workdir / f"{node.name}-jetstream"),
         }
-        # node.conf names three routes; smaller clusters repeat their own.
+        # node.conf names three routes; smaller clusters repeat their own, larger ones
+        # list their first three nodes and the others are learnt from them (gossip).
         creds = f"{self.route_auth[0]}:{self.route_auth[1]}@" if self.route_auth else ""
         routes = [f"nats://{creds}{self.host}:{n.route_port}" for n in self.nodes]
         for i in range(3):
             env[f"NATS_ROUTE_{i + 1}"] = routes[i % len(routes)]
         for i, password in enumerate(self.gateway_passwords):
             env[f"NATS_GATEWAY_{i + 1}_PASSWORD"] = password
+        env.update({var: str(port) for var, port in node.ports.items()})
         env.update(self.env)
         if self.route_auth:
             env["NATS_ROUTE_USER"], env["NATS_ROUTE_PASSWORD"] = self.route_auth
@@ -146,17 +161,7 @@ class NatsCluster(LocalCluster[NatsNode]):
         unchanged over two polls (a pool fills up over a few moments)."""
         nodes = list(nodes) if nodes is not None else self.nodes
         children = [n.child for n in nodes if n.child is not None]
-        previous: list[list[dict[str, int]] | None] = [None]
-
-        def settled() -> bool:
-            snapshot = self.mesh_snapshot(nodes)
-            stable = snapshot is not None and snapshot == previous[0]
-            previous[0] = snapshot
-            if not stable:
-                time.sleep(0.1)
-            return stable
-
-        wait_until(settled, timeout, "the NATS full mesh", children)
+        wait_settled("the NATS full mesh", lambda: self.mesh_snapshot(nodes), children, timeout)
 
     def gateway_args(self, index: int = 0) -> list[str]:
         return ["--nats-url", ",".join(self.urls)]

@@ -41,6 +41,19 @@ async def test_nodes_find_each_other_and_forget_the_ones_that_leave(
                 timeout=HEARTBEAT * 2)
 
 
+async def test_heartbeats_are_counted_apart_and_are_never_wasted_receptions(
+        make_node: NodeFactory) -> None:
+    n1, _, _ = await three(make_node)
+    stats = n1.manager.stats
+    before = (stats.cluster_received, stats.cluster_received_bytes, stats.received_bytes)
+    await asyncio.sleep(HEARTBEAT * 5)
+    heard = stats.cluster_received - before[0]
+    assert heard >= 4, "heartbeats of the two other nodes"
+    assert stats.cluster_received_bytes - before[1] > 20 * heard, "bytes counted with them"
+    assert stats.received_bytes - before[2] >= stats.cluster_received_bytes - before[1]
+    assert stats.unwanted == 0
+
+
 async def test_fetch_sockets_across_nodes_with_rooms_and_except(
         make_node: NodeFactory, clients: list[SioClient]) -> None:
     n1, n2, n3 = await three(make_node)
