@@ -74,6 +74,11 @@ def frame(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
 
 
+#: a connection stops reading while this many received packets wait to be handled,
+#: or after a packet of this many bytes, until they are
+INBOX_PAUSE_PACKETS = 16
+INBOX_PAUSE_BYTES = 32 * 1024
+
 _PING_FRAME = frame(0x1, b"2")
 _PROBE_FRAME = frame(0x1, b"3probe")
 
@@ -318,13 +323,18 @@ class LeanWebSocket(asyncio.Protocol):
                 return
             parser = Connection(ConnectionType.SERVER)
         parser.receive_data(data)
+        self._parse(parser)
+
+    def _parse(self, parser: Connection) -> bool:
+        """Handle what ``parser`` holds; False when it stopped early, reading paused
+        (the rest stays in the parser until the packets waiting are handled)."""
         limit = self.server.max_http_buffer_size
         for event in parser.events():
             if isinstance(event, TextMessage | BytesMessage):
                 self.size += len(event.data)
                 if self.size > limit:  # engine.io: "packet is too large"
                     self.hang_up(CloseReason.MESSAGE_TOO_BIG)
-                    return
+                    return False
                 if not event.message_finished:
                     if self.parts is None:
                         self.parts = []
@@ -343,10 +353,14 @@ class LeanWebSocket(asyncio.Protocol):
                 if parser.state is not ConnectionState.CLOSED:
                     self.transport.write(parser.send(event.response()))
                 self.transport.close()
-                return
+                return False
             if self.transport.is_closing():
-                return
+                return False
+            if not self.transport.is_reading():
+                self.parser = parser
+                return False
         self.parser = None if _IDLE_PARSER and _parser_idle(parser) else parser
+        return True
 
     def on_message(self, message: str | bytes) -> None:
         state = self.state
@@ -360,9 +374,15 @@ class LeanWebSocket(asyncio.Protocol):
                 logger.info("%s: undecodable engine.io packet; closing", self.sid)
                 self.hang_up(CloseReason.PROTOCOL_ERROR)
                 return
-            if self.inbox is None:
-                self.inbox = deque()
-            self.inbox.append(pkt)
+            inbox = self.inbox
+            if inbox is None:
+                inbox = self.inbox = deque()
+            inbox.append(pkt)
+            # a client may send faster than its packets are handled: stop reading from
+            # it until they are (as aiohttp's reader does), so what waits stays small
+            if (len(inbox) >= INBOX_PAUSE_PACKETS or len(message) >= INBOX_PAUSE_BYTES) \
+                    and self.transport.is_reading():
+                self.transport.pause_reading()
             if self.receiver is None:
                 self.receiver = asyncio.get_running_loop().create_task(self._receive())
         elif state == _PROBING and message == "2probe":
@@ -423,6 +443,18 @@ class LeanWebSocket(asyncio.Protocol):
             self.receiver = None
             if not inbox:
                 self.inbox = None
+                if not self.transport.is_reading():
+                    # next round: the handlers just started run first
+                    asyncio.get_running_loop().call_soon(self._resume)
+
+    def _resume(self) -> None:
+        """Handle what the parser kept while reading was paused, then read again."""
+        transport = self.transport
+        if self.state != _OPEN or transport.is_closing() or transport.is_reading():
+            return
+        parser = self.parser
+        if parser is None or self._parse(parser):
+            transport.resume_reading()
 
     # -- timers and the end ------------------------------------------------------
 

@@ -221,8 +221,9 @@ async def test_a_client_that_never_reads_cannot_grow_the_node(
     try:
         # 700 unknown events of 60 KB each, asking for acks (+38 MB before the fix)
         big = b"".join(ws_frame(f'42{i}["{"u" * 60_000}",1]'.encode()) for i in range(700))
-        # then 20,000 small ones: their replies outgrow any socket buffer
-        small = b"".join(ws_frame(f'42{i}["x"]'.encode()) for i in range(700, 20_700))
+        # then 150,000 small ones: their replies (~6 MB) outgrow the kernel's socket
+        # buffers (4 MiB here at most) and then the node's own limit
+        small = b"".join(ws_frame(f'42{i}["x"]'.encode()) for i in range(700, 150_700))
         with contextlib.suppress(OSError):  # the gateway hung up on us: the point
             await asyncio.to_thread(sock.sendall, big + small)
         deadline = time.monotonic() + 15

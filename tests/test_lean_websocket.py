@@ -128,6 +128,7 @@ class RawClient:
 
 async def test_idle_sockets_keep_no_task_and_no_aiohttp_connection(server: Server) -> None:
     gen = LoadGen()
+    await server.sio.manager.start()  # the node's own tasks (broker reader, heartbeats)
     tasks = len(asyncio.all_tasks())
     await gen.connect([server.url], 40, False)
     await gen.connect([server.url], 10, False, upgrade=True)
@@ -195,6 +196,29 @@ async def test_fragmented_binary_and_oversized_messages(server: Server) -> None:
     finally:
         await client.close()
     await until(lambda: not server.sio.eio.sockets, what="the session to end")
+
+
+async def test_a_flood_is_read_at_the_pace_it_is_handled_and_nothing_is_lost(
+        server: Server) -> None:
+    """5,000 events with acks in one burst: the connection stops reading while packets
+    wait to be handled (a client cannot make the node hold its whole burst), and
+    every ack still comes back, in order."""
+    client = await RawClient.connect(server.url)
+    try:
+        assert (await client.text()).startswith("0{")
+        client.send(masked(0x1, b"40"))
+        assert (await client.text()).startswith("40{")
+        count = 5000
+        client.send(b"".join(masked(0x1, f'42{i}["echo",{i}]'.encode()) for i in range(count)))
+        acks = []
+        while len(acks) < count:
+            text = await asyncio.wait_for(client.text(), 10)
+            if text.startswith("43"):
+                acks.append(text)
+        assert acks == [f"43{i}[{i}]" for i in range(count)]
+        assert len(lean_sockets(server.sio)) == 1 and server.disconnects == []
+    finally:
+        await client.close()
 
 
 async def test_server_disconnect_sends_close_then_hangs_up(server: Server) -> None:
