@@ -264,7 +264,11 @@ class Recovery:
             return
         m = self.manager
         m.stats.recovery_attempts += 1
-        problem = await self._restorable(pid, offset, namespace)
+        try:
+            problem = await self._restorable(pid, offset, namespace)
+        except Exception:  # a CONNECT must be answered: a new session, never silence
+            logger.exception("restoring a session for %s failed", eio_sid)
+            problem = "restoring failed"
         if isinstance(problem, str):
             m.stats.recovery_refused += 1
             logger.info("not restoring a session for %s: %s", eio_sid, problem)
@@ -277,6 +281,15 @@ class Recovery:
         if not (offset.isascii() and offset.isdigit() and len(offset) <= 20):
             return "not an offset"
         assert self.store is not None
+        position = int(offset)
+        try:  # before the session is taken: a failure here leaves it for another try
+            first, last = await self.store.bounds()
+        except BrokerError as exc:
+            return f"the message store did not answer: {exc}"
+        if position > last:
+            return "an offset from the future"
+        if position + 1 < first:
+            return "messages after the offset are no longer stored"
         try:
             blob = await self.store.take_session(pid)
         except BrokerError as exc:
@@ -290,12 +303,6 @@ class Recovery:
         if not isinstance(session, dict) or session.get("ns") != namespace \
                 or not is_sid(session.get("sid")):
             return "a session of another namespace"
-        position = int(offset)
-        first, last = await self.store.bounds()
-        if position > last:
-            return "an offset from the future"
-        if position + 1 < first:
-            return "messages after the offset are no longer stored"
         if not session.get("connected"):
             if time.time() - float(session.get("at", 0)) > self.options.window:
                 return "disconnected for longer than the window"

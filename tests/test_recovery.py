@@ -20,6 +20,7 @@ import pytest
 from gateway.processes import (
     GatewayNode,
     NatsCluster,
+    NatsNode,
     free_ports,
     start_gateway,
     stop_all,
@@ -48,6 +49,16 @@ class DefaultClient(NodeClient):
         """(message, offset) of every chat received."""
         return [(e["args"][0], e["args"][-1]) for e in self.events
                 if e["type"] == "event" and e["event"] == "chat"]
+
+
+def metadata_leader(cluster: NatsCluster) -> NatsNode:
+    """The NATS node that leads JetStream's metadata (stream and consumer placement)."""
+    for node in cluster.nodes:
+        jsz = node.varz("jsz")
+        leader = (jsz or {}).get("meta_cluster", {}).get("leader")
+        if leader:
+            return next(n for n in cluster.nodes if n.name == leader)
+    raise AssertionError("no JetStream metadata leader")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +171,9 @@ async def test_a_dropped_client_comes_back_on_the_other_gateway_with_nothing_mis
         else:
             front.cut()
         if outage == "nats-node":
-            killed_nats = nats3.nodes[0]
+            # the one leading JetStream's metadata: no consumer can be created until
+            # the others elect a new leader, which takes seconds
+            killed_nats = metadata_leader(nats3)
             assert killed_nats.child is not None
             killed_nats.child.signal(signal.SIGKILL)
         await asyncio.sleep(5)

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,11 @@ PUBLISH_RETRY_FOR = 10.0
 #: at most this many subject filters on one replay consumer; more read the whole
 #: stream's subjects and filter here (servers slow down with many filters)
 MAX_FILTERS = 32
+#: errors after which a published message is certainly not stored
+NOT_STORED: tuple[type[BaseException], ...] = (nats.js.errors.NoStreamResponseError,
+                                               nats.js.errors.ServiceUnavailableError)
+#: seconds one attempt at creating a reading consumer waits for JetStream
+CONSUMER_CREATE_TIMEOUT = 2.0
 
 
 def _names(prefix: str) -> tuple[str, str]:
@@ -109,14 +115,21 @@ class NatsMessageStore(MessageStore):
     # -- messages ----------------------------------------------------------------------
 
     async def publish(self, subject: str, data: bytes) -> int:
+        # While the stream elects a leader (its leader's NATS node died) nobody answers
+        # a publish: certainly not stored, so tried again. A timeout is not: the
+        # message may be stored, and a second copy would be delivered twice.
         try:
-            ack = await self._js.publish(subject, data, stream=self.stream, timeout=5.0)
+            ack = await self._retrying(
+                "JetStream did not store the message",
+                lambda: self._js.publish(subject, data, stream=self.stream, timeout=5.0),
+                retry=NOT_STORED)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerError(f"JetStream did not store the message: {exc!r}") from exc
         return int(ack.seq)
 
     async def bounds(self) -> tuple[int, int]:
-        info = await self._js.stream_info(self.stream)
+        info = await self._retrying("cannot read the stream's bounds",
+                                    lambda: self._js.stream_info(self.stream))
         return int(info.state.first_seq), int(info.state.last_seq)
 
     async def replay(self, subjects: list[str], after: int, until: int
@@ -159,9 +172,16 @@ class NatsMessageStore(MessageStore):
         config.num_replicas = 1
         if len(filters) > 1:
             config.filter_subjects = filters
+        else:
+            config.filter_subject = filters[0]
+        config.name = uuid.uuid4().hex
+        # Creating a consumer needs JetStream's metadata leader, which a killed NATS
+        # node can take with it for several seconds (raft elections wait 4-9 s): short
+        # attempts, tried again, so a client reconnecting meanwhile is still restored.
         try:
-            sub = await self._js.pull_subscribe(filters[0] if len(filters) == 1 else "",
-                                                stream=self.stream, config=config)
+            await self._retrying("cannot read the stream", lambda: self._js.add_consumer(
+                self.stream, config=config, timeout=CONSUMER_CREATE_TIMEOUT))
+            sub = await self._js.pull_subscribe_bind(stream=self.stream, name=config.name)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerError(f"cannot read the stream: {exc!r}") from exc
         try:
@@ -183,8 +203,12 @@ class NatsMessageStore(MessageStore):
 
     # -- sessions ----------------------------------------------------------------------
 
-    async def _retrying(self, what: str, op: Any) -> Any:
-        """``op()``, tried again while JetStream elects leaders (see PUBLISH_RETRY_FOR)."""
+    async def _retrying(self, what: str, op: Any,
+                        retry: tuple[type[BaseException], ...] = (TimeoutError,
+                                                                  nats.errors.Error)
+                        ) -> Any:
+        """``op()``, tried again on ``retry`` errors while JetStream elects leaders (see
+        PUBLISH_RETRY_FOR); :class:`BrokerError` once that is over."""
         deadline = time.monotonic() + PUBLISH_RETRY_FOR
         delay = 0.05
         while True:
@@ -192,7 +216,7 @@ class NatsMessageStore(MessageStore):
                 return await op()
             except (nats.js.errors.KeyNotFoundError, nats.js.errors.BadRequestError):
                 raise
-            except (TimeoutError, nats.errors.Error) as exc:
+            except retry as exc:
                 if time.monotonic() + delay > deadline:
                     raise BrokerError(f"{what}: {exc!r}") from exc
                 await asyncio.sleep(delay)
