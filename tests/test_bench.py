@@ -67,6 +67,38 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     assert (out / "cpu.png").stat().st_size > 0 and (out / "broker-bytes.png").stat().st_size > 0
 
 
+def test_quick_bench_runs_the_node_peer_and_it_loses_nothing(tmp_path: Path) -> None:
+    """The optional Node socket.io peer (server.mjs on a Redis Cluster) answers the load
+    generator's chat protocol: every delivery arrives once, nothing is refused."""
+    from gateway.bench import node_peer
+
+    assert node_peer.problem() is None, node_peer.problem()
+    out = tmp_path / "bench"
+    scenarios = ["fanout", "fanout-upgrade", "latency", "latency-upgrade", "memory", "idle",
+                 "cluster-api"]
+    proc = subprocess.run([sys.executable, "-m", "gateway", "bench", "--quick", "--backends",
+                           "node-peer", "--scenarios", ",".join(scenarios), "--output",
+                           str(out)], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"node-peer"}
+    peer = results["node-peer"]
+    assert set(peer) == set(scenarios)
+    for scenario in ("fanout", "fanout-upgrade", "latency", "latency-upgrade"):
+        figures = peer[scenario]
+        assert figures["delivered"] == figures["expected"] > 0, (scenario, figures)
+        assert figures["lost"] == figures["duplicated"] == figures["misdelivered"] == 0
+        assert figures["failures"] == 0
+        assert figures["cpu_s_per_1000_deliveries"] is not None
+        assert figures["latency_ms"]["cross"]["n"] > 0, "members on both peers"
+        assert figures["wasted_receptions"] == 0, "per-room shard channels"
+    assert peer["memory"]["upgraded"]["upgraded"] > 0
+    assert peer["memory"]["plain"]["join_failures"] == 0
+    assert peer["idle"]["alive_at_end"] == peer["idle"]["sockets"]
+    assert "skipped" in peer["cluster-api"]
+    assert "| node-peer |" in (out / "results.md").read_text()
+
+
 def test_without_matplotlib_the_report_is_written_without_charts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from gateway.bench import report as rep

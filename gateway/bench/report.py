@@ -240,7 +240,9 @@ def benchmarks_md(report: dict[str, Any]) -> str:
         "Backends: `nats` (NatsManager, 3-node NATS full mesh), `redis-sharded` "
         "(RedisShardedManager, 3-master Redis Cluster, SSUBSCRIBE/SPUBLISH), `stock-redis` "
         "(AsyncRedisManager on one Redis), `redis-cluster-classic` (AsyncRedisManager with "
-        "classic PUBLISH/SUBSCRIBE on the same Redis Cluster).\n\n"
+        "classic PUBLISH/SUBSCRIBE on the same Redis Cluster), `node-peer` when named (Node "
+        "socket.io 4.8 + @socket.io/redis-adapter's createShardedAdapter on a 3-master Redis "
+        "Cluster, the same chat protocol: gateway/bench/node_peer/server.mjs).\n\n"
         "Scenario parameters:\n\n"
         + "".join(f"- **{k}**: {', '.join(f'{a}={b}' for a, b in v.items())}\n"
                   for k, v in report["scenarios"].items())
