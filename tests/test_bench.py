@@ -40,6 +40,10 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
             assert figures["total_cpu_s_per_1000_deliveries"] >= \
                 figures["cpu_s_per_1000_deliveries"]
             assert figures["latency_ms"]["all"]["p99"] is not None
+            # bytes on the sockets, the same way for every broker
+            assert figures["broker_bytes_counted"] == "on the sockets (ss -tin)"
+            assert figures["broker_bytes_total"] > 0 and figures["broker_node_bytes_total"] > 0
+            assert figures["broker_sockets_vanished"] == 0
         api = scenarios["cluster-api"]
         if backend in ("nats", "redis-sharded"):
             assert set(api) == {"all_alive_ms", "one_stopped_ms", "after_heartbeats_missed_ms"}
@@ -61,6 +65,11 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     assert local["redis-sharded"]["wasted_receptions"] == 0
     assert local["stock-redis"]["wasted_receptions"] > 0
     assert local["redis-cluster-classic"]["wasted_receptions"] > 0
+    # classic PUBLISH on a Redis Cluster copies every message to every node over the
+    # cluster bus: counted in all broker-node bytes, as NATS routes are
+    classic = local["redis-cluster-classic"]
+    assert classic["broker_inter_node_bytes_total"] > classic["broker_bytes_total"]
+    assert local["stock-redis"]["broker_inter_node_bytes_total"] == 0, "one server, no bus"
     md = (out / "results.md").read_text()
     for backend in BENCH_BACKENDS:
         assert f"| {backend} |" in md
@@ -122,3 +131,4 @@ def test_a_run_that_misdelivers_or_refuses_fails() -> None:
     assert rep.faults({"results": results}) == ["latency on nats: 2 misdelivered",
                                                 "churn on nats: 3 refused"]
     assert rep.faults({"results": {"nats": {"fanout": clean}}}) == []
+

@@ -49,8 +49,10 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "| scenario | backend | deliveries/s | gateway CPU-s per 1k deliveries | broker "
         "CPU-s per 1k | gateway + broker CPU-s per 1k | p50 / p99 / p99.9 ms "
-        "(cross-node p99) | gateway-broker bytes per delivery | all broker-node bytes per "
-        "delivery | wasted receptions | lost / dup / misdelivered / refused |",
+        "(cross-node p99) | gateway-broker bytes per delivery, on the sockets | all "
+        "broker-node bytes per delivery, on the sockets (with NATS routes, Redis cluster bus) "
+        "| wasted receptions | lost / dup / misdelivered / "
+        "refused |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     base_of: dict[str, dict[str, Any]] = {s: f for s, b, f in _rows(results) if b == BASELINE}

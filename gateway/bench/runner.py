@@ -2,8 +2,9 @@
 
 Every backend runs the same scenarios in one run, with the same load generator
 (a separate process) and the same gateway handlers; only the client manager and
-its broker change. Gateway CPU comes from /proc, broker traffic from the brokers'
-own counters (NATS /varz, Redis INFO), gateway traffic from /metrics.
+its broker change. CPU comes from /proc, broker bytes from the kernel's counters of
+the gateway<->broker sockets (``broker_traffic.py``), the same way for every broker,
+gateway traffic from /metrics.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from ..processes import (
     stop_all,
     wait_gateways,
 )
-from . import node_peer
+from . import broker_traffic, node_peer
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -209,11 +210,15 @@ class Snapshot:
     #: CPU seconds of each broker node process
     broker_cpu: dict[str, float] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
+    #: gateway<->broker sockets and the brokers' per-connection counts
+    wire: broker_traffic.BrokerView | None = None
 
 
 def snapshot(gateways: list[GatewayNode], broker: Broker) -> Snapshot:
     nodes = broker.cluster.nodes if broker.cluster is not None else []
+    wire = broker_traffic.view(broker.name, gateways, broker.cluster)  # first: see view()
     return Snapshot(
+        wire=wire,
         cpu={g.node_id: cpu_seconds(g.child.pid) for g in gateways if g.child},
         gateway={g.node_id: metrics(g.url) for g in gateways},
         broker=broker.counters(),
@@ -238,11 +243,7 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
     unwanted = gw_delta("gateway_broker_messages_unwanted_total")
     broker = {node: {k: after.broker[node][k] - before.broker[node].get(k, 0)
                      for k in after.broker[node]} for node in after.broker}
-    # bytes between gateways and brokers; and all bytes of the broker nodes, which for
-    # NATS also counts each message again on every route it crosses
-    broker_bytes = sum(v.get("client_in_bytes", 0) + v.get("client_out_bytes", 0)
-                       for v in broker.values())
-    node_bytes = sum(v.get("in_bytes", 0) + v.get("out_bytes", 0) for v in broker.values())
+    assert before.wire is not None and after.wire is not None
     seconds = result.get("seconds") or (after.at - before.at)
     return {
         "messages": result["messages"],
@@ -266,11 +267,9 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "gateway_received_msgs": {k: int(v) for k, v in received.items()},
         "gateway_received_bytes": {k: int(v) for k, v in received_bytes.items()},
         "wasted_receptions": int(sum(unwanted.values())),
+        # the brokers' own counters (NATS /varz: payload bytes; Redis INFO: its clients)
         "broker": {n: {k: int(v) for k, v in d.items()} for n, d in broker.items()},
-        "broker_bytes_total": int(broker_bytes),
-        "broker_bytes_per_delivery": round(broker_bytes / delivered, 2) if delivered else None,
-        "broker_node_bytes_total": int(node_bytes),
-        "broker_node_bytes_per_delivery": round(node_bytes / delivered, 2) if delivered else None,
+        **broker_traffic.traffic(before.wire, after.wire, delivered),
     }
 
 
