@@ -44,6 +44,9 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
             assert figures["broker_bytes_counted"] == "on the sockets (ss -tin)"
             assert figures["broker_bytes_total"] > 0 and figures["broker_node_bytes_total"] > 0
             assert figures["broker_sockets_vanished"] == 0
+            # the broker's own count of wasted receptions matches the gateways'
+            check = figures["wasted_cross_check"]
+            assert check["agree"] in (True, None), (backend, check)
         api = scenarios["cluster-api"]
         if backend in ("nats", "redis-sharded"):
             assert set(api) == {"all_alive_ms", "one_stopped_ms", "after_heartbeats_missed_ms"}
@@ -65,6 +68,12 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     assert local["redis-sharded"]["wasted_receptions"] == 0
     assert local["stock-redis"]["wasted_receptions"] > 0
     assert local["redis-cluster-classic"]["wasted_receptions"] > 0
+    for backend in ("nats", "stock-redis"):  # counted by the broker too
+        check = local[backend]["wasted_cross_check"]
+        assert check["agree"] is True
+        assert check["wasted_by_broker"] == local[backend]["wasted_receptions"]
+    assert set(local["nats"]["wasted_cross_check"]["per_gateway"]) == {
+        f"nats-gw3-{i}" for i in (1, 2, 3)}
     # classic PUBLISH on a Redis Cluster copies every message to every node over the
     # cluster bus: counted in all broker-node bytes, as NATS routes are
     classic = local["redis-cluster-classic"]
@@ -101,6 +110,7 @@ def test_quick_bench_runs_the_node_peer_and_it_loses_nothing(tmp_path: Path) -> 
         assert figures["cpu_s_per_1000_deliveries"] is not None
         assert figures["latency_ms"]["cross"]["n"] > 0, "members on both peers"
         assert figures["wasted_receptions"] == 0, "per-room shard channels"
+        assert figures["wasted_cross_check"]["agree"] is True
     assert peer["memory"]["upgraded"]["upgraded"] > 0
     assert peer["memory"]["plain"]["join_failures"] == 0
     assert peer["idle"]["alive_at_end"] == peer["idle"]["sockets"]
@@ -132,3 +142,17 @@ def test_a_run_that_misdelivers_or_refuses_fails() -> None:
                                                 "churn on nats: 3 refused"]
     assert rep.faults({"results": {"nats": {"fanout": clean}}}) == []
 
+
+def test_a_wasted_count_the_broker_disputes_is_flagged() -> None:
+    from gateway.bench import report as rep
+
+    clean = {"lost": 0, "duplicated": 0, "misdelivered": 0, "failures": 0}
+    agreed = {**clean, "wasted_receptions": 5,
+              "wasted_cross_check": {"wasted_by_broker": 5, "agree": True}}
+    disputed = {**clean, "wasted_receptions": 0,
+                "wasted_cross_check": {"wasted_by_broker": 7, "agree": False}}
+    assert rep.wasted_cell(agreed) == "5 (5)"
+    assert "disagrees" in rep.wasted_cell(disputed)
+    report = {"results": {"nats": {"fanout": agreed, "latency": disputed}}}
+    assert rep.disagreements(report) == [
+        "latency on nats: gateways counted 0 wasted receptions, the broker 7"]

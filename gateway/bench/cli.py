@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
                                          if others else None, paths.get("scale"))
         log("wrote BENCHMARKS.md")
     log(f"results in {paths['json'].parent} ({report['seconds']} s)")
+    for line in rep.disagreements(report):
+        log(f"warning: wasted receptions cross-check: {line}")
     bad = rep.faults(report)
     for fault in bad:
         log(f"FAILED: {fault}")

@@ -51,7 +51,7 @@ def markdown(report: dict[str, Any]) -> str:
         "CPU-s per 1k | gateway + broker CPU-s per 1k | p50 / p99 / p99.9 ms "
         "(cross-node p99) | gateway-broker bytes per delivery, on the sockets | all "
         "broker-node bytes per delivery, on the sockets (with NATS routes, Redis cluster bus) "
-        "| wasted receptions | lost / dup / misdelivered / "
+        "| wasted receptions: gateways' count (broker's count) | lost / dup / misdelivered / "
         "refused |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -75,7 +75,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"({_fmt(cross['p99'], 2)}) | "
             f"{_fmt(per)}{_ratio(per, base.get('broker_bytes_per_delivery'), False)} | "
             f"{_fmt(node)}{_ratio(node, base.get('broker_node_bytes_per_delivery'), False)} | "
-            f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} / "
+            f"{wasted_cell(f)} | {f['lost']} / {f['duplicated']} / "
             f"{f['misdelivered']} / {f.get('failures', 0)} |"
         )
     if len(lines) == 2:
@@ -141,6 +141,28 @@ def markdown(report: dict[str, Any]) -> str:
     if scale:
         lines += ["", scale.rstrip("\n")] if lines else [scale.rstrip("\n")]
     return "\n".join(lines) + "\n"
+
+
+def wasted_cell(f: dict[str, Any]) -> str:
+    """The gateways' count of wasted receptions, the broker's in parentheses; a
+    disagreement is flagged."""
+    own = _fmt(f["wasted_receptions"])
+    check = f.get("wasted_cross_check") or {}
+    if "wasted_by_broker" not in check:
+        return own
+    if check.get("agree") is None:
+        return f"{own} (n/a)"
+    if check["agree"]:
+        return f"{own} ({_fmt(check['wasted_by_broker'])})"
+    return f"{own} (**{_fmt(check['wasted_by_broker'])}: disagrees**)"
+
+
+def disagreements(report: dict[str, Any]) -> list[str]:
+    """Phases whose wasted receptions the broker counts differently from the gateways."""
+    return [f"{scenario} on {backend}: gateways counted {f['wasted_receptions']} wasted "
+            f"receptions, the broker {f['wasted_cross_check']['wasted_by_broker']}"
+            for scenario, backend, f in _rows(report["results"])
+            if (f.get("wasted_cross_check") or {}).get("agree") is False]
 
 
 def faults(report: dict[str, Any]) -> list[str]:

@@ -267,6 +267,8 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "gateway_received_msgs": {k: int(v) for k, v in received.items()},
         "gateway_received_bytes": {k: int(v) for k, v in received_bytes.items()},
         "wasted_receptions": int(sum(unwanted.values())),
+        "wasted_cross_check": broker_traffic.cross_check(
+            before.wire, after.wire, result, {k: int(v) for k, v in unwanted.items()}),
         # the brokers' own counters (NATS /varz: payload bytes; Redis INFO: its clients)
         "broker": {n: {k: int(v) for k, v in d.items()} for n, d in broker.items()},
         **broker_traffic.traffic(before.wire, after.wire, delivered),
