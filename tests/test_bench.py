@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -156,3 +157,76 @@ def test_a_wasted_count_the_broker_disputes_is_flagged() -> None:
     report = {"results": {"nats": {"fanout": agreed, "latency": disputed}}}
     assert rep.disagreements(report) == [
         "latency on nats: gateways counted 0 wasted receptions, the broker 7"]
+
+
+def _figures(cpu: float, lost: int = 0) -> dict[str, Any]:
+    return {"cpu_s_per_1000_deliveries": cpu, "lost": lost, "duplicated": 0,
+            "misdelivered": 0, "failures": 0, "wasted_receptions": 0,
+            "latency_ms": {"all": {"p50": 1.0, "p99": 2.0, "p999": 3.0},
+                           "cross": {"p99": 2.5}}}
+
+
+def _three_runs(nats_cpu: float) -> dict[str, Any]:
+    """A report of three runs of fanout-upgrade (as the bench writes its JSON)."""
+    from gateway.bench import runs
+
+    every = [{"nats": {"fanout-upgrade": _figures(nats_cpu * k)},
+              "stock-redis": {"fanout-upgrade": _figures(0.040 * k)},
+              "node-peer": {"fanout-upgrade": _figures(0.006 * k)}} for k in (1.0, 1.1, 0.9)]
+    return {"results": runs.aggregate(every), "runs": every, "scenarios": {},
+            "machine": {"cpu": "x", "cores": "2", "python": "3", "kernel": "k"},
+            "finished": "now", "command": "python -m gateway bench --runs 3",
+            "seconds": 1.0}
+
+
+def _row(section: str, start: str) -> str:
+    return next(line for line in section.splitlines() if line.startswith(f"| {start}"))
+
+
+def test_the_targets_section_is_derived_from_the_json() -> None:
+    from gateway.bench import targets
+
+    stock_upgrade = "fan-out CPU per delivery, polling-then-upgrade clients"
+    fast = targets.markdown(_three_runs(nats_cpu=0.005))  # 8x stock, ahead of Node
+    assert "**met**: 8.00x [8.00-8.00]" in _row(fast, stock_upgrade)
+    assert "**met**: 1.20x" in _row(fast, "... and at or below the Node peer's")
+    assert "**met**" in _row(fast, "0 lost")
+    slow = targets.markdown(_three_runs(nats_cpu=0.008))  # the same run, ours slower
+    assert "not met: 5.00x" in _row(slow, stock_upgrade)
+    assert "not met: 0.75x" in _row(slow, "... and at or below the Node peer's")
+    assert "not measured" in _row(slow, "idle sockets: <= 7.5 KB"), "no idle scenario ran"
+    # one loss in one run fails the target, though the median of the runs is 0
+    report = _three_runs(nats_cpu=0.005)
+    report["runs"][1]["nats"]["fanout-upgrade"]["lost"] = 1
+    assert "not met: 1 / 0 / 0 / 0" in _row(targets.markdown(report), "0 lost")
+
+
+def test_several_runs_show_medians_and_ranges_and_any_runs_faults() -> None:
+    from gateway.bench import report as rep
+
+    report = _three_runs(nats_cpu=0.005)
+    report["runs"][2]["nats"]["fanout-upgrade"]["lost"] = 2
+    assert report["results"]["nats"]["fanout-upgrade"]["lost"] == 0, "the median hides it"
+    table = rep.markdown(report)
+    row = _row(table, "fanout-upgrade | nats")
+    assert "0.0050 [0.0045-0.0055] (8.00x [8.00-8.00])" in row
+    assert row.endswith("| 2 / 0 / 0 / 0 |"), "losses are added up over the runs"
+    assert rep.faults(report) == ["run 3: fanout-upgrade on nats: 2 lost"]
+
+
+def test_benchmarks_md_keeps_hand_written_sections(tmp_path: Path) -> None:
+    from gateway.bench import report as rep
+    from gateway.bench import scale_report
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Measured by hand\n\nkept\n")
+    report = _three_runs(nats_cpu=0.005)
+    scale_report.write_benchmarks_md(path, report, rep.benchmarks_md(report))
+    first = path.read_text()
+    assert first.index("## Latest comparison") < first.index("## Measured by hand")
+    assert "8.00x [8.00-8.00]" in first and "kept" in first
+    report = _three_runs(nats_cpu=0.008)  # the next run replaces its own section only
+    scale_report.write_benchmarks_md(path, report, rep.benchmarks_md(report))
+    second = path.read_text()
+    assert second.count(scale_report.MAIN_START) == 1 and "kept" in second
+    assert "not met: 5.00x" in second and "8.00x [8.00-8.00]" not in second
