@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,13 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
             assert figures["total_cpu_s_per_1000_deliveries"] >= \
                 figures["cpu_s_per_1000_deliveries"]
             assert figures["latency_ms"]["all"]["p99"] is not None
+            # bytes on the sockets, the same way for every broker
+            assert figures["broker_bytes_counted"] == "on the sockets (ss -tin)"
+            assert figures["broker_bytes_total"] > 0 and figures["broker_node_bytes_total"] > 0
+            assert figures["broker_sockets_vanished"] == 0
+            # the broker's own count of wasted receptions matches the gateways'
+            check = figures["wasted_cross_check"]
+            assert check["agree"] in (True, None), (backend, check)
         api = scenarios["cluster-api"]
         if backend in ("nats", "redis-sharded"):
             assert set(api) == {"all_alive_ms", "one_stopped_ms", "after_heartbeats_missed_ms"}
@@ -61,10 +69,54 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     assert local["redis-sharded"]["wasted_receptions"] == 0
     assert local["stock-redis"]["wasted_receptions"] > 0
     assert local["redis-cluster-classic"]["wasted_receptions"] > 0
+    for backend in ("nats", "stock-redis"):  # counted by the broker too
+        check = local[backend]["wasted_cross_check"]
+        assert check["agree"] is True
+        assert check["wasted_by_broker"] == local[backend]["wasted_receptions"]
+    assert set(local["nats"]["wasted_cross_check"]["per_gateway"]) == {
+        f"nats-gw3-{i}" for i in (1, 2, 3)}
+    # classic PUBLISH on a Redis Cluster copies every message to every node over the
+    # cluster bus: counted in all broker-node bytes, as NATS routes are
+    classic = local["redis-cluster-classic"]
+    assert classic["broker_inter_node_bytes_total"] > classic["broker_bytes_total"]
+    assert local["stock-redis"]["broker_inter_node_bytes_total"] == 0, "one server, no bus"
     md = (out / "results.md").read_text()
     for backend in BENCH_BACKENDS:
         assert f"| {backend} |" in md
     assert (out / "cpu.png").stat().st_size > 0 and (out / "broker-bytes.png").stat().st_size > 0
+
+
+def test_quick_bench_runs_the_node_peer_and_it_loses_nothing(tmp_path: Path) -> None:
+    """The optional Node socket.io peer (server.mjs on a Redis Cluster) answers the load
+    generator's chat protocol: every delivery arrives once, nothing is refused."""
+    from gateway.bench import node_peer
+
+    assert node_peer.problem() is None, node_peer.problem()
+    out = tmp_path / "bench"
+    scenarios = ["fanout", "fanout-upgrade", "latency", "latency-upgrade", "memory", "idle",
+                 "cluster-api"]
+    proc = subprocess.run([sys.executable, "-m", "gateway", "bench", "--quick", "--backends",
+                           "node-peer", "--scenarios", ",".join(scenarios), "--output",
+                           str(out)], capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"node-peer"}
+    peer = results["node-peer"]
+    assert set(peer) == set(scenarios)
+    for scenario in ("fanout", "fanout-upgrade", "latency", "latency-upgrade"):
+        figures = peer[scenario]
+        assert figures["delivered"] == figures["expected"] > 0, (scenario, figures)
+        assert figures["lost"] == figures["duplicated"] == figures["misdelivered"] == 0
+        assert figures["failures"] == 0
+        assert figures["cpu_s_per_1000_deliveries"] is not None
+        assert figures["latency_ms"]["cross"]["n"] > 0, "members on both peers"
+        assert figures["wasted_receptions"] == 0, "per-room shard channels"
+        assert figures["wasted_cross_check"]["agree"] is True
+    assert peer["memory"]["upgraded"]["upgraded"] > 0
+    assert peer["memory"]["plain"]["join_failures"] == 0
+    assert peer["idle"]["alive_at_end"] == peer["idle"]["sockets"]
+    assert "skipped" in peer["cluster-api"]
+    assert "| node-peer |" in (out / "results.md").read_text()
 
 
 def test_without_matplotlib_the_report_is_written_without_charts(
@@ -90,3 +142,91 @@ def test_a_run_that_misdelivers_or_refuses_fails() -> None:
     assert rep.faults({"results": results}) == ["latency on nats: 2 misdelivered",
                                                 "churn on nats: 3 refused"]
     assert rep.faults({"results": {"nats": {"fanout": clean}}}) == []
+
+
+def test_a_wasted_count_the_broker_disputes_is_flagged() -> None:
+    from gateway.bench import report as rep
+
+    clean = {"lost": 0, "duplicated": 0, "misdelivered": 0, "failures": 0}
+    agreed = {**clean, "wasted_receptions": 5,
+              "wasted_cross_check": {"wasted_by_broker": 5, "agree": True}}
+    disputed = {**clean, "wasted_receptions": 0,
+                "wasted_cross_check": {"wasted_by_broker": 7, "agree": False}}
+    assert rep.wasted_cell(agreed) == "5 (5)"
+    assert "disagrees" in rep.wasted_cell(disputed)
+    report = {"results": {"nats": {"fanout": agreed, "latency": disputed}}}
+    assert rep.disagreements(report) == [
+        "latency on nats: gateways counted 0 wasted receptions, the broker 7"]
+
+
+def _figures(cpu: float, lost: int = 0) -> dict[str, Any]:
+    return {"cpu_s_per_1000_deliveries": cpu, "lost": lost, "duplicated": 0,
+            "misdelivered": 0, "failures": 0, "wasted_receptions": 0,
+            "latency_ms": {"all": {"p50": 1.0, "p99": 2.0, "p999": 3.0},
+                           "cross": {"p99": 2.5}}}
+
+
+def _three_runs(nats_cpu: float) -> dict[str, Any]:
+    """A report of three runs of fanout-upgrade (as the bench writes its JSON)."""
+    from gateway.bench import runs
+
+    every = [{"nats": {"fanout-upgrade": _figures(nats_cpu * k)},
+              "stock-redis": {"fanout-upgrade": _figures(0.040 * k)},
+              "node-peer": {"fanout-upgrade": _figures(0.006 * k)}} for k in (1.0, 1.1, 0.9)]
+    return {"results": runs.aggregate(every), "runs": every, "scenarios": {},
+            "machine": {"cpu": "x", "cores": "2", "python": "3", "kernel": "k"},
+            "finished": "now", "command": "python -m gateway bench --runs 3",
+            "seconds": 1.0}
+
+
+def _row(section: str, start: str) -> str:
+    return next(line for line in section.splitlines() if line.startswith(f"| {start}"))
+
+
+def test_the_targets_section_is_derived_from_the_json() -> None:
+    from gateway.bench import targets
+
+    stock_upgrade = "fan-out CPU per delivery, polling-then-upgrade clients"
+    fast = targets.markdown(_three_runs(nats_cpu=0.005))  # 8x stock, ahead of Node
+    assert "**met**: 8.00x [8.00-8.00]" in _row(fast, stock_upgrade)
+    assert "**met**: 1.20x" in _row(fast, "... and at or below the Node peer's")
+    assert "**met**" in _row(fast, "0 lost")
+    slow = targets.markdown(_three_runs(nats_cpu=0.008))  # the same run, ours slower
+    assert "not met: 5.00x" in _row(slow, stock_upgrade)
+    assert "not met: 0.75x" in _row(slow, "... and at or below the Node peer's")
+    assert "not measured" in _row(slow, "idle sockets: <= 7.5 KB"), "no idle scenario ran"
+    # one loss in one run fails the target, though the median of the runs is 0
+    report = _three_runs(nats_cpu=0.005)
+    report["runs"][1]["nats"]["fanout-upgrade"]["lost"] = 1
+    assert "not met: 1 / 0 / 0 / 0" in _row(targets.markdown(report), "0 lost")
+
+
+def test_several_runs_show_medians_and_ranges_and_any_runs_faults() -> None:
+    from gateway.bench import report as rep
+
+    report = _three_runs(nats_cpu=0.005)
+    report["runs"][2]["nats"]["fanout-upgrade"]["lost"] = 2
+    assert report["results"]["nats"]["fanout-upgrade"]["lost"] == 0, "the median hides it"
+    table = rep.markdown(report)
+    row = _row(table, "fanout-upgrade | nats")
+    assert "0.0050 [0.0045-0.0055] (8.00x [8.00-8.00])" in row
+    assert row.endswith("| 2 / 0 / 0 / 0 |"), "losses are added up over the runs"
+    assert rep.faults(report) == ["run 3: fanout-upgrade on nats: 2 lost"]
+
+
+def test_benchmarks_md_keeps_hand_written_sections(tmp_path: Path) -> None:
+    from gateway.bench import report as rep
+    from gateway.bench import scale_report
+
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\n## Measured by hand\n\nkept\n")
+    report = _three_runs(nats_cpu=0.005)
+    scale_report.write_benchmarks_md(path, report, rep.benchmarks_md(report))
+    first = path.read_text()
+    assert first.index("## Latest comparison") < first.index("## Measured by hand")
+    assert "8.00x [8.00-8.00]" in first and "kept" in first
+    report = _three_runs(nats_cpu=0.008)  # the next run replaces its own section only
+    scale_report.write_benchmarks_md(path, report, rep.benchmarks_md(report))
+    second = path.read_text()
+    assert second.count(scale_report.MAIN_START) == 1 and "kept" in second
+    assert "not met: 5.00x" in second and "8.00x [8.00-8.00]" not in second

@@ -12,15 +12,27 @@ from pathlib import Path
 from typing import Any
 
 from . import report as rep
-from . import scale_report
-from .runner import BENCH_BACKENDS, EXTRA_SCENARIOS, SCENARIOS, Params, describe, log, run_backend
+from . import runs, scale_report
+from .runner import (
+    BENCH_BACKENDS,
+    EXTRA_SCENARIOS,
+    OPTIONAL_BACKENDS,
+    SCENARIOS,
+    Params,
+    describe,
+    log,
+    run_backend,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny parameters: a smoke run in under a minute")
     parser.add_argument("--backends", default=",".join(BENCH_BACKENDS),
-                        help=f"comma-separated subset of {','.join(BENCH_BACKENDS)}")
+                        help=f"comma-separated subset of {','.join(BENCH_BACKENDS)} (the "
+                             f"default: all of them), or {','.join(OPTIONAL_BACKENDS)} (run "
+                             "only when named: Node.js socket.io + @socket.io/redis-adapter "
+                             "sharded)")
     parser.add_argument("--scenarios", "--scenario", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (the "
                              f"default: all of them), or {','.join(EXTRA_SCENARIOS)} (run "
@@ -28,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default=None,
                         help="output folder (default bench-results/<time>)")
     parser.add_argument("--write-benchmarks-md", action="store_true",
-                        help="also write the table into BENCHMARKS.md")
+                        help="also write the comparison section of BENCHMARKS.md (the "
+                             "tables and the targets' verdicts; other sections are kept) "
+                             "and the full JSON to docs/bench.json")
+    parser.add_argument("--runs", type=int, default=None, metavar="N",
+                        help="run every scenario N times; tables show medians and ranges "
+                             "(default 3, --quick 1)")
     parser.add_argument("--seed", type=int, default=7, help="random seed for room layouts")
     parser.add_argument("--idle-sockets", type=int, default=None, metavar="N",
                         help="sockets in the idle scenario (default 10000, --quick 300); "
@@ -44,7 +61,7 @@ def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    backends = _subset(args.backends, BENCH_BACKENDS, "--backends")
+    backends = _subset(args.backends, BENCH_BACKENDS + OPTIONAL_BACKENDS, "--backends")
     scenarios = _subset(args.scenarios, SCENARIOS + EXTRA_SCENARIOS, "--scenarios")
     for value in (backends, scenarios):
         if isinstance(value, str):
@@ -54,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     if args.idle_sockets is not None and args.idle_sockets < 1:
         print("gateway bench: error: --idle-sockets must be at least 1", file=sys.stderr)
         return 2
+    count = args.runs if args.runs is not None else (1 if args.quick else 3)
+    if count < 1:
+        print("gateway bench: error: --runs must be at least 1", file=sys.stderr)
+        return 2
     params = Params(quick=args.quick, seed=args.seed, idle_many=args.idle_sockets)
     problem = rep.charts_problem()
     if problem is not None:  # said before the run, not after it
@@ -61,10 +82,18 @@ def run(args: argparse.Namespace) -> int:
     folder = Path(args.output or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     started = time.time()
-    results: dict[str, Any] = {}
+    every: list[dict[str, Any]] = []
     try:
-        for backend in backends:
-            results[backend] = run_backend(backend, scenarios, workdir, params)
+        for k in range(count):
+            # every backend once per run, so that the machine's load drifts over all of
+            # them alike; the scale scenario (minutes, brokers of its own) runs once
+            results: dict[str, Any] = {}
+            mine = scenarios if k == 0 else [s for s in scenarios if s not in EXTRA_SCENARIOS]
+            if count > 1:
+                log(f"run {k + 1} of {count}")
+            for backend in backends:
+                results[backend] = run_backend(backend, mine, workdir, params)
+            every.append(results)
     except KeyboardInterrupt:
         log("interrupted")
         return 130
@@ -79,18 +108,26 @@ def run(args: argparse.Namespace) -> int:
         "quick": args.quick,
         "machine": rep.machine(),
         "scenarios": {k: v for k, v in describe(params).items() if k in scenarios},
-        "results": results,
+        # the medians over the runs (the tables' figures); every run's own in "runs"
+        "results": runs.aggregate(every) if count > 1 else every[0],
     }
+    if count > 1:
+        report["runs"] = every
     paths = rep.write(report, folder)
-    print(rep.markdown(report))
+    print(rep.full_markdown(report))
     if args.write_benchmarks_md:
         # the scale section survives runs of the other scenarios, and the reverse
         others = [s for s in scenarios if s not in EXTRA_SCENARIOS]
         scale_report.write_benchmarks_md(Path("BENCHMARKS.md"), report,
                                          rep.benchmarks_md(scale_report.without(report))
                                          if others else None, paths.get("scale"))
-        log("wrote BENCHMARKS.md")
+        if others:
+            rep.JSON_BESIDE_BENCHMARKS.parent.mkdir(parents=True, exist_ok=True)
+            rep.JSON_BESIDE_BENCHMARKS.write_text(paths["json"].read_text())
+        log(f"wrote BENCHMARKS.md{f' and {rep.JSON_BESIDE_BENCHMARKS}' if others else ''}")
     log(f"results in {paths['json'].parent} ({report['seconds']} s)")
+    for line in rep.disagreements(report):
+        log(f"warning: wasted receptions cross-check: {line}")
     bad = rep.faults(report)
     for fault in bad:
         log(f"FAILED: {fault}")

@@ -271,6 +271,8 @@ class LoadGen:
     received: list[tuple[str, int, int]] = field(default_factory=list)
     unexpected_closes: int = 0
     closing: bool = False
+    #: gateways the sockets are spread over (the urls of the last connect)
+    gateways: int = 0
 
     def on_event(self, sock: LeanSocket, data: list[Any], now: int) -> None:
         if data and data[0] == "chat":
@@ -317,6 +319,7 @@ class LoadGen:
                         connector=aiohttp.TCPConnector(limit=1)) as own:
                     await Upgrade(f"http://{host}:{port}").poll_then_upgrade(own, open_ws)
 
+        self.gateways = max(self.gateways, len(urls))
         self.sockets.extend([None] * count)  # type: ignore[list-item]
         self.gateway_of.extend((i % len(urls)) for i in range(count))
         await asyncio.gather(*(one(start + i) for i in range(count)))
@@ -429,6 +432,15 @@ class LoadGen:
             if rcpt not in self.members_at_send(self.sent[msg_id]):
                 unexpected += 1
         duplicated = sum(c - 1 for c in seen.values() if c > 1)
+        # what each gateway had to receive from the broker: one copy of each chat to a
+        # room with a member there besides the sender, sent from another gateway
+        needed = [0] * self.gateways
+        sent_per_room: dict[str, int] = defaultdict(int)
+        for s in self.sent.values():
+            sent_per_room[s.room] += 1
+            origin = self.gateway_of[s.sender]
+            for g in {self.gateway_of[m] for m in self.members_at_send(s)} - {origin}:
+                needed[g] += 1
         return {
             "messages": len(self.sent),
             "expected": expected,
@@ -438,6 +450,8 @@ class LoadGen:
             "misdelivered": unexpected + stray,
             "latency_ms": {"local": percentiles(local), "cross": percentiles(cross),
                            "all": percentiles(local + cross)},
+            "needed_per_gateway": needed,
+            "sent_per_room": dict(sent_per_room),
         }
 
     def reset(self) -> None:
@@ -550,6 +564,7 @@ async def serve() -> None:
                 gen.sockets.clear()
                 gen.gateway_of.clear()
                 gen.members.clear()
+                gen.gateways = 0
                 gen.unexpected_closes = 0
                 gen.closing = False
             elif op == "quit":

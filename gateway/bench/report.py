@@ -7,24 +7,30 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from . import scale_report
+from . import runs, scale_report
 
 BASELINE = "stock-redis"
 
 
-def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(scenario/phase, backend, figures) for every measured phase."""
-    rows = []
+def _phases(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(scenario/phase, backend, path in the results) for every measured phase."""
+    rows: list[tuple[str, str, tuple[str, ...]]] = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario in ("memory", "idle", "cluster-api", "scale"):
+            if scenario in ("memory", "idle", "cluster-api", "scale") or "skipped" in data:
                 continue  # tables of their own
             if scenario == "reference":
-                for phase, figures in data.items():
-                    rows.append((f"reference/{phase}", backend, figures))
+                for phase in data:
+                    rows.append((f"reference/{phase}", backend, (backend, scenario, phase)))
             else:
-                rows.append((scenario, backend, data))
+                rows.append((scenario, backend, (backend, scenario)))
     return rows
+
+
+def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(scenario/phase, backend, figures) for every measured phase."""
+    return [(label, backend, runs.get(results, path))
+            for label, backend, path in _phases(results)]
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -37,120 +43,179 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def _ratio(value: float | None, base: float | None, higher_is_better: bool) -> str:
-    if not value or not base:
-        return ""
-    ratio = value / base if higher_is_better else base / value
-    return f" ({ratio:.2f}x)"
+def all_runs(report: dict[str, Any]) -> list[dict[str, dict[str, Any]]]:
+    """Every run's results (a report of one run has no ``runs``)."""
+    return list(report.get("runs") or [report["results"]])
+
+
+class _Cells:
+    """Table cells from every run: median [min-max], and the ratio against the
+    baseline taken within each run, summarised the same way."""
+
+    def __init__(self, report: dict[str, Any]) -> None:
+        self.runs = all_runs(report)
+
+    def value(self, path: tuple[str, ...], digits: int = 1) -> str:
+        return runs.stat(runs.values(self.runs, path), digits)
+
+    def ratio(self, path: tuple[str, ...], higher_is_better: bool = False) -> str:
+        base = (BASELINE, *path[1:])
+        if path[0] == BASELINE:
+            return " (1.00x)" if runs.values(self.runs, base) else ""
+        found = runs.ratios(self.runs, path, base, higher_is_better)
+        return f" ({runs.stat(found, 2, 'x')})" if found else ""
+
+    def both(self, path: tuple[str, ...], digits: int = 1, higher_is_better: bool = False
+             ) -> str:
+        return self.value(path, digits) + self.ratio(path, higher_is_better)
+
+    def total(self, path: tuple[str, ...]) -> int:
+        """A count added up over the runs (losses: one in any run counts)."""
+        return int(sum(runs.values(self.runs, path)))
 
 
 def markdown(report: dict[str, Any]) -> str:
     results: dict[str, dict[str, Any]] = report["results"]
+    c = _Cells(report)
     lines = [
         "| scenario | backend | deliveries/s | gateway CPU-s per 1k deliveries | broker "
         "CPU-s per 1k | gateway + broker CPU-s per 1k | p50 / p99 / p99.9 ms "
-        "(cross-node p99) | gateway-broker bytes per delivery | all broker-node bytes per "
-        "delivery | wasted receptions | lost / dup / misdelivered / refused |",
+        "(cross-node p99) | gateway-broker bytes per delivery, on the sockets | all "
+        "broker-node bytes per delivery, on the sockets (with NATS routes, Redis cluster bus) "
+        "| wasted receptions: gateways' count (broker's count) | lost / dup / misdelivered / "
+        "refused, all runs |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    base_of: dict[str, dict[str, Any]] = {s: f for s, b, f in _rows(results) if b == BASELINE}
-    for scenario, backend, f in sorted(_rows(results), key=lambda r: (r[0], r[1])):
-        base = base_of.get(scenario, {})
-        lat = f["latency_ms"]["all"]
-        cross = f["latency_ms"]["cross"]
-        cpu = f["cpu_s_per_1000_deliveries"]
-        bcpu = f.get("broker_cpu_s_per_1000_deliveries")
-        total = f.get("total_cpu_s_per_1000_deliveries")
-        per = f["broker_bytes_per_delivery"]
-        node = f.get("broker_node_bytes_per_delivery")
+    for scenario, backend, path in sorted(_phases(results), key=lambda r: (r[0], r[1])):
+        f = runs.get(results, path)
+        lat = (*path, "latency_ms", "all")
         lines.append(
-            f"| {scenario} | {backend} | {_fmt(f['deliveries_per_s'])} | "
-            f"{_fmt(cpu, 4)}{_ratio(cpu, base.get('cpu_s_per_1000_deliveries'), False)} | "
-            f"{_fmt(bcpu, 4)} | "
-            f"{_fmt(total, 4)}{_ratio(total, base.get('total_cpu_s_per_1000_deliveries'), False)}"
-            " | "
-            f"{_fmt(lat['p50'], 2)} / {_fmt(lat['p99'], 2)} / {_fmt(lat['p999'], 2)} "
-            f"({_fmt(cross['p99'], 2)}) | "
-            f"{_fmt(per)}{_ratio(per, base.get('broker_bytes_per_delivery'), False)} | "
-            f"{_fmt(node)}{_ratio(node, base.get('broker_node_bytes_per_delivery'), False)} | "
-            f"{_fmt(f['wasted_receptions'])} | {f['lost']} / {f['duplicated']} / "
-            f"{f['misdelivered']} / {f.get('failures', 0)} |"
+            f"| {scenario} | {backend} | {c.value((*path, 'deliveries_per_s'))} | "
+            f"{c.both((*path, 'cpu_s_per_1000_deliveries'), 4)} | "
+            f"{c.value((*path, 'broker_cpu_s_per_1000_deliveries'), 4)} | "
+            f"{c.both((*path, 'total_cpu_s_per_1000_deliveries'), 4)} | "
+            f"{c.value((*lat, 'p50'), 2)} / {c.value((*lat, 'p99'), 2)} / "
+            f"{c.value((*lat, 'p999'), 2)} "
+            f"({c.value((*path, 'latency_ms', 'cross', 'p99'), 2)}) | "
+            f"{c.both((*path, 'broker_bytes_per_delivery'))} | "
+            f"{c.both((*path, 'broker_node_bytes_per_delivery'))} | "
+            f"{wasted_cell(f)} | {c.total((*path, 'lost'))} / "
+            f"{c.total((*path, 'duplicated'))} / {c.total((*path, 'misdelivered'))} / "
+            f"{c.total((*path, 'failures'))} |"
         )
     if len(lines) == 2:
         lines = []  # no scenario of this table ran (a scale-only run)
-    mem = [(b, s["memory"]) for b, s in results.items() if "memory" in s]
+    mem = [b for b, s in results.items() if "plain" in s.get("memory", {})]
     if mem:
-        base_mem = dict(mem).get(BASELINE, {})
-
-        def kb(m: dict[str, Any], variant: str, key: str) -> str:
-            value = m.get(variant, {}).get(key)
-            return f"{_fmt(value)}{_ratio(value, base_mem.get(variant, {}).get(key), False)}"
+        def kb(backend: str, variant: str, key: str) -> str:
+            return c.both((backend, "memory", variant, key))
 
         lines += ["", "| idle memory | backend | KB per socket: websocket client | "
                   "polling, then upgraded | client offering permessage-deflate (negotiated) | "
                   "+KB for a first room of its own (websocket / upgraded) | +KB per further "
                   "room of its own | +KB per shared-room membership |",
                   "|---|---|---|---|---|---|---|---|"]
-        for backend, m in mem:
-            defl = m["deflate-offered"]
+        for backend in mem:
+            defl = results[backend]["memory"]["deflate-offered"]
             lines.append(
-                f"| memory | {backend} | {kb(m, 'plain', 'kb_per_socket')} | "
-                f"{kb(m, 'upgraded', 'kb_per_socket')} | "
-                f"{kb(m, 'deflate-offered', 'kb_per_socket')} "
+                f"| memory | {backend} | {kb(backend, 'plain', 'kb_per_socket')} | "
+                f"{kb(backend, 'upgraded', 'kb_per_socket')} | "
+                f"{kb(backend, 'deflate-offered', 'kb_per_socket')} "
                 f"({defl['deflate_negotiated']} of {defl['sockets']}) | "
-                f"{kb(m, 'plain', 'kb_per_own_room')} / {kb(m, 'upgraded', 'kb_per_own_room')} | "
-                f"{kb(m, 'plain', 'kb_per_second_own_room')} / "
-                f"{kb(m, 'upgraded', 'kb_per_second_own_room')} | "
-                f"{kb(m, 'plain', 'kb_per_shared_room_membership')} / "
-                f"{kb(m, 'upgraded', 'kb_per_shared_room_membership')} |")
-    idle = [(b, s["idle"]) for b, s in results.items() if "idle" in s]
+                f"{kb(backend, 'plain', 'kb_per_own_room')} / "
+                f"{kb(backend, 'upgraded', 'kb_per_own_room')} | "
+                f"{kb(backend, 'plain', 'kb_per_second_own_room')} / "
+                f"{kb(backend, 'upgraded', 'kb_per_second_own_room')} | "
+                f"{kb(backend, 'plain', 'kb_per_shared_room_membership')} / "
+                f"{kb(backend, 'upgraded', 'kb_per_shared_room_membership')} |")
+    idle = [b for b, s in results.items() if "sockets" in s.get("idle", {})]
     if idle:
-        base_idle = dict(idle).get(BASELINE, {})
         lines += ["", "| idle sockets | backend | sockets | KB per socket | CPU ms per s per "
-                  "1k sockets | connect time s (sockets/s) | alive at the end |",
-                  "|---|---|---|---|---|---|---|"]
-        for backend, d in idle:
+                  "1k sockets | connect time s | sockets/s | alive at the end (least) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for backend in idle:
+            d = (backend, "idle")
+            alive = min(runs.values(c.runs, (*d, "alive_at_end")), default=0)
             lines.append(
-                f"| idle | {backend} | {d['sockets']:,} | {d['kb_per_socket']}"
-                f"{_ratio(d['kb_per_socket'], base_idle.get('kb_per_socket'), False)} | "
-                f"{d['cpu_ms_per_s_per_1k']}"
-                f"{_ratio(d['cpu_ms_per_s_per_1k'], base_idle.get('cpu_ms_per_s_per_1k'), False)}"
-                f" | {d['connect_seconds']} ({_fmt(d['sockets_per_s'])}) | "
-                f"{d['alive_at_end']:,} |")
-    churn = [(b, s["churn"]) for b, s in results.items() if "churn" in s]
+                f"| idle | {backend} | {results[backend]['idle']['sockets']:,} | "
+                f"{c.both((*d, 'kb_per_socket'), 2)} | "
+                f"{c.both((*d, 'cpu_ms_per_s_per_1k'), 3)} | "
+                f"{c.value((*d, 'connect_seconds'), 2)} | {c.value((*d, 'sockets_per_s'))} | "
+                f"{int(alive):,} |")
+    churn = [b for b, s in results.items() if "churn" in s.get("churn", {})]
     if churn:
         lines += ["", "| churn | backend | join/leave ops | broker subscription ops/s | "
                   "steady-room p99 ms during churn |", "|---|---|---|---|---|"]
-        for backend, c in churn:
-            lines.append(f"| churn | {backend} | {c['churn']['ops']} | "
-                         f"{c['broker_subscription_ops_per_s']} | "
-                         f"{_fmt(c['latency_ms']['all']['p99'], 2)} |")
-    api = [(b, s["cluster-api"]) for b, s in results.items()
-           if "all_alive_ms" in s.get("cluster-api", {})]
+        for backend in churn:
+            d = (backend, "churn")
+            lines.append(f"| churn | {backend} | {c.value((*d, 'churn', 'ops'), 0)} | "
+                         f"{c.value((*d, 'broker_subscription_ops_per_s'))} | "
+                         f"{c.value((*d, 'latency_ms', 'all', 'p99'), 2)} |")
+    api = [b for b, s in results.items() if "all_alive_ms" in s.get("cluster-api", {})]
     if api:
         lines += ["", "| cluster-api | backend | all gateways alive: p50 / p99 ms | one "
                   "SIGSTOPped: longest ms (timeout 5000) | after its heartbeats are missed: "
                   "p50 ms |", "|---|---|---|---|---|"]
-        for backend, a in api:
-            lines.append(f"| cluster-api | {backend} | {a['all_alive_ms']['p50']} / "
-                         f"{a['all_alive_ms']['p99']} | {a['one_stopped_ms']['max']} | "
-                         f"{a['after_heartbeats_missed_ms']['p50']} |")
+        for backend in api:
+            d = (backend, "cluster-api")
+            lines.append(f"| cluster-api | {backend} | {c.value((*d, 'all_alive_ms', 'p50'), 2)}"
+                         f" / {c.value((*d, 'all_alive_ms', 'p99'), 2)} | "
+                         f"{c.value((*d, 'one_stopped_ms', 'max'))} | "
+                         f"{c.value((*d, 'after_heartbeats_missed_ms', 'p50'), 2)} |")
     scale = scale_report.markdown(results)
     if scale:
         lines += ["", scale.rstrip("\n")] if lines else [scale.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
+def wasted_cell(f: dict[str, Any]) -> str:
+    """The gateways' count of wasted receptions, the broker's in parentheses; a
+    disagreement is flagged."""
+    own = _fmt(f["wasted_receptions"])
+    check = f.get("wasted_cross_check") or {}
+    if "wasted_by_broker" not in check:
+        return own
+    if check.get("agree") is None:
+        return f"{own} (n/a)"
+    if check["agree"]:
+        return f"{own} ({_fmt(check['wasted_by_broker'])})"
+    return f"{own} (**{_fmt(check['wasted_by_broker'])}: disagrees**)"
+
+
+def disagreements(report: dict[str, Any]) -> list[str]:
+    """Phases whose wasted receptions the broker counts differently from the gateways."""
+    every = all_runs(report)
+    return [f"{_run_label(k, every)}{scenario} on {backend}: gateways counted "
+            f"{f['wasted_receptions']} wasted receptions, the broker "
+            f"{f['wasted_cross_check']['wasted_by_broker']}"
+            for k, results in enumerate(every) for scenario, backend, f in _rows(results)
+            if (f.get("wasted_cross_check") or {}).get("agree") is False]
+
+
+def _run_label(k: int, every: list[dict[str, dict[str, Any]]]) -> str:
+    return f"run {k + 1}: " if len(every) > 1 else ""
+
+
+def full_markdown(report: dict[str, Any]) -> str:
+    """The tables, then the targets' verdicts derived from them."""
+    from . import targets
+
+    verdicts = targets.markdown(report)
+    return markdown(report) + ("\n" + verdicts if verdicts else "")
+
+
 def faults(report: dict[str, Any]) -> list[str]:
     """Every phase that lost, duplicated, misdelivered or refused a message."""
     out = []
-    for scenario, backend, f in _rows(report["results"]):
-        bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures")
-               if f.get(k, 0)}
-        if bad:
-            out.append(f"{scenario} on {backend}: "
-                       + ", ".join(f"{v} {k.replace('failures', 'refused')}"
-                                   for k, v in bad.items()))
+    every = all_runs(report)
+    for n, results in enumerate(every):
+        for scenario, backend, f in _rows(results):
+            bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures")
+                   if f.get(k, 0)}
+            if bad:
+                out.append(f"{_run_label(n, every)}{scenario} on {backend}: "
+                           + ", ".join(f"{v} {k.replace('failures', 'refused')}"
+                                       for k, v in bad.items()))
     return out
 
 
@@ -195,7 +260,7 @@ def write(report: dict[str, Any], folder: Path) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "results.json", "markdown": folder / "results.md"}
     paths["json"].write_text(json.dumps(report, indent=2))
-    paths["markdown"].write_text(markdown(report))
+    paths["markdown"].write_text(full_markdown(report))
     if charts_problem() is not None:
         return paths
     for path in [*charts(report, folder), *scale_report.charts(report["results"], folder)]:
@@ -228,11 +293,25 @@ def machine() -> dict[str, str]:
             "kernel": platform.release()}
 
 
+#: where --write-benchmarks-md keeps the run's full JSON, next to BENCHMARKS.md
+JSON_BESIDE_BENCHMARKS = Path("docs") / "bench.json"
+
+
 def benchmarks_md(report: dict[str, Any]) -> str:
+    """BENCHMARKS.md's comparison section (between its markers): the run, its tables,
+    and the targets' verdicts derived from them."""
+    from . import targets
+
     m = report["machine"]
+    count = len(all_runs(report))
+    verdicts = targets.markdown(report)
     return (
-        "# Benchmarks\n\n"
-        f"Latest run: {report['finished']}, `{report['command']}`.\n\n"
+        f"{scale_report.MAIN_START}\n"
+        f"## Latest comparison\n\n"
+        f"Run: {report['finished']}, `{report['command']}` ({report['seconds']:.0f} s; "
+        f"{count} run{'s' if count != 1 else ''} of every scenario"
+        + ("; medians, with the range over the runs in brackets" if count > 1 else "")
+        + f"). The full JSON is `{JSON_BESIDE_BENCHMARKS}`.\n\n"
         f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Linux {m['kernel']}. "
         "Brokers, gateways and the load generator share these cores, so absolute figures "
         "drift between runs; the ratios in parentheses compare each backend with "
@@ -240,10 +319,19 @@ def benchmarks_md(report: dict[str, Any]) -> str:
         "Backends: `nats` (NatsManager, 3-node NATS full mesh), `redis-sharded` "
         "(RedisShardedManager, 3-master Redis Cluster, SSUBSCRIBE/SPUBLISH), `stock-redis` "
         "(AsyncRedisManager on one Redis), `redis-cluster-classic` (AsyncRedisManager with "
-        "classic PUBLISH/SUBSCRIBE on the same Redis Cluster).\n\n"
+        "classic PUBLISH/SUBSCRIBE on the same Redis Cluster), `node-peer` when named (Node "
+        "socket.io 4.8 + @socket.io/redis-adapter's createShardedAdapter on a 3-master Redis "
+        "Cluster, the same chat protocol: gateway/bench/node_peer/server.mjs).\n\n"
+        "Broker bytes are counted by the kernel on the sockets (`ss -tin`), the same way "
+        "for every broker: between the gateways and the brokers, and on every socket of the "
+        "broker nodes (so with NATS routes and the Redis Cluster bus). Wasted receptions are "
+        "the gateways' count, with the broker's own count in parentheses (NATS: per "
+        "gateway connection and subscription; Redis: channel subscribers x chats, all "
+        "gateways together).\n\n"
         "Scenario parameters:\n\n"
         + "".join(f"- **{k}**: {', '.join(f'{a}={b}' for a, b in v.items())}\n"
                   for k, v in report["scenarios"].items())
         + "\n" + markdown(report)
-        + "\nCharts and the full JSON are written next to `results.md` in the output folder.\n"
+        + ("\n" + verdicts if verdicts else "")
+        + f"{scale_report.MAIN_END}\n"
     )

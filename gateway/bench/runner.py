@@ -2,8 +2,9 @@
 
 Every backend runs the same scenarios in one run, with the same load generator
 (a separate process) and the same gateway handlers; only the client manager and
-its broker change. Gateway CPU comes from /proc, broker traffic from the brokers'
-own counters (NATS /varz, Redis INFO), gateway traffic from /metrics.
+its broker change. CPU comes from /proc, broker bytes from the kernel's counters of
+the gateway<->broker sockets (``broker_traffic.py``), the same way for every broker,
+gateway traffic from /metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from ..processes import (
     stop_all,
     wait_gateways,
 )
+from . import broker_traffic, node_peer
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -42,6 +44,8 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
                    "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
 BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
+#: run only when named in --backends (Node.js socket.io, see node_peer/)
+OPTIONAL_BACKENDS = (node_peer.NODE_PEER,)
 #: every bench gateway's flags: quiet, and rate limits far above any load the bench
 #: makes, so that they never refuse a send (a refused send would be counted, not
 #: hidden) nor stand in the way of the census
@@ -95,7 +99,7 @@ class Broker:
     def start(self) -> None:
         if self.name == "nats":
             self.cluster = NatsCluster(self.workdir / "nats", size=3)
-        elif self.name in ("redis-sharded", "redis-cluster-classic"):
+        elif self.name in ("redis-sharded", "redis-cluster-classic", node_peer.NODE_PEER):
             # redis-cluster-classic: AsyncRedisManager's PUBLISH/SUBSCRIBE on the same
             # cluster, each gateway on another master
             self.cluster = RedisCluster(self.workdir / "redis", size=3)
@@ -139,6 +143,15 @@ class Broker:
             out[rnode.name] = {"in_msgs": float(calls), "in_bytes": net_in, "out_bytes": net_out,
                                "client_in_bytes": net_in, "client_out_bytes": net_out}
         return out
+
+
+def start_bench_gateway(broker: Broker, workdir: Path, node_id: str, index: int = 0
+                        ) -> GatewayNode:
+    """Gateway ``index`` of ``broker``'s system (for node-peer: a Node socket.io server)."""
+    if broker.name == node_peer.NODE_PEER:
+        return node_peer.start(workdir, node_id, free_ports(1)[0], broker.cluster, index)
+    name, args = broker.gateway(index)
+    return start_gateway(workdir, node_id, free_ports(1)[0], name, args, extra=GATEWAY_FLAGS)
 
 
 # -- the load generator ------------------------------------------------------------
@@ -197,11 +210,15 @@ class Snapshot:
     #: CPU seconds of each broker node process
     broker_cpu: dict[str, float] = field(default_factory=dict)
     at: float = field(default_factory=time.monotonic)
+    #: gateway<->broker sockets and the brokers' per-connection counts
+    wire: broker_traffic.BrokerView | None = None
 
 
 def snapshot(gateways: list[GatewayNode], broker: Broker) -> Snapshot:
     nodes = broker.cluster.nodes if broker.cluster is not None else []
+    wire = broker_traffic.view(broker.name, gateways, broker.cluster)  # first: see view()
     return Snapshot(
+        wire=wire,
         cpu={g.node_id: cpu_seconds(g.child.pid) for g in gateways if g.child},
         gateway={g.node_id: metrics(g.url) for g in gateways},
         broker=broker.counters(),
@@ -226,11 +243,7 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
     unwanted = gw_delta("gateway_broker_messages_unwanted_total")
     broker = {node: {k: after.broker[node][k] - before.broker[node].get(k, 0)
                      for k in after.broker[node]} for node in after.broker}
-    # bytes between gateways and brokers; and all bytes of the broker nodes, which for
-    # NATS also counts each message again on every route it crosses
-    broker_bytes = sum(v.get("client_in_bytes", 0) + v.get("client_out_bytes", 0)
-                       for v in broker.values())
-    node_bytes = sum(v.get("in_bytes", 0) + v.get("out_bytes", 0) for v in broker.values())
+    assert before.wire is not None and after.wire is not None
     seconds = result.get("seconds") or (after.at - before.at)
     return {
         "messages": result["messages"],
@@ -254,11 +267,11 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "gateway_received_msgs": {k: int(v) for k, v in received.items()},
         "gateway_received_bytes": {k: int(v) for k, v in received_bytes.items()},
         "wasted_receptions": int(sum(unwanted.values())),
+        "wasted_cross_check": broker_traffic.cross_check(
+            before.wire, after.wire, result, {k: int(v) for k, v in unwanted.items()}),
+        # the brokers' own counters (NATS /varz: payload bytes; Redis INFO: its clients)
         "broker": {n: {k: int(v) for k, v in d.items()} for n, d in broker.items()},
-        "broker_bytes_total": int(broker_bytes),
-        "broker_bytes_per_delivery": round(broker_bytes / delivered, 2) if delivered else None,
-        "broker_node_bytes_total": int(node_bytes),
-        "broker_node_bytes_per_delivery": round(node_bytes / delivered, 2) if delivered else None,
+        **broker_traffic.traffic(before.wire, after.wire, delivered),
     }
 
 
@@ -486,9 +499,8 @@ def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> d
     in one shared room."""
     variants = (("plain", False, False), ("deflate-offered", True, False),
                 ("upgraded", False, True))
-    name, args = broker.gateway(0)
-    gws = [start_gateway(workdir, f"{backend}-mem-{variant}", free_ports(1)[0], name, args,
-                         extra=GATEWAY_FLAGS) for variant, _, _ in variants]
+    gws = [start_bench_gateway(broker, workdir, f"{backend}-mem-{variant}")
+           for variant, _, _ in variants]
     out: dict[str, Any] = {}
     lg = LoadGenProcess()
     n = p.idle_sockets
@@ -595,9 +607,7 @@ def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dic
     second per 1,000 sockets while engine.io pings flow, and the time to connect
     them all (load generators connect in parallel, each from its own 127.0.0.x)."""
     n = p.idle_count
-    name, args = broker.gateway(0)
-    gw = start_gateway(workdir, f"{backend}-idle", free_ports(1)[0], name, args,
-                       extra=GATEWAY_FLAGS)
+    gw = start_bench_gateway(broker, workdir, f"{backend}-idle")
     gens = [LoadGenProcess() for _ in range(_idle_generators(n))]
     try:
         wait_gateways([gw])
@@ -651,6 +661,10 @@ SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
 def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
                 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
+    if backend == node_peer.NODE_PEER:
+        results.update({s: {"skipped": why} for s, why in node_peer.SKIPPED.items()
+                        if s in scenarios})
+        scenarios = [s for s in scenarios if s not in node_peer.SKIPPED]
     if "scale" in scenarios:  # brokers of its own (3 and 5 NATS nodes)
         from .scale import run_scale
 
@@ -671,10 +685,8 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
             lg = LoadGenProcess()
             try:
                 for i in range(count):
-                    name, args = broker.gateway(i)
-                    gws.append(start_gateway(workdir / backend, f"{backend}-gw{count}-{i + 1}",
-                                             free_ports(1)[0], name, args,
-                                             extra=GATEWAY_FLAGS))
+                    gws.append(start_bench_gateway(broker, workdir / backend,
+                                                   f"{backend}-gw{count}-{i + 1}", i))
                 wait_gateways(gws)
                 for scenario in group:
                     log(f"{backend}: {scenario} on {count} gateways")

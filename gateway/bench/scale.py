@@ -39,6 +39,7 @@ from ..processes import (
     stop_all,
     wait_gateways,
 )
+from .broker_traffic import broker_ports
 from .runner import GATEWAY_BACKEND, GATEWAY_FLAGS, LoadGenProcess, cpu_seconds, log, metrics
 from .sockets import SocketSnapshot, Traffic
 
@@ -180,15 +181,13 @@ class ScaleBroker:
         return list(self.cluster.nodes)
 
     def client_ports(self) -> set[int]:
-        if isinstance(self.cluster, NatsCluster):
-            return {n.client_port for n in self.nodes}
-        return {n.port for n in self.nodes}
+        assert self.cluster is not None
+        return broker_ports(self.cluster)[0]
 
     def all_ports(self) -> set[int]:
         """Client ports and the ports between broker nodes (routes, the cluster bus)."""
-        if isinstance(self.cluster, NatsCluster):
-            return self.client_ports() | {n.route_port for n in self.nodes}
-        return self.client_ports() | {p + 10000 for p in self.client_ports()}
+        assert self.cluster is not None
+        return broker_ports(self.cluster)[1]
 
     def gateway_args(self, index: int) -> list[str]:
         if isinstance(self.cluster, NatsCluster):

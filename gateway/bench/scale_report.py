@@ -187,29 +187,53 @@ def without(report: dict[str, Any]) -> dict[str, Any]:
     results = {b: {k: v for k, v in s.items() if k != "scale"}
                for b, s in report["results"].items()}
     scenarios = {k: v for k, v in report["scenarios"].items() if k != "scale"}
-    return {**report, "results": results, "scenarios": scenarios}
+    out = {**report, "results": results, "scenarios": scenarios}
+    if "runs" in report:
+        out["runs"] = [{b: {k: v for k, v in s.items() if k != "scale"} for b, s in r.items()}
+                       for r in report["runs"]]
+    return out
 
 
 #: where BENCHMARKS.md's scale chart lives (next to it)
 CHART = Path("docs") / "scale.png"
 
 
+#: BENCHMARKS.md's comparison section (the other scenarios), written by a run with
+#: --write-benchmarks-md; sections outside the markers (written by hand) are kept
+MAIN_START = "<!-- comparison: written by `python -m gateway bench --write-benchmarks-md` -->"
+MAIN_END = "<!-- /comparison -->"
+
+
+def replace_section(text: str, start: str, end: str, new: str | None, at_top: bool) -> str:
+    """``text`` with the part from ``start`` to ``end`` replaced by ``new`` (None: kept).
+    Without such a part, ``new`` goes after the title (``at_top``) or at the end."""
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end) + r"\n?", re.S)
+    if new is None:
+        return text
+    new = new.rstrip("\n") + "\n"
+    if pattern.search(text):
+        return pattern.sub(lambda _: new, text, count=1)
+    if not at_top:
+        return text.rstrip("\n") + "\n\n" + new if text.strip() else new
+    title, sep, rest = text.partition("\n")
+    if not title.startswith("# "):
+        return new + ("\n" + text if text.strip() else "")
+    return f"{title}\n\n{new}\n{rest.lstrip(chr(10))}" if sep else f"{title}\n\n{new}"
+
+
 def write_benchmarks_md(path: Path, report: dict[str, Any], main: str | None,
                         chart: Path | None = None) -> None:
-    """Write BENCHMARKS.md: ``main`` (the other scenarios' text; None keeps the file's)
-    and the scale section (this report's, else the file's); a scale ``chart`` is copied
+    """Write BENCHMARKS.md: ``main`` (the comparison section, between :data:`MAIN_START`
+    and :data:`MAIN_END`; None keeps the file's) and the scale section (this report's,
+    else the file's); everything else in the file is kept. A scale ``chart`` is copied
     to :data:`CHART` beside it."""
     if chart is not None:
         target = path.parent / CHART
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(chart.read_bytes())
-    old = path.read_text() if path.exists() else ""
-    pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?",
-                         re.S)
-    found = pattern.search(old)
-    kept = found.group(0) if found else ""
-    rest = pattern.sub("", old).rstrip("\n") + "\n"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    text = replace_section(text, MAIN_START, MAIN_END, main, at_top=True)
     has_scale = any("runs" in s.get("scale", {}) for s in report["results"].values())
-    scale = section(report) if has_scale else kept
-    body = (main if main is not None else rest).rstrip("\n") + "\n"
-    path.write_text(body + ("\n" + scale if scale else ""))
+    text = replace_section(text, SECTION_START, SECTION_END,
+                           section(report) if has_scale else None, at_top=False)
+    path.write_text(text)
