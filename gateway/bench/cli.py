@@ -13,14 +13,25 @@ from typing import Any
 
 from . import report as rep
 from . import scale_report
-from .runner import BENCH_BACKENDS, EXTRA_SCENARIOS, SCENARIOS, Params, describe, log, run_backend
+from .runner import (
+    BENCH_BACKENDS,
+    EXTRA_SCENARIOS,
+    RECOVERY_BACKENDS,
+    SCENARIOS,
+    Params,
+    describe,
+    log,
+    run_backend,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="tiny parameters: a smoke run in under a minute")
     parser.add_argument("--backends", default=",".join(BENCH_BACKENDS),
-                        help=f"comma-separated subset of {','.join(BENCH_BACKENDS)}")
+                        help=f"comma-separated subset of {','.join(BENCH_BACKENDS)} (the "
+                             f"default: all of them), or {','.join(RECOVERY_BACKENDS)} (run "
+                             "only when named: gateways with --recovery)")
     parser.add_argument("--scenarios", "--scenario", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (the "
                              f"default: all of them), or {','.join(EXTRA_SCENARIOS)} (run "
@@ -44,7 +55,7 @@ def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    backends = _subset(args.backends, BENCH_BACKENDS, "--backends")
+    backends = _subset(args.backends, BENCH_BACKENDS + RECOVERY_BACKENDS, "--backends")
     scenarios = _subset(args.scenarios, SCENARIOS + EXTRA_SCENARIOS, "--scenarios")
     for value in (backends, scenarios):
         if isinstance(value, str):

@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from . import scale_report
+from . import recovery_report, scale_report
 
 BASELINE = "stock-redis"
 
@@ -17,7 +17,8 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, 
     rows = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario in ("memory", "idle", "cluster-api", "scale"):
+            if scenario in ("memory", "idle", "cluster-api", "scale",
+                            *recovery_report.OWN_TABLES):
                 continue  # tables of their own
             if scenario == "reference":
                 for phase, figures in data.items():
@@ -135,6 +136,7 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| cluster-api | {backend} | {a['all_alive_ms']['p50']} / "
                          f"{a['all_alive_ms']['p99']} | {a['one_stopped_ms']['max']} | "
                          f"{a['after_heartbeats_missed_ms']['p50']} |")
+    lines += recovery_report.markdown(results)
     scale = scale_report.markdown(results)
     if scale:
         lines += ["", scale.rstrip("\n")] if lines else [scale.rstrip("\n")]
@@ -142,16 +144,16 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def faults(report: dict[str, Any]) -> list[str]:
-    """Every phase that lost, duplicated, misdelivered or refused a message."""
+    """Every phase that lost, duplicated, misdelivered, refused or reordered a message."""
     out = []
     for scenario, backend, f in _rows(report["results"]):
-        bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures")
-               if f.get(k, 0)}
+        bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures",
+                                        "out_of_order") if f.get(k, 0)}
         if bad:
             out.append(f"{scenario} on {backend}: "
-                       + ", ".join(f"{v} {k.replace('failures', 'refused')}"
+                       + ", ".join(f"{v} {k.replace('failures', 'refused').replace('_', ' ')}"
                                    for k, v in bad.items()))
-    return out
+    return out + recovery_report.faults(report)
 
 
 def charts(report: dict[str, Any], folder: Path) -> list[Path]:
