@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -99,6 +100,18 @@ def scenario_reconnect_storm(lg: LoadGenProcess, gws: list[GatewayNode], broker:
             "gateway-kill": _phase(lg, gws, broker, sp, p.seed + 1, kill=True)}
 
 
+def _quiet(cpu: Callable[[], tuple[float, float, float]], timeout: float = 10.0) -> None:
+    """Wait until the gateways and brokers use under 10% of a core, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = cpu()
+    while time.monotonic() < deadline:
+        time.sleep(0.25)
+        now = cpu()
+        if (now[1] + now[2] - last[1] - last[2]) < 0.1 * (now[0] - last[0]):
+            return
+        last = now
+
+
 def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: StormParams,
            seed: int, kill: bool) -> dict[str, Any]:
     from .runner import GATEWAY_FLAGS, cpu_seconds, metrics
@@ -123,15 +136,25 @@ def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: Storm
     for i in dropped:
         last_words.setdefault(rooms[sp.rooms_of(i)[0]], i)
     survivors = [gws[0]] if kill else list(gws)
-    pids = [g.child.pid for g in survivors if g.child is not None]
     before = {g.url: metrics(g.url) for g in survivors}
+    gateway_pids = [g.child.pid for g in survivors if g.child is not None]
+    assert broker.cluster is not None
+    broker_pids = [n.child.pid for n in broker.cluster.nodes if n.child is not None]
 
+    def cpu() -> tuple[float, float, float]:
+        """(time, gateway CPU-s, broker CPU-s) so far"""
+        return (time.monotonic(), sum(cpu_seconds(pid) for pid in gateway_pids),
+                sum(cpu_seconds(pid) for pid in broker_pids))
+
+    # the sessions written at connect and join (and at the last phase's close) first,
+    # so that the CPU before the drop is the traffic's alone
+    _quiet(cpu)
     lg.call(op="traffic", pairs=pairs, rate=sp.rate_msgs_per_s)
-    cpu0, t0 = sum(cpu_seconds(pid) for pid in pids), time.monotonic()
+    cpu0 = cpu()
     time.sleep(sp.warm_s)
     failures += lg.call(op="say", pairs=[[i, room] for room, i in last_words.items()],
                         text="last words")["failures"]
-    cpu1, t1 = sum(cpu_seconds(pid) for pid in pids), time.monotonic()
+    cpu1 = cpu()
     if kill:
         victim = gws[1].child
         assert victim is not None
@@ -140,7 +163,7 @@ def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: Storm
     lg.call(op="drop", sockets=dropped, reset=not kill)
     time.sleep(sp.outage_s)
     lg.call(op="recover", targets=targets, urls=urls, spread=sp.spread_s, seed=seed)
-    cpu2, t2 = sum(cpu_seconds(pid) for pid in pids), time.monotonic()
+    cpu2 = cpu()
     time.sleep(sp.tail_s)
     res = lg.call(op="finish", timeout=60)
     after = {g.url: metrics(g.url) for g in survivors}
@@ -155,12 +178,18 @@ def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: Storm
         return int(sum(after[u].get(counter, 0) - before[u].get(counter, 0) for u in after))
 
     rec = res.pop("recovery")
-    sessions = max(1, rec["recovered"])
-    # the storm's CPU above what the traffic alone cost per second before it
-    traffic_rate = (cpu1 - cpu0) / (t1 - t0)
-    storm_cpu = (cpu2 - cpu1) - traffic_rate * (t2 - t1)
+    sessions = max(1, int(rec["recovered"]))
+
+    def per_session(k: int) -> float:
+        """CPU-ms per restore from the drop to the last CONNECT reply, above what the
+        traffic alone cost per second before the drop"""
+        traffic_rate = (cpu1[k] - cpu0[k]) / (cpu1[0] - cpu0[0])
+        storm = (cpu2[k] - cpu1[k]) - traffic_rate * (cpu2[0] - cpu1[0])
+        return round(1000 * max(storm, 0.0) / sessions, 2)
+
     res.pop("latency_ms")  # chats that waited out the outage: not a latency
     return {**res, "failures": res["failures"] + failures, **rec,
             "server_recovered": server("gateway_sessions_recovered_total"),
             "server_refused": server("gateway_sessions_recovery_refused_total"),
-            "gateway_cpu_ms_per_session": round(1000 * max(storm_cpu, 0.0) / sessions, 2)}
+            "gateway_cpu_ms_per_session": per_session(1),
+            "broker_cpu_ms_per_session": per_session(2)}

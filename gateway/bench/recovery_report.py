@@ -77,7 +77,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> list[str]:
                   "(gateways' count) | packets replayed | stored while away: replayed "
                   "before CONNECT | recovery ms p50 / p99 / max (reconnect to caught up) | "
                   "since the drop p50 / p99 ms | storm s (first reconnect to last caught up) "
-                  "| gateway CPU-ms per restore | chats / deliveries | lost / dup / "
+                  "| CPU-ms per restore: gateways / NATS | chats / deliveries | lost / dup / "
                   "misdelivered / out of order / refused sends |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for backend, phase, f in storms:
@@ -89,7 +89,8 @@ def markdown(results: dict[str, dict[str, Any]]) -> list[str]:
                 f"{_f(f['sent_while_away'])}: {_f(f['replayed_while_away'])} | "
                 f"{_f(rec['p50'], 1)} / {_f(rec['p99'], 1)} / {_f(rec['max'], 1)} | "
                 f"{_f(drop['p50'], 1)} / {_f(drop['p99'], 1)} | {_f(f['storm_seconds'])} | "
-                f"{_f(f['gateway_cpu_ms_per_session'])} | {_f(f['messages'])} / "
+                f"{_f(f['gateway_cpu_ms_per_session'])} / "
+                f"{_f(f['broker_cpu_ms_per_session'])} | {_f(f['messages'])} / "
                 f"{_f(f['delivered'])} | {f['lost']} / {f['duplicated']} / "
                 f"{f['misdelivered']} / {f['out_of_order']} / {f['failures']} |")
     return lines
