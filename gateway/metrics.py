@@ -46,6 +46,11 @@ _COUNTERS = {
                          "heartbeats included (also in gateway_broker_messages_received)"),
     "cluster_received_bytes": ("gateway_cluster_bytes_received",
                                "Their bytes (also in gateway_broker_bytes_received)"),
+    "recovery_attempts": ("gateway_sessions_recovery_attempts",
+                          "Reconnects that asked to restore a session (--recovery)"),
+    "recovered": ("gateway_sessions_recovered", "Sessions restored, missed packets replayed"),
+    "recovery_refused": ("gateway_sessions_recovery_refused",
+                         "Restores refused or failed (the client got a new session)"),
 }
 
 

@@ -17,6 +17,7 @@ from .runner import (
     BENCH_BACKENDS,
     EXTRA_SCENARIOS,
     OPTIONAL_BACKENDS,
+    RECOVERY_BACKENDS,
     SCENARIOS,
     Params,
     describe,
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of {','.join(BENCH_BACKENDS)} (the "
                              f"default: all of them), or {','.join(OPTIONAL_BACKENDS)} (run "
                              "only when named: Node.js socket.io + @socket.io/redis-adapter "
-                             "sharded)")
+                             f"sharded), or {','.join(RECOVERY_BACKENDS)} (run only when "
+                             "named: gateways with --recovery)")
     parser.add_argument("--scenarios", "--scenario", default=",".join(SCENARIOS),
                         help=f"comma-separated subset of {','.join(SCENARIOS)} (the "
                              f"default: all of them), or {','.join(EXTRA_SCENARIOS)} (run "
@@ -61,7 +63,8 @@ def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    backends = _subset(args.backends, BENCH_BACKENDS + OPTIONAL_BACKENDS, "--backends")
+    backends = _subset(args.backends, BENCH_BACKENDS + OPTIONAL_BACKENDS + RECOVERY_BACKENDS,
+                       "--backends")
     scenarios = _subset(args.scenarios, SCENARIOS + EXTRA_SCENARIOS, "--scenarios")
     for value in (backends, scenarios):
         if isinstance(value, str):

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
+import socket
 import struct
 import sys
 import time
@@ -45,7 +47,7 @@ class LeanSocket(asyncio.Protocol):
     """One Engine.IO/Socket.IO websocket client connection."""
 
     def __init__(self, index: int, host: str, port: int, gen: LoadGen, deflate: bool,
-                 upgrade: Upgrade | None = None) -> None:
+                 upgrade: Upgrade | None = None, auth: dict[str, str] | None = None) -> None:
         self.index = index
         self.host = host
         self.port = port
@@ -64,6 +66,17 @@ class LeanSocket(asyncio.Protocol):
         self.next_ack = 0
         self.closed = False
         self.fragments: list[bytes] = []
+        #: connection state recovery, as socket.io-client keeps it: the pid of the
+        #: CONNECT reply and the offset of the last event (kept across a reconnect,
+        #: which sends them back as its CONNECT ``auth``)
+        self.auth = auth
+        self.pid: str | None = auth.get("pid") if auth else None
+        self.offset: str | None = None
+        #: the CONNECT reply gave back the pid sent: the session was restored
+        self.recovered = False
+        self.connected_ns = 0
+        #: events received before the CONNECT reply (what a restore replays)
+        self.before_connect = 0
 
     # -- connection --------------------------------------------------------------
 
@@ -173,7 +186,12 @@ class LeanSocket(asyncio.Protocol):
                 if fut is not None and not fut.done():
                     fut.set_result(json.loads(body[i:])[0])
             elif sio == "0":  # CONNECT
-                self.sid = json.loads(body[1:])["sid"]
+                reply = json.loads(body[1:])
+                self.sid = reply["sid"]
+                pid = reply.get("pid")
+                self.recovered = pid is not None and pid == self.pid  # as socket.io-client
+                self.pid = pid
+                self.connected_ns = time.monotonic_ns()
                 if not self.connected.done():
                     self.connected.set_result(None)
             elif sio in "14" and not self.connected.done():
@@ -184,7 +202,7 @@ class LeanSocket(asyncio.Protocol):
             upgrade = self.upgrade
             upgrade.probed(self)
         elif kind == "0":  # engine.io open
-            self.send_text("40")
+            self.send_text("40" + (json.dumps(self.auth) if self.auth else ""))
 
     def call(self, event: str, *args: Any) -> asyncio.Future[Any]:
         self.next_ack += 1
@@ -196,6 +214,16 @@ class LeanSocket(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+    def drop(self) -> None:
+        """Lose the connection as a network does: no close frame, no DISCONNECT, the
+        TCP connection reset (SO_LINGER 0)."""
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
 
 class Upgrade:
@@ -211,6 +239,7 @@ class Upgrade:
         self.base = base
         self.eio_sid = ""
         self.sio_sid: str | None = None
+        self.pid: str | None = None
         self.pending_poll: asyncio.Task[str] | None = None
 
     async def poll_then_upgrade(self, session: Any, make_socket: Any) -> LeanSocket:
@@ -227,8 +256,8 @@ class Upgrade:
         while "40{" not in received:
             async with session.get(url) as resp:
                 received += await resp.text()
-        sio = received[received.index("40{") + 2:].split("\x1e", 1)[0]
-        self.sio_sid = json.loads(sio)["sid"]
+        sio = json.loads(received[received.index("40{") + 2:].split("\x1e", 1)[0])
+        self.sio_sid, self.pid = sio["sid"], sio.get("pid")
 
         async def poll() -> str:
             async with session.get(url) as resp:
@@ -242,7 +271,7 @@ class Upgrade:
         """``3probe`` came: send ``5`` once the pending poll has returned."""
         def upgrade(_: Any = None) -> None:
             sock.send_text("5")
-            sock.sid = self.sio_sid
+            sock.sid, sock.pid = self.sio_sid, self.pid
             if not sock.connected.done():
                 sock.connected.set_result(None)
 
@@ -257,6 +286,8 @@ class Sent:
     sender: int
     room: str
     send_ns: int
+    #: when its ack came (with recovery on: once it was stored)
+    ack_ns: int = 0
 
 
 @dataclass
@@ -269,14 +300,32 @@ class LoadGen:
     sent: dict[str, Sent] = field(default_factory=dict)
     #: (msg id, recipient index, receive time ns)
     received: list[tuple[str, int, int]] = field(default_factory=list)
+    #: (msg id, recipient index, offset) of every chat that came with an offset, in the
+    #: order received
+    offsets: list[tuple[str, int, int]] = field(default_factory=list)
     unexpected_closes: int = 0
     closing: bool = False
     #: gateways the sockets are spread over (the urls of the last connect)
     gateways: int = 0
+    #: the reconnect storm: drop time per dropped socket, background chat traffic
+    dropped_ns: dict[int, int] = field(default_factory=dict)
+    reconnect_ns: dict[int, int] = field(default_factory=dict)
+    previous_sid: dict[int, str] = field(default_factory=dict)
+    traffic: Traffic | None = None
 
     def on_event(self, sock: LeanSocket, data: list[Any], now: int) -> None:
+        if not sock.connected.done():
+            sock.before_connect += 1
+        # socket.io-client's rule: with a pid, a last argument that is a string is the
+        # offset (and not one of the event's arguments)
+        offset = data[-1] if sock.pid is not None and len(data) > 1 \
+            and isinstance(data[-1], str) else None
+        if offset is not None:
+            sock.offset = offset
         if data and data[0] == "chat":
             self.received.append((data[1]["id"], sock.index, now))
+            if offset is not None:
+                self.offsets.append((data[1]["id"], sock.index, int(offset)))
 
     def on_closed(self, sock: LeanSocket) -> None:
         if not self.closing:
@@ -290,24 +339,15 @@ class LoadGen:
         does by default."""
         import aiohttp
 
-        loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(concurrency)
         start = len(self.sockets)
         t0 = time.monotonic()
 
         async def one(i: int) -> None:
-            gw = (i - start) % len(urls)
-            parts = urlsplit(urls[gw])
-            host, port = parts.hostname or "127.0.0.1", parts.port or 80
+            url = urls[(i - start) % len(urls)]
 
             async def open_ws(up: Upgrade | None) -> LeanSocket:
-                _, proto = await loop.create_connection(
-                    lambda: LeanSocket(i, host, port, self, deflate, up), host, port,
-                    local_addr=(local_host, 0) if local_host else None)
-                self.sockets[i] = proto
-                async with asyncio.timeout(30):
-                    await proto.connected
-                return proto
+                return await self.open_socket(i, url, deflate, up, local_host)
 
             async with sem:
                 if not upgrade:
@@ -317,7 +357,7 @@ class LoadGen:
                 # the socket is upgraded
                 async with aiohttp.ClientSession(
                         connector=aiohttp.TCPConnector(limit=1)) as own:
-                    await Upgrade(f"http://{host}:{port}").poll_then_upgrade(own, open_ws)
+                    await Upgrade(url).poll_then_upgrade(own, open_ws)
 
         self.gateways = max(self.gateways, len(urls))
         self.sockets.extend([None] * count)  # type: ignore[list-item]
@@ -326,6 +366,20 @@ class LoadGen:
         return {"connected": count, "deflate": sum(s.deflated for s in self.sockets[start:]),
                 "upgraded": count if upgrade else 0,
                 "seconds": round(time.monotonic() - t0, 3)}
+
+    async def open_socket(self, i: int, url: str, deflate: bool = False,
+                          upgrade: Upgrade | None = None, local_host: str | None = None,
+                          auth: dict[str, str] | None = None) -> LeanSocket:
+        """Socket ``i`` on websocket to ``url``, once its CONNECT reply came."""
+        parts = urlsplit(url)
+        host, port = parts.hostname or "127.0.0.1", parts.port or 80
+        _, proto = await asyncio.get_running_loop().create_connection(
+            lambda: LeanSocket(i, host, port, self, deflate, upgrade, auth), host, port,
+            local_addr=(local_host, 0) if local_host else None)
+        self.sockets[i] = proto
+        async with asyncio.timeout(30):
+            await proto.connected
+        return proto
 
     async def join(self, pairs: list[tuple[int, str]], leave: bool = False,
                    concurrency: int = 500) -> int:
@@ -353,7 +407,7 @@ class LoadGen:
                                      30)
         if not ack.get("ok"):
             return False
-        self.sent[ack["id"]] = Sent(i, room, send_ns)
+        self.sent[ack["id"]] = Sent(i, room, send_ns, time.monotonic_ns())
         return True
 
     async def burst(self, plan: list[tuple[int, str, int]], text: str) -> int:
@@ -448,15 +502,146 @@ class LoadGen:
             "lost": lost,
             "duplicated": duplicated,
             "misdelivered": unexpected + stray,
+            "out_of_order": self.out_of_order(),
+            "with_offsets": len(self.offsets),
             "latency_ms": {"local": percentiles(local), "cross": percentiles(cross),
                            "all": percentiles(local + cross)},
             "needed_per_gateway": needed,
             "sent_per_room": dict(sent_per_room),
         }
 
+    def out_of_order(self) -> int:
+        """Chats that came with an offset not above the recipient's previous one, or
+        with another offset than the same chat had elsewhere (0 without recovery)."""
+        last: dict[int, int] = {}
+        offset_of: dict[str, int] = {}
+        bad = 0
+        for msg_id, rcpt, offset in self.offsets:
+            if offset <= last.get(rcpt, -1) or offset_of.setdefault(msg_id, offset) != offset:
+                bad += 1
+            last[rcpt] = offset
+        return bad
+
     def reset(self) -> None:
         self.sent.clear()
         self.received.clear()
+        self.offsets.clear()
+
+
+class Traffic:
+    """Chats sent in the background at ``rate`` per second, cycling through ``pairs``
+    (sender, room), until :meth:`stop`."""
+
+    def __init__(self, gen: LoadGen, pairs: list[tuple[int, str]], rate: float,
+                 text: str) -> None:
+        self.gen = gen
+        self.stopping = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self._run(pairs, rate, text))
+
+    async def _run(self, pairs: list[tuple[int, str]], rate: float, text: str) -> int:
+        start = time.monotonic()
+        pending: set[asyncio.Task[bool]] = set()
+        sent = 0
+        while not self.stopping.is_set():
+            i, room = pairs[sent % len(pairs)]
+            task = asyncio.get_running_loop().create_task(self.gen.send_one(i, room, text))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            sent += 1
+            delay = start + sent / rate - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), delay)
+        return sum(not ok for ok in await asyncio.gather(*pending))
+
+    async def stop(self) -> int:
+        """Stop sending; the sends that were refused."""
+        self.stopping.set()
+        return await self.task
+
+
+async def drop(gen: LoadGen, sockets: list[int], reset: bool, timeout: float = 10.0
+               ) -> dict[str, Any]:
+    """``sockets`` lose their connections: reset here (``reset``), or closed by the
+    other end (a killed gateway: wait until they are). Each keeps its pid and offset."""
+    now = time.monotonic_ns()
+    for i in sockets:
+        gen.dropped_ns[i] = now
+        if reset:
+            gen.sockets[i].drop()
+    async with asyncio.timeout(timeout):
+        while not all(gen.sockets[i].closed for i in sockets):
+            await asyncio.sleep(0.01)
+    return {"dropped": len(sockets)}
+
+
+async def recover(gen: LoadGen, targets: list[tuple[int, int]], urls: list[str],
+                  spread: float, seed: int) -> dict[str, Any]:
+    """Reconnect each (socket, gateway index into ``urls``) after a random delay within
+    ``spread`` seconds, sending the pid and offset it kept in its CONNECT auth as
+    socket.io-client does; returns once every one has its CONNECT reply."""
+    rng = random.Random(seed)
+
+    async def one(i: int, gw: int, delay: float) -> None:
+        await asyncio.sleep(delay)
+        old = gen.sockets[i]
+        auth = None
+        if old.pid is not None:
+            auth = {"pid": old.pid} if old.offset is None else \
+                {"pid": old.pid, "offset": old.offset}
+        gen.reconnect_ns[i] = time.monotonic_ns()
+        gen.previous_sid[i] = old.sid or ""
+        await gen.open_socket(i, urls[gw], auth=auth)
+        gen.gateway_of[i] = gw
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(one(i, gw, rng.uniform(0, spread)) for i, gw in targets))
+    socks = [gen.sockets[i] for i, _ in targets]
+    return {"reconnected": len(socks), "seconds": round(time.monotonic() - t0, 3),
+            "recovered": sum(s.recovered and s.sid == gen.previous_sid[s.index]
+                             for s in socks)}
+
+
+def recovery_tally(gen: LoadGen) -> dict[str, Any]:
+    """What the reconnected sockets got: recovered or refused, what was replayed before
+    their CONNECT reply, and how long until each had caught up (its CONNECT reply
+    came, and every chat for it stored before then had arrived)."""
+    recovered = {i for i in gen.reconnect_ns if gen.sockets[i].recovered
+                 and gen.sockets[i].sid == gen.previous_sid[i]}
+    connected = {i: gen.sockets[i].connected_ns for i in recovered}
+    caught_up = dict(connected)
+    # chats stored while a socket was away (acked between its drop and its reconnect):
+    # a restore must replay every one of them before its CONNECT reply
+    away = away_replayed = 0
+    for msg_id, rcpt, now in gen.received:
+        if rcpt in recovered:
+            s = gen.sent.get(msg_id)
+            if s is not None and s.ack_ns <= connected[rcpt]:
+                caught_up[rcpt] = max(caught_up[rcpt], now)
+    first_seen: dict[tuple[str, int], int] = {}
+    for msg_id, rcpt, now in gen.received:
+        first_seen.setdefault((msg_id, rcpt), now)
+    for msg_id, s in gen.sent.items():
+        for rcpt in gen.members_at_send(s):
+            if rcpt in recovered and gen.dropped_ns[rcpt] <= s.ack_ns \
+                    <= gen.reconnect_ns[rcpt]:
+                away += 1
+                got = first_seen.get((msg_id, rcpt))
+                away_replayed += got is not None and got < connected[rcpt]
+    since_drop = [caught_up[i] - gen.dropped_ns[i] for i in recovered]
+    since_reconnect = [caught_up[i] - gen.reconnect_ns[i] for i in recovered]
+    first = min(gen.reconnect_ns.values(), default=0)
+    return {
+        "sessions": len(gen.reconnect_ns),
+        "recovered": len(recovered),
+        "refused": len(gen.reconnect_ns) - len(recovered),
+        "replayed": sum(gen.sockets[i].before_connect for i in gen.reconnect_ns),
+        "sent_while_away": away,
+        "replayed_while_away": away_replayed,
+        "recovery_ms": percentiles(since_reconnect),
+        "since_drop_ms": percentiles(since_drop),
+        "storm_seconds": round((max(caught_up.values(), default=first) - first) / 1e9, 3),
+    }
 
 
 def percentiles(values_ns: list[int]) -> dict[str, float | None]:
@@ -554,6 +739,27 @@ async def serve() -> None:
                 await gen.settle(cmd.get("timeout", 60))
                 reply({"failures": failures, "churn": churned, **gen.tally()})
                 gen.reset()
+            elif op == "say":  # each (sender, room): one chat, acked
+                reply({"failures": await gen.burst([(i, r, 1) for i, r in cmd["pairs"]],
+                                                   cmd.get("text", "hello"))})
+            elif op == "traffic":
+                gen.traffic = Traffic(gen, [tuple(p) for p in cmd["pairs"]], cmd["rate"],
+                                      cmd.get("text", "hello"))
+                reply({"started": True})
+            elif op == "drop":
+                reply(await drop(gen, cmd["sockets"], cmd.get("reset", True)))
+            elif op == "recover":
+                reply(await recover(gen, [tuple(t) for t in cmd["targets"]], cmd["urls"],
+                                    cmd.get("spread", 0.0), cmd.get("seed", 1)))
+            elif op == "finish":  # stop the traffic; what everyone got, what was restored
+                failures = await gen.traffic.stop() if gen.traffic is not None else 0
+                gen.traffic = None
+                await gen.settle(cmd.get("timeout", 60))
+                reply({"failures": failures, **gen.tally(), "recovery": recovery_tally(gen)})
+                gen.reset()
+                gen.dropped_ns.clear()
+                gen.reconnect_ns.clear()
+                gen.previous_sid.clear()
             elif op == "close":
                 gen.closing = True
                 for s in gen.sockets:

@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from . import runs, scale_report
+from . import recovery_report, runs, scale_report
 
 BASELINE = "stock-redis"
 
@@ -17,7 +17,8 @@ def _phases(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, tuple[st
     rows: list[tuple[str, str, tuple[str, ...]]] = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario in ("memory", "idle", "cluster-api", "scale") or "skipped" in data:
+            if scenario in ("memory", "idle", "cluster-api", "scale",
+                            *recovery_report.OWN_TABLES) or "skipped" in data:
                 continue  # tables of their own
             if scenario == "reference":
                 for phase in data:
@@ -162,6 +163,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f" / {c.value((*d, 'all_alive_ms', 'p99'), 2)} | "
                          f"{c.value((*d, 'one_stopped_ms', 'max'))} | "
                          f"{c.value((*d, 'after_heartbeats_missed_ms', 'p50'), 2)} |")
+    lines += recovery_report.markdown(results)
     scale = scale_report.markdown(results)
     if scale:
         lines += ["", scale.rstrip("\n")] if lines else [scale.rstrip("\n")]
@@ -205,18 +207,18 @@ def full_markdown(report: dict[str, Any]) -> str:
 
 
 def faults(report: dict[str, Any]) -> list[str]:
-    """Every phase that lost, duplicated, misdelivered or refused a message."""
+    """Every phase that lost, duplicated, misdelivered, refused or reordered a message."""
     out = []
     every = all_runs(report)
     for n, results in enumerate(every):
         for scenario, backend, f in _rows(results):
-            bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures")
-                   if f.get(k, 0)}
+            bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures",
+                                            "out_of_order") if f.get(k, 0)}
             if bad:
                 out.append(f"{_run_label(n, every)}{scenario} on {backend}: "
-                           + ", ".join(f"{v} {k.replace('failures', 'refused')}"
+                           + ", ".join(f"{v} {k.replace('failures', 'refused').replace('_', ' ')}"
                                        for k, v in bad.items()))
-    return out
+    return out + recovery_report.faults(report)
 
 
 def charts(report: dict[str, Any], folder: Path) -> list[Path]:

@@ -34,7 +34,7 @@ from ..processes import (
     stop_all,
     wait_gateways,
 )
-from . import broker_traffic, node_peer
+from . import broker_traffic, node_peer, recovery
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -54,8 +54,12 @@ GATEWAY_FLAGS = ["--log-level", "WARNING", "--chat-rate", "1000000", "--chat-bur
                  "--api-rate", "100000", "--api-burst", "100000"]
 SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
              "latency-upgrade", "churn", "memory", "idle", "cluster-api")
-#: scenarios run only when named (--scenario scale): heavier, with brokers of their own
-EXTRA_SCENARIOS = ("scale",)
+#: scenarios run only when named (--scenario scale): heavier, with brokers of their own;
+#: reconnect-storm needs a recovery backend
+EXTRA_SCENARIOS = ("scale", *recovery.SCENARIOS)
+#: backends run only when named: nats-recovery (gateways with --recovery, recovery.py)
+RECOVERY_BACKENDS = tuple(recovery.BACKENDS)
+GATEWAY_BACKEND.update(recovery.BACKENDS)
 
 
 def log(msg: str) -> None:
@@ -97,7 +101,7 @@ class Broker:
     cluster: LocalCluster[Any] | None = None
 
     def start(self) -> None:
-        if self.name == "nats":
+        if GATEWAY_BACKEND.get(self.name) == "nats":
             self.cluster = NatsCluster(self.workdir / "nats", size=3)
         elif self.name in ("redis-sharded", "redis-cluster-classic", node_peer.NODE_PEER):
             # redis-cluster-classic: AsyncRedisManager's PUBLISH/SUBSCRIBE on the same
@@ -114,7 +118,8 @@ class Broker:
     def gateway(self, index: int) -> tuple[str, list[str]]:
         """(--backend, broker flags) for gateway ``index``."""
         assert self.cluster is not None
-        return GATEWAY_BACKEND[self.name], self.cluster.gateway_args(index)
+        return GATEWAY_BACKEND[self.name], [*self.cluster.gateway_args(index),
+                                            *recovery.gateway_flags(self.name)]
 
     def counters(self) -> dict[str, dict[str, float]]:
         """Per broker node: messages and bytes in and out, from the broker itself."""
@@ -253,6 +258,9 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "duplicated": result["duplicated"],
         "misdelivered": result["misdelivered"],
         "failures": result.get("failures", 0),
+        # with recovery on, chats carry the store's offsets, rising in every socket
+        "out_of_order": result.get("out_of_order", 0),
+        "with_offsets": result.get("with_offsets", 0),
         "seconds": round(seconds, 3),
         "deliveries_per_s": round(delivered / seconds, 1) if seconds else None,
         "gateway_cpu_s": round(cpu, 3),
@@ -381,6 +389,7 @@ def describe(p: Params) -> dict[str, dict[str, Any]]:
                    "variants": "websocket client offering permessage-deflate, and not; "
                                "polling then upgrade", "rooms": "one of its own per socket, "
                                "then one shared by all"},
+        **recovery.describe(p.quick),
     }
 
 
@@ -655,6 +664,7 @@ SCENARIO_FUNCS: dict[str, tuple[int, Callable[..., dict[str, Any]]]] = {
     "latency": (2, scenario_latency),
     "latency-upgrade": (2, partial(scenario_latency, upgrade=True)),
     "churn": (2, scenario_churn),
+    recovery.STORM: (2, recovery.scenario_reconnect_storm),
 }
 
 
