@@ -251,6 +251,21 @@ class LocalHub:
         return any((name in everyone) if is_sid(name) else (name in ns_rooms)
                    for name in targets)
 
+    def reaches_any(self, namespace: str, targets: list[str], skip: frozenset[str]) -> bool:
+        """Whether any room or sid in ``targets`` has a local member here that is not
+        in ``skip`` (a node's own message back from the store, with only its sender
+        here, reaches nobody)."""
+        ns_rooms = self.rooms.get(namespace, {})
+        everyone = ns_rooms.get(None) or {}
+        for name in targets:
+            if is_sid(name):
+                if name in everyone and name not in skip:
+                    return True
+            elif (members := ns_rooms.get(name)) and (
+                    len(members) > len(skip) or any(sid not in skip for sid in members)):
+                return True
+        return False
+
     def targets(self, namespace: str, targets: list[str] | None,
                 skip: frozenset[str]) -> dict[str, str]:
         """Local ``sid -> eio sid`` addressed by ``targets`` (rooms and/or sids; None =

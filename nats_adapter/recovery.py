@@ -176,7 +176,8 @@ class Recovery:
             if msg.dedupe_id is not None and not m._dedupe.first(msg.dedupe_id):
                 m.stats.dropped_duplicate += 1
                 return
-            if msg.rooms is not None and not m.hub.addresses_any(msg.namespace, msg.rooms):
+            if msg.rooms is not None and not m.hub.reaches_any(msg.namespace, msg.rooms,
+                                                               frozenset(msg.skip)):
                 m.stats.unwanted += 1
                 return
             await m.hub.deliver(msg.namespace, msg.rooms, frozenset(msg.skip),

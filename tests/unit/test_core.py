@@ -197,6 +197,22 @@ def test_hub_reports_first_and_last_member_and_keeps_no_sid_room() -> None:
         hub.join("ghost", "/", "r")
 
 
+def test_a_message_only_its_sender_would_get_reaches_nobody() -> None:
+    """With recovery a node's own room messages come back from the store: one whose
+    only local member is its sender reaches nobody (a wasted reception)."""
+    hub = LocalHub(ManagerStats())
+    hub.join("s1", "/", None, eio_sid="e1")
+    hub.join("s1", "/", "r")
+    alone, sender = ["r"], frozenset({"s1"})
+    assert hub.reaches_any("/", alone, frozenset()) is True
+    assert hub.reaches_any("/", alone, sender) is False
+    assert hub.reaches_any("/", ["s1"], sender) is False
+    assert hub.reaches_any("/", ["elsewhere"], frozenset()) is False
+    hub.join("s2", "/", None, eio_sid="e2")
+    hub.join("s2", "/", "r")
+    assert hub.reaches_any("/", alone, sender) is True
+
+
 def test_dedupe_window_forgets_old_ids_and_stays_bounded() -> None:
     window = DedupeWindow(window=0.05, max_ids=3)
     assert window.first("a") and not window.first("a")
