@@ -33,6 +33,9 @@ def test_quick_recovery_bench_restores_every_session_with_what_it_missed(
             assert figures["delivered"] == figures["expected"] > 0, (scenario, figures)
             assert figures["lost"] == figures["duplicated"] == figures["misdelivered"] == 0
             assert figures["out_of_order"] == figures["failures"] == 0
+            # the broker's own count of wasted receptions agrees with the gateways'
+            check = figures["wasted_cross_check"]
+            assert check.get("agree") is True, (scenario, check)
         # the recovery variant really took the stored path: every chat came with its offset
         assert on["with_offsets"] == on["delivered"] and off["with_offsets"] == 0, scenario
     assert "skipped" in results["nats"]["reconnect-storm"]

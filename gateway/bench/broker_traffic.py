@@ -37,10 +37,13 @@ from typing import Any
 from nats_adapter.naming import ChannelNames
 
 from ..processes import GatewayNode, LocalCluster, NatsCluster, RedisCluster
+from .recovery import BACKENDS as RECOVERY_BACKENDS
 from .sockets import SocketSnapshot
 
 #: the start of every room subject of the default namespace (NATS, redis-sharded)
-_ROOM_CHANNEL_PREFIX = ChannelNames().room("/", "x")[:-1]
+#: room subjects of the default namespace, without and with connection state recovery
+_ROOM_CHANNEL_PREFIX = tuple(ChannelNames(stored=stored).room("/", "x")[:-1]
+                             for stored in (False, True))
 
 
 def broker_ports(cluster: LocalCluster[Any]) -> tuple[set[int], set[int]]:
@@ -153,7 +156,9 @@ def room_channels(backend: str, rooms: Iterable[str]) -> dict[str, str]:
         return dict.fromkeys(rooms, "socketio")
     if backend == "node-peer":  # @socket.io/redis-adapter's dynamic channels
         return {r: f"socket.io#/#{r}#" for r in rooms}
-    names = ChannelNames()
+    # with connection state recovery, gateways receive room traffic on the live
+    # subjects JetStream republishes stored messages to
+    names = ChannelNames(stored=backend in RECOVERY_BACKENDS)
     return {r: names.room("/", r) for r in rooms}
 
 
@@ -176,7 +181,8 @@ def cross_check(before: BrokerView, after: BrokerView, result: dict[str, Any],
                 wasted_by_gateway: dict[str, int]) -> dict[str, Any]:
     """Wasted receptions by the broker's count beside the gateways' own (see the module
     docstring); ``agree`` is False when the two differ."""
-    needed = result.get("needed_per_gateway") or []
+    stored = after.backend in RECOVERY_BACKENDS
+    needed = result.get("needed_per_gateway_stored" if stored else "needed_per_gateway") or []
     sent = result.get("sent_per_room") or {}
     backend, cluster = after.backend, after.cluster
     if cluster is None or len(needed) != len(after.gateway_pids):

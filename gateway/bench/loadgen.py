@@ -489,12 +489,18 @@ class LoadGen:
         # what each gateway had to receive from the broker: one copy of each chat to a
         # room with a member there besides the sender, sent from another gateway
         needed = [0] * self.gateways
+        # ... and with connection state recovery, where every copy comes from the
+        # store, the sender's own gateway too when it has another member there
+        needed_stored = [0] * self.gateways
         sent_per_room: dict[str, int] = defaultdict(int)
         for s in self.sent.values():
             sent_per_room[s.room] += 1
             origin = self.gateway_of[s.sender]
-            for g in {self.gateway_of[m] for m in self.members_at_send(s)} - {origin}:
-                needed[g] += 1
+            targets = {self.gateway_of[m] for m in self.members_at_send(s)}
+            for g in targets:
+                needed_stored[g] += 1
+                if g != origin:
+                    needed[g] += 1
         return {
             "messages": len(self.sent),
             "expected": expected,
@@ -507,6 +513,7 @@ class LoadGen:
             "latency_ms": {"local": percentiles(local), "cross": percentiles(cross),
                            "all": percentiles(local + cross)},
             "needed_per_gateway": needed,
+            "needed_per_gateway_stored": needed_stored,
             "sent_per_room": dict(sent_per_room),
         }
 
