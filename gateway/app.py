@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 CLIENT_JS = Path("node_modules") / "socket.io-client" / "dist" / "socket.io.min.js"
+#: seconds a shutting-down gateway waits for its broker connection to drain and close
+BROKER_CLOSE_TIMEOUT = 15.0
 
 MANAGER_KEY = web.AppKey("manager", GatewayManager)
 SIO_KEY = web.AppKey("sio", socketio.AsyncServer)
@@ -191,7 +193,13 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
 
     async def stop_manager(app: web.Application) -> None:
         logger.info("draining the broker connection")
-        await manager.close()  # drains: what was published reaches the broker
+        try:  # drains: what was published reaches the broker, if a broker answers
+            async with asyncio.timeout(BROKER_CLOSE_TIMEOUT):
+                await manager.close()
+        except TimeoutError:
+            logger.warning("the broker connection did not close within %.0f s: left behind",
+                           BROKER_CLOSE_TIMEOUT)
+            return
         logger.info("broker connection drained and closed")
 
     app.on_startup.append(start_manager)

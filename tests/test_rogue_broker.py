@@ -178,34 +178,40 @@ async def test_with_a_cluster_key_only_sealed_envelopes_count_and_only_once(
     channel = keyed[1].manager.channels.room("/", room)
     control = keyed[1].manager.channels.node(keyed[1].manager.node_tag)
     stats = keyed[1].manager.stats
-    # capture a sealed envelope on the wire, as a rogue subscriber could
-    rogue = await nats.connect(nats_cluster.urls[0])
+    # capture a sealed envelope on the wire, as a rogue subscriber could: on every
+    # NATS node, so that the capture does not wait for interest to cross the routes
+    listeners = [await nats.connect(url) for url in nats_cluster.urls]
+    rogue = listeners[0]
     captured: list[bytes] = []
 
     async def capture(msg: Msg) -> None:
-        captured.append(msg.data)
+        if msg.data not in captured:
+            captured.append(msg.data)
 
-    sub = await rogue.subscribe(channel, cb=capture)
-    await rogue.flush()
-    await a.chat(room, "captured")
-    await b.wait_for(lambda c: "captured" in c.texts(), what="the captured message")
-    await asyncio.sleep(SETTLE)
-    await sub.unsubscribe()
-    assert len(captured) == 1
-    unsealed = [
-        codec.encode(codec.RoomMessage(codec.DISCONNECT, ROGUE, "/", b.sid, None)),
-        codec.encode(codec.EmitMessage(keyed[0].manager.node_tag, "/", [room], [],
-                                       '2["chat",{"text":"impersonated"}]')),
-    ]
-    forged = [codec.encode(codec.RoomMessage(codec.DISCONNECT, ROGUE, "/", b.sid, None))
-              + b"\x00" * 32]
     try:
+        subs = [await listener.subscribe(channel, cb=capture) for listener in listeners]
+        for listener in listeners:
+            await listener.flush()
+        await a.chat(room, "captured")
+        await b.wait_for(lambda c: "captured" in c.texts(), what="the captured message")
+        await asyncio.sleep(SETTLE)
+        for sub in subs:
+            await sub.unsubscribe()
+        assert len(captured) == 1
+        unsealed = [
+            codec.encode(codec.RoomMessage(codec.DISCONNECT, ROGUE, "/", b.sid, None)),
+            codec.encode(codec.EmitMessage(keyed[0].manager.node_tag, "/", [room], [],
+                                           '2["chat",{"text":"impersonated"}]')),
+        ]
+        forged = [codec.encode(codec.RoomMessage(codec.DISCONNECT, ROGUE, "/", b.sid, None))
+                  + b"\x00" * 32]
         for data in unsealed + forged:
             await rogue.publish(control, data)
         await rogue.publish(channel, captured[0])  # a replay of a real one
         await rogue.flush()
     finally:
-        await rogue.close()
+        for listener in listeners:
+            await listener.close()
     await asyncio.sleep(SETTLE)
     assert stats.dropped_unsigned == 2 and stats.dropped_forged == 1, stats
     assert stats.dropped_replayed == 1, stats
