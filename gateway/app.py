@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ STATIC = Path(__file__).parent / "static"
 CLIENT_JS = Path("node_modules") / "socket.io-client" / "dist" / "socket.io.min.js"
 #: seconds a shutting-down gateway waits for its broker connection to drain and close
 BROKER_CLOSE_TIMEOUT = 15.0
+#: seconds a shutting-down gateway waits for clients to acknowledge engine.io's close
+SOCKETS_CLOSE_TIMEOUT = 3.0
 
 MANAGER_KEY = web.AppKey("manager", GatewayManager)
 SIO_KEY = web.AppKey("sio", socketio.AsyncServer)
@@ -185,8 +188,11 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
             logger.info("closing %d sockets so clients reconnect elsewhere",
                         len(sio.eio.sockets))
             sockets = list(sio.eio.sockets.values())
-            await sio.eio.disconnect()
-            # engine.io waits for each client to hang up; hang up on them instead
+            # engine.io waits for each client to hang up: not for long
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SOCKETS_CLOSE_TIMEOUT):
+                    await sio.eio.disconnect()
+            # ...then hangs up on them
             await close_websockets(sockets)
             logger.info("sockets closed")
         await sio.shutdown()

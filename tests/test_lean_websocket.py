@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 from collections.abc import AsyncIterator
@@ -36,8 +37,16 @@ class Server:
 
 @pytest.fixture
 async def server() -> AsyncIterator[Server]:
+    async with serving() as srv:
+        yield srv
+
+
+@contextlib.asynccontextmanager
+async def serving(ping_interval: float = 0.3, ping_timeout: float = 0.2
+                  ) -> AsyncIterator[Server]:
     sio = socketio.AsyncServer(async_mode="aiohttp", client_manager=MemoryManager(),
-                               ping_interval=0.3, ping_timeout=0.2, max_http_buffer_size=4096)
+                               ping_interval=ping_interval, ping_timeout=ping_timeout,
+                               max_http_buffer_size=4096)
     port = free_ports(1)[0]
     app = web.Application()
     sio.attach(app)
@@ -198,13 +207,16 @@ async def test_fragmented_binary_and_oversized_messages(server: Server) -> None:
     await until(lambda: not server.sio.eio.sockets, what="the session to end")
 
 
-async def test_a_flood_is_read_at_the_pace_it_is_handled_and_nothing_is_lost(
-        server: Server) -> None:
+async def test_a_flood_is_read_at_the_pace_it_is_handled_and_nothing_is_lost() -> None:
     """5,000 events with acks in one burst: the connection stops reading while packets
     wait to be handled (a client cannot make the node hold its whole burst), and
     every ack still comes back, in order."""
     # this raw client answers no pings: a slow machine must not time it out mid-burst
-    server.sio.eio.ping_interval, server.sio.eio.ping_timeout = 30, 30
+    async with serving(ping_interval=30, ping_timeout=30) as server:
+        await flood(server)
+
+
+async def flood(server: Server) -> None:
     client = await RawClient.connect(server.url)
     try:
         assert (await client.text()).startswith("0{")

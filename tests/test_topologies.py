@@ -118,7 +118,10 @@ async def across_and_home(topology: NatsSupercluster | NatsLeafTopology,
     await chat_all(c, d, "home", 20)
     await chat_all(d, c, "home", 20)
     await asyncio.sleep(0.5)
-    assert link_messages(topology) - before == 0, "a room living on one side crossed the link"
+    # the 40 chats would cross 40 times; the gateways' registry heartbeats (one per
+    # gateway every few seconds) do cross, and may fall in this window
+    crossed = link_messages(topology) - before
+    assert crossed < 10, f"a room living on one side crossed the link ({crossed} messages)"
 
 
 @pytest.mark.parametrize("gateways", ["supercluster"], indirect=True)
