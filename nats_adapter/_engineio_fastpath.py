@@ -584,14 +584,8 @@ async def _lean_session(socket: Any, ws: Any) -> None:
             except Exception:
                 logger.info("%s: undecodable engine.io packet; closing", socket.sid)
                 break
-            try:
-                await socket.receive(pkt)
-            except exceptions.UnknownPacketError:
-                pass
-            except exceptions.SocketIsClosedError:
+            if not await lean.receive_packet(socket, pkt):
                 break
-            except Exception:
-                logger.exception("%s: receive error", socket.sid)
     finally:
         queue.put_nowait(None)
         if writer_task is not None:

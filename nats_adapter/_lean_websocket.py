@@ -214,6 +214,20 @@ class Heartbeat:
         asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
 
 
+async def receive_packet(socket: Any, pkt: eio_packet.Packet) -> bool:
+    """Hand one received packet to engine.io's socket, as its own websocket loop does
+    (unknown packets ignored, errors logged); False once the socket is closed."""
+    try:
+        await socket.receive(pkt)
+    except exceptions.UnknownPacketError:
+        pass
+    except exceptions.SocketIsClosedError:
+        return False
+    except Exception:
+        logger.exception("%s: receive error", socket.sid)
+    return True
+
+
 class LeanWebSocket(asyncio.Protocol):
     """One engine.io session's websocket connection (see the module docstring)."""
 
@@ -427,15 +441,8 @@ class LeanWebSocket(asyncio.Protocol):
         inbox = self.inbox
         try:
             while inbox:
-                pkt = inbox.popleft()
-                try:
-                    await socket.receive(pkt)
-                except exceptions.UnknownPacketError:
-                    pass
-                except exceptions.SocketIsClosedError:
+                if not await receive_packet(socket, inbox.popleft()):
                     break
-                except Exception:
-                    logger.exception("%s: receive error", self.sid)
                 if socket.closed:
                     self.hang_up(CloseReason.NORMAL_CLOSURE)
                     break
