@@ -523,20 +523,10 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         if seq is not None and self.recovery is not None:
             await self._on_stored(channel, data, seq)
             return
-        sealed_seq = 0
-        if self._key is not None:
-            verdict, body, sealed_seq = self._key.open(data)
-            if verdict is not Verdict.OK:
-                self._reject_unsealed(verdict, data, channel)
-                return
-            data = body
-        try:
-            msg = codec.decode(data)
-        except codec.EnvelopeError as exc:
-            self.stats.dropped_malformed += 1
-            self._log.warning("malformed", "dropped malformed payload of %d bytes on %s: %s",
-                              len(data), channel, exc)
+        opened = self._open(channel, data, stored=False)
+        if opened is None:
             return
+        msg, sealed_seq = opened
         if msg.origin == self.node_tag:
             self.stats.dropped_echo += 1
             return
@@ -570,19 +560,10 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
 
     async def _on_stored(self, channel: str, data: bytes, seq: int) -> None:
         assert self.recovery is not None
-        if self._key is not None:
-            verdict, body, _ = self._key.open(data, check_time=False)
-            if verdict is not Verdict.OK:
-                self._reject_unsealed(verdict, data, channel)
-                return
-            data = body
-        try:
-            msg = codec.decode(data)
-        except codec.EnvelopeError as exc:
-            self.stats.dropped_malformed += 1
-            self._log.warning("malformed", "dropped malformed stored payload on %s: %s",
-                              channel, exc)
+        opened = self._open(channel, data, stored=True)
+        if opened is None:
             return
+        msg = opened[0]
         if self.write_only or self.server is None:
             return
         problem = self._invalid(msg)
@@ -598,6 +579,26 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         except Exception:
             self.stats.dropped_failed += 1
             logger.exception("failed to deliver stored message %d on %s", seq, channel)
+
+    def _open(self, channel: str, data: bytes, stored: bool
+              ) -> tuple[codec.Message, int] | None:
+        """The envelope in ``data`` and its seal's sequence (0 without a cluster key),
+        or None when it is unsealed, forged or malformed (counted and logged). A stored
+        envelope comes back later than a live one: its age is not checked."""
+        sealed_seq = 0
+        if self._key is not None:
+            verdict, body, sealed_seq = self._key.open(data, check_time=not stored)
+            if verdict is not Verdict.OK:
+                self._reject_unsealed(verdict, data, channel)
+                return None
+            data = body
+        try:
+            return codec.decode(data), sealed_seq
+        except codec.EnvelopeError as exc:
+            self.stats.dropped_malformed += 1
+            self._log.warning("malformed", "dropped malformed %spayload of %d bytes on %s: %s",
+                              "stored " if stored else "", len(data), channel, exc)
+            return None
 
     def _reject_unsealed(self, verdict: Verdict, data: bytes, channel: str) -> None:
         if verdict is Verdict.STALE:
