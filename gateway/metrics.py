@@ -94,6 +94,7 @@ class GatewayCollector(Collector):
             c.add_metric(values, stats[field])
             yield c
         fanout = getattr(m, "fanout", None)
+        writes = getattr(m, "websocket_writes", None)
         for name, doc, value in (
             ("gateway_slow_consumers_dropped", "Sockets dropped for not reading (send buffer full)",
              getattr(fanout, "slow_consumers_dropped", 0)),
@@ -101,6 +102,11 @@ class GatewayCollector(Collector):
              getattr(fanout, "direct", 0)),
             ("gateway_fanout_queued_writes", "Deliveries that went through engine.io's queue",
              getattr(fanout, "queued", 0)),
+            ("gateway_websocket_frames_written", "Websocket frames written to lean websocket "
+             "connections (deliveries, acks, pings)", getattr(writes, "frames", 0)),
+            ("gateway_websocket_sends", "Socket sends that carried them (frames written to "
+             "one connection in one turn of the event loop go out together)",
+             getattr(writes, "sends", 0)),
         ):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(values, value)

@@ -206,6 +206,13 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         """The local writer (its counters are exported as metrics); None before a server."""
         return self.hub.fanout
 
+    @property
+    def websocket_writes(self) -> Any:
+        """The lean websockets' :class:`~nats_adapter._lean_websocket.WriteBatch` (its
+        counters are exported as metrics); None without lean websockets."""
+        heartbeat = getattr(self._fastpath, "heartbeat", None)
+        return getattr(heartbeat, "writes", None)
+
     # -- lifecycle ---------------------------------------------------------------
 
     def initialize(self) -> None:

@@ -252,6 +252,35 @@ async def test_server_disconnect_sends_close_then_hangs_up(server: Server) -> No
         await client.close()
 
 
+async def test_frames_of_one_turn_go_out_together_in_order_before_a_close(
+        server: Server) -> None:
+    """What a connection is sent in one turn of the event loop (shared frames of room
+    emits, an event through engine.io's queue, the disconnect) leaves in far fewer
+    socket sends than frames, and arrives complete and in order before the close."""
+    client = await RawClient.connect(server.url)
+    try:
+        assert (await client.text()).startswith("0{")
+        client.send(masked(0x1, b"40"))
+        sid = json.loads((await client.text())[2:])["sid"]
+        await server.sio.enter_room(sid, "r")
+        writes = server.sio.manager.websocket_writes
+        frames, sends = writes.frames, writes.sends
+        for i in range(20):
+            await server.sio.emit("n", i, room="r")
+        await server.sio.emit("n", 20, to=sid)
+        await server.sio.disconnect(sid)
+        texts = []
+        while (got := await client.frame())[0] == 0x1:
+            texts.append(got[1].decode())
+        assert [t for t in texts if t != "2"] == \
+            [f'42["n",{i}]' for i in range(21)] + ["41", "1"]
+        assert got[0] == 0x8
+        assert writes.frames - frames >= 23
+        assert writes.sends - sends <= 3, "frames of one turn were sent one by one"
+    finally:
+        await client.close()
+
+
 async def test_a_failed_upgrade_leaves_the_session_polling(server: Server) -> None:
     async with aiohttp.ClientSession() as session:
         base = f"{server.url}/socket.io/?EIO=4&transport=polling"

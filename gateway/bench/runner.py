@@ -246,6 +246,8 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
     received = gw_delta("gateway_broker_messages_received_total")
     received_bytes = gw_delta("gateway_broker_bytes_received_total")
     unwanted = gw_delta("gateway_broker_messages_unwanted_total")
+    frames = sum(gw_delta("gateway_websocket_frames_written_total").values())
+    sends = sum(gw_delta("gateway_websocket_sends_total").values())
     broker = {node: {k: after.broker[node][k] - before.broker[node].get(k, 0)
                      for k in after.broker[node]} for node in after.broker}
     assert before.wire is not None and after.wire is not None
@@ -271,6 +273,9 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         "total_cpu_s_per_1000_deliveries": round(1000 * (cpu + broker_cpu) / delivered, 4)
         if delivered else None,
         "deliveries_per_cpu_s": round(delivered / cpu, 1) if cpu else None,
+        # lean websockets (ours): frames written per socket send (several frames to one
+        # connection in one turn of the event loop go out in one send)
+        "websocket_frames_per_send": round(frames / sends, 2) if sends else None,
         "latency_ms": result["latency_ms"],
         "gateway_received_msgs": {k: int(v) for k, v in received.items()},
         "gateway_received_bytes": {k: int(v) for k, v in received_bytes.items()},
