@@ -29,6 +29,12 @@ LEAVE_ROOM = 5
 DISCONNECT = 6
 CLOSE_ROOM = 7
 CLUSTER = 8  # the cluster-wide server API: requests, replies, heartbeats (see cluster.py)
+#: EMIT to the one room its channel names, which carries its namespace and room:
+#: ``[VERSION, EMIT_ROOM, origin, packet]``, then ``skip`` if not empty. Nearly
+#: every emit is one of these, and every byte is paid once per node it reaches:
+#: ``origin`` is empty when nothing needs it (a broker that never hands a node its
+#: own publications, and no cluster key).
+EMIT_ROOM = 9
 
 class EnvelopeError(ValueError):
     """A payload from the bus that is not a valid envelope of this version."""
@@ -40,6 +46,10 @@ class EmitMessage:
 
     ``rooms`` may name sids as well as rooms. ``dedupe_id`` is set when the same
     emit travels over more than one channel; a node delivers only its first copy.
+    ``channel_room`` set: the emit is for the one room its channel names; it
+    travels as :data:`EMIT_ROOM`, without ``namespace``, ``rooms`` and
+    ``dedupe_id`` (:func:`decode` leaves the first two empty, for the receiver to
+    fill in from the channel).
     """
 
     origin: str
@@ -48,6 +58,7 @@ class EmitMessage:
     skip: list[str]
     packet: EncodedPacket
     dedupe_id: str | None = None
+    channel_room: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,8 +114,12 @@ Message: TypeAlias = EmitMessage | EmitToSidMessage | AckMessage | RoomMessage |
 
 def encode(msg: Message) -> bytes:
     """Serialize ``msg``; raises ``TypeError``/``ValueError`` for data msgpack cannot carry."""
-    if isinstance(msg, EmitMessage):
-        items: list[Any] = [
+    if isinstance(msg, EmitMessage) and msg.channel_room:
+        items: list[Any] = [VERSION, EMIT_ROOM, msg.origin, msg.packet]
+        if msg.skip:
+            items.append(msg.skip)
+    elif isinstance(msg, EmitMessage):
+        items = [
             VERSION, EMIT, msg.origin, msg.namespace, msg.rooms, msg.skip, msg.packet,
             msg.dedupe_id,
         ]
@@ -177,6 +192,10 @@ def decode(data: bytes) -> Message:
                 None if rooms is None else _str_list(rooms, "rooms"),
                 _str_list(skip, "skip"), _packet(pkt), _opt_str(dedupe, "dedupe id"),
             )
+        if kind == EMIT_ROOM and len(items) in (4, 5):
+            skip = _str_list(items[4], "skip") if len(items) == 5 else []
+            return EmitMessage(_str(items[2], "origin"), "", [], skip, _packet(items[3]),
+                               channel_room=True)
         if kind == EMIT_TO_SID and len(items) == 8:
             _, _, origin, ns, sid, event, args, ack_id = items
             if not isinstance(args, list):

@@ -22,6 +22,7 @@ delivery are the :class:`~nats_adapter.hub.LocalHub`'s; the wire is the broker's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -427,7 +428,10 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         self, namespace: str, targets: list[str] | None, skip: frozenset[str], pkt: EncodedPacket
     ) -> None:
         """Publish an emit on every channel that reaches a node with a recipient."""
-        skip_list = sorted(skip)
+        # without recovery a sid of this node is on no other (sockets never move), so
+        # skipping it there is a no-op: it does not travel (the sender, mostly)
+        skip_list = sorted(s for s in skip if self.recovery is not None
+                           or sid_owner(s) != self.node_tag)
         if targets is None:
             msg = codec.EmitMessage(self.node_tag, namespace, None, skip_list, pkt)
             await self._publish(self.channels.room(namespace, None), msg)
@@ -441,8 +445,16 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         channels = list(dict.fromkeys(channels))
         if not channels:
             return
-        dedupe = f"{self.node_tag}:{next(self._emit_ids)}" if len(channels) > 1 else None
-        msg = codec.EmitMessage(self.node_tag, namespace, targets, skip_list, pkt, dedupe)
+        if len(channels) > 1:
+            msg = codec.EmitMessage(self.node_tag, namespace, targets, skip_list, pkt,
+                                    f"{self.node_tag}:{next(self._emit_ids)}")
+        elif len(targets) == 1 and not is_sid(targets[0]):  # its channel names the room
+            # its origin only serves to drop a node's own publications and to check seals
+            origin = self.node_tag if self._key is not None or self.broker.echoes else ""
+            msg = codec.EmitMessage(origin, namespace, targets, skip_list, pkt,
+                                    channel_room=True)
+        else:
+            msg = codec.EmitMessage(self.node_tag, namespace, targets, skip_list, pkt)
         data = self._encode(msg)
         if data is None:
             return
@@ -600,12 +612,24 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
                 return None
             data = body
         try:
-            return codec.decode(data), sealed_seq
+            msg = codec.decode(data)
+            if isinstance(msg, codec.EmitMessage) and msg.channel_room:
+                msg = self._with_channel_room(msg, channel)
+            return msg, sealed_seq
         except codec.EnvelopeError as exc:
             self.stats.dropped_malformed += 1
             self._log.warning("malformed", "dropped malformed %spayload of %d bytes on %s: %s",
                               "stored " if stored else "", len(data), channel, exc)
             return None
+
+    def _with_channel_room(self, msg: codec.EmitMessage, channel: str) -> codec.EmitMessage:
+        """``msg`` for the namespace and room its channel names (the envelope has neither)."""
+        parsed = self.channels.parse_room(channel)
+        if parsed is None or parsed[1] is None:
+            raise codec.EnvelopeError("an emit to its channel's room on a channel that names "
+                                      "no room")
+        return dataclasses.replace(msg, namespace=parsed[0], rooms=[parsed[1]],
+                                   channel_room=False)
 
     def _reject_unsealed(self, verdict: Verdict, data: bytes, channel: str) -> None:
         if verdict is Verdict.STALE:
@@ -625,7 +649,8 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
 
     def _invalid(self, msg: codec.Message) -> str | None:
         """Why ``msg`` is not something a node could legitimately send; None if it is."""
-        if not is_node_tag(msg.origin):
+        if not is_node_tag(msg.origin) and not (
+                msg.origin == "" and self._key is None and isinstance(msg, codec.EmitMessage)):
             return "origin is not a node tag"
         if isinstance(msg, codec.EmitMessage):
             if not is_event_packet(msg.packet, msg.namespace):

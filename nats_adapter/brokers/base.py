@@ -53,6 +53,9 @@ class Broker(abc.ABC):
 
     #: Short backend name used in metrics and /healthz.
     name: str = "abstract"
+    #: whether a node can receive its own publications back (then the core needs
+    #: every envelope's origin to drop them)
+    echoes: bool = True
 
     @abc.abstractmethod
     async def start(self, handler: BrokerHandler, control_channel: str) -> None:

@@ -22,6 +22,7 @@ class MemoryBus:
 
 class MemoryBroker(Broker):
     name = "memory"
+    echoes = False  # no-echo
 
     def __init__(self, bus: MemoryBus | None = None) -> None:
         self.bus = bus if bus is not None else MemoryBus()

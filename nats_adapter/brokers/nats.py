@@ -167,6 +167,7 @@ class NatsBroker(Broker):
     """
 
     name = "nats"
+    echoes = False  # no-echo
 
     def __init__(
         self,

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from nats_adapter import codec
 from nats_adapter.dedupe import DedupeWindow
 from nats_adapter.hub import LocalHub
 from nats_adapter.sids import is_sid, sid_owner
@@ -47,6 +48,47 @@ async def test_room_emit_reaches_members_on_every_node_but_the_skipped_one(
     await asyncio.sleep(SETTLE)
     assert sorted(a.received("news")) == ["two"]
     assert sorted(b.received("news")) == ["one"]
+
+
+async def test_a_room_emit_travels_as_little_more_than_its_packet(
+        make_node: NodeFactory, clients: list[SioClient]) -> None:
+    """The channel names the room and namespace, the sender's own sid is on no other
+    node, and a no-echo broker without a cluster key needs no origin: an emit to one
+    room puts its packet on the bus with 5 bytes of envelope, and still reaches every
+    other member on every node, the skipped one excepted."""
+    n1, n2 = [await make_node(f"n{i}") for i in (1, 2)]
+    a = await client(n1.url, "a", clients)
+    a2 = await client(n1.url, "a2", clients)
+    b = await client(n2.url, "b", clients)
+    for x in (a, a2, b):
+        await join(x, "a room of some length")
+    before = n1.manager.stats.published_bytes
+    await n1.sio.emit("news", "one", to="a room of some length", skip_sid=a.sid)
+    packet = '2["news","one"]'
+    assert n1.manager.stats.published_bytes - before == len(packet) + 5
+    await b.wait_for(lambda r: r.received("news") == ["one"], what="the news on n2")
+    await a2.wait_for(lambda r: r.received("news") == ["one"], what="the news on n1")
+    # the other way, skipping a socket of the receiving node: that sid travels
+    await n2.sio.emit("news", "two", to="a room of some length", skip_sid=a2.sid)
+    await a.wait_for(lambda r: r.received("news") == ["two"], what="the news from n2")
+    await asyncio.sleep(SETTLE)
+    assert a.received("news") == ["two"] and a2.received("news") == ["one"]
+    assert b.received("news") == ["one", "two"]
+    assert n1.manager.stats.dropped_malformed == n2.manager.stats.dropped_malformed == 0
+
+
+async def test_a_room_emit_on_a_channel_that_names_no_room_is_dropped(
+        make_node: NodeFactory, clients: list[SioClient]) -> None:
+    n1, n2 = [await make_node(f"n{i}") for i in (1, 2)]
+    b = await client(n2.url, "b", clients)
+    envelope = codec.encode(codec.EmitMessage("", "/", ["x"], [], '2["news","forged"]',
+                                              channel_room=True))
+    await n1.manager.broker.publish(n2.manager.channels.node(n2.manager.node_tag), envelope)
+    async with asyncio.timeout(5):
+        while n2.manager.stats.dropped_malformed == 0:
+            await asyncio.sleep(0.02)
+    await asyncio.sleep(SETTLE)
+    assert b.received("news") == []
 
 
 async def test_sids_name_their_node_and_direct_emits_go_only_there(
