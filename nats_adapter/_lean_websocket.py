@@ -248,7 +248,12 @@ class WriteBatch:
         pending, self.pending = self.pending, []
         sends = 0
         for conn in pending:
-            sends += conn.send_pending()
+            try:
+                sends += conn.send_pending()
+            except Exception:  # one broken connection must not hold up the others
+                logger.exception("sending to %s failed", conn.sid)
+                conn.out = None
+                conn.transport.abort()
         self.sends += sends
 
 
