@@ -106,6 +106,13 @@ def markdown(report: dict[str, Any]) -> str:
         )
     if len(lines) == 2:
         lines = []  # no scenario of this table ran (a scale-only run)
+    coalesced = [f"{scenario} ({backend}) {c.value((*path, 'websocket_frames_per_send'), 2)}"
+                 for scenario, backend, path in sorted(_phases(results), key=lambda r: (r[1], r[0]))
+                 if runs.get(results, (*path, "websocket_frames_per_send")) is not None]
+    if coalesced:
+        lines += ["", "Websocket frames per socket send on our gateways (frames written to one "
+                  "connection in one turn of the event loop leave in one send): "
+                  + "; ".join(coalesced) + "."]
     mem = [b for b, s in results.items() if "plain" in s.get("memory", {})]
     if mem:
         def kb(backend: str, variant: str, key: str) -> str:
