@@ -246,15 +246,12 @@ class WriteBatch:
     def flush(self) -> None:
         self.scheduled = False
         pending, self.pending = self.pending, []
-        sends = 0
         for conn in pending:
             try:
-                sends += conn.send_pending()
+                conn.send_pending()
             except Exception:  # one broken connection must not hold up the others
                 logger.exception("sending to %s failed", conn.sid)
-                conn.out = None
                 conn.transport.abort()
-        self.sends += sends
 
 
 async def receive_packet(socket: Any, pkt: eio_packet.Packet) -> bool:
@@ -342,19 +339,20 @@ class LeanWebSocket(asyncio.Protocol):
             out.append(data)
         self.out_bytes += len(data)
 
-    def send_pending(self) -> int:
-        """Hand what :meth:`write` holds to the transport now; the number of sends."""
+    def send_pending(self) -> None:
+        """Hand what :meth:`write` holds to the transport now, in one send."""
         out = self.out
         if out is None:
-            return 0
+            return
         self.out = None
         self.out_bytes = 0
-        self.heartbeat.writes.frames += len(out)
         transport = self.transport
         if transport.is_closing():
-            return 0
+            return
+        writes = self.heartbeat.writes
+        writes.frames += len(out)
+        writes.sends += 1
         transport.write(out[0] if len(out) == 1 else b"".join(out))
-        return 1
 
     def get_write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size() + self.out_bytes
