@@ -37,6 +37,7 @@ from socketio import packet as sio_packet
 from . import _socketio_hooks as socketio_hooks
 from . import codec
 from ._engineio_fastpath import FastPath, QueueLimits, install
+from ._lean_websocket import WriteBatch
 from ._logging import ThrottledLog
 from .brokers.base import Broker, BrokerError
 from .cluster import ClusterApi, check_cluster_body
@@ -208,11 +209,12 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         return self.hub.fanout
 
     @property
-    def websocket_writes(self) -> Any:
-        """The lean websockets' :class:`~nats_adapter._lean_websocket.WriteBatch` (its
-        counters are exported as metrics); None without lean websockets."""
-        heartbeat = getattr(self._fastpath, "heartbeat", None)
-        return getattr(heartbeat, "writes", None)
+    def websocket_writes(self) -> WriteBatch | None:
+        """The lean websockets' writes (their counters are exported as metrics); None
+        without lean websockets."""
+        if self._fastpath is None or self._fastpath.heartbeat is None:
+            return None
+        return self._fastpath.heartbeat.writes
 
     # -- lifecycle ---------------------------------------------------------------
 
