@@ -213,26 +213,22 @@ async def test_a_flood_is_read_at_the_pace_it_is_handled_and_nothing_is_lost() -
     every ack still comes back, in order."""
     # this raw client answers no pings: a slow machine must not time it out mid-burst
     async with serving(ping_interval=30, ping_timeout=30) as server:
-        await flood(server)
-
-
-async def flood(server: Server) -> None:
-    client = await RawClient.connect(server.url)
-    try:
-        assert (await client.text()).startswith("0{")
-        client.send(masked(0x1, b"40"))
-        assert (await client.text()).startswith("40{")
-        count = 5000
-        client.send(b"".join(masked(0x1, f'42{i}["echo",{i}]'.encode()) for i in range(count)))
-        acks = []
-        while len(acks) < count:
-            text = await asyncio.wait_for(client.text(), 10)
-            if text.startswith("43"):
-                acks.append(text)
-        assert acks == [f"43{i}[{i}]" for i in range(count)]
-        assert len(lean_sockets(server.sio)) == 1 and server.disconnects == []
-    finally:
-        await client.close()
+        client = await RawClient.connect(server.url)
+        try:
+            assert (await client.text()).startswith("0{")
+            client.send(masked(0x1, b"40"))
+            assert (await client.text()).startswith("40{")
+            count = 5000
+            client.send(b"".join(masked(0x1, f'42{i}["echo",{i}]'.encode()) for i in range(count)))
+            acks = []
+            while len(acks) < count:
+                text = await asyncio.wait_for(client.text(), 10)
+                if text.startswith("43"):
+                    acks.append(text)
+            assert acks == [f"43{i}[{i}]" for i in range(count)]
+            assert len(lean_sockets(server.sio)) == 1 and server.disconnects == []
+        finally:
+            await client.close()
 
 
 async def test_server_disconnect_sends_close_then_hangs_up(server: Server) -> None:
