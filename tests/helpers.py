@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import subprocess
 import time
 import urllib.request
 import uuid
@@ -324,3 +325,21 @@ def owner_of(nodes: Sequence[RedisNode], channel: str) -> RedisNode:
             if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
                 return node
     raise AssertionError(f"no master owns slot {slot}")
+
+
+def tls_files(folder: Path) -> dict[str, str]:
+    """A CA and a node certificate for 127.0.0.1, made with openssl."""
+    ca_key, ca, key, csr, cert = (str(folder / n) for n in
+                                  ("ca.key", "ca.pem", "node.key", "node.csr", "node.pem"))
+    ext = folder / "san.ext"
+    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    for argv in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
+         "-days", "2", "-subj", "/CN=test-ca"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
+         "-subj", "/CN=localhost"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+         "-out", cert, "-days", "2", "-extfile", str(ext)],
+    ):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
+    return {"NATS_TLS_CERT": cert, "NATS_TLS_KEY": key, "NATS_TLS_CA": ca}

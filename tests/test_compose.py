@@ -28,7 +28,7 @@ from gateway.processes import (
     spawn,
     wait_until,
 )
-from tests.helpers import REPO
+from tests.helpers import REPO, tls_files
 
 COMPOSE = REPO / "docker-compose.yml"
 #: the passwords compose requires (README, "Run with docker-compose")
@@ -158,24 +158,6 @@ def test_every_mounted_nats_config_passes_nats_server_t() -> None:
                               text=True, timeout=30, env=env)
         assert proc.returncode == 0, f"{name}: {proc.stdout}{proc.stderr}"
         assert "valid" in proc.stdout + proc.stderr
-
-
-def tls_files(folder: Path) -> dict[str, str]:
-    """A CA and a node certificate for 127.0.0.1, made with openssl."""
-    ca_key, ca, key, csr, cert = (str(folder / n) for n in
-                                  ("ca.key", "ca.pem", "node.key", "node.csr", "node.pem"))
-    ext = folder / "san.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for argv in (
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca,
-         "-days", "2", "-subj", "/CN=test-ca"],
-        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr,
-         "-subj", "/CN=localhost"],
-        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-         "-out", cert, "-days", "2", "-extfile", str(ext)],
-    ):
-        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
-    return {"NATS_TLS_CERT": cert, "NATS_TLS_KEY": key, "NATS_TLS_CA": ca}
 
 
 @pytest.mark.parametrize("variant", ["node-auth.conf", "node-auth-tls.conf", "node-secure.conf"])

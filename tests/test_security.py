@@ -21,7 +21,7 @@ import socketio
 
 from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
 from tests.conftest import broker_args
-from tests.helpers import SETTLE, SioClient, connect_all, read_metric
+from tests.helpers import SETTLE, SioClient, connect_all, read_metric, tls_files
 
 SECRET = "test-jwt-secret-4f0c2a9e7d-0123456789abcdef"
 API_KEY = "test-api-key-9b1e55c3"
@@ -361,7 +361,6 @@ async def test_gateway_talks_tls_to_a_redis_cluster_that_requires_it(
     """Every connection, the per-master subscribers included, goes over TLS with a
     rediss:// URL: a cluster that listens with TLS only carries the chat."""
     from gateway.processes import RedisCluster, TlsFiles
-    from tests.test_compose import tls_files
 
     files = tls_files(tmp_path)
     tls = TlsFiles(files["NATS_TLS_CERT"], files["NATS_TLS_KEY"], files["NATS_TLS_CA"])
