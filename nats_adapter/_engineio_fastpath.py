@@ -11,8 +11,8 @@ engine.io or aiohttp internals.
 
 :func:`install` checks that every attribute, method and signature it relies on
 is there (:func:`missing_features`) and otherwise leaves the server untouched;
-:func:`writable_transport` then always answers None and every packet takes the
-public path (engine.io's queue), which is always correct, only slower. An error
+no socket then gets a direct writer (its ``fanout_writer``) and every packet takes
+the public path (engine.io's queue), which is always correct, only slower. An error
 inside the patched code at run time turns the fast path off for good, with one
 warning (:meth:`FastPath.disable`).
 
@@ -23,7 +23,8 @@ socket.io-client sends UPGRADE only after its last poll has returned), and while
 the connection does not compress (a shared frame is only valid uncompressed).
 A write is made only while nothing waits in its engine.io queue, nothing taken
 from it is still being written (acks and other events stay in order), and the
-transport is not closing.
+transport is not closing: the writer's ``offer`` checks, per frame
+(:class:`DirectWrites`, or :class:`nats_adapter._lean_websocket.LeanWebSocket`).
 """
 
 from __future__ import annotations
@@ -293,8 +294,8 @@ class FastPath:
         logger.warning("fast fan-out disabled for this server (%s); delivery continues on "
                        "engine.io's public path", reason)
         for socket in list(self.eio.sockets.values()):
-            if getattr(socket, "fanout_transport", None) is not None:
-                socket.fanout_transport = None
+            if getattr(socket, "fanout_writer", None) is not None:
+                socket.fanout_writer = None
 
 
 def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
@@ -469,7 +470,8 @@ def _enable_direct_writes(socket: Any, ws: Any) -> None:
     """From now on ``socket`` may get shared frames written to its transport."""
     socket.fanout_ws = ws._sock
     ws.counted_queue = socket.queue
-    socket.fanout_transport = _writer_transport(ws._sock)
+    transport = _writer_transport(ws._sock)
+    socket.fanout_writer = DirectWrites(socket, transport) if transport is not None else None
 
 
 def _send_ping(socket: Any) -> None:
@@ -594,17 +596,32 @@ async def _lean_session(socket: Any, ws: Any) -> None:
         await socket.close(wait=False, abort=True, reason=server.reason.TRANSPORT_CLOSE)
 
 
-def writable_transport(socket: Any) -> asyncio.WriteTransport | None:
-    """``socket``'s transport when a shared frame may be written to it right now.
+#: what a direct writer's ``offer`` answers: the frame was written; the socket cannot
+#: take a shared frame now (queue it instead); its send buffer is past the bound
+WRITTEN, NOT_NOW, FULL = 1, 0, -1
 
-    None when the socket does not qualify (see the module docstring) or when
-    something queued or in flight must go first.
-    """
-    transport: asyncio.WriteTransport | None = getattr(socket, "fanout_transport", None)
-    if transport is None or not socket.upgraded:
-        return None
-    queue = socket.queue
-    if queue._items or queue.in_flight or transport.is_closing():
-        return None
-    return transport
+
+class DirectWrites:
+    """Shared frames written to the transport under an aiohttp websocket (a session
+    that does not run the lean loop); :class:`nats_adapter._lean_websocket.LeanWebSocket`
+    offers the same :meth:`offer` for the others."""
+
+    __slots__ = ("socket", "transport")
+
+    def __init__(self, socket: Any, transport: asyncio.WriteTransport) -> None:
+        self.socket = socket
+        self.transport = transport
+
+    def offer(self, frame: bytes, max_buffer: int) -> int:
+        """Write ``frame`` now if the socket may take it (see the module docstring):
+        :data:`WRITTEN`, :data:`NOT_NOW` or :data:`FULL`."""
+        socket = self.socket
+        queue = socket.queue
+        transport = self.transport
+        if not socket.upgraded or queue._items or queue.in_flight or transport.is_closing():
+            return NOT_NOW
+        if transport.get_write_buffer_size() > max_buffer:
+            return FULL
+        transport.write(frame)
+        return WRITTEN
 

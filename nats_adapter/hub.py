@@ -19,7 +19,7 @@ from typing import Any, cast
 from bidict import bidict
 from engineio import packet as eio_packet
 
-from ._engineio_fastpath import QueueLimits, close_session, text_frame, writable_transport
+from ._engineio_fastpath import QueueLimits, close_session, text_frame
 from .sids import is_sid
 from .stats import ManagerStats
 from .types import EncodedPacket, RoomIndex
@@ -43,8 +43,9 @@ class FanoutLimits:
 class Fanout:
     """Writes packets to local engine.io sockets, directly when safe, else queued.
 
-    One websocket frame is built per packet and the same bytes are written to every
-    recipient whose transport :func:`writable_transport` offers; the others get the
+    One websocket frame is built per packet and the same bytes are offered to every
+    recipient's direct writer (``fanout_writer``, see :mod:`._engineio_fastpath`),
+    which writes them when the socket may take them now; the others get the
     packet through engine.io's queue, as in stock python-socketio. A socket past
     :class:`FanoutLimits` is disconnected as a slow consumer instead of growing the
     node's memory or delaying others.
@@ -84,8 +85,7 @@ class Fanout:
         failed = direct = queued = 0
         max_buffer = self.limits.max_buffer_bytes
         max_queued = self.limits.max_queued_packets
-        writable = writable_transport if len(parts) == 1 and isinstance(parts[0], str) \
-            else None
+        shared = len(parts) == 1 and isinstance(parts[0], str)
         held = self.held if seq is not None else None
         for eio_sid in eio_sids:
             if exclude and eio_sid in exclude:
@@ -98,17 +98,17 @@ class Fanout:
             if s is None or s.closed or s.closing or getattr(s, "fanout_dropped", False):
                 failed += 1
                 continue
-            transport = writable(s) if writable is not None else None
-            if transport is not None:
-                if transport.get_write_buffer_size() > max_buffer:
+            if shared and (writer := getattr(s, "fanout_writer", None)) is not None:
+                if frame is None:
+                    frame = text_frame(("4" + parts[0]).encode())  # type: ignore[operator]
+                written = writer.offer(frame, max_buffer)
+                if written > 0:
+                    direct += 1
+                    continue
+                if written < 0:
                     self._drop(s, "send buffer full")
                     failed += 1
                     continue
-                if frame is None:
-                    frame = text_frame(("4" + parts[0]).encode())  # type: ignore[operator]
-                transport.write(frame)
-                direct += 1
-                continue
             queue = s.queue
             if queue.qsize() >= max_queued:
                 self._drop(s, "send queue full")
