@@ -29,6 +29,35 @@ from typing import Any
 from urllib.parse import urlsplit
 
 _ZERO_MASK = b"\x00\x00\x00\x00"
+#: Linux's SO_TIMESTAMPNS (the asm-generic value; the socket module does not name it)
+_SO_TIMESTAMPNS = 35 if sys.platform == "linux" else None
+_STAMP_SPACE = socket.CMSG_SPACE(16)
+
+
+class StampedSocket(socket.socket):
+    """A client TCP socket whose ``recv`` (what asyncio's transport reads with) also
+    keeps when the kernel received the last packet it returned (SO_TIMESTAMPNS, wall
+    clock). One process reads for every socket of the benchmark: a chat fanned out to
+    100 of them is handled one socket after the other, so the time it is handled
+    here grows with the socket's place in that line, a wait no browser has. The
+    kernel's time is when the message reached the client."""
+
+    __slots__ = ("arrived_ns",)
+
+    def __init__(self, family: int) -> None:
+        super().__init__(family, socket.SOCK_STREAM)
+        self.arrived_ns = 0
+        if _SO_TIMESTAMPNS is not None:
+            with contextlib.suppress(OSError):
+                self.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        data, ancdata, _, _ = self.recvmsg(bufsize, _STAMP_SPACE, flags)
+        for level, kind, value in ancdata:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
+                sec, nsec = struct.unpack_from("qq", value)
+                self.arrived_ns = sec * 1_000_000_000 + nsec
+        return data
 
 
 def _frame(payload: bytes) -> bytes:
@@ -47,8 +76,11 @@ class LeanSocket(asyncio.Protocol):
     """One Engine.IO/Socket.IO websocket client connection."""
 
     def __init__(self, index: int, host: str, port: int, gen: LoadGen, deflate: bool,
-                 upgrade: Upgrade | None = None, auth: dict[str, str] | None = None) -> None:
+                 upgrade: Upgrade | None = None, auth: dict[str, str] | None = None,
+                 sock: StampedSocket | None = None) -> None:
         self.index = index
+        #: the socket under the transport, which knows when what it read arrived
+        self.sock = sock
         self.host = host
         self.port = port
         self.gen = gen
@@ -288,6 +320,8 @@ class Sent:
     send_ns: int
     #: when its ack came (with recovery on: once it was stored)
     ack_ns: int = 0
+    #: ``send_ns`` on the wall clock, which the kernel's receive times are on
+    send_wall_ns: int = 0
 
 
 @dataclass
@@ -298,8 +332,9 @@ class LoadGen:
     gateway_of: list[int] = field(default_factory=list)
     members: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
     sent: dict[str, Sent] = field(default_factory=dict)
-    #: (msg id, recipient index, receive time ns)
-    received: list[tuple[str, int, int]] = field(default_factory=list)
+    #: (msg id, recipient index, time handled here ns, time it reached the socket: the
+    #: kernel's, wall clock ns, or 0 when the platform gives none)
+    received: list[tuple[str, int, int, int]] = field(default_factory=list)
     #: (msg id, recipient index, offset) of every chat that came with an offset, in the
     #: order received
     offsets: list[tuple[str, int, int]] = field(default_factory=list)
@@ -323,7 +358,8 @@ class LoadGen:
         if offset is not None:
             sock.offset = offset
         if data and data[0] == "chat":
-            self.received.append((data[1]["id"], sock.index, now))
+            arrived = sock.sock.arrived_ns if sock.sock is not None else 0
+            self.received.append((data[1]["id"], sock.index, now, arrived))
             if offset is not None:
                 self.offsets.append((data[1]["id"], sock.index, int(offset)))
 
@@ -373,9 +409,21 @@ class LoadGen:
         """Socket ``i`` on websocket to ``url``, once its CONNECT reply came."""
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
-        _, proto = await asyncio.get_running_loop().create_connection(
-            lambda: LeanSocket(i, host, port, self, deflate, upgrade, auth), host, port,
-            local_addr=(local_host, 0) if local_host else None)
+        loop = asyncio.get_running_loop()
+        family, _, _, _, address = (await loop.getaddrinfo(host, port,
+                                                           type=socket.SOCK_STREAM))[0]
+        sock = StampedSocket(family)
+        try:
+            sock.setblocking(False)
+            if local_host:
+                sock.bind((local_host, 0))
+            await loop.sock_connect(sock, address)
+            _, proto = await loop.create_connection(
+                lambda: LeanSocket(i, host, port, self, deflate, upgrade, auth, sock),
+                sock=sock)
+        except BaseException:
+            sock.close()
+            raise
         self.sockets[i] = proto
         async with asyncio.timeout(30):
             await proto.connected
@@ -402,12 +450,12 @@ class LoadGen:
         return failures
 
     async def send_one(self, i: int, room: str, text: str) -> bool:
-        send_ns = time.monotonic_ns()
+        send_wall_ns, send_ns = time.time_ns(), time.monotonic_ns()
         ack = await asyncio.wait_for(self.sockets[i].call("chat", {"room": room, "text": text}),
                                      30)
         if not ack.get("ok"):
             return False
-        self.sent[ack["id"]] = Sent(i, room, send_ns, time.monotonic_ns())
+        self.sent[ack["id"]] = Sent(i, room, send_ns, time.monotonic_ns(), send_wall_ns)
         return True
 
     async def burst(self, plan: list[tuple[int, str, int]], text: str) -> int:
@@ -464,17 +512,21 @@ class LoadGen:
         seen: dict[tuple[str, int], int] = defaultdict(int)
         local: list[int] = []
         cross: list[int] = []
+        handled_local: list[int] = []
+        handled_cross: list[int] = []
         stray = 0
-        for msg_id, rcpt, now in self.received:
+        for msg_id, rcpt, now, arrived in self.received:
             s = self.sent.get(msg_id)
             if s is None:
                 stray += 1
                 continue
             seen[(msg_id, rcpt)] += 1
             if seen[(msg_id, rcpt)] == 1:
-                lat = now - s.send_ns
-                (local if self.gateway_of[s.sender] == self.gateway_of[rcpt] else cross
-                 ).append(lat)
+                handled = now - s.send_ns
+                same = self.gateway_of[s.sender] == self.gateway_of[rcpt]
+                (local if same else cross).append(
+                    arrived - s.send_wall_ns if arrived and s.send_wall_ns else handled)
+                (handled_local if same else handled_cross).append(handled)
         expected = 0
         lost = 0
         unexpected = 0
@@ -510,8 +562,12 @@ class LoadGen:
             "misdelivered": unexpected + stray,
             "out_of_order": self.out_of_order(),
             "with_offsets": len(self.offsets),
+            # from the send to the kernel's receive time at the recipient's socket ...
             "latency_ms": {"local": percentiles(local), "cross": percentiles(cross),
                            "all": percentiles(local + cross)},
+            # ... and to when this process had handled it (see StampedSocket)
+            "latency_handled_ms": {"cross": percentiles(handled_cross),
+                                   "all": percentiles(handled_local + handled_cross)},
             "needed_per_gateway": needed,
             "needed_per_gateway_stored": needed_stored,
             "sent_per_room": dict(sent_per_room),
@@ -620,13 +676,13 @@ def recovery_tally(gen: LoadGen) -> dict[str, Any]:
     # chats stored while a socket was away (acked between its drop and its reconnect):
     # a restore must replay every one of them before its CONNECT reply
     away = away_replayed = 0
-    for msg_id, rcpt, now in gen.received:
+    for msg_id, rcpt, now, _ in gen.received:
         if rcpt in recovered:
             s = gen.sent.get(msg_id)
             if s is not None and s.ack_ns <= connected[rcpt]:
                 caught_up[rcpt] = max(caught_up[rcpt], now)
     first_seen: dict[tuple[str, int], int] = {}
-    for msg_id, rcpt, now in gen.received:
+    for msg_id, rcpt, now, _ in gen.received:
         first_seen.setdefault((msg_id, rcpt), now)
     for msg_id, s in gen.sent.items():
         for rcpt in gen.members_at_send(s):

@@ -188,6 +188,7 @@ def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: Storm
         return round(1000 * max(storm, 0.0) / sessions, 2)
 
     res.pop("latency_ms")  # chats that waited out the outage: not a latency
+    res.pop("latency_handled_ms", None)
     return {**res, "failures": res["failures"] + failures, **rec,
             "server_recovered": server("gateway_sessions_recovered_total"),
             "server_refused": server("gateway_sessions_recovery_refused_total"),

@@ -113,6 +113,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "Websocket frames per socket send on our gateways (frames written to one "
                   "connection in one turn of the event loop leave in one send): "
                   + "; ".join(coalesced) + "."]
+    handled = [f"{scenario} ({backend}) "
+               f"{c.value((*path, 'latency_handled_ms', 'cross', 'p99'), 2)}"
+               for scenario, backend, path in sorted(_phases(results),
+                                                     key=lambda r: (r[0], r[1]))
+               if scenario.startswith("latency")
+               and runs.get(results, (*path, "latency_handled_ms", "cross", "p99")) is not None]
+    if handled:
+        lines += ["", "Cross-node p99 ms to when the load generator had handled the chat "
+                  "(the table's times end at the kernel's receive time): "
+                  + "; ".join(handled) + "."]
     mem = [b for b, s in results.items() if "plain" in s.get("memory", {})]
     if mem:
         def kb(backend: str, variant: str, key: str) -> str:
@@ -337,6 +347,10 @@ def benchmarks_md(report: dict[str, Any]) -> str:
         "the gateways' count, with the broker's own count in parentheses (NATS: per "
         "gateway connection and subscription; Redis: channel subscribers x chats, all "
         "gateways together).\n\n"
+        "Latency runs from the chat's send to the kernel's receive time at the "
+        "recipient's socket (SO_TIMESTAMPNS): one load generator process reads for every "
+        "socket, and when it had handled a chat, shown below the table, also counts "
+        "its wait behind the sockets ahead in line, which no browser has.\n\n"
         "Scenario parameters:\n\n"
         + "".join(f"- **{k}**: {', '.join(f'{a}={b}' for a, b in v.items())}\n"
                   for k, v in report["scenarios"].items())

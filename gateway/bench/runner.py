@@ -277,6 +277,7 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
         # connection in one turn of the event loop go out in one send)
         "websocket_frames_per_send": round(frames / sends, 2) if sends else None,
         "latency_ms": result["latency_ms"],
+        "latency_handled_ms": result.get("latency_handled_ms"),
         "gateway_received_msgs": {k: int(v) for k, v in received.items()},
         "gateway_received_bytes": {k: int(v) for k, v in received_bytes.items()},
         "wasted_receptions": int(sum(unwanted.values())),
