@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -9,7 +10,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .chat import ChatProtocol
 from .guards import RequestGuard
-from .serving import ConnectionCounts
+from .serving import GC_PAUSES, ConnectionCounts
 from .types import GatewayManager
 
 # manager stats field -> (metric name, help); all counters
@@ -132,6 +133,7 @@ class GatewayCollector(Collector):
             c = CounterMetricFamily(name, doc, labels=labels)
             c.add_metric(values, value)
             yield c
+        yield from _gc_metrics(labels, values)
         rejected = CounterMetricFamily(
             "gateway_broker_messages_rejected", "Envelopes from the broker dropped as not "
             "from a legitimate node, by reason (invalid: nothing a node could send; "
@@ -146,6 +148,25 @@ class GatewayCollector(Collector):
         for reason, count in sorted(self.chat.refused.items()):
             refused.add_metric([*values, reason], count)
         yield refused
+
+
+def _gc_metrics(labels: list[str], values: list[str]) -> Iterator[Metric]:
+    by_gen = [*labels, "generation"]
+    collections = CounterMetricFamily("gateway_gc_collections",
+                                      "Garbage collections, by generation", labels=by_gen)
+    paused = CounterMetricFamily("gateway_gc_pause_seconds", "Time the event loop stood "
+                                 "still for garbage collection, by generation", labels=by_gen)
+    longest = GaugeMetricFamily("gateway_gc_longest_pause_seconds",
+                                "The longest such pause, by generation", labels=by_gen)
+    for gen in range(3):
+        at = [*values, str(gen)]
+        collections.add_metric(at, GC_PAUSES.collections[gen])
+        paused.add_metric(at, GC_PAUSES.seconds[gen])
+        longest.add_metric(at, GC_PAUSES.longest[gen])
+    frozen = GaugeMetricFamily("gateway_gc_frozen_objects", "Objects of the start-up kept "
+                               "out of garbage collection (gc.freeze)", labels=labels)
+    frozen.add_metric(values, gc.get_freeze_count())
+    yield from (collections, paused, longest, frozen)
 
 
 def make_registry(node_id: str, manager: GatewayManager, chat: ChatProtocol,

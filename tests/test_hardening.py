@@ -208,6 +208,20 @@ def stalled_socket(url: str) -> socket.socket:
     return sock
 
 
+async def test_start_up_objects_are_out_of_gc_and_its_pauses_are_on_metrics(
+        open_gateway: GatewayNode) -> None:
+    """A collection holds every socket of the node while it runs: the objects of the
+    start-up (modules, the app, the broker connection) are frozen out of it, and its
+    pauses are counted for the operator."""
+    frozen = await read_metric(open_gateway.url, "gateway_gc_frozen_objects")
+    assert frozen > 10_000, "gc.freeze() ran after the start-up"
+    for _ in range(20):  # each scrape allocates: young collections follow
+        metrics = await asyncio.to_thread(metrics_of, open_gateway.url)
+    assert metrics["gateway_gc_collections_total"] > 0
+    assert metrics["gateway_gc_pause_seconds_total"] > 0
+    assert metrics["gateway_gc_longest_pause_seconds"] > 0
+
+
 async def test_a_client_that_never_reads_cannot_grow_the_node(
         open_gateway: GatewayNode, clients: list[SioClient]) -> None:
     """What the node holds for one client is bounded: replies never echo a client's
