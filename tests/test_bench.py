@@ -26,6 +26,8 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
     assert "stock-redis: reference on 3 gateways" in proc.stderr, "progress is shown"
     report = json.loads((out / "results.json").read_text())
     assert set(report["results"]) == set(BENCH_BACKENDS)
+    (send_us,) = report["loopback_send_us"]  # one run
+    assert 0 < send_us < 1000
     for backend, scenarios in report["results"].items():
         expected = set(SCENARIOS) - ({"memory", "idle"} if backend == "redis-cluster-classic"
                                      else set())
@@ -204,6 +206,14 @@ def test_the_targets_section_is_derived_from_the_json() -> None:
     report = _three_runs(nats_cpu=0.005)
     report["runs"][1]["nats"]["fanout-upgrade"]["lost"] = 1
     assert "not met: 1 / 0 / 0 / 0" in _row(targets.markdown(report), "0 lost")
+    # with the cost of one loopback send measured in each run, the row says how far
+    # ahead of stock one send per delivery allows: stock's 40, 44, 36 us over 5, 4, 4
+    report = _three_runs(nats_cpu=0.008)
+    report["loopback_send_us"] = [5.0, 4.0, 4.0]
+    assert "one loopback send costs 4.00 [4.00-5.00] us here, so one send per delivery " \
+           "caps this ratio at 9.00x [8.00-11.00]" in _row(targets.markdown(report),
+                                                          stock_upgrade)
+    assert "caps" not in _row(targets.markdown(report), "... and at or below the Node")
 
 
 def test_several_runs_show_medians_and_ranges_and_any_runs_faults() -> None:

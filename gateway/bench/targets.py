@@ -40,6 +40,7 @@ class Verdict:
 class Target:
     text: str
     issue: str
+    #: (every run's results, the report, our backend) -> its verdict
     judge: Callable[[list[dict[str, Any]], dict[str, Any], str], Verdict]
 
 
@@ -57,7 +58,7 @@ def _cpu_ratio(scenario: str, against: str, at_least: float, strictly: bool = Fa
                ) -> Callable[[list[dict[str, Any]], dict[str, Any], str], Verdict]:
     """Gateway CPU per delivery of ``against`` divided by ours, per run."""
 
-    def judge(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+    def judge(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
         key = (scenario, "cpu_s_per_1000_deliveries")
         found = runs.ratios(rs, (ours, *key), (against, *key), higher_is_better=False)
         if not found:
@@ -66,17 +67,32 @@ def _cpu_ratio(scenario: str, against: str, at_least: float, strictly: bool = Fa
         mine, theirs = _med(runs.values(rs, (ours, *key))), _med(runs.values(rs, (against, *key)))
         met = ratio > at_least if strictly else ratio >= at_least
         return Verdict(met, f"{runs.stat(found, 2, 'x')} ({mine:.4f} vs {theirs:.4f} "
-                            f"CPU-s per 1k deliveries)")
+                            f"CPU-s per 1k deliveries{_send_cap(rs, report, key, against)})")
 
     return judge
 
 
+def _send_cap(rs: list[dict[str, Any]], report: dict[str, Any], key: tuple[str, ...],
+              against: str) -> str:
+    """How far ahead of ``against`` a server that sends once per delivery can be here:
+    its CPU per delivery over the cost of one loopback send (:mod:`.floor`), per run."""
+    floors = report.get("loopback_send_us") or []
+    if against != BASELINE or len(floors) != len(rs):
+        return ""
+    caps = [1000 * v / f for run, f in zip(rs, floors, strict=True)
+            if f and isinstance(v := runs.get(run, (against, *key)), int | float)]
+    if not caps:
+        return ""
+    return (f"; one loopback send costs {runs.stat(floors, 2)} us here, so one send per "
+            f"delivery caps this ratio at {runs.stat(caps, 2, 'x')}")
+
+
 def _cross_p99(scenario: str) -> Callable[[list[dict[str, Any]], dict[str, Any], str], Verdict]:
-    def judge(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+    def judge(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
         found = runs.values(rs, (ours, scenario, "latency_ms", "cross", "p99"))
         if not found:
             return _missing(f"`{scenario}` on `{ours}`")
-        params = scenarios.get("latency", {})
+        params = (report.get("scenarios") or {}).get("latency", {})
         figure = f"{runs.stat(found, 2)} ms"
         if params.get("rate_msgs_per_s") != LATENCY_RATE or \
                 params.get("members") != LATENCY_MEMBERS:
@@ -87,7 +103,7 @@ def _cross_p99(scenario: str) -> Callable[[list[dict[str, Any]], dict[str, Any],
     return judge
 
 
-def _memory(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+def _memory(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
     parts, met = [], True
     for variant, label in (("plain", "websocket"), ("upgraded", "upgraded")):
         found = runs.values(rs, (ours, "memory", variant, "kb_per_socket"))
@@ -98,7 +114,7 @@ def _memory(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> V
     return Verdict(met, ", ".join(parts))
 
 
-def _per_room(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+def _per_room(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
     keys = (("kb_per_own_room", "first room of its own"),
             ("kb_per_second_own_room", "another of its own"),
             ("kb_per_shared_room_membership", "a shared room"))
@@ -116,7 +132,7 @@ def _per_room(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) ->
 
 def _idle(key: str, limit: float, unit: str
           ) -> Callable[[list[dict[str, Any]], dict[str, Any], str], Verdict]:
-    def judge(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+    def judge(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
         found = runs.values(rs, (ours, "idle", key))
         if not found:
             return _missing(f"`idle` on `{ours}`")
@@ -129,7 +145,7 @@ def _idle(key: str, limit: float, unit: str
     return judge
 
 
-def _idle_vs_node(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+def _idle_vs_node(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
     parts, met = [], True
     for key, unit in (("kb_per_socket", "KB"), ("cpu_ms_per_s_per_1k", "CPU-ms/s per 1k")):
         mine, node = (runs.values(rs, (b, "idle", key)) for b in (ours, NODE))
@@ -140,7 +156,7 @@ def _idle_vs_node(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str
     return Verdict(met, "; ".join(parts))
 
 
-def _broker_bytes(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+def _broker_bytes(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
     parts, met, seen = [], True, False
     for phase in THREE_GATEWAY_PHASES:
         key = (*phase, "broker_bytes_per_delivery")
@@ -157,7 +173,7 @@ def _broker_bytes(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str
     return Verdict(met, "; ".join(parts) + ", on the sockets")
 
 
-def _clean(rs: list[dict[str, Any]], scenarios: dict[str, Any], ours: str) -> Verdict:
+def _clean(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdict:
     totals = dict.fromkeys(("lost", "duplicated", "refused", "misdelivered"), 0)
     phases = 0
     for results in rs:
@@ -201,8 +217,7 @@ def evaluate(report: dict[str, Any]) -> list[tuple[Target, dict[str, Verdict]]]:
     """Each target's verdict per backend of ours that the run measured."""
     rs = all_runs(report)
     ours = [b for b in OURS if b in report["results"]]
-    scenarios = report.get("scenarios") or {}
-    return [(t, {b: t.judge(rs, scenarios, b) for b in ours}) for t in TARGETS]
+    return [(t, {b: t.judge(rs, report, b) for b in ours}) for t in TARGETS]
 
 
 def markdown(report: dict[str, Any]) -> str:
