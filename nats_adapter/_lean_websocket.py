@@ -359,16 +359,9 @@ class LeanWebSocket(asyncio.Protocol):
         transport = self.transport
         if not socket.upgraded or queue._items or queue.in_flight or transport.is_closing():
             return 0
-        size = self.out_bytes
-        if transport.get_write_buffer_size() + size > max_buffer:
+        if transport.get_write_buffer_size() + self.out_bytes > max_buffer:
             return -1
-        out = self.out
-        if out is None:
-            self.out = [frame]
-            self.heartbeat.writes.add(self)
-        else:
-            out.append(frame)
-        self.out_bytes = size + len(frame)
+        self.write(frame)
         return 1
 
     def send_pending(self) -> None:
