@@ -145,9 +145,9 @@ async def serve(app: web.Application, host: str, port: int, max_connections: int
     listener = await loop.create_server(ConnectionCap(runner.server, counts), host, port,
                                         reuse_address=True, backlog=1024)
     logger.info("accepting up to %d concurrent connections", counts.limit)
-    GC_PAUSES.install()
     logger.info("%d objects of the start-up frozen out of garbage collection",
                 freeze_startup_objects())
+    GC_PAUSES.install()  # after: the start-up's own full collection is not serving's pause
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
