@@ -471,7 +471,7 @@ def _enable_direct_writes(socket: Any, ws: Any) -> None:
     socket.fanout_ws = ws._sock
     ws.counted_queue = socket.queue
     transport = _writer_transport(ws._sock)
-    socket.fanout_writer = DirectWrites(socket, transport) if transport is not None else None
+    socket.fanout_writer = DirectWrites(transport) if transport is not None else None
 
 
 def _send_ping(socket: Any) -> None:
@@ -604,18 +604,17 @@ WRITTEN, NOT_NOW, FULL = 1, 0, -1
 class DirectWrites:
     """Shared frames written to the transport under an aiohttp websocket (a session
     that does not run the lean loop); :class:`nats_adapter._lean_websocket.LeanWebSocket`
-    offers the same :meth:`offer` for the others."""
+    offers the same :meth:`offer` for the others. Holds only the transport: the
+    socket, which holds this, is passed in (no reference cycle)."""
 
-    __slots__ = ("socket", "transport")
+    __slots__ = ("transport",)
 
-    def __init__(self, socket: Any, transport: asyncio.WriteTransport) -> None:
-        self.socket = socket
+    def __init__(self, transport: asyncio.WriteTransport) -> None:
         self.transport = transport
 
-    def offer(self, frame: bytes, max_buffer: int) -> int:
-        """Write ``frame`` now if the socket may take it (see the module docstring):
+    def offer(self, socket: Any, frame: bytes, max_buffer: int) -> int:
+        """Write ``frame`` now if ``socket`` may take it (see the module docstring):
         :data:`WRITTEN`, :data:`NOT_NOW` or :data:`FULL`."""
-        socket = self.socket
         queue = socket.queue
         transport = self.transport
         if not socket.upgraded or queue._items or queue.in_flight or transport.is_closing():

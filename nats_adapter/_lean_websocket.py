@@ -350,11 +350,11 @@ class LeanWebSocket(asyncio.Protocol):
             out.append(data)
         self.out_bytes += len(data)
 
-    def offer(self, frame: bytes, max_buffer: int) -> int:
-        """:meth:`write` a frame shared by several sockets if this session may take it
-        now (``_engineio_fastpath.DirectWrites.offer``, inlined: it runs once per
-        recipient of every emit): 1 written, 0 not now, -1 past ``max_buffer``."""
-        socket = self.socket
+    def offer(self, socket: Any, frame: bytes, max_buffer: int) -> int:
+        """:meth:`write` a frame shared by several sockets if this session (``socket``
+        is its engine.io socket) may take it now, as
+        ``_engineio_fastpath.DirectWrites.offer``: 1 written, 0 not now, -1 past
+        ``max_buffer``."""
         queue = socket.queue
         transport = self.transport
         if not socket.upgraded or queue._items or queue.in_flight or transport.is_closing():

@@ -101,7 +101,7 @@ class Fanout:
             if shared and (writer := getattr(s, "fanout_writer", None)) is not None:
                 if frame is None:
                     frame = text_frame(("4" + parts[0]).encode())  # type: ignore[operator]
-                written = writer.offer(frame, max_buffer)
+                written = writer.offer(s, frame, max_buffer)
                 if written > 0:
                     direct += 1
                     continue
