@@ -52,6 +52,7 @@ class StampedSocket(socket.socket):
                 self.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
 
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.arrived_ns = 0  # a read without a stamp must not keep the previous one
         data, ancdata, _, _ = self.recvmsg(bufsize, _STAMP_SPACE, flags)
         for level, kind, value in ancdata:
             if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(value) >= 16:
@@ -410,14 +411,8 @@ class LoadGen:
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 80
         loop = asyncio.get_running_loop()
-        family, _, _, _, address = (await loop.getaddrinfo(host, port,
-                                                           type=socket.SOCK_STREAM))[0]
-        sock = StampedSocket(family)
+        sock = await self._connected_socket(host, port, local_host)
         try:
-            sock.setblocking(False)
-            if local_host:
-                sock.bind((local_host, 0))
-            await loop.sock_connect(sock, address)
             _, proto = await loop.create_connection(
                 lambda: LeanSocket(i, host, port, self, deflate, upgrade, auth, sock),
                 sock=sock)
@@ -428,6 +423,30 @@ class LoadGen:
         async with asyncio.timeout(30):
             await proto.connected
         return proto
+
+    @staticmethod
+    async def _connected_socket(host: str, port: int, local_host: str | None
+                                ) -> StampedSocket:
+        """A :class:`StampedSocket` connected to the first address of ``host`` that
+        answers (as ``create_connection`` tries them)."""
+        loop = asyncio.get_running_loop()
+        error: OSError | None = None
+        for family, _, _, _, address in await loop.getaddrinfo(host, port,
+                                                                type=socket.SOCK_STREAM):
+            sock = StampedSocket(family)
+            try:
+                sock.setblocking(False)
+                if local_host:
+                    sock.bind((local_host, 0))
+                await loop.sock_connect(sock, address)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+            except BaseException:
+                sock.close()
+                raise
+        raise error or OSError(f"no address for {host}")
 
     async def join(self, pairs: list[tuple[int, str]], leave: bool = False,
                    concurrency: int = 500) -> int:
