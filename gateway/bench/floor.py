@@ -47,6 +47,7 @@ def loopback_send_us(connections: int = 250, sends: int = 100_000, payload: int 
     if not 0 < payload < 126:
         raise ValueError("payload must fit a websocket frame's 7-bit length (1-125)")
     listener = socket.create_server(("127.0.0.1", 0), backlog=connections)
+    listener.settimeout(30)  # a reader that never connects fails this, not the bench
     reader = subprocess.Popen([sys.executable, "-c", _READER,
                                str(listener.getsockname()[1]), str(connections)])
     socks: list[socket.socket] = []

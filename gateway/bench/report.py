@@ -44,6 +44,10 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _measured(values: list[float | None] | None) -> list[float]:
+    return [v for v in values or [] if v is not None]
+
+
 def all_runs(report: dict[str, Any]) -> list[dict[str, dict[str, Any]]]:
     """Every run's results (a report of one run has no ``runs``)."""
     return list(report.get("runs") or [report["results"]])
@@ -336,10 +340,11 @@ def benchmarks_md(report: dict[str, Any]) -> str:
         "drift between runs; the ratios in parentheses compare each backend with "
         f"`{BASELINE}` (python-socketio's AsyncRedisManager) measured in the same run."
         + (f" One send() of a 100-byte frame on loopback TCP costs its sender "
-           f"{runs.stat(report['loopback_send_us'], 2)} CPU-us here, the receiving side "
+           f"{runs.stat(_measured(report.get('loopback_send_us')), 2)} CPU-us here, the "
+           "receiving side "
            "included (measured at the start of each run: gateway/bench/floor.py): the "
            "floor of a delivery for a server that sends each recipient's frame on its own."
-           if report.get("loopback_send_us") else "") + "\n\n"
+           if _measured(report.get("loopback_send_us")) else "") + "\n\n"
         "Backends: `nats` (NatsManager, 3-node NATS full mesh), `redis-sharded` "
         "(RedisShardedManager, 3-master Redis Cluster, SSUBSCRIBE/SPUBLISH), `stock-redis` "
         "(AsyncRedisManager on one Redis), `redis-cluster-classic` (AsyncRedisManager with "

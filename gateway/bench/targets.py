@@ -83,7 +83,8 @@ def _send_cap(rs: list[dict[str, Any]], report: dict[str, Any], key: tuple[str, 
             if f and isinstance(v := runs.get(run, (against, *key)), int | float)]
     if not caps:
         return ""
-    return (f"; one loopback send costs {runs.stat(floors, 2)} us here, so one send per "
+    measured = [f for f in floors if f]
+    return (f"; one loopback send costs {runs.stat(measured, 2)} us here, so one send per "
             f"delivery caps this ratio at {runs.stat(caps, 2, 'x')}")
 
 
@@ -93,7 +94,10 @@ def _cross_p99(scenario: str) -> Callable[[list[dict[str, Any]], dict[str, Any],
         if not found:
             return _missing(f"`{scenario}` on `{ours}`")
         params = (report.get("scenarios") or {}).get("latency", {})
-        figure = f"{runs.stat(found, 2)} ms"
+        handled = runs.values(rs, (ours, scenario, "latency_handled_ms", "cross", "p99"))
+        figure = f"{runs.stat(found, 2)} ms to the socket" + (
+            f" ({runs.stat(handled, 2)} ms when the load generator had handled it)"
+            if handled else "")
         if params.get("rate_msgs_per_s") != LATENCY_RATE or \
                 params.get("members") != LATENCY_MEMBERS:
             return Verdict(None, f"{figure} at {params.get('rate_msgs_per_s')} msg/s x "
