@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -165,7 +164,7 @@ def _gc_metrics(labels: list[str], values: list[str]) -> Iterator[Metric]:
         longest.add_metric(at, GC_PAUSES.longest[gen])
     frozen = GaugeMetricFamily("gateway_gc_frozen_objects", "Objects of the start-up kept "
                                "out of garbage collection (gc.freeze)", labels=labels)
-    frozen.add_metric(values, gc.get_freeze_count())
+    frozen.add_metric(values, GC_PAUSES.frozen)
     yield from (collections, paused, longest, frozen)
 
 
