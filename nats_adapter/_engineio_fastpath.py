@@ -615,9 +615,8 @@ class DirectWrites:
     def offer(self, socket: Any, frame: bytes, max_buffer: int) -> int:
         """Write ``frame`` now if ``socket`` may take it (see the module docstring):
         :data:`WRITTEN`, :data:`NOT_NOW` or :data:`FULL`."""
-        queue = socket.queue
         transport = self.transport
-        if not socket.upgraded or queue._items or queue.in_flight or transport.is_closing():
+        if not lean.may_take_shared_frame(socket, transport):
             return NOT_NOW
         if transport.get_write_buffer_size() > max_buffer:
             return FULL

@@ -113,6 +113,16 @@ def _raw_socket(transport: asyncio.Transport) -> socket_module.socket | None:
     return sock if type(sock) is socket_module.socket else None
 
 
+def may_take_shared_frame(socket: Any, transport: asyncio.WriteTransport) -> bool:
+    """Whether a frame shared by several sockets may be written to ``socket``'s
+    ``transport`` now (the rule of ``_engineio_fastpath``'s docstring): its session
+    runs on websocket, nothing waits in its engine.io queue or is still being written
+    from it, and the transport is not closing."""
+    queue = socket.queue
+    return bool(socket.upgraded and not queue._items and not queue.in_flight
+                and not transport.is_closing())
+
+
 def idle_parser_supported() -> bool:
     """Whether wsproto still shows when a connection has no partial frame or message
     (then an idle connection keeps no parser, ~1.7 KB less per socket)."""
@@ -355,9 +365,8 @@ class LeanWebSocket(asyncio.Protocol):
         is its engine.io socket) may take it now, as
         ``_engineio_fastpath.DirectWrites.offer``: 1 written, 0 not now, -1 past
         ``max_buffer``."""
-        queue = socket.queue
         transport = self.transport
-        if not socket.upgraded or queue._items or queue.in_flight or transport.is_closing():
+        if not may_take_shared_frame(socket, transport):
             return 0
         if transport.get_write_buffer_size() + self.out_bytes > max_buffer:
             return -1
@@ -384,10 +393,8 @@ class LeanWebSocket(asyncio.Protocol):
             # ~1.5 us of Python per recipient; the rest, if any, goes through it
             try:
                 sent = sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # the transport's write meets the error again and closes
+            except OSError:  # would block, or failed: the transport's write meets a
+                sent = 0  # failure again and closes the connection
             if sent == len(data):
                 return
             data = data[sent:]
