@@ -328,6 +328,7 @@ def benchmarks_md(report: dict[str, Any]) -> str:
     m = report["machine"]
     count = len(all_runs(report))
     verdicts = targets.markdown(report)
+    floors = _measured(report.get("loopback_send_us"))
     return (
         f"{scale_report.MAIN_START}\n"
         f"## Latest comparison\n\n"
@@ -340,11 +341,10 @@ def benchmarks_md(report: dict[str, Any]) -> str:
         "drift between runs; the ratios in parentheses compare each backend with "
         f"`{BASELINE}` (python-socketio's AsyncRedisManager) measured in the same run."
         + (f" One send() of a 100-byte frame on loopback TCP costs its sender "
-           f"{runs.stat(_measured(report.get('loopback_send_us')), 2)} CPU-us here, the "
-           "receiving side "
-           "included (measured at the start of each run: gateway/bench/floor.py): the "
-           "floor of a delivery for a server that sends each recipient's frame on its own."
-           if _measured(report.get("loopback_send_us")) else "") + "\n\n"
+           f"{runs.stat(floors, 2)} CPU-us here, the receiving side included (measured "
+           "at the start of each run: gateway/bench/floor.py): the floor of a delivery "
+           "for a server that sends each recipient's frame on its own."
+           if floors else "") + "\n\n"
         "Backends: `nats` (NatsManager, 3-node NATS full mesh), `redis-sharded` "
         "(RedisShardedManager, 3-master Redis Cluster, SSUBSCRIBE/SPUBLISH), `stock-redis` "
         "(AsyncRedisManager on one Redis), `redis-cluster-classic` (AsyncRedisManager with "

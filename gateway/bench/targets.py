@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import runs
-from .report import BASELINE, _rows, all_runs
+from .report import BASELINE, _measured, _rows, all_runs
 
 #: our backends, one column each (those the run measured)
 OURS = ("nats", "redis-sharded")
@@ -83,9 +83,8 @@ def _send_cap(rs: list[dict[str, Any]], report: dict[str, Any], key: tuple[str, 
             if f and isinstance(v := runs.get(run, (against, *key)), int | float)]
     if not caps:
         return ""
-    measured = [f for f in floors if f]
-    return (f"; one loopback send costs {runs.stat(measured, 2)} us here, so one send per "
-            f"delivery caps this ratio at {runs.stat(caps, 2, 'x')}")
+    return (f"; one loopback send costs {runs.stat(_measured(floors), 2)} us here, so one "
+            f"send per delivery caps this ratio at {runs.stat(caps, 2, 'x')}")
 
 
 def _cross_p99(scenario: str) -> Callable[[list[dict[str, Any]], dict[str, Any], str], Verdict]:
