@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import socketio
 from aiohttp import web
+from engineio import exceptions as eio_exceptions
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from socketio import packet as sio_packet
 
 from nats_adapter import ClusterManager, FanoutLimits
 from nats_adapter.shutdown import close_websockets
@@ -118,13 +121,15 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         client_manager=manager,
         cors_allowed_origins=cors,
         max_http_buffer_size=config.limits.max_message_bytes,
+        serializer=CheckedPacket,
+        json=SafeJson,
     )
     guard = RequestGuard(config)
     app = web.Application(client_max_size=config.limits.max_message_bytes,
                           middlewares=[guard.middleware])
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
-    refuse_binary(sio, chat)
+    guard_packets(sio, chat)
     if config.secrets.admin_password and isinstance(manager, ClusterManager):
         # the Socket.IO Admin UI, over every gateway of the cluster
         from nats_adapter.admin import ClusterInstrumentedServer
@@ -214,31 +219,140 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     return app
 
 
-def refuse_binary(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
-    """Disconnect a socket that sends binary packets: the chat protocol has none, and
-    python-socketio would buffer attachments until a count the client declares (up to
-    ten digits) arrives."""
+class SafeJson:
+    """The ``json`` module for engine.io and Socket.IO packets, but for a document
+    nested too deep, which is a ``ValueError`` like any other bad JSON (engine.io
+    catches those; a ``RecursionError`` escaped it with a traceback)."""
+
+    @staticmethod
+    def loads(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return json.loads(*args, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deep") from None
+
+    @staticmethod
+    def dumps(*args: Any, **kwargs: Any) -> str:
+        return json.dumps(*args, **kwargs)
+
+
+class MalformedPacket(ValueError):
+    """A client sent a Socket.IO packet that does not decode, or not to a packet a
+    client may send."""
+
+
+#: packet types a client may send (CONNECT_ERROR is the server's)
+_CLIENT_TYPES = frozenset({sio_packet.CONNECT, sio_packet.DISCONNECT, sio_packet.EVENT,
+                           sio_packet.ACK, sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK})
+
+
+class CheckedPacket(sio_packet.Packet):  # type: ignore[misc]
+    """python-socketio's packet, whose ``decode`` raises :class:`MalformedPacket` for
+    anything python-socketio would fail on further in (a bad JSON body, an event that
+    is not a list headed by a name, an unknown type) instead of raising deep inside
+    the server, where the traceback reaches the log and the socket stays open."""
+
+    def decode(self, encoded_packet: Any) -> Any:
+        try:
+            count = super().decode(encoded_packet)
+        except Exception as exc:  # the decoder's own: ValueError, IndexError, Recursion...
+            raise MalformedPacket(f"undecodable packet ({type(exc).__name__})") from None
+        data = self.data
+        if self.packet_type not in _CLIENT_TYPES:
+            raise MalformedPacket(f"packet type {self.packet_type} is not a client's")
+        if self.packet_type in (sio_packet.EVENT, sio_packet.BINARY_EVENT) and not (
+                isinstance(data, list) and data and isinstance(data[0], str)):
+            raise MalformedPacket("an event must be a list headed by the event name")
+        if self.packet_type in (sio_packet.ACK, sio_packet.BINARY_ACK) and not (
+                isinstance(data, list) and self.id is not None):
+            raise MalformedPacket("an ack must carry an id and a list")
+        if self.packet_type == sio_packet.CONNECT and data is not None \
+                and not isinstance(data, dict):
+            raise MalformedPacket("a CONNECT's auth must be an object")
+        return count
+
+
+def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
+    """Close a socket that sends a malformed or binary packet, counting it
+    (``gateway_requests_refused_total{reason="malformed"|"binary"}``) and logging
+    only now and then: one bad packet must not cost a traceback in the log.
+
+    Binary packets are not part of the chat protocol, and python-socketio would
+    buffer attachments until a count the client declares (up to ten digits) arrives.
+
+    A long-polling POST whose payload engine.io cannot decode ends its session with
+    a 400 (engine.io logged a traceback for it and kept the session).
+    """
     handle = sio.eio.handlers["message"]
+    connect = sio.eio.handlers["connect"]
     closing: set[asyncio.Task[None]] = set()
 
     async def hang_up(eio_sid: str) -> None:
         socket = sio.eio.sockets.get(eio_sid)
-        await sio.eio.disconnect(eio_sid)  # engine.io's CLOSE packet...
-        if socket is not None:
-            await close_websockets([socket])  # ...and no waiting for the client to obey
-
-    async def on_message(eio_sid: str, data: str | bytes) -> None:
-        # 5: BINARY_EVENT, 6: BINARY_ACK; bytes: an attachment
-        if isinstance(data, bytes) or data[:1] in ("5", "6"):
-            chat.refused["binary"] += 1
-            logger.info("disconnecting %s: binary packets are not part of the chat protocol",
-                        eio_sid)
-            # not awaited here: this runs inside the socket's read loop, which must go on
-            # reading for the close handshake to complete
-            task = asyncio.get_running_loop().create_task(hang_up(eio_sid))
-            closing.add(task)
-            task.add_done_callback(closing.discard)
+        if socket is None:
             return
-        await handle(eio_sid, data)
+        if socket.upgraded:  # a websocket
+            await sio.eio.disconnect(eio_sid)  # engine.io's CLOSE packet...
+            await close_websockets([socket])  # ...and no waiting for the client to obey
+        else:  # long-polling: the CLOSE waits for the next poll, if one ever comes
+            await end_polling(socket)
 
+    async def end_polling(socket: Any) -> None:
+        await socket.close(wait=False, reason=sio.eio.reason.TRANSPORT_ERROR)
+        sio.eio.sockets.pop(socket.sid, None)
+
+    def count(reason: str, eio_sid: str, why: str) -> None:
+        chat.refused[reason] += 1
+        n = chat.refused[reason]
+        if n == 1 or n % 1000 == 0:
+            logger.info("disconnecting %s: %s (%d such sockets so far)", eio_sid, why, n)
+
+    def refuse(eio_sid: str, reason: str, why: str) -> None:
+        count(reason, eio_sid, why)
+        # not awaited here: this runs inside the socket's read loop, which must go on
+        # reading for the close handshake to complete
+        task = asyncio.get_running_loop().create_task(hang_up(eio_sid))
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    def check_polling(socket: Any) -> None:
+        post = socket.handle_post_request
+
+        async def checked_post(environ: dict[str, Any]) -> None:
+            try:
+                await post(environ)
+            except eio_exceptions.EngineIOError:
+                raise  # engine.io's own: it ends the session, and answers 400
+            except Exception:  # a payload that does not decode (ValueError, IndexError)
+                count("malformed", socket.sid, "an undecodable long-polling payload")
+                # closed without waiting for a poll to take the CLOSE: engine.io's
+                # disconnect() next (for the EngineIOError) would wait for it
+                await socket.close(wait=False, reason=sio.eio.reason.TRANSPORT_ERROR)
+                raise eio_exceptions.EngineIOError("undecodable payload") from None
+
+        socket.handle_post_request = checked_post
+
+    async def on_connect(eio_sid: str, environ: dict[str, Any]) -> Any:
+        socket = sio.eio.sockets.get(eio_sid)
+        if socket is not None:
+            check_polling(socket)
+        return await connect(eio_sid, environ)
+
+    async def on_message(eio_sid: str, data: Any) -> None:
+        # 5: BINARY_EVENT, 6: BINARY_ACK; bytes: an attachment
+        if isinstance(data, bytes) or (isinstance(data, str) and data[:1] in ("5", "6")):
+            refuse(eio_sid, "binary", "binary packets are not part of the chat protocol")
+            return
+        if not isinstance(data, str):  # engine.io decodes a message that is JSON: 4{}, 4null
+            refuse(eio_sid, "malformed", "a message that is not a Socket.IO packet")
+            return
+        if not data:  # python-socketio would take "4" for an EVENT without data
+            refuse(eio_sid, "malformed", "an empty packet")
+            return
+        try:
+            await handle(eio_sid, data)
+        except MalformedPacket as exc:
+            refuse(eio_sid, "malformed", str(exc))
+
+    sio.eio.on("connect", on_connect)
     sio.eio.on("message", on_message)

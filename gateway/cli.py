@@ -19,8 +19,11 @@ def _serve(args: argparse.Namespace) -> int:
         level=conf.log_level,
         format=f"%(asctime)s {conf.node_id} %(levelname)s %(name)s: %(message)s",
     )
-    # python-socketio/engineio log every packet at INFO; keep them for DEBUG runs
-    for noisy in ("socketio", "engineio", "aiohttp.access"):
+    # python-socketio/engineio log every packet at INFO; keep them for DEBUG runs. Their
+    # servers' loggers are set too: one left unset gets a handler of its own, and
+    # then every line it logs is written twice
+    for noisy in ("socketio", "socketio.server", "engineio", "engineio.server",
+                  "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(conf.log_level),
                                               logging.WARNING))
     from .app import create_app
