@@ -207,6 +207,19 @@ class ChatProtocol:
             raise
         self.grants[sid] = grant
         self._expire_at(sid, grant.expires)
+        # a restored session (--recovery) has its rooms back already: it keeps only
+        # those this token grants
+        await self._apply_grant(sid, grant)
+
+    async def _apply_grant(self, sid: str, grant: Grant) -> list[str]:
+        """Make ``sid`` leave the rooms ``grant`` does not allow; returns them, sorted."""
+        lost = sorted(room for room in self.manager.get_rooms(sid, "/")
+                      if room != sid and not is_sid(room) and not grant.allows(room))
+        for room in lost:
+            await self.sio.leave_room(sid, room)
+            if self.presence:
+                await self._announce(sid, room, "left")
+        return lost
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         if self.presence:  # the rooms are still there while this handler runs
@@ -245,7 +258,8 @@ class ChatProtocol:
 
     async def on_refresh(self, sid: str, *args: Any) -> Ack:
         """``refresh`` ({"token": JWT}): a fresh token for the same subject extends the
-        session (and replaces its room claims)."""
+        session and replaces its room claims: the socket leaves the rooms the new token
+        does not grant (the ack's ``left`` names them)."""
         if self.tokens is None:
             return self._refuse("bad_request", "refresh is only for --auth jwt")
         if not self.chat_limiter.allow(sid):
@@ -260,7 +274,9 @@ class ChatProtocol:
             return self._refuse("forbidden", "forbidden: a refresh must keep the token's sub")
         self.grants[sid] = grant
         self._expire_at(sid, grant.expires)
-        return {"ok": True, "expires": int(grant.expires)}
+        # a token that grants fewer rooms takes the others away now
+        left = await self._apply_grant(sid, grant)
+        return {"ok": True, "expires": int(grant.expires), "left": left}
 
     async def on_join(self, sid: str, *args: Any) -> Ack:
         if not self.join_limiter.allow(sid):
@@ -342,9 +358,11 @@ class ChatProtocol:
         problem = self.check_text(text)
         if problem is not None:
             return self._refuse(*problem)
+        grant = self.grants.get(sid)
+        if grant is not None and not grant.allows(room):
+            return self._refuse("forbidden", f"forbidden: your token does not allow room {room!r}")
         if room not in self.manager.get_rooms(sid, "/"):
             return self._refuse("not_member", f"not a member of room {room!r}; join it first")
-        grant = self.grants.get(sid)
         user = grant.subject if grant is not None else None
         try:
             msg_id = await self.publish(room, text, sid, user, skip_sid=sid)

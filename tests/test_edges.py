@@ -9,14 +9,27 @@ raw clients that send what a library would not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
+import urllib.error
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import jwt
 import pytest
 
-from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
+from gateway.processes import (
+    GatewayNode,
+    free_ports,
+    start_gateway,
+    stop_all,
+    wait_gateways,
+)
 from tests.conftest import broker_args
 from tests.helpers import SioClient, connect_all, metrics_of
 from tests.test_bad_input import raw_socket
@@ -128,3 +141,153 @@ async def test_malformed_packets_close_the_socket_and_are_counted_not_logged(
     # the well-behaved member never noticed
     assert member.sio.connected
     assert (await member.call("chat", {"room": "calm", "text": "fine"}))["ok"] is True
+
+
+# -- grants --------------------------------------------------------------------------
+
+SECRET = "edges-jwt-secret-00112233445566778899aabbccdd"
+
+
+def token(sub: str = "alice", **claims: Any) -> str:
+    return jwt.encode({"sub": sub, "exp": int(time.time()) + 600, **claims}, SECRET,
+                      algorithm="HS256")
+
+
+@pytest.fixture(scope="module")
+def jwt_recovery_pair(workdir: Path, request: pytest.FixtureRequest
+                      ) -> Iterator[list[GatewayNode]]:
+    """Two gateways with --auth jwt and --recovery, on the session's NATS cluster."""
+    gws: list[GatewayNode] = []
+    try:
+        for i, port in enumerate(free_ports(2)):
+            gws.append(start_gateway(
+                workdir / "edges", f"grant-gw-{i + 1}", port, "nats",
+                broker_args("nats", request, i),
+                extra=["--auth", "jwt", "--recovery", "on", "--heartbeat-interval", "0.5"],
+                env={"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_API_KEY": API_KEY}))
+        wait_gateways(gws, timeout=40)
+        yield gws
+    finally:
+        stop_all([g.child for g in gws])
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """GET ``url``: (status, the JSON body, or None)."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            status, body = resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    try:
+        return status, json.loads(body or b"null")
+    except ValueError:
+        return status, None
+
+
+def members(gw: GatewayNode, room: str) -> list[str]:
+    status, body = get(f"{gw.url}/api/rooms/{room}", {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200, body
+    return list(body["sockets"])
+
+
+class RawSocket:
+    """A bare websocket Socket.IO client: sends what its test says, reads acks and
+    events (answering pings)."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self.ws = ws
+        self.events: list[list[Any]] = []
+        self.next_id = 0
+
+    @classmethod
+    async def connect(cls, session: aiohttp.ClientSession, url: str,
+                      auth: dict[str, Any]) -> tuple[RawSocket, dict[str, Any]]:
+        ws = await session.ws_connect(
+            url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket")
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.send_str("40" + json.dumps(auth))
+        sock = cls(ws)
+        reply = await sock._read()
+        assert reply.startswith("40{"), reply
+        return sock, json.loads(reply[2:])
+
+    async def _read(self) -> str:
+        while True:
+            msg = await asyncio.wait_for(self.ws.receive(), 10)
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            if msg.data == "2":
+                await self.ws.send_str("3")
+                continue
+            if msg.data.startswith("42"):
+                self.events.append(json.loads(msg.data[2:]))
+                continue
+            return str(msg.data)
+
+    async def call(self, *args: Any) -> Any:
+        self.next_id += 1
+        await self.ws.send_str(f"42{self.next_id}{json.dumps(list(args))}")
+        while True:
+            reply = await self._read()
+            if reply.startswith(f"43{self.next_id}["):
+                return json.loads(reply[len(f"43{self.next_id}"):])[0]
+
+    async def wait_event_kept(self) -> None:
+        while not self.events:
+            await self._read()
+
+
+async def test_a_refresh_that_narrows_rooms_leaves_the_lost_ones(
+        jwt_recovery_pair: list[GatewayNode], clients: list[SioClient]) -> None:
+    """A token that no longer grants a room takes the socket out of it: the ack says
+    which, the room no longer lists it, and its chats there are forbidden (before:
+    it stayed in the room, receiving and sending)."""
+    gw = jwt_recovery_pair[0]
+    c = SioClient("narrowed")
+    clients.append(c)
+    await c.connect(gw.url, auth={"token": token(rooms=["keep-1", "lose-1", "lose-2"])})
+    for room in ("keep-1", "lose-1", "lose-2"):
+        await c.join(room)
+    ack = await c.call("refresh", {"token": token(rooms=["keep-1"])})
+    assert ack["ok"] is True and ack["left"] == ["lose-1", "lose-2"], ack
+    assert c.sid not in await asyncio.to_thread(members, gw, "lose-1")
+    assert c.sid in await asyncio.to_thread(members, gw, "keep-1")
+    refused_chat = await c.call("chat", {"room": "lose-1", "text": "still here?"})
+    assert refused_chat["ok"] is False and "forbidden" in refused_chat["error"], refused_chat
+    assert (await c.call("chat", {"room": "keep-1", "text": "fine"}))["ok"] is True
+
+
+async def test_a_restored_session_keeps_only_the_rooms_its_new_token_grants(
+        jwt_recovery_pair: list[GatewayNode], clients: list[SioClient]) -> None:
+    """With --recovery, a socket that reconnects (to another gateway) with a token
+    granting fewer rooms gets its session back, but not the rooms it lost."""
+    gw1, gw2 = jwt_recovery_pair
+    keep, lose = f"keep-{uuid.uuid4().hex[:4]}", f"lose-{uuid.uuid4().hex[:4]}"
+    talker = SioClient("talker", offsets=True)
+    clients.append(talker)
+    await talker.connect(gw2.url, auth={"token": token(sub="bob")})
+    await talker.join(keep)
+    async with aiohttp.ClientSession() as session:
+        sock, hello = await RawSocket.connect(session, gw1.url,
+                                              {"token": token(rooms=[keep, lose])})
+        assert "pid" in hello, hello
+        for room in (keep, lose):
+            assert (await sock.call("join", room))["ok"] is True
+        # chats until one arrives (the join takes a moment to reach the other node)
+        deadline = time.monotonic() + 10
+        while not sock.events and time.monotonic() < deadline:
+            await talker.chat(keep, "for an offset")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await sock.wait_event_kept()
+        offset = sock.events[-1][-1]
+        await sock.ws.close()  # the network went away: recoverable
+        again, hello2 = await RawSocket.connect(
+            session, gw2.url, {"token": token(rooms=[keep]), "pid": hello["pid"],
+                               "offset": offset})
+        try:
+            assert hello2["sid"] == hello["sid"], "the session was not restored"
+            assert hello["sid"] in await asyncio.to_thread(members, gw2, keep)
+            assert hello["sid"] not in await asyncio.to_thread(members, gw2, lose)
+        finally:
+            await again.ws.close()
