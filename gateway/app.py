@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from nats_adapter.shutdown import close_websockets
 
 from .chat import ChatProtocol
 from .config import GatewayConfig
-from .guards import RequestGuard
+from .guards import OPERATOR, RequestGuard
 from .http_api import HttpApi
 from .metrics import make_registry
 from .serving import CONNECTIONS_KEY, ConnectionCounts
@@ -129,7 +130,6 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
                           middlewares=[guard.middleware])
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
-    guard_packets(sio, chat)
     if config.secrets.admin_password and isinstance(manager, ClusterManager):
         # the Socket.IO Admin UI, over every gateway of the cluster
         from nats_adapter.admin import ClusterInstrumentedServer
@@ -137,6 +137,8 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         ClusterInstrumentedServer(sio, auth={"username": "admin",
                                              "password": config.secrets.admin_password},
                                   mode=config.admin_mode)
+    # after the Admin UI, which sets engine.io's connect handler of its own
+    guard_packets(sio, chat)
     connections = ConnectionCounts()
     app[CONNECTIONS_KEY] = connections
     registry = make_registry(config.node_id, manager, chat, guard, connections)
@@ -148,17 +150,19 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
 
     async def healthz(request: web.Request) -> web.Response:
         connected = manager.broker.connected
-        body = {
+        body: dict[str, Any] = {
             "node_id": config.node_id,
             "backend": config.backend,
             "broker_connected": connected,
-            "connections": manager.participants_count(),
-            "rooms": manager.room_count(),
-            "broker": manager.broker.info(),
         }
+        if request.get(OPERATOR):  # the details: for operators only (broker URLs...)
+            body.update(connections=manager.participants_count(), rooms=manager.room_count(),
+                        broker=manager.broker.info())
         return web.json_response(body, status=200 if connected else 503)
 
     async def metrics(request: web.Request) -> web.Response:
+        if not request.get(OPERATOR):
+            raise web.HTTPNotFound()
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -241,6 +245,9 @@ class MalformedPacket(ValueError):
     client may send."""
 
 
+#: a CONNECT to the Admin UI's namespace
+ADMIN_CONNECT = "0/admin"
+
 #: packet types a client may send (CONNECT_ERROR is the server's)
 _CLIENT_TYPES = frozenset({sio_packet.CONNECT, sio_packet.DISCONNECT, sio_packet.EVENT,
                            sio_packet.ACK, sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK})
@@ -286,6 +293,8 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
     handle = sio.eio.handlers["message"]
     connect = sio.eio.handlers["connect"]
     closing: set[asyncio.Task[None]] = set()
+    #: engine.io sockets opened by an operator (see gateway.guards)
+    operators: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def hang_up(eio_sid: str) -> None:
         socket = sio.eio.sockets.get(eio_sid)
@@ -336,6 +345,9 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
         socket = sio.eio.sockets.get(eio_sid)
         if socket is not None:
             check_polling(socket)
+            request = environ.get("aiohttp.request")
+            if request is not None and request.get(OPERATOR):
+                operators.add(socket)
         return await connect(eio_sid, environ)
 
     async def on_message(eio_sid: str, data: Any) -> None:
@@ -348,6 +360,10 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
             return
         if not data:  # python-socketio would take "4" for an EVENT without data
             refuse(eio_sid, "malformed", "an empty packet")
+            return
+        if data.startswith(ADMIN_CONNECT) and sio.eio.sockets.get(eio_sid) not in operators:
+            # the Admin UI's namespace: for the operator listener (or loopback / API key)
+            refuse(eio_sid, "forbidden", "the Admin UI is for operators")
             return
         try:
             await handle(eio_sid, data)

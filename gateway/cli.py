@@ -33,7 +33,8 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("gateway").info("gateway %s (%s) listening on http://%s:%d",
                                       conf.node_id, conf.backend, conf.host, conf.port)
     run(app, host=conf.host, port=conf.port, max_connections=conf.max_connections,
-        shutdown_timeout=5.0)
+        shutdown_timeout=5.0,
+        admin=(conf.admin_host, conf.admin_port) if conf.admin_port else None)
     return 0
 
 

@@ -107,6 +107,10 @@ class GatewayConfig:
     trusted_proxies: tuple[str, ...] = ()
     #: concurrent connections (websockets included); 0: as many as the file limit allows
     max_connections: int = 0
+    #: the operator listener (/metrics, detailed /healthz, Admin UI); 0: none, and those
+    #: are answered on the public port only to loopback peers or with the API key
+    admin_port: int = 0
+    admin_host: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
     secrets: Secrets = field(default_factory=Secrets)
 
@@ -154,6 +158,11 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
      "comma-separated proxy addresses whose X-Forwarded-* headers are believed"),
     ("max_connections", "--max-connections", "GATEWAY_MAX_CONNECTIONS",
      "concurrent connections accepted, websockets included (0: the open-file limit)"),
+    ("admin_port", "--admin-port", "GATEWAY_ADMIN_PORT",
+     "port of the operator listener: /metrics, detailed /healthz, Admin UI (0: none; "
+     "then only loopback peers or the API key get them on the public port)"),
+    ("admin_host", "--admin-host", "GATEWAY_ADMIN_HOST",
+     "address of the operator listener"),
 ]
 _LIMITS: list[tuple[str, str, str, str]] = [
     ("max_room_chars", "--max-room-chars", "GATEWAY_MAX_ROOM_CHARS", "longest room name"),
@@ -321,6 +330,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "allowed_hosts": _csv,
     "trusted_proxies": _csv,
     "max_connections": _non_negative_int,
+    "admin_port": _port,
+    "admin_host": str,
     "api_rate": _positive_float,
     "api_burst": _positive_int,
     "body_timeout": _positive_float,
@@ -378,6 +389,9 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             f"--max-message-bytes ({limits.max_message_bytes}) must be at least "
             f"--max-text-bytes ({limits.max_text_bytes})"
         )
+    if values.get("admin_port") and values.get("admin_port") == values.get("port", 8001):
+        raise ConfigError("--admin-port must differ from --port (the operator listener is "
+                          "not the public one)")
     secrets = read_secrets(env)
     if values.get("auth") == "jwt" and not secrets.jwt_secret:
         raise ConfigError("--auth jwt needs GATEWAY_JWT_SECRET (or GATEWAY_JWT_SECRET_FILE)")

@@ -8,10 +8,16 @@
 - ``X-Forwarded-*`` and ``Forwarded`` headers are believed only from a configured
   reverse proxy (``--trusted-proxies``); from anyone else they are dropped before
   engine.io's same-origin check or the rate limits read them.
+- Operator endpoints (``/metrics``, the detailed ``/healthz``, the Admin UI) answer
+  only an operator: a request that came in on the operator listener
+  (``--admin-port``), or, when there is none, one from a loopback peer that nothing
+  forwarded, or one with the API key. Others get ``404`` for ``/metrics`` and the
+  minimal ``/healthz`` (:data:`OPERATOR`).
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 from collections.abc import Awaitable, Callable
 
@@ -24,6 +30,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded")
+#: whether a request comes from an operator (see the module docstring)
+OPERATOR = web.RequestKey("operator", bool)
 
 
 def _is_loopback(host: str) -> bool:
@@ -51,6 +59,24 @@ class RequestGuard:
         self.loopback_only = not self.allowed and _is_loopback(config.host)
         self.proxies = frozenset(config.trusted_proxies)
         self.refused = 0
+        self.admin_port = config.admin_port
+        self.api_key = config.secrets.api_key.encode()
+
+    def is_operator(self, request: web.Request) -> bool:
+        transport = request.transport
+        if transport is None:
+            return False
+        if self.admin_port:
+            local = transport.get_extra_info("sockname")
+            return isinstance(local, tuple) and local[1] == self.admin_port
+        peer = transport.get_extra_info("peername")
+        if peer is not None and _is_loopback(str(peer[0])) \
+                and not any(h in request.headers for h in FORWARDED_HEADERS):
+            return True
+        if not self.api_key:
+            return False
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given.removeprefix(b"Bearer ").strip(), self.api_key)
 
     def host_allowed(self, host_header: str) -> bool:
         host = host_header.strip().lower()
@@ -68,6 +94,7 @@ class RequestGuard:
             return web.json_response(
                 {"ok": False, "error": "misdirected request: this gateway does not serve "
                  "that host (see --allowed-hosts)"}, status=421)
+        request[OPERATOR] = self.is_operator(request)
         if not any(h in request.headers for h in FORWARDED_HEADERS):
             return await handler(request)
         peer = request.transport.get_extra_info("peername") if request.transport else None

@@ -291,3 +291,86 @@ async def test_a_restored_session_keeps_only_the_rooms_its_new_token_grants(
             assert hello["sid"] not in await asyncio.to_thread(members, gw2, lose)
         finally:
             await again.ws.close()
+
+
+# -- operator endpoints --------------------------------------------------------------
+
+ADMIN_PASSWORD = "edges-admin-password-0a1b2c3d"
+
+
+@pytest.fixture(scope="module")
+def admin_gateway(workdir: Path, request: pytest.FixtureRequest
+                  ) -> Iterator[tuple[GatewayNode, str]]:
+    """A gateway with an operator listener (--admin-port) and the Admin UI on."""
+    port, admin_port = free_ports(2)
+    gw = start_gateway(workdir / "edges", "admin-gw", port, "nats", broker_args("nats", request),
+                       extra=["--admin-port", str(admin_port)],
+                       env={"GATEWAY_API_KEY": API_KEY, "GATEWAY_ADMIN_PASSWORD": ADMIN_PASSWORD})
+    try:
+        wait_gateways([gw])
+        yield gw, f"http://127.0.0.1:{admin_port}"
+    finally:
+        stop_all([gw.child])
+
+
+async def _admin_connect(session: aiohttp.ClientSession, url: str) -> str:
+    """What a Socket.IO CONNECT to the Admin UI's namespace gets back ("" when the
+    socket is hung up on)."""
+    ws = await session.ws_connect(url.replace("http", "ws")
+                                  + "/socket.io/?EIO=4&transport=websocket")
+    try:
+        assert (await ws.receive_str()).startswith("0{")
+        await ws.send_str("40/admin," + json.dumps({"username": "admin",
+                                                   "password": ADMIN_PASSWORD}))
+        while True:
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                return ""
+            if msg.data not in ("1", "2"):
+                return str(msg.data)
+    finally:
+        await ws.close()
+
+
+async def test_operator_endpoints_are_on_the_operator_listener_only(
+        admin_gateway: tuple[GatewayNode, str]) -> None:
+    """With --admin-port: /metrics, the detailed /healthz (which names the internal
+    NATS URLs) and the Admin UI answer there, not on the public port (where they
+    were open to anyone)."""
+    gw, admin = admin_gateway
+    status, _ = await asyncio.to_thread(get, f"{gw.url}/metrics")
+    assert status == 404
+    status, _ = await asyncio.to_thread(get, f"{gw.url}/metrics",
+                                        {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 404, "with an operator listener, the public port has no /metrics"
+    status, body = await asyncio.to_thread(get, f"{gw.url}/healthz")
+    assert status == 200
+    assert body == {"node_id": "admin-gw", "backend": "nats", "broker_connected": True}, body
+    status, body = await asyncio.to_thread(get, f"{admin}/healthz")
+    assert status == 200 and "nats://" in json.dumps(body["broker"]), body
+    assert "gateway_requests_refused_total" in metrics_text(admin)
+    async with aiohttp.ClientSession() as session:
+        assert await _admin_connect(session, gw.url) == ""  # hung up on
+        assert (await _admin_connect(session, admin)).startswith("40/admin,{")
+
+
+def metrics_text(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+async def test_without_an_operator_listener_only_loopback_or_the_key_reads_metrics(
+        edge_gateway: GatewayNode) -> None:
+    """No --admin-port: a loopback peer reads /metrics (a local Prometheus, the
+    tests), but not a request a local reverse proxy forwarded, unless it carries
+    the API key; others get the minimal /healthz."""
+    gw = edge_gateway
+    assert (await asyncio.to_thread(get, f"{gw.url}/metrics"))[0] == 200
+    forwarded = {"X-Forwarded-For": "203.0.113.9"}
+    assert (await asyncio.to_thread(get, f"{gw.url}/metrics", forwarded))[0] == 404
+    status, body = await asyncio.to_thread(get, f"{gw.url}/healthz", forwarded)
+    assert status == 200 and set(body) == {"node_id", "backend", "broker_connected"}, body
+    keyed = {**forwarded, "Authorization": f"Bearer {API_KEY}"}
+    assert (await asyncio.to_thread(get, f"{gw.url}/metrics", keyed))[0] == 200
+    status, body = await asyncio.to_thread(get, f"{gw.url}/healthz", keyed)
+    assert status == 200 and "broker" in body, body
