@@ -116,21 +116,33 @@ def verify_token(token: Any, rules: TokenRules) -> Grant:
 
 
 class RateLimiter:
-    """Token buckets per socket: ``rate`` requests per second, bursts of ``burst``."""
+    """Token buckets per key (a socket, a client address): ``rate`` requests per
+    second, bursts of ``burst``. With ``max_keys``, at most that many buckets are
+    kept, the least recently used dropped first (a dropped bucket is a full one)."""
 
-    __slots__ = ("_buckets", "burst", "rate")
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, max_keys: int = 0) -> None:
         self.rate = rate
         self.burst = burst
+        self.max_keys = max_keys
         self._buckets: dict[str, list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def allow(self, key: str) -> bool:
         now = time.monotonic()
-        bucket = self._buckets.get(key)
+        buckets = self._buckets
+        bucket = buckets.get(key)
         if bucket is None:
-            self._buckets[key] = [self.burst - 1.0, now]
+            if self.max_keys and len(buckets) >= self.max_keys:
+                del buckets[next(iter(buckets))]  # the least recently used
+            buckets[key] = [self.burst - 1.0, now]
             return True
+        if self.max_keys:  # most recently used last
+            del buckets[key]
+            buckets[key] = bucket
         tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
         bucket[1] = now
         if tokens < 1.0:
@@ -141,6 +153,10 @@ class RateLimiter:
 
     def forget(self, key: str) -> None:
         self._buckets.pop(key, None)
+
+
+#: buckets a limiter keyed by client address keeps (each ~200 bytes)
+MAX_ADDRESSES = 100_000
 
 
 class ChatProtocol:

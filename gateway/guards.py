@@ -7,7 +7,8 @@
   ``Origin`` with ``Host``, both evil.example).
 - ``X-Forwarded-*`` and ``Forwarded`` headers are believed only from a configured
   reverse proxy (``--trusted-proxies``); from anyone else they are dropped before
-  engine.io's same-origin check or the rate limits read them.
+  engine.io's same-origin check or the rate limits read them. The client address is
+  the rightmost ``X-Forwarded-For`` entry that is not a trusted proxy.
 - Operator endpoints (``/metrics``, the detailed ``/healthz``, the Admin UI) answer
   only an operator: a request that came in on the operator listener
   (``--admin-port``), or, when there is none, one from a loopback peer that nothing
@@ -87,6 +88,16 @@ class RequestGuard:
             return _is_loopback(name.strip("[]")) or name in LOOPBACK_NAMES
         return True
 
+    def forwarded_client(self, values: list[str]) -> str:
+        """The client a trusted proxy forwarded for: the rightmost X-Forwarded-For entry
+        that is not a trusted proxy (the entries left of it are whatever the client
+        sent, so anyone could pick them); "" when there is none."""
+        entries = [e.strip() for value in values for e in value.split(",") if e.strip()]
+        for entry in reversed(entries):
+            if entry not in self.proxies:
+                return entry
+        return entries[0] if entries else ""
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not self.host_allowed(request.headers.get("Host", "")):
@@ -99,8 +110,7 @@ class RequestGuard:
             return await handler(request)
         peer = request.transport.get_extra_info("peername") if request.transport else None
         if peer is not None and peer[0] in self.proxies:
-            forwarded_for = request.headers.get("X-Forwarded-For", "")
-            client = forwarded_for.split(",")[0].strip()
+            client = self.forwarded_client(request.headers.getall("X-Forwarded-For", []))
             return await handler(request.clone(remote=client) if client else request)
         headers = CIMultiDict(request.headers)
         for name in FORWARDED_HEADERS:

@@ -28,7 +28,7 @@ from nats_adapter import BrokerError, is_sid
 from nats_adapter.cluster import ClusterTimeoutError
 from nats_adapter.recovery import MAX_HISTORY
 
-from .chat import ChatProtocol, RateLimiter, json_type, utf8_problem
+from .chat import MAX_ADDRESSES, ChatProtocol, RateLimiter, json_type, utf8_problem
 from .config import GatewayConfig
 
 
@@ -37,7 +37,8 @@ class HttpApi:
         self.chat = chat
         self.key = config.secrets.api_key.encode()
         self.closed = config.auth == "jwt" and not self.key
-        self.limiter = RateLimiter(config.limits.api_rate, config.limits.api_burst)
+        self.limiter = RateLimiter(config.limits.api_rate, config.limits.api_burst,
+                                   MAX_ADDRESSES)
         self.body_timeout = config.limits.body_timeout
 
     def _refuse(self, reason: str, message: str, status: int) -> web.Response:

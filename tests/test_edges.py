@@ -47,6 +47,8 @@ def refused(gw: GatewayNode, reason: str) -> float:
 def edge_gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[GatewayNode]:
     port = free_ports(1)[0]
     gw = start_gateway(workdir / "edges", "edge-gw", port, "nats", broker_args("nats", request),
+                       extra=["--trusted-proxies", "127.0.0.1", "--api-rate", "0.5",
+                              "--api-burst", "5"],
                        env={"GATEWAY_API_KEY": API_KEY})
     try:
         wait_gateways([gw])
@@ -374,3 +376,31 @@ async def test_without_an_operator_listener_only_loopback_or_the_key_reads_metri
     assert (await asyncio.to_thread(get, f"{gw.url}/metrics", keyed))[0] == 200
     status, body = await asyncio.to_thread(get, f"{gw.url}/healthz", keyed)
     assert status == 200 and "broker" in body, body
+
+
+# -- forwarded addresses -------------------------------------------------------------
+
+
+def post_message(gw: GatewayNode, headers: dict[str, str]) -> int:
+    request = urllib.request.Request(
+        f"{gw.url}/api/rooms/xff/messages", data=b'{"text": "hi"}', method="POST",
+        headers={"Content-Type": "application/json", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+async def test_the_rate_limit_keys_on_the_address_the_proxy_saw(
+        edge_gateway: GatewayNode) -> None:
+    """Behind a trusted proxy (here 127.0.0.1), a client that puts a new address at
+    the left of X-Forwarded-For each time is still one client: the proxy appended
+    its real address on the right (before: 10 spoofed posts, all 202)."""
+    statuses = []
+    for i in range(10):
+        statuses.append(await asyncio.to_thread(post_message, edge_gateway, {
+            "Authorization": f"Bearer {API_KEY}",
+            "X-Forwarded-For": f"203.0.113.{i}, 198.51.100.7"}))
+    assert statuses[:5] == [202] * 5, statuses
+    assert 429 in statuses[5:], statuses
