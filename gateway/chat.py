@@ -151,6 +151,13 @@ class RateLimiter:
         bucket[0] = tokens - 1.0
         return True
 
+    def exhausted(self, key: str) -> bool:
+        """Whether ``key`` has no request left now (without taking one)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return False
+        return bucket[0] + (time.monotonic() - bucket[1]) * self.rate < 1.0
+
     def forget(self, key: str) -> None:
         self._buckets.pop(key, None)
 

@@ -404,3 +404,32 @@ async def test_the_rate_limit_keys_on_the_address_the_proxy_saw(
             "X-Forwarded-For": f"203.0.113.{i}, 198.51.100.7"}))
     assert statuses[:5] == [202] * 5, statuses
     assert 429 in statuses[5:], statuses
+
+
+# -- API keys ------------------------------------------------------------------------
+
+
+async def test_wrong_api_keys_are_rate_limited_per_address(edge_gateway: GatewayNode) -> None:
+    """Wrong keys were answered 401 before any limit: unlimited guessing. Past the
+    budget of failures an address gets 429, even for the right key (a right guess
+    must not show), while other addresses are served."""
+    guesser = {"X-Forwarded-For": "198.51.100.66"}
+    statuses = [await asyncio.to_thread(post_message, edge_gateway,
+                                        {**guesser, "Authorization": f"Bearer guess-{i}"})
+                for i in range(30)]
+    assert statuses[:10] == [401] * 10, statuses
+    assert statuses[10:] == [429] * 20, statuses
+    right = {"Authorization": f"Bearer {API_KEY}"}
+    assert await asyncio.to_thread(post_message, edge_gateway, {**guesser, **right}) == 429
+    other = {"X-Forwarded-For": "198.51.100.67", **right}
+    assert await asyncio.to_thread(post_message, edge_gateway, other) == 202
+
+
+async def test_room_members_need_the_key_under_jwt_auth(
+        jwt_recovery_pair: list[GatewayNode]) -> None:
+    gw = jwt_recovery_pair[0]
+    status, body = await asyncio.to_thread(get, f"{gw.url}/api/rooms/lobby")
+    assert status == 401, body
+    status, body = await asyncio.to_thread(get, f"{gw.url}/api/rooms/lobby",
+                                           {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 200 and body["members"] == 0, body
