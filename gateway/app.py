@@ -132,9 +132,9 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     chat = ChatProtocol(sio, manager, config)
     if config.secrets.admin_password and isinstance(manager, ClusterManager):
         # the Socket.IO Admin UI, over every gateway of the cluster
-        from nats_adapter.admin import ClusterInstrumentedServer
+        from .admin_ui import GatewayAdmin
 
-        ClusterInstrumentedServer(sio, auth={"username": "admin",
+        GatewayAdmin(sio, auth={"username": "admin",
                                              "password": config.secrets.admin_password},
                                   mode=config.admin_mode)
     # after the Admin UI, which sets engine.io's connect handler of its own

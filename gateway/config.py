@@ -22,6 +22,10 @@ BACKENDS = ("nats", "redis-sharded", "memory")
 BASELINE_BACKENDS = ("stock-redis",)
 
 
+#: the shortest API key or Admin UI password accepted
+MIN_SECRET_BYTES = 16
+
+
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the flag or variable."""
 
@@ -395,9 +399,14 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     secrets = read_secrets(env)
     if values.get("auth") == "jwt" and not secrets.jwt_secret:
         raise ConfigError("--auth jwt needs GATEWAY_JWT_SECRET (or GATEWAY_JWT_SECRET_FILE)")
-    if values.get("auth") == "jwt" and len(secrets.jwt_secret.encode()) < 32:
+    if secrets.jwt_secret and len(secrets.jwt_secret.encode()) < 32:
         # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced
         raise ConfigError("GATEWAY_JWT_SECRET must be at least 32 bytes for HS256")
+    for name, var in (("api_key", "GATEWAY_API_KEY"), ("admin_password", "GATEWAY_ADMIN_PASSWORD")):
+        secret: str = getattr(secrets, name)
+        if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{var} must be at least {MIN_SECRET_BYTES} bytes (a short one "
+                              "can be guessed)")
     if values.get("recovery") and values.get("backend", "nats") != "nats":
         raise ConfigError(f"--recovery needs --backend nats (JetStream keeps the sessions and "
                           f"the missed messages); {values['backend']} has no message store")

@@ -315,7 +315,8 @@ def admin_gateway(workdir: Path, request: pytest.FixtureRequest
         stop_all([gw.child])
 
 
-async def _admin_connect(session: aiohttp.ClientSession, url: str) -> str:
+async def _admin_connect(session: aiohttp.ClientSession, url: str,
+                         password: str = ADMIN_PASSWORD) -> str:
     """What a Socket.IO CONNECT to the Admin UI's namespace gets back ("" when the
     socket is hung up on)."""
     ws = await session.ws_connect(url.replace("http", "ws")
@@ -323,7 +324,7 @@ async def _admin_connect(session: aiohttp.ClientSession, url: str) -> str:
     try:
         assert (await ws.receive_str()).startswith("0{")
         await ws.send_str("40/admin," + json.dumps({"username": "admin",
-                                                   "password": ADMIN_PASSWORD}))
+                                                   "password": password}))
         while True:
             msg = await asyncio.wait_for(ws.receive(), 10)
             if msg.type != aiohttp.WSMsgType.TEXT:
@@ -433,3 +434,19 @@ async def test_room_members_need_the_key_under_jwt_auth(
     status, body = await asyncio.to_thread(get, f"{gw.url}/api/rooms/lobby",
                                            {"Authorization": f"Bearer {API_KEY}"})
     assert status == 200 and body["members"] == 0, body
+
+
+# -- secrets -------------------------------------------------------------------------
+
+
+async def test_admin_ui_logins_are_limited_per_address(
+        admin_gateway: tuple[GatewayNode, str]) -> None:
+    """Five wrong Admin UI passwords, then the address is refused even with the
+    right one (before: unlimited guesses, compared with ==)."""
+    _, admin = admin_gateway
+    async with aiohttp.ClientSession() as session:
+        for i in range(5):
+            reply = await _admin_connect(session, admin, f"wrong-password-{i}")
+            assert reply.startswith("44/admin,") and "authentication failed" in reply, reply
+        reply = await _admin_connect(session, admin)
+        assert reply.startswith("44/admin,") and "too many failed logins" in reply, reply

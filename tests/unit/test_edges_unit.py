@@ -3,9 +3,15 @@ secret lengths."""
 
 from __future__ import annotations
 
+import argparse
+
+import pytest
+
+from gateway import config as cfg
 from gateway.chat import RateLimiter
 from gateway.config import GatewayConfig
 from gateway.guards import RequestGuard
+from nats_adapter.admin import same_credentials
 
 
 def test_an_address_limiter_keeps_a_bounded_number_of_buckets() -> None:
@@ -30,3 +36,26 @@ def test_the_client_is_the_rightmost_untrusted_forwarded_entry() -> None:
     assert guard.forwarded_client(["1.1.1.1", "198.51.100.7"]) == "198.51.100.7"
     assert guard.forwarded_client(["10.0.0.1, 10.0.0.2"]) == "10.0.0.1"
     assert guard.forwarded_client([]) == ""
+
+
+@pytest.mark.parametrize(("var", "value"), [
+    ("GATEWAY_API_KEY", "short-key"),
+    ("GATEWAY_ADMIN_PASSWORD", "hunter2"),
+    ("GATEWAY_JWT_SECRET", "not-32-bytes-long"),
+])
+def test_short_secrets_are_refused_naming_the_variable(var: str, value: str) -> None:
+    args = argparse.ArgumentParser()
+    cfg.add_arguments(args)
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.from_args(args.parse_args([]), env={var: value})
+    assert var in str(caught.value) and value not in str(caught.value)
+    cfg.from_args(args.parse_args([]), env={var: value + "x" * 32})  # long enough
+
+
+def test_admin_credentials_are_compared_whole() -> None:
+    expected = {"username": "admin", "password": "correct horse battery"}
+    assert same_credentials(dict(expected), expected)
+    for given in ({"username": "admin", "password": "correct horse batterY"},
+                  {"username": "admin"}, {**expected, "extra": 1}, "admin", None,
+                  {"username": "admin", "password": 5}):
+        assert not same_credentials(given, expected), given
