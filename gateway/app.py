@@ -21,7 +21,7 @@ from nats_adapter.shutdown import close_websockets
 
 from .chat import ChatProtocol
 from .config import GatewayConfig
-from .guards import OPERATOR, RequestGuard
+from .guards import OPERATOR, RequestGuard, SessionsByAddress
 from .http_api import HttpApi
 from .metrics import make_registry
 from .serving import CONNECTIONS_KEY, ConnectionCounts
@@ -130,6 +130,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
                           middlewares=[guard.middleware])
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
+    guard.refusals = chat.refused
     if config.secrets.admin_password and isinstance(manager, ClusterManager):
         # the Socket.IO Admin UI, over every gateway of the cluster
         from .admin_ui import GatewayAdmin
@@ -138,7 +139,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
                                              "password": config.secrets.admin_password},
                                   mode=config.admin_mode)
     # after the Admin UI, which sets engine.io's connect handler of its own
-    guard_packets(sio, chat)
+    guard_packets(sio, chat, guard.sessions)
     connections = ConnectionCounts()
     app[CONNECTIONS_KEY] = connections
     registry = make_registry(config.node_id, manager, chat, guard, connections)
@@ -279,7 +280,8 @@ class CheckedPacket(sio_packet.Packet):  # type: ignore[misc]
         return count
 
 
-def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
+def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
+                  sessions: SessionsByAddress | None = None) -> None:
     """Close a socket that sends a malformed or binary packet, counting it
     (``gateway_requests_refused_total{reason="malformed"|"binary"}``) and logging
     only now and then: one bad packet must not cost a traceback in the log.
@@ -292,6 +294,8 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
     """
     handle = sio.eio.handlers["message"]
     connect = sio.eio.handlers["connect"]
+    disconnect = sio.eio.handlers["disconnect"]
+    sessions = sessions if sessions is not None else SessionsByAddress(0, 1e9, 1)
     closing: set[asyncio.Task[None]] = set()
     #: engine.io sockets opened by an operator (see gateway.guards)
     operators: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -348,7 +352,17 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
             request = environ.get("aiohttp.request")
             if request is not None and request.get(OPERATOR):
                 operators.add(socket)
-        return await connect(eio_sid, environ)
+        accepted = await connect(eio_sid, environ)
+        if accepted is None or accepted is True:  # engine.io's test for a refusal
+            request = environ.get("aiohttp.request")
+            sessions.opened(eio_sid, str(getattr(request, "remote", None) or "?"))
+        return accepted
+
+    async def on_disconnect(eio_sid: str, *args: Any) -> Any:
+        try:
+            return await disconnect(eio_sid, *args)
+        finally:
+            sessions.closed(eio_sid)
 
     async def on_message(eio_sid: str, data: Any) -> None:
         # 5: BINARY_EVENT, 6: BINARY_ACK; bytes: an attachment
@@ -371,4 +385,5 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
             refuse(eio_sid, "malformed", str(exc))
 
     sio.eio.on("connect", on_connect)
+    sio.eio.on("disconnect", on_disconnect)
     sio.eio.on("message", on_message)

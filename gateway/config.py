@@ -53,6 +53,11 @@ class Limits:
     api_burst: int = 100
     #: seconds an HTTP request body may take to arrive
     body_timeout: float = 10.0
+    #: engine.io sessions open at once per client address (0: no cap), and new ones
+    #: per second per address, with the burst allowed (loopback is not limited)
+    max_sessions_per_address: int = 100
+    handshake_rate: float = 5.0
+    handshake_burst: int = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +194,13 @@ _LIMITS: list[tuple[str, str, str, str]] = [
      "HTTP publish requests a client address may burst"),
     ("body_timeout", "--body-timeout", "GATEWAY_BODY_TIMEOUT",
      "seconds an HTTP request body may take to arrive (then 408)"),
+    ("max_sessions_per_address", "--max-sessions-per-address",
+     "GATEWAY_MAX_SESSIONS_PER_ADDRESS",
+     "engine.io sessions open at once per client address, loopback excepted (0: no cap)"),
+    ("handshake_rate", "--handshake-rate", "GATEWAY_HANDSHAKE_RATE",
+     "new engine.io sessions per second per client address (loopback excepted)"),
+    ("handshake_burst", "--handshake-burst", "GATEWAY_HANDSHAKE_BURST",
+     "new engine.io sessions a client address may burst"),
 ]
 
 # secret -> (environment variable; a variable of the same name + "_FILE" names a file)
@@ -339,6 +351,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "api_rate": _positive_float,
     "api_burst": _positive_int,
     "body_timeout": _positive_float,
+    "max_sessions_per_address": _non_negative_int,
+    "handshake_rate": _positive_float,
+    "handshake_burst": _positive_int,
 }
 
 

@@ -48,7 +48,8 @@ def edge_gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gate
     port = free_ports(1)[0]
     gw = start_gateway(workdir / "edges", "edge-gw", port, "nats", broker_args("nats", request),
                        extra=["--trusted-proxies", "127.0.0.1", "--api-rate", "0.5",
-                              "--api-burst", "5"],
+                              "--api-burst", "5", "--max-sessions-per-address", "5",
+                              "--handshake-rate", "0.2", "--handshake-burst", "12"],
                        env={"GATEWAY_API_KEY": API_KEY})
     try:
         wait_gateways([gw])
@@ -450,3 +451,62 @@ async def test_admin_ui_logins_are_limited_per_address(
             assert reply.startswith("44/admin,") and "authentication failed" in reply, reply
         reply = await _admin_connect(session, admin)
         assert reply.startswith("44/admin,") and "too many failed logins" in reply, reply
+
+
+# -- engine.io sessions per address ----------------------------------------------------
+
+
+async def _handshake(session: aiohttp.ClientSession, gw: GatewayNode,
+                     address: str) -> tuple[int, str]:
+    """A long-polling handshake that a proxy (127.0.0.1, trusted) forwarded for
+    ``address``: (status, the session id or the error)."""
+    async with session.get(f"{gw.url}/socket.io/?EIO=4&transport=polling",
+                           headers={"X-Forwarded-For": address}) as resp:
+        body = await resp.text()
+        if resp.status != 200:
+            return resp.status, body
+        return 200, body.split('"sid":"', 1)[1].split('"', 1)[0]
+
+
+async def _close_session(session: aiohttp.ClientSession, gw: GatewayNode, address: str,
+                         sid: str) -> None:
+    async with session.post(f"{gw.url}/socket.io/?EIO=4&transport=polling&sid={sid}",
+                            data="1", headers={"X-Forwarded-For": address}) as resp:
+        await resp.read()
+
+
+async def test_engineio_sessions_are_capped_per_address(edge_gateway: GatewayNode) -> None:
+    """Thousands of engine.io sessions fitted in a few TCP connections (long-polling
+    handshakes on one keep-alive connection); now at most 5 per address here, the
+    next one 429, and a closed one makes room again."""
+    address = "198.51.100.80"
+    async with aiohttp.ClientSession() as session:  # one keep-alive connection
+        sids = []
+        for _ in range(5):
+            status, sid = await _handshake(session, edge_gateway, address)
+            assert status == 200, sid
+            sids.append(sid)
+        status, error = await _handshake(session, edge_gateway, address)
+        assert status == 429 and "too many sessions" in error, (status, error)
+        assert (await _handshake(session, edge_gateway, "198.51.100.81"))[0] == 200
+        await _close_session(session, edge_gateway, address, sids.pop())
+        deadline = time.monotonic() + 10
+        while (status := (await _handshake(session, edge_gateway, address))[0]) != 200 \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert status == 200
+        for sid in sids:
+            await _close_session(session, edge_gateway, address, sid)
+
+
+async def test_engineio_handshakes_are_rate_limited_per_address(
+        edge_gateway: GatewayNode) -> None:
+    address = "198.51.100.90"
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(20):
+            status, sid = await _handshake(session, edge_gateway, address)
+            statuses.append(status)
+            if status == 200:
+                await _close_session(session, edge_gateway, address, sid)
+    assert statuses[:12] == [200] * 12 and 429 in statuses[12:], statuses
