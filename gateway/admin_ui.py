@@ -10,7 +10,7 @@ from socketio.exceptions import ConnectionRefusedError as Refused
 
 from nats_adapter.admin import ClusterInstrumentedServer
 
-from .chat import MAX_ADDRESSES, RateLimiter
+from .chat import MAX_ADDRESSES, REMOTE_KEY, RateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -29,8 +29,7 @@ class GatewayAdmin(ClusterInstrumentedServer):
         super().__init__(sio, *args, **kwargs)
 
     async def admin_connect(self, sid: str, environ: dict[str, Any], client_auth: Any) -> None:
-        request = environ.get("aiohttp.request")
-        address = str(getattr(request, "remote", None) or "?")
+        address = str(environ.get(REMOTE_KEY, "?"))
         if self.failures.exhausted(address):
             self.refused += 1
             raise Refused("too many failed logins: try again later")

@@ -19,7 +19,7 @@ from socketio import packet as sio_packet
 from nats_adapter import ClusterManager, FanoutLimits
 from nats_adapter.shutdown import close_websockets
 
-from .chat import ChatProtocol
+from .chat import REMOTE_KEY, ChatProtocol
 from .config import GatewayConfig
 from .guards import OPERATOR, RequestGuard, SessionsByAddress
 from .http_api import HttpApi
@@ -346,16 +346,18 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
         socket.handle_post_request = checked_post
 
     async def on_connect(eio_sid: str, environ: dict[str, Any]) -> Any:
+        request = environ.get("aiohttp.request")
+        # the client's address (after the proxy rules) outlives the request, which a
+        # websocket's environ drops (see nats_adapter._lean_websocket)
+        environ[REMOTE_KEY] = str(getattr(request, "remote", None) or "?")
         socket = sio.eio.sockets.get(eio_sid)
         if socket is not None:
             check_polling(socket)
-            request = environ.get("aiohttp.request")
             if request is not None and request.get(OPERATOR):
                 operators.add(socket)
         accepted = await connect(eio_sid, environ)
         if accepted is None or accepted is True:  # engine.io's test for a refusal
-            request = environ.get("aiohttp.request")
-            sessions.opened(eio_sid, str(getattr(request, "remote", None) or "?"))
+            sessions.opened(eio_sid, environ[REMOTE_KEY])
         return accepted
 
     async def on_disconnect(eio_sid: str, *args: Any) -> Any:
@@ -363,6 +365,7 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
             return await disconnect(eio_sid, *args)
         finally:
             sessions.closed(eio_sid)
+            chat.engine_closed(eio_sid)
 
     async def on_message(eio_sid: str, data: Any) -> None:
         # 5: BINARY_EVENT, 6: BINARY_ACK; bytes: an attachment

@@ -8,6 +8,7 @@ argument count a client sends is answered, never raised on.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
@@ -164,6 +165,23 @@ class RateLimiter:
 
 #: buckets a limiter keyed by client address keeps (each ~200 bytes)
 MAX_ADDRESSES = 100_000
+#: session restores (--recovery) per second per client address, and the burst; each
+#: takes message store look-ups
+RESTORE_RATE, RESTORE_BURST = 0.5, 10
+#: joins with history per second per client address, and the burst; each creates a
+#: JetStream consumer
+HISTORY_RATE, HISTORY_BURST = 2.0, 20
+
+
+#: the environ key of a connection's client address (set at its engine.io connect)
+REMOTE_KEY = "gateway.remote"
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 class ChatProtocol:
@@ -185,6 +203,13 @@ class ChatProtocol:
         self.join_limiter = RateLimiter(self.limits.join_rate, self.limits.join_burst)
         #: sid -> what its token allows (only when auth is on)
         self.grants: dict[str, Grant] = {}
+        self.restore_limiter = RateLimiter(RESTORE_RATE, RESTORE_BURST, MAX_ADDRESSES)
+        self.history_limiter = RateLimiter(HISTORY_RATE, HISTORY_BURST, MAX_ADDRESSES)
+        #: engine.io sessions that have tried a restore (one try each)
+        self.restore_tried: set[str] = set()
+        recovery: Any = getattr(manager, "recovery", None)
+        if recovery is not None:
+            recovery.may_restore = self.may_restore
         #: sid -> the timer that ends its session when its token expires
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -243,6 +268,26 @@ class ChatProtocol:
             if self.presence:
                 await self._announce(sid, room, "left")
         return lost
+
+    def address_of(self, environ: Any) -> str:
+        """The client address of a connection's environ (after the proxy rules)."""
+        return str(environ.get(REMOTE_KEY, "?")) if isinstance(environ, dict) else "?"
+
+    def may_restore(self, eio_sid: str) -> bool:
+        """A restore attempt (--recovery): one per engine.io session, and per client
+        address at most RESTORE_BURST, then one per 1 / RESTORE_RATE seconds."""
+        if eio_sid in self.restore_tried:
+            self.refused["rate_limited"] += 1
+            return False
+        self.restore_tried.add(eio_sid)
+        address = self.address_of(self.sio.environ.get(eio_sid))
+        if is_loopback(address) or self.restore_limiter.allow(address):
+            return True
+        self.refused["rate_limited"] += 1
+        return False
+
+    def engine_closed(self, eio_sid: str) -> None:
+        self.restore_tried.discard(eio_sid)
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         if self.presence:  # the rooms are still there while this handler runs
@@ -322,6 +367,12 @@ class ChatProtocol:
         grant = self.grants.get(sid)
         if grant is not None and not grant.allows(room):
             return self._refuse("forbidden", f"forbidden: your token does not allow room {room!r}")
+        recovery = getattr(self.manager, "recovery", None)
+        if history and recovery is not None:
+            address = self.address_of(self.sio.get_environ(sid))
+            if not is_loopback(address) and not self.history_limiter.allow(address):
+                return self._refuse("rate_limited",
+                                    "rate limited: too many history reads from your address")
         joined = self.manager.get_rooms(sid, "/")
         if room not in joined and len(joined) >= self.limits.max_rooms_per_socket:
             return self._refuse(

@@ -166,7 +166,8 @@ def jwt_recovery_pair(workdir: Path, request: pytest.FixtureRequest
             gws.append(start_gateway(
                 workdir / "edges", f"grant-gw-{i + 1}", port, "nats",
                 broker_args("nats", request, i),
-                extra=["--auth", "jwt", "--recovery", "on", "--heartbeat-interval", "0.5"],
+                extra=["--auth", "jwt", "--recovery", "on", "--heartbeat-interval", "0.5",
+                       "--trusted-proxies", "127.0.0.1"],
                 env={"GATEWAY_JWT_SECRET": SECRET, "GATEWAY_API_KEY": API_KEY}))
         wait_gateways(gws, timeout=40)
         yield gws
@@ -204,10 +205,12 @@ class RawSocket:
         self.next_id = 0
 
     @classmethod
-    async def connect(cls, session: aiohttp.ClientSession, url: str,
-                      auth: dict[str, Any]) -> tuple[RawSocket, dict[str, Any]]:
+    async def connect(cls, session: aiohttp.ClientSession, url: str, auth: dict[str, Any],
+                      headers: dict[str, str] | None = None
+                      ) -> tuple[RawSocket, dict[str, Any]]:
         ws = await session.ws_connect(
-            url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket")
+            url.replace("http", "ws") + "/socket.io/?EIO=4&transport=websocket",
+            headers=headers)
         assert (await ws.receive_str()).startswith("0{")
         await ws.send_str("40" + json.dumps(auth))
         sock = cls(ws)
@@ -510,3 +513,56 @@ async def test_engineio_handshakes_are_rate_limited_per_address(
             if status == 200:
                 await _close_session(session, edge_gateway, address, sid)
     assert statuses[:12] == [200] * 12 and 429 in statuses[12:], statuses
+
+
+# -- recovery CONNECTs and history -----------------------------------------------------
+
+FORGED = {"pid": "AAAAAAAAAAAAAAAAAAAAAA", "offset": "1"}
+
+
+def restore_lookups(gw: GatewayNode, since: int) -> int:
+    """Restores the gateway looked up (and logged) since log offset ``since``."""
+    assert gw.child is not None
+    with open(gw.child.log_path, "rb") as f:
+        f.seek(since)
+        return f.read().count(b"not restoring a session")
+
+
+async def test_restore_attempts_are_one_per_session_and_limited_per_address(
+        jwt_recovery_pair: list[GatewayNode]) -> None:
+    """300 recovery CONNECTs on one socket made 300 message-store look-ups and log
+    lines; now one per engine.io session, and at most 10 per address in a burst."""
+    gw = jwt_recovery_pair[1]
+    assert gw.child is not None
+    auth = {"token": token(), **FORGED}
+    async with aiohttp.ClientSession() as session:
+        start = gw.child.log_path.stat().st_size
+        sock, _ = await RawSocket.connect(session, gw.url, auth)
+        for _ in range(299):
+            await sock.ws.send_str("41")
+            await sock.ws.send_str("40" + json.dumps(auth))
+            assert (await sock._read()).startswith("40{")
+        await sock.ws.close()
+        assert restore_lookups(gw, start) == 1
+        start = gw.child.log_path.stat().st_size
+        for _ in range(15):
+            sock, _ = await RawSocket.connect(session, gw.url, auth,
+                                              {"X-Forwarded-For": "198.51.100.100"})
+            await sock.ws.close()
+        assert restore_lookups(gw, start) == 10
+
+
+async def test_history_reads_are_limited_per_address(
+        jwt_recovery_pair: list[GatewayNode]) -> None:
+    """Every join with history creates a JetStream consumer: 20 per address in a
+    burst, then refused with a reason (the join itself can be sent without)."""
+    gw = jwt_recovery_pair[0]
+    async with aiohttp.ClientSession() as session:
+        sock, _ = await RawSocket.connect(session, gw.url, {"token": token()},
+                                          {"X-Forwarded-For": "198.51.100.101"})
+        acks = [await sock.call("join", {"room": f"hist-{i}", "history": 5})
+                for i in range(25)]
+        assert all(a["ok"] for a in acks[:20]), acks[:20]
+        assert all(not a["ok"] and "history reads" in a["error"] for a in acks[20:]), acks
+        assert (await sock.call("join", "hist-plain"))["ok"] is True
+        await sock.ws.close()
