@@ -383,9 +383,18 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
             refuse(eio_sid, "forbidden", "the Admin UI is for operators")
             return
         try:
+            if data[:1] == "3" and not ack_expected(eio_sid, CheckedPacket(encoded_packet=data)):
+                # python-socketio would log a warning for each one
+                refuse(eio_sid, "malformed", "an ack for nothing the server asked")
+                return
             await handle(eio_sid, data)
         except MalformedPacket as exc:
             refuse(eio_sid, "malformed", str(exc))
+
+    def ack_expected(eio_sid: str, pkt: Any) -> bool:
+        sid = sio.manager.sid_from_eio_sid(eio_sid, pkt.namespace or "/")
+        callbacks: Any = getattr(sio.manager, "callbacks", {})
+        return sid is not None and pkt.id in callbacks.get(sid, {})
 
     sio.eio.on("connect", on_connect)
     sio.eio.on("disconnect", on_disconnect)

@@ -63,7 +63,7 @@ def edge_gateway(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gate
 #: Socket.IO packets no client library sends: each must close its socket
 MALFORMED = ['42["chat",', "42[", "42", "42[]", "42[1]", '42[null,"x"]', "42{}", '42"x"',
              "4garbage", "43", "43[1]", "44x", "47", "48", "4" + "[" * 3000, '42["join"',
-             "4{}", "4null", "4true", "4[1]"]
+             "4{}", "4null", "4true", "4[1]", "431[1]", '437["x"]']
 #: engine.io packets no client sends: over polling they end the session with a 400
 ENGINEIO_GARBAGE = ["x", "9", "garbage", "\x00", "4x\x1ey", "-1"]
 
