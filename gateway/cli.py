@@ -5,8 +5,39 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
+from collections import Counter
 
 from . import config as cfg
+
+
+class RareTracebacks(logging.Filter):
+    """For python-socketio's and engine.io's loggers, which log a traceback when
+    handling what a client sent fails: each kind of traceback (logger and message) is
+    kept once per ``interval`` seconds; repeats are dropped, and counted in the next
+    one kept. A client repeating a packet the gateway does not foresee then costs
+    one traceback a minute, not one per packet."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.dropped: Counter[str] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        key = f"{record.name}:{record.msg}"
+        now = time.monotonic()
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval:
+            self.dropped[key] += 1
+            return False
+        self.last[key] = now
+        repeats = self.dropped.pop(key, 0)
+        if repeats:
+            record.msg = f"{record.msg} ({repeats} more like it not logged)"
+        return True
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -26,6 +57,9 @@ def _serve(args: argparse.Namespace) -> int:
                   "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(conf.log_level),
                                               logging.WARNING))
+    quiet = RareTracebacks()
+    for library in ("socketio", "socketio.server", "engineio", "engineio.server"):
+        logging.getLogger(library).addFilter(quiet)
     from .app import create_app
     from .serving import run
 

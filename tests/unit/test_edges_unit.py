@@ -59,3 +59,29 @@ def test_admin_credentials_are_compared_whole() -> None:
                   {"username": "admin"}, {**expected, "extra": 1}, "admin", None,
                   {"username": "admin", "password": 5}):
         assert not same_credentials(given, expected), given
+
+
+def test_library_tracebacks_are_kept_once_a_minute() -> None:
+    import logging
+    import sys
+
+    from gateway.cli import RareTracebacks
+
+    quiet = RareTracebacks(interval=60.0)
+
+    def record(msg: str) -> logging.LogRecord:
+        try:
+            raise ValueError("client input")
+        except ValueError:
+            info = sys.exc_info()
+        return logging.LogRecord("engineio.server", logging.ERROR, __file__, 1, msg, None,
+                                 info)
+
+    assert quiet.filter(record("post request handler error"))
+    assert not any(quiet.filter(record("post request handler error")) for _ in range(400))
+    assert quiet.filter(record("message handler error"))  # another kind
+    plain = logging.LogRecord("engineio.server", logging.ERROR, __file__, 1, "x", None, None)
+    assert all(quiet.filter(plain) for _ in range(3))  # lines without a traceback pass
+    quiet.interval = 0.0
+    kept = record("post request handler error")
+    assert quiet.filter(kept) and "400 more like it" in str(kept.msg)
