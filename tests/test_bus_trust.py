@@ -79,16 +79,16 @@ def bus(tmp_path_factory: pytest.TempPathFactory
         yield made
 
 
-@pytest.fixture
-async def in_process(bus: tuple[NatsCluster, list[GatewayNode]]
-                     ) -> AsyncIterator[list[Node]]:
-    """gw-1 and gw-2 once more, in this process (for the server API: close_room)."""
-    cluster, _ = bus
+@contextlib.asynccontextmanager
+async def in_process_gateways(cluster: NatsCluster, recovery: bool
+                              ) -> AsyncIterator[list[Node]]:
+    """gw-1 and gw-2 once more, in this process (the server API: close_room), on the
+    same users and key."""
     made: list[Node] = []
     try:
         for i in (1, 2):
             made.append(await start_node("nats", f"gw-{i}-inproc", {
-                "nats_urls": tuple(cluster.urls), "recovery": True, "auth": "jwt",
+                "nats_urls": tuple(cluster.urls), "recovery": recovery, "auth": "jwt",
                 "secrets": Secrets(cluster_key=CLUSTER_KEY, jwt_secret=JWT_SECRET,
                                    nats_user=f"gw-{i}",
                                    nats_password=PASSWORDS[f"gw-{i}"])}))
@@ -98,6 +98,20 @@ async def in_process(bus: tuple[NatsCluster, list[GatewayNode]]
     finally:
         for node in made:
             await node.runner.cleanup()
+
+
+@pytest.fixture
+async def in_process(bus: tuple[NatsCluster, list[GatewayNode]]
+                     ) -> AsyncIterator[list[Node]]:
+    async with in_process_gateways(bus[0], recovery=True) as made:
+        yield made
+
+
+@pytest.fixture
+async def without_recovery(bus: tuple[NatsCluster, list[GatewayNode]]
+                           ) -> AsyncIterator[list[Node]]:
+    async with in_process_gateways(bus[0], recovery=False) as made:
+        yield made
 
 
 def token(sub: str) -> str:
@@ -291,8 +305,43 @@ async def test_a_captured_chat_stored_again_or_with_a_forged_sequence_is_not_del
     assert again.texts() == ["marker"], again.texts()
 
 
-async def test_a_room_envelope_re_routed_to_another_room_is_dropped(
+async def test_a_live_room_envelope_re_routed_to_another_room_is_dropped(
+        bus: tuple[NatsCluster, list[GatewayNode]], without_recovery: list[Node],
+        clients: list[SioClient]) -> None:
+    """Without recovery an emit to one room names no room: its channel does. Sealed for
+    ``public`` and re-published on ``secret``'s channel to a gateway that never saw it
+    (no member in ``public``: no replay to catch), it reaches no one."""
+    cluster, _ = bus
+    n1, n2 = without_recovery
+    live = ChannelNames("sio")
+    public, secret = room_name("public"), room_name("secret")
+    member = await connect(clients, n1, "member")
+    await member.join(secret)
+    insider = await connect(clients, n2, "insider")
+    await insider.join(secret)
+    talker = await connect(clients, n2, "talker")
+    await talker.join(public)
+    nc = await rogue(cluster)
+    try:
+        captured = await capture(nc, live.room("/", public))
+        await talker.chat(public, "for public only")
+        await until(lambda: bool(captured), "the capture")
+        before = n1.manager.stats.dropped_forged
+        await nc.publish(live.room("/", secret), captured[0].data)
+        await nc.flush()
+        await until(lambda: "for public only" in member.texts()
+                    or n1.manager.stats.dropped_forged > before, "the re-routed copy")
+    finally:
+        await nc.close()
+    await insider.chat(secret, "marker")
+    await member.wait_for(lambda c: "marker" in c.texts(), what="the marker")
+    assert member.texts() == ["marker"]
+
+
+async def test_a_stored_room_envelope_re_routed_to_another_room_is_dropped(
         bus: tuple[NatsCluster, list[GatewayNode]], clients: list[SioClient]) -> None:
+    """The same through the store: a stored emit also names its room, and now its seal
+    names the subject it was stored under, so the copy is counted as forged."""
     cluster, (gw1, gw2) = bus
     public, secret = room_name("public"), room_name("secret")
     member = await connect(clients, gw1, "member")
