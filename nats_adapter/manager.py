@@ -620,8 +620,10 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
 
     async def _on_stored(self, channel: str, msg: codec.Message, seq: int) -> None:
         assert self.recovery is not None
-        problem = self._invalid(msg) if isinstance(msg, codec.EmitMessage) \
-            else "only emits are stored"
+        if not isinstance(msg, codec.EmitMessage):
+            problem: str | None = "only emits are stored"
+        else:
+            problem = self._invalid(msg)
         if problem is not None or not isinstance(msg, codec.EmitMessage):
             self.stats.dropped_invalid += 1
             self._log.warning("invalid", "dropped stored %s on %s: %s", type(msg).__name__,

@@ -103,7 +103,6 @@ class _Restore:
     pid: str
     offset: int
     session: dict[str, Any]
-    identity: str | None = None
     #: what the socket gets while it catches up: (seq, packet) held back
     held: list[tuple[int, EncodedPacket]] = field(default_factory=list)
 
@@ -389,7 +388,7 @@ class Recovery:
                 return "disconnected for longer than the window"
         elif not await self._release_elsewhere(session):
             return "the socket is still connected on its node"
-        return _Restore(pid, position, session, identity)
+        return _Restore(pid, position, session)
 
     async def _release_elsewhere(self, session: dict[str, Any]) -> bool:
         """The session says its socket is connected: make sure it is not (its node

@@ -10,10 +10,10 @@ where ``tag`` is HMAC-SHA256(key, context + body + timestamp + sequence) cut to
 logical channel it was published on (an envelope sealed for one room's channel does
 not open on another's), or the key name of a session record (a record does not open
 under another pid). A receiver drops (and counts) an envelope that has no valid tag,
-one whose timestamp is further than ``max_skew`` seconds from its own clock (older
-than a stored copy may be, for traffic read back from a message store), and one whose
-(origin, sequence) it has seen before (a replay), using a sliding window per origin
-like IPsec's anti-replay window.
+one whose timestamp is further than ``max_skew`` seconds from its own clock (what is
+read back from a message store may be as old as the store keeps messages), and one
+whose (origin, sequence) it has seen before (a replay), using a sliding window per
+origin like IPsec's anti-replay window.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import math
 import struct
 import time
 from collections import OrderedDict
@@ -91,23 +92,22 @@ class ClusterKey:
         return signed + self._tag(_context(context), signed)
 
     def open(self, data: bytes, context: str | bytes = b"",
-             max_age: float | None = -1.0) -> Opened:
+             max_age: float | None = None) -> Opened:
         """Open a received envelope sealed for ``context``.
 
-        ``max_age``: seconds the envelope may be older than this clock; -1 (the
-        default) is ``max_skew``, None accepts any age. Either way an envelope from
-        more than ``max_skew`` in the future is STALE."""
+        ``max_age``: seconds the envelope may be older than this clock (None:
+        ``max_skew``; ``math.inf``: any age). Either way an envelope from more than
+        ``max_skew`` in the future is STALE."""
         if len(data) <= TRAILER_BYTES:
             return _NOT_OPENED[Verdict.UNSIGNED]
         signed, tag = data[:-TAG_BYTES], data[-TAG_BYTES:]
         if not hmac.compare_digest(self._tag(_context(context), signed), tag):
             return _NOT_OPENED[Verdict.FORGED]
         stamp, seq = TRAILER.unpack_from(signed, len(signed) - TRAILER.size)
-        if max_age is not None:
-            age = int(time.time() * 1000) - stamp
-            oldest = self.max_skew_ms if max_age == -1.0 else int(max_age * 1000)
-            if age > oldest or -age > self.max_skew_ms:
-                return _NOT_OPENED[Verdict.STALE]
+        age = int(time.time() * 1000) - stamp
+        if age > (self.max_skew_ms if max_age is None else max_age * 1000) \
+                or -age > self.max_skew_ms:
+            return _NOT_OPENED[Verdict.STALE]
         return Opened(Verdict.OK, signed[:-TRAILER.size], seq, stamp)
 
     def seal_record(self, name: str, body: bytes) -> bytes:
@@ -118,7 +118,7 @@ class ClusterKey:
     def open_record(self, name: str, data: bytes) -> bytes | None:
         """The body of a record sealed by :meth:`seal_record` for ``name``; None when
         it was not (forged, tampered with, moved from another key, another key's)."""
-        opened = self.open(data, _RECORD_CONTEXT + name.encode(), max_age=None)
+        opened = self.open(data, _RECORD_CONTEXT + name.encode(), max_age=math.inf)
         return opened.body if opened.verdict is Verdict.OK else None
 
     def record_name(self, pid: str) -> str:
