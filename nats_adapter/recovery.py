@@ -71,7 +71,7 @@ MAX_HISTORY = 200
 LOOK_BACK_SLACK = 5.0
 #: an envelope read back from the store: (message, seal sequence, seal stamp in ms);
 #: the sequence is 0 and the stamp meaningless without a cluster key
-Opened = tuple[codec.Message, int, int]
+StoredEnvelope = tuple[codec.Message, int, int]
 
 
 #: who a connection is, from its CONNECT auth and its WSGI-style environ: e.g. the
@@ -520,14 +520,14 @@ class Recovery:
                 await send(eio_sid, _Raw(held))
         return count
 
-    def _open_stored(self, subject: str, data: bytes) -> Opened | None:
+    def _open_stored(self, subject: str, data: bytes) -> StoredEnvelope | None:
         """The envelope stored under ``subject``, if it opens for that subject and is no
         older than the store keeps messages."""
         assert self.store is not None
         return self.manager.open_stored(subject, data, self.store.retention)
 
     @staticmethod
-    def _seen(opened: Opened | None, seen: set[object]) -> bool:
+    def _seen(opened: StoredEnvelope | None, seen: set[object]) -> bool:
         """Whether ``opened`` repeats an (origin, seal sequence) in ``seen`` (a captured
         envelope stored again); remembers it there if not."""
         if opened is None:
@@ -540,7 +540,7 @@ class Recovery:
         seen.add((msg.origin, sealed_seq))
         return False
 
-    def _replayable(self, opened: Opened | None, sid: str, ns: str, rooms: list[str],
+    def _replayable(self, opened: StoredEnvelope | None, sid: str, ns: str, rooms: list[str],
                     seen: set[object]) -> EncodedPacket | None:
         """The packet of a stored envelope if it is not a repeat and ``sid`` was among
         its recipients."""
