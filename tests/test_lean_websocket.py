@@ -21,9 +21,9 @@ import pytest
 import socketio
 from aiohttp import web
 
-from gateway.bench.loadgen import LoadGen
 from gateway.processes import free_ports
 from nats_adapter import MemoryManager
+from tools.bench.loadgen import LoadGen
 
 
 @dataclass

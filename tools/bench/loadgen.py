@@ -5,7 +5,7 @@ measure a server with, so this speaks just enough Engine.IO v4 / Socket.IO v5
 over websocket itself: one ``asyncio.Protocol`` per socket, no task per socket,
 client frames masked with a zero key (a valid key that makes masking free).
 
-It runs as its own process (``python -m gateway.bench.loadgen``) and is driven
+It runs as its own process (``python -m tools.bench.loadgen``) and is driven
 by the benchmark over stdin/stdout, one JSON object per line, so that the CPU it
 spends is never counted as the gateways'.
 """
@@ -766,7 +766,7 @@ async def churn(gen: LoadGen, sockets: list[int], rooms: list[str], ops_per_s: f
 
 
 async def serve() -> None:
-    """Read commands from stdin, answer on stdout (see gateway/bench/runner.py)."""
+    """Read commands from stdin, answer on stdout (see tools/bench/runner.py)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=256 * 1024 * 1024)  # plans can be large
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -1,4 +1,4 @@
-"""The model's NATS constants, measured on real servers (``python -m gateway.capacity
+"""The model's NATS constants, measured on real servers (``python -m tools.capacity
 measure``): what an interest entry costs in memory, and what an interest change costs
 in CPU, on the server a gateway subscribes on and on the other servers of the mesh.
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import nats
 
-from ..bench.runner import cpu_seconds
-from ..processes import NatsCluster, NatsNode, wait_until
+from gateway.processes import NatsCluster, NatsNode, wait_until
+from tools.bench.harness import cpu_seconds
 
 
 def _cpu(node: NatsNode) -> float:
