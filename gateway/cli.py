@@ -106,13 +106,15 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     tools = bench_tools() if _wants_bench(argv) else None
     if tools is not None:
         tools.add_arguments(bench)
-    else:
-        bench.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["bench"] and bench_tools() is None:
+        print(f"gateway bench: error: {BENCH_MISSING}", file=sys.stderr)
+        return 2
     args = build_parser(argv).parse_args(argv)
     result: int = args.func(args)
     return result
