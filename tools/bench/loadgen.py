@@ -231,6 +231,7 @@ class LeanSocket(asyncio.Protocol):
                 self.connected.set_exception(ConnectionError(body))
         elif kind == "2":  # engine.io ping
             self.send_text("3")
+            self.gen.pings_answered += 1
         elif text == "3probe" and self.upgrade is not None:
             upgrade = self.upgrade
             upgrade.probed(self)
@@ -340,6 +341,8 @@ class LoadGen:
     #: order received
     offsets: list[tuple[str, int, int]] = field(default_factory=list)
     unexpected_closes: int = 0
+    #: engine.io pings the sockets answered
+    pings_answered: int = 0
     closing: bool = False
     #: gateways the sockets are spread over (the urls of the last connect)
     gateways: int = 0

@@ -145,7 +145,7 @@ def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: Storm
     _quiet(cpu)
     lg.call(op="traffic", pairs=pairs, rate=sp.rate_msgs_per_s)
     cpu0 = cpu()
-    time.sleep(sp.warm_s)
+    time.sleep(sp.warm_s)  # the phases' lengths: pacing, not waits
     failures += lg.call(op="say", pairs=[[i, room] for room, i in last_words.items()],
                         text="last words")["failures"]
     cpu1 = cpu()

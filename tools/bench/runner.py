@@ -19,7 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from gateway.processes import GatewayNode, stop_all, wait_gateways
+from gateway.processes import GatewayNode, stop_all, wait_gateways, wait_until
 
 from . import broker_traffic, node_peer, recovery
 from .backends import GATEWAY_BACKEND, Broker, start_bench_gateway
@@ -278,6 +278,8 @@ def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> d
     out: dict[str, Any] = {}
     lg = LoadGenProcess()
     n = p.idle_sockets
+    # memory settles after each step before RSS is read: measurement boundaries, not
+    # waits for an event
     settle = 0.3 if p.quick else 1.0
     try:
         wait_gateways(gws)
@@ -356,16 +358,22 @@ def scenario_cluster_api(lg: LoadGenProcess, gws: list[GatewayNode], broker: Bro
     victim = gws[-1].child
     assert victim is not None
 
+    def alive_seen_by_first() -> int:
+        return int(metrics(gws[0].url).get("gateway_cluster_nodes", 0))
+
     victim.signal(signal.SIGSTOP)
     try:
         stopped = timed(2)
         out["one_stopped_ms"] = {"max": round(stopped[-1], 1), "timeout_ms": 5000}
-        time.sleep(7)  # past three missed heartbeats (2 s apart)
+        # past three missed heartbeats (2 s apart) it is no longer waited for
+        wait_until(lambda: alive_seen_by_first() == len(gws) - 1, 30,
+                   "the stopped gateway's heartbeats to be missed")
         after = timed(20)
         out["after_heartbeats_missed_ms"] = {"p50": round(after[len(after) // 2], 2)}
     finally:
         victim.signal(signal.SIGCONT)
-    time.sleep(3)  # it comes back and announces itself
+    wait_until(lambda: alive_seen_by_first() == len(gws), 30,
+               "the continued gateway to announce itself again")
     lg.call(op="close")
     return out
 #: sockets per load generator process in the idle scenario (its file limit and one
@@ -390,7 +398,7 @@ def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dic
         pid = gw.child.pid
         gens[0].call(op="connect", urls=[gw.url], count=20)  # warm up
         gens[0].call(op="close")
-        time.sleep(1.0)
+        time.sleep(1.0)  # RSS settles (a measurement boundary)
         base = rss_bytes(pid)
         shares = [n // len(gens) + (k < n % len(gens)) for k in range(len(gens))]
         started = time.monotonic()
@@ -399,10 +407,10 @@ def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dic
         for lg in gens:
             lg.reply()
         connect_s = time.monotonic() - started
-        time.sleep(2.0)
+        time.sleep(2.0)  # RSS settles (a measurement boundary)
         rss = rss_bytes(pid)
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        time.sleep(p.idle_seconds)
+        time.sleep(p.idle_seconds)  # the measured idle period
         cpu = cpu_seconds(pid) - cpu0
         seconds = time.monotonic() - t0
         status = [lg.call(op="status") for lg in gens]

@@ -270,7 +270,7 @@ def run_config(lg: LoadGenProcess, broker: ScaleBroker, gateways: int, p: ScaleP
             if failed:
                 raise RuntimeError(f"{failed} joins refused")
         lg.call(op="paced", plan=layout.warmup, timeout=60)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the warm-up's last deliveries land first (a measurement boundary)
         before = snap(gws, broker)
         result = lg.call(op="paced", plan=layout.plan, timeout=120)
         after = snap(gws, broker)
