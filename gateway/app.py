@@ -110,10 +110,6 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
 
         return RedisShardedManager(config.redis_url, connect_options=redis_options(config),
                                    **common)
-    if config.backend == "stock-redis":
-        from .bench.stock import StockRedisManager
-
-        return StockRedisManager(config.redis_url)
     from nats_adapter import MemoryManager
 
     return MemoryManager(**common)
