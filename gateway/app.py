@@ -15,11 +15,13 @@ from aiohttp import web
 from engineio import exceptions as eio_exceptions
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from socketio import packet as sio_packet
+from socketio.exceptions import ConnectionRefusedError as Refused
 
 from nats_adapter import ClusterManager, FanoutLimits
+from nats_adapter.recovery import IdentityFn
 from nats_adapter.shutdown import close_websockets
 
-from .chat import REMOTE_KEY, ChatProtocol
+from .chat import REMOTE_KEY, ChatProtocol, TokenRules, verify_token
 from .config import GatewayConfig
 from .guards import OPERATOR, RequestGuard, SessionsByAddress
 from .http_api import HttpApi
@@ -66,6 +68,25 @@ def redis_options(config: GatewayConfig) -> dict[str, Any]:
     return options
 
 
+def connection_identity(config: GatewayConfig) -> IdentityFn | None:
+    """Who a connection is, for connection state recovery: with ``--auth jwt`` the
+    ``sub`` of the token in its CONNECT auth, verified as the connect handler will
+    (a restore by another user is a new session)."""
+    if config.auth != "jwt":
+        return None
+    rules = TokenRules(config.secrets.jwt_secret, config.jwt_leeway, config.jwt_issuer,
+                       config.jwt_audience)
+
+    def identity(auth: Any, environ: dict[str, Any]) -> str | None:
+        token = auth.get("token") if isinstance(auth, dict) else None
+        try:
+            return verify_token(token, rules).subject
+        except Refused:
+            return None
+
+    return identity
+
+
 def make_manager(config: GatewayConfig) -> GatewayManager:
     """The client manager for ``config.backend``; concrete backends load only here."""
     common: dict[str, Any] = {
@@ -84,7 +105,8 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
         from nats_adapter import NatsManager
         from nats_adapter.recovery import RecoveryOptions
 
-        recovery = RecoveryOptions(config.recovery_window) if config.recovery else None
+        recovery = RecoveryOptions(config.recovery_window, identity=connection_identity(config)) \
+            if config.recovery else None
         return NatsManager(list(config.nats_urls), connection_name=config.node_id,
                            connect_options=nats_options(config), recovery=recovery, **common)
     if config.backend == "redis-sharded":
@@ -92,10 +114,6 @@ def make_manager(config: GatewayConfig) -> GatewayManager:
 
         return RedisShardedManager(config.redis_url, connect_options=redis_options(config),
                                    **common)
-    if config.backend == "stock-redis":
-        from .bench.stock import StockRedisManager
-
-        return StockRedisManager(config.redis_url)
     from nats_adapter import MemoryManager
 
     return MemoryManager(**common)

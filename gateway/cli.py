@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
 from . import config as cfg
+from .types import GatewayManager
 
 
 class RareTracebacks(logging.Filter):
@@ -46,6 +51,12 @@ def _serve(args: argparse.Namespace) -> int:
     except cfg.ConfigError as exc:
         print(f"gateway serve: error: {exc}", file=sys.stderr)
         return 2
+    return serve(conf)
+
+
+def serve(conf: cfg.GatewayConfig, manager: GatewayManager | None = None) -> int:
+    """Run one gateway node with ``conf`` until SIGINT/SIGTERM; ``manager`` replaces the
+    one ``conf.backend`` names (the benchmark serves its stock baseline this way)."""
     logging.basicConfig(
         level=conf.log_level,
         format=f"%(asctime)s {conf.node_id} %(levelname)s %(name)s: %(message)s",
@@ -63,7 +74,7 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .serving import run
 
-    app = create_app(conf)
+    app = create_app(conf, manager)
     logging.getLogger("gateway").info("gateway %s (%s) listening on http://%s:%d",
                                       conf.node_id, conf.backend, conf.host, conf.port)
     run(app, host=conf.host, port=conf.port, max_connections=conf.max_connections,
@@ -78,13 +89,44 @@ def _cluster(args: argparse.Namespace) -> int:
     return run(args)
 
 
+#: the benchmark: a tool beside the product, in a source checkout only (not in the wheel
+#: nor the image)
+BENCH_MISSING = ("the benchmark is not installed here: it runs from a source checkout of "
+                 "the repository (tools/bench beside gateway/), not from the package or image")
+
+
+def bench_tools() -> ModuleType | None:
+    """``tools.bench.cli``, imported only when asked for; None when the tools are absent.
+
+    From a source checkout run elsewhere than its root, the checkout's root is put on
+    ``sys.path`` first, as ``python -m`` would from there."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "tools" / "bench" / "cli.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module("tools.bench.cli")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("tools", "tools.bench", "tools.bench.cli"):
+            raise
+        return None
+
+
 def _bench(args: argparse.Namespace) -> int:
-    from .bench.cli import run
+    tools = bench_tools()
+    if tools is None:
+        print(f"gateway bench: error: {BENCH_MISSING}", file=sys.stderr)
+        return 2
+    result: int = tools.run(args)
+    return result
 
-    return run(args)
+
+def _wants_bench(argv: Sequence[str] | None) -> bool:
+    """Whether the command line is ``bench ...`` (or unknown: building the full parser)."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    return not words or words[0] == "bench" or words[0].startswith("-")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gateway",
                                      description="Socket.IO gateway on NATS or sharded Redis")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,cluster,bench}")
@@ -96,15 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster_arguments(cluster)
     cluster.set_defaults(func=_cluster)
-    bench = sub.add_parser("bench", help="benchmark the backends side by side")
-    from .bench.cli import add_arguments as bench_arguments
-
-    bench_arguments(bench)
+    bench = sub.add_parser("bench", help="benchmark the backends side by side "
+                                         "(from a source checkout)")
+    # the benchmark's flags only where it is: elsewhere `bench` answers BENCH_MISSING
+    tools = bench_tools() if _wants_bench(argv) else None
+    if tools is not None:
+        tools.add_arguments(bench)
     bench.set_defaults(func=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    if words[:1] == ["bench"] and bench_tools() is None:
+        print(f"gateway bench: error: {BENCH_MISSING}", file=sys.stderr)
+        return 2
+    args = build_parser(argv).parse_args(argv)
     result: int = args.func(args)
     return result

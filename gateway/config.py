@@ -18,8 +18,6 @@ from nats_adapter import FanoutLimits
 _FANOUT = FanoutLimits()
 
 BACKENDS = ("nats", "redis-sharded", "memory")
-#: python-socketio's own AsyncRedisManager, the baseline the benchmark compares against
-BASELINE_BACKENDS = ("stock-redis",)
 
 
 #: the shortest API key or Admin UI password accepted
@@ -261,8 +259,8 @@ def _non_negative_float(text: str) -> float:
 
 
 def _backend(text: str) -> str:
-    if text not in BACKENDS + BASELINE_BACKENDS:
-        raise ValueError(f"must be one of {', '.join(BACKENDS + BASELINE_BACKENDS)}")
+    if text not in BACKENDS:
+        raise ValueError(f"must be one of {', '.join(BACKENDS)}")
     return text
 
 

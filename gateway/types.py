@@ -1,4 +1,5 @@
-"""What the service needs from a client manager: ours, or the stock baseline."""
+"""What the service needs from a client manager: ours, or another one given to
+:func:`gateway.app.create_app` (the benchmark's stock baseline)."""
 
 from __future__ import annotations
 

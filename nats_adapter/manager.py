@@ -199,6 +199,11 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             socketio_hooks.install(server, self.recovery)
 
     @property
+    def cluster_key(self) -> ClusterKey | None:
+        """The key envelopes and session records are sealed with; None on an open bus."""
+        return self._key
+
+    @property
     def fast_fanout(self) -> bool:
         """Whether direct websocket writes are on (see nats_adapter._engineio_fastpath)."""
         return self._fastpath is not None and self._fastpath.enabled
@@ -371,7 +376,12 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         namespace = namespace or "/"
         self.basic_close_room(room, namespace)
         msg = codec.RoomMessage(codec.CLOSE_ROOM, self.node_tag, namespace, None, room)
-        await self._publish(self.channels.room(namespace, room), msg)
+        # with recovery a room's channel is the store's live copy, which only the store
+        # publishes on (and only emits are believed there): every node hears it on the
+        # cluster channel instead
+        channel = self.channels.cluster() if self.recovery is not None \
+            else self.channels.room(namespace, room)
+        await self._publish(channel, msg)
 
     async def can_disconnect(self, sid: str, namespace: str) -> bool:
         namespace = namespace or "/"
@@ -461,7 +471,7 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
         if data is None:
             return
         for channel in channels:
-            await self._publish_bytes(channel, data)
+            await self._publish_bytes(channel, self.seal(data, channel))
 
     async def _emit_with_callback(
         self, event: str, args: list[Any], namespace: str, target: Any,
@@ -499,18 +509,44 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     # -- the bus -----------------------------------------------------------------
 
     def _encode(self, msg: codec.Message) -> bytes | None:
+        """``msg`` as bytes, not yet sealed (see :meth:`seal`); None when it cannot be
+        encoded (counted and logged)."""
         try:
-            data = codec.encode(msg)
+            return codec.encode(msg)
         except (TypeError, ValueError):
             self.stats.publish_errors += 1
             logger.exception("cannot encode %s for the bus", type(msg).__name__)
             return None
-        return self._key.seal(data) if self._key is not None else data
+
+    def seal(self, data: bytes, channel: str) -> bytes:
+        """An encoded envelope as sent on ``channel``: sealed for that channel when
+        there is a cluster key (it opens on no other), as is without."""
+        if self._key is None:
+            return data
+        return self._key.seal(data, self.channels.logical(channel))
+
+    def open_stored(self, subject: str, data: bytes, max_age: float
+                    ) -> tuple[codec.Message, int, int] | None:
+        """The envelope stored under ``subject``, its seal's sequence and stamp (ms;
+        both 0 without a cluster key), read back from the message store: None when it
+        does not open for that subject or is older than ``max_age`` seconds (plus the
+        clock skew allowed). Not counted: it was counted when it came by live."""
+        seq = stamp = 0
+        if self._key is not None:
+            opened = self._key.open(data, self.channels.logical(subject),
+                                     max_age=max_age + self._key.max_skew_ms / 1000)
+            if opened.verdict is not Verdict.OK:
+                return None
+            data, seq, stamp = opened.body, opened.seq, opened.stamp_ms
+        try:
+            return codec.decode(data), seq, stamp
+        except codec.EnvelopeError:
+            return None
 
     async def _publish(self, channel: str, msg: codec.Message) -> None:
         data = self._encode(msg)
         if data is not None:
-            await self._publish_bytes(channel, data)
+            await self._publish_bytes(channel, self.seal(data, channel))
 
     async def _publish_bytes(self, channel: str, data: bytes) -> None:
         if self._start_task is None or not self._start_task.done():
@@ -536,33 +572,36 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     async def on_message(self, channel: str, data: bytes, seq: int | None = None) -> None:
         """Handle one payload from the broker; never raises (except cancellation).
 
-        ``seq`` set: a stored message coming back live (connection state recovery),
-        delivered with its offset, whoever sent it (this node included)."""
+        ``seq`` set on one of the store's live channels: a stored message coming back
+        live (connection state recovery), delivered with its offset, whoever sent it
+        (this node included). On any other channel ``seq`` means nothing (anyone may
+        set the header): the message is live traffic like any other. Stored or live,
+        an envelope passes the same seal, age and replay checks."""
         size = len(data)
         self.stats.received += 1
         self.stats.received_bytes += size
-        if seq is not None and self.recovery is not None:
-            await self._on_stored(channel, data, seq)
-            return
-        opened = self._open(channel, data, stored=False)
+        stored = seq is not None and self.recovery is not None \
+            and self.channels.is_live(channel)
+        opened = self._open(channel, data, stored=stored)
         if opened is None:
             return
         msg, sealed_seq = opened
-        if msg.origin == self.node_tag:
+        if msg.origin == self.node_tag and not stored:
             self.stats.dropped_echo += 1
             return
         if isinstance(msg, codec.ClusterMessage):
             self.stats.cluster_received += 1
             self.stats.cluster_received_bytes += size
         if self._key is not None and not self._replays.first(msg.origin, sealed_seq):
-            if isinstance(msg, codec.EmitMessage) and msg.dedupe_id is not None:
-                self.stats.dropped_duplicate += 1  # the same emit over another channel
-            else:
-                self.stats.dropped_replayed += 1
-                self._log.warning("replayed", "dropped a replayed envelope from %r on %s",
-                                  msg.origin, channel)
+            self.stats.dropped_replayed += 1
+            self._log.warning("replayed", "dropped a replayed envelope from %r on %s",
+                              msg.origin, channel)
             return
         if self.write_only or self.server is None:
+            return
+        if stored:
+            assert seq is not None
+            await self._on_stored(channel, msg, seq)
             return
         problem = self._invalid(msg)
         if problem is not None:
@@ -579,16 +618,13 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
             logger.exception("failed to handle %s from node %s on %s", type(msg).__name__,
                              msg.origin, channel)
 
-    async def _on_stored(self, channel: str, data: bytes, seq: int) -> None:
+    async def _on_stored(self, channel: str, msg: codec.Message, seq: int) -> None:
         assert self.recovery is not None
-        opened = self._open(channel, data, stored=True)
-        if opened is None:
-            return
-        msg = opened[0]
-        if self.write_only or self.server is None:
-            return
-        problem = self._invalid(msg)
-        if problem is not None:
+        if not isinstance(msg, codec.EmitMessage):
+            problem: str | None = "only emits are stored"
+        else:
+            problem = self._invalid(msg)
+        if problem is not None or not isinstance(msg, codec.EmitMessage):
             self.stats.dropped_invalid += 1
             self._log.warning("invalid", "dropped stored %s on %s: %s", type(msg).__name__,
                               channel, problem)
@@ -604,11 +640,12 @@ class ClusterManager(ClusterApi, AsyncManager):  # type: ignore[misc]
     def _open(self, channel: str, data: bytes, stored: bool
               ) -> tuple[codec.Message, int] | None:
         """The envelope in ``data`` and its seal's sequence (0 without a cluster key),
-        or None when it is unsealed, forged or malformed (counted and logged). A stored
-        envelope comes back later than a live one: its age is not checked."""
+        or None when it is unsealed, forged (sealed for another channel included),
+        stale or malformed (counted and logged). A stored copy comes back live as it is
+        stored: its age is checked like any other's."""
         sealed_seq = 0
         if self._key is not None:
-            verdict, body, sealed_seq = self._key.open(data, check_time=not stored)
+            verdict, body, sealed_seq, _ = self._key.open(data, self.channels.logical(channel))
             if verdict is not Verdict.OK:
                 self._reject_unsealed(verdict, data, channel)
                 return None

@@ -90,7 +90,7 @@ class ChannelNames:
     channel a node subscribes to, :meth:`stored_room` the subject to publish to.
     """
 
-    __slots__ = ("_cluster", "_node", "_ns", "_room", "prefix", "stored")
+    __slots__ = ("_cluster", "_live", "_node", "_ns", "_room", "_store", "prefix", "stored")
 
     def __init__(self, prefix: str = "sio", stored: bool = False) -> None:
         self.prefix = validate_prefix(prefix)
@@ -100,6 +100,20 @@ class ChannelNames:
         self._ns = f"{live}ns."
         self._node = f"{prefix}.node."
         self._cluster = f"{prefix}.cluster"
+        self._live = f"{prefix}.live."
+        self._store = f"{prefix}.store."
+
+    def is_live(self, channel: str) -> bool:
+        """Whether ``channel`` is one the message store re-publishes stored traffic on
+        (``{prefix}.live.…``): the only channels whose store sequence is believed."""
+        return self.stored and channel.startswith(self._live)
+
+    def logical(self, channel: str) -> str:
+        """The channel an envelope on ``channel`` was sealed for: a stored copy coming
+        back live (``{prefix}.live.X``) was sealed for ``{prefix}.store.X``."""
+        if channel.startswith(self._live):
+            return self._store + channel[len(self._live):]
+        return channel
 
     def stored_room(self, namespace: str, room: str | None) -> str:
         """The subject an emit to ``room`` (None: the namespace) is stored under."""

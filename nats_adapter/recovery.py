@@ -29,7 +29,17 @@ How this node does it:
 
 What cannot be restored gets a normal new session (a new pid: ``recovered`` is
 false): an unknown, forged or expired pid, a session of another namespace, an
-offset that is not a number or is older than what the store still holds.
+offset that is not a number or is older than what the store still holds, a
+session record that does not verify, or a connection whose identity (see
+:attr:`RecoveryOptions.identity`) is not the session's.
+
+What the store holds is trusted no more than the live bus. With a cluster key a
+session record is sealed for its pid (a record does not open under another key)
+and stored under a MAC of the pid (reading the bucket reveals no pid); a refused
+record is left where it is. Stored envelopes are sealed for their subject and, when
+read back (catch-up, history), must open for the subject they are stored under, be
+no older than the store keeps messages, and not repeat an (origin, seal sequence)
+already read: a captured envelope stored again is not delivered again.
 """
 
 from __future__ import annotations
@@ -46,7 +56,6 @@ import msgpack
 
 from . import codec
 from .brokers.base import BrokerError, MessageStore
-from .sealing import Verdict
 from .sids import is_sid, sid_owner
 from .types import EncodedPacket
 
@@ -57,14 +66,30 @@ logger = logging.getLogger(__name__)
 
 #: the most messages one room history request returns
 MAX_HISTORY = 200
+#: seconds the clocks of gateways (which stamp seals) and NATS nodes (which stamp
+#: stored messages) may differ for a catch-up's look back (see Recovery._catch_up)
+LOOK_BACK_SLACK = 5.0
+#: an envelope read back from the store: (message, seal sequence, seal stamp in ms);
+#: the sequence is 0 and the stamp meaningless without a cluster key
+StoredEnvelope = tuple[codec.Message, int, int]
+
+
+#: who a connection is, from its CONNECT auth and its WSGI-style environ: e.g. the
+#: ``sub`` of a verified JWT; None for nobody in particular
+IdentityFn = Callable[[Any, dict[str, Any]], "str | None"]
 
 
 @dataclass(frozen=True, slots=True)
 class RecoveryOptions:
     """:param window: seconds a disconnected session stays recoverable (socket.io's
-        ``maxDisconnectionDuration``, 2 minutes by default)."""
+        ``maxDisconnectionDuration``, 2 minutes by default).
+    :param identity: who a connection is (see :data:`IdentityFn`); it is written in
+        the session record and a restore by a connection of another identity gets a
+        new session. Called before the app's connect handler, so it must check the
+        credentials itself (verify the token, not just read it)."""
 
     window: float = 120.0
+    identity: IdentityFn | None = None
 
     def __post_init__(self) -> None:
         if not self.window > 0:
@@ -109,6 +134,10 @@ class Recovery:
         self.adopted: dict[str, str] = {}
         self._dirty: set[str] = set()
         self._flush_task: asyncio.Task[None] | None = None
+        #: sid -> identity of the local sockets (see RecoveryOptions.identity)
+        self.identities: dict[str, str | None] = {}
+        #: (eio sid, namespace) -> identity of a connection whose CONNECT is under way
+        self._connecting: dict[tuple[str, str], str | None] = {}
         #: the application's say on a restore attempt, by engine.io sid (e.g. limits
         #: per client address): False makes it a new session, without a store look-up
         self.may_restore: Callable[[str], bool] | None = None
@@ -153,7 +182,7 @@ class Recovery:
         if data is None:
             return
         for subject in subjects:
-            await self.publish(subject, data)
+            await self.publish(subject, m.seal(data, subject))
 
     async def publish(self, subject: str, data: bytes) -> None:
         """Store one envelope; raises :class:`BrokerError` when the store would not
@@ -172,22 +201,19 @@ class Recovery:
 
     # -- receiving ---------------------------------------------------------------------
 
-    async def deliver_stored(self, msg: codec.Message, seq: int) -> None:
-        """A stored message came back: deliver it with its offset."""
+    async def deliver_stored(self, msg: codec.EmitMessage, seq: int) -> None:
+        """A stored emit came back (checked like live traffic): deliver it with its
+        offset."""
         m = self.manager
-        if isinstance(msg, codec.EmitMessage):
-            if msg.dedupe_id is not None and not m._dedupe.first(msg.dedupe_id):
-                m.stats.dropped_duplicate += 1
-                return
-            if msg.rooms is not None and not m.hub.reaches_any(msg.namespace, msg.rooms,
-                                                               frozenset(msg.skip)):
-                m.stats.unwanted += 1
-                return
-            await m.hub.deliver(msg.namespace, msg.rooms, frozenset(msg.skip),
-                                with_offset(msg.packet, seq), seq=seq)
-        elif isinstance(msg, codec.RoomMessage) and msg.kind == codec.CLOSE_ROOM \
-                and msg.room is not None and not is_sid(msg.room):
-            m.basic_close_room(msg.room, msg.namespace)
+        if msg.dedupe_id is not None and not m._dedupe.first(msg.dedupe_id):
+            m.stats.dropped_duplicate += 1
+            return
+        if msg.rooms is not None and not m.hub.reaches_any(msg.namespace, msg.rooms,
+                                                           frozenset(msg.skip)):
+            m.stats.unwanted += 1
+            return
+        await m.hub.deliver(msg.namespace, msg.rooms, frozenset(msg.skip),
+                            with_offset(msg.packet, seq), seq=seq)
 
     # -- sessions ----------------------------------------------------------------------
 
@@ -196,7 +222,7 @@ class Recovery:
         eio_sid = m.hub.members(namespace, None).get(sid, "")
         return {"sid": sid, "ns": namespace, "rooms": m.hub.rooms_of(sid, namespace),
                 "data": m._session_data(eio_sid, namespace), "node": m.node_tag,
-                "connected": connected, "at": time.time()}
+                "connected": connected, "at": time.time(), "id": self.identities.get(sid)}
 
     @property
     def flushing(self) -> asyncio.Task[None] | None:
@@ -222,11 +248,39 @@ class Recovery:
             for ns in self.manager.hub.namespaces_of(sid):
                 await self._put(pid, self.session_of(sid, ns, True))
 
+    def record_name(self, pid: str) -> str:
+        """The key of ``pid``'s session record in the store."""
+        key = self.manager.cluster_key
+        return key.record_name(pid) if key is not None else pid
+
+    def seal_record(self, pid: str, session: dict[str, Any]) -> bytes:
+        """``session`` as stored for ``pid``: sealed for that pid with a cluster key."""
+        blob: bytes = msgpack.packb(session, use_bin_type=True)
+        key = self.manager.cluster_key
+        return key.seal_record(pid, blob) if key is not None else blob
+
+    def open_record(self, pid: str, blob: bytes) -> dict[str, Any] | str:
+        """The session in a stored record of ``pid``, or why it is not one."""
+        key = self.manager.cluster_key
+        if key is not None:
+            body = key.open_record(pid, blob)
+            if body is None:
+                return "a session record that does not verify"
+            blob = body
+        try:
+            session = msgpack.unpackb(blob, raw=False)
+        except Exception:
+            return "unreadable session"
+        if not isinstance(session, dict) or not is_sid(session.get("sid")):
+            return "unreadable session"
+        return session
+
     async def _put(self, pid: str, session: dict[str, Any], ttl: float | None = None) -> None:
         if self.store is None:
             return
         try:
-            await self.store.put_session(pid, msgpack.packb(session, use_bin_type=True), ttl)
+            await self.store.put_session(self.record_name(pid), self.seal_record(pid, session),
+                                         ttl)
         except (BrokerError, TypeError, ValueError) as exc:
             logger.warning("could not store the session of %s: %s", session.get("sid"), exc)
 
@@ -241,6 +295,7 @@ class Recovery:
         the network went away, forget it if it said goodbye."""
         self._dirty.discard(sid)
         pid = self.pids.pop(sid, None)
+        identity = self.identities.pop(sid, None)
         restore = self.catching_up.pop(eio_sid, None)
         if restore is not None:
             self._restoring.pop((eio_sid, namespace), None)
@@ -253,14 +308,18 @@ class Recovery:
             return
         if eio_sid in self._engine_closing:
             session = self.session_of(sid, namespace, False)
+            session["id"] = identity
             m._spawn(self._put(pid, session, ttl=self.options.window))
         else:
-            m._spawn(self.store.delete_session(pid))
+            m._spawn(self.store.delete_session(self.record_name(pid)))
 
     # -- restoring ---------------------------------------------------------------------
 
     async def before_connect(self, eio_sid: str, namespace: str, auth: Any) -> None:
-        """A CONNECT arrived: if its auth asks to restore a session we can, plan it."""
+        """A CONNECT arrived: who it is and, if its auth asks to restore a session we
+        can, plan it."""
+        identity = self._identity(eio_sid, auth)
+        self._connecting[(eio_sid, namespace)] = identity
         if self.store is None or not isinstance(auth, dict):
             return
         pid, offset = auth.get("pid"), auth.get("offset")
@@ -272,7 +331,7 @@ class Recovery:
             m.stats.recovery_refused += 1
             return
         try:
-            problem = await self._restorable(pid, offset, namespace)
+            problem = await self._restorable(pid, offset, namespace, identity)
         except Exception:  # a CONNECT must be answered: a new session, never silence
             logger.exception("restoring a session for %s failed", eio_sid)
             problem = "restoring failed"
@@ -282,7 +341,20 @@ class Recovery:
             return
         self._restoring[(eio_sid, namespace)] = problem
 
-    async def _restorable(self, pid: str, offset: str, namespace: str) -> _Restore | str:
+    def _identity(self, eio_sid: str, auth: Any) -> str | None:
+        check = self.options.identity
+        if check is None:
+            return None
+        server = self.manager.server
+        environ = getattr(server, "environ", {}).get(eio_sid) or {}
+        try:
+            return check(auth, environ)
+        except Exception:  # the app's hook failed: nobody in particular
+            logger.exception("the identity hook failed for %s", eio_sid)
+            return None
+
+    async def _restorable(self, pid: str, offset: str, namespace: str,
+                          identity: str | None) -> _Restore | str:
         if not (0 < len(pid) <= 64 and pid.replace("-", "").replace("_", "").isalnum()):
             return "not a pid"
         if not (offset.isascii() and offset.isdigit() and len(offset) <= 20):
@@ -297,19 +369,26 @@ class Recovery:
             return "an offset from the future"
         if position + 1 < first:
             return "messages after the offset are no longer stored"
+        found: list[dict[str, Any] | str] = []
+
+        def acceptable(blob: bytes) -> bool:
+            # checked before the record is taken: a refused one stays for its owner
+            session = self.open_record(pid, blob)
+            if isinstance(session, dict) and session.get("ns") != namespace:
+                session = "a session of another namespace"
+            elif isinstance(session, dict) and session.get("id") != identity:
+                session = "the connection's identity is not the session's"
+            found.append(session)
+            return isinstance(session, dict)
+
         try:
-            blob = await self.store.take_session(pid)
+            blob = await self.store.take_session(self.record_name(pid), acceptable)
         except BrokerError as exc:
             return f"the session store did not answer: {exc}"
-        if blob is None:
-            return "no such session (unknown, expired or taken)"
-        try:
-            session = msgpack.unpackb(blob, raw=False)
-        except Exception:
-            return "unreadable session"
-        if not isinstance(session, dict) or session.get("ns") != namespace \
-                or not is_sid(session.get("sid")):
-            return "a session of another namespace"
+        if blob is None or not found or isinstance(found[-1], str):
+            return found[-1] if found and isinstance(found[-1], str) \
+                else "no such session (unknown, expired or taken)"
+        session = found[-1]
         if not session.get("connected"):
             if time.time() - float(session.get("at", 0)) > self.options.window:
                 return "disconnected for longer than the window"
@@ -337,6 +416,7 @@ class Recovery:
 
     def after_connect(self, eio_sid: str, namespace: str) -> None:
         # a connect that was refused (or failed) leaves nothing half restored
+        self._connecting.pop((eio_sid, namespace), None)
         restore = self._restoring.pop((eio_sid, namespace), None)
         if restore is not None and self.catching_up.get(eio_sid) is restore:
             del self.catching_up[eio_sid]
@@ -372,6 +452,7 @@ class Recovery:
         """The CONNECT reply: with a pid, after the missed packets when restoring."""
         ns = pkt.namespace or "/"
         sid = str(pkt.data.get("sid"))
+        self.identities[sid] = self._connecting.pop((eio_sid, ns), None)
         restore = self._restoring.pop((eio_sid, ns), None)
         if restore is None or self.catching_up.get(eio_sid) is not restore:
             pid = secrets.token_urlsafe(16)
@@ -414,11 +495,24 @@ class Recovery:
         subjects = [channels.stored_room(ns, r) for r in rooms]
         subjects += [channels.stored_room(ns, None), channels.stored_sid(ns, sid)]
         done, count = restore.offset, 0
-        seen: set[str] = set()
+        seen: set[object] = set()
+        looked_back = float("inf")
         for _ in range(2):  # again, for what was stored while the first pass ran
             _, last = await self.store.bounds()
-            for seq, _subject, data in await self.store.replay(subjects, done, last):
-                pkt = self._replayable(data, sid, ns, rooms, seen)
+            found = [(seq, opened) for seq, subject, data
+                     in await self.store.replay(subjects, done, last)
+                     if (opened := self._open_stored(subject, data)) is not None]
+            # A captured envelope stored again comes after the offset while the one it
+            # copies may come before: what was stored since the oldest seal here, up to
+            # the offset, is not sent again (the client had it, or it was not for it)
+            oldest = min((stamp for _, (_, sealed, stamp) in found if sealed), default=None)
+            if oldest is not None and oldest / 1000 < looked_back:
+                looked_back = oldest / 1000 - LOOK_BACK_SLACK
+                for _, subject, data in await self.store.replay(
+                        subjects, 0, restore.offset, since=looked_back):
+                    self._seen(self._open_stored(subject, data), seen)
+            for seq, opened in found:
+                pkt = self._replayable(opened, sid, ns, rooms, seen)
                 if pkt is not None:
                     await send(eio_sid, _Raw(with_offset(pkt, seq)))
                     count += 1
@@ -432,19 +526,34 @@ class Recovery:
                 await send(eio_sid, _Raw(held))
         return count
 
-    def _replayable(self, data: bytes, sid: str, ns: str, rooms: list[str],
-                    seen: set[str]) -> EncodedPacket | None:
-        """The packet of a stored envelope if ``sid`` was among its recipients."""
-        m = self.manager
-        if m._key is not None:
-            verdict, body, _ = m._key.open(data, check_time=False)
-            if verdict is not Verdict.OK:
-                return None
-            data = body
-        try:
-            msg = codec.decode(data)
-        except codec.EnvelopeError:
+    def _open_stored(self, subject: str, data: bytes) -> StoredEnvelope | None:
+        """The envelope stored under ``subject``, if it opens for that subject and is no
+        older than the store keeps messages."""
+        assert self.store is not None
+        return self.manager.open_stored(subject, data, self.store.retention)
+
+    @staticmethod
+    def _seen(opened: StoredEnvelope | None, seen: set[object]) -> bool:
+        """Whether ``opened`` repeats an (origin, seal sequence) in ``seen`` (a captured
+        envelope stored again); remembers it there if not."""
+        if opened is None:
+            return True
+        msg, sealed_seq, _ = opened
+        if not sealed_seq:
+            return False
+        if (msg.origin, sealed_seq) in seen:
+            return True
+        seen.add((msg.origin, sealed_seq))
+        return False
+
+    def _replayable(self, opened: StoredEnvelope | None, sid: str, ns: str, rooms: list[str],
+                    seen: set[object]) -> EncodedPacket | None:
+        """The packet of a stored envelope if it is not a repeat and ``sid`` was among
+        its recipients."""
+        if self._seen(opened, seen):
             return None
+        assert opened is not None
+        msg = opened[0]
         if not isinstance(msg, codec.EmitMessage) or msg.namespace != ns or sid in msg.skip:
             return None
         if msg.rooms is not None and sid not in msg.rooms \
@@ -467,10 +576,17 @@ class Recovery:
         if not 0 < limit <= MAX_HISTORY:
             raise ValueError(f"limit must be 1-{MAX_HISTORY}, got {limit!r}")
         m = self.manager
+        subject = m.channels.stored_room(namespace, room)
+        seen: set[object] = set()
+
+        def replayable(data: bytes) -> bool:  # before the store keeps the last few
+            return self._replayable(self._open_stored(subject, data), "", namespace, [room],
+                                    seen) is not None
+
         out = []
-        for seq, data in await self.store.history(m.channels.stored_room(namespace, room),
-                                                 limit):
-            pkt = self._replayable(data, "", namespace, [room], set())
+        for seq, data in await self.store.history(subject, limit, replayable):
+            pkt = self._replayable(self._open_stored(subject, data), "", namespace, [room],
+                                   set())
             if not isinstance(pkt, str):
                 continue
             head = "2" + ("" if namespace == "/" else f"{namespace},")

@@ -399,8 +399,8 @@ def build_images(podman: Podman) -> Images:
                    {"nats-server": nats_binary})
 
         sources = [REPO_ROOT / p for p in ("infra/Dockerfile", ".dockerignore", "pyproject.toml",
-                                           "README.md", "package.json", "package-lock.json",
-                                           "nats_adapter", "gateway")]
+                                           "constraints.txt", "README.md", "package.json",
+                                           "package-lock.json", "nats_adapter", "gateway")]
         gateway = f"{IMAGE_REPO}/gateway:" + _digest(build_base, _tree_digest(sources))
         if not podman.image_exists(gateway):
             _say("building the gateway image from infra/Dockerfile ...")
@@ -527,11 +527,37 @@ def nats_service_of(stack: ComposeStack, gateway: int) -> str:
     """The NATS service gateway ``gateway`` (0 or 1) is connected to, from its /healthz."""
     status, body = http_json(f"{stack.gateway_urls[gateway]}/healthz")
     assert status == 200, body
-    host = str(body["broker"]["server"]).split("//")[1].rsplit(":", 1)[0]
+    return _service_in(stack, body)
+
+
+def _service_in(stack: ComposeStack, healthz: Any) -> str:
+    """The NATS service a gateway's /healthz body names as its server."""
+    host = str(healthz["broker"]["server"]).split("//")[1].rsplit(":", 1)[0]
     if host in NATS_NODES:
         return host
     by_ip = {stack.ip(n): n for n in NATS_NODES}
     return by_ip[host]
+
+
+def served_by_other_than(stack: ComposeStack, gateway: int, service: str) -> bool:
+    """Gateway ``gateway`` (0 or 1) is healthy on a NATS node other than ``service``."""
+    status, body = http_json(f"{stack.gateway_urls[gateway]}/healthz", 1.0)
+    return status == 200 and _service_in(stack, body) != service
+
+
+def routes_carry_interest(stack: ComposeStack, subject: str) -> bool:
+    """Every NATS node has heard over its routes that the gateways' nodes subscribe to
+    ``subject`` (their route's subscriptions list it), so a publish anywhere reaches them."""
+    holders = {nats_service_of(stack, gateway) for gateway in (0, 1)}
+    for node in NATS_NODES:
+        status, body = http_json(f"{stack.nats_monitor(node)}/routez?subs=1", 1.0)
+        if status != 200:
+            return False
+        heard = {r.get("remote_name") for r in body.get("routes") or []
+                 if subject in (r.get("subscriptions_list") or [])}
+        if not holders - {node} <= heard:
+            return False
+    return True
 
 
 def mesh_is_whole(stack: ComposeStack) -> bool:

@@ -59,6 +59,22 @@ def running(cluster: Cluster) -> Iterator[Cluster]:
         cluster.stop()
 
 
+async def wait_for_condition(check: Callable[[], Any], what: str, timeout: float = WAIT,
+                             interval: float = 0.02) -> None:
+    """Poll ``check()`` (a bool, or an awaitable of one) until it is true; fail naming
+    ``what`` after ``timeout`` seconds. What a test waits for, instead of a fixed sleep."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = check()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(interval)
+
+
 async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool],
                         timeout: float, what: str) -> None:
     """Wait until ``done()``, waking whenever ``client`` records an event."""

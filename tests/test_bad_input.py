@@ -83,7 +83,7 @@ async def test_bad_chats_are_refused_and_deliver_nothing(
     ack = await a.sio.call("chat", args, timeout=5)
     assert ack["ok"] is False
     assert error in ack["error"]
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # a window for a wrongly relayed chat to show (not a wait)
     assert b.texts() == []
 
 
@@ -152,7 +152,7 @@ async def test_malformed_packets_do_not_hurt_the_node(
                 await ws.send_bytes(frame)
             else:
                 await ws.send_str(frame)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # paces the frames: each is read before the close
             await ws.close()
     await assert_still_serving(gateway_procs, a, b, "still alive after malformed packets")
 

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from gateway.bench.runner import BENCH_BACKENDS, SCENARIOS
 from tests.helpers import REPO
+from tools.bench.backends import BENCH_BACKENDS
+from tools.bench.runner import SCENARIOS
 
 
 def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_quick_bench_covers_everything_and_loses_nothing(tmp_path: Path) -> None
 def test_quick_bench_runs_the_node_peer_and_it_loses_nothing(tmp_path: Path) -> None:
     """The optional Node socket.io peer (server.mjs on a Redis Cluster) answers the load
     generator's chat protocol: every delivery arrives once, nothing is refused."""
-    from gateway.bench import node_peer
+    from tools.bench import node_peer
 
     assert node_peer.problem() is None, node_peer.problem()
     out = tmp_path / "bench"
@@ -128,7 +129,7 @@ def test_quick_bench_runs_the_node_peer_and_it_loses_nothing(tmp_path: Path) -> 
 
 def test_without_matplotlib_the_report_is_written_without_charts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from gateway.bench import report as rep
+    from tools.bench import report as rep
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if the bench extra is missing
     assert "pip install" in (rep.charts_problem() or "")
@@ -140,7 +141,7 @@ def test_without_matplotlib_the_report_is_written_without_charts(
 
 
 def test_a_run_that_misdelivers_or_refuses_fails() -> None:
-    from gateway.bench import report as rep
+    from tools.bench import report as rep
 
     clean = {"lost": 0, "duplicated": 0, "misdelivered": 0, "failures": 0}
     results = {"nats": {"fanout": dict(clean), "latency": {**clean, "misdelivered": 2},
@@ -152,7 +153,7 @@ def test_a_run_that_misdelivers_or_refuses_fails() -> None:
 
 
 def test_a_wasted_count_the_broker_disputes_is_flagged() -> None:
-    from gateway.bench import report as rep
+    from tools.bench import report as rep
 
     clean = {"lost": 0, "duplicated": 0, "misdelivered": 0, "failures": 0}
     agreed = {**clean, "wasted_receptions": 5,
@@ -175,7 +176,7 @@ def _figures(cpu: float, lost: int = 0) -> dict[str, Any]:
 
 def _three_runs(nats_cpu: float) -> dict[str, Any]:
     """A report of three runs of fanout-upgrade (as the bench writes its JSON)."""
-    from gateway.bench import runs
+    from tools.bench import runs
 
     every = [{"nats": {"fanout-upgrade": _figures(nats_cpu * k)},
               "stock-redis": {"fanout-upgrade": _figures(0.040 * k)},
@@ -191,7 +192,7 @@ def _row(section: str, start: str) -> str:
 
 
 def test_the_targets_section_is_derived_from_the_json() -> None:
-    from gateway.bench import targets
+    from tools.bench import targets
 
     stock_upgrade = "fan-out CPU per delivery, polling-then-upgrade clients"
     fast = targets.markdown(_three_runs(nats_cpu=0.005))  # 8x stock, ahead of Node
@@ -220,7 +221,7 @@ def test_the_targets_section_is_derived_from_the_json() -> None:
 
 
 def test_several_runs_show_medians_and_ranges_and_any_runs_faults() -> None:
-    from gateway.bench import report as rep
+    from tools.bench import report as rep
 
     report = _three_runs(nats_cpu=0.005)
     report["runs"][2]["nats"]["fanout-upgrade"]["lost"] = 2
@@ -233,8 +234,8 @@ def test_several_runs_show_medians_and_ranges_and_any_runs_faults() -> None:
 
 
 def test_benchmarks_md_keeps_hand_written_sections(tmp_path: Path) -> None:
-    from gateway.bench import report as rep
-    from gateway.bench import scale_report
+    from tools.bench import report as rep
+    from tools.bench import scale_report
 
     path = tmp_path / "BENCHMARKS.md"
     path.write_text("# Benchmarks\n\n## Measured by hand\n\nkept\n")

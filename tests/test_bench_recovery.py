@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.bench import report as rep
-from gateway.bench.recovery import COMPARED, StormParams
 from tests.helpers import REPO
+from tools.bench import report as rep
+from tools.bench.recovery import COMPARED, StormParams
 
 
 def test_quick_recovery_bench_restores_every_session_with_what_it_missed(

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gateway.bench import scale_report
-from gateway.bench.scale import ScaleParams
 from tests.helpers import REPO
+from tools.bench import scale_report
+from tools.bench.scale import ScaleParams
 
 
 def test_quick_scale_counts_every_broker_the_same_way(tmp_path: Path) -> None:
@@ -68,7 +68,7 @@ def test_quick_scale_counts_every_broker_the_same_way(tmp_path: Path) -> None:
     assert "| scale | gateways |" in md and "Model check:" in md
     assert (out / "scale.png").stat().st_size > 0
     # the model's command sets this checkout's model beside the recorded run
-    check = subprocess.run([sys.executable, "-m", "gateway.capacity", "validate",
+    check = subprocess.run([sys.executable, "-m", "tools.capacity", "validate",
                             str(out / "results.json")],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert check.returncode == 0, check.stderr

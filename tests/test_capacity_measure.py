@@ -1,4 +1,4 @@
-"""`python -m gateway.capacity measure` on real nats-server processes, at a small size.
+"""`python -m tools.capacity measure` on real nats-server processes, at a small size.
 
 It checks that the measurement runs and reports every constant the model takes (it
 fails unless every server learnt every subject over the routes); the figures
@@ -15,7 +15,7 @@ from tests.helpers import REPO
 
 
 def test_measure_reports_every_constant_of_the_model() -> None:
-    proc = subprocess.run([sys.executable, "-m", "gateway.capacity", "measure", "--subjects",
+    proc = subprocess.run([sys.executable, "-m", "tools.capacity", "measure", "--subjects",
                            "3000", "--seconds", "0.5", "--messages", "3000"],
                           capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]

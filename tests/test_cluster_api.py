@@ -16,7 +16,14 @@ import pytest
 from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
 from nats_adapter.cluster import ClusterTimeoutError
 from tests.conftest import TEST_HEARTBEAT, broker_args
-from tests.helpers import Node, NodeClient, SioClient, connect_all, http_json
+from tests.helpers import (
+    Node,
+    NodeClient,
+    SioClient,
+    connect_all,
+    http_json,
+    wait_for_condition,
+)
 
 
 def room_name() -> str:
@@ -138,8 +145,14 @@ async def test_a_stopped_gateway_costs_the_timeout_and_a_dead_one_nothing(
     print(f"\nfetch_sockets: {alive * 1000:.1f} ms with all alive, {stopped:.2f} s "
           "(timeout 1 s) with one stopped")
     extra_gateway.child.signal(signal.SIGCONT)
-    await until(lambda: extra_gateway.child is not None and extra_gateway.child.alive)
-    await asyncio.sleep(TEST_HEARTBEAT * 2)
+    resumed = time.monotonic()
+
+    def heard_since_resumed() -> bool:
+        return any(n["name"] == extra_gateway.node_id
+                   and n["last_seen_s"] < time.monotonic() - resumed
+                   for n in nodes[0].manager.nodes())
+
+    await until(heard_since_resumed, timeout=TEST_HEARTBEAT * 6)
     # dead without a goodbye: waited for until its heartbeats are missed, then never
     extra_gateway.child.signal(signal.SIGKILL)
     extra_gateway.child.popen.wait()
@@ -202,7 +215,16 @@ async def test_the_admin_ui_sees_and_moves_sockets_of_every_gateway(
 
         admin.on("*", record, namespace="/admin")
         auth = {"username": "admin", "password": password}
-        await asyncio.sleep(1.0)  # the gateways hear of each other
+        # the gateways hear of each other: gateway 1 counts b's room on gateway 2
+        probe = room_name()
+        await b.join(probe)
+
+        def counted() -> bool:
+            return (http_json(f"{gws[0].url}/api/rooms/{probe}")[1] or {}).get("members") == 1
+
+        # polled gently: the API's rate limit is per client address
+        await wait_for_condition(counted, "gateway 1 to hear of gateway 2", timeout=10,
+                                 interval=0.1)
         await admin.connect(gws[0].url, namespaces=["/admin"], auth=auth,
                             transports=["websocket"])
         try:

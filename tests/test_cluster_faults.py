@@ -15,7 +15,7 @@ import time
 import uuid
 
 from gateway.processes import RedisNode, http_json
-from tests.helpers import SioClient, owner_of
+from tests.helpers import SioClient, owner_of, wait_for_condition
 from tests.test_launcher import Launcher, child_pids, consecutive_free_ports, start_launcher, stop
 
 #: how often each side sends while faults happen (seconds)
@@ -36,7 +36,7 @@ class Traffic:
         while True:
             self.sent[c.name] += 1
             await c.sio.emit("chat", {"room": self.room, "text": f"{c.name}-{self.sent[c.name]}"})
-            await asyncio.sleep(SEND_EVERY)
+            await asyncio.sleep(SEND_EVERY)  # paces the traffic
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -68,7 +68,7 @@ async def chatting(launcher: Launcher, clients: list[SioClient]) -> tuple[Traffi
 
 async def assert_delivery_resumes(traffic: Traffic, killed_at: float, what: str) -> None:
     """Both directions receive again, and neither went MAX_GAP without a delivery."""
-    await asyncio.sleep(MAX_GAP + 1.0)
+    await asyncio.sleep(MAX_GAP + 1.0)  # the window observed for gaps (not a wait)
     until = time.monotonic()
     for receiver in (traffic.a, traffic.b):
         gap = traffic.longest_gap(receiver, killed_at, until)
@@ -112,7 +112,9 @@ async def test_killing_nats_nodes_under_chat_in_both_directions(
         await asyncio.to_thread(wait_until_healthy, launcher)
         assert launcher.proc.poll() is None
         received_before = [len(traffic.a.texts()), len(traffic.b.texts())]
-        await asyncio.sleep(0.5)
+        await wait_for_condition(lambda: len(traffic.a.texts()) > received_before[0]
+                                 and len(traffic.b.texts()) > received_before[1],
+                                 "chats in both directions after the restarts")
         assert len(traffic.a.texts()) > received_before[0]
         assert len(traffic.b.texts()) > received_before[1]
     finally:
@@ -126,7 +128,7 @@ def wait_until_healthy(launcher: Launcher, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not all_healthy(launcher):
         assert time.monotonic() < deadline, "a gateway's /healthz stayed unhealthy"
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll interval
 
 
 async def test_killing_the_rooms_redis_master_under_chat(clients: list[SioClient]) -> None:

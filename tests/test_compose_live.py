@@ -26,6 +26,8 @@ from tests.containers import (
     Podman,
     mesh_is_whole,
     nats_service_of,
+    routes_carry_interest,
+    served_by_other_than,
 )
 from tests.helpers import WAIT, NodeClient, SioClient, connect_all, metrics_of, owner_of
 from tests.traffic import Flow, Traffic, record, wait_for
@@ -58,7 +60,9 @@ async def test_official_client_chats_across_the_two_gateways(
     try:
         for c in (a, b):
             assert await c.call("join", "containers") == {"ok": True, "room": "containers"}
-        await asyncio.sleep(0.2)  # interest crosses the mesh's routes
+        subject = ChannelNames().room("/", "containers")
+        await wait_for(lambda: routes_carry_interest(compose_stack, subject), 10,
+                       "every NATS node to know of the room's subscribers")
         assert (await a.call("chat", {"room": "containers", "text": "from gw-1"}))["ok"]
         assert (await b.call("chat", {"room": "containers", "text": "from gw-2"}))["ok"]
         await b.wait_for(lambda c: c.texts() == ["from gw-1"], what="gw-1's chat")
@@ -93,16 +97,18 @@ async def test_nats_container_stopped_under_traffic_then_started(
     victim = nats_service_of(compose_stack, 0)
     traffic = await cross_traffic(pair, f"stop-{how}", compose_stack.gateway_urls)
     async with traffic.running():
-        await asyncio.sleep(2)
-        traffic.mark("fault")
+        await traffic.delivered()
+        fault = traffic.mark("fault")
         await asyncio.to_thread(compose_stack.compose, how, victim)
-        await asyncio.sleep(8)
+        # gateway-1 serves through another node and traffic flows again
+        await wait_for(lambda: served_by_other_than(compose_stack, 0, victim), 30,
+                       "gateway-1 to move to another NATS node")
+        await traffic.delivered(after=fault + 1)
         assert compose_stack.inspect(victim)["State"]["Status"] == "exited", "restarted by itself"
-        assert nats_service_of(compose_stack, 0) != victim
         traffic.mark("restart")
         await asyncio.to_thread(compose_stack.compose, "start", victim)
         await wait_for(lambda: mesh_is_whole(compose_stack), 30, "the mesh to be whole again")
-        await asyncio.sleep(2)
+        await traffic.delivered(after=traffic.marks["restart"] + 2)
     flows = [traffic.flow_report(f) for f in traffic.flows]
     record(f"docker-compose {how} {victim} (gateway-1's node), then start",
            {"flows": flows, "health": [traffic.health_report(i) for i in (0, 1)]})
@@ -122,7 +128,7 @@ async def test_crashed_nats_container_is_restarted_by_the_policy(
     before = compose_stack.inspect(victim)["RestartCount"]
     traffic = await cross_traffic(pair, "crash-nats", compose_stack.gateway_urls)
     async with traffic.running():
-        await asyncio.sleep(2)
+        await traffic.delivered()
         traffic.mark("fault")
         os.kill(compose_stack.pid(victim), signal.SIGKILL)
         await wait_for(lambda: compose_stack.inspect(victim)["RestartCount"] > before, 30,
@@ -131,8 +137,7 @@ async def test_crashed_nats_container_is_restarted_by_the_policy(
         # the gateway that was on it may still be reconnecting (the restarted node
         # can come back before the gateway's next try)
         await asyncio.to_thread(compose_stack.wait_healthy, 30)
-        traffic.mark("restart")
-        await asyncio.sleep(3)
+        await traffic.delivered(after=traffic.mark("restart"))
     flows = [traffic.flow_report(f) for f in traffic.flows]
     record(f"nats-server of {victim} (gateway-2's node) killed, restart policy",
            {"flows": flows, "health": [traffic.health_report(i) for i in (0, 1)]})
@@ -155,7 +160,7 @@ async def test_crashed_gateway_is_restarted_and_the_other_keeps_serving(
         traffic = Traffic([Flow("gw2-local", a, b, "crash-gateway")], compose_stack.gateway_urls)
         before = compose_stack.inspect("gateway-1")["RestartCount"]
         async with traffic.running():
-            await asyncio.sleep(1)
+            await traffic.delivered()
             traffic.mark("fault")
             os.kill(compose_stack.pid("gateway-1"), signal.SIGKILL)
             await wait_for(lambda: compose_stack.inspect("gateway-1")["RestartCount"] > before, 30,
@@ -163,7 +168,7 @@ async def test_crashed_gateway_is_restarted_and_the_other_keeps_serving(
             url = compose_stack.gateway_urls[0]
             await wait_for(lambda: http_json(f"{url}/healthz")[0] == 200, 30,
                            "gateway-1 to serve again")
-            await asyncio.sleep(1)
+            await traffic.delivered()
         report = traffic.flow_report(traffic.flows[0])
         record("gateway-1 process killed, restart policy", {
             "flows": [report], "health": [traffic.health_report(i) for i in (0, 1)]})
@@ -236,13 +241,13 @@ async def test_redis_profile_chats_and_survives_a_master_crash_and_stop(
         victim = room_owner(redis_stack, "sharded")
         before = redis_stack.inspect(victim)["RestartCount"]
         async with traffic.running():
-            await asyncio.sleep(2)
+            await traffic.delivered()
             traffic.mark("fault")
             os.kill(redis_stack.pid(victim), signal.SIGKILL)
             await wait_for(lambda: redis_stack.inspect(victim)["RestartCount"] > before, 30,
                            f"{victim} to be restarted")
-            traffic.mark("restart")
-            await asyncio.sleep(8)
+            # what is asserted is the traffic from 5 s after the restart on
+            await traffic.delivered(count=20, after=traffic.mark("restart") + 5)
         flows = [traffic.flow_report(f) for f in traffic.flows]
         record(f"redis profile: {victim} (the room's master) killed, restart policy",
                {"flows": flows, "health": [traffic.health_report(i) for i in (0, 1)]})
@@ -254,13 +259,13 @@ async def test_redis_profile_chats_and_survives_a_master_crash_and_stop(
         traffic = Traffic([Flow("gw1-to-gw2-stop", a, b, "sharded"),
                            Flow("gw2-to-gw1-stop", b, a, "sharded")], redis_stack.gateway_urls)
         async with traffic.running():
-            await asyncio.sleep(2)
+            await traffic.delivered()
             traffic.mark("fault")
             await asyncio.to_thread(redis_stack.compose, "stop", victim)
-            await asyncio.sleep(3)
+            await asyncio.sleep(3)  # the fault: stopped for 3 s (its length, not a wait)
             await asyncio.to_thread(redis_stack.compose, "start", victim)
-            traffic.mark("restart")
-            await asyncio.sleep(10)
+            # what is asserted is the traffic from 5 s after the start on
+            await traffic.delivered(count=20, after=traffic.mark("restart") + 5)
         flows = [traffic.flow_report(f) for f in traffic.flows]
         record(f"redis profile: docker-compose stop {victim} (the room's master) for 3 s, "
                "then start", {"flows": flows,

@@ -12,7 +12,7 @@ from socketio import packet as sio_packet
 from nats_adapter import _engineio_fastpath as fastpath
 from nats_adapter import _lean_websocket as lean_websocket
 from tests.conftest import start_node
-from tests.helpers import Node, NodeClient, SioClient, connect_all
+from tests.helpers import Node, NodeClient, SioClient, connect_all, wait_for_condition
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ async def interleave(node: Node, clients: list[SioClient], count: int) -> None:
                 sio_packet.EVENT, namespace="/", data=["seq", k]))
     await members[0].wait_for(lambda c: len(c.received("seq")) >= count, what="all numbers")
     await members[1].wait_for(lambda c: len(c.received("seq")) >= count // 2, what="evens")
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(0.2)  # a window for a duplicate to show (not a wait)
     assert members[0].received("seq") == list(range(count)), "order or exactly-once broken"
     evens = list(range(0, count, 2))
     assert members[1].received("seq") == evens
@@ -168,7 +168,7 @@ async def test_polling_and_upgraded_sessions_keep_order(node: Node, transports: 
             if k % 8 == 0:
                 await asyncio.sleep(0.01)
         await client.wait_for(lambda c: len(c.received("seq")) >= 300, what="all numbers")
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # a window for a duplicate to show (not a wait)
         assert client.received("seq") == list(range(300))
         assert client.sio.transport() == transports[-1]
         assert (fan.direct > direct) == (transports[-1] == "websocket")
@@ -206,7 +206,7 @@ async def test_socketio_client_default_mode_keeps_order_across_the_upgrade(
                         sio_packet.EVENT, namespace="/", data=["seq", sent]))
             sent += 1
             if sent % 4 == 0:
-                await asyncio.sleep(0.002)
+                await asyncio.sleep(0.002)  # paces the burst
 
     clients: list[NodeClient] = []
     task = asyncio.get_running_loop().create_task(burst())
@@ -219,7 +219,9 @@ async def test_socketio_client_default_mode_keeps_order_across_the_upgrade(
         for client in clients:
             await client.wait_for(lambda c: c.upgraded, what="the upgrade to websocket")
         direct = fan.direct
-        await asyncio.sleep(0.3)  # the burst goes on over the upgraded sessions
+        # the burst goes on over the upgraded sessions
+        await wait_for_condition(lambda: fan.direct - direct >= len(clients) * 10,
+                                 "direct writes to the upgraded sockets")
         stop.set()
         await task
         assert fan.direct - direct >= len(clients) * 10, "upgraded sockets took no direct writes"
@@ -227,7 +229,7 @@ async def test_socketio_client_default_mode_keeps_order_across_the_upgrade(
         for client in clients:
             await client.wait_for(lambda c: last in c.received("seq"), timeout=10,
                                   what="the last number")
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # a window for a duplicate to show (not a wait)
         for client in clients:
             got = client.received("seq")
             assert got == list(range(got[0], got[0] + len(got))), \

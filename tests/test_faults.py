@@ -169,7 +169,7 @@ async def test_sigterm_tells_clients_to_reconnect_and_drains(
     try:
         assert (await leaving.call("join", "drain"))["ok"]
         assert (await staying.call("join", "drain"))["ok"]
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # interest crosses the mesh's routes (as INTEREST_PROPAGATION)
         # a burst published just before the signal must still reach the other node
         acks = await asyncio.gather(*(leaving.call("chat", {"room": "drain", "text": str(i)})
                                       for i in range(20)))

@@ -22,7 +22,14 @@ import socketio
 
 from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
 from tests.conftest import broker_args
-from tests.helpers import SETTLE, SioClient, connect_all, metrics_of, read_metric
+from tests.helpers import (
+    SETTLE,
+    SioClient,
+    connect_all,
+    metrics_of,
+    read_metric,
+    wait_for_condition,
+)
 from tests.test_bad_input import raw_socket
 
 API_KEY = "hardening-api-key-5d2c1f0e9a"
@@ -79,7 +86,7 @@ JSON = {"Content-Type": "application/json"}
 
 async def full_budget() -> None:
     """Wait until the API's rate-limit bucket (5 per second, burst 5) is full again."""
-    await asyncio.sleep(1.1)
+    await asyncio.sleep(1.1)  # the bucket's clock is the time itself: let it pass
 
 
 async def test_start_up_objects_are_out_of_gc_and_its_pauses_are_on_metrics(
@@ -202,6 +209,8 @@ async def test_connections_past_the_bound_are_refused_and_others_served(
         for _ in range(45):  # idle connections that never finish a request
             _, w = await asyncio.open_connection(host, int(port))
             held.append(w)
+        # for the server to accept them all: it can't be asked while full (a question is
+        # one more connection), so this one is a fixed pause
         await asyncio.sleep(0.2)
         reader, writer = await asyncio.open_connection(host, int(port))
         data = await asyncio.wait_for(reader.read(), 5)
@@ -210,8 +219,15 @@ async def test_connections_past_the_bound_are_refused_and_others_served(
     finally:
         for w in held:
             w.close()
-    await asyncio.sleep(0.3)
-    assert await read_metric(open_gateway.url, "gateway_connections_refused_total") >= 1
+
+    async def refused_counted() -> bool:  # once the closes have freed its slots
+        try:
+            return await read_metric(open_gateway.url,
+                                     "gateway_connections_refused_total") >= 1
+        except OSError:  # still full: 503
+            return False
+
+    await wait_for_condition(refused_counted, "the gateway to serve its metrics again")
     (c,) = await connect_all(clients, [("after", open_gateway.url)])  # served again
     assert c.sio.connected
 
@@ -395,6 +411,6 @@ async def test_a_refreshed_token_keeps_the_socket(jwt_gateway: GatewayNode,
     fresh = int(time.time()) + 600
     ack = await c.call("refresh", {"token": token(exp=fresh)})
     assert ack == {"ok": True, "expires": fresh, "left": []}
-    await asyncio.sleep(3)
+    await asyncio.sleep(3)  # past the old token's expiry: time itself is the condition
     assert c.sio.connected and not c.received("auth_error")
     await asyncio.sleep(SETTLE)

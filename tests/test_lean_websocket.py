@@ -21,9 +21,9 @@ import pytest
 import socketio
 from aiohttp import web
 
-from gateway.bench.loadgen import LoadGen
 from gateway.processes import free_ports
 from nats_adapter import MemoryManager
+from tools.bench.loadgen import LoadGen
 
 
 @dataclass
@@ -144,7 +144,9 @@ async def test_idle_sockets_keep_no_task_and_no_aiohttp_connection(server: Serve
     assert len(lean_sockets(server.sio)) == 50
     aiohttp_server = server.runner.server
     assert aiohttp_server is not None and len(aiohttp_server.connections) == 0
-    await asyncio.sleep(1.2)  # four ping intervals: every client answered every ping
+    answered = gen.pings_answered
+    await until(lambda: gen.pings_answered >= answered + 4 * 50,
+                what="four pings answered per socket")
     assert len(asyncio.all_tasks()) <= tasks + 2, "a task per idle socket"
     assert gen.unexpected_closes == 0 and len(lean_sockets(server.sio)) == 50
     assert server.disconnects == []

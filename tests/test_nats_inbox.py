@@ -18,6 +18,7 @@ import pytest
 from gateway.processes import NatsCluster
 from nats_adapter.brokers import nats as nats_broker
 from nats_adapter.brokers.nats import NatsBroker
+from tests.helpers import wait_for_condition
 
 
 class Recorder:
@@ -87,9 +88,13 @@ async def test_every_subscription_shares_one_task(nats_cluster: NatsCluster,
         assert in_order(handler, 50, 20)
         await broker.unsubscribe("inbox-test.room-0")
         await publisher.publish("inbox-test.room-0", b"0:late")
+        # a marker on a room still subscribed, published after: once it is handled, the
+        # late message has had its chance (one connection delivers in order)
+        await publisher.publish("inbox-test.room-1", b"1:marker")
         await publisher.flush()
-        await asyncio.sleep(0.2)
-        assert len(handler.messages) == 1000, "a message after unsubscribe was delivered"
+        await handler.wait_count(1001)
+        assert handler.messages[-1] == ("inbox-test.room-1", b"1:marker")
+        assert len(handler.messages) == 1001, "a message after unsubscribe was delivered"
     finally:
         await broker.close()
 
@@ -101,9 +106,14 @@ async def test_a_node_that_falls_behind_drops_and_counts(nats_cluster: NatsClust
     broker = await start(nats_cluster, handler, pending_msgs_limit=10)
     try:
         await subscribe_and_publish(broker, publisher, rooms=1, per_room=50)
-        await asyncio.sleep(0.3)
+        # stuck with room for 10 (plus the one in the handler), it drops the rest as
+        # they arrive: at least 30 of the 50 before it is let go
+        await wait_for_condition(lambda: broker.losses()["slow_consumer"] >= 30,
+                                 "the stuck node to drop what it cannot hold", timeout=10)
         handler.gate.set()
-        await asyncio.sleep(0.3)
+        await wait_for_condition(
+            lambda: len(handler.messages) + broker.losses()["slow_consumer"] == 50,
+            "every message handled or counted as dropped", timeout=10)
         drops = broker.losses()["slow_consumer"]
         assert drops >= 30 and len(handler.messages) + drops == 50
     finally:

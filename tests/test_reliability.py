@@ -23,7 +23,6 @@ from gateway.processes import NatsCluster, RedisCluster
 from nats_adapter import NatsManager
 from tests.conftest import TEST_LINGER, start_node
 from tests.helpers import (
-    SETTLE,
     Node,
     SioClient,
     connect_all,
@@ -31,6 +30,7 @@ from tests.helpers import (
     owner_of,
     read_metric,
     running,
+    wait_for_condition,
 )
 
 
@@ -100,7 +100,7 @@ async def test_join_is_refused_while_the_broker_does_not_confirm(
         ack = await c.call("join", room, timeout=10)
         if ack["ok"] or time.monotonic() > deadline:
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # poll interval
     assert ack == {"ok": True, "room": room}
     assert await read_metric(node.url, "gateway_requests_refused_total") >= 1
 
@@ -118,20 +118,28 @@ async def test_leaves_are_always_honoured_and_interest_returns_to_baseline(
     # a flood of leaves past any join limit is still honoured
     acks = await asyncio.gather(*(a.call("leave", room) for room in rooms * 10))
     assert all(ack["ok"] for ack in acks), acks
-    await asyncio.sleep(TEST_LINGER + SETTLE)
     channels = [nodes[0].manager.channels.room("/", room) for room in rooms]
-    if nodes[0].config.backend == "nats":
-        cluster: NatsCluster = request.getfixturevalue("nats_cluster")
-        monitors = [n.monitor_url for n in cluster.nodes]
-        for node in nodes[:2]:
-            held = nats_subjects(monitors, node.node_id) & set(channels)
-            assert not held, f"{node.node_id} still subscribed: {held}"
-    else:
+
+    def still_held() -> dict[str, object]:
+        """What the broker still holds of these rooms, by gateway or master."""
+        if nodes[0].config.backend == "nats":
+            cluster: NatsCluster = request.getfixturevalue("nats_cluster")
+            monitors = [n.monitor_url for n in cluster.nodes]
+            return {node.node_id: held for node in nodes[:2]
+                    if (held := nats_subjects(monitors, node.node_id) & set(channels))}
         redis: RedisCluster = request.getfixturevalue("redis_cluster")
+        out: dict[str, object] = {}
         for master in redis.nodes:
             reply = master.cli("PUBSUB", "SHARDNUMSUB", *channels).split()
             counts = dict(zip(reply[::2], map(int, reply[1::2]), strict=True))
-            assert not any(counts.values()), f"{master.name} still holds {counts}"
+            if any(counts.values()):
+                out[master.name] = counts
+        return out
+
+    # released once the linger has passed
+    await wait_for_condition(lambda: not still_held(), "the rooms' subscriptions to go",
+                             timeout=TEST_LINGER + 10)
+    assert not still_held()
 
 
 def _flood(url: str, subject: str, count: int) -> None:
@@ -161,7 +169,11 @@ async def test_a_nats_slow_consumer_is_counted_on_metrics(
         # nats-py keeps at most 10 waiting per subscription and drops the rest
         flood.start()
         flood.join()
-        await asyncio.sleep(SETTLE)
+
+        async def counted() -> bool:
+            return await read_metric(node.url, "gateway_broker_losses_total") > 0
+
+        await wait_for_condition(counted, "the dropped messages to be counted")
         lost = await read_metric(node.url, "gateway_broker_losses_total")
         assert lost > 0
         text = (await asyncio.to_thread(_metrics_text, node.url))

@@ -70,7 +70,8 @@ async def test_forged_emits_cannot_carry_anything_but_events(
     invalid_before = nodes[1].manager.stats.dropped_invalid
     await publish_raw(nodes[1], channel, [
         codec.encode(codec.EmitMessage(ROGUE, "/", [room], [], pkt)) for pkt in forged])
-    await asyncio.sleep(SETTLE)
+    await wait_until(lambda: nodes[1].manager.stats.dropped_invalid - invalid_before
+                     >= len(forged))
     assert nodes[1].manager.stats.dropped_invalid - invalid_before == len(forged)
     assert b.received("chat") == [] and b.events == [], b.events
     await still_connected_and_served(a, b, room)
@@ -110,7 +111,7 @@ async def test_forged_acks_are_dropped(nodes: list[Node], clients: list[SioClien
     b = (await connect_all(clients, [("b", nodes[1])]))[0]
     pending: asyncio.Future[object] = asyncio.get_running_loop().create_future()
     async def late(*args: object) -> str:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # the real answer comes late (on purpose)
         return "the real answer"
 
     b.replies["ask"] = late
@@ -124,7 +125,8 @@ async def test_forged_acks_are_dropped(nodes: list[Node], clients: list[SioClien
     ]
     invalid_before = nodes[0].manager.stats.dropped_invalid
     await publish_raw(nodes[0], control, [codec.encode(m) for m in forged])
-    await asyncio.sleep(SETTLE)
+    await wait_until(lambda: nodes[0].manager.stats.dropped_invalid - invalid_before
+                     >= len(forged))
     assert nodes[0].manager.stats.dropped_invalid - invalid_before == len(forged)
     assert not pending.done(), "a forged ack triggered the callback"
     await asyncio.wait_for(pending, 5)  # the real one still arrives
@@ -212,7 +214,8 @@ async def test_with_a_cluster_key_only_sealed_envelopes_count_and_only_once(
     finally:
         for listener in listeners:
             await listener.close()
-    await asyncio.sleep(SETTLE)
+    await wait_until(lambda: stats.dropped_unsigned + stats.dropped_forged
+                     + stats.dropped_replayed >= 4)
     assert stats.dropped_unsigned == 2 and stats.dropped_forged == 1, stats
     assert stats.dropped_replayed == 1, stats
     assert b.texts().count("captured") == 1 and "impersonated" not in b.texts()

@@ -28,7 +28,14 @@ from gateway.processes import (
     wait_until,
 )
 from tests.conftest import ERROR_COUNTERS
-from tests.helpers import SioClient, connect_all, first_delivery_after, metrics_of, running
+from tests.helpers import (
+    SioClient,
+    connect_all,
+    first_delivery_after,
+    metrics_of,
+    running,
+    wait_for_condition,
+)
 
 #: heartbeats of the test gateways: none falls inside a test's counting window
 QUIET_HEARTBEAT = "30"
@@ -111,13 +118,15 @@ async def across_and_home(topology: NatsSupercluster | NatsLeafTopology,
     before = link_messages(topology)
     await chat_all(a, b, "across", 10)
     await chat_all(b, a, "across", 10)
-    await asyncio.sleep(0.2)
+    # the link's counters are the servers' own, read over HTTP: poll until they show it
+    await wait_for_condition(lambda: link_messages(topology) - before >= 20,
+                             "20 messages to cross the link")
     crossed = link_messages(topology) - before
     assert crossed >= 20, f"only {crossed} messages crossed for 20 chats across"
     before = link_messages(topology)
     await chat_all(c, d, "home", 20)
     await chat_all(d, c, "home", 20)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a window for what would cross to show (not a wait)
     # the 40 chats would cross 40 times; the gateways' registry heartbeats (one per
     # gateway every few seconds) do cross, and may fall in this window
     crossed = link_messages(topology) - before
@@ -213,7 +222,7 @@ async def test_leaf_link_cut_and_restored(leaf: NatsLeafTopology, gateways: list
     # nothing reaches the other leaf (NATS is at most once: those messages are gone)
     await first_delivery_after(a, c, "link", 10)
     await a.chat("link", "while-cut")
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # a window for it to arrive, were it not lost (not a wait)
     assert "while-cut" not in b.texts()
     assert all(gw.healthz()[0] == 200 for gw in gateways), "gateways keep their leaf server"
     leaf.start_node(leaf.nodes.index(hub))

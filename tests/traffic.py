@@ -26,7 +26,7 @@ async def wait_for(check: object, timeout: float, what: str) -> float:
     while not await asyncio.to_thread(check):  # type: ignore[arg-type]
         if time.monotonic() - start > timeout:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.25)  # poll interval
     return time.monotonic() - start
 
 
@@ -98,7 +98,7 @@ class Traffic:
             else:
                 flow.refused += 1
             next_at += self.interval
-            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))  # paces the flow
 
     async def _sample(self) -> None:
         while not self._stop.is_set():
@@ -109,7 +109,7 @@ class Traffic:
                 broker = broker if isinstance(broker, dict) else {}
                 self.samples.append(Sample(time.monotonic(), i, status,
                                            body.get("broker_connected"), broker.get("server")))
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.25)  # the sampling period (pacing, not a wait)
 
     async def _metrics(self) -> list[dict[str, float]]:
         out = []
@@ -120,10 +120,30 @@ class Traffic:
                 out.append({})
         return out
 
+    def _delivered_after(self, flow: Flow, after: float) -> int:
+        arrivals = flow.arrivals()
+        return sum(1 for s, t in flow.sent.items() if t >= after and s in arrivals)
+
+    async def delivered(self, count: int = 10, after: float | None = None,
+                        timeout: float = 60.0) -> None:
+        """Wait until every flow has delivered ``count`` chats sent after ``after`` (a
+        ``time.monotonic()``; default now): traffic flows, or flows again after a fault."""
+        after = time.monotonic() if after is None else after
+        deadline = time.monotonic() + timeout
+        while not all(self._delivered_after(f, after) >= count for f in self.flows):
+            if time.monotonic() > deadline:
+                got = {f.name: self._delivered_after(f, after) for f in self.flows}
+                raise AssertionError(f"timed out after {timeout:.0f}s waiting for {count} "
+                                     f"deliveries per flow; got {got}")
+            await asyncio.sleep(0.05)
+
+    def _all_arrived(self) -> bool:
+        return all(set(f.sent) <= set(f.arrivals()) for f in self.flows)
+
     @contextlib.asynccontextmanager
     async def running(self, settle: float = 3.0) -> AsyncIterator[Traffic]:
-        """Traffic flows inside; on the way out it stops and waits ``settle`` seconds for
-        stragglers."""
+        """Traffic flows inside; on the way out it stops and waits for stragglers: until
+        every acked chat has arrived, at most ``settle`` seconds (the rest are lost)."""
         self.metrics_before = await self._metrics()
         self.mark("start")
         tasks = [asyncio.create_task(self._send(f)) for f in self.flows]
@@ -134,7 +154,9 @@ class Traffic:
             self._stop.set()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.mark("stop")
-            await asyncio.sleep(settle)
+            deadline = time.monotonic() + settle
+            while not self._all_arrived() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             self.metrics_after = await self._metrics()
 
     # -- what happened -----------------------------------------------------------------

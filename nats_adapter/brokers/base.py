@@ -128,22 +128,31 @@ class MessageStore(abc.ABC):
         """(first, last) sequence numbers still stored."""
 
     @abc.abstractmethod
-    async def replay(self, subjects: list[str], after: int, until: int
-                     ) -> list[tuple[int, str, bytes]]:
+    async def replay(self, subjects: list[str], after: int, until: int,
+                     since: float | None = None) -> list[tuple[int, str, bytes]]:
         """(sequence, subject, data) of the messages on ``subjects`` with
-        ``after < sequence <= until``, in sequence order."""
+        ``after < sequence <= until``, in sequence order; with ``since`` (seconds since
+        the epoch) only those stored since then (a look back before an offset)."""
+
+    #: seconds a stored message is kept at least (older ones are not trusted when read)
+    retention: float = 0.0
 
     @abc.abstractmethod
-    async def history(self, subject: str, limit: int) -> list[tuple[int, bytes]]:
-        """The last ``limit`` messages on ``subject``, oldest first."""
+    async def history(self, subject: str, limit: int,
+                      accept: Callable[[bytes], bool] | None = None
+                      ) -> list[tuple[int, bytes]]:
+        """The last ``limit`` messages on ``subject`` that ``accept`` (all when None)
+        takes, oldest first."""
 
     @abc.abstractmethod
     async def put_session(self, key: str, value: bytes, ttl: float | None = None) -> None:
         """Store a session (``ttl`` seconds, or the store's default)."""
 
     @abc.abstractmethod
-    async def take_session(self, key: str) -> bytes | None:
-        """Read and delete a session in one step: of two takers, one gets it."""
+    async def take_session(self, key: str, accept: Callable[[bytes], bool] | None = None
+                           ) -> bytes | None:
+        """Read and delete a session in one step: of two takers, one gets it. A session
+        ``accept`` refuses is left as it is (and None returned)."""
 
     @abc.abstractmethod
     async def delete_session(self, key: str) -> None:

@@ -274,9 +274,12 @@ class NatsBroker(Broker):
     async def _on_msg(self, msg: Msg) -> None:
         assert self._handler is not None
         headers = msg.headers
-        if headers and "Nats-Sequence" in headers:  # a stored message, re-published
-            await self._handler.on_message(msg.subject, msg.data,
-                                           int(headers["Nats-Sequence"]))
+        # a stored message, re-published with its sequence; anyone may set the header,
+        # so the core believes it only on the store's own subjects, and one that is not
+        # a number is no sequence at all
+        raw = headers.get("Nats-Sequence") if headers else None
+        if raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 20:
+            await self._handler.on_message(msg.subject, msg.data, int(raw))
         else:
             await self._handler.on_message(msg.subject, msg.data)
 

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -70,6 +70,7 @@ class NatsMessageStore(MessageStore):
         self.window = window
         self.replicas = replicas
         self.stream, self.bucket = _names(prefix)
+        self.retention = max(window * 2, MIN_RETENTION)
         self._kv: Any = None
 
     async def setup(self, timeout: float = 20.0) -> None:
@@ -91,7 +92,7 @@ class NatsMessageStore(MessageStore):
     async def _setup(self) -> None:
         config = api.StreamConfig(
             name=self.stream, subjects=[f"{self.prefix}.store.>"],
-            max_age=max(self.window * 2, MIN_RETENTION), storage=api.StorageType.FILE,
+            max_age=self.retention, storage=api.StorageType.FILE,
             num_replicas=self.replicas, allow_direct=True, discard=api.DiscardPolicy.OLD,
             republish=api.RePublish(src=f"{self.prefix}.store.>", dest=f"{self.prefix}.live.>"),
         )
@@ -132,31 +133,40 @@ class NatsMessageStore(MessageStore):
                                     lambda: self._js.stream_info(self.stream))
         return int(info.state.first_seq), int(info.state.last_seq)
 
-    async def replay(self, subjects: list[str], after: int, until: int
-                     ) -> list[tuple[int, str, bytes]]:
+    async def replay(self, subjects: list[str], after: int, until: int,
+                     since: float | None = None) -> list[tuple[int, str, bytes]]:
         if until <= after:
             return []
         filters = sorted(set(subjects))
         wanted: set[str] | None = None
         if len(filters) > MAX_FILTERS:
             wanted, filters = set(filters), [f"{self.prefix}.store.>"]
-        config = api.ConsumerConfig(
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
+        if since is not None:
+            config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
+                                        opt_start_time=datetime.fromtimestamp(since, UTC))
+        else:
+            config = api.ConsumerConfig(
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
         out: list[tuple[int, str, bytes]] = []
         async for seq, subject, data in self._read(filters, config):
             if seq > until:
                 break
-            if wanted is None or subject in wanted:
+            if seq > after and (wanted is None or subject in wanted):
                 out.append((seq, subject, data))
         return out
 
-    async def history(self, subject: str, limit: int) -> list[tuple[int, bytes]]:
-        """The last ``limit`` messages on ``subject`` within the window, oldest first."""
+    async def history(self, subject: str, limit: int,
+                      accept: Callable[[bytes], bool] | None = None
+                      ) -> list[tuple[int, bytes]]:
+        """The last ``limit`` messages on ``subject`` within the window that ``accept``
+        takes, oldest first."""
         start = datetime.now(UTC) - timedelta(seconds=self.window)
         config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
                                     opt_start_time=start)
         out: list[tuple[int, bytes]] = []
         async for seq, _, data in self._read([subject], config):
+            if accept is not None and not accept(data):
+                continue
             out.append((seq, data))
             if len(out) > 2 * limit:
                 out = out[-limit:]
@@ -233,12 +243,15 @@ class NatsMessageStore(MessageStore):
 
         await self._retrying("could not store session", put)
 
-    async def take_session(self, key: str) -> bytes | None:
+    async def take_session(self, key: str, accept: Callable[[bytes], bool] | None = None
+                           ) -> bytes | None:
         try:
             entry = await self._retrying("could not read session", lambda: self._kv.get(key))
         except nats.js.errors.KeyNotFoundError:
             return None
         if entry.value is None:
+            return None
+        if accept is not None and not accept(bytes(entry.value)):
             return None
         try:  # single use: of two nodes restoring it, one wins
             await self._retrying("could not take session",

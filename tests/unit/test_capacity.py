@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from gateway.capacity import model
+from tools.capacity import model
 
 SOCKETS = 8
 
@@ -148,7 +148,7 @@ def test_topology_interest_agrees_with_the_mesh_model_and_dedupes_across_cluster
 
 def test_the_command_line_predicts_and_names_bad_input(
         capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.capacity.__main__ import main
+    from tools.capacity.__main__ import main
 
     assert main(["--rooms", "1000", "--sockets", "5000", "--gateways", "3,30",
                  "--mega", "2:4000", "--nats-nodes", "3"]) == 0

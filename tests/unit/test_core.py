@@ -15,7 +15,7 @@ from nats_adapter.dedupe import DedupeWindow
 from nats_adapter.hub import LocalHub
 from nats_adapter.sids import is_sid, sid_owner
 from nats_adapter.stats import ManagerStats
-from tests.helpers import SETTLE, SioClient
+from tests.helpers import SETTLE, SioClient, wait_for_condition
 from tests.unit.conftest import LINGER, NodeFactory
 
 
@@ -154,7 +154,7 @@ async def test_messages_for_rooms_without_local_members_are_counted_as_unwanted(
     assert await b.call("leave", "brief") == {"ok": True, "room": "brief"}
     # still subscribed during the linger: what arrives now is a wasted reception
     await n1.sio.emit("news", "late", to="brief")
-    await asyncio.sleep(SETTLE / 4)
+    await wait_for_condition(lambda: n2.manager.stats.unwanted == 1, "the wasted reception")
     assert n2.manager.stats.unwanted == 1
     assert b.received("news") == []
 
@@ -171,7 +171,8 @@ async def test_emptied_room_is_unsubscribed_after_the_linger(make_node: NodeFact
     assert channel in n1.manager.broker.bus.subscribers  # type: ignore[attr-defined]
     await a.call("leave", "quiet")
     assert channel in n1.manager.subscriptions and n1.manager.subscriptions.lingering == 1
-    await asyncio.sleep(LINGER * 2)
+    await wait_for_condition(lambda: channel not in n1.manager.subscriptions,
+                             "the linger to end", timeout=LINGER * 20)
     assert channel not in n1.manager.subscriptions
     assert channel not in n1.manager.broker.bus.subscribers  # type: ignore[attr-defined]
     assert n1.manager.stats.unsubscribe_ops == 1
@@ -187,7 +188,7 @@ async def test_rejoining_within_the_linger_costs_no_broker_operation(
     for _ in range(20):
         await a.call("leave", "churn")
         await join(a, "churn")
-    await asyncio.sleep(LINGER * 2)
+    await asyncio.sleep(LINGER * 2)  # past the linger: proves no unsubscribe came (not a wait)
     assert (stats.subscribe_ops, stats.unsubscribe_ops) == ops
 
 
@@ -209,7 +210,8 @@ async def test_a_remote_callback_that_never_comes_is_forgotten(
     got: list[object] = []
     await n1.sio.emit("never", "x", to=gone, callback=lambda *a: got.append(a))
     assert n1.manager._remote_callbacks
-    await asyncio.sleep(0.6)
+    await wait_for_condition(lambda: not n1.manager._remote_callbacks,
+                             "the callback to time out")
     assert not n1.manager._remote_callbacks and gone not in n1.manager.callbacks
     assert got == [] and n2.manager.stats.unwanted == 1
 
@@ -261,7 +263,7 @@ def test_dedupe_window_forgets_old_ids_and_stays_bounded() -> None:
     for x in "bcd":
         assert window.first(x)
     assert len(window) == 3  # "a" pushed out by the bound
-    time.sleep(0.06)
+    time.sleep(0.06)  # the window's clock is the time itself: let it pass
     assert window.first("e") and len(window) == 1  # the rest aged out
 
 

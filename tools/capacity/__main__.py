@@ -1,9 +1,9 @@
-"""``python -m gateway.capacity``: predict, measure the constants, check against a run.
+"""``python -m tools.capacity``: predict, measure the constants, check against a run.
 
-    python -m gateway.capacity                     # 1M rooms of 2-20, 3 -> 300 gateways
-    python -m gateway.capacity --mega 10:200000    # plus 10 rooms of 200,000 members
-    python -m gateway.capacity measure             # NATS interest memory and churn CPU
-    python -m gateway.capacity validate bench-results/<time>/results.json
+    python -m tools.capacity                     # 1M rooms of 2-20, 3 -> 300 gateways
+    python -m tools.capacity --mega 10:200000    # plus 10 rooms of 200,000 members
+    python -m tools.capacity measure             # NATS interest memory and churn CPU
+    python -m tools.capacity validate bench-results/<time>/results.json
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _mega(text: str) -> tuple[int, int, float | None]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gateway.capacity",
+    p = argparse.ArgumentParser(prog="python -m tools.capacity",
                                 description="What rooms, rates and gateways cost the brokers "
                                             "(see docs/SCALING.md).")
     p.add_argument("--rooms", type=int, default=1_000_000, help="rooms (default 1,000,000)")
@@ -151,7 +151,7 @@ def mega_lines(args: argparse.Namespace) -> str:
 
 
 def validate(path: Path) -> str:
-    from ..bench import scale, scale_report
+    from tools.bench import scale, scale_report
 
     report = json.loads(path.read_text())
     runs = scale_report.runs_of(report["results"])

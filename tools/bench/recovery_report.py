@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .recovery import BACKENDS, COMPARED, STORM
+from .backends import RECOVERY
+from .recovery import COMPARED, STORM
 
 #: scenarios with a table of their own here (not in the main table)
 OWN_TABLES = (STORM,)
@@ -32,7 +33,7 @@ def _ratio(on: float | None, off: float | None) -> float | None:
 def comparison(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Recovery on against off, per compared scenario both ran."""
     rows = []
-    for on, off in BACKENDS.items():
+    for on, off in RECOVERY.items():
         for scenario in COMPARED:
             a = results.get(off, {}).get(scenario)
             b = results.get(on, {}).get(scenario)

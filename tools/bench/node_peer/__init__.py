@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ...processes import REPO_ROOT, GatewayNode, LocalCluster, RedisCluster, spawn
+from gateway.processes import REPO_ROOT, GatewayNode, LocalCluster, RedisCluster, spawn
 
 NODE_PEER = "node-peer"
 SERVER = Path(__file__).with_name("server.mjs")

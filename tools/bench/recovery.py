@@ -36,24 +36,20 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..processes import start_gateway, wait_gateways
+from gateway.processes import start_gateway, wait_gateways
+
+from .backends import RECOVERY
+from .harness import GATEWAY_FLAGS, LoadGenProcess, Params, cpu_seconds, metrics
 
 if TYPE_CHECKING:
-    from ..processes import GatewayNode
-    from .runner import Broker, LoadGenProcess, Params
+    from gateway.processes import GatewayNode
 
-#: bench backend -> the gateway backend it runs (its gateways get RECOVERY_FLAGS)
-BACKENDS = {"nats-recovery": "nats"}
-RECOVERY_FLAGS = ["--recovery", "on"]
+    from .backends import Broker
+
 STORM = "reconnect-storm"
 SCENARIOS = (STORM,)
 #: the scenarios whose figures are set beside the same backend without recovery
 COMPARED = ("fanout", "fanout-upgrade", "latency", "latency-upgrade")
-
-
-def gateway_flags(backend: str) -> list[str]:
-    """Flags the gateways of bench backend ``backend`` get besides the broker's."""
-    return list(RECOVERY_FLAGS) if backend in BACKENDS else []
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ def describe(quick: bool) -> dict[str, dict[str, Any]]:
 
 def scenario_reconnect_storm(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
                              p: Params) -> dict[str, Any]:
-    if broker.name not in BACKENDS:
+    if broker.name not in RECOVERY:
         return {"skipped": "needs connection state recovery (--backends nats-recovery)"}
     sp = StormParams.of(p.quick)
     return {"network-drop": _phase(lg, gws, broker, sp, p.seed, kill=False),
@@ -114,8 +110,6 @@ def _quiet(cpu: Callable[[], tuple[float, float, float]], timeout: float = 10.0)
 
 def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: StormParams,
            seed: int, kill: bool) -> dict[str, Any]:
-    from .runner import GATEWAY_FLAGS, cpu_seconds, metrics
-
     urls = [g.url for g in gws]
     rooms = [f"storm-{r}" for r in range(sp.rooms)]
     lg.call(op="connect", urls=urls, count=sp.members)  # member i on gateway i % 2
@@ -151,7 +145,7 @@ def _phase(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker, sp: Storm
     _quiet(cpu)
     lg.call(op="traffic", pairs=pairs, rate=sp.rate_msgs_per_s)
     cpu0 = cpu()
-    time.sleep(sp.warm_s)
+    time.sleep(sp.warm_s)  # the phases' lengths: pacing, not waits
     failures += lg.call(op="say", pairs=[[i, room] for room, i in last_words.items()],
                         text="last words")["failures"]
     cpu1 = cpu()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import runs
-from .report import BASELINE, _measured, _rows, all_runs
+from .phases import BASELINE, all_runs, measured, phase_rows
 
 #: our backends, one column each (those the run measured)
 OURS = ("nats", "redis-sharded")
@@ -83,7 +83,7 @@ def _send_cap(rs: list[dict[str, Any]], report: dict[str, Any], key: tuple[str, 
             if f and isinstance(v := runs.get(run, (against, *key)), int | float)]
     if not caps:
         return ""
-    return (f"; one loopback send costs {runs.stat(_measured(floors), 2)} us here, so one "
+    return (f"; one loopback send costs {runs.stat(measured(floors), 2)} us here, so one "
             f"send per delivery caps this ratio at {runs.stat(caps, 2, 'x')}")
 
 
@@ -180,7 +180,7 @@ def _clean(rs: list[dict[str, Any]], report: dict[str, Any], ours: str) -> Verdi
     totals = dict.fromkeys(("lost", "duplicated", "refused", "misdelivered"), 0)
     phases = 0
     for results in rs:
-        for _, backend, f in _rows(results):
+        for _, backend, f in phase_rows(results):
             if backend == ours:
                 phases += 1
                 for k in totals:

@@ -173,7 +173,7 @@ def section(report: dict[str, Any]) -> str:
         "The load grows with the cluster (the same sockets, rooms and message rate per "
         "gateway). Each figure is measured, with the capacity model's prediction for the "
         "same room sizes, rates, gateways and NATS nodes in parentheses (`python -m "
-        "gateway.capacity`, docs/SCALING.md). Broker bytes are counted by the kernel on "
+        "tools.capacity`, docs/SCALING.md). Broker bytes are counted by the kernel on "
         "each gateway's broker sockets (`ss -tin`), the same way for every broker; "
         "messages by the gateway's counter of what its broker client handed it, with the "
         "cluster API's heartbeats apart.\n\n"

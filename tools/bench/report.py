@@ -8,30 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from . import recovery_report, runs, scale_report
-
-BASELINE = "stock-redis"
-
-
-def _phases(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, tuple[str, ...]]]:
-    """(scenario/phase, backend, path in the results) for every measured phase."""
-    rows: list[tuple[str, str, tuple[str, ...]]] = []
-    for backend, scenarios in results.items():
-        for scenario, data in scenarios.items():
-            if scenario in ("memory", "idle", "cluster-api", "scale",
-                            *recovery_report.OWN_TABLES) or "skipped" in data:
-                continue  # tables of their own
-            if scenario == "reference":
-                for phase in data:
-                    rows.append((f"reference/{phase}", backend, (backend, scenario, phase)))
-            else:
-                rows.append((scenario, backend, (backend, scenario)))
-    return rows
-
-
-def _rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
-    """(scenario/phase, backend, figures) for every measured phase."""
-    return [(label, backend, runs.get(results, path))
-            for label, backend, path in _phases(results)]
+from .phases import BASELINE, all_runs, measured, phase_paths, phase_rows
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -42,15 +19,6 @@ def _fmt(value: Any, digits: int = 1) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)
-
-
-def _measured(values: list[float | None] | None) -> list[float]:
-    return [v for v in values or [] if v is not None]
-
-
-def all_runs(report: dict[str, Any]) -> list[dict[str, dict[str, Any]]]:
-    """Every run's results (a report of one run has no ``runs``)."""
-    return list(report.get("runs") or [report["results"]])
 
 
 class _Cells:
@@ -91,7 +59,7 @@ def markdown(report: dict[str, Any]) -> str:
         "refused, all runs |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for scenario, backend, path in sorted(_phases(results), key=lambda r: (r[0], r[1])):
+    for scenario, backend, path in sorted(phase_paths(results), key=lambda r: (r[0], r[1])):
         f = runs.get(results, path)
         lat = (*path, "latency_ms", "all")
         lines.append(
@@ -111,7 +79,8 @@ def markdown(report: dict[str, Any]) -> str:
     if len(lines) == 2:
         lines = []  # no scenario of this table ran (a scale-only run)
     coalesced = [f"{scenario} ({backend}) {c.value((*path, 'websocket_frames_per_send'), 2)}"
-                 for scenario, backend, path in sorted(_phases(results), key=lambda r: (r[1], r[0]))
+                 for scenario, backend, path in sorted(phase_paths(results),
+                                                       key=lambda r: (r[1], r[0]))
                  if runs.get(results, (*path, "websocket_frames_per_send")) is not None]
     if coalesced:
         lines += ["", "Websocket frames per socket send on our gateways (frames written to one "
@@ -119,7 +88,7 @@ def markdown(report: dict[str, Any]) -> str:
                   + "; ".join(coalesced) + "."]
     handled = [f"{scenario} ({backend}) "
                f"{c.value((*path, 'latency_handled_ms', 'cross', 'p99'), 2)}"
-               for scenario, backend, path in sorted(_phases(results),
+               for scenario, backend, path in sorted(phase_paths(results),
                                                      key=lambda r: (r[0], r[1]))
                if scenario.startswith("latency")
                and runs.get(results, (*path, "latency_handled_ms", "cross", "p99")) is not None]
@@ -211,7 +180,7 @@ def disagreements(report: dict[str, Any]) -> list[str]:
     return [f"{_run_label(k, every)}{scenario} on {backend}: gateways counted "
             f"{f['wasted_receptions']} wasted receptions, the broker "
             f"{f['wasted_cross_check']['wasted_by_broker']}"
-            for k, results in enumerate(every) for scenario, backend, f in _rows(results)
+            for k, results in enumerate(every) for scenario, backend, f in phase_rows(results)
             if (f.get("wasted_cross_check") or {}).get("agree") is False]
 
 
@@ -232,7 +201,7 @@ def faults(report: dict[str, Any]) -> list[str]:
     out = []
     every = all_runs(report)
     for n, results in enumerate(every):
-        for scenario, backend, f in _rows(results):
+        for scenario, backend, f in phase_rows(results):
             bad = {k: f.get(k, 0) for k in ("lost", "duplicated", "misdelivered", "failures",
                                             "out_of_order") if f.get(k, 0)}
             if bad:
@@ -249,7 +218,7 @@ def charts(report: dict[str, Any], folder: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     results: dict[str, dict[str, Any]] = report["results"]
-    rows = _rows(results)
+    rows = phase_rows(results)
     scenarios = sorted({s for s, _, _ in rows})
     backends = list(results)
     made = []
@@ -328,7 +297,7 @@ def benchmarks_md(report: dict[str, Any]) -> str:
     m = report["machine"]
     count = len(all_runs(report))
     verdicts = targets.markdown(report)
-    floors = _measured(report.get("loopback_send_us"))
+    floors = measured(report.get("loopback_send_us"))
     return (
         f"{scale_report.MAIN_START}\n"
         f"## Latest comparison\n\n"
@@ -342,7 +311,7 @@ def benchmarks_md(report: dict[str, Any]) -> str:
         f"`{BASELINE}` (python-socketio's AsyncRedisManager) measured in the same run."
         + (f" One send() of a 100-byte frame on loopback TCP costs its sender "
            f"{runs.stat(floors, 2)} CPU-us here, the receiving side included (measured "
-           "at the start of each run: gateway/bench/floor.py): the floor of a delivery "
+           "at the start of each run: tools/bench/floor.py): the floor of a delivery "
            "for a server that sends each recipient's frame on its own."
            if floors else "") + "\n\n"
         "Backends: `nats` (NatsManager, 3-node NATS full mesh), `redis-sharded` "
@@ -350,7 +319,7 @@ def benchmarks_md(report: dict[str, Any]) -> str:
         "(AsyncRedisManager on one Redis), `redis-cluster-classic` (AsyncRedisManager with "
         "classic PUBLISH/SUBSCRIBE on the same Redis Cluster), `node-peer` when named (Node "
         "socket.io 4.8 + @socket.io/redis-adapter's createShardedAdapter on a 3-master Redis "
-        "Cluster, the same chat protocol: gateway/bench/node_peer/server.mjs).\n\n"
+        "Cluster, the same chat protocol: tools/bench/node_peer/server.mjs).\n\n"
         "Broker bytes are counted by the kernel on the sockets (`ss -tin`), the same way "
         "for every broker: between the gateways and the brokers, and on every socket of the "
         "broker nodes (so with NATS routes and the Redis Cluster bus). Wasted receptions are "

@@ -5,7 +5,7 @@ measure a server with, so this speaks just enough Engine.IO v4 / Socket.IO v5
 over websocket itself: one ``asyncio.Protocol`` per socket, no task per socket,
 client frames masked with a zero key (a valid key that makes masking free).
 
-It runs as its own process (``python -m gateway.bench.loadgen``) and is driven
+It runs as its own process (``python -m tools.bench.loadgen``) and is driven
 by the benchmark over stdin/stdout, one JSON object per line, so that the CPU it
 spends is never counted as the gateways'.
 """
@@ -231,6 +231,7 @@ class LeanSocket(asyncio.Protocol):
                 self.connected.set_exception(ConnectionError(body))
         elif kind == "2":  # engine.io ping
             self.send_text("3")
+            self.gen.pings_answered += 1
         elif text == "3probe" and self.upgrade is not None:
             upgrade = self.upgrade
             upgrade.probed(self)
@@ -340,6 +341,8 @@ class LoadGen:
     #: order received
     offsets: list[tuple[str, int, int]] = field(default_factory=list)
     unexpected_closes: int = 0
+    #: engine.io pings the sockets answered
+    pings_answered: int = 0
     closing: bool = False
     #: gateways the sockets are spread over (the urls of the last connect)
     gateways: int = 0
@@ -766,7 +769,7 @@ async def churn(gen: LoadGen, sockets: list[int], rooms: list[str], ops_per_s: f
 
 
 async def serve() -> None:
-    """Read commands from stdin, answer on stdout (see gateway/bench/runner.py)."""
+    """Read commands from stdin, answer on stdout (see tools/bench/runner.py)."""
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=256 * 1024 * 1024)  # plans can be large
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)

@@ -25,7 +25,7 @@ published on server ``i`` crosses one route to each other server that has a gate
 with a member, once whatever the number of gateways there. Each server keeps one
 interest entry per local subscription plus one per (other server, subject with
 interest there); that interest costs memory and, when it changes, CPU on every server
-(:class:`NatsConstants`, measured by ``python -m gateway.capacity measure``).
+(:class:`NatsConstants`, measured by ``python -m tools.capacity measure``).
 
 The model is validated against the benchmark's ``scale`` scenario, see docs/SCALING.md.
 """
@@ -202,7 +202,7 @@ class Prediction:
 
 @dataclass(frozen=True)
 class NatsConstants:
-    """nats-server costs, measured by ``python -m gateway.capacity measure`` (nats-server
+    """nats-server costs, measured by ``python -m tools.capacity measure`` (nats-server
     2.15.1 here, RSS and CPU of the server processes; docs/SCALING.md)."""
 
     #: memory per subscription of a local client (the gateway's own connection)

@@ -9,13 +9,9 @@ gateway traffic from /metrics.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,186 +19,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..processes import (
-    GatewayNode,
-    LocalCluster,
-    NatsCluster,
-    RedisCluster,
-    RedisServer,
-    free_ports,
-    start_gateway,
-    stop_all,
-    wait_gateways,
-)
+from gateway.processes import GatewayNode, stop_all, wait_gateways, wait_until
+
 from . import broker_traffic, node_peer, recovery
+from .backends import GATEWAY_BACKEND, Broker, start_bench_gateway
+from .harness import LoadGenProcess, Params, cpu_seconds, log, metrics, rss_bytes
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-#: the systems compared, and the gateway backend each runs its gateways with
-#: (redis-cluster-classic: AsyncRedisManager's PUBLISH/SUBSCRIBE on a Redis Cluster)
-GATEWAY_BACKEND = {"nats": "nats", "redis-sharded": "redis-sharded",
-                   "stock-redis": "stock-redis", "redis-cluster-classic": "stock-redis"}
-BENCH_BACKENDS = tuple(GATEWAY_BACKEND)
-#: run only when named in --backends (Node.js socket.io, see node_peer/)
-OPTIONAL_BACKENDS = (node_peer.NODE_PEER,)
-#: every bench gateway's flags: quiet, and rate limits far above any load the bench
-#: makes, so that they never refuse a send (a refused send would be counted, not
-#: hidden) nor stand in the way of the census
-GATEWAY_FLAGS = ["--log-level", "WARNING", "--chat-rate", "1000000", "--chat-burst", "1000000",
-                 "--join-rate", "1000000", "--join-burst", "1000000",
-                 "--api-rate", "100000", "--api-burst", "100000"]
 SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
              "latency-upgrade", "churn", "memory", "idle", "cluster-api")
 #: scenarios run only when named (--scenario scale): heavier, with brokers of their own;
 #: reconnect-storm needs a recovery backend
 EXTRA_SCENARIOS = ("scale", *recovery.SCENARIOS)
-#: backends run only when named: nats-recovery (gateways with --recovery, recovery.py)
-RECOVERY_BACKENDS = tuple(recovery.BACKENDS)
-GATEWAY_BACKEND.update(recovery.BACKENDS)
-
-
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def rss_bytes(pid: int) -> int:
-    return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-
-
-def metrics(url: str) -> dict[str, float]:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            name = key.split("{", 1)[0]
-            out[name] = out.get(name, 0.0) + float(value)
-    return out
-
-
-# -- brokers ---------------------------------------------------------------------
-
-
-@dataclass
-class Broker:
-    """One benchmarked system's broker side: how to start it and read its counters."""
-
-    name: str
-    workdir: Path
-    cluster: LocalCluster[Any] | None = None
-
-    def start(self) -> None:
-        if GATEWAY_BACKEND.get(self.name) == "nats":
-            self.cluster = NatsCluster(self.workdir / "nats", size=3)
-        elif self.name in ("redis-sharded", "redis-cluster-classic", node_peer.NODE_PEER):
-            # redis-cluster-classic: AsyncRedisManager's PUBLISH/SUBSCRIBE on the same
-            # cluster, each gateway on another master
-            self.cluster = RedisCluster(self.workdir / "redis", size=3)
-        else:
-            self.cluster = RedisServer(self.workdir)
-        self.cluster.start()
-
-    def stop(self) -> None:
-        if self.cluster is not None:
-            self.cluster.stop()
-
-    def gateway(self, index: int) -> tuple[str, list[str]]:
-        """(--backend, broker flags) for gateway ``index``."""
-        assert self.cluster is not None
-        return GATEWAY_BACKEND[self.name], [*self.cluster.gateway_args(index),
-                                            *recovery.gateway_flags(self.name)]
-
-    def counters(self) -> dict[str, dict[str, float]]:
-        """Per broker node: messages and bytes in and out, from the broker itself."""
-        out: dict[str, dict[str, float]] = {}
-        if isinstance(self.cluster, NatsCluster):
-            for node in self.cluster.nodes:
-                varz = node.varz("varz") or {}
-                connz = node.varz("connz?limit=4096") or {}
-                out[node.name] = {k: float(varz.get(k, 0)) for k in
-                                  ("in_msgs", "out_msgs", "in_bytes", "out_bytes")}
-                # what crossed between this server and the gateways (routes excluded)
-                conns = connz.get("connections") or []
-                out[node.name]["client_in_bytes"] = float(sum(c["in_bytes"] for c in conns))
-                out[node.name]["client_out_bytes"] = float(sum(c["out_bytes"] for c in conns))
-        redis_nodes = [] if isinstance(self.cluster, NatsCluster) or self.cluster is None \
-            else self.cluster.nodes
-        for rnode in redis_nodes:
-            stats = rnode.info("stats")
-            calls = 0
-            for line in rnode.cli("INFO", "commandstats").splitlines():
-                if line.startswith(("cmdstat_publish:", "cmdstat_spublish:")):
-                    calls += int(line.split("calls=")[1].split(",")[0])
-            net_in = float(stats.get("total_net_input_bytes", 0))
-            net_out = float(stats.get("total_net_output_bytes", 0))
-            # client connections only: Redis counts the cluster bus separately
-            out[rnode.name] = {"in_msgs": float(calls), "in_bytes": net_in, "out_bytes": net_out,
-                               "client_in_bytes": net_in, "client_out_bytes": net_out}
-        return out
-
-
-def start_bench_gateway(broker: Broker, workdir: Path, node_id: str, index: int = 0
-                        ) -> GatewayNode:
-    """Gateway ``index`` of ``broker``'s system (for node-peer: a Node socket.io server)."""
-    if broker.name == node_peer.NODE_PEER:
-        return node_peer.start(workdir, node_id, free_ports(1)[0], broker.cluster, index)
-    name, args = broker.gateway(index)
-    return start_gateway(workdir, node_id, free_ports(1)[0], name, args, extra=GATEWAY_FLAGS)
-
-
-# -- the load generator ------------------------------------------------------------
-
-
-class LoadGenProcess:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.bench.loadgen"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, bufsize=1,
-        )
-
-    def call(self, **cmd: Any) -> dict[str, Any]:
-        self.send(**cmd)
-        return self.reply()
-
-    def send(self, **cmd: Any) -> None:
-        """Send a command; :meth:`reply` reads its answer (other generators may run
-        their commands meanwhile)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-
-    def reply(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"load generator exited with {self.proc.wait()}")
-        reply: dict[str, Any] = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(f"load generator: {reply['error']}")
-        return reply
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        with contextlib.suppress(RuntimeError, OSError, ValueError):
-            self.call(op="quit")
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
 
 # -- measuring -----------------------------------------------------------------------
 
@@ -291,74 +118,6 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
 
 # -- scenarios ---------------------------------------------------------------------
 
-
-@dataclass
-class Params:
-    quick: bool
-    seed: int = 7
-
-    @property
-    def reference_users(self) -> int:
-        return 30 if self.quick else 150
-
-    @property
-    def fanout_members(self) -> int:
-        return 60 if self.quick else 500
-
-    @property
-    def fanout_senders(self) -> int:
-        return 4
-
-    @property
-    def fanout_messages(self) -> int:  # per sender
-        return 5 if self.quick else 100
-
-    @property
-    def rooms(self) -> int:
-        return 40 if self.quick else 1000
-
-    @property
-    def room_sockets(self) -> int:
-        return 60 if self.quick else 2000
-
-    @property
-    def room_messages(self) -> int:
-        return 80 if self.quick else 4000
-
-    @property
-    def latency_members(self) -> int:
-        return 20 if self.quick else 100
-
-    @property
-    def latency_rate(self) -> float:
-        return 50.0 if self.quick else 200.0
-
-    @property
-    def latency_seconds(self) -> float:
-        return 1.0 if self.quick else 10.0
-
-    @property
-    def churn_sockets(self) -> int:
-        return 20 if self.quick else 200
-
-    @property
-    def churn_ops_per_s(self) -> float:
-        return 100.0 if self.quick else 500.0
-
-    @property
-    def idle_sockets(self) -> int:
-        return 100 if self.quick else 2000
-
-    #: the idle scenario's sockets; None: 300 quick, 10,000 full
-    idle_many: int | None = None
-
-    @property
-    def idle_count(self) -> int:
-        return self.idle_many or (300 if self.quick else 10_000)
-
-    @property
-    def idle_seconds(self) -> float:
-        return 3.0 if self.quick else 60.0
 
 
 def describe(p: Params) -> dict[str, dict[str, Any]]:
@@ -519,6 +278,8 @@ def scenario_memory(backend: str, broker: Broker, workdir: Path, p: Params) -> d
     out: dict[str, Any] = {}
     lg = LoadGenProcess()
     n = p.idle_sockets
+    # memory settles after each step before RSS is read: measurement boundaries, not
+    # waits for an event
     settle = 0.3 if p.quick else 1.0
     try:
         wait_gateways(gws)
@@ -596,16 +357,23 @@ def scenario_cluster_api(lg: LoadGenProcess, gws: list[GatewayNode], broker: Bro
                            "p99": round(alive[int(len(alive) * 0.99) - 1], 2)}
     victim = gws[-1].child
     assert victim is not None
+
+    def alive_seen_by_first() -> int:
+        return int(metrics(gws[0].url).get("gateway_cluster_nodes", 0))
+
     victim.signal(signal.SIGSTOP)
     try:
         stopped = timed(2)
         out["one_stopped_ms"] = {"max": round(stopped[-1], 1), "timeout_ms": 5000}
-        time.sleep(7)  # past three missed heartbeats (2 s apart)
+        # past three missed heartbeats (2 s apart) it is no longer waited for
+        wait_until(lambda: alive_seen_by_first() == len(gws) - 1, 30,
+                   "the stopped gateway's heartbeats to be missed")
         after = timed(20)
         out["after_heartbeats_missed_ms"] = {"p50": round(after[len(after) // 2], 2)}
     finally:
         victim.signal(signal.SIGCONT)
-    time.sleep(3)  # it comes back and announces itself
+    wait_until(lambda: alive_seen_by_first() == len(gws), 30,
+               "the continued gateway to announce itself again")
     lg.call(op="close")
     return out
 #: sockets per load generator process in the idle scenario (its file limit and one
@@ -630,7 +398,7 @@ def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dic
         pid = gw.child.pid
         gens[0].call(op="connect", urls=[gw.url], count=20)  # warm up
         gens[0].call(op="close")
-        time.sleep(1.0)
+        time.sleep(1.0)  # RSS settles (a measurement boundary)
         base = rss_bytes(pid)
         shares = [n // len(gens) + (k < n % len(gens)) for k in range(len(gens))]
         started = time.monotonic()
@@ -639,10 +407,10 @@ def scenario_idle(backend: str, broker: Broker, workdir: Path, p: Params) -> dic
         for lg in gens:
             lg.reply()
         connect_s = time.monotonic() - started
-        time.sleep(2.0)
+        time.sleep(2.0)  # RSS settles (a measurement boundary)
         rss = rss_bytes(pid)
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        time.sleep(p.idle_seconds)
+        time.sleep(p.idle_seconds)  # the measured idle period
         cpu = cpu_seconds(pid) - cpu0
         seconds = time.monotonic() - t0
         status = [lg.call(op="status") for lg in gens]

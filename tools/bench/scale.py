@@ -14,7 +14,7 @@ receptions; CPU per delivery. Per broker node: messages, bytes (client and
 cluster-internal sockets), CPU, subscriptions. NATS runs with 3 and with 5 nodes;
 each gateway is pinned to one NATS node (gateway i to node i % N) so that the route
 traffic is reproducible. Every configuration is set beside the capacity model's
-prediction (``gateway/capacity``) for the same room sizes, rates, gateways and nodes.
+prediction (``tools/capacity``) for the same room sizes, rates, gateways and nodes.
 """
 
 from __future__ import annotations
@@ -25,22 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nats_adapter.naming import ChannelNames
-
-from ..capacity import model
-from ..processes import (
+from gateway.processes import (
     GatewayNode,
     LocalCluster,
     NatsCluster,
     RedisCluster,
     RedisServer,
     free_ports,
-    start_gateway,
     stop_all,
     wait_gateways,
 )
+from nats_adapter.naming import ChannelNames
+from tools.capacity import model
+
+from .backends import GATEWAY_BACKEND, start_system_gateway
 from .broker_traffic import broker_ports
-from .runner import GATEWAY_BACKEND, GATEWAY_FLAGS, LoadGenProcess, cpu_seconds, log, metrics
+from .harness import LoadGenProcess, cpu_seconds, log, metrics
 from .sockets import SocketSnapshot, Traffic
 
 #: the systems compared (redis-cluster-classic receives what stock-redis does)
@@ -259,9 +259,9 @@ def run_config(lg: LoadGenProcess, broker: ScaleBroker, gateways: int, p: ScaleP
     try:
         backend = GATEWAY_BACKEND[broker.system]
         for i in range(gateways):
-            gws.append(start_gateway(workdir, f"scale-{broker.system}{broker.nats_nodes}-"
-                                     f"{gateways}-{i + 1}", free_ports(1)[0], backend,
-                                     broker.gateway_args(i), extra=GATEWAY_FLAGS))
+            gws.append(start_system_gateway(workdir, f"scale-{broker.system}{broker.nats_nodes}-"
+                                            f"{gateways}-{i + 1}", free_ports(1)[0], backend,
+                                            broker.gateway_args(i)))
         wait_gateways(gws, timeout=90)
         lg.call(op="connect", urls=[g.url for g in gws], count=layout.sockets)
         pairs = [[i, room] for room, ms in layout.members.items() for i in ms]
@@ -270,7 +270,7 @@ def run_config(lg: LoadGenProcess, broker: ScaleBroker, gateways: int, p: ScaleP
             if failed:
                 raise RuntimeError(f"{failed} joins refused")
         lg.call(op="paced", plan=layout.warmup, timeout=60)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the warm-up's last deliveries land first (a measurement boundary)
         before = snap(gws, broker)
         result = lg.call(op="paced", plan=layout.plan, timeout=120)
         after = snap(gws, broker)

@@ -1,4 +1,4 @@
-"""The model's NATS constants, measured on real servers (``python -m gateway.capacity
+"""The model's NATS constants, measured on real servers (``python -m tools.capacity
 measure``): what an interest entry costs in memory, and what an interest change costs
 in CPU, on the server a gateway subscribes on and on the other servers of the mesh.
 
@@ -18,8 +18,8 @@ from typing import Any
 
 import nats
 
-from ..bench.runner import cpu_seconds
-from ..processes import NatsCluster, NatsNode, wait_until
+from gateway.processes import NatsCluster, NatsNode, wait_until
+from tools.bench.harness import cpu_seconds
 
 
 def _cpu(node: NatsNode) -> float:
@@ -42,7 +42,8 @@ async def _measure(cluster: NatsCluster, subjects: int, seconds: float, messages
     origin, *others = cluster.nodes
     nc = await nats.connect(origin.url, no_echo=True)
     try:
-        await asyncio.sleep(1.0)  # let the servers settle their own start-up garbage
+        # let the servers settle their own start-up garbage (a measurement boundary)
+        await asyncio.sleep(1.0)
         base = {n.name: _varz(n) for n in cluster.nodes}
         cpu0 = {n.name: _cpu(n) for n in cluster.nodes}
         started = time.monotonic()
@@ -57,7 +58,7 @@ async def _measure(cluster: NatsCluster, subjects: int, seconds: float, messages
 
         await asyncio.to_thread(wait_until, learnt, 60, "the routes to carry the interest")
         took = time.monotonic() - started
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # settles before the next reading (a measurement boundary)
         full = {n.name: _varz(n) for n in cluster.nodes}
         cpu1 = {n.name: _cpu(n) for n in cluster.nodes}
 
@@ -135,7 +136,11 @@ async def _messages(cluster: NatsCluster, publisher: Any, count: int) -> dict[st
                                    pending_msgs_limit=count + 1, pending_bytes_limit=1 << 30)
         await local.flush()
         await far.flush()
-        await asyncio.sleep(0.5)  # the route carries the remote interest
+        def routed() -> bool:  # the route carries the remote interest to the origin
+            routes = (origin.varz("routez?subs=1") or {}).get("routes") or []
+            return any("bench.msgs" in (r.get("subscriptions_list") or []) for r in routes)
+
+        await asyncio.to_thread(wait_until, routed, 30, "the route to carry the interest")
         cpu0 = {n.name: _cpu(n) for n in cluster.nodes}
         for k in range(count):
             await publisher.publish("bench.msgs", PAYLOAD)

@@ -14,18 +14,10 @@ from typing import Any
 
 from . import report as rep
 from . import runs, scale_report
+from .backends import BENCH_BACKENDS, OPTIONAL_BACKENDS, RECOVERY_BACKENDS
 from .floor import loopback_send_us
-from .runner import (
-    BENCH_BACKENDS,
-    EXTRA_SCENARIOS,
-    OPTIONAL_BACKENDS,
-    RECOVERY_BACKENDS,
-    SCENARIOS,
-    Params,
-    describe,
-    log,
-    run_backend,
-)
+from .harness import Params, log
+from .runner import EXTRA_SCENARIOS, SCENARIOS, describe, run_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

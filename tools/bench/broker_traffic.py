@@ -34,10 +34,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.processes import GatewayNode, LocalCluster, NatsCluster, RedisCluster
 from nats_adapter.naming import ChannelNames
 
-from ..processes import GatewayNode, LocalCluster, NatsCluster, RedisCluster
-from .recovery import BACKENDS as RECOVERY_BACKENDS
+from .backends import RECOVERY as RECOVERY_BACKENDS
 from .sockets import SocketSnapshot
 
 #: the start of every room subject of the default namespace (NATS, redis-sharded)
