@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import weakref
 from pathlib import Path
 from typing import Any
 
 import socketio
 from aiohttp import web
+from engineio import exceptions as eio_exceptions
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from socketio import packet as sio_packet
 from socketio.exceptions import ConnectionRefusedError as Refused
 
 from nats_adapter import ClusterManager, FanoutLimits
 from nats_adapter.recovery import IdentityFn
 from nats_adapter.shutdown import close_websockets
 
-from .chat import ChatProtocol, TokenRules, verify_token
+from .chat import REMOTE_KEY, ChatProtocol, TokenRules, verify_token
 from .config import GatewayConfig
-from .guards import RequestGuard
+from .guards import OPERATOR, RequestGuard, SessionsByAddress
 from .http_api import HttpApi
 from .metrics import make_registry
 from .serving import CONNECTIONS_KEY, ConnectionCounts
@@ -136,20 +140,24 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         client_manager=manager,
         cors_allowed_origins=cors,
         max_http_buffer_size=config.limits.max_message_bytes,
+        serializer=CheckedPacket,
+        json=SafeJson,
     )
     guard = RequestGuard(config)
     app = web.Application(client_max_size=config.limits.max_message_bytes,
                           middlewares=[guard.middleware])
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
-    refuse_binary(sio, chat)
+    guard.refusals = chat.refused
     if config.secrets.admin_password and isinstance(manager, ClusterManager):
         # the Socket.IO Admin UI, over every gateway of the cluster
-        from nats_adapter.admin import ClusterInstrumentedServer
+        from .admin_ui import GatewayAdmin
 
-        ClusterInstrumentedServer(sio, auth={"username": "admin",
+        GatewayAdmin(sio, auth={"username": "admin",
                                              "password": config.secrets.admin_password},
                                   mode=config.admin_mode)
+    # after the Admin UI, which sets engine.io's connect handler of its own
+    guard_packets(sio, chat, guard.sessions)
     connections = ConnectionCounts()
     app[CONNECTIONS_KEY] = connections
     registry = make_registry(config.node_id, manager, chat, guard, connections)
@@ -161,17 +169,19 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
 
     async def healthz(request: web.Request) -> web.Response:
         connected = manager.broker.connected
-        body = {
+        body: dict[str, Any] = {
             "node_id": config.node_id,
             "backend": config.backend,
             "broker_connected": connected,
-            "connections": manager.participants_count(),
-            "rooms": manager.room_count(),
-            "broker": manager.broker.info(),
         }
+        if request.get(OPERATOR):  # the details: for operators only (broker URLs...)
+            body.update(connections=manager.participants_count(), rooms=manager.room_count(),
+                        broker=manager.broker.info())
         return web.json_response(body, status=200 if connected else 503)
 
     async def metrics(request: web.Request) -> web.Response:
+        if not request.get(OPERATOR):
+            raise web.HTTPNotFound()
         return web.Response(body=generate_latest(registry),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -232,31 +242,178 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     return app
 
 
-def refuse_binary(sio: socketio.AsyncServer, chat: ChatProtocol) -> None:
-    """Disconnect a socket that sends binary packets: the chat protocol has none, and
-    python-socketio would buffer attachments until a count the client declares (up to
-    ten digits) arrives."""
+class SafeJson:
+    """The ``json`` module for engine.io and Socket.IO packets, but for a document
+    nested too deep, which is a ``ValueError`` like any other bad JSON (engine.io
+    catches those; a ``RecursionError`` escaped it with a traceback)."""
+
+    @staticmethod
+    def loads(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return json.loads(*args, **kwargs)
+        except RecursionError:
+            raise ValueError("JSON nested too deep") from None
+
+    @staticmethod
+    def dumps(*args: Any, **kwargs: Any) -> str:
+        return json.dumps(*args, **kwargs)
+
+
+class MalformedPacket(ValueError):
+    """A client sent a Socket.IO packet that does not decode, or not to a packet a
+    client may send."""
+
+
+#: a CONNECT to the Admin UI's namespace
+ADMIN_CONNECT = "0/admin"
+
+#: packet types a client may send (CONNECT_ERROR is the server's)
+_CLIENT_TYPES = frozenset({sio_packet.CONNECT, sio_packet.DISCONNECT, sio_packet.EVENT,
+                           sio_packet.ACK, sio_packet.BINARY_EVENT, sio_packet.BINARY_ACK})
+
+
+class CheckedPacket(sio_packet.Packet):  # type: ignore[misc]
+    """python-socketio's packet, whose ``decode`` raises :class:`MalformedPacket` for
+    anything python-socketio would fail on further in (a bad JSON body, an event that
+    is not a list headed by a name, an unknown type) instead of raising deep inside
+    the server, where the traceback reaches the log and the socket stays open."""
+
+    def decode(self, encoded_packet: Any) -> Any:
+        try:
+            count = super().decode(encoded_packet)
+        except Exception as exc:  # the decoder's own: ValueError, IndexError, Recursion...
+            raise MalformedPacket(f"undecodable packet ({type(exc).__name__})") from None
+        data = self.data
+        if self.packet_type not in _CLIENT_TYPES:
+            raise MalformedPacket(f"packet type {self.packet_type} is not a client's")
+        if self.packet_type in (sio_packet.EVENT, sio_packet.BINARY_EVENT) and not (
+                isinstance(data, list) and data and isinstance(data[0], str)):
+            raise MalformedPacket("an event must be a list headed by the event name")
+        if self.packet_type in (sio_packet.ACK, sio_packet.BINARY_ACK) and not (
+                isinstance(data, list) and self.id is not None):
+            raise MalformedPacket("an ack must carry an id and a list")
+        if self.packet_type == sio_packet.CONNECT and data is not None \
+                and not isinstance(data, dict):
+            raise MalformedPacket("a CONNECT's auth must be an object")
+        return count
+
+
+def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
+                  sessions: SessionsByAddress | None = None) -> None:
+    """Close a socket that sends a malformed or binary packet, counting it
+    (``gateway_requests_refused_total{reason="malformed"|"binary"}``) and logging
+    only now and then: one bad packet must not cost a traceback in the log.
+
+    Binary packets are not part of the chat protocol, and python-socketio would
+    buffer attachments until a count the client declares (up to ten digits) arrives.
+
+    A long-polling POST whose payload engine.io cannot decode ends its session with
+    a 400 (engine.io logged a traceback for it and kept the session).
+    """
     handle = sio.eio.handlers["message"]
+    connect = sio.eio.handlers["connect"]
+    disconnect = sio.eio.handlers["disconnect"]
+    sessions = sessions if sessions is not None else SessionsByAddress(0, 1e9, 1)
     closing: set[asyncio.Task[None]] = set()
+    #: engine.io sockets opened by an operator (see gateway.guards)
+    operators: weakref.WeakSet[Any] = weakref.WeakSet()
 
     async def hang_up(eio_sid: str) -> None:
         socket = sio.eio.sockets.get(eio_sid)
-        await sio.eio.disconnect(eio_sid)  # engine.io's CLOSE packet...
-        if socket is not None:
-            await close_websockets([socket])  # ...and no waiting for the client to obey
-
-    async def on_message(eio_sid: str, data: str | bytes) -> None:
-        # 5: BINARY_EVENT, 6: BINARY_ACK; bytes: an attachment
-        if isinstance(data, bytes) or data[:1] in ("5", "6"):
-            chat.refused["binary"] += 1
-            logger.info("disconnecting %s: binary packets are not part of the chat protocol",
-                        eio_sid)
-            # not awaited here: this runs inside the socket's read loop, which must go on
-            # reading for the close handshake to complete
-            task = asyncio.get_running_loop().create_task(hang_up(eio_sid))
-            closing.add(task)
-            task.add_done_callback(closing.discard)
+        if socket is None:
             return
-        await handle(eio_sid, data)
+        if socket.upgraded:  # a websocket
+            await sio.eio.disconnect(eio_sid)  # engine.io's CLOSE packet...
+            await close_websockets([socket])  # ...and no waiting for the client to obey
+        else:  # long-polling: the CLOSE waits for the next poll, if one ever comes
+            await end_polling(socket)
 
+    async def end_polling(socket: Any) -> None:
+        await socket.close(wait=False, reason=sio.eio.reason.TRANSPORT_ERROR)
+        sio.eio.sockets.pop(socket.sid, None)
+
+    def count(reason: str, eio_sid: str, why: str) -> None:
+        chat.refused[reason] += 1
+        n = chat.refused[reason]
+        if n == 1 or n % 1000 == 0:
+            logger.info("disconnecting %s: %s (%d such sockets so far)", eio_sid, why, n)
+
+    def refuse(eio_sid: str, reason: str, why: str) -> None:
+        count(reason, eio_sid, why)
+        # not awaited here: this runs inside the socket's read loop, which must go on
+        # reading for the close handshake to complete
+        task = asyncio.get_running_loop().create_task(hang_up(eio_sid))
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    def check_polling(socket: Any) -> None:
+        post = socket.handle_post_request
+
+        async def checked_post(environ: dict[str, Any]) -> None:
+            try:
+                await post(environ)
+            except eio_exceptions.EngineIOError:
+                raise  # engine.io's own: it ends the session, and answers 400
+            except Exception:  # a payload that does not decode (ValueError, IndexError)
+                count("malformed", socket.sid, "an undecodable long-polling payload")
+                # closed without waiting for a poll to take the CLOSE: engine.io's
+                # disconnect() next (for the EngineIOError) would wait for it
+                await socket.close(wait=False, reason=sio.eio.reason.TRANSPORT_ERROR)
+                raise eio_exceptions.EngineIOError("undecodable payload") from None
+
+        socket.handle_post_request = checked_post
+
+    async def on_connect(eio_sid: str, environ: dict[str, Any]) -> Any:
+        request = environ.get("aiohttp.request")
+        # the client's address (after the proxy rules) outlives the request, which a
+        # websocket's environ drops (see nats_adapter._lean_websocket)
+        environ[REMOTE_KEY] = str(getattr(request, "remote", None) or "?")
+        socket = sio.eio.sockets.get(eio_sid)
+        if socket is not None:
+            check_polling(socket)
+            if request is not None and request.get(OPERATOR):
+                operators.add(socket)
+        accepted = await connect(eio_sid, environ)
+        if accepted is None or accepted is True:  # engine.io's test for a refusal
+            sessions.opened(eio_sid, environ[REMOTE_KEY])
+        return accepted
+
+    async def on_disconnect(eio_sid: str, *args: Any) -> Any:
+        try:
+            return await disconnect(eio_sid, *args)
+        finally:
+            sessions.closed(eio_sid)
+            chat.engine_closed(eio_sid)
+
+    async def on_message(eio_sid: str, data: Any) -> None:
+        # 5: BINARY_EVENT, 6: BINARY_ACK; bytes: an attachment
+        if isinstance(data, bytes) or (isinstance(data, str) and data[:1] in ("5", "6")):
+            refuse(eio_sid, "binary", "binary packets are not part of the chat protocol")
+            return
+        if not isinstance(data, str):  # engine.io decodes a message that is JSON: 4{}, 4null
+            refuse(eio_sid, "malformed", "a message that is not a Socket.IO packet")
+            return
+        if not data:  # python-socketio would take "4" for an EVENT without data
+            refuse(eio_sid, "malformed", "an empty packet")
+            return
+        if data.startswith(ADMIN_CONNECT) and sio.eio.sockets.get(eio_sid) not in operators:
+            # the Admin UI's namespace: for the operator listener (or loopback / API key)
+            refuse(eio_sid, "forbidden", "the Admin UI is for operators")
+            return
+        try:
+            if data[:1] == "3" and not ack_expected(eio_sid, CheckedPacket(encoded_packet=data)):
+                # python-socketio would log a warning for each one
+                refuse(eio_sid, "malformed", "an ack for nothing the server asked")
+                return
+            await handle(eio_sid, data)
+        except MalformedPacket as exc:
+            refuse(eio_sid, "malformed", str(exc))
+
+    def ack_expected(eio_sid: str, pkt: Any) -> bool:
+        sid = sio.manager.sid_from_eio_sid(eio_sid, pkt.namespace or "/")
+        callbacks: Any = getattr(sio.manager, "callbacks", {})
+        return sid is not None and pkt.id in callbacks.get(sid, {})
+
+    sio.eio.on("connect", on_connect)
+    sio.eio.on("disconnect", on_disconnect)
     sio.eio.on("message", on_message)

@@ -8,6 +8,7 @@ argument count a client sends is answered, never raised on.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import secrets
 import time
@@ -116,21 +117,33 @@ def verify_token(token: Any, rules: TokenRules) -> Grant:
 
 
 class RateLimiter:
-    """Token buckets per socket: ``rate`` requests per second, bursts of ``burst``."""
+    """Token buckets per key (a socket, a client address): ``rate`` requests per
+    second, bursts of ``burst``. With ``max_keys``, at most that many buckets are
+    kept, the least recently used dropped first (a dropped bucket is a full one)."""
 
-    __slots__ = ("_buckets", "burst", "rate")
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
 
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: int, max_keys: int = 0) -> None:
         self.rate = rate
         self.burst = burst
+        self.max_keys = max_keys
         self._buckets: dict[str, list[float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._buckets)
 
     def allow(self, key: str) -> bool:
         now = time.monotonic()
-        bucket = self._buckets.get(key)
+        buckets = self._buckets
+        bucket = buckets.get(key)
         if bucket is None:
-            self._buckets[key] = [self.burst - 1.0, now]
+            if self.max_keys and len(buckets) >= self.max_keys:
+                del buckets[next(iter(buckets))]  # the least recently used
+            buckets[key] = [self.burst - 1.0, now]
             return True
+        if self.max_keys:  # most recently used last
+            del buckets[key]
+            buckets[key] = bucket
         tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
         bucket[1] = now
         if tokens < 1.0:
@@ -139,8 +152,36 @@ class RateLimiter:
         bucket[0] = tokens - 1.0
         return True
 
+    def exhausted(self, key: str) -> bool:
+        """Whether ``key`` has no request left now (without taking one)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return False
+        return bucket[0] + (time.monotonic() - bucket[1]) * self.rate < 1.0
+
     def forget(self, key: str) -> None:
         self._buckets.pop(key, None)
+
+
+#: buckets a limiter keyed by client address keeps (each ~200 bytes)
+MAX_ADDRESSES = 100_000
+#: session restores (--recovery) per second per client address, and the burst; each
+#: takes message store look-ups
+RESTORE_RATE, RESTORE_BURST = 0.5, 10
+#: joins with history per second per client address, and the burst; each creates a
+#: JetStream consumer
+HISTORY_RATE, HISTORY_BURST = 2.0, 20
+
+
+#: the environ key of a connection's client address (set at its engine.io connect)
+REMOTE_KEY = "gateway.remote"
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 class ChatProtocol:
@@ -162,6 +203,13 @@ class ChatProtocol:
         self.join_limiter = RateLimiter(self.limits.join_rate, self.limits.join_burst)
         #: sid -> what its token allows (only when auth is on)
         self.grants: dict[str, Grant] = {}
+        self.restore_limiter = RateLimiter(RESTORE_RATE, RESTORE_BURST, MAX_ADDRESSES)
+        self.history_limiter = RateLimiter(HISTORY_RATE, HISTORY_BURST, MAX_ADDRESSES)
+        #: engine.io sessions that have tried a restore (one try each)
+        self.restore_tried: set[str] = set()
+        recovery: Any = getattr(manager, "recovery", None)
+        if recovery is not None:
+            recovery.may_restore = self.may_restore
         #: sid -> the timer that ends its session when its token expires
         self._expiry: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -207,6 +255,39 @@ class ChatProtocol:
             raise
         self.grants[sid] = grant
         self._expire_at(sid, grant.expires)
+        # a restored session (--recovery) has its rooms back already: it keeps only
+        # those this token grants
+        await self._apply_grant(sid, grant)
+
+    async def _apply_grant(self, sid: str, grant: Grant) -> list[str]:
+        """Make ``sid`` leave the rooms ``grant`` does not allow; returns them, sorted."""
+        lost = sorted(room for room in self.manager.get_rooms(sid, "/")
+                      if room != sid and not is_sid(room) and not grant.allows(room))
+        for room in lost:
+            await self.sio.leave_room(sid, room)
+            if self.presence:
+                await self._announce(sid, room, "left")
+        return lost
+
+    def address_of(self, environ: Any) -> str:
+        """The client address of a connection's environ (after the proxy rules)."""
+        return str(environ.get(REMOTE_KEY, "?")) if isinstance(environ, dict) else "?"
+
+    def may_restore(self, eio_sid: str) -> bool:
+        """A restore attempt (--recovery): one per engine.io session, and per client
+        address at most RESTORE_BURST, then one per 1 / RESTORE_RATE seconds."""
+        if eio_sid in self.restore_tried:
+            self.refused["rate_limited"] += 1
+            return False
+        self.restore_tried.add(eio_sid)
+        address = self.address_of(self.sio.environ.get(eio_sid))
+        if is_loopback(address) or self.restore_limiter.allow(address):
+            return True
+        self.refused["rate_limited"] += 1
+        return False
+
+    def engine_closed(self, eio_sid: str) -> None:
+        self.restore_tried.discard(eio_sid)
 
     async def on_disconnect(self, sid: str, reason: Any = None) -> None:
         if self.presence:  # the rooms are still there while this handler runs
@@ -245,7 +326,8 @@ class ChatProtocol:
 
     async def on_refresh(self, sid: str, *args: Any) -> Ack:
         """``refresh`` ({"token": JWT}): a fresh token for the same subject extends the
-        session (and replaces its room claims)."""
+        session and replaces its room claims: the socket leaves the rooms the new token
+        does not grant (the ack's ``left`` names them)."""
         if self.tokens is None:
             return self._refuse("bad_request", "refresh is only for --auth jwt")
         if not self.chat_limiter.allow(sid):
@@ -260,7 +342,9 @@ class ChatProtocol:
             return self._refuse("forbidden", "forbidden: a refresh must keep the token's sub")
         self.grants[sid] = grant
         self._expire_at(sid, grant.expires)
-        return {"ok": True, "expires": int(grant.expires)}
+        # a token that grants fewer rooms takes the others away now
+        left = await self._apply_grant(sid, grant)
+        return {"ok": True, "expires": int(grant.expires), "left": left}
 
     async def on_join(self, sid: str, *args: Any) -> Ack:
         if not self.join_limiter.allow(sid):
@@ -283,6 +367,12 @@ class ChatProtocol:
         grant = self.grants.get(sid)
         if grant is not None and not grant.allows(room):
             return self._refuse("forbidden", f"forbidden: your token does not allow room {room!r}")
+        recovery = getattr(self.manager, "recovery", None)
+        if history and recovery is not None:
+            address = self.address_of(self.sio.get_environ(sid))
+            if not is_loopback(address) and not self.history_limiter.allow(address):
+                return self._refuse("rate_limited",
+                                    "rate limited: too many history reads from your address")
         joined = self.manager.get_rooms(sid, "/")
         if room not in joined and len(joined) >= self.limits.max_rooms_per_socket:
             return self._refuse(
@@ -342,9 +432,11 @@ class ChatProtocol:
         problem = self.check_text(text)
         if problem is not None:
             return self._refuse(*problem)
+        grant = self.grants.get(sid)
+        if grant is not None and not grant.allows(room):
+            return self._refuse("forbidden", f"forbidden: your token does not allow room {room!r}")
         if room not in self.manager.get_rooms(sid, "/"):
             return self._refuse("not_member", f"not a member of room {room!r}; join it first")
-        grant = self.grants.get(sid)
         user = grant.subject if grant is not None else None
         try:
             msg_id = await self.publish(room, text, sid, user, skip_sid=sid)

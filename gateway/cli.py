@@ -6,12 +6,43 @@ import argparse
 import importlib
 import logging
 import sys
+import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
 from . import config as cfg
 from .types import GatewayManager
+
+
+class RareTracebacks(logging.Filter):
+    """For python-socketio's and engine.io's loggers, which log a traceback when
+    handling what a client sent fails: each kind of traceback (logger and message) is
+    kept once per ``interval`` seconds; repeats are dropped, and counted in the next
+    one kept. A client repeating a packet the gateway does not foresee then costs
+    one traceback a minute, not one per packet."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.dropped: Counter[str] = Counter()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info:
+            return True
+        key = f"{record.name}:{record.msg}"
+        now = time.monotonic()
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval:
+            self.dropped[key] += 1
+            return False
+        self.last[key] = now
+        repeats = self.dropped.pop(key, 0)
+        if repeats:
+            record.msg = f"{record.msg} ({repeats} more like it not logged)"
+        return True
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -30,10 +61,16 @@ def serve(conf: cfg.GatewayConfig, manager: GatewayManager | None = None) -> int
         level=conf.log_level,
         format=f"%(asctime)s {conf.node_id} %(levelname)s %(name)s: %(message)s",
     )
-    # python-socketio/engineio log every packet at INFO; keep them for DEBUG runs
-    for noisy in ("socketio", "engineio", "aiohttp.access"):
+    # python-socketio/engineio log every packet at INFO; keep them for DEBUG runs. Their
+    # servers' loggers are set too: one left unset gets a handler of its own, and
+    # then every line it logs is written twice
+    for noisy in ("socketio", "socketio.server", "engineio", "engineio.server",
+                  "aiohttp.access"):
         logging.getLogger(noisy).setLevel(max(logging.getLevelName(conf.log_level),
                                               logging.WARNING))
+    quiet = RareTracebacks()
+    for library in ("socketio", "socketio.server", "engineio", "engineio.server"):
+        logging.getLogger(library).addFilter(quiet)
     from .app import create_app
     from .serving import run
 
@@ -41,7 +78,8 @@ def serve(conf: cfg.GatewayConfig, manager: GatewayManager | None = None) -> int
     logging.getLogger("gateway").info("gateway %s (%s) listening on http://%s:%d",
                                       conf.node_id, conf.backend, conf.host, conf.port)
     run(app, host=conf.host, port=conf.port, max_connections=conf.max_connections,
-        shutdown_timeout=5.0)
+        shutdown_timeout=5.0,
+        admin=(conf.admin_host, conf.admin_port) if conf.admin_port else None)
     return 0
 
 

@@ -20,6 +20,10 @@ _FANOUT = FanoutLimits()
 BACKENDS = ("nats", "redis-sharded", "memory")
 
 
+#: the shortest API key or Admin UI password accepted
+MIN_SECRET_BYTES = 16
+
+
 class ConfigError(ValueError):
     """A setting has a bad value; the message names the flag or variable."""
 
@@ -47,6 +51,11 @@ class Limits:
     api_burst: int = 100
     #: seconds an HTTP request body may take to arrive
     body_timeout: float = 10.0
+    #: engine.io sessions open at once per client address (0: no cap), and new ones
+    #: per second per address, with the burst allowed (loopback is not limited)
+    max_sessions_per_address: int = 100
+    handshake_rate: float = 5.0
+    handshake_burst: int = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +114,10 @@ class GatewayConfig:
     trusted_proxies: tuple[str, ...] = ()
     #: concurrent connections (websockets included); 0: as many as the file limit allows
     max_connections: int = 0
+    #: the operator listener (/metrics, detailed /healthz, Admin UI); 0: none, and those
+    #: are answered on the public port only to loopback peers or with the API key
+    admin_port: int = 0
+    admin_host: str = "127.0.0.1"
     limits: Limits = field(default_factory=Limits)
     secrets: Secrets = field(default_factory=Secrets)
 
@@ -152,6 +165,11 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
      "comma-separated proxy addresses whose X-Forwarded-* headers are believed"),
     ("max_connections", "--max-connections", "GATEWAY_MAX_CONNECTIONS",
      "concurrent connections accepted, websockets included (0: the open-file limit)"),
+    ("admin_port", "--admin-port", "GATEWAY_ADMIN_PORT",
+     "port of the operator listener: /metrics, detailed /healthz, Admin UI (0: none; "
+     "then only loopback peers or the API key get them on the public port)"),
+    ("admin_host", "--admin-host", "GATEWAY_ADMIN_HOST",
+     "address of the operator listener"),
 ]
 _LIMITS: list[tuple[str, str, str, str]] = [
     ("max_room_chars", "--max-room-chars", "GATEWAY_MAX_ROOM_CHARS", "longest room name"),
@@ -174,6 +192,13 @@ _LIMITS: list[tuple[str, str, str, str]] = [
      "HTTP publish requests a client address may burst"),
     ("body_timeout", "--body-timeout", "GATEWAY_BODY_TIMEOUT",
      "seconds an HTTP request body may take to arrive (then 408)"),
+    ("max_sessions_per_address", "--max-sessions-per-address",
+     "GATEWAY_MAX_SESSIONS_PER_ADDRESS",
+     "engine.io sessions open at once per client address, loopback excepted (0: no cap)"),
+    ("handshake_rate", "--handshake-rate", "GATEWAY_HANDSHAKE_RATE",
+     "new engine.io sessions per second per client address (loopback excepted)"),
+    ("handshake_burst", "--handshake-burst", "GATEWAY_HANDSHAKE_BURST",
+     "new engine.io sessions a client address may burst"),
 ]
 
 # secret -> (environment variable; a variable of the same name + "_FILE" names a file)
@@ -319,9 +344,14 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "allowed_hosts": _csv,
     "trusted_proxies": _csv,
     "max_connections": _non_negative_int,
+    "admin_port": _port,
+    "admin_host": str,
     "api_rate": _positive_float,
     "api_burst": _positive_int,
     "body_timeout": _positive_float,
+    "max_sessions_per_address": _non_negative_int,
+    "handshake_rate": _positive_float,
+    "handshake_burst": _positive_int,
 }
 
 
@@ -376,12 +406,20 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
             f"--max-message-bytes ({limits.max_message_bytes}) must be at least "
             f"--max-text-bytes ({limits.max_text_bytes})"
         )
+    if values.get("admin_port") and values.get("admin_port") == values.get("port", 8001):
+        raise ConfigError("--admin-port must differ from --port (the operator listener is "
+                          "not the public one)")
     secrets = read_secrets(env)
     if values.get("auth") == "jwt" and not secrets.jwt_secret:
         raise ConfigError("--auth jwt needs GATEWAY_JWT_SECRET (or GATEWAY_JWT_SECRET_FILE)")
-    if values.get("auth") == "jwt" and len(secrets.jwt_secret.encode()) < 32:
+    if secrets.jwt_secret and len(secrets.jwt_secret.encode()) < 32:
         # RFC 7518 3.2: an HS256 key shorter than the hash can be brute-forced
         raise ConfigError("GATEWAY_JWT_SECRET must be at least 32 bytes for HS256")
+    for name, var in (("api_key", "GATEWAY_API_KEY"), ("admin_password", "GATEWAY_ADMIN_PASSWORD")):
+        secret: str = getattr(secrets, name)
+        if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+            raise ConfigError(f"{var} must be at least {MIN_SECRET_BYTES} bytes (a short one "
+                              "can be guessed)")
     if values.get("recovery") and values.get("backend", "nats") != "nats":
         raise ConfigError(f"--recovery needs --backend nats (JetStream keeps the sessions and "
                           f"the missed messages); {values['backend']} has no message store")

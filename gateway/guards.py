@@ -7,23 +7,36 @@
   ``Origin`` with ``Host``, both evil.example).
 - ``X-Forwarded-*`` and ``Forwarded`` headers are believed only from a configured
   reverse proxy (``--trusted-proxies``); from anyone else they are dropped before
-  engine.io's same-origin check or the rate limits read them.
+  engine.io's same-origin check or the rate limits read them. The client address is
+  the rightmost ``X-Forwarded-For`` entry that is not a trusted proxy.
+- Operator endpoints (``/metrics``, the detailed ``/healthz``, the Admin UI) answer
+  only an operator: a request that came in on the operator listener
+  (``--admin-port``), or, when there is none, one from a loopback peer that nothing
+  forwarded, or one with the API key. Others get ``404`` for ``/metrics`` and the
+  minimal ``/healthz`` (:data:`OPERATOR`).
+- New engine.io sessions are limited per client address (:class:`SessionsByAddress`):
+  past the cap or the handshake rate, 429.
 """
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from .chat import MAX_ADDRESSES, RateLimiter
 from .config import GatewayConfig
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded")
+#: whether a request comes from an operator (see the module docstring)
+OPERATOR = web.RequestKey("operator", bool)
 
 
 def _is_loopback(host: str) -> bool:
@@ -42,6 +55,42 @@ def _host_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
+class SessionsByAddress:
+    """Engine.io sessions per client address: at most ``cap`` open at once, and new
+    ones (handshakes) at ``rate`` per second, bursts of ``burst``. Engine.io sessions
+    are not TCP connections: over long-polling, thousands fit in a few of them, so
+    ``--max-connections`` does not bound them. Loopback addresses (the host itself:
+    its operator, a local load test) are not limited."""
+
+    def __init__(self, cap: int, rate: float, burst: int) -> None:
+        self.cap = cap
+        self.handshakes = RateLimiter(rate, burst, MAX_ADDRESSES)
+        self.open: Counter[str] = Counter()
+        self._address: dict[str, str] = {}
+
+    def refuse_handshake(self, address: str) -> str | None:
+        """Why a new session from ``address`` is refused now, or None."""
+        if _is_loopback(address):
+            return None
+        if self.cap and self.open[address] >= self.cap:
+            return f"too many sessions from your address (at most {self.cap})"
+        if not self.handshakes.allow(address):
+            return "too many new sessions from your address: try again later"
+        return None
+
+    def opened(self, eio_sid: str, address: str) -> None:
+        self._address[eio_sid] = address
+        self.open[address] += 1
+
+    def closed(self, eio_sid: str) -> None:
+        address = self._address.pop(eio_sid, None)
+        if address is None:
+            return
+        self.open[address] -= 1
+        if self.open[address] <= 0:
+            del self.open[address]
+
+
 class RequestGuard:
     """The aiohttp middleware described in the module docstring."""
 
@@ -51,6 +100,30 @@ class RequestGuard:
         self.loopback_only = not self.allowed and _is_loopback(config.host)
         self.proxies = frozenset(config.trusted_proxies)
         self.refused = 0
+        self.admin_port = config.admin_port
+        self.api_key = config.secrets.api_key.encode()
+        limits = config.limits
+        self.sessions = SessionsByAddress(limits.max_sessions_per_address,
+                                          limits.handshake_rate, limits.handshake_burst)
+        self.engineio_path = "/socket.io"
+        #: refused requests by reason (the app points it at the chat protocol's)
+        self.refusals: Counter[str] = Counter()
+
+    def is_operator(self, request: web.Request) -> bool:
+        transport = request.transport
+        if transport is None:
+            return False
+        if self.admin_port:
+            local = transport.get_extra_info("sockname")
+            return isinstance(local, tuple) and local[1] == self.admin_port
+        peer = transport.get_extra_info("peername")
+        if peer is not None and _is_loopback(str(peer[0])) \
+                and not any(h in request.headers for h in FORWARDED_HEADERS):
+            return True
+        if not self.api_key:
+            return False
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(given.removeprefix(b"Bearer ").strip(), self.api_key)
 
     def host_allowed(self, host_header: str) -> bool:
         host = host_header.strip().lower()
@@ -61,6 +134,16 @@ class RequestGuard:
             return _is_loopback(name.strip("[]")) or name in LOOPBACK_NAMES
         return True
 
+    def forwarded_client(self, values: list[str]) -> str:
+        """The client a trusted proxy forwarded for: the rightmost X-Forwarded-For entry
+        that is not a trusted proxy (the entries left of it are whatever the client
+        sent, so anyone could pick them); "" when there is none."""
+        entries = [e.strip() for value in values for e in value.split(",") if e.strip()]
+        for entry in reversed(entries):
+            if entry not in self.proxies:
+                return entry
+        return entries[0] if entries else ""
+
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not self.host_allowed(request.headers.get("Host", "")):
@@ -68,14 +151,22 @@ class RequestGuard:
             return web.json_response(
                 {"ok": False, "error": "misdirected request: this gateway does not serve "
                  "that host (see --allowed-hosts)"}, status=421)
-        if not any(h in request.headers for h in FORWARDED_HEADERS):
-            return await handler(request)
-        peer = request.transport.get_extra_info("peername") if request.transport else None
-        if peer is not None and peer[0] in self.proxies:
-            forwarded_for = request.headers.get("X-Forwarded-For", "")
-            client = forwarded_for.split(",")[0].strip()
-            return await handler(request.clone(remote=client) if client else request)
-        headers = CIMultiDict(request.headers)
-        for name in FORWARDED_HEADERS:
-            headers.popall(name, None)
-        return await handler(request.clone(headers=headers))
+        request[OPERATOR] = self.is_operator(request)
+        if any(h in request.headers for h in FORWARDED_HEADERS):
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            if peer is not None and peer[0] in self.proxies:
+                client = self.forwarded_client(request.headers.getall("X-Forwarded-For", []))
+                if client:
+                    request = request.clone(remote=client)
+            else:
+                headers = CIMultiDict(request.headers)
+                for name in FORWARDED_HEADERS:
+                    headers.popall(name, None)
+                request = request.clone(headers=headers)
+        if request.path.startswith(self.engineio_path) and "sid" not in request.query:
+            problem = self.sessions.refuse_handshake(request.remote or "?")
+            if problem is not None:
+                self.refusals["rate_limited"] += 1
+                return web.json_response({"ok": False, "error": problem}, status=429,
+                                         headers={"Retry-After": "1"})
+        return await handler(request)

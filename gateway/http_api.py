@@ -5,7 +5,9 @@ What a publish request must be, in the order it is checked (each refusal is a 4x
 JSON reason, counted under ``gateway_requests_refused_total``):
 
 - ``Authorization: Bearer <GATEWAY_API_KEY>`` whenever a key is set (401); with
-  JWT auth on and no key, the API is closed.
+  JWT auth on and no key, the API is closed. A client address that sent
+  ``KEY_FAILURE_BURST`` wrong keys gets 429 for everything until its budget refills
+  (one more try per ``1 / KEY_FAILURE_RATE`` seconds): keys cannot be guessed at speed.
 - at most ``--api-rate`` requests per second per client address (429).
 - ``Content-Type: application/json`` in UTF-8 (415): browsers cannot send that
   cross-site without a CORS preflight, which the gateway does not grant.
@@ -28,8 +30,12 @@ from nats_adapter import BrokerError, is_sid
 from nats_adapter.cluster import ClusterTimeoutError
 from nats_adapter.recovery import MAX_HISTORY
 
-from .chat import ChatProtocol, RateLimiter, json_type, utf8_problem
+from .chat import MAX_ADDRESSES, ChatProtocol, RateLimiter, json_type, utf8_problem
 from .config import GatewayConfig
+
+#: wrong API keys a client address may send in a burst, and per second after it
+KEY_FAILURE_BURST = 10
+KEY_FAILURE_RATE = 0.2
 
 
 class HttpApi:
@@ -37,8 +43,12 @@ class HttpApi:
         self.chat = chat
         self.key = config.secrets.api_key.encode()
         self.closed = config.auth == "jwt" and not self.key
-        self.limiter = RateLimiter(config.limits.api_rate, config.limits.api_burst)
+        self.limiter = RateLimiter(config.limits.api_rate, config.limits.api_burst,
+                                   MAX_ADDRESSES)
         self.body_timeout = config.limits.body_timeout
+        self.key_failures = RateLimiter(KEY_FAILURE_RATE, KEY_FAILURE_BURST, MAX_ADDRESSES)
+        #: GET /api/rooms/{room} needs the key too (JWT auth: no anonymous reads)
+        self.room_needs_key = config.auth == "jwt"
 
     def _refuse(self, reason: str, message: str, status: int) -> web.Response:
         self.chat.refused[reason] += 1
@@ -53,10 +63,26 @@ class HttpApi:
         given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         return hmac.compare_digest(given.removeprefix(b"Bearer ").strip(), self.key)
 
+    def _check_key(self, request: web.Request) -> web.Response | None:
+        """None when the request may go on; else the refusal: 429 while its address is
+        out of key attempts (whatever the key: a right guess must not show), 401."""
+        address = request.remote or "?"
+        if self.key_failures.exhausted(address):
+            response = self._refuse("rate_limited", "rate limited: too many wrong API keys",
+                                    429)
+            response.headers["Retry-After"] = str(round(1 / KEY_FAILURE_RATE))
+            return response
+        if self._authorized(request):
+            return None
+        if self.key and request.headers.get("Authorization"):  # a wrong key: an attempt
+            self.key_failures.allow(address)
+        return self._refuse("unauthenticated",
+                            "unauthorized: send Authorization: Bearer <API key>", 401)
+
     async def publish(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
-            return self._refuse("unauthenticated",
-                                "unauthorized: send Authorization: Bearer <API key>", 401)
+        refusal = self._check_key(request)
+        if refusal is not None:
+            return refusal
         if not self.limiter.allow(request.remote or "?"):
             response = self._refuse("rate_limited", "rate limited: too many requests", 429)
             response.headers["Retry-After"] = "1"
@@ -98,6 +124,12 @@ class HttpApi:
         """GET /api/rooms/{room}: the room's member count across the cluster, and with
         the API key, its members' sids. ``partial`` and ``missing`` say which gateways
         did not answer in time (the count then covers the others)."""
+        keyed = False
+        if self.room_needs_key or request.headers.get("Authorization"):
+            refusal = self._check_key(request)
+            if refusal is not None:
+                return refusal
+            keyed = bool(self.key)
         room, error = self.chat.check_room(request.match_info["room"])
         if room is None:
             return self._bad(error or "bad room")
@@ -109,7 +141,7 @@ class HttpApi:
                                 501)
         body: dict[str, Any] = {"ok": True, "room": room}
         try:
-            if self.key and self._authorized(request):
+            if keyed:
                 sockets = await manager.room_members(room)
                 body.update(members=len(sockets), sockets=sockets)
             else:
@@ -126,9 +158,9 @@ class HttpApi:
     async def messages(self, request: web.Request) -> web.Response:
         """GET /api/rooms/{room}/messages?limit=N: the room's last N chat messages,
         oldest first (with --recovery; the same key as publishing)."""
-        if not self._authorized(request):
-            return self._refuse("unauthenticated",
-                                "unauthorized: send Authorization: Bearer <API key>", 401)
+        refusal = self._check_key(request)
+        if refusal is not None:
+            return refusal
         if not self.limiter.allow(request.remote or "?"):
             return self._refuse("rate_limited", "rate limited: too many requests", 429)
         room, error = self.chat.check_room(request.match_info["room"])

@@ -134,10 +134,12 @@ def freeze_startup_objects() -> int:
 
 
 async def serve(app: web.Application, host: str, port: int, max_connections: int = 0,
-                shutdown_timeout: float = 5.0) -> None:
+                shutdown_timeout: float = 5.0, admin: tuple[str, int] | None = None) -> None:
     """Serve ``app`` until SIGINT or SIGTERM, then shut it down gracefully.
 
-    ``max_connections`` 0 means as many as the open-file limit allows.
+    ``max_connections`` 0 means as many as the open-file limit allows. ``admin``: the
+    (host, port) of the operator listener, which serves the same app outside the bound
+    (see :mod:`gateway.guards` for what only it answers).
     """
     limit = raise_file_limit()
     counts = app.get(CONNECTIONS_KEY) or ConnectionCounts()
@@ -148,6 +150,11 @@ async def serve(app: web.Application, host: str, port: int, max_connections: int
     loop = asyncio.get_running_loop()
     listener = await loop.create_server(ConnectionCap(runner.server, counts), host, port,
                                         reuse_address=True, backlog=1024)
+    listeners = [listener]
+    if admin is not None:
+        listeners.append(await loop.create_server(runner.server, admin[0], admin[1],
+                                                  reuse_address=True))
+        logger.info("operator listener on http://%s:%d", admin[0], admin[1])
     logger.info("accepting up to %d concurrent connections", counts.limit)
     logger.info("%d objects of the start-up frozen out of garbage collection",
                 freeze_startup_objects())
@@ -158,7 +165,8 @@ async def serve(app: web.Application, host: str, port: int, max_connections: int
     try:
         await stop.wait()
     finally:
-        listener.close()  # no new connections; then the app's shutdown hooks run
+        for each in listeners:
+            each.close()  # no new connections; then the app's shutdown hooks run
         await runner.cleanup()
         GC_PAUSES.uninstall()
 

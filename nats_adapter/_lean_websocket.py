@@ -274,7 +274,11 @@ class WriteBatch:
 
 async def receive_packet(socket: Any, pkt: eio_packet.Packet) -> bool:
     """Hand one received packet to engine.io's socket, as its own websocket loop does
-    (unknown packets ignored, errors logged); False once the socket is closed."""
+    (unknown packets ignored, errors logged); False once the socket is closed, or when
+    the packet's type is none of engine.io's (the client does not speak the protocol:
+    closing it costs less than the traceback engine.io would log for it)."""
+    if not 0 <= pkt.packet_type < len(eio_packet.packet_names):
+        return False
     try:
         await socket.receive(pkt)
     except exceptions.UnknownPacketError:

@@ -17,6 +17,7 @@ Each gateway shows as its own server (its ``host_id``: node name and tag).
 
 from __future__ import annotations
 
+import hmac
 import inspect
 from typing import Any
 
@@ -24,6 +25,22 @@ from socketio.async_admin import InstrumentedAsyncServer
 from socketio.exceptions import ConnectionRefusedError as Refused
 
 from .cluster import ClusterApi, RemoteSocket
+
+
+def same_credentials(given: Any, expected: dict[str, Any]) -> bool:
+    """Whether ``given`` holds exactly ``expected``'s keys and values, strings
+    compared in constant time (``==`` stops at the first wrong character)."""
+    if not isinstance(given, dict) or set(given) != set(expected):
+        return False
+    same = True
+    for key, value in expected.items():
+        other = given[key]
+        if isinstance(value, str) and isinstance(other, str):
+            same &= hmac.compare_digest(value.encode("utf-8", "surrogatepass"),
+                                        other.encode("utf-8", "surrogatepass"))
+        else:
+            same &= bool(value == other)
+    return same
 
 
 class ClusterInstrumentedServer(InstrumentedAsyncServer):  # type: ignore[misc]
@@ -39,9 +56,9 @@ class ClusterInstrumentedServer(InstrumentedAsyncServer):  # type: ignore[misc]
         if not self.auth:
             return True
         if isinstance(self.auth, dict):
-            return bool(client_auth == self.auth)
+            return same_credentials(client_auth, self.auth)
         if isinstance(self.auth, list):
-            return client_auth in self.auth
+            return any([same_credentials(client_auth, each) for each in self.auth])
         result = self.auth(client_auth)
         return bool(await result if inspect.isawaitable(result) else result)
 

@@ -138,6 +138,9 @@ class Recovery:
         self.identities: dict[str, str | None] = {}
         #: (eio sid, namespace) -> identity of a connection whose CONNECT is under way
         self._connecting: dict[tuple[str, str], str | None] = {}
+        #: the application's say on a restore attempt, by engine.io sid (e.g. limits
+        #: per client address): False makes it a new session, without a store look-up
+        self.may_restore: Callable[[str], bool] | None = None
 
     # -- set-up ------------------------------------------------------------------------
 
@@ -324,6 +327,9 @@ class Recovery:
             return
         m = self.manager
         m.stats.recovery_attempts += 1
+        if self.may_restore is not None and not self.may_restore(eio_sid):
+            m.stats.recovery_refused += 1
+            return
         try:
             problem = await self._restorable(pid, offset, namespace, identity)
         except Exception:  # a CONNECT must be answered: a new session, never silence

@@ -410,7 +410,7 @@ async def test_a_refreshed_token_keeps_the_socket(jwt_gateway: GatewayNode,
     assert bad["ok"] is False and "sub" in bad["error"]
     fresh = int(time.time()) + 600
     ack = await c.call("refresh", {"token": token(exp=fresh)})
-    assert ack == {"ok": True, "expires": fresh}
+    assert ack == {"ok": True, "expires": fresh, "left": []}
     await asyncio.sleep(3)  # past the old token's expiry: time itself is the condition
     assert c.sio.connected and not c.received("auth_error")
     await asyncio.sleep(SETTLE)

@@ -25,11 +25,11 @@ from tests.helpers import (
     SETTLE,
     SioClient,
     connect_all,
-    http_json,
     read_metric,
     tls_files,
     wait_for_condition,
 )
+from tests.test_edges import get
 
 SECRET = "test-jwt-secret-4f0c2a9e7d-0123456789abcdef"
 API_KEY = "test-api-key-9b1e55c3"
@@ -227,9 +227,11 @@ async def test_slow_consumer_is_dropped_and_others_keep_receiving(
     slow = stalled_member(secure_procs[0].url, [
         '40{"token":"' + token(sub="slow") + '"}', '421["join","slow"]'])
     try:
-        # its join is in: the room counts three (polled gently, under the API's rate limit)
+        # its join is in: the room counts three (polled gently, under the API's rate
+        # limit; under --auth jwt the room API needs the key)
+        key = {"Authorization": f"Bearer {API_KEY}"}
         await wait_for_condition(
-            lambda: (http_json(f"{secure_procs[0].url}/api/rooms/slow")[1] or {}).get(
+            lambda: (get(f"{secure_procs[0].url}/api/rooms/slow", key)[1] or {}).get(
                 "members") == 3,
             "the stalled member's join", interval=0.1)
         # push through the HTTP API (not rate limited): the kernel's socket buffers

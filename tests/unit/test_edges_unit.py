@@ -1,0 +1,87 @@
+"""The edges' building blocks, in-process: bounded limiters, forwarded addresses,
+secret lengths."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from gateway import config as cfg
+from gateway.chat import RateLimiter
+from gateway.config import GatewayConfig
+from gateway.guards import RequestGuard
+from nats_adapter.admin import same_credentials
+
+
+def test_an_address_limiter_keeps_a_bounded_number_of_buckets() -> None:
+    """One bucket per address forever let a spoofing client grow the node without
+    bound; past max_keys the least recently used is dropped."""
+    limiter = RateLimiter(1.0, 2, max_keys=100)
+    for i in range(10_000):
+        limiter.allow(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter) == 100
+    # a bucket in use stays: its address keeps its (spent) budget
+    limiter = RateLimiter(0.001, 2, max_keys=3)
+    assert limiter.allow("busy") and limiter.allow("busy")
+    for other in ("a", "b", "c", "d"):
+        assert limiter.allow("busy") is False
+        limiter.allow(other)
+
+
+def test_the_client_is_the_rightmost_untrusted_forwarded_entry() -> None:
+    guard = RequestGuard(GatewayConfig(trusted_proxies=("10.0.0.1", "10.0.0.2")))
+    # what the client sent, then what the proxies appended
+    assert guard.forwarded_client(["6.6.6.6, 198.51.100.7, 10.0.0.2"]) == "198.51.100.7"
+    assert guard.forwarded_client(["1.1.1.1", "198.51.100.7"]) == "198.51.100.7"
+    assert guard.forwarded_client(["10.0.0.1, 10.0.0.2"]) == "10.0.0.1"
+    assert guard.forwarded_client([]) == ""
+
+
+@pytest.mark.parametrize(("var", "value"), [
+    ("GATEWAY_API_KEY", "short-key"),
+    ("GATEWAY_ADMIN_PASSWORD", "hunter2"),
+    ("GATEWAY_JWT_SECRET", "not-32-bytes-long"),
+])
+def test_short_secrets_are_refused_naming_the_variable(var: str, value: str) -> None:
+    args = argparse.ArgumentParser()
+    cfg.add_arguments(args)
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.from_args(args.parse_args([]), env={var: value})
+    assert var in str(caught.value) and value not in str(caught.value)
+    cfg.from_args(args.parse_args([]), env={var: value + "x" * 32})  # long enough
+
+
+def test_admin_credentials_are_compared_whole() -> None:
+    expected = {"username": "admin", "password": "correct horse battery"}
+    assert same_credentials(dict(expected), expected)
+    for given in ({"username": "admin", "password": "correct horse batterY"},
+                  {"username": "admin"}, {**expected, "extra": 1}, "admin", None,
+                  {"username": "admin", "password": 5}):
+        assert not same_credentials(given, expected), given
+
+
+def test_library_tracebacks_are_kept_once_a_minute() -> None:
+    import logging
+    import sys
+
+    from gateway.cli import RareTracebacks
+
+    quiet = RareTracebacks(interval=60.0)
+
+    def record(msg: str) -> logging.LogRecord:
+        try:
+            raise ValueError("client input")
+        except ValueError:
+            info = sys.exc_info()
+        return logging.LogRecord("engineio.server", logging.ERROR, __file__, 1, msg, None,
+                                 info)
+
+    assert quiet.filter(record("post request handler error"))
+    assert not any(quiet.filter(record("post request handler error")) for _ in range(400))
+    assert quiet.filter(record("message handler error"))  # another kind
+    plain = logging.LogRecord("engineio.server", logging.ERROR, __file__, 1, "x", None, None)
+    assert all(quiet.filter(plain) for _ in range(3))  # lines without a traceback pass
+    quiet.interval = 0.0
+    kept = record("post request handler error")
+    assert quiet.filter(kept) and "400 more like it" in str(kept.msg)
