@@ -1,4 +1,4 @@
-"""``python -m gateway {serve,cluster,bench}``."""
+"""``python -m gateway {serve,cluster,provision,bench}``."""
 
 from __future__ import annotations
 
@@ -40,6 +40,12 @@ def _cluster(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _provision(args: argparse.Namespace) -> int:
+    from .provision import run
+
+    return run(args)
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .bench.cli import run
 
@@ -49,7 +55,8 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gateway",
                                      description="Socket.IO gateway on NATS or sharded Redis")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,cluster,bench}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{serve,cluster,provision,bench}")
     serve = sub.add_parser("serve", help="run one gateway node")
     cfg.add_arguments(serve)
     serve.set_defaults(func=_serve)
@@ -58,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cluster_arguments(cluster)
     cluster.set_defaults(func=_cluster)
+    provision = sub.add_parser("provision", help="create the JetStream stream and session "
+                               "bucket the gateways' --recovery uses (as the NATS operator)")
+    from .provision import add_arguments as provision_arguments
+
+    provision_arguments(provision)
+    provision.set_defaults(func=_provision)
     bench = sub.add_parser("bench", help="benchmark the backends side by side")
     from .bench.cli import add_arguments as bench_arguments
 
