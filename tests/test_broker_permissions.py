@@ -394,3 +394,51 @@ async def test_gateway_on_an_unprovisioned_secure_broker_names_the_step(
                 await operator.jetstream().stream_info(STREAM)
         finally:
             await operator.close()
+
+
+async def test_recovery_across_gateways_logged_in_as_gateway_users(
+        provisioned: NatsCluster, tmp_path: Path, clients: list[SioClient],
+        node_bin: str) -> None:
+    """With the stream provisioned by the operator, gateways on their own users keep
+    Socket.IO connection state recovery: socket.io-client cut off gw-1 comes back on
+    gw-2 recovered, same sid, with what it missed; and nobody was refused anything."""
+    from tests.front import Front
+    from tests.test_recovery import DefaultClient
+
+    gws: list[GatewayNode] = []
+    front: Front | None = None
+    js: DefaultClient | None = None
+    try:
+        for i, port in enumerate(free_ports(2)):
+            gws.append(start_gateway(tmp_path, f"gw-{i + 1}", port, "nats",
+                                     provisioned.gateway_args(),
+                                     extra=["--recovery", "on"], env=provisioned.gateway_env(i)))
+        wait_gateways(gws, timeout=40)
+        front = await Front(("127.0.0.1", gws[0].port)).start()
+        (b,) = await connect_all(clients, [("b", gws[1].url)], offsets=True)
+        js = await DefaultClient.start(node_bin, front.url, "js")
+        await b.join("kept")
+        assert (await js.call("join", "kept"))["ok"] is True
+        await b.chat("kept", "before")
+        await js.wait_for(lambda c: len(c.chats()) == 1, what="the first chat")
+        first = js.connects()[0]
+        front.refusing = True
+        front.cut()
+        await b.chat("kept", "while away")
+        front.target = ("127.0.0.1", gws[1].port)
+        front.refusing = False
+        await js.wait_for(lambda c: len(c.connects()) >= 2, timeout=30, what="a reconnect")
+        again = js.connects()[-1]
+        assert again["recovered"] is True and again["sid"] == first["sid"], js.events[-5:]
+        await js.wait_for(lambda c: [m["text"] for m, _ in c.chats()] == ["before", "while away"],
+                          what="the missed chat")
+    finally:
+        if js is not None:
+            await js.close()
+        if front is not None:
+            await front.close()
+        stop_all([g.child for g in gws])
+    for gw in gws:
+        assert gw.child is not None
+        log = gw.child.log_path.read_text()
+        assert "ermissions" not in log, f"{gw.node_id} was refused something it needs:\n{log}"
