@@ -15,6 +15,10 @@ def _serve(args: argparse.Namespace) -> int:
     except cfg.ConfigError as exc:
         print(f"gateway serve: error: {exc}", file=sys.stderr)
         return 2
+    unsealed = cfg.unsealed_bus(conf)
+    if unsealed is not None:
+        print(f"gateway serve: error: {unsealed}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=conf.log_level,
         format=f"%(asctime)s {conf.node_id} %(levelname)s %(name)s: %(message)s",
@@ -26,6 +30,12 @@ def _serve(args: argparse.Namespace) -> int:
     from .app import create_app
     from .serving import run
 
+    if conf.insecure_bus and conf.backend in cfg.SEALED_BACKENDS and \
+            not conf.secrets.cluster_key:
+        logging.getLogger("gateway").warning(
+            "--insecure-bus: the bus between gateways is NOT sealed; anyone who can "
+            "publish on the broker can forge any gateway's messages (set "
+            "GATEWAY_CLUSTER_KEY)")
     app = create_app(conf)
     logging.getLogger("gateway").info("gateway %s (%s) listening on http://%s:%d",
                                       conf.node_id, conf.backend, conf.host, conf.port)

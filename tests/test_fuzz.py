@@ -16,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nats_adapter.sealing import ClusterKey
 from tests.conftest import start_node
 from tests.helpers import SETTLE, Node, SioClient, connect_all
 
@@ -99,9 +100,20 @@ GARBAGE = [
 ]
 
 
+#: one sealer per cluster key, so that its sequence numbers never repeat (a repeat is
+#: dropped as a replay before anything else is checked)
+_SEALERS: dict[str, ClusterKey] = {}
+
+
 async def publish_raw(node: Node, channel: str, payloads: list[bytes]) -> None:
-    """Publish straight onto the broker, as a rogue client would (no gateway involved)."""
+    """Publish straight onto the broker, as a rogue client would (no gateway involved).
+    When ``node`` has a cluster key, each payload is sealed with it: what a rogue
+    holding the key sends, which must pass every check after the seal's."""
     broker: Any = node.manager.broker
+    key = node.config.secrets.cluster_key
+    if key:
+        sealer = _SEALERS.setdefault(key, ClusterKey(key.encode()))
+        payloads = [sealer.seal(p) for p in payloads]
     if node.config.backend == "nats":
         import nats
 
