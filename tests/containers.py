@@ -429,11 +429,14 @@ def _prune(podman: Podman, repository: str, keep: str) -> None:
 
 _projects = 0
 
-#: broker passwords compose requires; fixed ones are fine for a throwaway test stack
+#: broker passwords and the cluster key compose requires; fixed ones are fine for a
+#: throwaway test stack
 TEST_PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-test-pass", "NATS_GATEWAY_1_PASSWORD":
                   "gw1-test-pass", "NATS_GATEWAY_2_PASSWORD": "gw2-test-pass",
                   "REDIS_ADMIN_PASSWORD": "admin-test-pass",
-                  "REDIS_GATEWAY_PASSWORD": "gateway-test-pass"}
+                  "REDIS_GATEWAY_PASSWORD": "gateway-test-pass",
+                  "NATS_OPERATOR_PASSWORD": "operator-test-pass",
+                  "GATEWAY_CLUSTER_KEY": "cluster-test-key-000000000000000000000000"}
 
 
 @dataclass

@@ -195,7 +195,7 @@ class NatsCluster(LocalCluster[NatsNode]):
                   timeout: float = 60.0) -> None:
         """Create (or update) the JetStream stream and session bucket gateways with
         --recovery on ``prefix`` use, as the operator (``python -m gateway
-        provision``): what the launcher, compose's nats-init and tests run before
+        provision``): what the launcher, compose's jetstream-init and tests run before
         starting gateways on the secure config, whose users may not."""
         argv = [sys.executable, "-m", "gateway", "provision", "--nats-url", ",".join(self.urls),
                 "--prefix", prefix, "--replicas", str(min(3, self.size)),
