@@ -28,6 +28,7 @@ from tests.containers import (
     nats_service_of,
 )
 from tests.helpers import WAIT, NodeClient, SioClient, connect_all, metrics_of, owner_of
+from tests.test_sealed_bus import forge
 from tests.traffic import Flow, Traffic, record, wait_for
 
 #: the first test may build the images (a few minutes on a cold cache)
@@ -82,6 +83,34 @@ def test_brokers_and_monitoring_are_not_published(compose_stack: ComposeStack) -
             assert list(published) == ["8001/tcp"], (service, published)
         else:
             assert published == {}, (service, published)
+
+
+async def test_forged_envelopes_with_a_gateway_password_change_nothing(
+        compose_stack: ComposeStack) -> None:
+    """The stack as shipped, so sealed (compose requires GATEWAY_CLUSTER_KEY), its
+    stream provisioned by jetstream-init: gw-2's NATS password, used from inside the
+    compose network, forges a cluster fetch (unsealed it returned every socket's
+    Cookie header), a cluster-wide disconnect and a DISCONNECT of one socket. No
+    reply, nobody disconnected, chat still flows."""
+    init = compose_stack.inspect("jetstream-init")["State"]
+    assert (init["Status"], init["ExitCode"]) == ("exited", 0), init
+    made: list[SioClient] = []
+    try:
+        victim = SioClient("victim")
+        made.append(victim)
+        await victim.sio.connect(compose_stack.gateway_urls[0], transports=["websocket"],
+                                 wait_timeout=WAIT, headers={"Cookie": "session=compose-victim"})
+        (peer,) = await connect_all(made, [("peer", compose_stack.gateway_urls[1])])
+        for c in (victim, peer):
+            await c.join("forged")
+        url = f"nats://{compose_stack.ip('nats-1')}:4222"
+        replies = await forge(url, TEST_PASSWORDS["NATS_GATEWAY_2_PASSWORD"], victim.sid)
+        assert replies == [], replies
+        assert victim.sio.connected and peer.sio.connected
+        await peer.chat("forged", "sealed")
+        await victim.wait_texts(["sealed"])
+    finally:
+        await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])

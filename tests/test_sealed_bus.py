@@ -116,13 +116,13 @@ def start_pair(cluster: NatsCluster, workdir: Path, *extra: str) -> list[Gateway
     return gws
 
 
-async def forge(cluster: NatsCluster, victim_sid: str) -> list[bytes]:
+async def forge(url: str, password: str, victim_sid: str) -> list[bytes]:
     """As gw-2's password holder: a cluster ``fetch`` of every socket, a cluster-wide
     ``disconnect`` and a DISCONNECT of the victim's sid on its node's channel; what
     came back to the forged origin's control channel."""
     channels = ChannelNames()
-    rogue = await nats.connect(cluster.urls[1], user="gw-2", password=PASSWORDS["gw-2"],
-                               allow_reconnect=False, connect_timeout=2)
+    rogue = await nats.connect(url, user="gw-2", password=password, allow_reconnect=False,
+                               connect_timeout=2)
     origin = new_node_tag()
     replies: list[bytes] = []
 
@@ -168,7 +168,7 @@ async def test_forged_fetch_and_disconnect_with_a_gateway_password(
         room = f"sealed-{uuid.uuid4().hex[:6]}"
         for c in (victim, peer):
             await c.join(room)
-        replies = await forge(secure_cluster, victim.sid)
+        replies = await forge(secure_cluster.urls[1], PASSWORDS["gw-2"], victim.sid)
         leaked = b"".join(replies)
         if not sealed:  # the probe works: unsealed, it is all there
             assert COOKIE.encode() in leaked and BEARER.encode() in leaked, \
