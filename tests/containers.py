@@ -449,6 +449,8 @@ class ComposeStack:
     profiles: tuple[str, ...] = ()
     project: str = ""
     ports: list[int] = field(default_factory=list)
+    #: more compose variables (GATEWAY_RECOVERY ...)
+    variables: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         global _projects
@@ -463,7 +465,7 @@ class ComposeStack:
         return {**self.podman.env, **self.images.compose_env(), **TEST_PASSWORDS,
                 "GATEWAY_BACKEND": self.backend, "COMPOSE_PROJECT_NAME": self.project,
                 "GATEWAY_1_PORT": f"127.0.0.1:{self.ports[0]}",
-                "GATEWAY_2_PORT": f"127.0.0.1:{self.ports[1]}"}
+                "GATEWAY_2_PORT": f"127.0.0.1:{self.ports[1]}", **self.variables}
 
     def compose(self, *args: str, timeout: float = 180, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:

@@ -299,3 +299,30 @@ async def test_redis_profile_chats_and_survives_a_master_crash_and_stop(
             assert late["lost"] == 0 and late["delivered"] > 0, late
     finally:
         await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
+
+
+async def test_recovery_on_the_stream_the_operator_provisioned(
+        podman: Podman, images: Images, compose_stack: ComposeStack) -> None:
+    """GATEWAY_RECOVERY=on: the gateways, logged in as gw-1 and gw-2 who may not
+    create or change JetStream, store and read on the stream and bucket jetstream-init
+    made as the operator; nothing they need is refused. (After the other stacks: one
+    at a time on two cores.)"""
+    compose_stack.down()
+    stack = ComposeStack(podman, images, variables={"GATEWAY_RECOVERY": "on"})
+    made: list[SioClient] = []
+    try:
+        await asyncio.to_thread(stack.up, 120)
+        a, b = await connect_all(made, [("a", stack.gateway_urls[0]),
+                                        ("b", stack.gateway_urls[1])], offsets=True)
+        for c in (a, b):
+            await c.join("stored")
+        await a.chat("stored", "kept in the stream")
+        await b.wait_for(lambda c: c.texts() == ["kept in the stream"], what="the chat")
+        ack = await b.call("join", {"room": "stored", "history": 5})
+        assert [m["text"] for m in ack["history"]] == ["kept in the stream"], ack
+        for service in ("gateway-1", "gateway-2"):
+            log = stack.logs(service, tail=200)
+            assert "ermissions" not in log, f"{service} was refused something:\n{log}"
+    finally:
+        await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
+        stack.down()
