@@ -38,8 +38,10 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
+from tests.front import Front
 from tests.helpers import REPO, WAIT, SioClient, connect_all, owner_of, running
 from tests.test_launcher import consecutive_free_ports, start_launcher
+from tests.test_recovery import DefaultClient
 
 PASSWORDS = {"gw-1": "gw1-pass-4d2a9f", "gw-2": "gw2-pass-81c3e0"}
 ROUTE_AUTH = ("route", "route-pass-6b0e2c")
@@ -402,9 +404,6 @@ async def test_recovery_across_gateways_logged_in_as_gateway_users(
     """With the stream provisioned by the operator, gateways on their own users keep
     Socket.IO connection state recovery: socket.io-client cut off gw-1 comes back on
     gw-2 recovered, same sid, with what it missed; and nobody was refused anything."""
-    from tests.front import Front
-    from tests.test_recovery import DefaultClient
-
     gws: list[GatewayNode] = []
     front: Front | None = None
     js: DefaultClient | None = None

@@ -185,7 +185,7 @@ class NatsMessageStore(MessageStore):
                 raise NotProvisionedError(
                     f"{'; '.join(problems)}, and this NATS user may not change that "
                     f"({exc!r}): provision them as the NATS operator first: "
-                    f"`python -m gateway provision` (README, Provisioning)") from None
+                    f"`python -m gateway provision` (README, Deploying securely)") from None
             problems = await self._problems()
             if problems:
                 raise NotProvisionedError("; ".join(problems))
