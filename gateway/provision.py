@@ -61,11 +61,19 @@ async def provision_nats(urls: list[str], prefix: str, window: float, replicas: 
 
     from nats_adapter.brokers.nats_store import provision
 
+    errors: list[Exception] = []
+
+    async def error_cb(exc: Exception) -> None:  # retried below: one line, no traceback
+        errors.append(exc)
+        logger.debug("NATS: %r", exc)
+
     deadline = time.monotonic() + timeout
     delay = 0.2
     while True:
         try:
-            nc = await nats.connect(urls, allow_reconnect=False, connect_timeout=5,
+            nc = await nats.connect(urls, allow_reconnect=False, max_reconnect_attempts=1,
+                                    reconnect_time_wait=0.5, connect_timeout=5,
+                                    error_cb=error_cb,
                                     name="gateway-provision", **credentials(env))
             try:
                 await provision(nc, prefix, window, replicas)
@@ -73,7 +81,10 @@ async def provision_nats(urls: list[str], prefix: str, window: float, replicas: 
                 await nc.close()
             return
         except (TimeoutError, OSError, nats.errors.Error) as exc:
-            if "authorization" in str(exc).lower() or time.monotonic() > deadline:
+            if any("authorization" in str(e).lower() for e in [*errors, exc]):
+                raise RuntimeError("the NATS server refused the login: check "
+                                   "NATS_OPERATOR_USER / NATS_OPERATOR_PASSWORD") from exc
+            if time.monotonic() > deadline:
                 raise
             logger.info("JetStream not ready yet (%r); retrying", exc)
             await asyncio.sleep(delay)
