@@ -84,6 +84,9 @@ async def provision_nats(urls: list[str], prefix: str, window: float, replicas: 
             if any("authorization" in str(e).lower() for e in [*errors, exc]):
                 raise RuntimeError("the NATS server refused the login: check "
                                    "NATS_OPERATOR_USER / NATS_OPERATOR_PASSWORD") from exc
+            if any("permissions violation" in str(e).lower() for e in errors):
+                raise RuntimeError("this NATS user may not administer JetStream: log in as "
+                                   "the operator (NATS_OPERATOR_PASSWORD)") from exc
             if time.monotonic() > deadline:
                 raise
             logger.info("JetStream not ready yet (%r); retrying", exc)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -441,3 +442,20 @@ async def test_recovery_across_gateways_logged_in_as_gateway_users(
         assert gw.child is not None
         log = gw.child.log_path.read_text()
         assert "ermissions" not in log, f"{gw.node_id} was refused something it needs:\n{log}"
+
+
+@pytest.mark.parametrize("login", ["wrong operator password", "a gateway's login"])
+def test_provision_with_the_wrong_login_fails_naming_it(provisioned: NatsCluster,
+                                                      login: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "GATEWAY_"))}
+    if login == "a gateway's login":
+        env.update(NATS_USER="gw-1", NATS_PASSWORD=PASSWORDS["gw-1"])
+        expected = "may not administer JetStream"
+    else:
+        env.update(NATS_OPERATOR_PASSWORD="not-the-password")
+        expected = "refused the login"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "provision", "--nats-url",
+                           ",".join(provisioned.urls), "--timeout", "20"],
+                          capture_output=True, text=True, timeout=90, cwd=REPO, env=env)
+    assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and PASSWORDS["gw-1"] not in proc.stderr
