@@ -1,4 +1,4 @@
-"""``python -m gateway {serve,cluster,bench}``."""
+"""``python -m gateway {serve,cluster,provision,bench}``."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def _serve(args: argparse.Namespace) -> int:
     except cfg.ConfigError as exc:
         print(f"gateway serve: error: {exc}", file=sys.stderr)
         return 2
+    unsealed = cfg.unsealed_bus(conf)
+    if unsealed is not None:
+        print(f"gateway serve: error: {unsealed}", file=sys.stderr)
+        return 2
     return serve(conf)
 
 
@@ -74,6 +78,12 @@ def serve(conf: cfg.GatewayConfig, manager: GatewayManager | None = None) -> int
     from .app import create_app
     from .serving import run
 
+    if conf.insecure_bus and conf.backend in cfg.SEALED_BACKENDS and \
+            not conf.secrets.cluster_key:
+        logging.getLogger("gateway").warning(
+            "--insecure-bus: the bus between gateways is NOT sealed; anyone who can "
+            "publish on the broker can forge any gateway's messages (set "
+            "GATEWAY_CLUSTER_KEY)")
     app = create_app(conf, manager)
     logging.getLogger("gateway").info("gateway %s (%s) listening on http://%s:%d",
                                       conf.node_id, conf.backend, conf.host, conf.port)
@@ -85,6 +95,12 @@ def serve(conf: cfg.GatewayConfig, manager: GatewayManager | None = None) -> int
 
 def _cluster(args: argparse.Namespace) -> int:
     from .launcher import run
+
+    return run(args)
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from .provision import run
 
     return run(args)
 
@@ -129,7 +145,8 @@ def _wants_bench(argv: Sequence[str] | None) -> bool:
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m gateway",
                                      description="Socket.IO gateway on NATS or sharded Redis")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,cluster,bench}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{serve,cluster,provision,bench}")
     serve = sub.add_parser("serve", help="run one gateway node")
     cfg.add_arguments(serve)
     serve.set_defaults(func=_serve)
@@ -138,6 +155,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     cluster_arguments(cluster)
     cluster.set_defaults(func=_cluster)
+    provision = sub.add_parser("provision", help="create the JetStream stream and session "
+                               "bucket the gateways' --recovery uses (as the NATS operator)")
+    from .provision import add_arguments as provision_arguments
+
+    provision_arguments(provision)
+    provision.set_defaults(func=_provision)
     bench = sub.add_parser("bench", help="benchmark the backends side by side "
                                          "(from a source checkout)")
     # the benchmark's flags only where it is: elsewhere `bench` answers BENCH_MISSING

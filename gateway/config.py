@@ -18,6 +18,8 @@ from nats_adapter import FanoutLimits
 _FANOUT = FanoutLimits()
 
 BACKENDS = ("nats", "redis-sharded", "memory")
+#: backends whose gateways talk to each other over a broker: sealed unless told not to
+SEALED_BACKENDS = ("nats", "redis-sharded")
 
 
 #: the shortest API key or Admin UI password accepted
@@ -96,6 +98,8 @@ class GatewayConfig:
     recovery: bool = False
     #: seconds a disconnected session stays recoverable
     recovery_window: float = 120.0
+    #: run a multi-node backend without a cluster key (anyone on the broker can forge)
+    insecure_bus: bool = False
     cors_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
     #: path of socket.io-client's browser bundle; empty: look in node_modules
@@ -146,6 +150,9 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
      "with JetStream)"),
     ("recovery_window", "--recovery-window", "GATEWAY_RECOVERY_WINDOW",
      "seconds a disconnected session stays recoverable"),
+    ("insecure_bus", "--insecure-bus", "GATEWAY_INSECURE_BUS",
+     "on: run without GATEWAY_CLUSTER_KEY on a multi-node backend, the bus unsealed "
+     "(whoever can publish on the broker can forge any node's messages)"),
     ("admin_mode", "--admin-mode", "GATEWAY_ADMIN_MODE",
      "with GATEWAY_ADMIN_PASSWORD set: production (stats) or development (every socket "
      "and event; costly)"),
@@ -324,6 +331,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "admin_mode": _admin_mode,
     "recovery": _on_off,
     "recovery_window": _positive_float,
+    "insecure_bus": _on_off,
     "cors_origins": _csv,
     "log_level": _log_level,
     "client_js": str,
@@ -426,6 +434,20 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
     if secrets.cluster_key and len(secrets.cluster_key.encode()) < 32:
         raise ConfigError("GATEWAY_CLUSTER_KEY must be at least 32 bytes")
     return GatewayConfig(**values, limits=limits, secrets=secrets)
+
+
+def unsealed_bus(config: GatewayConfig) -> str | None:
+    """Why ``config`` may not run (a multi-node backend, no cluster key, no
+    ``--insecure-bus``); None when it may."""
+    if config.backend not in SEALED_BACKENDS or config.secrets.cluster_key or \
+            config.insecure_bus:
+        return None
+    return (f"--backend {config.backend} relays between gateways over the broker: set "
+            f"GATEWAY_CLUSTER_KEY (or GATEWAY_CLUSTER_KEY_FILE), a secret of at least 32 "
+            f"bytes shared by every gateway, e.g. `python -c 'import secrets; "
+            f"print(secrets.token_urlsafe(32))'`; or pass --insecure-bus "
+            f"(GATEWAY_INSECURE_BUS=on) to run unsealed, where anyone who can publish on "
+            f"the broker can forge any gateway's messages")
 
 
 def read_secrets(env: Mapping[str, str]) -> Secrets:

@@ -89,13 +89,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "passwords are made up for the run")
 
 
+def _recovery(args: argparse.Namespace) -> bool:
+    return bool(args.recovery) or os.environ.get("GATEWAY_RECOVERY", "").lower() in (
+        "1", "on", "true", "yes")
+
+
 def _check(args: argparse.Namespace) -> str | None:
     if args.gateways < 1:
         return "--gateways must be at least 1"
     if args.nats_nodes < 1:
         return "--nats-nodes must be at least 1"
-    recovery = args.recovery or os.environ.get("GATEWAY_RECOVERY", "").lower() in (
-        "1", "on", "true", "yes")
+    recovery = _recovery(args)
     if recovery and args.backend != "nats":
         return "--recovery needs --backend nats (JetStream keeps sessions and missed messages)"
     if args.topology != "mesh" and args.backend != "nats":
@@ -137,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
             brokers.start()
             for node in brokers.nodes:
                 _say(_broker_line(node))
+            if isinstance(brokers, NatsCluster) and _recovery(args):
+                # the operator provisions JetStream; gateway users may only use it
+                brokers.provision(window=args.recovery_window)
         # the gateways seal what they send each other with a key only they know (one
         # generated per cluster unless GATEWAY_CLUSTER_KEY is set; they inherit it)
         sealing = {} if os.environ.get("GATEWAY_CLUSTER_KEY") or \

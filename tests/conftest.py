@@ -23,8 +23,9 @@ from aiohttp import web
 
 from gateway import config as cfg
 from gateway.app import CONFIG_KEY, MANAGER_KEY, SIO_KEY, create_app
-from gateway.config import GatewayConfig
+from gateway.config import SEALED_BACKENDS, GatewayConfig, Secrets
 from gateway.processes import (
+    RUN_CLUSTER_KEY,
     GatewayNode,
     LocalCluster,
     NatsCluster,
@@ -140,6 +141,10 @@ async def start_node(backend: str, node_id: str, extra: dict[str, object],
     port = free_ports(1)[0]
     fields: dict[str, object] = {"unsubscribe_linger": TEST_LINGER,
                                  "heartbeat_interval": TEST_HEARTBEAT, **extra}
+    if backend in SEALED_BACKENDS and "secrets" not in fields:
+        # sealed like the gateway processes the tests start (gateway.processes), which
+        # share the session's brokers and channel prefix with these nodes
+        fields["secrets"] = Secrets(cluster_key=RUN_CLUSTER_KEY)
     config = GatewayConfig(backend=backend, host="127.0.0.1", port=port, node_id=node_id,
                            **fields)  # type: ignore[arg-type]
     app = create_app(config, manager)

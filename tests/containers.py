@@ -429,11 +429,14 @@ def _prune(podman: Podman, repository: str, keep: str) -> None:
 
 _projects = 0
 
-#: broker passwords compose requires; fixed ones are fine for a throwaway test stack
+#: broker passwords and the cluster key compose requires; fixed ones are fine for a
+#: throwaway test stack
 TEST_PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-test-pass", "NATS_GATEWAY_1_PASSWORD":
                   "gw1-test-pass", "NATS_GATEWAY_2_PASSWORD": "gw2-test-pass",
                   "REDIS_ADMIN_PASSWORD": "admin-test-pass",
-                  "REDIS_GATEWAY_PASSWORD": "gateway-test-pass"}
+                  "REDIS_GATEWAY_PASSWORD": "gateway-test-pass",
+                  "NATS_OPERATOR_PASSWORD": "operator-test-pass",
+                  "GATEWAY_CLUSTER_KEY": "cluster-test-key-000000000000000000000000"}
 
 
 @dataclass
@@ -446,6 +449,8 @@ class ComposeStack:
     profiles: tuple[str, ...] = ()
     project: str = ""
     ports: list[int] = field(default_factory=list)
+    #: more compose variables (GATEWAY_RECOVERY ...)
+    variables: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         global _projects
@@ -460,7 +465,7 @@ class ComposeStack:
         return {**self.podman.env, **self.images.compose_env(), **TEST_PASSWORDS,
                 "GATEWAY_BACKEND": self.backend, "COMPOSE_PROJECT_NAME": self.project,
                 "GATEWAY_1_PORT": f"127.0.0.1:{self.ports[0]}",
-                "GATEWAY_2_PORT": f"127.0.0.1:{self.ports[1]}"}
+                "GATEWAY_2_PORT": f"127.0.0.1:{self.ports[1]}", **self.variables}
 
     def compose(self, *args: str, timeout: float = 180, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:

@@ -359,3 +359,17 @@ def tls_files(folder: Path) -> dict[str, str]:
     ):
         subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
     return {"NATS_TLS_CERT": cert, "NATS_TLS_KEY": key, "NATS_TLS_CA": ca}
+
+
+#: one sealer per cluster key, so that its sequence numbers never repeat (a repeat is
+#: dropped as a replay before anything else is checked)
+_SEALERS: dict[str, Any] = {}
+
+
+def seal_with(key: str, payload: bytes) -> bytes:
+    """``payload`` sealed with cluster key ``key``, as a rogue holding the key would
+    send it: what must then pass every check after the seal's."""
+    from nats_adapter.sealing import ClusterKey
+
+    sealer = _SEALERS.setdefault(key, ClusterKey(key.encode()))
+    return bytes(sealer.seal(payload))

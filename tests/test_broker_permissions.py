@@ -9,19 +9,24 @@ A gateway's credentials in the wrong hands reach chat traffic and nothing else.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
+import nats.js.errors
 import pytest
 import redis.asyncio
 import redis.exceptions
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+from nats.js import api
 
 from gateway.processes import (
     NATS_SECURE_CONFIG,
@@ -34,8 +39,10 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
+from tests.front import Front
 from tests.helpers import REPO, WAIT, SioClient, connect_all, owner_of, running
 from tests.test_launcher import consecutive_free_ports, start_launcher
+from tests.test_recovery import DefaultClient
 
 PASSWORDS = {"gw-1": "gw1-pass-4d2a9f", "gw-2": "gw2-pass-81c3e0"}
 ROUTE_AUTH = ("route", "route-pass-6b0e2c")
@@ -73,12 +80,14 @@ class Rogue:
         self.errors: list[str] = []
         self.nc: Client | None = None
 
-    async def connect(self, url: str, user: str, password: str) -> Rogue:
+    async def connect(self, url: str, user: str, password: str,
+                      inbox_prefix: str = "_INBOX") -> Rogue:
         async def error_cb(exc: Exception) -> None:
             self.errors.append(str(exc))
 
         self.nc = await nats.connect(url, user=user, password=password, error_cb=error_cb,
-                                     allow_reconnect=False, connect_timeout=2)
+                                     allow_reconnect=False, connect_timeout=2,
+                                     inbox_prefix=inbox_prefix)
         return self
 
     async def refused(self, fragment: str) -> bool:
@@ -248,3 +257,205 @@ async def test_redis_gateway_user_has_only_its_shard_channels(
                 await anonymous.aclose()
     finally:
         stop_all([g.child for g in gws])
+
+
+# -- JetStream: provisioned by the operator, only used by gateways ----------------------
+
+STREAM, BUCKET = "SIO_sio", "SIO_sio_sessions"
+
+
+@pytest.fixture(scope="module")
+def provisioned(secure_nats: NatsCluster) -> NatsCluster:
+    """The stream and the session bucket, made by the operator (`gateway provision`)."""
+    secure_nats.provision()
+    secure_nats.provision()  # idempotent
+    return secure_nats
+
+
+async def operator_of(cluster: NatsCluster) -> Client:
+    return await nats.connect(cluster.urls[0], user="operator",
+                              password=cluster.operator_password, allow_reconnect=False,
+                              connect_timeout=2)
+
+
+async def attempt(what: str, call: Any) -> str:
+    """Run one admin call with a stolen gateway login; what came back (it must fail)."""
+    try:
+        result = await call
+    except (TimeoutError, nats.errors.Error) as exc:
+        return f"{what}: {exc!r}"
+    raise AssertionError(f"{what} was allowed with a gateway's password: {result!r}")
+
+
+async def test_gateway_credentials_cannot_administer_jetstream(provisioned: NatsCluster) -> None:
+    """gw-2's password, as a compromised gateway host leaks it: every JetStream admin
+    call is refused, and the stream, its messages and the bucket are as provisioned."""
+    # the attacker takes the gateway's inbox prefix to get JetStream's answers at all
+    rogue = await Rogue().connect(provisioned.urls[1], "gw-2", PASSWORDS["gw-2"],
+                                  inbox_prefix="sio.inbox")
+    operator = await operator_of(provisioned)
+    try:
+        assert rogue.nc is not None
+        js = rogue.nc.jetstream(timeout=1.0)
+        # what a gateway does is allowed: store, read the stream's info
+        for i in range(3):
+            await js.publish(f"sio.store.r.admin-test.{i}", b"stored", stream=STREAM)
+        before = await operator.jetstream().stream_info(STREAM)
+        assert before.state.messages >= 3
+        evil = before.config.evolve(republish=api.RePublish(src="sio.store.>",
+                                                            dest="billing.>"))
+        wiped = before.config.evolve(max_msgs=1)
+        refusals = [
+            await attempt("stream create", js.add_stream(name="EVIL", subjects=["billing.>"])),
+            await attempt("stream create (ours)", js.add_stream(before.config)),
+            await attempt("republish to billing.>", js.update_stream(evil)),
+            await attempt("max_msgs=1", js.update_stream(wiped)),
+            await attempt("purge", js.purge_stream(STREAM)),
+            await attempt("message delete", js.delete_msg(STREAM, before.state.last_seq)),
+            await attempt("stream delete", js.delete_stream(STREAM)),
+            await attempt("durable consumer", js.add_consumer(
+                STREAM, durable_name="evil", ack_policy=api.AckPolicy.EXPLICIT)),
+            await attempt("named durable consumer", js.add_consumer(
+                STREAM, name="evil2", durable_name="evil2")),
+            await attempt("consumer on the bucket", js.add_consumer(f"KV_{BUCKET}")),
+            await attempt("bucket create", js.create_key_value(bucket="evil")),
+            await attempt("bucket delete", js.delete_key_value(BUCKET)),
+            await attempt("bucket purge", js.purge_stream(f"KV_{BUCKET}")),
+            await attempt("stream list", js.streams_info()),
+            await attempt("account info", js.account_info()),
+        ]
+        for subject in ("$JS.API.STREAM.NAMES", "$JS.API.META.LEADER.STEPDOWN",
+                        f"$JS.API.STREAM.LEADER.STEPDOWN.{STREAM}",
+                        "$JS.API.ACCOUNT.PURGE.SIO", f"$JS.API.STREAM.SNAPSHOT.{STREAM}"):
+            refusals.append(await attempt(subject, rogue.nc.request(subject, b"{}",
+                                                                   timeout=1.0)))
+        # the ephemeral-consumer subject a gateway has takes no durable name
+        reply = await rogue.nc.request(f"$JS.API.CONSUMER.CREATE.{STREAM}", json.dumps(
+            {"stream_name": STREAM, "config": {"durable_name": "evil3",
+                                               "ack_policy": "explicit"}}).encode(),
+                                       timeout=2.0)
+        assert "error" in json.loads(reply.data), reply.data
+        assert await rogue.refused("$JS.API.STREAM.UPDATE.SIO_sio"), refusals
+        # a foreign subject, where the republish would have sent our traffic
+        await rogue.nc.publish("billing.x", b"forged")
+        assert await rogue.refused("billing.x")
+
+        after = await operator.jetstream().stream_info(STREAM)
+        assert after.config.republish is not None
+        assert after.config.republish.dest == "sio.live.>", after.config.republish
+        assert after.config.max_msgs in (None, -1) and after.config.max_age == \
+            before.config.max_age
+        assert after.state.messages == before.state.messages
+        assert after.state.last_seq == before.state.last_seq
+        consumers = await operator.jetstream().consumers_info(STREAM)
+        assert [c.name for c in consumers if c.config.durable_name] == []
+        names = {s.config.name for s in await operator.jetstream().streams_info()}
+        assert names == {STREAM, f"KV_{BUCKET}"}, names
+    finally:
+        for client in (rogue.nc, operator):
+            if client is not None:
+                await client.close()
+
+
+async def test_operator_has_jetstream_only(provisioned: NatsCluster) -> None:
+    """The operator identity administers JetStream and reaches no chat subject."""
+    operator = await Rogue().connect(provisioned.urls[0], "operator",
+                                     provisioned.operator_password)
+    try:
+        assert operator.nc is not None
+        await operator.nc.subscribe("sio.room.>")
+        assert await operator.refused("sio.room.>")
+        await operator.nc.publish("sio.cluster", b"forged")
+        assert await operator.refused("sio.cluster")
+    finally:
+        assert operator.nc is not None
+        await operator.nc.close()
+
+
+async def test_gateway_on_an_unprovisioned_secure_broker_names_the_step(
+        tmp_path: Path) -> None:
+    """Without the operator's step a gateway with --recovery may not create the stream
+    itself: it fails naming `gateway provision` (and the stream stays uncreated)."""
+    cluster = NatsCluster(tmp_path / "nats", size=3, config=NATS_SECURE_CONFIG,
+                          route_auth=ROUTE_AUTH,
+                          gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
+    with running(cluster):
+        gw = start_gateway(tmp_path / "gw", "gw-1", free_ports(1)[0], "nats",
+                           cluster.gateway_args(), extra=["--recovery", "on"],
+                           env=cluster.gateway_env(0))
+        assert gw.child is not None
+        try:
+            assert gw.child.popen.wait(90) != 0
+        finally:
+            stop_all([gw.child])
+        log = gw.child.log_path.read_text()
+        assert "python -m gateway provision" in log and "SIO_sio does not exist" in log, log
+        assert PASSWORDS["gw-1"] not in log
+        operator = await operator_of(cluster)
+        try:
+            with pytest.raises(nats.js.errors.NotFoundError):
+                await operator.jetstream().stream_info(STREAM)
+        finally:
+            await operator.close()
+
+
+async def test_recovery_across_gateways_logged_in_as_gateway_users(
+        provisioned: NatsCluster, tmp_path: Path, clients: list[SioClient],
+        node_bin: str) -> None:
+    """With the stream provisioned by the operator, gateways on their own users keep
+    Socket.IO connection state recovery: socket.io-client cut off gw-1 comes back on
+    gw-2 recovered, same sid, with what it missed; and nobody was refused anything."""
+    gws: list[GatewayNode] = []
+    front: Front | None = None
+    js: DefaultClient | None = None
+    try:
+        for i, port in enumerate(free_ports(2)):
+            gws.append(start_gateway(tmp_path, f"gw-{i + 1}", port, "nats",
+                                     provisioned.gateway_args(),
+                                     extra=["--recovery", "on"], env=provisioned.gateway_env(i)))
+        wait_gateways(gws, timeout=40)
+        front = await Front(("127.0.0.1", gws[0].port)).start()
+        (b,) = await connect_all(clients, [("b", gws[1].url)], offsets=True)
+        js = await DefaultClient.start(node_bin, front.url, "js")
+        await b.join("kept")
+        assert (await js.call("join", "kept"))["ok"] is True
+        await b.chat("kept", "before")
+        await js.wait_for(lambda c: len(c.chats()) == 1, what="the first chat")
+        first = js.connects()[0]
+        front.refusing = True
+        front.cut()
+        await b.chat("kept", "while away")
+        front.target = ("127.0.0.1", gws[1].port)
+        front.refusing = False
+        await js.wait_for(lambda c: len(c.connects()) >= 2, timeout=30, what="a reconnect")
+        again = js.connects()[-1]
+        assert again["recovered"] is True and again["sid"] == first["sid"], js.events[-5:]
+        await js.wait_for(lambda c: [m["text"] for m, _ in c.chats()] == ["before", "while away"],
+                          what="the missed chat")
+    finally:
+        if js is not None:
+            await js.close()
+        if front is not None:
+            await front.close()
+        stop_all([g.child for g in gws])
+    for gw in gws:
+        assert gw.child is not None
+        log = gw.child.log_path.read_text()
+        assert "ermissions" not in log, f"{gw.node_id} was refused something it needs:\n{log}"
+
+
+@pytest.mark.parametrize("login", ["wrong operator password", "a gateway's login"])
+def test_provision_with_the_wrong_login_fails_naming_it(provisioned: NatsCluster,
+                                                      login: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "GATEWAY_"))}
+    if login == "a gateway's login":
+        env.update(NATS_USER="gw-1", NATS_PASSWORD=PASSWORDS["gw-1"])
+        expected = "may not administer JetStream"
+    else:
+        env.update(NATS_OPERATOR_PASSWORD="not-the-password")
+        expected = "refused the login"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "provision", "--nats-url",
+                           ",".join(provisioned.urls), "--timeout", "20"],
+                          capture_output=True, text=True, timeout=90, cwd=REPO, env=env)
+    assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and PASSWORDS["gw-1"] not in proc.stderr

@@ -59,6 +59,7 @@ def secure_recovery_bus(workdir: Path) -> Iterator[tuple[NatsCluster, list[Gatew
                           route_auth=ROUTE_AUTH,
                           gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
     with running(cluster):
+        cluster.provision()  # the operator's step: gateway users may not create the stream
         gws: list[GatewayNode] = []
         try:
             for i, port in enumerate(free_ports(2)):

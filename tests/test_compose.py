@@ -34,7 +34,8 @@ COMPOSE = REPO / "docker-compose.yml"
 #: the passwords compose requires (README, "Run with docker-compose")
 PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-5c1f", "NATS_GATEWAY_1_PASSWORD": "gw1-77ab",
              "NATS_GATEWAY_2_PASSWORD": "gw2-e01d", "REDIS_ADMIN_PASSWORD": "admin-3b9c",
-             "REDIS_GATEWAY_PASSWORD": "gateway-9f2e"}
+             "REDIS_GATEWAY_PASSWORD": "gateway-9f2e", "NATS_OPERATOR_PASSWORD": "op-2d7c",
+             "GATEWAY_CLUSTER_KEY": "cluster-key-0123456789abcdef0123456789ab"}
 
 
 def compose_config(env: dict[str, str], *profiles: str) -> subprocess.CompletedProcess[str]:
@@ -95,7 +96,8 @@ def test_compose_file_is_valid_and_names_the_launcher_configs() -> None:
 
 
 def test_compose_refuses_to_start_without_broker_passwords() -> None:
-    for missing in ("NATS_ROUTE_PASSWORD", "NATS_GATEWAY_1_PASSWORD", "NATS_GATEWAY_2_PASSWORD"):
+    for missing in ("NATS_ROUTE_PASSWORD", "NATS_GATEWAY_1_PASSWORD", "NATS_GATEWAY_2_PASSWORD",
+                    "NATS_OPERATOR_PASSWORD", "GATEWAY_CLUSTER_KEY"):
         env = {k: v for k, v in PASSWORDS.items() if k != missing}
         proc = compose_config(env)
         assert proc.returncode != 0 and missing in proc.stderr, (missing, proc.stderr)
@@ -123,6 +125,28 @@ def test_each_gateway_logs_in_as_its_own_nats_user() -> None:
         env = service["environment"]
         assert env["NATS_GATEWAY_1_PASSWORD"] == users["gw-1"]
         assert env["NATS_GATEWAY_2_PASSWORD"] == users["gw-2"]
+
+
+def test_gateways_are_sealed_and_wait_for_the_operator_to_provision() -> None:
+    """Every gateway seals with the cluster key; the stream and bucket are made by the
+    operator (jetstream-init, `gateway provision`), which the gateways wait for."""
+    services = resolved({}, "redis")["services"]
+    gateways = {n: s for n, s in services.items() if n.startswith("gateway")}
+    for name, service in gateways.items():
+        assert service["environment"]["GATEWAY_CLUSTER_KEY"] == \
+            PASSWORDS["GATEWAY_CLUSTER_KEY"], name
+        assert service["depends_on"]["jetstream-init"] == \
+            {"condition": "service_completed_successfully"}, name
+    init = services["jetstream-init"]
+    assert init["command"] == ["python", "-m", "gateway", "provision"]
+    assert init["image"] == services["gateway-1"]["image"]
+    env = init["environment"]
+    assert (env["NATS_OPERATOR_USER"], env["NATS_OPERATOR_PASSWORD"]) == \
+        ("operator", PASSWORDS["NATS_OPERATOR_PASSWORD"])
+    assert "NATS_PASSWORD" not in env and "GATEWAY_CLUSTER_KEY" not in env
+    for service in nats_services(resolved()).values():
+        assert service["environment"]["NATS_OPERATOR_PASSWORD"] == \
+            PASSWORDS["NATS_OPERATOR_PASSWORD"]
 
 
 def test_image_names_are_variables_defaulting_to_the_official_images() -> None:
@@ -168,7 +192,7 @@ def test_secure_nats_configs_pass_nats_server_t(variant: str, tmp_path: Path) ->
            "NATS_HTTP_PORT": "8222", "NATS_ROUTE_PORT": "6222", "NATS_CLUSTER_NAME": "gw",
            "NATS_USER": "gateway", "NATS_PASSWORD": "s3cret", "NATS_ROUTE_USER": "route",
            "NATS_ROUTE_PASSWORD": "r0ute", "NATS_GATEWAY_1_PASSWORD": "gw1",
-           "NATS_GATEWAY_2_PASSWORD": "gw2"}
+           "NATS_GATEWAY_2_PASSWORD": "gw2", "NATS_OPERATOR_PASSWORD": "op"}
     for i in (1, 2, 3):
         env[f"NATS_ROUTE_{i}"] = f"nats://route:r0ute@nats-{i}:6222"
     if "tls" in variant:
@@ -261,3 +285,10 @@ def test_readme_env_step_gives_compose_every_password(tmp_path: Path) -> None:
         config = yaml.safe_load(proc.stdout)
         password = config["services"]["gateway-1"]["environment"]["NATS_PASSWORD"]
         assert len(password) == 32, "a generated password, not a default"
+        key = config["services"]["gateway-1"]["environment"]["GATEWAY_CLUSTER_KEY"]
+        assert len(key) >= 43, "a generated cluster key of 32+ bytes"
+    for path in ("docker-compose.supercluster.yml", "docker-compose.leaf.yml"):
+        shutil.copy(REPO / path, tmp_path / path)
+        proc = subprocess.run([binary, "-f", path, "config"], capture_output=True, text=True,
+                              timeout=60, cwd=tmp_path, env=base)
+        assert proc.returncode == 0, (path, proc.stderr)

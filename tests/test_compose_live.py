@@ -30,6 +30,7 @@ from tests.containers import (
     served_by_other_than,
 )
 from tests.helpers import WAIT, NodeClient, SioClient, connect_all, metrics_of, owner_of
+from tests.test_sealed_bus import forge
 from tests.traffic import Flow, Traffic, record, wait_for
 
 #: the first test may build the images (a few minutes on a cold cache)
@@ -86,6 +87,34 @@ def test_brokers_and_monitoring_are_not_published(compose_stack: ComposeStack) -
             assert list(published) == ["8001/tcp"], (service, published)
         else:
             assert published == {}, (service, published)
+
+
+async def test_forged_envelopes_with_a_gateway_password_change_nothing(
+        compose_stack: ComposeStack) -> None:
+    """The stack as shipped, so sealed (compose requires GATEWAY_CLUSTER_KEY), its
+    stream provisioned by jetstream-init: gw-2's NATS password, used from inside the
+    compose network, forges a cluster fetch (unsealed it returned every socket's
+    Cookie header), a cluster-wide disconnect and a DISCONNECT of one socket. No
+    reply, nobody disconnected, chat still flows."""
+    init = compose_stack.inspect("jetstream-init")["State"]
+    assert (init["Status"], init["ExitCode"]) == ("exited", 0), init
+    made: list[SioClient] = []
+    try:
+        victim = SioClient("victim")
+        made.append(victim)
+        await victim.sio.connect(compose_stack.gateway_urls[0], transports=["websocket"],
+                                 wait_timeout=WAIT, headers={"Cookie": "session=compose-victim"})
+        (peer,) = await connect_all(made, [("peer", compose_stack.gateway_urls[1])])
+        for c in (victim, peer):
+            await c.join("forged")
+        url = f"nats://{compose_stack.ip('nats-1')}:4222"
+        replies = await forge(url, TEST_PASSWORDS["NATS_GATEWAY_2_PASSWORD"], victim.sid)
+        assert replies == [], replies
+        assert victim.sio.connected and peer.sio.connected
+        await peer.chat("forged", "sealed")
+        await victim.wait_texts(["sealed"])
+    finally:
+        await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])
@@ -275,3 +304,30 @@ async def test_redis_profile_chats_and_survives_a_master_crash_and_stop(
             assert late["lost"] == 0 and late["delivered"] > 0, late
     finally:
         await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
+
+
+async def test_recovery_on_the_stream_the_operator_provisioned(
+        podman: Podman, images: Images, compose_stack: ComposeStack) -> None:
+    """GATEWAY_RECOVERY=on: the gateways, logged in as gw-1 and gw-2 who may not
+    create or change JetStream, store and read on the stream and bucket jetstream-init
+    made as the operator; nothing they need is refused. (After the other stacks: one
+    at a time on two cores.)"""
+    compose_stack.down()
+    stack = ComposeStack(podman, images, variables={"GATEWAY_RECOVERY": "on"})
+    made: list[SioClient] = []
+    try:
+        await asyncio.to_thread(stack.up, 120)
+        a, b = await connect_all(made, [("a", stack.gateway_urls[0]),
+                                        ("b", stack.gateway_urls[1])], offsets=True)
+        for c in (a, b):
+            await c.join("stored")
+        await a.chat("stored", "kept in the stream")
+        await b.wait_for(lambda c: c.texts() == ["kept in the stream"], what="the chat")
+        ack = await b.call("join", {"room": "stored", "history": 5})
+        assert [m["text"] for m in ack["history"]] == ["kept in the stream"], ack
+        for service in ("gateway-1", "gateway-2"):
+            log = stack.logs(service, tail=200)
+            assert "ermissions" not in log, f"{service} was refused something:\n{log}"
+    finally:
+        await asyncio.gather(*(x.close() for x in made), return_exceptions=True)
+        stack.down()

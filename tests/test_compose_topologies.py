@@ -8,6 +8,7 @@ environment.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -25,12 +26,22 @@ SUPERCLUSTER = REPO / "docker-compose.supercluster.yml"
 LEAF = REPO / "docker-compose.leaf.yml"
 
 
-def config_of(path: Path) -> dict[str, Any]:
+#: what these files require (README, "Run with docker-compose")
+SECRETS = {"GATEWAY_CLUSTER_KEY": "k" * 43, "NATS_PASSWORD": "client-4e1b",
+           "NATS_ROUTE_PASSWORD": "route-93ad"}
+
+
+def compose_config(path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("docker-compose")
     if binary is None:
         pytest.fail("docker-compose is required (scripts/test installs Debian's docker-compose)")
-    proc = subprocess.run([binary, "-f", str(path), "config"], capture_output=True, text=True,
-                          timeout=60, cwd=REPO)
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
+    return subprocess.run([binary, "-f", str(path), "config"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env={**base, **env})
+
+
+def config_of(path: Path) -> dict[str, Any]:
+    proc = compose_config(path, SECRETS)
     assert proc.returncode == 0, proc.stderr
     data: dict[str, Any] = yaml.safe_load(proc.stdout)
     return data
@@ -82,7 +93,8 @@ def test_supercluster_joins_two_full_meshes_and_puts_a_gateway_on_each() -> None
         env = service["environment"]
         members = clusters[env["NATS_CLUSTER_NAME"]]
         routes = {env[f"NATS_ROUTE_{i}"] for i in (1, 2, 3)}
-        assert routes == {f"nats://{m}:{env['NATS_ROUTE_PORT']}" for m in members}, name
+        assert routes == {f"nats://route:{SECRETS['NATS_ROUTE_PASSWORD']}@{m}:"
+                          f"{env['NATS_ROUTE_PORT']}" for m in members}, name
         named = {env[f"NATS_GATEWAY_{i}_NAME"]: env[f"NATS_GATEWAY_{i}_URL"] for i in (1, 2)}
         assert set(named) == set(clusters), f"{name} must list both clusters"
         for cluster, url in named.items():
@@ -107,11 +119,36 @@ def test_leaf_servers_dial_the_hub_and_gateways_use_the_leaves() -> None:
     for name in leaves:
         env = services[name]["environment"]
         remotes = {env[f"NATS_HUB_{i}"] for i in (1, 2, 3)}
-        assert remotes == {f"nats://{h}:{services[h]['environment']['NATS_LEAF_PORT']}"
-                           for h in hub}, name
+        assert remotes == {f"nats://route:{SECRETS['NATS_ROUTE_PASSWORD']}@{h}:"
+                           f"{services[h]['environment']['NATS_LEAF_PORT']}" for h in hub}, name
     used = set()
     for name, service in gateway_services(config).items():
         servers = hosts(service["environment"]["NATS_URL"])
         assert servers <= leaves, f"{name} must connect to leaf servers only"
         used |= servers
     assert used == leaves, "each leaf server serves a gateway"
+
+
+@pytest.mark.parametrize("path", [SUPERCLUSTER, LEAF], ids=["supercluster", "leaf"])
+def test_refuses_to_start_without_the_cluster_key_and_passwords(path: Path) -> None:
+    for missing in SECRETS:
+        proc = compose_config(path, {k: v for k, v in SECRETS.items() if k != missing})
+        assert proc.returncode != 0 and missing in proc.stderr, (missing, proc.stderr)
+
+
+@pytest.mark.parametrize("path", [SUPERCLUSTER, LEAF], ids=["supercluster", "leaf"])
+def test_secured_like_the_main_compose_file(path: Path) -> None:
+    """Gateways seal with the key and log in; every NATS server requires a login; NATS
+    monitoring (no authentication) is published on 127.0.0.1 at most."""
+    config = config_of(path)
+    for name, service in gateway_services(config).items():
+        env = service["environment"]
+        assert env["GATEWAY_CLUSTER_KEY"] == SECRETS["GATEWAY_CLUSTER_KEY"], name
+        assert (env["NATS_USER"], env["NATS_PASSWORD"]) == ("gateway", SECRETS["NATS_PASSWORD"])
+    for name, service in nats_services(config).items():
+        assert service["environment"]["NATS_PASSWORD"] == SECRETS["NATS_PASSWORD"], name
+        assert "authorization" in config_file(service).read_text(), name
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip") if isinstance(port, dict) else \
+                str(port).rsplit(":", 2)[0] if str(port).count(":") == 2 else None
+            assert host_ip == "127.0.0.1", (name, port)

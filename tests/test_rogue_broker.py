@@ -75,7 +75,7 @@ async def test_forged_emits_cannot_carry_anything_but_events(
     assert nodes[1].manager.stats.dropped_invalid - invalid_before == len(forged)
     assert b.received("chat") == [] and b.events == [], b.events
     await still_connected_and_served(a, b, room)
-    # a legitimate-looking event from the broker is still delivered (no key is set)
+    # a legitimate-looking event is still delivered (publish_raw seals with the key)
     await publish_raw(nodes[1], channel, [codec.encode(codec.EmitMessage(
         ROGUE, "/", [room], [], '2["chat",{"text":"relayed"}]'))])
     await b.wait_for(lambda c: "relayed" in c.texts(), what="a valid event")

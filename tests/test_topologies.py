@@ -65,7 +65,8 @@ def gateways(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[list[Ga
             index = 0 if i == 2 else i
             gws.append(start_gateway(tmp_path / "gw", f"topo-gw-{i + 1}", port, "nats",
                                      topology.gateway_args(index),
-                                     extra=["--heartbeat-interval", QUIET_HEARTBEAT]))
+                                     extra=["--heartbeat-interval", QUIET_HEARTBEAT],
+                                     env=topology.gateway_env(index)))
         wait_gateways(gws)
         errors = [_errors(g) for g in gws]
         yield gws
@@ -230,3 +231,21 @@ async def test_leaf_link_cut_and_restored(leaf: NatsLeafTopology, gateways: list
     # the leaves dial the hub again and tell it their interest: delivery resumes
     await first_delivery_after(a, b, "link", 30)
     await first_delivery_after(b, a, "link", 30)
+
+
+@pytest.mark.parametrize("topology", ["supercluster", "leaf"])
+async def test_every_server_of_a_topology_requires_a_login(
+        topology: str, request: pytest.FixtureRequest) -> None:
+    """Secured like the mesh: no anonymous client on any server (its gateways log in)."""
+    import nats
+    import nats.errors
+
+    servers: NatsSupercluster | NatsLeafTopology = request.getfixturevalue(topology)
+    for node in servers.nodes:
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(node.url, allow_reconnect=False, connect_timeout=2,
+                               max_reconnect_attempts=0)
+    login = servers.gateway_env()
+    nc = await nats.connect(servers.nodes[-1].url, user=login["NATS_USER"],
+                            password=login["NATS_PASSWORD"], allow_reconnect=False)
+    await nc.close()

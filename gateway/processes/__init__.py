@@ -23,7 +23,14 @@ from .children import (
     wait_settled,
     wait_until,
 )
-from .gateways import GatewayNode, gateway_argv, start_gateway, wait_gateways
+from .gateways import (
+    RUN_CLUSTER_KEY,
+    GatewayNode,
+    gateway_argv,
+    sealing_env,
+    start_gateway,
+    wait_gateways,
+)
 from .nats_cluster import NATS_CONFIG, NATS_SECURE_CONFIG, NatsCluster, NatsNode
 from .nats_topologies import (
     HUB_CONFIG,
@@ -55,6 +62,7 @@ __all__ = [
     "REDIS_CONFIG",
     "REDIS_USERS",
     "REPO_ROOT",
+    "RUN_CLUSTER_KEY",
     "SUPERCLUSTER_CONFIG",
     "TOPOLOGIES",
     "Child",
@@ -79,6 +87,7 @@ __all__ = [
     "http_json",
     "port_is_free",
     "redis_cli",
+    "sealing_env",
     "spawn",
     "start_gateway",
     "stop_all",

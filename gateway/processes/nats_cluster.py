@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +13,7 @@ from typing import Any
 
 from .children import (
     INFRA,
+    REPO_ROOT,
     Child,
     LaunchError,
     LocalCluster,
@@ -68,6 +73,8 @@ class NatsCluster(LocalCluster[NatsNode]):
     route_auth: tuple[str, str] | None = None
     #: the password of each gateway's own user (gw-1, gw-2 ...), for node-secure.conf
     gateway_passwords: tuple[str, ...] = field(default=(), repr=False)
+    #: the password of user ``operator``, who provisions JetStream (node-secure.conf)
+    operator_password: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
     #: node names are ``{name_prefix}-1`` ... (unique across clusters that are linked)
     name_prefix: str = "nats"
     #: listeners each node opens besides client, route and monitoring, by the variable
@@ -116,6 +123,7 @@ class NatsCluster(LocalCluster[NatsNode]):
             env[f"NATS_ROUTE_{i + 1}"] = routes[i % len(routes)]
         for i, password in enumerate(self.gateway_passwords):
             env[f"NATS_GATEWAY_{i + 1}_PASSWORD"] = password
+        env["NATS_OPERATOR_PASSWORD"] = self.operator_password
         env.update({var: str(port) for var, port in node.ports.items()})
         env.update(self.env)
         if self.route_auth:
@@ -173,3 +181,33 @@ class NatsCluster(LocalCluster[NatsNode]):
             raise LaunchError(f"no NATS user for gateway {index + 1}: "
                               f"{len(self.gateway_passwords)} configured")
         return {"NATS_USER": f"gw-{index + 1}", "NATS_PASSWORD": self.gateway_passwords[index]}
+
+    def operator_env(self) -> dict[str, str]:
+        """The login of the identity that may administer JetStream: ``operator`` on
+        node-secure.conf, the one user of node-auth*.conf, nobody on node.conf."""
+        if self.gateway_passwords:
+            return {"NATS_OPERATOR_USER": "operator",
+                    "NATS_OPERATOR_PASSWORD": self.operator_password}
+        return {k: self.env[k] for k in ("NATS_USER", "NATS_PASSWORD", "NATS_TLS_CA")
+                if k in self.env}
+
+    def provision(self, prefix: str = "sio", window: float | str | None = None,
+                  timeout: float = 60.0) -> None:
+        """Create (or update) the JetStream stream and session bucket gateways with
+        --recovery on ``prefix`` use, as the operator (``python -m gateway
+        provision``): what the launcher, compose's jetstream-init and tests run before
+        starting gateways on the secure config, whose users may not."""
+        argv = [sys.executable, "-m", "gateway", "provision", "--nats-url", ",".join(self.urls),
+                "--prefix", prefix, "--replicas", str(min(3, self.size)),
+                "--timeout", str(timeout)]
+        if window is not None:
+            argv += ["--recovery-window", str(window)]
+        # only the operator's login: not the caller's NATS_USER/NATS_PASSWORD
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("NATS_", "GATEWAY_"))}
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30,
+                              env={**env, **self.operator_env()}, cwd=REPO_ROOT,
+                              stdin=subprocess.DEVNULL)
+        if proc.returncode != 0:
+            raise LaunchError(f"provisioning JetStream failed ({proc.returncode}): "
+                              f"{proc.stderr.strip()[-2000:]}")

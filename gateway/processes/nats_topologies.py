@@ -6,11 +6,14 @@
   (``infra/nats/leaf.conf``) that dial it; gateway ``i`` connects to leaf ``i % leaves``.
 
 Both are :class:`LocalCluster` s of :class:`NatsNode` s, so the launcher supervises
-their nodes like those of a single mesh.
+their nodes like those of a single mesh. Both require credentials, made up per
+topology: clients (the gateways, :meth:`gateway_env`) log in as ``gateway``; routes,
+NATS gateway links and leaf connections as ``route``.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +28,17 @@ GATEWAY_PORT = "NATS_GATEWAY_PORT"
 LEAF_PORT = "NATS_LEAF_PORT"
 #: the NATS topologies the launcher starts (mesh: one full mesh, NatsCluster)
 TOPOLOGIES = ("mesh", "supercluster", "leaf")
+
+
+def _logins() -> tuple[dict[str, str], tuple[str, str]]:
+    """(the clients' NATS_USER / NATS_PASSWORD, the links' (user, password))."""
+    return ({"NATS_USER": "gateway", "NATS_PASSWORD": secrets.token_hex(16)},
+            ("route", secrets.token_hex(16)))
+
+
+def _with_login(url: str, login: tuple[str, str]) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{login[0]}:{login[1]}@{rest}"
 
 
 def _split_ports(ports: Sequence[int] | None, sizes: Sequence[int]) -> list[list[int] | None]:
@@ -57,15 +71,19 @@ class NatsSupercluster(LocalCluster[NatsNode]):
     client_ports: list[int] | None = None
     clusters: list[NatsCluster] = field(default_factory=list)
     nodes: list[NatsNode] = field(default_factory=list)
+    client_login: dict[str, str] = field(default_factory=dict, repr=False)
+    link_login: tuple[str, str] = field(default=("", ""), repr=False)
 
     def __post_init__(self) -> None:
+        self.client_login, self.link_login = _logins()
         if len(set(self.names)) != 2:
             raise ValueError(f"a supercluster here joins two named clusters, got {self.names}")
         ports = _split_ports(self.client_ports, [self.size, self.size])
         self.clusters = [
             NatsCluster(self.workdir, size=self.size, host=self.host, cluster_name=name,
                         config=SUPERCLUSTER_CONFIG, name_prefix=name, listeners=(GATEWAY_PORT,),
-                        client_ports=ports[k])
+                        client_ports=ports[k], route_auth=self.link_login,
+                        env=dict(self.client_login))
             for k, name in enumerate(self.names)
         ]
         # every node of both clusters lists both clusters, each by one seed node's
@@ -73,7 +91,8 @@ class NatsSupercluster(LocalCluster[NatsNode]):
         seeds: dict[str, str] = {}
         for k, cluster in enumerate(self.clusters):
             seeds[f"NATS_GATEWAY_{k + 1}_NAME"] = cluster.cluster_name
-            seeds[f"NATS_GATEWAY_{k + 1}_URL"] = self.gateway_url(cluster.nodes[0])
+            seeds[f"NATS_GATEWAY_{k + 1}_URL"] = _with_login(self.gateway_url(cluster.nodes[0]),
+                                                             self.link_login)
         for cluster in self.clusters:
             cluster.env.update(seeds)
         self.nodes = [n for c in self.clusters for n in c.nodes]
@@ -127,6 +146,9 @@ class NatsSupercluster(LocalCluster[NatsNode]):
     def gateway_args(self, index: int = 0) -> list[str]:
         return ["--nats-url", ",".join(self.clusters[index % 2].urls)]
 
+    def gateway_env(self, index: int = 0) -> dict[str, str]:
+        return dict(self.client_login)
+
 
 @dataclass
 class NatsLeafTopology(LocalCluster[NatsNode]):
@@ -147,19 +169,24 @@ class NatsLeafTopology(LocalCluster[NatsNode]):
     #: the leaf servers (not routed to each other: leaf.conf has no cluster block)
     leaf_cluster: NatsCluster = field(init=False)
     nodes: list[NatsNode] = field(default_factory=list)
+    client_login: dict[str, str] = field(default_factory=dict, repr=False)
+    link_login: tuple[str, str] = field(default=("", ""), repr=False)
 
     def __post_init__(self) -> None:
+        self.client_login, self.link_login = _logins()
         if self.leaves < 1:
             raise ValueError(f"a leaf topology needs at least 1 leaf server, got {self.leaves}")
         ports = _split_ports(self.client_ports, [self.hub_size, self.leaves])
         self.hub = NatsCluster(self.workdir, size=self.hub_size, host=self.host,
                                cluster_name="hub", config=HUB_CONFIG, name_prefix="hub",
-                               listeners=(LEAF_PORT,), client_ports=ports[0])
+                               listeners=(LEAF_PORT,), client_ports=ports[0],
+                               route_auth=self.link_login, env=dict(self.client_login))
         self.leaf_cluster = NatsCluster(self.workdir, size=self.leaves, host=self.host,
                                         cluster_name="leaf", config=LEAF_CONFIG,
-                                        name_prefix="leaf", client_ports=ports[1])
+                                        name_prefix="leaf", client_ports=ports[1],
+                                        env=dict(self.client_login))
         # leaf.conf names three hub URLs; a smaller hub repeats its own
-        hub_urls = [self.leaf_url(n) for n in self.hub.nodes]
+        hub_urls = [_with_login(self.leaf_url(n), self.link_login) for n in self.hub.nodes]
         for i in range(3):
             self.leaf_cluster.env[f"NATS_HUB_{i + 1}"] = hub_urls[i % len(hub_urls)]
         self.nodes = [*self.hub.nodes, *self.leaf_cluster.nodes]
@@ -201,3 +228,6 @@ class NatsLeafTopology(LocalCluster[NatsNode]):
 
     def gateway_args(self, index: int = 0) -> list[str]:
         return ["--nats-url", self.leaf_nodes[index % self.leaves].url]
+
+    def gateway_env(self, index: int = 0) -> dict[str, str]:
+        return dict(self.client_login)

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -45,11 +44,86 @@ NOT_STORED: tuple[type[BaseException], ...] = (nats.js.errors.NoStreamResponseEr
                                                nats.js.errors.ServiceUnavailableError)
 #: seconds one attempt at creating a reading consumer waits for JetStream
 CONSUMER_CREATE_TIMEOUT = 2.0
+#: seconds a gateway's attempt at provisioning waits (where it may not, it is refused
+#: and the request times out)
+PROVISION_ATTEMPT_TIMEOUT = 2.0
 
 
 def _names(prefix: str) -> tuple[str, str]:
     safe = prefix.replace(".", "_").replace("-", "_")
     return f"SIO_{safe}", f"SIO_{safe}_sessions"
+
+
+class NotProvisionedError(Exception):
+    """The stream or the bucket is missing or configured otherwise than a gateway needs."""
+
+
+def stream_config(prefix: str, window: float, replicas: int) -> api.StreamConfig:
+    """The stream of ``{prefix}.store.>``: kept twice the window (at least
+    MIN_RETENTION), re-published on ``{prefix}.live.>`` once stored."""
+    return api.StreamConfig(
+        name=_names(prefix)[0], subjects=[f"{prefix}.store.>"],
+        max_age=max(window * 2, MIN_RETENTION), storage=api.StorageType.FILE,
+        num_replicas=replicas, allow_direct=True, discard=api.DiscardPolicy.OLD,
+        republish=api.RePublish(src=f"{prefix}.store.>", dest=f"{prefix}.live.>"),
+    )
+
+
+def bucket_config(prefix: str, window: float, replicas: int) -> api.StreamConfig:
+    """The key-value bucket of sessions, as the stream nats-py's create_key_value
+    makes (one value per key, per-message TTLs allowed)."""
+    bucket = _names(prefix)[1]
+    return api.StreamConfig(
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=True,
+        allow_msg_ttl=True, deny_delete=True, discard=api.DiscardPolicy.NEW,
+        duplicate_window=120.0, max_age=max(window * 2, 24 * 3600.0), max_consumers=-1,
+        max_msgs=-1, max_msgs_per_subject=1, num_replicas=replicas,
+        storage=api.StorageType.FILE,
+    )
+
+
+def _differences(have: api.StreamConfig, wanted: api.StreamConfig) -> list[str]:
+    """How ``have`` falls short of ``wanted`` (retention may be longer, replicas fewer)."""
+    out = []
+    if sorted(have.subjects or []) != sorted(wanted.subjects or []):
+        out.append(f"subjects {have.subjects} instead of {wanted.subjects}")
+    republish = (have.republish.src, have.republish.dest) if have.republish else None
+    expected = (wanted.republish.src, wanted.republish.dest) if wanted.republish else None
+    if republish != expected:
+        out.append(f"republishes {republish} instead of {expected}")
+    if (have.max_age or 0) < (wanted.max_age or 0) - 1:
+        out.append(f"keeps messages {have.max_age or 0:.0f} s, this gateway needs "
+                   f"{wanted.max_age or 0:.0f} s")
+    for name in ("allow_direct", "allow_msg_ttl", "max_msgs_per_subject", "discard"):
+        if getattr(wanted, name) and getattr(have, name) != getattr(wanted, name):
+            out.append(f"{name} is {getattr(have, name)!r}, not {getattr(wanted, name)!r}")
+    for name in ("max_msgs", "max_bytes"):
+        limit = getattr(have, name)
+        if limit is not None and limit > 0:
+            out.append(f"{name} is limited to {limit}")
+    return out
+
+
+async def provision(nc: Client, prefix: str, window: float, replicas: int = 3,
+                    timeout: float = 5.0) -> None:
+    """Create the stream and the bucket of ``prefix``, or bring them up to date:
+    the operator's step (``python -m gateway provision``), idempotent. ``replicas``
+    falls back to 1 on a single server. Raises what nats-py raises."""
+    js = nc.jetstream(timeout=timeout)
+    for make in (stream_config, bucket_config):
+        config = make(prefix, window, replicas)
+        try:
+            await js.add_stream(config)
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code == 10058:  # exists with another configuration: update it
+                await js.update_stream(config)
+            elif replicas > 1 and exc.err_code in (10074, 10023):  # not enough servers
+                logger.warning("JetStream has too few servers for %d replicas; using 1",
+                               replicas)
+                await provision(nc, prefix, window, 1, timeout)
+                return
+            else:
+                raise
 
 
 class NatsMessageStore(MessageStore):
@@ -74,44 +148,67 @@ class NatsMessageStore(MessageStore):
         self._kv: Any = None
 
     async def setup(self, timeout: float = 20.0) -> None:
-        """Create (or update) the stream and the bucket; retries while JetStream elects
-        its leaders after the cluster starts."""
+        """Bind to the stream and the bucket and check that they are configured as
+        this gateway needs; retries while JetStream elects its leaders after the
+        cluster starts, and while they are not provisioned yet.
+
+        Missing or misconfigured, they are created or updated here only where the
+        broker lets this NATS user do it (a development broker without users); on a
+        broker with gateway users (infra/nats/node-secure.conf) the operator
+        provisions them (:func:`provision`, ``python -m gateway provision``) and a
+        gateway may not: :class:`BrokerError` then names that step."""
         deadline = time.monotonic() + timeout
         delay = 0.2
         while True:
             try:
-                await self._setup()
+                await self._bind()
                 return
+            except NotProvisionedError as exc:
+                if time.monotonic() > deadline:
+                    raise BrokerError(str(exc)) from None
+                logger.info("%s; waiting for it to be provisioned", exc)
             except (TimeoutError, nats.errors.Error) as exc:
                 if time.monotonic() > deadline:
                     raise BrokerError(f"JetStream is not available: {exc!r}") from exc
                 logger.info("JetStream not ready yet (%r); retrying", exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
-    async def _setup(self) -> None:
-        config = api.StreamConfig(
-            name=self.stream, subjects=[f"{self.prefix}.store.>"],
-            max_age=self.retention, storage=api.StorageType.FILE,
-            num_replicas=self.replicas, allow_direct=True, discard=api.DiscardPolicy.OLD,
-            republish=api.RePublish(src=f"{self.prefix}.store.>", dest=f"{self.prefix}.live.>"),
-        )
+    async def _bind(self) -> None:
+        problems = await self._problems()
+        if problems:
+            # a development broker lets any client administer JetStream; with gateway
+            # users the attempt is refused (the request then times out)
+            try:
+                await provision(self._nc, self.prefix, self.window, self.replicas,
+                                timeout=PROVISION_ATTEMPT_TIMEOUT)
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise NotProvisionedError(
+                    f"{'; '.join(problems)}, and this NATS user may not change that "
+                    f"({exc!r}): provision them as the NATS operator first: "
+                    f"`python -m gateway provision` (README, Deploying securely)") from None
+            problems = await self._problems()
+            if problems:
+                raise NotProvisionedError("; ".join(problems))
+        self._kv = await self._js.key_value(self.bucket)
+
+    async def _problems(self) -> list[str]:
+        """What keeps the stream and the bucket from serving this gateway; [] if nothing."""
+        problems = []
+        wanted = stream_config(self.prefix, self.window, self.replicas)
         try:
-            await self._js.add_stream(config)
-        except nats.js.errors.BadRequestError as exc:
-            if exc.err_code == 10058:  # exists with another configuration: bring it up to date
-                await self._js.update_stream(config)
-            elif self.replicas > 1 and exc.err_code in (10074, 10023):  # not enough servers
-                logger.warning("JetStream has too few servers for %d replicas; using 1",
-                               self.replicas)
-                self.replicas = 1
-                await self._setup()
-                return
-            else:
-                raise
-        self._kv = await self._js.create_key_value(
-            bucket=self.bucket, ttl=max(self.window * 2, 24 * 3600.0), history=1,
-            replicas=self.replicas)
+            info = await self._js.stream_info(self.stream)
+            problems += [f"stream {self.stream}: {p}" for p in
+                         _differences(info.config, wanted)]
+        except nats.js.errors.NotFoundError:
+            problems.append(f"stream {self.stream} does not exist")
+        wanted = bucket_config(self.prefix, self.window, self.replicas)
+        try:
+            info = await self._js.stream_info(wanted.name or "")
+            problems += [f"bucket {self.bucket}: {p}" for p in _differences(info.config, wanted)]
+        except nats.js.errors.NotFoundError:
+            problems.append(f"bucket {self.bucket} does not exist")
+        return problems
 
     # -- messages ----------------------------------------------------------------------
 
@@ -184,14 +281,16 @@ class NatsMessageStore(MessageStore):
             config.filter_subjects = filters
         else:
             config.filter_subject = filters[0]
-        config.name = uuid.uuid4().hex
         # Creating a consumer needs JetStream's metadata leader, which a killed NATS
         # node can take with it for several seconds (raft elections wait 4-9 s): short
         # attempts, tried again, so a client reconnecting meanwhile is still restored.
+        # Unnamed: the API subject of ephemeral consumers, the only one gateway users
+        # may create (node-secure.conf); the server names it.
         try:
-            await self._retrying("cannot read the stream", lambda: self._js.add_consumer(
+            info = await self._retrying("cannot read the stream", lambda: self._js.add_consumer(
                 self.stream, config=config, timeout=CONSUMER_CREATE_TIMEOUT))
-            sub = await self._js.pull_subscribe_bind(stream=self.stream, name=config.name)
+            config.name = info.name
+            sub = await self._js.pull_subscribe_bind(stream=self.stream, name=info.name)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerError(f"cannot read the stream: {exc!r}") from exc
         try:
