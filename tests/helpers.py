@@ -366,10 +366,11 @@ def tls_files(folder: Path) -> dict[str, str]:
 _SEALERS: dict[str, Any] = {}
 
 
-def seal_with(key: str, payload: bytes) -> bytes:
-    """``payload`` sealed with cluster key ``key``, as a rogue holding the key would
-    send it: what must then pass every check after the seal's."""
+def seal_with(key: str, payload: bytes, channel: str) -> bytes:
+    """``payload`` sealed with cluster key ``key`` for ``channel`` (a live or node
+    channel, not a stored one), as a rogue holding the key would send it: what must
+    then pass every check after the seal's."""
     from nats_adapter.sealing import ClusterKey
 
     sealer = _SEALERS.setdefault(key, ClusterKey(key.encode()))
-    return bytes(sealer.seal(payload))
+    return bytes(sealer.seal(payload, channel))

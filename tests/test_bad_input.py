@@ -190,7 +190,7 @@ async def test_garbage_on_the_bus_is_counted_and_dropped(
         for payload in garbage:
             # sealed with the gateways' key (gateway.processes gives them one): garbage
             # a holder of the key could send; unsealed it stops at the seal's check
-            await rogue.publish(room_subject, seal_with(RUN_CLUSTER_KEY, payload))
+            await rogue.publish(room_subject, seal_with(RUN_CLUSTER_KEY, payload, room_subject))
         await rogue.flush()
     finally:
         await rogue.close()

@@ -105,7 +105,7 @@ async def publish_raw(node: Node, channel: str, payloads: list[bytes]) -> None:
     broker: Any = node.manager.broker
     key = node.config.secrets.cluster_key
     if key:
-        payloads = [seal_with(key, p) for p in payloads]
+        payloads = [seal_with(key, p, channel) for p in payloads]
     if node.config.backend == "nats":
         import nats
 
