@@ -478,6 +478,11 @@ class ComposeStack:
     def gateway_urls(self) -> list[str]:
         return [f"http://127.0.0.1:{port}" for port in self.ports]
 
+    def admin_url(self, gateway: int) -> str:
+        """Gateway ``gateway``'s (0 or 1) operator listener (/metrics, the detailed
+        /healthz), reached on its compose-network address: it is not published."""
+        return f"http://{self.ip(f'gateway-{gateway + 1}')}:9001"
+
     def up(self, timeout: float = 90) -> None:
         self.compose("up", "-d", "--no-build")
         self.wait_healthy(timeout)
@@ -530,7 +535,7 @@ NATS_NODES = ("nats-1", "nats-2", "nats-3")
 
 def nats_service_of(stack: ComposeStack, gateway: int) -> str:
     """The NATS service gateway ``gateway`` (0 or 1) is connected to, from its /healthz."""
-    status, body = http_json(f"{stack.gateway_urls[gateway]}/healthz")
+    status, body = http_json(f"{stack.admin_url(gateway)}/healthz")
     assert status == 200, body
     return _service_in(stack, body)
 
@@ -546,7 +551,11 @@ def _service_in(stack: ComposeStack, healthz: Any) -> str:
 
 def served_by_other_than(stack: ComposeStack, gateway: int, service: str) -> bool:
     """Gateway ``gateway`` (0 or 1) is healthy on a NATS node other than ``service``."""
-    status, body = http_json(f"{stack.gateway_urls[gateway]}/healthz", 1.0)
+    try:
+        url = stack.admin_url(gateway)
+    except (LaunchError, KeyError, StopIteration, IndexError):
+        return False  # the container is not there (yet)
+    status, body = http_json(f"{url}/healthz", 1.0)
     return status == 200 and _service_in(stack, body) != service
 
 

@@ -70,10 +70,12 @@ async def test_official_client_chats_across_the_two_gateways(
         await a.wait_for(lambda c: c.texts() == ["from gw-2"], what="gw-2's chat")
     finally:
         await asyncio.gather(a.close(), b.close())
-    for url in compose_stack.gateway_urls:
+    for i, url in enumerate(compose_stack.gateway_urls):
         status, body = http_json(f"{url}/healthz")
         assert status == 200 and body["broker_connected"] is True
-        metrics = metrics_of(url)
+        assert "broker" not in body, "the public port answers the minimal /healthz"
+        assert http_json(f"{url}/metrics")[0] == 404, "no /metrics on the public port"
+        metrics = metrics_of(compose_stack.admin_url(i))
         moved = {m: metrics.get(m) for m in ERROR_COUNTERS.values() if metrics.get(m)}
         assert not moved, f"{url}: error counters moved: {moved}"
 
