@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
@@ -53,6 +54,13 @@ def _host_name(host_header: str) -> str:
     if host_header.startswith("["):
         return host_header.split("]", 1)[0] + "]"
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
+
+
+def opens_session(query_string: str) -> bool:
+    """Whether engine.io takes a request with this query for a new session: it reads
+    ``sid`` with :func:`urllib.parse.parse_qs`, which drops empty values, so ``?sid=``
+    opens one (aiohttp's ``"sid" in request.query`` says it is there)."""
+    return not urllib.parse.parse_qs(query_string).get("sid")
 
 
 class SessionsByAddress:
@@ -163,7 +171,7 @@ class RequestGuard:
                 for name in FORWARDED_HEADERS:
                     headers.popall(name, None)
                 request = request.clone(headers=headers)
-        if request.path.startswith(self.engineio_path) and "sid" not in request.query:
+        if request.path.startswith(self.engineio_path) and opens_session(request.query_string):
             problem = self.sessions.refuse_handshake(request.remote or "?")
             if problem is not None:
                 self.refusals["rate_limited"] += 1

@@ -502,6 +502,25 @@ async def test_engineio_sessions_are_capped_per_address(edge_gateway: GatewayNod
             await _close_session(session, edge_gateway, address, sid)
 
 
+async def test_an_empty_sid_is_a_new_session_and_counts_against_the_cap(
+        edge_gateway: GatewayNode) -> None:
+    """``?sid=`` (empty) skipped the cap and the handshake rate (aiohttp sees a sid),
+    while engine.io, which drops empty values, opened a new session for each."""
+    address = "198.51.100.85"
+    statuses, sids = [], []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(8):
+            async with session.get(f"{edge_gateway.url}/socket.io/?EIO=4&transport=polling&sid=",
+                                   headers={"X-Forwarded-For": address}) as resp:
+                body = await resp.text()
+                statuses.append(resp.status)
+                if resp.status == 200:
+                    sids.append(body.split('"sid":"', 1)[1].split('"', 1)[0])
+        assert statuses[:5] == [200] * 5 and statuses[5:] == [429] * 3, statuses
+        for sid in sids:
+            await _close_session(session, edge_gateway, address, sid)
+
+
 async def test_engineio_handshakes_are_rate_limited_per_address(
         edge_gateway: GatewayNode) -> None:
     address = "198.51.100.90"
