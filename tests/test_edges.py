@@ -320,14 +320,14 @@ def admin_gateway(workdir: Path, request: pytest.FixtureRequest
 
 
 async def _admin_connect(session: aiohttp.ClientSession, url: str,
-                         password: str = ADMIN_PASSWORD) -> str:
+                         password: str = ADMIN_PASSWORD, connect: str = "40/admin,") -> str:
     """What a Socket.IO CONNECT to the Admin UI's namespace gets back ("" when the
     socket is hung up on)."""
     ws = await session.ws_connect(url.replace("http", "ws")
                                   + "/socket.io/?EIO=4&transport=websocket")
     try:
         assert (await ws.receive_str()).startswith("0{")
-        await ws.send_str("40/admin," + json.dumps({"username": "admin",
+        await ws.send_str(connect + json.dumps({"username": "admin",
                                                    "password": password}))
         while True:
             msg = await asyncio.wait_for(ws.receive(), 10)
@@ -359,6 +359,18 @@ async def test_operator_endpoints_are_on_the_operator_listener_only(
     async with aiohttp.ClientSession() as session:
         assert await _admin_connect(session, gw.url) == ""  # hung up on
         assert (await _admin_connect(session, admin)).startswith("40/admin,{")
+
+
+@pytest.mark.parametrize("connect", ["400-/admin,", "401-/admin,", "40/admin?x=1,"])
+async def test_every_spelling_of_an_admin_connect_is_refused_on_the_public_port(
+        admin_gateway: tuple[GatewayNode, str], connect: str) -> None:
+    """python-socketio reads "00-/admin" (an attachment count) as a CONNECT to /admin:
+    the operator gate compared the raw text with "0/admin" and let it reach the Admin
+    UI's login from the public port."""
+    gw, admin = admin_gateway
+    async with aiohttp.ClientSession() as session:
+        assert await _admin_connect(session, gw.url, connect=connect) == ""  # hung up on
+        assert (await _admin_connect(session, admin, connect=connect)).startswith("40/admin,{")
 
 
 def metrics_text(url: str) -> str:
