@@ -195,7 +195,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
             )
         return web.FileResponse(client_js)
 
-    api = HttpApi(chat, config)
+    api = HttpApi(chat, config, guard.api_key)
     app.router.add_post("/api/rooms/{room}/messages", api.publish)
     app.router.add_get("/api/rooms/{room}", api.room)
     app.router.add_get("/api/rooms/{room}/messages", api.messages)

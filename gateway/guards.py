@@ -13,7 +13,8 @@
   only an operator: a request that came in on the operator listener
   (``--admin-port``), or, when there is none, one from a loopback peer that nothing
   forwarded, or one with the API key. Others get ``404`` for ``/metrics`` and the
-  minimal ``/healthz`` (:data:`OPERATOR`).
+  minimal ``/healthz`` (:data:`OPERATOR`). Every key is checked by :class:`ApiKey`,
+  the HTTP API's check too: wrong keys anywhere draw on one budget per address.
 - New engine.io sessions are limited per client address (:class:`SessionsByAddress`):
   past the cap or the handshake rate, 429.
 """
@@ -99,6 +100,51 @@ class SessionsByAddress:
             del self.open[address]
 
 
+#: wrong API keys a client address may send in a burst, and per second after it
+KEY_FAILURE_BURST = 10
+KEY_FAILURE_RATE = 0.2
+#: what :meth:`ApiKey.check` made of a request's key
+KEY_CHECK = web.RequestKey("api_key_check", str)
+
+
+class ApiKey:
+    """The one check of ``Authorization: Bearer <GATEWAY_API_KEY>``, for the HTTP API
+    and the operator endpoints alike: a client address that sent ``KEY_FAILURE_BURST``
+    wrong keys is out of attempts (429, whatever key it sends) until its budget
+    refills, one more try per ``1 / KEY_FAILURE_RATE`` seconds."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key.encode()
+        self.failures = RateLimiter(KEY_FAILURE_RATE, KEY_FAILURE_BURST, MAX_ADDRESSES)
+
+    def check(self, request: web.Request) -> str:
+        """``"limited"`` (the address is out of attempts), ``"none"`` (no key set or
+        none sent), ``"right"`` or ``"wrong"`` (counted against the address). Once per
+        request: a second call answers the first one's result without counting."""
+        if KEY_CHECK in request:
+            return request[KEY_CHECK]
+        address = request.remote or "?"
+        header = request.headers.get("Authorization")
+        if self.failures.exhausted(address):
+            result = "limited"
+        elif not self.key or header is None:
+            result = "none"
+        else:
+            # header values may hold any bytes: compare bytes, in constant time
+            given = header.encode("utf-8", "surrogateescape").removeprefix(b"Bearer ").strip()
+            result = "right" if hmac.compare_digest(given, self.key) else "wrong"
+            if result == "wrong":
+                self.failures.allow(address)
+        request[KEY_CHECK] = result
+        return result
+
+    @staticmethod
+    def refusal() -> web.Response:
+        return web.json_response(
+            {"ok": False, "error": "rate limited: too many wrong API keys"}, status=429,
+            headers={"Retry-After": str(round(1 / KEY_FAILURE_RATE))})
+
+
 class RequestGuard:
     """The aiohttp middleware described in the module docstring."""
 
@@ -109,7 +155,8 @@ class RequestGuard:
         self.proxies = frozenset(config.trusted_proxies)
         self.refused = 0
         self.admin_port = config.admin_port
-        self.api_key = config.secrets.api_key.encode()
+        #: the API key check, shared with the HTTP API (one failure budget per address)
+        self.api_key = ApiKey(config.secrets.api_key)
         limits = config.limits
         self.sessions = SessionsByAddress(limits.max_sessions_per_address,
                                           limits.handshake_rate, limits.handshake_burst)
@@ -117,7 +164,10 @@ class RequestGuard:
         #: refused requests by reason (the app points it at the chat protocol's)
         self.refusals: Counter[str] = Counter()
 
-    def is_operator(self, request: web.Request) -> bool:
+    def local_operator(self, request: web.Request) -> bool:
+        """An operator by where the request came in: the operator listener, or (when
+        there is none) a loopback peer that nothing forwarded. Read before the
+        forwarding headers are dropped."""
         transport = request.transport
         if transport is None:
             return False
@@ -125,13 +175,8 @@ class RequestGuard:
             local = transport.get_extra_info("sockname")
             return isinstance(local, tuple) and local[1] == self.admin_port
         peer = transport.get_extra_info("peername")
-        if peer is not None and _is_loopback(str(peer[0])) \
-                and not any(h in request.headers for h in FORWARDED_HEADERS):
-            return True
-        if not self.api_key:
-            return False
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        return hmac.compare_digest(given.removeprefix(b"Bearer ").strip(), self.api_key)
+        return peer is not None and _is_loopback(str(peer[0])) \
+            and not any(h in request.headers for h in FORWARDED_HEADERS)
 
     def host_allowed(self, host_header: str) -> bool:
         host = host_header.strip().lower()
@@ -159,7 +204,7 @@ class RequestGuard:
             return web.json_response(
                 {"ok": False, "error": "misdirected request: this gateway does not serve "
                  "that host (see --allowed-hosts)"}, status=421)
-        request[OPERATOR] = self.is_operator(request)
+        local_operator = self.local_operator(request)
         if any(h in request.headers for h in FORWARDED_HEADERS):
             peer = request.transport.get_extra_info("peername") if request.transport else None
             if peer is not None and peer[0] in self.proxies:
@@ -171,6 +216,14 @@ class RequestGuard:
                 for name in FORWARDED_HEADERS:
                     headers.popall(name, None)
                 request = request.clone(headers=headers)
+        keyed = False
+        if "Authorization" in request.headers:
+            checked = self.api_key.check(request)
+            if checked == "limited":
+                self.refusals["rate_limited"] += 1
+                return self.api_key.refusal()
+            keyed = checked == "right" and not self.admin_port
+        request[OPERATOR] = local_operator or keyed
         if request.path.startswith(self.engineio_path) and opens_session(request.query_string):
             problem = self.sessions.refuse_handshake(request.remote or "?")
             if problem is not None:

@@ -442,6 +442,21 @@ async def test_wrong_api_keys_are_rate_limited_per_address(edge_gateway: Gateway
     assert await asyncio.to_thread(post_message, edge_gateway, other) == 202
 
 
+async def test_wrong_keys_on_metrics_use_up_the_same_budget(edge_gateway: GatewayNode) -> None:
+    """Without --admin-port, /metrics compared every Bearer key with the API key and
+    answered 404 or 200 without counting: an unlimited key-guessing oracle. Now wrong
+    keys there draw on the address's budget of wrong keys, the HTTP API's too."""
+    guesser = {"X-Forwarded-For": "198.51.100.68"}
+    statuses = [(await asyncio.to_thread(get, f"{edge_gateway.url}/metrics",
+                                         {**guesser, "Authorization": f"Bearer guess-{i}"}))[0]
+                for i in range(15)]
+    assert statuses[:10] == [404] * 10 and statuses[10:] == [429] * 5, statuses
+    right = {"Authorization": f"Bearer {API_KEY}"}
+    assert (await asyncio.to_thread(get, f"{edge_gateway.url}/metrics",
+                                    {**guesser, **right}))[0] == 429
+    assert await asyncio.to_thread(post_message, edge_gateway, {**guesser, **right}) == 429
+
+
 async def test_room_members_need_the_key_under_jwt_auth(
         jwt_recovery_pair: list[GatewayNode]) -> None:
     gw = jwt_recovery_pair[0]
