@@ -30,8 +30,8 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .chat import MAX_ADDRESSES, RateLimiter
 from .config import GatewayConfig
+from .limits import MAX_ADDRESSES, RateLimiter, client_key
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -81,6 +81,7 @@ class SessionsByAddress:
         """Why a new session from ``address`` is refused now, or None."""
         if _is_loopback(address):
             return None
+        address = client_key(address)
         if self.cap and self.open[address] >= self.cap:
             return f"too many sessions from your address (at most {self.cap})"
         if not self.handshakes.allow(address):
@@ -88,6 +89,7 @@ class SessionsByAddress:
         return None
 
     def opened(self, eio_sid: str, address: str) -> None:
+        address = client_key(address)
         self._address[eio_sid] = address
         self.open[address] += 1
 
@@ -123,7 +125,7 @@ class ApiKey:
         request: a second call answers the first one's result without counting."""
         if KEY_CHECK in request:
             return request[KEY_CHECK]
-        address = request.remote or "?"
+        address = client_key(request.remote or "?")
         header = request.headers.get("Authorization")
         if self.failures.exhausted(address):
             result = "limited"

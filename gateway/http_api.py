@@ -30,9 +30,10 @@ from nats_adapter import BrokerError, is_sid
 from nats_adapter.cluster import ClusterTimeoutError
 from nats_adapter.recovery import MAX_HISTORY
 
-from .chat import MAX_ADDRESSES, ChatProtocol, RateLimiter, json_type, utf8_problem
+from .chat import ChatProtocol, json_type, utf8_problem
 from .config import GatewayConfig
 from .guards import ApiKey
+from .limits import MAX_ADDRESSES, RateLimiter, client_key
 
 
 class HttpApi:
@@ -69,7 +70,7 @@ class HttpApi:
         refusal = self._check_key(request)
         if refusal is not None:
             return refusal
-        if not self.limiter.allow(request.remote or "?"):
+        if not self.limiter.allow(client_key(request.remote or "?")):
             response = self._refuse("rate_limited", "rate limited: too many requests", 429)
             response.headers["Retry-After"] = "1"
             return response
@@ -119,7 +120,7 @@ class HttpApi:
         room, error = self.chat.check_room(request.match_info["room"])
         if room is None:
             return self._bad(error or "bad room")
-        if not self.limiter.allow(request.remote or "?"):
+        if not self.limiter.allow(client_key(request.remote or "?")):
             return self._refuse("rate_limited", "rate limited: too many requests", 429)
         manager: Any = self.chat.manager
         if not hasattr(manager, "room_size"):
@@ -147,7 +148,7 @@ class HttpApi:
         refusal = self._check_key(request)
         if refusal is not None:
             return refusal
-        if not self.limiter.allow(request.remote or "?"):
+        if not self.limiter.allow(client_key(request.remote or "?")):
             return self._refuse("rate_limited", "rate limited: too many requests", 429)
         room, error = self.chat.check_room(request.match_info["room"])
         if room is None:

@@ -548,6 +548,19 @@ async def test_an_empty_sid_is_a_new_session_and_counts_against_the_cap(
             await _close_session(session, edge_gateway, address, sid)
 
 
+async def test_the_session_cap_counts_an_ipv6_slash_64_and_ports_as_one_client(
+        edge_gateway: GatewayNode) -> None:
+    """Addresses rotated within one IPv6 /64 (or written with a port, or IPv4-mapped)
+    each got a cap of their own."""
+    for addresses in ([f"2001:db8:5:6::{i}" for i in range(1, 7)],
+                      [f"198.51.100.87:{1000 + i}" for i in range(5)] + ["::ffff:198.51.100.87"]):
+        async with aiohttp.ClientSession() as session:
+            replies = [await _handshake(session, edge_gateway, a) for a in addresses]
+            assert [status for status, _ in replies] == [200] * 5 + [429], replies
+            for address, (_, sid) in zip(addresses[:5], replies[:5], strict=True):
+                await _close_session(session, edge_gateway, address, sid)
+
+
 async def test_engineio_handshakes_are_rate_limited_per_address(
         edge_gateway: GatewayNode) -> None:
     address = "198.51.100.90"
