@@ -154,7 +154,7 @@ class HttpApi:
         if room is None:
             return self._bad(error or "bad room")
         raw = request.query.get("limit", "50")
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_HISTORY:
             return self._bad(f"limit must be a number from 1 to {MAX_HISTORY}")
         recovery = getattr(self.chat.manager, "recovery", None)
         if recovery is None:

@@ -467,6 +467,16 @@ async def test_room_members_need_the_key_under_jwt_auth(
     assert status == 200 and body["members"] == 0, body
 
 
+@pytest.mark.parametrize("limit", ["%C2%B2", "%D9%A3", "-1", "0", "x"])  # "²", "٣"
+async def test_a_history_limit_that_is_not_ascii_digits_is_a_400(
+        jwt_recovery_pair: list[GatewayNode], limit: str) -> None:
+    """``"²".isdigit()`` is true and ``int("²")`` raises: the limit was a 500."""
+    status, body = await asyncio.to_thread(
+        get, f"{jwt_recovery_pair[0].url}/api/rooms/lobby/messages?limit={limit}",
+        {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and "limit must be a number" in body["error"], (status, body)
+
+
 # -- secrets -------------------------------------------------------------------------
 
 
