@@ -8,7 +8,6 @@ argument count a client sends is answered, never raised on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
 import time
@@ -24,7 +23,7 @@ from nats_adapter import BrokerError, SubscriptionError, is_sid
 from nats_adapter.recovery import MAX_HISTORY
 
 from .config import GatewayConfig, Limits
-from .limits import MAX_ADDRESSES, RateLimiter, client_key
+from .limits import MAX_ADDRESSES, RateLimiter, client_key, is_loopback
 from .types import GatewayManager
 
 logger = logging.getLogger(__name__)
@@ -129,13 +128,6 @@ HISTORY_RATE, HISTORY_BURST = 2.0, 20
 REMOTE_KEY = "gateway.remote"
 
 
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
 class ChatProtocol:
     """Registers the chat events on ``sio`` and enforces the configured limits and auth."""
 
@@ -145,6 +137,8 @@ class ChatProtocol:
         self.manager = manager
         self.limits: Limits = config.limits
         self.presence = config.presence
+        #: listening on loopback: loopback clients (the host's own) skip address limits
+        self.loopback_host = is_loopback(config.host)
         self.tokens = TokenRules(config.secrets.jwt_secret, config.jwt_leeway,
                                  config.jwt_issuer, config.jwt_audience) \
             if config.auth == "jwt" else None
@@ -172,6 +166,11 @@ class ChatProtocol:
         sio.on("leave", self.on_leave)
         sio.on("chat", self.on_chat)
         sio.on("*", self.on_unknown)
+
+    def exempt(self, address: str) -> bool:
+        """Whether ``address`` skips the per-address limits: the host's own, when the
+        gateway listens on loopback."""
+        return self.loopback_host and is_loopback(address)
 
     def _refuse(self, kind: str, reason: str) -> Ack:
         self.refused[kind] += 1
@@ -233,7 +232,7 @@ class ChatProtocol:
             return False
         self.restore_tried.add(eio_sid)
         address = self.address_of(self.sio.environ.get(eio_sid))
-        if is_loopback(address) or self.restore_limiter.allow(client_key(address)):
+        if self.exempt(address) or self.restore_limiter.allow(client_key(address)):
             return True
         self.refused["rate_limited"] += 1
         return False
@@ -322,7 +321,7 @@ class ChatProtocol:
         recovery = getattr(self.manager, "recovery", None)
         if history and recovery is not None:
             address = self.address_of(self.sio.get_environ(sid))
-            if not is_loopback(address) \
+            if not self.exempt(address) \
                     and not self.history_limiter.allow(client_key(address)):
                 return self._refuse("rate_limited",
                                     "rate limited: too many history reads from your address")

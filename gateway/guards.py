@@ -12,9 +12,11 @@
 - Operator endpoints (``/metrics``, the detailed ``/healthz``, the Admin UI) answer
   only an operator: a request that came in on the operator listener
   (``--admin-port``), or, when there is none, one from a loopback peer that nothing
-  forwarded, or one with the API key. Others get ``404`` for ``/metrics`` and the
-  minimal ``/healthz`` (:data:`OPERATOR`). Every key is checked by :class:`ApiKey`,
-  the HTTP API's check too: wrong keys anywhere draw on one budget per address.
+  forwarded while the gateway listens on loopback (``--host``; listening elsewhere,
+  a loopback peer may be a same-host proxy relaying anyone), or one with the API key.
+  Others get ``404`` for ``/metrics`` and the minimal ``/healthz`` (:data:`OPERATOR`).
+  Every key is checked by :class:`ApiKey`, the HTTP API's check too: wrong keys
+  anywhere draw on one budget per address.
 - New engine.io sessions are limited per client address (:class:`SessionsByAddress`):
   past the cap or the handshake rate, 429.
 """
@@ -22,7 +24,6 @@
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import urllib.parse
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -31,23 +32,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .config import GatewayConfig
-from .limits import MAX_ADDRESSES, RateLimiter, client_key
+from .limits import LOOPBACK_NAMES, MAX_ADDRESSES, RateLimiter, client_key, is_loopback
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", "Forwarded")
 #: whether a request comes from an operator (see the module docstring)
 OPERATOR = web.RequestKey("operator", bool)
-
-
-def _is_loopback(host: str) -> bool:
-    if host in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _host_name(host_header: str) -> str:
@@ -68,18 +59,20 @@ class SessionsByAddress:
     """Engine.io sessions per client address: at most ``cap`` open at once, and new
     ones (handshakes) at ``rate`` per second, bursts of ``burst``. Engine.io sessions
     are not TCP connections: over long-polling, thousands fit in a few of them, so
-    ``--max-connections`` does not bound them. Loopback addresses (the host itself:
-    its operator, a local load test) are not limited."""
+    ``--max-connections`` does not bound them. With ``exempt_loopback`` (the gateway
+    listens on loopback), loopback addresses (the host itself: its operator, a local
+    load test) are not limited."""
 
-    def __init__(self, cap: int, rate: float, burst: int) -> None:
+    def __init__(self, cap: int, rate: float, burst: int, exempt_loopback: bool = True) -> None:
         self.cap = cap
+        self.exempt_loopback = exempt_loopback
         self.handshakes = RateLimiter(rate, burst, MAX_ADDRESSES)
         self.open: Counter[str] = Counter()
         self._address: dict[str, str] = {}
 
     def refuse_handshake(self, address: str) -> str | None:
         """Why a new session from ``address`` is refused now, or None."""
-        if _is_loopback(address):
+        if self.exempt_loopback and is_loopback(address):
             return None
         address = client_key(address)
         if self.cap and self.open[address] >= self.cap:
@@ -153,7 +146,10 @@ class RequestGuard:
     def __init__(self, config: GatewayConfig) -> None:
         self.allowed = {h.lower() for h in config.allowed_hosts}
         #: no list given and listening on loopback: loopback names only
-        self.loopback_only = not self.allowed and _is_loopback(config.host)
+        #: listening on loopback: a loopback peer is the host's own (else it may be a
+        #: same-host reverse proxy that forwards everyone, with or without headers)
+        self.loopback_host = is_loopback(config.host)
+        self.loopback_only = not self.allowed and self.loopback_host
         self.proxies = frozenset(config.trusted_proxies)
         self.refused = 0
         self.admin_port = config.admin_port
@@ -161,15 +157,16 @@ class RequestGuard:
         self.api_key = ApiKey(config.secrets.api_key)
         limits = config.limits
         self.sessions = SessionsByAddress(limits.max_sessions_per_address,
-                                          limits.handshake_rate, limits.handshake_burst)
+                                          limits.handshake_rate, limits.handshake_burst,
+                                          self.loopback_host)
         self.engineio_path = "/socket.io"
         #: refused requests by reason (the app points it at the chat protocol's)
         self.refusals: Counter[str] = Counter()
 
     def local_operator(self, request: web.Request) -> bool:
         """An operator by where the request came in: the operator listener, or (when
-        there is none) a loopback peer that nothing forwarded. Read before the
-        forwarding headers are dropped."""
+        there is none and the gateway listens on loopback) a loopback peer that nothing
+        forwarded. Read before the forwarding headers are dropped."""
         transport = request.transport
         if transport is None:
             return False
@@ -177,7 +174,7 @@ class RequestGuard:
             local = transport.get_extra_info("sockname")
             return isinstance(local, tuple) and local[1] == self.admin_port
         peer = transport.get_extra_info("peername")
-        return peer is not None and _is_loopback(str(peer[0])) \
+        return self.loopback_host and peer is not None and is_loopback(str(peer[0])) \
             and not any(h in request.headers for h in FORWARDED_HEADERS)
 
     def host_allowed(self, host_header: str) -> bool:
@@ -186,7 +183,7 @@ class RequestGuard:
         if self.allowed:
             return host in self.allowed or name in self.allowed
         if self.loopback_only:
-            return _is_loopback(name.strip("[]")) or name in LOOPBACK_NAMES
+            return is_loopback(name.strip("[]")) or name in LOOPBACK_NAMES
         return True
 
     def forwarded_client(self, values: list[str]) -> str:

@@ -10,6 +10,24 @@ import time
 MAX_ADDRESSES = 100_000
 
 
+#: names of the host itself (besides the loopback addresses)
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def is_loopback(address: str) -> bool:
+    """Whether ``address`` (an address, ``[::1]``, or ``localhost``) is the host itself;
+    an IPv4-mapped ``::ffff:127.0.0.1`` is."""
+    if address in LOOPBACK_NAMES:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
 def client_key(address: str) -> str:
     """The key a per-address limit counts ``address`` under, so that one client is one
     key: a port is dropped (``1.2.3.4:5678``, ``[2001:db8::1]:443``, as some proxies

@@ -395,6 +395,31 @@ async def test_without_an_operator_listener_only_loopback_or_the_key_reads_metri
     assert status == 200 and "broker" in body, body
 
 
+async def test_a_gateway_listening_beyond_loopback_takes_no_loopback_peer_for_an_operator(
+        workdir: Path, request: pytest.FixtureRequest) -> None:
+    """Listening on all addresses, a loopback peer may be a same-host reverse proxy
+    that relays everyone without X-Forwarded-For: it was an operator (/metrics) and
+    exempt from the per-address limits. Now only the key makes it an operator."""
+    port = free_ports(1)[0]
+    gw = start_gateway(workdir / "edges", "wide-gw", port, "nats", broker_args("nats", request),
+                       host="0.0.0.0", extra=["--max-sessions-per-address", "2"],
+                       env={"GATEWAY_API_KEY": API_KEY})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_gateways([gw])
+        assert (await asyncio.to_thread(get, f"{url}/metrics"))[0] == 404
+        keyed = {"Authorization": f"Bearer {API_KEY}"}
+        assert (await asyncio.to_thread(get, f"{url}/metrics", keyed))[0] == 200
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
+                    statuses.append(resp.status)
+        assert statuses == [200, 200, 429], statuses
+    finally:
+        stop_all([gw.child])
+
+
 # -- forwarded addresses -------------------------------------------------------------
 
 

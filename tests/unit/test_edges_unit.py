@@ -10,7 +10,7 @@ import pytest
 from gateway import config as cfg
 from gateway.config import GatewayConfig
 from gateway.guards import RequestGuard
-from gateway.limits import RateLimiter, client_key
+from gateway.limits import RateLimiter, client_key, is_loopback
 from nats_adapter.admin import same_credentials
 
 
@@ -46,6 +46,14 @@ def test_a_client_is_keyed_by_its_address_without_port_and_its_ipv6_slash_64(
     """Per-address limits keyed on the exact string: an IPv6 client rotated within its
     /64, a proxy's "ip:port" or an IPv4-mapped address counted as someone new."""
     assert client_key(address) == key
+
+
+def test_one_loopback_test_for_names_and_addresses() -> None:
+    """guards and chat had one each, which disagreed on "localhost"."""
+    for host in ("localhost", "127.0.0.1", "127.9.9.9", "::1", "[::1]", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "198.51.100.7", "evil.example", "?", ""):
+        assert not is_loopback(host), host
 
 
 def test_the_client_is_the_rightmost_untrusted_forwarded_entry() -> None:
