@@ -218,7 +218,9 @@ class RequestGuard:
         keyed = False
         if "Authorization" in request.headers:
             checked = self.api_key.check(request)
-            if checked == "limited":
+            # Socket.IO clients may send a Bearer JWT: that does not lock them out,
+            # it only makes them no operator
+            if checked == "limited" and not request.path.startswith(self.engineio_path):
                 self.refusals["rate_limited"] += 1
                 return self.api_key.refusal()
             keyed = checked == "right" and not self.admin_port

@@ -482,6 +482,25 @@ async def test_wrong_keys_on_metrics_use_up_the_same_budget(edge_gateway: Gatewa
     assert await asyncio.to_thread(post_message, edge_gateway, {**guesser, **right}) == 429
 
 
+async def test_a_socketio_client_sending_a_bearer_token_is_not_locked_out(
+        edge_gateway: GatewayNode) -> None:
+    """Socket.IO clients may put a JWT in Authorization: not the API key, but their
+    handshakes go on (only the operator gate reads the key there)."""
+    address = "198.51.100.69"
+    headers = {"X-Forwarded-For": address, "Authorization": "Bearer a.jwt.token"}
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(11):
+            async with session.get(f"{edge_gateway.url}/socket.io/?EIO=4&transport=polling",
+                                   headers=headers) as resp:
+                body = await resp.text()
+                statuses.append(resp.status)
+            if resp.status == 200:
+                sid = body.split('"sid":"', 1)[1].split('"', 1)[0]
+                await _close_session(session, edge_gateway, address, sid)
+    assert statuses == [200] * 11, statuses
+
+
 async def test_room_members_need_the_key_under_jwt_auth(
         jwt_recovery_pair: list[GatewayNode]) -> None:
     gw = jwt_recovery_pair[0]
