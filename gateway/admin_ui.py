@@ -10,7 +10,8 @@ from socketio.exceptions import ConnectionRefusedError as Refused
 
 from nats_adapter.admin import ClusterInstrumentedServer
 
-from .chat import MAX_ADDRESSES, REMOTE_KEY, RateLimiter
+from .chat import REMOTE_KEY
+from .limits import MAX_ADDRESSES, RateLimiter, client_key
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +31,13 @@ class GatewayAdmin(ClusterInstrumentedServer):
 
     async def admin_connect(self, sid: str, environ: dict[str, Any], client_auth: Any) -> None:
         address = str(environ.get(REMOTE_KEY, "?"))
-        if self.failures.exhausted(address):
+        if self.failures.exhausted(client_key(address)):
             self.refused += 1
             raise Refused("too many failed logins: try again later")
         try:
             await super().admin_connect(sid, environ, client_auth)
         except Refused:
-            self.failures.allow(address)
+            self.failures.allow(client_key(address))
             self.refused += 1
             if self.refused == 1 or self.refused % 100 == 0:
                 logger.warning("Admin UI login refused for %s (%d refused so far)", address,

@@ -195,7 +195,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
             )
         return web.FileResponse(client_js)
 
-    api = HttpApi(chat, config)
+    api = HttpApi(chat, config, guard.api_key)
     app.router.add_post("/api/rooms/{room}/messages", api.publish)
     app.router.add_get("/api/rooms/{room}", api.room)
     app.router.add_get("/api/rooms/{room}/messages", api.messages)
@@ -264,8 +264,8 @@ class MalformedPacket(ValueError):
     client may send."""
 
 
-#: a CONNECT to the Admin UI's namespace
-ADMIN_CONNECT = "0/admin"
+#: the Admin UI's namespace
+ADMIN_NAMESPACE = "/admin"
 
 #: packet types a client may send (CONNECT_ERROR is the server's)
 _CLIENT_TYPES = frozenset({sio_packet.CONNECT, sio_packet.DISCONNECT, sio_packet.EVENT,
@@ -396,11 +396,14 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
         if not data:  # python-socketio would take "4" for an EVENT without data
             refuse(eio_sid, "malformed", "an empty packet")
             return
-        if data.startswith(ADMIN_CONNECT) and sio.eio.sockets.get(eio_sid) not in operators:
-            # the Admin UI's namespace: for the operator listener (or loopback / API key)
-            refuse(eio_sid, "forbidden", "the Admin UI is for operators")
-            return
         try:
+            if data[:1] == "0" and sio.eio.sockets.get(eio_sid) not in operators \
+                    and CheckedPacket(encoded_packet=data).namespace == ADMIN_NAMESPACE:
+                # the Admin UI's namespace: for the operator listener (or loopback / API
+                # key). Decided on the decoded packet: "00-/admin" (an attachment count)
+                # is a CONNECT to /admin too.
+                refuse(eio_sid, "forbidden", "the Admin UI is for operators")
+                return
             if data[:1] == "3" and not ack_expected(eio_sid, CheckedPacket(encoded_packet=data)):
                 # python-socketio would log a warning for each one
                 refuse(eio_sid, "malformed", "an ack for nothing the server asked")

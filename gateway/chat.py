@@ -8,7 +8,6 @@ argument count a client sends is answered, never raised on.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import secrets
 import time
@@ -24,6 +23,7 @@ from nats_adapter import BrokerError, SubscriptionError, is_sid
 from nats_adapter.recovery import MAX_HISTORY
 
 from .config import GatewayConfig, Limits
+from .limits import MAX_ADDRESSES, RateLimiter, client_key, is_loopback
 from .types import GatewayManager
 
 logger = logging.getLogger(__name__)
@@ -116,55 +116,6 @@ def verify_token(token: Any, rules: TokenRules) -> Grant:
                  float(claims["exp"]) + rules.leeway)
 
 
-class RateLimiter:
-    """Token buckets per key (a socket, a client address): ``rate`` requests per
-    second, bursts of ``burst``. With ``max_keys``, at most that many buckets are
-    kept, the least recently used dropped first (a dropped bucket is a full one)."""
-
-    __slots__ = ("_buckets", "burst", "max_keys", "rate")
-
-    def __init__(self, rate: float, burst: int, max_keys: int = 0) -> None:
-        self.rate = rate
-        self.burst = burst
-        self.max_keys = max_keys
-        self._buckets: dict[str, list[float]] = {}
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-    def allow(self, key: str) -> bool:
-        now = time.monotonic()
-        buckets = self._buckets
-        bucket = buckets.get(key)
-        if bucket is None:
-            if self.max_keys and len(buckets) >= self.max_keys:
-                del buckets[next(iter(buckets))]  # the least recently used
-            buckets[key] = [self.burst - 1.0, now]
-            return True
-        if self.max_keys:  # most recently used last
-            del buckets[key]
-            buckets[key] = bucket
-        tokens = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            return False
-        bucket[0] = tokens - 1.0
-        return True
-
-    def exhausted(self, key: str) -> bool:
-        """Whether ``key`` has no request left now (without taking one)."""
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            return False
-        return bucket[0] + (time.monotonic() - bucket[1]) * self.rate < 1.0
-
-    def forget(self, key: str) -> None:
-        self._buckets.pop(key, None)
-
-
-#: buckets a limiter keyed by client address keeps (each ~200 bytes)
-MAX_ADDRESSES = 100_000
 #: session restores (--recovery) per second per client address, and the burst; each
 #: takes message store look-ups
 RESTORE_RATE, RESTORE_BURST = 0.5, 10
@@ -177,13 +128,6 @@ HISTORY_RATE, HISTORY_BURST = 2.0, 20
 REMOTE_KEY = "gateway.remote"
 
 
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
-
-
 class ChatProtocol:
     """Registers the chat events on ``sio`` and enforces the configured limits and auth."""
 
@@ -193,6 +137,8 @@ class ChatProtocol:
         self.manager = manager
         self.limits: Limits = config.limits
         self.presence = config.presence
+        #: listening on loopback: loopback clients (the host's own) skip address limits
+        self.loopback_host = is_loopback(config.host)
         self.tokens = TokenRules(config.secrets.jwt_secret, config.jwt_leeway,
                                  config.jwt_issuer, config.jwt_audience) \
             if config.auth == "jwt" else None
@@ -220,6 +166,11 @@ class ChatProtocol:
         sio.on("leave", self.on_leave)
         sio.on("chat", self.on_chat)
         sio.on("*", self.on_unknown)
+
+    def exempt(self, address: str) -> bool:
+        """Whether ``address`` skips the per-address limits: the host's own, when the
+        gateway listens on loopback."""
+        return self.loopback_host and is_loopback(address)
 
     def _refuse(self, kind: str, reason: str) -> Ack:
         self.refused[kind] += 1
@@ -281,7 +232,7 @@ class ChatProtocol:
             return False
         self.restore_tried.add(eio_sid)
         address = self.address_of(self.sio.environ.get(eio_sid))
-        if is_loopback(address) or self.restore_limiter.allow(address):
+        if self.exempt(address) or self.restore_limiter.allow(client_key(address)):
             return True
         self.refused["rate_limited"] += 1
         return False
@@ -370,7 +321,8 @@ class ChatProtocol:
         recovery = getattr(self.manager, "recovery", None)
         if history and recovery is not None:
             address = self.address_of(self.sio.get_environ(sid))
-            if not is_loopback(address) and not self.history_limiter.allow(address):
+            if not self.exempt(address) \
+                    and not self.history_limiter.allow(client_key(address)):
                 return self._refuse("rate_limited",
                                     "rate limited: too many history reads from your address")
         joined = self.manager.get_rooms(sid, "/")

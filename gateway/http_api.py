@@ -8,6 +8,7 @@ JSON reason, counted under ``gateway_requests_refused_total``):
   JWT auth on and no key, the API is closed. A client address that sent
   ``KEY_FAILURE_BURST`` wrong keys gets 429 for everything until its budget refills
   (one more try per ``1 / KEY_FAILURE_RATE`` seconds): keys cannot be guessed at speed.
+  The budget is :class:`gateway.guards.ApiKey`'s, shared with the operator endpoints.
 - at most ``--api-rate`` requests per second per client address (429).
 - ``Content-Type: application/json`` in UTF-8 (415): browsers cannot send that
   cross-site without a CORS preflight, which the gateway does not grant.
@@ -20,7 +21,6 @@ JSON reason, counted under ``gateway_requests_refused_total``):
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 from typing import Any
 
@@ -30,23 +30,23 @@ from nats_adapter import BrokerError, is_sid
 from nats_adapter.cluster import ClusterTimeoutError
 from nats_adapter.recovery import MAX_HISTORY
 
-from .chat import MAX_ADDRESSES, ChatProtocol, RateLimiter, json_type, utf8_problem
+from .chat import ChatProtocol, json_type, utf8_problem
 from .config import GatewayConfig
-
-#: wrong API keys a client address may send in a burst, and per second after it
-KEY_FAILURE_BURST = 10
-KEY_FAILURE_RATE = 0.2
+from .guards import ApiKey
+from .limits import MAX_ADDRESSES, RateLimiter, client_key
 
 
 class HttpApi:
-    def __init__(self, chat: ChatProtocol, config: GatewayConfig) -> None:
+    def __init__(self, chat: ChatProtocol, config: GatewayConfig,
+                 api_key: ApiKey | None = None) -> None:
         self.chat = chat
         self.key = config.secrets.api_key.encode()
+        #: the key check the request guard uses too (one failure budget per address)
+        self.api_key = api_key if api_key is not None else ApiKey(config.secrets.api_key)
         self.closed = config.auth == "jwt" and not self.key
         self.limiter = RateLimiter(config.limits.api_rate, config.limits.api_burst,
                                    MAX_ADDRESSES)
         self.body_timeout = config.limits.body_timeout
-        self.key_failures = RateLimiter(KEY_FAILURE_RATE, KEY_FAILURE_BURST, MAX_ADDRESSES)
         #: GET /api/rooms/{room} needs the key too (JWT auth: no anonymous reads)
         self.room_needs_key = config.auth == "jwt"
 
@@ -54,28 +54,15 @@ class HttpApi:
         self.chat.refused[reason] += 1
         return web.json_response({"ok": False, "error": message}, status=status)
 
-    def _authorized(self, request: web.Request) -> bool:
-        if self.closed:
-            return False
-        if not self.key:
-            return True
-        # header values may hold any bytes: compare bytes, in constant time
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        return hmac.compare_digest(given.removeprefix(b"Bearer ").strip(), self.key)
-
     def _check_key(self, request: web.Request) -> web.Response | None:
         """None when the request may go on; else the refusal: 429 while its address is
         out of key attempts (whatever the key: a right guess must not show), 401."""
-        address = request.remote or "?"
-        if self.key_failures.exhausted(address):
-            response = self._refuse("rate_limited", "rate limited: too many wrong API keys",
-                                    429)
-            response.headers["Retry-After"] = str(round(1 / KEY_FAILURE_RATE))
-            return response
-        if self._authorized(request):
+        checked = self.api_key.check(request)
+        if checked == "limited":
+            self.chat.refused["rate_limited"] += 1
+            return self.api_key.refusal()
+        if not self.closed and (not self.key or checked == "right"):
             return None
-        if self.key and request.headers.get("Authorization"):  # a wrong key: an attempt
-            self.key_failures.allow(address)
         return self._refuse("unauthenticated",
                             "unauthorized: send Authorization: Bearer <API key>", 401)
 
@@ -83,7 +70,7 @@ class HttpApi:
         refusal = self._check_key(request)
         if refusal is not None:
             return refusal
-        if not self.limiter.allow(request.remote or "?"):
+        if not self.limiter.allow(client_key(request.remote or "?")):
             response = self._refuse("rate_limited", "rate limited: too many requests", 429)
             response.headers["Retry-After"] = "1"
             return response
@@ -133,7 +120,7 @@ class HttpApi:
         room, error = self.chat.check_room(request.match_info["room"])
         if room is None:
             return self._bad(error or "bad room")
-        if not self.limiter.allow(request.remote or "?"):
+        if not self.limiter.allow(client_key(request.remote or "?")):
             return self._refuse("rate_limited", "rate limited: too many requests", 429)
         manager: Any = self.chat.manager
         if not hasattr(manager, "room_size"):
@@ -161,13 +148,13 @@ class HttpApi:
         refusal = self._check_key(request)
         if refusal is not None:
             return refusal
-        if not self.limiter.allow(request.remote or "?"):
+        if not self.limiter.allow(client_key(request.remote or "?")):
             return self._refuse("rate_limited", "rate limited: too many requests", 429)
         room, error = self.chat.check_room(request.match_info["room"])
         if room is None:
             return self._bad(error or "bad room")
         raw = request.query.get("limit", "50")
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_HISTORY:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_HISTORY:
             return self._bad(f"limit must be a number from 1 to {MAX_HISTORY}")
         recovery = getattr(self.chat.manager, "recovery", None)
         if recovery is None:

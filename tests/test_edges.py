@@ -320,14 +320,14 @@ def admin_gateway(workdir: Path, request: pytest.FixtureRequest
 
 
 async def _admin_connect(session: aiohttp.ClientSession, url: str,
-                         password: str = ADMIN_PASSWORD) -> str:
+                         password: str = ADMIN_PASSWORD, connect: str = "40/admin,") -> str:
     """What a Socket.IO CONNECT to the Admin UI's namespace gets back ("" when the
     socket is hung up on)."""
     ws = await session.ws_connect(url.replace("http", "ws")
                                   + "/socket.io/?EIO=4&transport=websocket")
     try:
         assert (await ws.receive_str()).startswith("0{")
-        await ws.send_str("40/admin," + json.dumps({"username": "admin",
+        await ws.send_str(connect + json.dumps({"username": "admin",
                                                    "password": password}))
         while True:
             msg = await asyncio.wait_for(ws.receive(), 10)
@@ -361,6 +361,18 @@ async def test_operator_endpoints_are_on_the_operator_listener_only(
         assert (await _admin_connect(session, admin)).startswith("40/admin,{")
 
 
+@pytest.mark.parametrize("connect", ["400-/admin,", "401-/admin,", "40/admin?x=1,"])
+async def test_every_spelling_of_an_admin_connect_is_refused_on_the_public_port(
+        admin_gateway: tuple[GatewayNode, str], connect: str) -> None:
+    """python-socketio reads "00-/admin" (an attachment count) as a CONNECT to /admin:
+    the operator gate compared the raw text with "0/admin" and let it reach the Admin
+    UI's login from the public port."""
+    gw, admin = admin_gateway
+    async with aiohttp.ClientSession() as session:
+        assert await _admin_connect(session, gw.url, connect=connect) == ""  # hung up on
+        assert (await _admin_connect(session, admin, connect=connect)).startswith("40/admin,{")
+
+
 def metrics_text(url: str) -> str:
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
         return str(resp.read().decode())
@@ -381,6 +393,31 @@ async def test_without_an_operator_listener_only_loopback_or_the_key_reads_metri
     assert (await asyncio.to_thread(get, f"{gw.url}/metrics", keyed))[0] == 200
     status, body = await asyncio.to_thread(get, f"{gw.url}/healthz", keyed)
     assert status == 200 and "broker" in body, body
+
+
+async def test_a_gateway_listening_beyond_loopback_takes_no_loopback_peer_for_an_operator(
+        workdir: Path, request: pytest.FixtureRequest) -> None:
+    """Listening on all addresses, a loopback peer may be a same-host reverse proxy
+    that relays everyone without X-Forwarded-For: it was an operator (/metrics) and
+    exempt from the per-address limits. Now only the key makes it an operator."""
+    port = free_ports(1)[0]
+    gw = start_gateway(workdir / "edges", "wide-gw", port, "nats", broker_args("nats", request),
+                       host="0.0.0.0", extra=["--max-sessions-per-address", "2"],
+                       env={"GATEWAY_API_KEY": API_KEY})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_gateways([gw])
+        assert (await asyncio.to_thread(get, f"{url}/metrics"))[0] == 404
+        keyed = {"Authorization": f"Bearer {API_KEY}"}
+        assert (await asyncio.to_thread(get, f"{url}/metrics", keyed))[0] == 200
+        statuses = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(3):
+                async with session.get(f"{url}/socket.io/?EIO=4&transport=polling") as resp:
+                    statuses.append(resp.status)
+        assert statuses == [200, 200, 429], statuses
+    finally:
+        stop_all([gw.child])
 
 
 # -- forwarded addresses -------------------------------------------------------------
@@ -430,6 +467,40 @@ async def test_wrong_api_keys_are_rate_limited_per_address(edge_gateway: Gateway
     assert await asyncio.to_thread(post_message, edge_gateway, other) == 202
 
 
+async def test_wrong_keys_on_metrics_use_up_the_same_budget(edge_gateway: GatewayNode) -> None:
+    """Without --admin-port, /metrics compared every Bearer key with the API key and
+    answered 404 or 200 without counting: an unlimited key-guessing oracle. Now wrong
+    keys there draw on the address's budget of wrong keys, the HTTP API's too."""
+    guesser = {"X-Forwarded-For": "198.51.100.68"}
+    statuses = [(await asyncio.to_thread(get, f"{edge_gateway.url}/metrics",
+                                         {**guesser, "Authorization": f"Bearer guess-{i}"}))[0]
+                for i in range(15)]
+    assert statuses[:10] == [404] * 10 and statuses[10:] == [429] * 5, statuses
+    right = {"Authorization": f"Bearer {API_KEY}"}
+    assert (await asyncio.to_thread(get, f"{edge_gateway.url}/metrics",
+                                    {**guesser, **right}))[0] == 429
+    assert await asyncio.to_thread(post_message, edge_gateway, {**guesser, **right}) == 429
+
+
+async def test_a_socketio_client_sending_a_bearer_token_is_not_locked_out(
+        edge_gateway: GatewayNode) -> None:
+    """Socket.IO clients may put a JWT in Authorization: not the API key, but their
+    handshakes go on (only the operator gate reads the key there)."""
+    address = "198.51.100.69"
+    headers = {"X-Forwarded-For": address, "Authorization": "Bearer a.jwt.token"}
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(11):
+            async with session.get(f"{edge_gateway.url}/socket.io/?EIO=4&transport=polling",
+                                   headers=headers) as resp:
+                body = await resp.text()
+                statuses.append(resp.status)
+            if resp.status == 200:
+                sid = body.split('"sid":"', 1)[1].split('"', 1)[0]
+                await _close_session(session, edge_gateway, address, sid)
+    assert statuses == [200] * 11, statuses
+
+
 async def test_room_members_need_the_key_under_jwt_auth(
         jwt_recovery_pair: list[GatewayNode]) -> None:
     gw = jwt_recovery_pair[0]
@@ -438,6 +509,16 @@ async def test_room_members_need_the_key_under_jwt_auth(
     status, body = await asyncio.to_thread(get, f"{gw.url}/api/rooms/lobby",
                                            {"Authorization": f"Bearer {API_KEY}"})
     assert status == 200 and body["members"] == 0, body
+
+
+@pytest.mark.parametrize("limit", ["%C2%B2", "%D9%A3", "-1", "0", "x"])  # "²", "٣"
+async def test_a_history_limit_that_is_not_ascii_digits_is_a_400(
+        jwt_recovery_pair: list[GatewayNode], limit: str) -> None:
+    """``"²".isdigit()`` is true and ``int("²")`` raises: the limit was a 500."""
+    status, body = await asyncio.to_thread(
+        get, f"{jwt_recovery_pair[0].url}/api/rooms/lobby/messages?limit={limit}",
+        {"Authorization": f"Bearer {API_KEY}"})
+    assert status == 400 and "limit must be a number" in body["error"], (status, body)
 
 
 # -- secrets -------------------------------------------------------------------------
@@ -500,6 +581,38 @@ async def test_engineio_sessions_are_capped_per_address(edge_gateway: GatewayNod
         assert status == 200
         for sid in sids:
             await _close_session(session, edge_gateway, address, sid)
+
+
+async def test_an_empty_sid_is_a_new_session_and_counts_against_the_cap(
+        edge_gateway: GatewayNode) -> None:
+    """``?sid=`` (empty) skipped the cap and the handshake rate (aiohttp sees a sid),
+    while engine.io, which drops empty values, opened a new session for each."""
+    address = "198.51.100.85"
+    statuses, sids = [], []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(8):
+            async with session.get(f"{edge_gateway.url}/socket.io/?EIO=4&transport=polling&sid=",
+                                   headers={"X-Forwarded-For": address}) as resp:
+                body = await resp.text()
+                statuses.append(resp.status)
+                if resp.status == 200:
+                    sids.append(body.split('"sid":"', 1)[1].split('"', 1)[0])
+        assert statuses[:5] == [200] * 5 and statuses[5:] == [429] * 3, statuses
+        for sid in sids:
+            await _close_session(session, edge_gateway, address, sid)
+
+
+async def test_the_session_cap_counts_an_ipv6_slash_64_and_ports_as_one_client(
+        edge_gateway: GatewayNode) -> None:
+    """Addresses rotated within one IPv6 /64 (or written with a port, or IPv4-mapped)
+    each got a cap of their own."""
+    for addresses in ([f"2001:db8:5:6::{i}" for i in range(1, 7)],
+                      [f"198.51.100.87:{1000 + i}" for i in range(5)] + ["::ffff:198.51.100.87"]):
+        async with aiohttp.ClientSession() as session:
+            replies = [await _handshake(session, edge_gateway, a) for a in addresses]
+            assert [status for status, _ in replies] == [200] * 5 + [429], replies
+            for address, (_, sid) in zip(addresses[:5], replies[:5], strict=True):
+                await _close_session(session, edge_gateway, address, sid)
 
 
 async def test_engineio_handshakes_are_rate_limited_per_address(

@@ -8,9 +8,9 @@ import argparse
 import pytest
 
 from gateway import config as cfg
-from gateway.chat import RateLimiter
 from gateway.config import GatewayConfig
 from gateway.guards import RequestGuard
+from gateway.limits import RateLimiter, client_key, is_loopback
 from nats_adapter.admin import same_credentials
 
 
@@ -27,6 +27,33 @@ def test_an_address_limiter_keeps_a_bounded_number_of_buckets() -> None:
     for other in ("a", "b", "c", "d"):
         assert limiter.allow("busy") is False
         limiter.allow(other)
+
+
+@pytest.mark.parametrize(("address", "key"), [
+    ("198.51.100.7", "198.51.100.7"),
+    ("198.51.100.7:5678", "198.51.100.7"),  # "ip:port" in X-Forwarded-For
+    ("::ffff:198.51.100.7", "198.51.100.7"),  # IPv4-mapped IPv6
+    ("[::ffff:198.51.100.7]:443", "198.51.100.7"),
+    ("2001:db8:1:2::1", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2:ffff:ffff:ffff:ffff", "2001:db8:1:2::/64"),  # the same /64
+    ("[2001:db8:1:2::99]:443", "2001:db8:1:2::/64"),
+    ("2001:db8:1:3::1", "2001:db8:1:3::/64"),  # the next /64: another client
+    ("?", "?"),
+    ("not an address", "not an address"),
+])
+def test_a_client_is_keyed_by_its_address_without_port_and_its_ipv6_slash_64(
+        address: str, key: str) -> None:
+    """Per-address limits keyed on the exact string: an IPv6 client rotated within its
+    /64, a proxy's "ip:port" or an IPv4-mapped address counted as someone new."""
+    assert client_key(address) == key
+
+
+def test_one_loopback_test_for_names_and_addresses() -> None:
+    """guards and chat had one each, which disagreed on "localhost"."""
+    for host in ("localhost", "127.0.0.1", "127.9.9.9", "::1", "[::1]", "::ffff:127.0.0.1"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "198.51.100.7", "evil.example", "?", ""):
+        assert not is_loopback(host), host
 
 
 def test_the_client_is_the_rightmost_untrusted_forwarded_entry() -> None:
