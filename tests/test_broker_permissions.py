@@ -48,12 +48,16 @@ PASSWORDS = {"gw-1": "gw1-pass-4d2a9f", "gw-2": "gw2-pass-81c3e0"}
 ROUTE_AUTH = ("route", "route-pass-6b0e2c")
 
 
+def secure_cluster_at(workdir: Path) -> NatsCluster:
+    """3 NATS nodes on the shipped node-secure.conf, with users gw-1 and gw-2 (PASSWORDS)
+    and route credentials: what compose runs, for the tests that attack it."""
+    return NatsCluster(workdir, size=3, config=NATS_SECURE_CONFIG, route_auth=ROUTE_AUTH,
+                       gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
+
+
 @pytest.fixture(scope="module")
 def secure_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path_factory.mktemp("secure-nats"), size=3,
-                          config=NATS_SECURE_CONFIG, route_auth=ROUTE_AUTH,
-                          gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
-    with running(cluster):
+    with running(secure_cluster_at(tmp_path_factory.mktemp("secure-nats"))) as cluster:
         yield cluster
 
 

@@ -28,7 +28,6 @@ from nats.aio.msg import Msg
 
 from gateway.config import Secrets
 from gateway.processes import (
-    NATS_SECURE_CONFIG,
     GatewayNode,
     NatsCluster,
     free_ports,
@@ -41,7 +40,7 @@ from nats_adapter.sealing import ClusterKey
 from nats_adapter.sids import sid_owner
 from tests.conftest import start_node
 from tests.helpers import WAIT, Node, SioClient, metrics_of, running
-from tests.test_broker_permissions import PASSWORDS, ROUTE_AUTH
+from tests.test_broker_permissions import PASSWORDS, secure_cluster_at
 
 CLUSTER_KEY = "bus-trust-cluster-key-5d1f0a7c9e3b-0123456789"
 JWT_SECRET = "bus-trust-jwt-secret-8c2e41f07a-0123456789abcdef"
@@ -55,9 +54,7 @@ CHANNELS = ChannelNames("sio", stored=True)
 def secure_recovery_bus(workdir: Path) -> Iterator[tuple[NatsCluster, list[GatewayNode]]]:
     """The shipped node-secure.conf on 3 NATS nodes, and gw-1, gw-2 as compose runs
     them with a cluster key, --recovery and --auth jwt, each as its own NATS user."""
-    cluster = NatsCluster(workdir / "nats", size=3, config=NATS_SECURE_CONFIG,
-                          route_auth=ROUTE_AUTH,
-                          gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
+    cluster = secure_cluster_at(workdir / "nats")
     with running(cluster):
         cluster.provision()  # the operator's step: gateway users may not create the stream
         gws: list[GatewayNode] = []

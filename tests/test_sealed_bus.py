@@ -24,7 +24,6 @@ import socketio
 from nats.aio.msg import Msg
 
 from gateway.processes import (
-    NATS_SECURE_CONFIG,
     GatewayNode,
     NatsCluster,
     free_ports,
@@ -36,7 +35,7 @@ from nats_adapter import codec
 from nats_adapter.naming import ChannelNames
 from nats_adapter.sids import new_node_tag, sid_owner
 from tests.helpers import REPO, WAIT, SioClient, connect_all, running
-from tests.test_broker_permissions import PASSWORDS, ROUTE_AUTH
+from tests.test_broker_permissions import PASSWORDS, secure_cluster_at
 
 COOKIE = "session=victim-cookie-5f1e0c"
 BEARER = "Bearer victim-token-a83d2b"
@@ -95,10 +94,7 @@ def test_the_memory_backend_needs_no_key(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def secure_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
-    cluster = NatsCluster(tmp_path_factory.mktemp("sealed-nats"), size=3,
-                          config=NATS_SECURE_CONFIG, route_auth=ROUTE_AUTH,
-                          gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
-    with running(cluster):
+    with running(secure_cluster_at(tmp_path_factory.mktemp("sealed-nats"))) as cluster:
         yield cluster
 
 
