@@ -302,6 +302,9 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
             await js.publish(f"sio.store.r.admin-test.{i}", b"stored", stream=STREAM)
         before = await operator.jetstream().stream_info(STREAM)
         assert before.state.messages >= 3
+        # and session records, as gateways put them
+        for key in ("rec-a", "rec-b"):
+            await js.publish(f"$KV.{BUCKET}.{key}", b"sealed", timeout=2.0)
         evil = before.config.evolve(republish=api.RePublish(src="sio.store.>",
                                                             dest="billing.>"))
         wiped = before.config.evolve(max_msgs=1)
@@ -321,6 +324,9 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
             await attempt("bucket create", js.create_key_value(bucket="evil")),
             await attempt("bucket delete", js.delete_key_value(BUCKET)),
             await attempt("bucket purge", js.purge_stream(f"KV_{BUCKET}")),
+            # a rollup wipes the whole bucket where rollups are allowed
+            await attempt("bucket rollup", js.publish(
+                f"$KV.{BUCKET}.x", b"", headers={"Nats-Rollup": "all"}, timeout=2.0)),
             await attempt("stream list", js.streams_info()),
             await attempt("account info", js.account_info()),
         ]
@@ -347,6 +353,9 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
             before.config.max_age
         assert after.state.messages == before.state.messages
         assert after.state.last_seq == before.state.last_seq
+        kv = await js.key_value(BUCKET)
+        for key in ("rec-a", "rec-b"):
+            assert (await kv.get(key)).value == b"sealed", key
         consumers = await operator.jetstream().consumers_info(STREAM)
         assert [c.name for c in consumers if c.config.durable_name] == []
         names = {s.config.name for s in await operator.jetstream().streams_info()}

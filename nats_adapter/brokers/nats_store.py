@@ -71,11 +71,14 @@ def stream_config(prefix: str, window: float, replicas: int) -> api.StreamConfig
 
 def bucket_config(prefix: str, window: float, replicas: int) -> api.StreamConfig:
     """The key-value bucket of sessions, as the stream nats-py's create_key_value
-    makes (one value per key, per-message TTLs allowed)."""
+    makes (one value per key, per-message TTLs allowed) except that it takes no
+    rollups and no purges: gateways only put, get and delete (a marker message), and
+    with rollups allowed one ``Nats-Rollup: all`` header from a gateway's credential
+    would wipe every session record."""
     bucket = _names(prefix)[1]
     return api.StreamConfig(
-        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=True,
-        allow_msg_ttl=True, deny_delete=True, discard=api.DiscardPolicy.NEW,
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=False,
+        deny_purge=True, allow_msg_ttl=True, deny_delete=True, discard=api.DiscardPolicy.NEW,
         duplicate_window=120.0, max_age=max(window * 2, 24 * 3600.0), max_consumers=-1,
         max_msgs=-1, max_msgs_per_subject=1, num_replicas=replicas,
         storage=api.StorageType.FILE,
@@ -97,6 +100,10 @@ def _differences(have: api.StreamConfig, wanted: api.StreamConfig) -> list[str]:
     for name in ("allow_direct", "allow_msg_ttl", "max_msgs_per_subject", "discard"):
         if getattr(wanted, name) and getattr(have, name) != getattr(wanted, name):
             out.append(f"{name} is {getattr(have, name)!r}, not {getattr(wanted, name)!r}")
+    if have.allow_rollup_hdrs and not wanted.allow_rollup_hdrs:
+        out.append("allows rollups (one rollup header wipes every record)")
+    if wanted.deny_purge and not have.deny_purge:
+        out.append("allows purges")
     for name in ("max_msgs", "max_bytes"):
         limit = getattr(have, name)
         if limit is not None and limit > 0:
