@@ -185,6 +185,23 @@ async def test_gateway_credentials_cannot_subscribe_outside_the_prefix(
         await rogue.nc.close()
 
 
+@pytest.mark.parametrize("subject", ["sio.inbox.>", "sio.inbox.gw-1.>", "sio.inbox.gw-1.x"])
+async def test_gateway_credentials_cannot_read_another_gateways_inbox(
+        secure_nats: NatsCluster, subject: str) -> None:
+    """JetStream's replies to gw-1 (consumer names, session reads, catch-up fetches)
+    come to gw-1's own inbox: gw-2's password may subscribe only to its own."""
+    rogue = await Rogue().connect(secure_nats.urls[1], "gw-2", PASSWORDS["gw-2"])
+    try:
+        assert rogue.nc is not None
+        await rogue.nc.subscribe("sio.inbox.gw-2.>")
+        await rogue.nc.subscribe(subject)
+        assert await rogue.refused(subject), f"gw-2 could subscribe to {subject!r}"
+        assert not any("sio.inbox.gw-2" in e for e in rogue.errors), rogue.errors
+    finally:
+        assert rogue.nc is not None
+        await rogue.nc.close()
+
+
 async def test_gateway_credentials_cannot_publish_outside_the_prefix(
         secure_nats: NatsCluster) -> None:
     rogue = await Rogue().connect(secure_nats.urls[0], "gw-1", PASSWORDS["gw-1"])
@@ -292,7 +309,7 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
     call is refused, and the stream, its messages and the bucket are as provisioned."""
     # the attacker takes the gateway's inbox prefix to get JetStream's answers at all
     rogue = await Rogue().connect(provisioned.urls[1], "gw-2", PASSWORDS["gw-2"],
-                                  inbox_prefix="sio.inbox")
+                                  inbox_prefix="sio.inbox.gw-2")
     operator = await operator_of(provisioned)
     try:
         assert rogue.nc is not None
