@@ -300,12 +300,25 @@ class NatsMessageStore(MessageStore):
             sub = await self._js.pull_subscribe_bind(stream=self.stream, name=info.name)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerError(f"cannot read the stream: {exc!r}") from exc
+        # Nobody else reads this consumer: every delivery is ours, numbered 1, 2, 3 ...
+        # by the consumer. A gap means messages went elsewhere (the consumer was
+        # drained or deleted under us): raised, never returned as a short list.
+        delivered = 0
         try:
             pending = int((await sub.consumer_info()).num_pending or 0)
             while pending > 0:
                 batch = await sub.fetch(min(pending, 256), timeout=5)
+                if not batch:
+                    raise BrokerError("reading the stream failed: the consumer returned "
+                                      f"nothing with {pending} messages pending")
                 for msg in batch:
                     meta = msg.metadata
+                    delivered += 1
+                    if int(meta.sequence.consumer) != delivered:
+                        raise BrokerError(
+                            f"reading the stream failed: consumer {config.name} delivered "
+                            f"its message {meta.sequence.consumer} as our {delivered}th "
+                            "(someone else took messages from it)")
                     pending = int(meta.num_pending)
                     yield int(meta.sequence.stream), msg.subject, msg.data
         except (TimeoutError, nats.errors.Error) as exc:
