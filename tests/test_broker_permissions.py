@@ -383,6 +383,31 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
                 await client.close()
 
 
+async def test_gateway_credentials_cannot_fill_the_stream(provisioned: NatsCluster) -> None:
+    """gw-2's password storing big messages on sio.store.>: each is refused past the
+    stream's message size, and the stream is bounded in bytes and consumers."""
+    rogue = await Rogue().connect(provisioned.urls[1], "gw-2", PASSWORDS["gw-2"],
+                                  inbox_prefix="sio.inbox.gw-2")
+    operator = await operator_of(provisioned)
+    try:
+        assert rogue.nc is not None
+        js = rogue.nc.jetstream(timeout=2.0)
+        before = await operator.jetstream().stream_info(STREAM)
+        refusal = await attempt("a 200 KB message", js.publish(
+            "sio.store.x", b"x" * 200_000, stream=STREAM))
+        assert "BadRequestError" in refusal, refusal  # JetStream says no, not a timeout
+        await js.publish("sio.store.x", b"x" * 60_000, stream=STREAM)  # a real one fits
+        after = await operator.jetstream().stream_info(STREAM)
+        assert after.state.messages == before.state.messages + 1
+        assert 0 < (after.config.max_bytes or 0) <= 1024 ** 3
+        assert after.config.discard == api.DiscardPolicy.OLD
+        assert 0 < (after.config.max_consumers or 0) <= 1000
+    finally:
+        for client in (rogue.nc, operator):
+            if client is not None:
+                await client.close()
+
+
 async def test_operator_has_jetstream_only(provisioned: NatsCluster) -> None:
     """The operator identity administers JetStream and reaches no chat subject."""
     operator = await Rogue().connect(provisioned.urls[0], "operator",
@@ -485,3 +510,12 @@ def test_provision_with_the_wrong_login_fails_naming_it(provisioned: NatsCluster
                           capture_output=True, text=True, timeout=90, cwd=REPO, env=env)
     assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and PASSWORDS["gw-1"] not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--max-bytes", "--max-msg-size"])
+def test_provision_refuses_a_stream_limit_below_the_floor(flag: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gateway", "provision", "--nats-url",
+                           "nats://127.0.0.1:1", flag, "1000"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
