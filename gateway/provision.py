@@ -22,6 +22,13 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from nats_adapter.brokers.nats_store import (
+    MIN_MAX_BYTES,
+    MIN_MAX_MSG_SIZE,
+    STREAM_MAX_BYTES,
+    STREAM_MAX_MSG_SIZE,
+)
+
 from . import config as cfg
 
 logger = logging.getLogger(__name__)
@@ -34,6 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=3,
                         help="copies of the stream and the bucket (default 3; 1 on a "
                              "single server)")
+    parser.add_argument("--max-bytes", type=int, default=STREAM_MAX_BYTES,
+                        help="bytes the stream keeps at most, oldest dropped first "
+                             f"(default {STREAM_MAX_BYTES}; at least {MIN_MAX_BYTES})")
+    parser.add_argument("--max-msg-size", type=int, default=STREAM_MAX_MSG_SIZE,
+                        help="bytes of one stored message at most (default "
+                             f"{STREAM_MAX_MSG_SIZE}, twice the default --max-message-bytes;"
+                             f" at least {MIN_MAX_MSG_SIZE})")
     parser.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait for JetStream to be ready (default 60)")
 
@@ -54,7 +68,9 @@ def credentials(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 async def provision_nats(urls: list[str], prefix: str, window: float, replicas: int,
-                         timeout: float, env: Mapping[str, str]) -> None:
+                         timeout: float, env: Mapping[str, str],
+                         max_bytes: int = STREAM_MAX_BYTES,
+                         max_msg_size: int = STREAM_MAX_MSG_SIZE) -> None:
     """Connect as the operator and provision, retrying while JetStream is not ready."""
     import nats
     import nats.errors
@@ -76,7 +92,8 @@ async def provision_nats(urls: list[str], prefix: str, window: float, replicas: 
                                     error_cb=error_cb,
                                     name="gateway-provision", **credentials(env))
             try:
-                await provision(nc, prefix, window, replicas)
+                await provision(nc, prefix, window, replicas, max_bytes=max_bytes,
+                                max_msg_size=max_msg_size)
             finally:
                 await nc.close()
             return
@@ -105,9 +122,16 @@ def run(args: argparse.Namespace) -> int:
     if args.replicas < 1:
         print("gateway provision: error: --replicas must be at least 1", file=sys.stderr)
         return 2
+    for flag, value, floor in (("--max-bytes", args.max_bytes, MIN_MAX_BYTES),
+                               ("--max-msg-size", args.max_msg_size, MIN_MAX_MSG_SIZE)):
+        if value < floor:
+            print(f"gateway provision: error: {flag} must be at least {floor}",
+                  file=sys.stderr)
+            return 2
     try:
         asyncio.run(provision_nats(list(conf.nats_urls), args.prefix, conf.recovery_window,
-                                   args.replicas, args.timeout, os.environ))
+                                   args.replicas, args.timeout, os.environ,
+                                   args.max_bytes, args.max_msg_size))
     except Exception as exc:  # reported in one line, not a traceback
         print(f"gateway provision: error: could not provision JetStream on "
               f"{','.join(conf.nats_urls)}: {exc!r}", file=sys.stderr)

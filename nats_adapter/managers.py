@@ -37,9 +37,14 @@ class NatsManager(ClusterManager):
 
         urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
         # replies (JetStream's, with recovery) come to an inbox under the gateways' own
-        # prefix, so broker permissions can confine a gateway to that prefix
-        connect_options = {"inbox_prefix": f"{kwargs.get('channel_prefix', 'sio')}.inbox",
-                           **(connect_options or {})}
+        # prefix, so broker permissions can confine a gateway to that prefix; with a
+        # NATS user, to an inbox of that user's own, so one gateway's password reads
+        # no other gateway's replies (infra/nats/node-secure.conf)
+        inbox = f"{kwargs.get('channel_prefix', 'sio')}.inbox"
+        user = (connect_options or {}).get("user")
+        if user:
+            inbox = f"{inbox}.{user}"
+        connect_options = {"inbox_prefix": inbox, **(connect_options or {})}
         super().__init__(NatsBroker(urls, connect_options=connect_options,
                                     connection_name=connection_name,
                                     pending_msgs_limit=pending_msgs_limit,

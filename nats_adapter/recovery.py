@@ -510,7 +510,13 @@ class Recovery:
                 looked_back = oldest / 1000 - LOOK_BACK_SLACK
                 for _, subject, data in await self.store.replay(
                         subjects, 0, restore.offset, since=looked_back):
-                    self._seen(self._open_stored(subject, data), seen)
+                    before = self._open_stored(subject, data)
+                    self._seen(before, seen)
+                    # an emit to several rooms is stored once per room: a copy at or
+                    # before the offset means the client had it
+                    if before is not None and isinstance(before[0], codec.EmitMessage) \
+                            and before[0].dedupe_id is not None:
+                        seen.add(before[0].dedupe_id)
             for seq, opened in found:
                 pkt = self._replayable(opened, sid, ns, rooms, seen)
                 if pkt is not None:

@@ -189,6 +189,23 @@ async def test_gateway_credentials_cannot_subscribe_outside_the_prefix(
         await rogue.nc.close()
 
 
+@pytest.mark.parametrize("subject", ["sio.inbox.>", "sio.inbox.gw-1.>", "sio.inbox.gw-1.x"])
+async def test_gateway_credentials_cannot_read_another_gateways_inbox(
+        secure_nats: NatsCluster, subject: str) -> None:
+    """JetStream's replies to gw-1 (consumer names, session reads, catch-up fetches)
+    come to gw-1's own inbox: gw-2's password may subscribe only to its own."""
+    rogue = await Rogue().connect(secure_nats.urls[1], "gw-2", PASSWORDS["gw-2"])
+    try:
+        assert rogue.nc is not None
+        await rogue.nc.subscribe("sio.inbox.gw-2.>")
+        await rogue.nc.subscribe(subject)
+        assert await rogue.refused(subject), f"gw-2 could subscribe to {subject!r}"
+        assert not any("sio.inbox.gw-2" in e for e in rogue.errors), rogue.errors
+    finally:
+        assert rogue.nc is not None
+        await rogue.nc.close()
+
+
 async def test_gateway_credentials_cannot_publish_outside_the_prefix(
         secure_nats: NatsCluster) -> None:
     rogue = await Rogue().connect(secure_nats.urls[0], "gw-1", PASSWORDS["gw-1"])
@@ -296,7 +313,7 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
     call is refused, and the stream, its messages and the bucket are as provisioned."""
     # the attacker takes the gateway's inbox prefix to get JetStream's answers at all
     rogue = await Rogue().connect(provisioned.urls[1], "gw-2", PASSWORDS["gw-2"],
-                                  inbox_prefix="sio.inbox")
+                                  inbox_prefix="sio.inbox.gw-2")
     operator = await operator_of(provisioned)
     try:
         assert rogue.nc is not None
@@ -306,6 +323,9 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
             await js.publish(f"sio.store.r.admin-test.{i}", b"stored", stream=STREAM)
         before = await operator.jetstream().stream_info(STREAM)
         assert before.state.messages >= 3
+        # and session records, as gateways put them
+        for key in ("rec-a", "rec-b"):
+            await js.publish(f"$KV.{BUCKET}.{key}", b"sealed", timeout=2.0)
         evil = before.config.evolve(republish=api.RePublish(src="sio.store.>",
                                                             dest="billing.>"))
         wiped = before.config.evolve(max_msgs=1)
@@ -325,6 +345,9 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
             await attempt("bucket create", js.create_key_value(bucket="evil")),
             await attempt("bucket delete", js.delete_key_value(BUCKET)),
             await attempt("bucket purge", js.purge_stream(f"KV_{BUCKET}")),
+            # a rollup wipes the whole bucket where rollups are allowed
+            await attempt("bucket rollup", js.publish(
+                f"$KV.{BUCKET}.x", b"", headers={"Nats-Rollup": "all"}, timeout=2.0)),
             await attempt("stream list", js.streams_info()),
             await attempt("account info", js.account_info()),
         ]
@@ -351,10 +374,38 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
             before.config.max_age
         assert after.state.messages == before.state.messages
         assert after.state.last_seq == before.state.last_seq
+        kv = await js.key_value(BUCKET)
+        for key in ("rec-a", "rec-b"):
+            assert (await kv.get(key)).value == b"sealed", key
         consumers = await operator.jetstream().consumers_info(STREAM)
         assert [c.name for c in consumers if c.config.durable_name] == []
         names = {s.config.name for s in await operator.jetstream().streams_info()}
         assert names == {STREAM, f"KV_{BUCKET}"}, names
+    finally:
+        for client in (rogue.nc, operator):
+            if client is not None:
+                await client.close()
+
+
+async def test_gateway_credentials_cannot_fill_the_stream(provisioned: NatsCluster) -> None:
+    """gw-2's password storing big messages on sio.store.>: each is refused past the
+    stream's message size, and the stream is bounded in bytes and consumers."""
+    rogue = await Rogue().connect(provisioned.urls[1], "gw-2", PASSWORDS["gw-2"],
+                                  inbox_prefix="sio.inbox.gw-2")
+    operator = await operator_of(provisioned)
+    try:
+        assert rogue.nc is not None
+        js = rogue.nc.jetstream(timeout=2.0)
+        before = await operator.jetstream().stream_info(STREAM)
+        refusal = await attempt("a 200 KB message", js.publish(
+            "sio.store.x", b"x" * 200_000, stream=STREAM))
+        assert "BadRequestError" in refusal, refusal  # JetStream says no, not a timeout
+        await js.publish("sio.store.x", b"x" * 60_000, stream=STREAM)  # a real one fits
+        after = await operator.jetstream().stream_info(STREAM)
+        assert after.state.messages == before.state.messages + 1
+        assert 0 < (after.config.max_bytes or 0) <= 1024 ** 3
+        assert after.config.discard == api.DiscardPolicy.OLD
+        assert 0 < (after.config.max_consumers or 0) <= 1000
     finally:
         for client in (rogue.nc, operator):
             if client is not None:
@@ -463,3 +514,12 @@ def test_provision_with_the_wrong_login_fails_naming_it(provisioned: NatsCluster
                           capture_output=True, text=True, timeout=90, cwd=REPO, env=env)
     assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and PASSWORDS["gw-1"] not in proc.stderr
+
+
+@pytest.mark.parametrize("flag", ["--max-bytes", "--max-msg-size"])
+def test_provision_refuses_a_stream_limit_below_the_floor(flag: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "gateway", "provision", "--nats-url",
+                           "nats://127.0.0.1:1", flag, "1000"],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert proc.returncode == 2 and flag in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

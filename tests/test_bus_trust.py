@@ -149,7 +149,7 @@ async def connect(clients: list[SioClient], gw: GatewayNode | Node, name: str,
 async def rogue(cluster: NatsCluster) -> Client:
     """A NATS client logged in with gw-2's password, inbox where gw-2's is allowed."""
     return await nats.connect(cluster.urls[2], user="gw-2", password=PASSWORDS["gw-2"],
-                              inbox_prefix="sio.inbox", allow_reconnect=False,
+                              inbox_prefix="sio.inbox.gw-2", allow_reconnect=False,
                               connect_timeout=2)
 
 

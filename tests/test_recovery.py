@@ -334,3 +334,40 @@ async def test_the_chat_page_in_chromium_recovers_and_says_so(
     assert [m["text"] for m in seen["messages"]] == sent
     assert "reconnected: session recovered, nothing was missed" in seen["log"]
     assert f"[{room}] {talker.sid}: before the page came (earlier)" in seen["log"]
+
+
+async def test_a_replay_whose_consumer_is_drained_under_it_fails_loudly(
+        nats3: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone else (a stolen gateway password) pulls messages from the ephemeral
+    consumer a catch-up reads: the replay raises BrokerError instead of returning a
+    list with a hole in it (a restored client would silently miss messages)."""
+    import nats
+    from nats.js.client import JetStreamContext
+
+    from nats_adapter.brokers.base import BrokerError
+    from nats_adapter.brokers.nats_store import NatsMessageStore
+
+    nc = await nats.connect(nats3.urls[0], allow_reconnect=False, connect_timeout=2)
+    thief = await nats.connect(nats3.urls[0], allow_reconnect=False, connect_timeout=2)
+    try:
+        store = NatsMessageStore(nc, "drained", window=60.0)
+        await store.setup()
+        seqs = [await store.publish("drained.store.r.x", f"m{i}".encode()) for i in range(5)]
+        fetch = JetStreamContext.PullSubscription.fetch
+        stolen: list[bytes] = []
+
+        async def fetch_after_a_theft(self: Any, *args: Any, **kwargs: Any) -> Any:
+            if not stolen:
+                name = (await self.consumer_info()).name
+                other = await thief.jetstream().pull_subscribe_bind(stream=store.stream,
+                                                                     name=name)
+                stolen.extend(m.data for m in await fetch(other, 1, timeout=5))
+            return await fetch(self, *args, **kwargs)
+
+        monkeypatch.setattr(JetStreamContext.PullSubscription, "fetch", fetch_after_a_theft)
+        with pytest.raises(BrokerError, match="someone else"):
+            await store.replay(["drained.store.r.x"], seqs[0] - 1, seqs[-1])
+        assert stolen == [b"m0"]
+    finally:
+        await thief.close()
+        await nc.close()

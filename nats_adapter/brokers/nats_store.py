@@ -44,6 +44,19 @@ NOT_STORED: tuple[type[BaseException], ...] = (nats.js.errors.NoStreamResponseEr
                                                nats.js.errors.ServiceUnavailableError)
 #: seconds one attempt at creating a reading consumer waits for JetStream
 CONSUMER_CREATE_TIMEOUT = 2.0
+#: bytes the stream holds at most by default (oldest messages go first beyond it), so
+#: a gateway's credential cannot fill the file store (``gateway provision --max-bytes``)
+STREAM_MAX_BYTES = 1024 ** 3
+#: bytes of one stored message at most by default: twice the gateway's default
+#: --max-message-bytes (64 KiB), room for the envelope around a client's message (its
+#: JSON escaping and sealing); ``gateway provision --max-msg-size`` for larger messages
+STREAM_MAX_MSG_SIZE = 128 * 1024
+#: consumers on the stream at most (catch-ups use one each, briefly)
+STREAM_MAX_CONSUMERS = 1000
+#: limits an operator may set, but not below these (a gateway refuses such a stream)
+MIN_MAX_BYTES = 64 * 1024 ** 2
+MIN_MAX_MSG_SIZE = 64 * 1024
+MIN_MAX_MSGS = 100_000
 #: seconds a gateway's attempt at provisioning waits (where it may not, it is refused
 #: and the request times out)
 PROVISION_ATTEMPT_TIMEOUT = 2.0
@@ -58,24 +71,33 @@ class NotProvisionedError(Exception):
     """The stream or the bucket is missing or configured otherwise than a gateway needs."""
 
 
-def stream_config(prefix: str, window: float, replicas: int) -> api.StreamConfig:
+def stream_config(prefix: str, window: float, replicas: int,
+                  max_bytes: int = STREAM_MAX_BYTES,
+                  max_msg_size: int = STREAM_MAX_MSG_SIZE) -> api.StreamConfig:
     """The stream of ``{prefix}.store.>``: kept twice the window (at least
-    MIN_RETENTION), re-published on ``{prefix}.live.>`` once stored."""
+    MIN_RETENTION), re-published on ``{prefix}.live.>`` once stored; at most
+    ``max_bytes`` (oldest dropped first), ``max_msg_size`` a message and
+    STREAM_MAX_CONSUMERS consumers."""
     return api.StreamConfig(
         name=_names(prefix)[0], subjects=[f"{prefix}.store.>"],
         max_age=max(window * 2, MIN_RETENTION), storage=api.StorageType.FILE,
         num_replicas=replicas, allow_direct=True, discard=api.DiscardPolicy.OLD,
+        max_bytes=max_bytes, max_msg_size=max_msg_size,
+        max_consumers=STREAM_MAX_CONSUMERS,
         republish=api.RePublish(src=f"{prefix}.store.>", dest=f"{prefix}.live.>"),
     )
 
 
 def bucket_config(prefix: str, window: float, replicas: int) -> api.StreamConfig:
     """The key-value bucket of sessions, as the stream nats-py's create_key_value
-    makes (one value per key, per-message TTLs allowed)."""
+    makes (one value per key, per-message TTLs allowed) except that it takes no
+    rollups and no purges: gateways only put, get and delete (a marker message), and
+    with rollups allowed one ``Nats-Rollup: all`` header from a gateway's credential
+    would wipe every session record."""
     bucket = _names(prefix)[1]
     return api.StreamConfig(
-        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=True,
-        allow_msg_ttl=True, deny_delete=True, discard=api.DiscardPolicy.NEW,
+        name=f"KV_{bucket}", subjects=[f"$KV.{bucket}.>"], allow_rollup_hdrs=False,
+        deny_purge=True, allow_msg_ttl=True, deny_delete=True, discard=api.DiscardPolicy.NEW,
         duplicate_window=120.0, max_age=max(window * 2, 24 * 3600.0), max_consumers=-1,
         max_msgs=-1, max_msgs_per_subject=1, num_replicas=replicas,
         storage=api.StorageType.FILE,
@@ -97,21 +119,28 @@ def _differences(have: api.StreamConfig, wanted: api.StreamConfig) -> list[str]:
     for name in ("allow_direct", "allow_msg_ttl", "max_msgs_per_subject", "discard"):
         if getattr(wanted, name) and getattr(have, name) != getattr(wanted, name):
             out.append(f"{name} is {getattr(have, name)!r}, not {getattr(wanted, name)!r}")
-    for name in ("max_msgs", "max_bytes"):
+    if have.allow_rollup_hdrs and not wanted.allow_rollup_hdrs:
+        out.append("allows rollups (one rollup header wipes every record)")
+    if wanted.deny_purge and not have.deny_purge:
+        out.append("allows purges")
+    for name, floor in (("max_msgs", MIN_MAX_MSGS), ("max_bytes", MIN_MAX_BYTES),
+                        ("max_msg_size", MIN_MAX_MSG_SIZE)):
         limit = getattr(have, name)
-        if limit is not None and limit > 0:
-            out.append(f"{name} is limited to {limit}")
+        if limit is not None and 0 < limit < floor:
+            out.append(f"{name} is limited to {limit}, below {floor}")
     return out
 
 
 async def provision(nc: Client, prefix: str, window: float, replicas: int = 3,
-                    timeout: float = 5.0) -> None:
+                    timeout: float = 5.0, max_bytes: int = STREAM_MAX_BYTES,
+                    max_msg_size: int = STREAM_MAX_MSG_SIZE) -> None:
     """Create the stream and the bucket of ``prefix``, or bring them up to date:
     the operator's step (``python -m gateway provision``), idempotent. ``replicas``
-    falls back to 1 on a single server. Raises what nats-py raises."""
+    falls back to 1 on a single server; ``max_bytes`` and ``max_msg_size`` limit the
+    stream (:func:`stream_config`). Raises what nats-py raises."""
     js = nc.jetstream(timeout=timeout)
-    for make in (stream_config, bucket_config):
-        config = make(prefix, window, replicas)
+    for config in (stream_config(prefix, window, replicas, max_bytes, max_msg_size),
+                   bucket_config(prefix, window, replicas)):
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
@@ -120,7 +149,7 @@ async def provision(nc: Client, prefix: str, window: float, replicas: int = 3,
             elif replicas > 1 and exc.err_code in (10074, 10023):  # not enough servers
                 logger.warning("JetStream has too few servers for %d replicas; using 1",
                                replicas)
-                await provision(nc, prefix, window, 1, timeout)
+                await provision(nc, prefix, window, 1, timeout, max_bytes, max_msg_size)
                 return
             else:
                 raise
@@ -293,12 +322,25 @@ class NatsMessageStore(MessageStore):
             sub = await self._js.pull_subscribe_bind(stream=self.stream, name=info.name)
         except (TimeoutError, nats.errors.Error) as exc:
             raise BrokerError(f"cannot read the stream: {exc!r}") from exc
+        # Nobody else reads this consumer: every delivery is ours, numbered 1, 2, 3 ...
+        # by the consumer. A gap means messages went elsewhere (the consumer was
+        # drained or deleted under us): raised, never returned as a short list.
+        delivered = 0
         try:
             pending = int((await sub.consumer_info()).num_pending or 0)
             while pending > 0:
                 batch = await sub.fetch(min(pending, 256), timeout=5)
+                if not batch:
+                    raise BrokerError("reading the stream failed: the consumer returned "
+                                      f"nothing with {pending} messages pending")
                 for msg in batch:
                     meta = msg.metadata
+                    delivered += 1
+                    if int(meta.sequence.consumer) != delivered:
+                        raise BrokerError(
+                            f"reading the stream failed: consumer {config.name} delivered "
+                            f"its message {meta.sequence.consumer} as our {delivered}th "
+                            "(someone else took messages from it)")
                     pending = int(meta.num_pending)
                     yield int(meta.sequence.stream), msg.subject, msg.data
         except (TimeoutError, nats.errors.Error) as exc:
