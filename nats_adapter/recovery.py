@@ -156,7 +156,7 @@ class Recovery:
 
     def __init__(self, node: RecoveryNode, bus: Bus, rpc: ClusterRpc,
                  options: RecoveryOptions) -> None:
-        self.manager = node
+        self.node = node
         self.bus = bus
         self.rpc = rpc
         self.options = options
@@ -200,7 +200,7 @@ class Recovery:
         return [task] if task is not None else []
 
     async def start(self) -> None:
-        m = self.manager
+        m = self.node
         store = self.bus.broker.message_store(m.channels.prefix, self.options.window)
         await store.setup()
         self.store = store
@@ -221,7 +221,7 @@ class Recovery:
 
     async def _tell_adopted(self, node: str) -> None:
         """A node said hello: tell it which sids restored here live here now."""
-        me = self.manager.node_tag
+        me = self.node.node_tag
         for sid, tag in list(self.adopted.items()):
             if tag == me:
                 await self.rpc.tell(node, codec.Adopt(sid))
@@ -231,7 +231,7 @@ class Recovery:
         client has left it), without keeping its session."""
         assert req_id is not None
         self.pids.pop(body.sid, None)
-        m = self.manager
+        m = self.node
         if m.hub.is_local(body.sid, body.ns):
             await m.server.disconnect(body.sid, namespace=body.ns, ignore_queue=True)
         await self.rpc.reply(origin, req_id, codec.Reply(True))
@@ -245,7 +245,7 @@ class Recovery:
 
         Returns once stored; raises :class:`BrokerError` if the store would not take it
         (retried meanwhile): unlike an at-most-once relay, nobody got it then."""
-        m = self.manager
+        m = self.node
         if targets is None:
             subjects = [m.channels.stored_room(namespace, None)]
         else:
@@ -266,7 +266,7 @@ class Recovery:
     async def publish(self, subject: str, data: bytes) -> None:
         """Store one envelope; raises :class:`BrokerError` when the store would not
         take it (then nobody received it: the caller can say so)."""
-        m = self.manager
+        m = self.node
         try:
             if self.store is None:
                 raise BrokerError("the message store is not ready")
@@ -283,7 +283,7 @@ class Recovery:
     async def deliver_stored(self, msg: codec.EmitMessage, seq: int) -> None:
         """A stored emit came back (checked like live traffic): deliver it with its
         offset."""
-        m = self.manager
+        m = self.node
         if msg.dedupe_id is not None and not m.dedupe.first(msg.dedupe_id):
             m.stats.dropped_duplicate += 1
             return
@@ -297,7 +297,7 @@ class Recovery:
     # -- sessions ----------------------------------------------------------------------
 
     def session_of(self, sid: str, namespace: str, connected: bool) -> dict[str, Any]:
-        m = self.manager
+        m = self.node
         eio_sid = m.hub.members(namespace, None).get(sid, "")
         return {"sid": sid, "ns": namespace, "rooms": m.hub.rooms_of(sid, namespace),
                 "data": session_data(m.server, eio_sid, namespace), "node": m.node_tag,
@@ -324,7 +324,7 @@ class Recovery:
             pid = self.pids.get(sid)
             if pid is None:
                 continue
-            for ns in self.manager.hub.namespaces_of(sid):
+            for ns in self.node.hub.namespaces_of(sid):
                 await self._put(pid, self.session_of(sid, ns, True))
 
     def record_name(self, pid: str) -> str:
@@ -378,7 +378,7 @@ class Recovery:
         restore = self.catching_up.pop(eio_sid, None)
         if restore is not None:
             self._restoring.pop((eio_sid, namespace), None)
-        m = self.manager
+        m = self.node
         if self.adopted.get(sid) == m.node_tag:
             del self.adopted[sid]
             m.subscriptions.release(m.channels.live_sid(sid))
@@ -404,7 +404,7 @@ class Recovery:
         pid, offset = auth.get("pid"), auth.get("offset")
         if not isinstance(pid, str) or not isinstance(offset, str):
             return
-        m = self.manager
+        m = self.node
         m.stats.recovery_attempts += 1
         if self.may_restore is not None and not self.may_restore(eio_sid):
             m.stats.recovery_refused += 1
@@ -424,7 +424,7 @@ class Recovery:
         check = self.options.identity
         if check is None:
             return None
-        server = self.manager.server
+        server = self.node.server
         environ = getattr(server, "environ", {}).get(eio_sid) or {}
         try:
             return check(auth, environ)
@@ -478,7 +478,7 @@ class Recovery:
     async def _release_elsewhere(self, session: dict[str, Any]) -> bool:
         """The session says its socket is connected: make sure it is not (its node
         died, or keeps a connection the client has already left)."""
-        m = self.manager
+        m = self.node
         sid, node = str(session["sid"]), str(session.get("node", ""))
         if node == m.node_tag or self.owner(sid) == m.node_tag:
             if m.hub.is_local(sid, str(session["ns"])):
@@ -506,14 +506,14 @@ class Recovery:
         if restore is None:
             return None
         sid = str(restore.session["sid"])
-        if self.manager.hub.is_local(sid, namespace):
+        if self.node.hub.is_local(sid, namespace):
             return None  # still here after all: not restorable
         return sid
 
     async def reattach(self, sid: str, eio_sid: str, namespace: str) -> None:
         """pre_connect gave ``sid`` back: its rooms, its data, and hold its traffic."""
         restore = self._restoring[(eio_sid, namespace)]
-        m = self.manager
+        m = self.node
         self.catching_up[eio_sid] = restore
         if sid_owner(sid) != m.node_tag:
             self.adopted[sid] = m.node_tag
@@ -546,7 +546,7 @@ class Recovery:
             # the session is taken but what it missed cannot be read: carry on as a new
             # session (a new pid: the client sees recovered false)
             self.catching_up.pop(eio_sid, None)
-            self.manager.stats.recovery_refused += 1
+            self.node.stats.recovery_refused += 1
             logger.warning("could not replay for %s (%s): a new session instead", sid, exc)
             pid = secrets.token_urlsafe(16)
             self.pids[sid] = pid
@@ -559,13 +559,13 @@ class Recovery:
         finally:
             self.catching_up.pop(eio_sid, None)
         self.pids[sid] = restore.pid
-        self.manager.stats.recovered += 1
+        self.node.stats.recovered += 1
         logger.info("restored %s (%d missed packets)", sid, replayed)
         self.touch(sid)
 
     async def _catch_up(self, sid: str, ns: str, restore: _Restore, eio_sid: str,
                         send: Callable[[str, Any], Any]) -> int:
-        m = self.manager
+        m = self.node
         assert self.store is not None
         channels = m.channels
         rooms = m.hub.rooms_of(sid, ns)
@@ -660,7 +660,7 @@ class Recovery:
             raise BrokerError("the message store is not ready")
         if not 0 < limit <= MAX_HISTORY:
             raise ValueError(f"limit must be 1-{MAX_HISTORY}, got {limit!r}")
-        m = self.manager
+        m = self.node
         subject = m.channels.stored_room(namespace, room)
         seen: set[object] = set()
 

@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[str, "str | None", Any], Awaitable[None]]
 Publish = Callable[[str, codec.Message], Awaitable[None]]
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
+#: holds a channel's subscription for good; whether the broker confirmed it in time
+Subscribe = Callable[[str, float], Awaitable[bool]]
 
 
 class ClusterTimeoutError(sio_exceptions.TimeoutError):  # type: ignore[misc]
@@ -189,13 +191,14 @@ class ClusterRpc:
 
     :param publish: sends an envelope on a channel (sealed, counted).
     :param spawn: runs a coroutine in the background, owned by the node.
+    :param subscribe: subscribes the cluster channel at :meth:`start`.
+    :param max_room_chars: the longest room name a call may carry.
     """
 
     def __init__(self, node_tag: str, channels: ChannelNames, stats: ManagerStats,
                  publish: Publish, spawn: Spawn, *, node_name: str = "",
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float | None = None,
-                 max_room_chars: int = 256, subscribe: Callable[[str, float],
-                                                                 Awaitable[bool]] | None = None,
+                 max_room_chars: int = 256, subscribe: Subscribe | None = None,
                  subscribe_timeout: float = 5.0) -> None:
         if heartbeat_interval <= 0:
             raise ValueError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}")

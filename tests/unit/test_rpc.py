@@ -195,3 +195,20 @@ async def test_a_malformed_cluster_body_is_dropped_and_counted(
     assert n1.manager.stats.dropped_failed == 0
     # and a good one is served: n2 asks n1 for its sockets
     assert await n2.manager.room_size("nobody") == 0
+
+
+async def test_a_registered_handler_answers_a_call_across_the_bus(
+        make_node: NodeFactory) -> None:
+    n1 = await make_node("n1", heartbeat_interval=0.1)
+    n2 = await make_node("n2", heartbeat_interval=0.1)
+    await wait_for_condition(lambda: n1.manager.server_count() == 2, what="n1 sees n2")
+    asked: list[codec.ClusterBody] = []
+
+    async def release(origin: str, req_id: str | None, body: Any) -> None:
+        assert origin == n1.manager.node_tag and req_id is not None
+        asked.append(body)
+        await n2.manager.rpc.reply(origin, req_id, codec.Reply("released"))
+
+    n2.manager.rpc.register(ClusterOp.RELEASE, release)  # plain nodes leave it unhandled
+    answer = await n1.manager.rpc.ask(n2.manager.node_tag, codec.Release(SID, "/"), 2.0)
+    assert answer == "released" and asked == [codec.Release(SID, "/")]
