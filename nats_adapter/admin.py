@@ -24,7 +24,8 @@ from typing import Any
 from socketio.async_admin import InstrumentedAsyncServer
 from socketio.exceptions import ConnectionRefusedError as Refused
 
-from .cluster import ClusterApi, RemoteSocket
+from .cluster import RemoteSocket
+from .manager import ClusterManager
 
 
 def same_credentials(given: Any, expected: dict[str, Any]) -> bool:
@@ -47,9 +48,9 @@ class ClusterInstrumentedServer(InstrumentedAsyncServer):  # type: ignore[misc]
     """:class:`socketio.async_admin.InstrumentedAsyncServer` across the cluster."""
 
     def __init__(self, sio: Any, *args: Any, **kwargs: Any) -> None:
-        if not isinstance(sio.manager, ClusterApi):
+        if not isinstance(sio.manager, ClusterManager):
             raise TypeError("the server's client_manager must be a ClusterManager")
-        self.cluster: ClusterApi = sio.manager
+        self.cluster: ClusterManager = sio.manager
         super().__init__(sio, *args, **kwargs)
 
     async def _authenticated(self, client_auth: Any) -> bool:

@@ -8,11 +8,14 @@ else raises :class:`EnvelopeError` so the caller can log, count and drop it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from enum import StrEnum
+from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 import msgpack
 
+from .sids import is_sid
 from .types import EncodedPacket
 
 VERSION = 1
@@ -28,7 +31,7 @@ ENTER_ROOM = 4
 LEAVE_ROOM = 5
 DISCONNECT = 6
 CLOSE_ROOM = 7
-CLUSTER = 8  # the cluster-wide server API: requests, replies, heartbeats (see cluster.py)
+CLUSTER = 8  # the cluster protocol: requests, replies, heartbeats (see rpc.py)
 #: EMIT to the one room its channel names, which carries its namespace and room:
 #: ``[VERSION, EMIT_ROOM, origin, packet]``, then ``skip`` if not empty. Nearly
 #: every emit is one of these, and every byte is paid once per node it reaches:
@@ -98,9 +101,10 @@ class RoomMessage:
 class ClusterMessage:
     """One operation of the cluster-wide server API (``nats_adapter.cluster``).
 
-    ``op`` names it, ``req_id`` ties replies to their request (None for heartbeats
-    and one-way operations), ``body`` holds its arguments: a map from string keys
-    to msgpack values, checked by whoever handles ``op``.
+    ``op`` names it (a :class:`ClusterOp`), ``req_id`` ties replies to their request
+    (None for heartbeats and one-way operations), ``body`` holds its arguments as
+    they travel: a map from string keys to msgpack values, which :func:`decode_call`
+    checks and types.
     """
 
     origin: str
@@ -230,3 +234,358 @@ def decode(data: bytes) -> Message:
             raise
         raise EnvelopeError(str(exc)) from None
     raise EnvelopeError(f"unknown message kind {kind!r} with {len(items)} items")
+
+
+# -- the cluster protocol's bodies ------------------------------------------------------
+#
+# A ClusterMessage carries its operation as a string and its arguments as a map, as
+# they travel. decode_call turns the pair into one of the typed bodies below (and is
+# the one place a body is checked); encode_call turns a typed body back into the
+# envelope. Each body names its operation in ``OP``.
+
+
+class ClusterOp(StrEnum):
+    """The operations of the cluster protocol (``ClusterMessage.op``)."""
+
+    HELLO = "hello"
+    HEARTBEAT = "heartbeat"
+    BYE = "bye"
+    REPLY = "reply"
+    BCAST_COUNT = "bcast_count"
+    BCAST_ACK = "bcast_ack"
+    FETCH = "fetch"
+    JOIN = "join"
+    LEAVE = "leave"
+    DISCONNECT = "disconnect"
+    SERVER_EMIT = "server_emit"
+    BCAST = "bcast"
+    ADOPT = "adopt"
+    DISOWN = "disown"
+    RELEASE = "release"
+
+
+#: the most rooms or sids a selection (``rooms``, ``except``) may name
+MAX_SELECTION = 10_000
+#: the most rooms a join or leave may name
+MAX_TARGETS = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """A node started or reconnected; ``info``: name, host, pid, start time."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.HELLO
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    """A node is alive (also the answer to a hello)."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.HEARTBEAT
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    """A node is closing: stop waiting for it."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.BYE
+    info: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """(A part of) a node's answer to a request; ``last`` False: more parts follow."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.REPLY
+    data: Any
+    last: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BcastCount:
+    """How many local sockets an acked broadcast went to on the answering node."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.BCAST_COUNT
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class BcastAck:
+    """One recipient's ack of an acked broadcast (``args`` None: it went away)."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.BCAST_ACK
+    sid: str
+    args: list[Any] | None
+
+
+FetchFormat: TypeAlias = Literal["full", "ids", "count"]
+
+
+@dataclass(frozen=True, slots=True)
+class Fetch:
+    """The sockets of a selection: described (``full``), their sids, or how many."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.FETCH
+    ns: str
+    rooms: list[str] | None
+    except_: list[str] | None
+    fmt: FetchFormat
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    """Put the selected sockets in ``targets``."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.JOIN
+    ns: str
+    rooms: list[str] | None
+    except_: list[str] | None
+    targets: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    """Take the selected sockets out of ``targets``."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.LEAVE
+    ns: str
+    rooms: list[str] | None
+    except_: list[str] | None
+    targets: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Disconnect the selected sockets (``close``: their engine.io connection too)."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.DISCONNECT
+    ns: str
+    rooms: list[str] | None
+    except_: list[str] | None
+    close: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ServerEmit:
+    """Run the server-side handler of ``event`` with ``args``."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.SERVER_EMIT
+    ns: str
+    event: str
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Bcast:
+    """An acked broadcast to the selected sockets."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.BCAST
+    ns: str
+    rooms: list[str] | None
+    except_: list[str] | None
+    event: str
+    args: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Adopt:
+    """The sender restored ``sid`` (connection state recovery): it lives there now."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.ADOPT
+    sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Disown:
+    """The sender no longer has the adopted ``sid``."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.DISOWN
+    sid: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """Drop the connection of ``sid`` still here: another node restores its session."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.RELEASE
+    sid: str
+    ns: str
+
+
+ClusterBody: TypeAlias = (Hello | Heartbeat | Bye | Reply | BcastCount | BcastAck | Fetch
+                          | Join | Leave | Disconnect | ServerEmit | Bcast | Adopt | Disown
+                          | Release)
+
+
+def encode_call(origin: str, req_id: str | None, body: ClusterBody) -> ClusterMessage:
+    """The envelope that carries ``body``."""
+    data: dict[str, Any]
+    if isinstance(body, (Hello, Heartbeat, Bye)):
+        data = body.info
+    elif isinstance(body, Reply):
+        data = {"data": body.data, "last": body.last}
+    elif isinstance(body, BcastCount):
+        data = {"data": {"n": body.n}, "last": True}
+    elif isinstance(body, BcastAck):
+        data = {"data": {"sid": body.sid, "args": body.args}, "last": True}
+    elif isinstance(body, Fetch):
+        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_, "fmt": body.fmt}
+    elif isinstance(body, (Join, Leave)):
+        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_,
+                "targets": body.targets}
+    elif isinstance(body, Disconnect):
+        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_,
+                "close": body.close}
+    elif isinstance(body, ServerEmit):
+        data = {"ns": body.ns, "event": body.event, "args": body.args}
+    elif isinstance(body, Bcast):
+        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_,
+                "event": body.event, "args": body.args}
+    elif isinstance(body, Release):
+        data = {"sid": body.sid, "ns": body.ns}
+    else:
+        data = {"sid": body.sid}
+    return ClusterMessage(origin, body.OP.value, req_id, data)
+
+
+def _sid(body: dict[str, Any], op: str) -> str:
+    sid = body.get("sid")
+    if not is_sid(sid):
+        raise EnvelopeError(f"{op} needs a sid")
+    return cast(str, sid)
+
+
+def _ns(body: dict[str, Any]) -> str:
+    ns = body.get("ns")
+    if not isinstance(ns, str):
+        raise EnvelopeError("namespace must be a string")
+    return ns
+
+
+def _selection(body: dict[str, Any], key: str, max_room_chars: int) -> list[str] | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or len(value) > MAX_SELECTION or not all(
+            isinstance(r, str) and r and (len(r) <= max_room_chars or is_sid(r))
+            for r in value):
+        raise EnvelopeError(f"{key} must be a list of room names or sids")
+    return value
+
+
+def _event(body: dict[str, Any], op: str) -> tuple[str, list[Any]]:
+    event, args = body.get("event"), body.get("args")
+    if not isinstance(event, str) or not isinstance(args, list):
+        raise EnvelopeError(f"{op} needs an event name and a list of arguments")
+    return event, args
+
+
+def _reply_data(body: dict[str, Any]) -> tuple[Any, bool]:
+    return body.get("data"), body.get("last") is not False
+
+
+def _decode_reply(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    data, last = _reply_data(body)
+    return Reply(data, last)
+
+
+def _decode_bcast_count(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    data, _ = _reply_data(body)
+    n = data.get("n") if isinstance(data, dict) else None
+    if not isinstance(n, int) or isinstance(n, bool):
+        raise EnvelopeError("bcast_count needs a count")
+    return BcastCount(n)
+
+
+def _decode_bcast_ack(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    data, _ = _reply_data(body)
+    if not isinstance(data, dict):
+        raise EnvelopeError("bcast_ack needs a sid and its ack")
+    sid, args = data.get("sid"), data.get("args")
+    return BcastAck(sid if isinstance(sid, str) else "", args if isinstance(args, list) else None)
+
+
+def _decode_fetch(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    ns = _ns(body)
+    rooms = _selection(body, "rooms", max_room_chars)
+    excluded = _selection(body, "except", max_room_chars)
+    fmt = body.get("fmt")
+    if fmt not in ("full", "ids", "count"):
+        raise EnvelopeError("unknown fetch format")
+    return Fetch(ns, rooms, excluded, fmt)
+
+
+def _targets(body: dict[str, Any], max_room_chars: int) -> list[str]:
+    targets = body.get("targets")
+    if not isinstance(targets, list) or len(targets) > MAX_TARGETS or not all(
+            isinstance(r, str) and r and len(r) <= max_room_chars and not is_sid(r)
+            for r in targets):
+        raise EnvelopeError("targets must be a list of room names")
+    return targets
+
+
+def _decode_join(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    ns = _ns(body)
+    return Join(ns, _selection(body, "rooms", max_room_chars),
+                _selection(body, "except", max_room_chars), _targets(body, max_room_chars))
+
+
+def _decode_leave(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    ns = _ns(body)
+    return Leave(ns, _selection(body, "rooms", max_room_chars),
+                 _selection(body, "except", max_room_chars), _targets(body, max_room_chars))
+
+
+def _decode_disconnect(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    ns = _ns(body)
+    return Disconnect(ns, _selection(body, "rooms", max_room_chars),
+                      _selection(body, "except", max_room_chars), bool(body.get("close")))
+
+
+def _decode_server_emit(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    ns = _ns(body)
+    event, args = _event(body, "server_emit")
+    return ServerEmit(ns, event, args)
+
+
+def _decode_bcast(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    ns = _ns(body)
+    rooms = _selection(body, "rooms", max_room_chars)
+    excluded = _selection(body, "except", max_room_chars)
+    event, args = _event(body, "bcast")
+    return Bcast(ns, rooms, excluded, event, args)
+
+
+def _decoders() -> dict[str, Callable[[dict[str, Any], int], ClusterBody]]:
+    return {
+        ClusterOp.HELLO: lambda body, _: Hello(body),
+        ClusterOp.HEARTBEAT: lambda body, _: Heartbeat(body),
+        ClusterOp.BYE: lambda body, _: Bye(body),
+        ClusterOp.REPLY: _decode_reply,
+        ClusterOp.BCAST_COUNT: _decode_bcast_count,
+        ClusterOp.BCAST_ACK: _decode_bcast_ack,
+        ClusterOp.FETCH: _decode_fetch,
+        ClusterOp.JOIN: _decode_join,
+        ClusterOp.LEAVE: _decode_leave,
+        ClusterOp.DISCONNECT: _decode_disconnect,
+        ClusterOp.SERVER_EMIT: _decode_server_emit,
+        ClusterOp.BCAST: _decode_bcast,
+        ClusterOp.ADOPT: lambda body, _: Adopt(_sid(body, "adopt")),
+        ClusterOp.DISOWN: lambda body, _: Disown(_sid(body, "disown")),
+        ClusterOp.RELEASE: lambda body, _: Release(_sid(body, "release"), _ns(body)),
+    }
+
+
+_DECODERS = _decoders()
+
+
+def decode_call(msg: ClusterMessage, max_room_chars: int) -> ClusterBody:
+    """The typed body of ``msg``; raises :class:`EnvelopeError` saying why it is not
+    one a node could send (an unknown operation, a missing or ill-typed argument, a
+    room name longer than ``max_room_chars``)."""
+    decoder = _DECODERS.get(msg.op)
+    if decoder is None:
+        raise EnvelopeError(f"unknown cluster operation {msg.op!r:.40}")
+    return decoder(msg.body, max_room_chars)

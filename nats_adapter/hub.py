@@ -14,7 +14,7 @@ import logging
 import time
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from bidict import bidict
 from engineio import packet as eio_packet
@@ -40,6 +40,12 @@ class FanoutLimits:
     max_queued_packets: int = 1000
 
 
+class HoldBack(Protocol):
+    """Where a socket's stored traffic waits while it catches up."""
+
+    def hold(self, seq: int, pkt: EncodedPacket) -> None: ...
+
+
 class Fanout:
     """Writes packets to local engine.io sockets, directly when safe, else queued.
 
@@ -60,8 +66,8 @@ class Fanout:
         self.queued = 0
         self._dropped = 0
         #: eio sid -> a catching-up restore (connection state recovery): what is
-        #: delivered to it meanwhile is held there, with its sequence, not written
-        self.held: dict[str, Any] = {}
+        #: delivered to it meanwhile is given to its ``hold(seq, packet)``, not written
+        self.held: dict[str, HoldBack] = {}
 
     @property
     def slow_consumers_dropped(self) -> int:
@@ -91,7 +97,8 @@ class Fanout:
             if exclude and eio_sid in exclude:
                 continue
             if held and eio_sid in held:
-                held[eio_sid].held.append((seq, parts[0] if len(parts) == 1 else parts))
+                held[eio_sid].hold(cast(int, seq), cast(EncodedPacket, parts[0] if len(parts)
+                                                        == 1 else parts))
                 direct += 1
                 continue
             s = sockets_get(eio_sid)

@@ -48,19 +48,25 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgpack
 
+from . import _socketio_hooks as socketio_hooks
 from . import codec
 from .brokers.base import BrokerError, MessageStore
+from .bus import Bus
+from .cluster import session_data
+from .dedupe import DedupeWindow
+from .hub import HoldBack, LocalHub
+from .naming import ChannelNames
+from .rpc import ClusterRpc
 from .sids import is_sid, sid_owner
+from .stats import ManagerStats
+from .subscriptions import RoomSubscriptions
 from .types import EncodedPacket
-
-if TYPE_CHECKING:
-    from .manager import ClusterManager
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +102,29 @@ class RecoveryOptions:
             raise ValueError(f"window must be > 0 seconds, got {self.window!r}")
 
 
+class RecoveryNode(Protocol):
+    """What recovery needs from its node (the manager), beyond the bus and the rpc."""
+
+    node_tag: str
+    channels: ChannelNames
+    stats: ManagerStats
+    hub: LocalHub
+    subscriptions: RoomSubscriptions
+    dedupe: DedupeWindow
+    subscribe_timeout: float
+    max_rooms: int
+
+    @property
+    def server(self) -> Any: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+    def next_emit_id(self) -> int: ...
+
+    def basic_enter_room(self, sid: str, namespace: str, room: str | None,
+                         eio_sid: str | None = None) -> None: ...
+
+
 @dataclass
 class _Restore:
     """A session being restored on this node."""
@@ -105,6 +134,10 @@ class _Restore:
     session: dict[str, Any]
     #: what the socket gets while it catches up: (seq, packet) held back
     held: list[tuple[int, EncodedPacket]] = field(default_factory=list)
+
+    def hold(self, seq: int, pkt: EncodedPacket) -> None:
+        """Live traffic for the socket while it catches up: kept for after."""
+        self.held.append((seq, pkt))
 
 
 def with_offset(pkt: EncodedPacket, seq: int) -> EncodedPacket:
@@ -118,16 +151,23 @@ def with_offset(pkt: EncodedPacket, seq: int) -> EncodedPacket:
 class Recovery:
     """Connection state recovery for one :class:`ClusterManager` (see the module)."""
 
-    def __init__(self, manager: ClusterManager, options: RecoveryOptions) -> None:
-        self.manager = manager
+    #: emits go through the store (see the module)
+    stores_emits = True
+
+    def __init__(self, node: RecoveryNode, bus: Bus, rpc: ClusterRpc,
+                 options: RecoveryOptions) -> None:
+        self.node = node
+        self.bus = bus
+        self.rpc = rpc
         self.options = options
         self.store: MessageStore | None = None
         #: sid -> pid of the local sockets
         self.pids: dict[str, str] = {}
         #: (eio sid, namespace) -> the restore in progress for that connection
         self._restoring: dict[tuple[str, str], _Restore] = {}
-        #: eio sid -> restore whose socket is catching up (its live traffic is held)
-        self.catching_up: dict[str, _Restore] = {}
+        #: eio sid -> restore whose socket is catching up (its live traffic is held);
+        #: the local writer's table once installed
+        self.catching_up: dict[str, HoldBack] = {}
         #: eio sids whose engine.io connection is closing (a recoverable disconnect)
         self._engine_closing: set[str] = set()
         #: sids adopted from another node (restored here) -> the node tag that has them
@@ -141,12 +181,27 @@ class Recovery:
         #: the application's say on a restore attempt, by engine.io sid (e.g. limits
         #: per client address): False makes it a new session, without a store look-up
         self.may_restore: Callable[[str], bool] | None = None
+        rpc.register(codec.ClusterOp.ADOPT, self._on_adopt, inline=True, answers=False)
+        rpc.register(codec.ClusterOp.DISOWN, self._on_disown, inline=True, answers=False)
+        rpc.register(codec.ClusterOp.RELEASE, self._on_release)
+        rpc.on_hello.append(self._tell_adopted)
 
     # -- set-up ------------------------------------------------------------------------
 
+    def install(self, server: Any, held: dict[str, HoldBack]) -> None:
+        """Hold back the traffic of catching-up sockets in ``held`` (the local
+        writer's), and hook python-socketio's connects (see _socketio_hooks)."""
+        self.catching_up = held
+        socketio_hooks.install(server, self)
+
+    def work(self) -> list[asyncio.Task[None]]:
+        """The session write under way, if any (a close lets it finish)."""
+        task = self.flushing
+        return [task] if task is not None else []
+
     async def start(self) -> None:
-        m = self.manager
-        store = m.broker.message_store(m.channels.prefix, self.options.window)
+        m = self.node
+        store = self.bus.broker.message_store(m.channels.prefix, self.options.window)
         await store.setup()
         self.store = store
         # direct messages to this node's sids come back from the store on one wildcard
@@ -157,6 +212,30 @@ class Recovery:
     def owner(self, sid: str) -> str:
         return self.adopted.get(sid) or sid_owner(sid)
 
+    async def _on_adopt(self, origin: str, req_id: str | None, body: codec.Adopt) -> None:
+        self.adopted[body.sid] = origin
+
+    async def _on_disown(self, origin: str, req_id: str | None, body: codec.Disown) -> None:
+        if self.adopted.get(body.sid) == origin:
+            del self.adopted[body.sid]
+
+    async def _tell_adopted(self, node: str) -> None:
+        """A node said hello: tell it which sids restored here live here now."""
+        me = self.node.node_tag
+        for sid, tag in list(self.adopted.items()):
+            if tag == me:
+                await self.rpc.tell(node, codec.Adopt(sid))
+
+    async def _on_release(self, origin: str, req_id: str | None, body: codec.Release) -> None:
+        """Another node restores ``sid``'s session: drop the connection still here (its
+        client has left it), without keeping its session."""
+        assert req_id is not None
+        self.pids.pop(body.sid, None)
+        m = self.node
+        if m.hub.is_local(body.sid, body.ns):
+            await m.server.disconnect(body.sid, namespace=body.ns, ignore_queue=True)
+        await self.rpc.reply(origin, req_id, codec.Reply(True))
+
     # -- sending -----------------------------------------------------------------------
 
     async def store_emit(self, namespace: str, targets: list[str] | None,
@@ -166,7 +245,7 @@ class Recovery:
 
         Returns once stored; raises :class:`BrokerError` if the store would not take it
         (retried meanwhile): unlike an at-most-once relay, nobody got it then."""
-        m = self.manager
+        m = self.node
         if targets is None:
             subjects = [m.channels.stored_room(namespace, None)]
         else:
@@ -176,25 +255,25 @@ class Recovery:
                 for name in targets if not (is_sid(name) and name in skip)))
         if not subjects:
             return
-        dedupe = f"{m.node_tag}:{next(m._emit_ids)}" if len(subjects) > 1 else None
-        data = m._encode(codec.EmitMessage(m.node_tag, namespace, targets, sorted(skip), pkt,
-                                           dedupe))
+        dedupe = f"{m.node_tag}:{m.next_emit_id()}" if len(subjects) > 1 else None
+        data = self.bus.encode(codec.EmitMessage(m.node_tag, namespace, targets, sorted(skip),
+                                                 pkt, dedupe))
         if data is None:
             return
         for subject in subjects:
-            await self.publish(subject, m.seal(data, subject))
+            await self.publish(subject, self.bus.seal(data, subject))
 
     async def publish(self, subject: str, data: bytes) -> None:
         """Store one envelope; raises :class:`BrokerError` when the store would not
         take it (then nobody received it: the caller can say so)."""
-        m = self.manager
+        m = self.node
         try:
             if self.store is None:
                 raise BrokerError("the message store is not ready")
             await self.store.publish(subject, data)
         except BrokerError as exc:
             m.stats.publish_errors += 1
-            m._log.warning("publish", "publish to %s lost: %s", subject, exc)
+            self.bus.log.warning("publish", "publish to %s lost: %s", subject, exc)
             raise
         m.stats.published += 1
         m.stats.published_bytes += len(data)
@@ -204,8 +283,8 @@ class Recovery:
     async def deliver_stored(self, msg: codec.EmitMessage, seq: int) -> None:
         """A stored emit came back (checked like live traffic): deliver it with its
         offset."""
-        m = self.manager
-        if msg.dedupe_id is not None and not m._dedupe.first(msg.dedupe_id):
+        m = self.node
+        if msg.dedupe_id is not None and not m.dedupe.first(msg.dedupe_id):
             m.stats.dropped_duplicate += 1
             return
         if msg.rooms is not None and not m.hub.reaches_any(msg.namespace, msg.rooms,
@@ -218,10 +297,10 @@ class Recovery:
     # -- sessions ----------------------------------------------------------------------
 
     def session_of(self, sid: str, namespace: str, connected: bool) -> dict[str, Any]:
-        m = self.manager
+        m = self.node
         eio_sid = m.hub.members(namespace, None).get(sid, "")
         return {"sid": sid, "ns": namespace, "rooms": m.hub.rooms_of(sid, namespace),
-                "data": m._session_data(eio_sid, namespace), "node": m.node_tag,
+                "data": session_data(m.server, eio_sid, namespace), "node": m.node_tag,
                 "connected": connected, "at": time.time(), "id": self.identities.get(sid)}
 
     @property
@@ -245,23 +324,23 @@ class Recovery:
             pid = self.pids.get(sid)
             if pid is None:
                 continue
-            for ns in self.manager.hub.namespaces_of(sid):
+            for ns in self.node.hub.namespaces_of(sid):
                 await self._put(pid, self.session_of(sid, ns, True))
 
     def record_name(self, pid: str) -> str:
         """The key of ``pid``'s session record in the store."""
-        key = self.manager.cluster_key
+        key = self.bus.key
         return key.record_name(pid) if key is not None else pid
 
     def seal_record(self, pid: str, session: dict[str, Any]) -> bytes:
         """``session`` as stored for ``pid``: sealed for that pid with a cluster key."""
         blob: bytes = msgpack.packb(session, use_bin_type=True)
-        key = self.manager.cluster_key
+        key = self.bus.key
         return key.seal_record(pid, blob) if key is not None else blob
 
     def open_record(self, pid: str, blob: bytes) -> dict[str, Any] | str:
         """The session in a stored record of ``pid``, or why it is not one."""
-        key = self.manager.cluster_key
+        key = self.bus.key
         if key is not None:
             body = key.open_record(pid, blob)
             if body is None:
@@ -299,19 +378,19 @@ class Recovery:
         restore = self.catching_up.pop(eio_sid, None)
         if restore is not None:
             self._restoring.pop((eio_sid, namespace), None)
-        m = self.manager
+        m = self.node
         if self.adopted.get(sid) == m.node_tag:
             del self.adopted[sid]
             m.subscriptions.release(m.channels.live_sid(sid))
-            m._spawn(m._cluster_notice("disown", {"sid": sid}))
+            m.spawn(self.rpc.notice(codec.Disown(sid)))
         if pid is None or self.store is None:
             return
         if eio_sid in self._engine_closing:
             session = self.session_of(sid, namespace, False)
             session["id"] = identity
-            m._spawn(self._put(pid, session, ttl=self.options.window))
+            m.spawn(self._put(pid, session, ttl=self.options.window))
         else:
-            m._spawn(self.store.delete_session(self.record_name(pid)))
+            m.spawn(self.store.delete_session(self.record_name(pid)))
 
     # -- restoring ---------------------------------------------------------------------
 
@@ -325,7 +404,7 @@ class Recovery:
         pid, offset = auth.get("pid"), auth.get("offset")
         if not isinstance(pid, str) or not isinstance(offset, str):
             return
-        m = self.manager
+        m = self.node
         m.stats.recovery_attempts += 1
         if self.may_restore is not None and not self.may_restore(eio_sid):
             m.stats.recovery_refused += 1
@@ -345,7 +424,7 @@ class Recovery:
         check = self.options.identity
         if check is None:
             return None
-        server = self.manager.server
+        server = self.node.server
         environ = getattr(server, "environ", {}).get(eio_sid) or {}
         try:
             return check(auth, environ)
@@ -399,17 +478,17 @@ class Recovery:
     async def _release_elsewhere(self, session: dict[str, Any]) -> bool:
         """The session says its socket is connected: make sure it is not (its node
         died, or keeps a connection the client has already left)."""
-        m = self.manager
+        m = self.node
         sid, node = str(session["sid"]), str(session.get("node", ""))
         if node == m.node_tag or self.owner(sid) == m.node_tag:
             if m.hub.is_local(sid, str(session["ns"])):
                 await m.server.disconnect(sid, namespace=session["ns"], ignore_queue=True)
             return True
-        if node not in m.peers.tags():
+        if node not in self.rpc.peers:
             return True  # its node is gone
         try:
-            answer = await m._ask(node, "release", {"sid": sid, "ns": session["ns"]},
-                                  timeout=1.0)
+            answer = await self.rpc.ask(node, codec.Release(sid, str(session["ns"])),
+                                        timeout=1.0)
         except TimeoutError:
             return True  # its node does not answer: as good as gone
         return answer is not None
@@ -427,21 +506,21 @@ class Recovery:
         if restore is None:
             return None
         sid = str(restore.session["sid"])
-        if self.manager.hub.is_local(sid, namespace):
+        if self.node.hub.is_local(sid, namespace):
             return None  # still here after all: not restorable
         return sid
 
     async def reattach(self, sid: str, eio_sid: str, namespace: str) -> None:
         """pre_connect gave ``sid`` back: its rooms, its data, and hold its traffic."""
         restore = self._restoring[(eio_sid, namespace)]
-        m = self.manager
+        m = self.node
         self.catching_up[eio_sid] = restore
         if sid_owner(sid) != m.node_tag:
             self.adopted[sid] = m.node_tag
             m.subscriptions.acquire(m.channels.live_sid(sid))
-            await m._cluster_notice("adopt", {"sid": sid})
+            await self.rpc.notice(codec.Adopt(sid))
         rooms = [r for r in restore.session.get("rooms") or [] if isinstance(r, str)]
-        for room in rooms[:m._max_rooms]:
+        for room in rooms[:m.max_rooms]:
             m.basic_enter_room(sid, namespace, room)
         data = restore.session.get("data")
         if isinstance(data, dict) and data and m.server is not None:
@@ -467,7 +546,7 @@ class Recovery:
             # the session is taken but what it missed cannot be read: carry on as a new
             # session (a new pid: the client sees recovered false)
             self.catching_up.pop(eio_sid, None)
-            self.manager.stats.recovery_refused += 1
+            self.node.stats.recovery_refused += 1
             logger.warning("could not replay for %s (%s): a new session instead", sid, exc)
             pid = secrets.token_urlsafe(16)
             self.pids[sid] = pid
@@ -480,18 +559,18 @@ class Recovery:
         finally:
             self.catching_up.pop(eio_sid, None)
         self.pids[sid] = restore.pid
-        self.manager.stats.recovered += 1
+        self.node.stats.recovered += 1
         logger.info("restored %s (%d missed packets)", sid, replayed)
         self.touch(sid)
 
     async def _catch_up(self, sid: str, ns: str, restore: _Restore, eio_sid: str,
                         send: Callable[[str, Any], Any]) -> int:
-        m = self.manager
+        m = self.node
         assert self.store is not None
         channels = m.channels
         rooms = m.hub.rooms_of(sid, ns)
         for room in rooms:  # live traffic must reach the hold-back buffer from here on
-            await m.subscriptions.ready(channels.room(ns, room), m._subscribe_timeout)
+            await m.subscriptions.ready(channels.room(ns, room), m.subscribe_timeout)
         subjects = [channels.stored_room(ns, r) for r in rooms]
         subjects += [channels.stored_room(ns, None), channels.stored_sid(ns, sid)]
         done, count = restore.offset, 0
@@ -536,7 +615,7 @@ class Recovery:
         """The envelope stored under ``subject``, if it opens for that subject and is no
         older than the store keeps messages."""
         assert self.store is not None
-        return self.manager.open_stored(subject, data, self.store.retention)
+        return self.bus.open_stored(subject, data, self.store.retention)
 
     @staticmethod
     def _seen(opened: StoredEnvelope | None, seen: set[object]) -> bool:
@@ -581,7 +660,7 @@ class Recovery:
             raise BrokerError("the message store is not ready")
         if not 0 < limit <= MAX_HISTORY:
             raise ValueError(f"limit must be 1-{MAX_HISTORY}, got {limit!r}")
-        m = self.manager
+        m = self.node
         subject = m.channels.stored_room(namespace, room)
         seen: set[object] = set()
 

@@ -25,13 +25,10 @@ from tests.helpers import REPO
 PACKAGES = ("nats_adapter", "gateway", "tools")
 #: modules that run a command when imported (``python -m``)
 SKIPPED = {"gateway.__main__"}
-#: the cycles there are today, each a group of modules that import each other. The
-#: core's composition refactor (issue 22) removes them: ClusterManager, its cluster
-#: API mixin and recovery reach into each other. A cycle that is not inside one of these
-#: groups fails the test; a group may shrink or go.
-KNOWN_CYCLES: tuple[frozenset[str], ...] = (
-    frozenset({"nats_adapter.manager", "nats_adapter.cluster", "nats_adapter.recovery"}),
-)
+#: the cycles there are today, each a group of modules that import each other (none:
+#: the node core is composed of parts that do not import each other both ways). A
+#: cycle that is not inside one of these groups fails the test.
+KNOWN_CYCLES: tuple[frozenset[str], ...] = ()
 
 
 def module_files() -> Iterator[tuple[str, Path]]:
