@@ -203,6 +203,27 @@ def _socketio_environ() -> list[str]:
     return p
 
 
+def _socketio_admin() -> list[str]:
+    """The cluster-wide Admin UI overrides the handlers ``InstrumentedAsyncServer``
+    registers for the UI's requests (by method name) and reads its settings."""
+    from socketio.async_admin import InstrumentedAsyncServer
+
+    p = _Problems()
+    expected = {"admin_connect": ["self", "sid", "environ", "client_auth"],
+                "admin_enter_room": ["self", "_", "namespace", "room", "room_filter"],
+                "admin_leave_room": ["self", "_", "namespace", "room", "room_filter"],
+                "admin_disconnect": ["self", "_", "namespace", "close", "room_filter"]}
+    for name, params in expected.items():
+        p.need(_params(vars(InstrumentedAsyncServer).get(name)) == params,
+               f"socketio InstrumentedAsyncServer.{name}({', '.join(params[1:])})")
+    p.need({"auth", "mode", "read_only", "namespace"}
+           <= set(_params(InstrumentedAsyncServer.__init__)),
+           "socketio InstrumentedAsyncServer(auth, mode, read_only, namespace)")
+    p.need(callable(getattr(InstrumentedAsyncServer, "instrument", None)),
+           "socketio InstrumentedAsyncServer.instrument")
+    return p
+
+
 # -- nats-py ---------------------------------------------------------------------------
 
 def _nats_shared_inbox() -> list[str]:
@@ -295,7 +316,8 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
             ("AsyncServer._async['websocket']", "AsyncServer.create_queue",
              "AsyncServer.start_background_task", "AsyncServer.start_service_task",
              "AsyncServer.handle_request", "AsyncSocket.queue/connected/upgrading/upgraded/"
-             "closing/closed/last_ping/session"),
+             "closing/closed/last_ping/session",
+             "AsyncSocket.handle_post_request (wrapped per socket by gateway.app)"),
             "stock engine.io: its queue, its ping task per socket, its websocket loop",
             _engineio_server),
     Private("engineio.ping_timer", "python-engineio",
@@ -322,6 +344,12 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
     Private("socketio.environ", "python-socketio", ("AsyncServer.environ",),
             "fetched sockets carry an empty handshake; lean websockets keep the request",
             _socketio_environ),
+    Private("socketio.admin", "python-socketio",
+            ("InstrumentedAsyncServer.admin_connect/admin_enter_room/admin_leave_room/"
+             "admin_disconnect (overridden)", "InstrumentedAsyncServer.auth/mode/read_only/"
+             "admin_namespace"),
+            "python-socketio's own Admin UI handlers: this gateway's sockets only, its own "
+            "login check", _socketio_admin),
     Private("nats.shared_inbox", "nats-py",
             ("Client._process_msg", "Subscription._pending_queue", "subscribe(future=)"),
             "a queue and a task per subscription (nats-py's callback subscriptions)",

@@ -79,6 +79,12 @@ def take_away(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
             del self.environ
 
         monkeypatch.setattr(socketio.AsyncServer, "__init__", init_without_environ)
+    elif name == "socketio.admin":
+        from socketio.async_admin import InstrumentedAsyncServer
+
+        async def admin_connect(self: object, sid: str, environ: object) -> None: ...
+
+        monkeypatch.setattr(InstrumentedAsyncServer, "admin_connect", admin_connect)
     elif name == "engineio.server":
         monkeypatch.delattr(engineio.exceptions, "UnknownPacketError")
     elif name == "engineio.ping_timer":
