@@ -177,6 +177,9 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         if request.get(OPERATOR):  # the details: for operators only (broker URLs...)
             body.update(connections=manager.participants_count(), rooms=manager.room_count(),
                         broker=manager.broker.info())
+            fast_paths = getattr(manager, "fast_paths", None)
+            if fast_paths is not None:  # which upstream privates are in use, and why not
+                body["fast_paths"] = fast_paths()
         return web.json_response(body, status=200 if connected else 503)
 
     async def metrics(request: web.Request) -> web.Response:
@@ -366,7 +369,7 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
     async def on_connect(eio_sid: str, environ: dict[str, Any]) -> Any:
         request = environ.get("aiohttp.request")
         # the client's address (after the proxy rules) outlives the request, which a
-        # websocket's environ drops (see nats_adapter._lean_websocket)
+        # websocket's environ drops (see nats_adapter._engineio.connection)
         environ[REMOTE_KEY] = str(getattr(request, "remote", None) or "?")
         socket = sio.eio.sockets.get(eio_sid)
         if socket is not None:

@@ -10,10 +10,11 @@ else in the package touches python-socketio internals.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Protocol
 
 from socketio import packet as sio_packet
+
+from . import compat
 
 
 class RecoveryHooks(Protocol):
@@ -30,20 +31,13 @@ class RecoveryHooks(Protocol):
     def engine_closed(self, eio_sid: str) -> None: ...
 
 
-def _params(func: Any) -> list[str]:
-    try:
-        return list(inspect.signature(func).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
 def missing(server: Any) -> list[str]:
-    """What the hooks need from python-socketio that ``server`` lacks."""
+    """What the hooks need from python-socketio that ``server`` lacks (the privates
+    are probed in :mod:`nats_adapter.compat`, ``socketio.recovery_hooks``)."""
     out = []
-    if _params(getattr(server, "_handle_connect", None))[:3] != ["eio_sid", "namespace", "data"]:
-        out.append("AsyncServer._handle_connect(eio_sid, namespace, data)")
-    if _params(getattr(server, "_send_packet", None))[:2] != ["eio_sid", "pkt"]:
-        out.append("AsyncServer._send_packet(eio_sid, pkt)")
+    problem = compat.problem("socketio.recovery_hooks")
+    if problem is not None:
+        out.append(problem)
     handlers = getattr(getattr(server, "eio", None), "handlers", None)
     if not isinstance(handlers, dict) or "disconnect" not in handlers:
         out.append("engine.io AsyncServer.handlers['disconnect']")

@@ -19,13 +19,17 @@ from __future__ import annotations
 
 import hmac
 import inspect
+import logging
 from typing import Any
 
 from socketio.async_admin import InstrumentedAsyncServer
 from socketio.exceptions import ConnectionRefusedError as Refused
 
+from . import compat
 from .cluster import RemoteSocket
 from .manager import ClusterManager
+
+logger = logging.getLogger(__name__)
 
 
 def same_credentials(given: Any, expected: dict[str, Any]) -> bool:
@@ -51,6 +55,10 @@ class ClusterInstrumentedServer(InstrumentedAsyncServer):  # type: ignore[misc]
         if not isinstance(sio.manager, ClusterManager):
             raise TypeError("the server's client_manager must be a ClusterManager")
         self.cluster: ClusterManager = sio.manager
+        problem = compat.problem("socketio.admin")
+        if problem is not None:  # the overrides below may not be what python-socketio calls
+            logger.warning("the Admin UI may show and act on this gateway's sockets only "
+                           "(python-socketio's own handlers): %s", problem)
         super().__init__(sio, *args, **kwargs)
 
     async def _authenticated(self, client_auth: Any) -> bool:

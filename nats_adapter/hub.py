@@ -19,7 +19,7 @@ from typing import Any, Protocol, cast
 from bidict import bidict
 from engineio import packet as eio_packet
 
-from ._engineio_fastpath import QueueLimits, close_session, text_frame
+from ._engineio import QueueLimits, Sessions, close_session, text_frame
 from .sids import is_sid
 from .stats import ManagerStats
 from .types import EncodedPacket, RoomIndex
@@ -50,7 +50,7 @@ class Fanout:
     """Writes packets to local engine.io sockets, directly when safe, else queued.
 
     One websocket frame is built per packet and the same bytes are offered to every
-    recipient's direct writer (``fanout_writer``, see :mod:`._engineio_fastpath`),
+    recipient's lean connection (``sessions.writers``, see :mod:`._engineio`),
     which writes them when the socket may take them now; the others get the
     packet through engine.io's queue, as in stock python-socketio. A socket past
     :class:`FanoutLimits` is disconnected as a slow consumer instead of growing the
@@ -58,8 +58,13 @@ class Fanout:
     """
 
     def __init__(self, eio: Any, limits: FanoutLimits | None = None,
-                 queue_limits: QueueLimits | None = None) -> None:
+                 queue_limits: QueueLimits | None = None,
+                 sessions: Sessions | None = None) -> None:
         self.eio = eio
+        #: eio sid -> lean connection that may take shared frames (the fast path's table)
+        self.writers: dict[str, Any] = sessions.writers if sessions is not None else {}
+        #: eio sids being dropped as slow consumers
+        self.dropping: set[str] = set()
         self.limits = limits or FanoutLimits()
         self.queue_limits = queue_limits
         self.direct = 0
@@ -93,6 +98,8 @@ class Fanout:
         max_queued = self.limits.max_queued_packets
         shared = len(parts) == 1 and isinstance(parts[0], str)
         held = self.held if seq is not None else None
+        writers_get = self.writers.get
+        dropping = self.dropping
         for eio_sid in eio_sids:
             if exclude and eio_sid in exclude:
                 continue
@@ -102,10 +109,10 @@ class Fanout:
                 direct += 1
                 continue
             s = sockets_get(eio_sid)
-            if s is None or s.closed or s.closing or getattr(s, "fanout_dropped", False):
+            if s is None or s.closed or s.closing or (dropping and eio_sid in dropping):
                 failed += 1
                 continue
-            if shared and (writer := getattr(s, "fanout_writer", None)) is not None:
+            if shared and (writer := writers_get(eio_sid)) is not None:
                 if frame is None:
                     frame = text_frame(("4" + parts[0]).encode())  # type: ignore[operator]
                 written = writer.offer(s, frame, max_buffer)
@@ -133,11 +140,17 @@ class Fanout:
     def _drop(self, socket: Any, reason: str) -> None:
         """Disconnect a slow consumer: logged, counted, its memory released."""
         self._dropped += 1
-        socket.fanout_dropped = True
+        self.dropping.add(socket.sid)
         logger.warning("dropping slow consumer %s: %s", socket.sid, reason)
-        task = asyncio.get_running_loop().create_task(close_session(socket, "slow consumer"))
+        task = asyncio.get_running_loop().create_task(self._close(socket))
         _background.add(task)
         task.add_done_callback(_background.discard)
+
+    async def _close(self, socket: Any) -> None:
+        try:
+            await close_session(socket, "slow consumer")
+        finally:  # closed: it fails the checks above from now on
+            self.dropping.discard(socket.sid)
 
 
 _background: set[asyncio.Task[Any]] = set()
@@ -164,9 +177,11 @@ class LocalHub:
         self._connected_at: dict[str, float] = {}
 
     def attach(self, eio: Any, limits: FanoutLimits | None = None,
-               queue_limits: QueueLimits | None = None) -> None:
-        """Deliver through the engine.io server ``eio`` from now on."""
-        self.fanout = Fanout(eio, limits, queue_limits)
+               queue_limits: QueueLimits | None = None, sessions: Sessions | None = None
+               ) -> None:
+        """Deliver through the engine.io server ``eio`` from now on (with shared frames
+        to the lean connections in ``sessions``)."""
+        self.fanout = Fanout(eio, limits, queue_limits, sessions)
 
     # -- the index -----------------------------------------------------------------
 

@@ -43,8 +43,7 @@ from socketio import AsyncManager
 from socketio import packet as sio_packet
 
 from . import codec
-from ._engineio_fastpath import FastPath, QueueLimits, install
-from ._lean_websocket import WriteBatch
+from ._engineio import FastPath, QueueLimits, WriteBatch, fast_paths, install
 from .brokers.base import Broker
 from .bus import Bus
 from .cluster import ClusterApi, RemoteSocket
@@ -217,8 +216,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         queue_limits = QueueLimits(limits.max_queued_packets, limits.max_buffer_bytes)
         self._fastpath = install(server.eio, compression=self._compression,
                                  queue_limits=queue_limits)
-        self.hub.attach(server.eio, limits,
-                        queue_limits if self._fastpath is not None else None)
+        fastpath = self._fastpath
+        self.hub.attach(server.eio, limits, queue_limits if fastpath is not None else None,
+                        fastpath.sessions if fastpath is not None else None)
         assert self.hub.fanout is not None
         self.plugin.install(server, self.hub.fanout.held)
 
@@ -229,8 +229,13 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
 
     @property
     def fast_fanout(self) -> bool:
-        """Whether direct websocket writes are on (see nats_adapter._engineio_fastpath)."""
+        """Whether direct websocket writes are on (see nats_adapter._engineio)."""
         return self._fastpath is not None and self._fastpath.enabled
+
+    def fast_paths(self) -> dict[str, dict[str, Any]]:
+        """Which fast paths are active on this node and, for the others, why not
+        (:mod:`nats_adapter.compat`; for /healthz)."""
+        return fast_paths(self._fastpath)
 
     @property
     def fanout(self) -> Any:
@@ -243,7 +248,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         without lean websockets."""
         if self._fastpath is None or self._fastpath.heartbeat is None:
             return None
-        return self._fastpath.heartbeat.writes
+        return self._fastpath.sessions.writes
 
     # -- lifecycle ---------------------------------------------------------------
 

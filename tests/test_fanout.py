@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import aiohttp
 import pytest
 from socketio import packet as sio_packet
 
-from nats_adapter import _engineio_fastpath as fastpath
-from nats_adapter import _lean_websocket as lean_websocket
+from nats_adapter import compat
+from nats_adapter._engineio import connection, fastpath_of
 from tests.conftest import start_node
 from tests.helpers import Node, NodeClient, SioClient, connect_all, wait_for_condition
 
@@ -45,25 +46,49 @@ async def interleave(node: Node, clients: list[SioClient], count: int) -> None:
     assert members[2].received("seq") == evens
 
 
-@pytest.mark.parametrize("connections", ["lean", "aiohttp"])
+@pytest.fixture
+def probes() -> Iterator[None]:
+    """Probe the upstream privates afresh (a test takes one away), and again after."""
+    compat.reset()
+    yield
+    compat.reset()
+
+
+async def fast_paths(node: Node) -> dict[str, Any]:
+    """What /healthz (its operator details: asked from loopback) says of the fast paths."""
+    async with aiohttp.ClientSession() as session, session.get(node.url + "/healthz") as resp:
+        body = await resp.json()
+    return dict(body["fast_paths"])
+
+
+@pytest.mark.parametrize("connections", ["lean", "stock"])
 async def test_direct_writes_keep_order_with_queued_packets(
-        connections: str, monkeypatch: pytest.MonkeyPatch, clients: list[SioClient]) -> None:
+        connections: str, monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
+        probes: None) -> None:
     """Shared frames and engine.io's queue, interleaved, on lean connections (which
-    write the queue out as packets are put) and on aiohttp's websocket (used where
-    lean connections are not available: then a shared frame waits its turn)."""
-    if connections == "aiohttp":
-        monkeypatch.setattr(lean_websocket, "missing_features", lambda: ["(test)"])
+    write the queue out as packets are put); and, where lean connections are not
+    available (an asyncio without Transport.set_protocol), on engine.io's own
+    websocket, where every packet takes the queue."""
+    if connections == "stock":
+        monkeypatch.delattr(asyncio.BaseTransport, "set_protocol")
     n = await start_node("memory", f"order-{connections}-gw", {})
     try:
-        assert n.manager.fast_fanout, "the fast path should install on this engine.io/aiohttp"
+        assert n.manager.fast_fanout == (connections == "lean")
         fan = n.manager.fanout
         assert fan is not None
         await interleave(n, clients, 2000)
-        lean = [getattr(s, "lean", None) is not None for s in n.sio.eio.sockets.values()]
+        sessions = fastpath_of(n.sio.eio)
+        assert sessions is not None
+        lean = [sessions.sessions.is_lean(sid) for sid in n.sio.eio.sockets]
         assert all(lean) if connections == "lean" else not any(lean)
-        assert fan.direct > 0, "the direct path was never taken"
-        if connections == "aiohttp":
-            assert fan.queued > 0, "the queue path was never taken"
+        if connections == "lean":
+            assert fan.direct > 0, "the direct path was never taken"
+        else:
+            assert fan.direct == 0 and fan.queued > 0
+            paths = await fast_paths(n)
+            assert paths["aiohttp.take_over"]["active"] is False
+            assert "asyncio Transport.set_protocol" in paths["aiohttp.take_over"]["reason"]
+            assert paths["engineio.server"]["active"] is True
         assert fan.slow_consumers_dropped == 0
     finally:
         await n.runner.cleanup()
@@ -71,47 +96,39 @@ async def test_direct_writes_keep_order_with_queued_packets(
 
 async def test_a_missing_internal_means_no_fast_path_and_correct_delivery(
         monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
-        caplog: pytest.LogCaptureFixture) -> None:
-    # an aiohttp release whose WebSocketWriter no longer takes (transport, compress)
-    import aiohttp.http_websocket
+        caplog: pytest.LogCaptureFixture, probes: None) -> None:
+    # an engine.io release without an exception class the lean connection catches
+    import engineio.exceptions
 
-    class RenamedWriter:
-        def __init__(self, protocol: object, sink: object) -> None: ...
-
-    monkeypatch.setattr(aiohttp.http_websocket, "WebSocketWriter", RenamedWriter)
+    monkeypatch.delattr(engineio.exceptions, "UnknownPacketError")
     n = await start_node("memory", "fallback-gw", {})
     try:
         assert not n.manager.fast_fanout
-        assert "aiohttp WebSocketWriter(transport, compress)" in caplog.text
+        assert "engineio exceptions.UnknownPacketError" in caplog.text
         await interleave(n, clients, 500)
         assert n.manager.fanout is not None and n.manager.fanout.direct == 0
+        paths = await fast_paths(n)
+        assert paths["engineio.server"]["active"] is False
+        assert "engineio exceptions.UnknownPacketError" in paths["engineio.server"]["reason"]
+        assert "stock engine.io" in paths["engineio.server"]["fallback"]
     finally:
         await n.runner.cleanup()
 
 
-@pytest.mark.parametrize("connections", ["lean", "aiohttp"])
 async def test_an_error_inside_the_fast_path_falls_back_for_good(
-        connections: str, monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
+        monkeypatch: pytest.MonkeyPatch, clients: list[SioClient],
         caplog: pytest.LogCaptureFixture) -> None:
-    if connections == "aiohttp":
-        monkeypatch.setattr(lean_websocket, "missing_features", lambda: ["(test)"])
-    n = await start_node("memory", f"broken-fastpath-{connections}-gw", {})
+    n = await start_node("memory", "broken-fastpath-gw", {})
     try:
         assert n.manager.fast_fanout
         early = await connect_all(clients, [("early", n)])  # set up on the fast path
         await early[0].join("order")
 
         # a private attribute that a new aiohttp renamed, met at the next handshake
-        if connections == "aiohttp":
-            def renamed(ws: object) -> object:
-                raise AttributeError("'WebSocketResponse' object has no attribute '_writer'")
+        def detach(request: object) -> object:
+            raise AttributeError("'RequestHandler' object has no attribute '_message_tail'")
 
-            monkeypatch.setattr(fastpath, "_writer_transport", renamed)
-        else:
-            def detach(request: object) -> object:
-                raise AttributeError("'RequestHandler' object has no attribute '_message_tail'")
-
-            monkeypatch.setattr(lean_websocket, "_detach", detach)
+        monkeypatch.setattr(connection, "_detach", detach)
         await interleave(n, clients, 500)  # the handshakes succeed, delivery is exact
         assert not n.manager.fast_fanout
         assert caplog.text.count("fast fan-out disabled") == 1
@@ -121,6 +138,8 @@ async def test_an_error_inside_the_fast_path_falls_back_for_good(
         await n.sio.emit("seq", "after", to="order")
         await early[0].wait_for(lambda c: "after" in c.received("seq"), what="the emit")
         assert fan.direct == direct, "a socket kept the fast path after it was disabled"
+        reason = (await fast_paths(n))["aiohttp.take_over"]
+        assert reason["active"] is False and "_message_tail" in reason["reason"]
     finally:
         await n.runner.cleanup()
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import socket
 from collections import deque
@@ -16,6 +15,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .. import compat
 from .._logging import ThrottledLog
 from .base import Broker, BrokerError, BrokerHandler, FirstConnect, MessageStore
 
@@ -54,26 +54,10 @@ def shared_inbox_problem() -> str | None:
     and task (~2 KB), the bulk of what a room costs a node when most rooms have one
     local member. A subscription made with ``future=`` gets neither: nats-py hands
     each message to ``future.set_result`` (meant for one reply; an inbox takes
-    many), and drops its idle queue. This checks that nats-py still works that way.
+    many), and its idle queue is dropped. :mod:`nats_adapter.compat` probes that
+    nats-py still works that way (``nats.shared_inbox``).
     """
-    from nats.aio.client import Client as _Client
-
-    try:
-        source = inspect.getsource(_Client._process_msg)
-    except (OSError, TypeError, AttributeError) as exc:
-        return f"cannot read nats-py's message dispatch: {exc!r}"
-    if "sub._future.set_result(msg)" not in source:
-        return "nats-py no longer hands messages of future subscriptions to set_result"
-    if "future" not in inspect.signature(_Client.subscribe).parameters:
-        return "nats-py's subscribe() takes no future"
-    try:
-        drain = inspect.getsource(Subscription._drain)
-        unsubscribe = inspect.getsource(Subscription.unsubscribe)
-    except (OSError, TypeError, AttributeError) as exc:
-        return f"cannot read nats-py's Subscription: {exc!r}"
-    if "if self._pending_queue:" not in drain or "limit == 0 or" not in unsubscribe:
-        return "nats-py's Subscription uses its queue in ways this does not replace"
-    return None
+    return compat.problem("nats.shared_inbox")
 
 
 class SharedInbox:
@@ -371,7 +355,8 @@ class NatsBroker(Broker):
         if that is not where this nats-py keeps it, reconnects after a partition are as
         slow as nats-py makes them, and a warning says so once."""
         seconds = self._ping_interval * self._max_outstanding_pings
-        writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+        writer = getattr(getattr(nc, "_transport", None), "_io_writer", None) \
+            if compat.check("nats.socket") else None
         sock = writer.get_extra_info("socket") if writer is not None else None
         option = getattr(socket, "TCP_USER_TIMEOUT", None)
         if sock is None or option is None:

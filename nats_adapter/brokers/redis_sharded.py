@@ -29,6 +29,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
+from .. import compat
 from .base import Broker, BrokerError, BrokerHandler, FirstConnect
 
 logger = logging.getLogger(__name__)
@@ -43,10 +44,12 @@ class _NodeSubscriber:
         self.pubsub: PubSub = self.client.pubsub()
         # after a reconnect redis-py re-subscribes in one SSUBSCRIBE, which Redis refuses
         # (CROSSSLOT) when the channels hash to different slots: group them per slot,
-        # as redis-py's ClusterPubSub does for its own per-node connections
-        self.pubsub._resubscribe_shard_channels = MethodType(  # type: ignore[method-assign]
-            ClusterPubSub._resubscribe_shard_channels, self.pubsub
-        )
+        # as redis-py's ClusterPubSub does for its own per-node connections (a private
+        # method of redis-py: nats_adapter.compat probes it, else redis-py's own serves)
+        if compat.check("redis.resubscribe_per_slot"):
+            self.pubsub._resubscribe_shard_channels = MethodType(  # type: ignore[method-assign]
+                ClusterPubSub._resubscribe_shard_channels, self.pubsub
+            )
         self.reader: asyncio.Task[None] | None = None
         self.up = True
         # PubSub.connect() is not safe to race: two first commands would each open a

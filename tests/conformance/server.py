@@ -23,7 +23,7 @@ import socketio
 from aiohttp import web
 
 from nats_adapter import MemoryManager
-from nats_adapter._engineio_fastpath import install
+from nats_adapter._engineio import install
 
 OPTIONS: dict[str, Any] = {"async_mode": "aiohttp", "ping_interval": 0.3, "ping_timeout": 0.2,
                            "max_http_buffer_size": 1_000_000, "cors_allowed_origins": "*"}

@@ -21,8 +21,9 @@ PACKAGES = ("nats_adapter", "gateway", "tools")
 #: modules allowed to read third-party internals (engine.io, aiohttp, asyncio,
 #: python-socketio, nats-py, redis-py), with feature probes where they do
 THIRD_PARTY_WRAPPERS = frozenset({
-    "nats_adapter/_engineio_fastpath.py",
-    "nats_adapter/_lean_websocket.py",
+    "nats_adapter/compat.py",
+    "nats_adapter/_engineio/connection.py",
+    "nats_adapter/_engineio/install.py",
     "nats_adapter/_socketio_hooks.py",
     "nats_adapter/brokers/nats.py",
     "nats_adapter/brokers/redis_sharded.py",

@@ -1,4 +1,4 @@
-"""Lean websocket connections (nats_adapter._lean_websocket) as clients see them.
+"""Lean websocket connections (nats_adapter._engineio) as clients see them.
 
 A python-socketio server with this project's manager, in this event loop, with
 engine.io timings short enough to watch pings and timeouts (interval 0.3 s,
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from gateway.processes import free_ports
 from nats_adapter import MemoryManager
+from nats_adapter._engineio import fastpath_of
 from tools.bench.loadgen import LoadGen
 
 
@@ -74,7 +75,9 @@ async def serving(ping_interval: float = 0.3, ping_timeout: float = 0.2
 
 
 def lean_sockets(sio: socketio.AsyncServer) -> list[Any]:
-    return [s for s in sio.eio.sockets.values() if getattr(s, "lean", None) is not None]
+    fastpath = fastpath_of(sio.eio)
+    assert fastpath is not None
+    return [s for s in sio.eio.sockets.values() if fastpath.sessions.is_lean(s.sid)]
 
 
 async def until(predicate: Any, timeout: float = 5.0, what: str = "the condition") -> None:

@@ -1,4 +1,4 @@
-"""engine.io websocket sessions without aiohttp's per-connection machinery.
+"""The one websocket session loop: an engine.io session on a lean connection.
 
 An idle socket on aiohttp's websocket costs ~16 KB before engine.io adds anything:
 the request handler, its HTTP parser and task, the websocket reader and writer,
@@ -8,9 +8,10 @@ websocket request to its websocket class, :func:`take_over` answers the
 handshake itself and moves the TCP connection to a :class:`LeanWebSocket`: an
 ``asyncio.Protocol`` holding only the engine.io socket, with wsproto (a
 maintained sans-I/O parser) reading frames, no task while nothing arrives, and
-pings and timeouts of every connection driven by one :class:`Heartbeat` timer.
-It serves sessions that start on websocket and sessions that upgrade from
-long-polling (the probe exchange is done here).
+pings and timeouts of every connection driven by one
+:class:`~nats_adapter._engineio.heartbeat.Heartbeat`. It serves sessions that
+start on websocket and sessions that upgrade from long-polling (the one upgrade
+probe of the package: :meth:`LeanWebSocket.on_message`).
 
 python-socketio and python-engineio keep their public API: handlers, ``emit``,
 ``disconnect``, sessions, and packets go through engine.io's socket and queue as
@@ -20,121 +21,116 @@ frames (:mod:`nats_adapter.hub`) and queued packets stay in order.
 Differences from engine.io's own websocket path: the handshake environ kept by
 python-socketio loses ``aiohttp.request``, ``wsgi.input`` and ``wsgi.errors``
 (which would keep the whole aiohttp request alive; headers, query and path stay);
-a server-side close
-sends engine.io's CLOSE packet and then closes the websocket; permessage-deflate
-is never negotiated (connections that should compress stay on aiohttp).
+a server-side close sends engine.io's CLOSE packet and then closes the websocket;
+permessage-deflate is never negotiated.
 
-Everything here reaches into aiohttp's request handler (its private attributes
-are checked by :func:`missing_features`, and wsproto's for the idle-parser
-saving by :func:`idle_parser_supported`); nothing else in the package does.
+Per-socket state lives in :class:`Sessions` (a side table owned by the server's
+fast path, keyed by engine.io sid), never in attributes set on engine.io's objects.
+The privates used here are listed and probed in :mod:`nats_adapter.compat`
+(``aiohttp.take_over``, ``asyncio.raw_socket``, ``wsproto.idle_parser``,
+``socketio.environ``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import socket as socket_module
-import time
 from collections import deque
-from typing import Any
+from typing import Any, Protocol
 
 from engineio import exceptions
 from engineio import packet as eio_packet
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason
-from wsproto.utilities import generate_accept_token
+
+from .. import compat
+from .frames import (
+    BINARY,
+    PING_FRAME,
+    PROBE_FRAME,
+    TEXT,
+    accept_key,
+    close_frame,
+    frame,
+    is_pong,
+    switching_protocols,
+)
+from .heartbeat import Heartbeat, spawn
 
 logger = logging.getLogger(__name__)
 
-#: what aiohttp's request handler must have for :func:`take_over` to detach it
-_HANDLER_SLOTS = ("_message_tail", "_upgraded", "_payload_parser", "_manager")
 #: environ keys that hold the aiohttp request (and through it its connection) alive
 _HEAVY_ENVIRON_KEYS = ("aiohttp.request", "wsgi.input", "wsgi.errors")
 
 _PROBING, _UPGRADING, _OPEN, _CLOSED = range(4)
-
-_background: set[asyncio.Task[Any]] = set()
-
-
-def _spawn(coro: Any) -> None:
-    task = asyncio.get_running_loop().create_task(coro)
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-
-
-def frame(opcode: int, payload: bytes) -> bytes:
-    """An unmasked, final websocket frame (server to client)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x80 | opcode, n)) + payload
-    if n < 65536:
-        return bytes((0x80 | opcode, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x80 | opcode, 127)) + n.to_bytes(8, "big") + payload
-
 
 #: a connection stops reading while this many received packets wait to be handled,
 #: or after a packet of this many bytes, until they are
 INBOX_PAUSE_PACKETS = 16
 INBOX_PAUSE_BYTES = 32 * 1024
 
-_PING_FRAME = frame(0x1, b"2")
-_PROBE_FRAME = frame(0x1, b"3probe")
+#: what a writer's ``offer`` answers: the frame was written; the socket cannot take a
+#: shared frame now (queue it instead); its send buffer is past the bound
+WRITTEN, NOT_NOW, FULL = 1, 0, -1
 
 
-def missing_features() -> list[str]:
-    """What :func:`take_over` needs from aiohttp and asyncio that is not there."""
-    import aiohttp.web_protocol
-    from aiohttp import web_request
+class Closable(Protocol):
+    """A websocket the server can hang up (a lean connection, or aiohttp's)."""
 
-    missing = []
-    slots = {name for cls in aiohttp.web_protocol.RequestHandler.__mro__
-             for name in getattr(cls, "__slots__", ())}
-    for name in _HANDLER_SLOTS:
-        if name not in slots:
-            missing.append(f"aiohttp RequestHandler.{name}")
-    for name in ("connection_lost", "transport"):
-        if not hasattr(aiohttp.web_protocol.RequestHandler, name):
-            missing.append(f"aiohttp RequestHandler.{name}")
-    for name in ("protocol", "transport"):
-        if not hasattr(web_request.BaseRequest, name):
-            missing.append(f"aiohttp BaseRequest.{name}")
-    if not hasattr(asyncio.Transport, "set_protocol"):
-        missing.append("asyncio Transport.set_protocol")
-    return missing
+    @property
+    def closed(self) -> bool: ...
+
+    async def close(self, *, code: int = ...) -> Any: ...
+
+
+class Sessions:
+    """The side table of one engine.io server's websockets, by engine.io sid.
+
+    ``websockets``: every session's open websocket, lean or aiohttp's (to hang up
+    at shutdown or on a slow consumer). ``writers``: the lean connections that may
+    take shared frames (emptied for good when the fast path is disabled).
+    """
+
+    def __init__(self, heartbeat: Heartbeat | None) -> None:
+        self.websockets: dict[str, Closable] = {}
+        self.writers: dict[str, LeanWebSocket] = {}
+        self.heartbeat = heartbeat
+        #: the writes of this server's lean connections
+        self.writes = WriteBatch()
+        #: whether new lean connections may take shared frames
+        self.direct = True
+
+    def is_lean(self, sid: str) -> bool:
+        return type(self.websockets.get(sid)) is LeanWebSocket
+
+    def lean(self, sid: str) -> LeanWebSocket | None:
+        ws = self.websockets.get(sid)
+        return ws if type(ws) is LeanWebSocket else None
 
 
 def _raw_socket(transport: asyncio.Transport) -> socket_module.socket | None:
     """The socket under asyncio's selector transport, whose ``write`` sends on it
     when nothing is buffered (``_sock``, private); None for any other transport."""
+    if not _RAW_SOCKET:
+        return None
     sock = getattr(transport, "_sock", None)
     return sock if type(sock) is socket_module.socket else None
 
 
 def may_take_shared_frame(socket: Any, transport: asyncio.WriteTransport) -> bool:
     """Whether a frame shared by several sockets may be written to ``socket``'s
-    ``transport`` now (the rule of ``_engineio_fastpath``'s docstring): its session
-    runs on websocket, nothing waits in its engine.io queue or is still being written
-    from it, and the transport is not closing."""
+    ``transport`` now: its session runs on websocket, nothing waits in its engine.io
+    queue or is still being written from it (acks and other events stay in order),
+    and the transport is not closing."""
     queue = socket.queue
-    return bool(socket.upgraded and not queue._items and not queue.in_flight
+    return bool(socket.upgraded and not queue.items and not queue.in_flight
                 and not transport.is_closing())
 
 
-def idle_parser_supported() -> bool:
-    """Whether wsproto still shows when a connection has no partial frame or message
-    (then an idle connection keeps no parser, ~1.7 KB less per socket)."""
-    conn = Connection(ConnectionType.SERVER)
-    proto = getattr(conn, "_proto", None)
-    decoder = getattr(proto, "_frame_decoder", None)
-    messages = getattr(proto, "_message_decoder", None)
-    return (decoder is not None and messages is not None and hasattr(decoder, "header")
-            and hasattr(decoder, "buffer") and hasattr(messages, "opcode"))
-
-
-_IDLE_PARSER = idle_parser_supported()
+_IDLE_PARSER = compat.check("wsproto.idle_parser")
+_RAW_SOCKET = compat.check("asyncio.raw_socket")
 
 
 def _parser_idle(conn: Connection) -> bool:
@@ -152,86 +148,22 @@ def reduce_environ(environ: dict[str, Any] | None) -> None:
             environ.pop(key, None)
 
 
-class Heartbeat:
-    """engine.io pings and timeouts for every lean connection of one server, on one
-    timer; and the check of polling sessions' ping timeouts that engine.io's service
-    task did (one task that woke once per socket, with a ``wait_for`` each time).
-
-    Every connection has at most one live entry: when its next ping is due, or when
-    its pong (or a pending upgrade) is overdue. All pings are due ``interval`` after
-    they are scheduled and all deadlines ``timeout`` after, so two FIFO queues stay
-    sorted and each step is O(1); stale entries are skipped by generation number.
-    """
-
-    def __init__(self, eio: Any) -> None:
-        self.eio = eio
-        self.interval = float(eio.ping_interval)
-        self.timeout = float(eio.ping_timeout)
-        # entries due within this much are handled together: fewer wake-ups
-        self.slack = min(0.05, self.interval / 10, self.timeout / 10)
-        self._pings: deque[tuple[float, LeanWebSocket, int]] = deque()
-        self._deadlines: deque[tuple[float, LeanWebSocket, int]] = deque()
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._sweeping = False
-        #: the writes of this server's lean connections
-        self.writes = WriteBatch()
-
-    def ping_later(self, conn: LeanWebSocket) -> None:
-        """``conn`` gets a ping ``interval`` from now."""
-        conn.gen += 1
-        due = asyncio.get_running_loop().time() + self.interval
-        self._pings.append((due, conn, conn.gen))
-        self._arm(due)
-
-    def deadline(self, conn: LeanWebSocket) -> None:
-        """``conn``'s timer fires ``timeout`` from now unless rescheduled."""
-        conn.gen += 1
-        due = asyncio.get_running_loop().time() + self.timeout
-        self._deadlines.append((due, conn, conn.gen))
-        self._arm(due)
-
-    def _arm(self, due: float) -> None:
-        if self._timer is not None and self._timer_at <= due:
-            return
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer_at = due
-        self._timer = asyncio.get_running_loop().call_at(due + self.slack, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        now = asyncio.get_running_loop().time() + self.slack
-        for entries in (self._pings, self._deadlines):
-            while entries and entries[0][0] <= now:
-                _, conn, gen = entries.popleft()
-                if conn.gen == gen:
-                    try:
-                        conn.on_timer()
-                    except Exception:  # one broken connection must not stop the rest
-                        logger.exception("heartbeat of %s failed", conn.sid)
-                        conn.hang_up(CloseReason.INTERNAL_ERROR)
-        heads = [q[0][0] for q in (self._pings, self._deadlines) if q]
-        if heads:
-            self._arm(min(heads))
-
-    def start_sweep(self) -> None:
-        """Check polling sessions' ping timeouts, every half ``timeout``."""
-        if not self._sweeping:
-            self._sweeping = True
-            asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
-
-    def _sweep(self) -> None:
-        now = time.time()
-        sockets = self.eio.sockets
-        for sid, s in list(sockets.items()):
-            if s.closed:
-                if sockets.get(sid) is s:
-                    del sockets[sid]
-            elif (not s.closing and getattr(s, "lean", None) is None and s.last_ping
-                  and now - s.last_ping > self.timeout):
-                _spawn(s.check_ping_timeout())  # closes it, as engine.io's service task
-        asyncio.get_running_loop().call_later(self.timeout / 2, self._sweep)
+async def receive_packet(socket: Any, pkt: eio_packet.Packet) -> bool:
+    """Hand one received packet to engine.io's socket, as its own websocket loop does
+    (unknown packets ignored, errors logged); False once the socket is closed, or when
+    the packet's type is none of engine.io's (the client does not speak the protocol:
+    closing it costs less than the traceback engine.io would log for it)."""
+    if not 0 <= pkt.packet_type < len(eio_packet.packet_names):
+        return False
+    try:
+        await socket.receive(pkt)
+    except exceptions.UnknownPacketError:
+        pass
+    except exceptions.SocketIsClosedError:
+        return False
+    except Exception:
+        logger.exception("%s: receive error", socket.sid)
+    return True
 
 
 class WriteBatch:
@@ -272,39 +204,22 @@ class WriteBatch:
                 conn.transport.abort()
 
 
-async def receive_packet(socket: Any, pkt: eio_packet.Packet) -> bool:
-    """Hand one received packet to engine.io's socket, as its own websocket loop does
-    (unknown packets ignored, errors logged); False once the socket is closed, or when
-    the packet's type is none of engine.io's (the client does not speak the protocol:
-    closing it costs less than the traceback engine.io would log for it)."""
-    if not 0 <= pkt.packet_type < len(eio_packet.packet_names):
-        return False
-    try:
-        await socket.receive(pkt)
-    except exceptions.UnknownPacketError:
-        pass
-    except exceptions.SocketIsClosedError:
-        return False
-    except Exception:
-        logger.exception("%s: receive error", socket.sid)
-    return True
-
-
 class LeanWebSocket(asyncio.Protocol):
     """One engine.io session's websocket connection (see the module docstring)."""
 
     __slots__ = ("gen", "heartbeat", "inbox", "out", "out_bytes", "parser", "parts",
-                 "receiver", "server", "size", "sock", "socket", "state", "transport",
-                 "waiting_pong")
+                 "receiver", "server", "sessions", "size", "sock", "socket", "state",
+                 "transport", "waiting_pong")
 
-    def __init__(self, socket: Any, transport: asyncio.Transport, heartbeat: Heartbeat
-                 ) -> None:
+    def __init__(self, socket: Any, transport: asyncio.Transport, sessions: Sessions,
+                 heartbeat: Heartbeat) -> None:
         self.socket = socket
         self.server = socket.server
         self.transport = transport
         #: the TCP socket under a plain selector transport (None for TLS, or another
         #: event loop's transports): what :meth:`send_pending` sends on directly
         self.sock = _raw_socket(transport)
+        self.sessions = sessions
         self.heartbeat = heartbeat
         self.gen = 0
         self.state = _OPEN
@@ -343,10 +258,11 @@ class LeanWebSocket(asyncio.Protocol):
     def _open(self) -> None:
         socket = self.socket
         self.state = _OPEN
-        socket.lean = self
         socket.last_ping = None  # timeouts are the heartbeat's from now on, not engine.io's
-        socket.fanout_ws = self
-        socket.fanout_writer = self  # shared frames come through offer(), then write()
+        sessions = self.sessions
+        sessions.websockets[socket.sid] = self
+        if sessions.direct:  # shared frames come through offer(), then write()
+            sessions.writers[socket.sid] = self
         socket.queue.on_put = self.flush
         self.flush()
         self.heartbeat.ping_later(self)
@@ -359,23 +275,22 @@ class LeanWebSocket(asyncio.Protocol):
         out = self.out
         if out is None:
             self.out = [data]
-            self.heartbeat.writes.add(self)
+            self.sessions.writes.add(self)
         else:
             out.append(data)
         self.out_bytes += len(data)
 
     def offer(self, socket: Any, frame: bytes, max_buffer: int) -> int:
         """:meth:`write` a frame shared by several sockets if this session (``socket``
-        is its engine.io socket) may take it now, as
-        ``_engineio_fastpath.DirectWrites.offer``: 1 written, 0 not now, -1 past
-        ``max_buffer``."""
+        is its engine.io socket) may take it now (:func:`may_take_shared_frame`):
+        :data:`WRITTEN`, :data:`NOT_NOW`, or :data:`FULL` (past ``max_buffer``)."""
         transport = self.transport
         if not may_take_shared_frame(socket, transport):
-            return 0
+            return NOT_NOW
         if transport.get_write_buffer_size() + self.out_bytes > max_buffer:
-            return -1
+            return FULL
         self.write(frame)
-        return 1
+        return WRITTEN
 
     def send_pending(self) -> None:
         """Hand what :meth:`write` holds to the kernel now, in one send."""
@@ -387,7 +302,7 @@ class LeanWebSocket(asyncio.Protocol):
         transport = self.transport
         if transport.is_closing():
             return
-        writes = self.heartbeat.writes
+        writes = self.sessions.writes
         writes.frames += len(out)
         writes.sends += 1
         data = out[0] if len(out) == 1 else b"".join(out)
@@ -419,9 +334,9 @@ class LeanWebSocket(asyncio.Protocol):
                 return
             encoded = pkt.encode()
             if isinstance(encoded, str):
-                write(frame(0x1, encoded.encode()))
+                write(frame(TEXT, encoded.encode()))
             else:
-                write(frame(0x2, encoded))
+                write(frame(BINARY, encoded))
             if pkt.packet_type == eio_packet.CLOSE:
                 self.hang_up(CloseReason.NORMAL_CLOSURE)
                 return
@@ -440,7 +355,7 @@ class LeanWebSocket(asyncio.Protocol):
         transport = self.transport
         if not transport.is_closing():
             self.send_pending()
-            transport.write(frame(0x8, int(code).to_bytes(2, "big")))
+            transport.write(close_frame(code))
             transport.close()
 
     async def close(self, code: int = 1000) -> None:
@@ -456,8 +371,7 @@ class LeanWebSocket(asyncio.Protocol):
             # interval; reading it here costs ~1 us against ~20 us through wsproto
             # (a new parser and a parse), most of an idle socket's CPU. Anything else
             # goes to wsproto.
-            if len(data) == 7 and data[0] == 0x81 and data[1] == 0x81 \
-                    and data[6] ^ data[2] == 0x33 and self.state == _OPEN:  # "3" unmasked
+            if self.state == _OPEN and is_pong(data):
                 self._pong()
                 return
             parser = Connection(ConnectionType.SERVER)
@@ -526,9 +440,9 @@ class LeanWebSocket(asyncio.Protocol):
             if self.receiver is None:
                 self.receiver = asyncio.get_running_loop().create_task(self._receive())
         elif state == _PROBING and message == "2probe":
-            self.write(_PROBE_FRAME)
+            self.write(PROBE_FRAME)
             queue = self.socket.queue
-            if queue._getters:  # a long-poll is waiting: end it (else no NOOP is needed)
+            if queue.polled:  # a long-poll is waiting: end it (else no NOOP is needed)
                 queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
             self.state = _UPGRADING
         elif state == _UPGRADING and message == "5":
@@ -602,10 +516,10 @@ class LeanWebSocket(asyncio.Protocol):
             self.hang_up(CloseReason.NORMAL_CLOSURE)
         elif self.waiting_pong:
             logger.info("%s: client is gone (no pong), closing", self.sid)
-            _spawn(socket.close(wait=False, abort=False, reason=self.server.reason.PING_TIMEOUT))
+            spawn(socket.close(wait=False, abort=False, reason=self.server.reason.PING_TIMEOUT))
         else:
             self.waiting_pong = True
-            self.write(_PING_FRAME)
+            self.write(PING_FRAME)
             self.heartbeat.deadline(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -618,11 +532,13 @@ class LeanWebSocket(asyncio.Protocol):
             if state != _CLOSED:
                 socket.upgrading = False
             return
-        if getattr(socket, "lean", None) is self:
-            socket.lean = None
+        sessions = self.sessions
+        if sessions.websockets.get(socket.sid) is self:
+            del sessions.websockets[socket.sid]
+        if sessions.writers.get(socket.sid) is self:
+            del sessions.writers[socket.sid]
         socket.queue.on_put = None
-        socket.fanout_writer = None
-        _spawn(self._end_session())
+        spawn(self._end_session())
 
     async def _end_session(self) -> None:
         socket = self.socket
@@ -631,30 +547,6 @@ class LeanWebSocket(asyncio.Protocol):
         sockets = self.server.sockets
         if sockets.get(socket.sid) is socket:
             del sockets[socket.sid]
-
-
-def _accept_key(request: Any) -> bytes | None:
-    """The Sec-WebSocket-Accept value for a valid websocket handshake, else None."""
-    headers = request.headers
-    if request.method != "GET" or headers.get("Upgrade", "").lower() != "websocket":
-        return None
-    if "upgrade" not in {t.strip().lower() for t in headers.get("Connection", "").split(",")}:
-        return None
-    if headers.get("Sec-WebSocket-Version") != "13":
-        return None
-    key = headers.get("Sec-WebSocket-Key", "")
-    try:
-        if len(base64.b64decode(key, validate=True)) != 16:
-            return None
-    except (binascii.Error, ValueError):
-        return None
-    return generate_accept_token(key.encode())
-
-
-def _switching_protocols(accept: bytes) -> bytes:
-    """The handshake's answer (no extension: permessage-deflate is never agreed)."""
-    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
 
 
 def _detach(request: Any) -> tuple[asyncio.Transport, bytes]:
@@ -670,7 +562,7 @@ def _detach(request: Any) -> tuple[asyncio.Transport, bytes]:
     return transport, tail
 
 
-def take_over(socket: Any, environ: dict[str, Any], heartbeat: Heartbeat
+def take_over(socket: Any, environ: dict[str, Any], sessions: Sessions
               ) -> LeanWebSocket | None:
     """Answer the websocket handshake of ``environ`` and serve ``socket``'s session on
     a :class:`LeanWebSocket`; None (nothing done) when the request is not a valid
@@ -678,7 +570,9 @@ def take_over(socket: Any, environ: dict[str, Any], heartbeat: Heartbeat
     request = environ.get("aiohttp.request")
     if request is None:
         return None
-    accept = _accept_key(request)
+    heartbeat = sessions.heartbeat
+    assert heartbeat is not None, "lean connections need the heartbeat"
+    accept = accept_key(request.method, request.headers)
     transport = request.transport
     handler = request.protocol
     if accept is None or transport is None or transport.is_closing() \
@@ -686,8 +580,8 @@ def take_over(socket: Any, environ: dict[str, Any], heartbeat: Heartbeat
         return None
     upgrading = bool(socket.connected)
     transport, tail = _detach(request)
-    transport.write(_switching_protocols(accept))
-    conn = LeanWebSocket(socket, transport, heartbeat)
+    transport.write(switching_protocols(accept))
+    conn = LeanWebSocket(socket, transport, sessions, heartbeat)
     transport.set_protocol(conn)
     if not transport.is_reading():
         transport.resume_reading()
@@ -698,22 +592,21 @@ def take_over(socket: Any, environ: dict[str, Any], heartbeat: Heartbeat
     return conn
 
 
-def close_second_websocket(eio: Any, request: Any) -> bool:
+def close_second_websocket(eio: Any, sessions: Sessions, request: Any) -> bool:
     """Answer a websocket handshake for a session that already runs on a lean
     websocket by opening and at once closing it, as Node's engine.io does (engine.io
     answers 400, which clients report as a failed request). True when done so."""
     if getattr(request, "method", None) != "GET" or request.query.get("transport") != "websocket":
         return False
     socket = eio.sockets.get(request.query.get("sid", ""))
-    if socket is None or getattr(socket, "lean", None) is None:
+    if socket is None or not sessions.is_lean(socket.sid):
         return False
-    accept = _accept_key(request)
+    accept = accept_key(request.method, request.headers)
     handler = request.protocol
     if accept is None or request.transport is None or handler._payload_parser is not None \
             or not handler._upgraded:
         return False
     transport, _ = _detach(request)
-    transport.write(_switching_protocols(accept)
-                    + frame(0x8, int(CloseReason.POLICY_VIOLATION).to_bytes(2, "big")))
+    transport.write(switching_protocols(accept) + close_frame(CloseReason.POLICY_VIOLATION))
     transport.close()
     return True

@@ -1,0 +1,407 @@
+"""Every upstream private this package touches, each with its feature probe.
+
+The gateway is faster and lighter than stock python-socketio because a few of its
+paths use internals of the libraries under it: python-engineio, python-socketio,
+aiohttp (and asyncio, wsproto under it), nats-py and redis-py. This module is the
+one list of them. Each :class:`Private` names the feature, the private names it
+uses, what runs instead when they are not there, and a probe that checks they
+exist with the expected shape (attributes, signatures, and where a shape says too
+little, a small behaviour run on a throwaway object) — never by reading another
+library's source text, nor by version numbers (which say nothing of privates).
+
+A feature whose probe fails is not used: the stock path serves instead, and the
+reason is kept (:func:`problem`). :func:`report` is what ``/healthz`` shows
+operators: which fast paths are active and, for the others, why not. A feature
+may also be turned off at run time by its owner (an error inside patched code,
+a configuration that rules it out): that is the owner's record, merged in by
+:func:`report`'s ``overrides``.
+
+It lives at the package's top rather than inside ``_engineio/`` because the
+brokers (nats-py, redis-py) and the recovery hooks (python-socketio) use it too,
+and no broker may import the websocket package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PRIVATES", "Private", "check", "problem", "report", "reset"]
+
+
+@dataclass(frozen=True)
+class Private:
+    """One feature built on upstream privates."""
+
+    #: feature id, ``<library>.<feature>``
+    name: str
+    library: str
+    #: the private names it touches
+    uses: tuple[str, ...]
+    #: what serves instead when the probe fails
+    fallback: str
+    #: problems found (empty: the privates are there as expected)
+    probe: Callable[[], list[str]]
+
+
+def _params(func: Any) -> list[str]:
+    try:
+        return list(inspect.signature(func).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+class _Problems(list[str]):
+    def need(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.append(what)
+
+
+# -- python-engineio -----------------------------------------------------------------
+
+def _engineio_server() -> list[str]:
+    """What the install and the lean connection need of engine.io's server and socket."""
+    from engineio import async_server, async_socket, exceptions
+    from engineio import packet as eio_packet
+
+    p = _Problems()
+    server = async_server.AsyncServer(async_mode="aiohttp")
+    for name in ("create_queue", "start_background_task", "ping_interval", "ping_timeout",
+                 "max_http_buffer_size", "sockets", "reason", "handlers", "handle_request",
+                 "start_service_task"):
+        p.need(hasattr(server, name), f"engineio AsyncServer.{name}")
+    p.need(hasattr(getattr(server, "reason", None), "TRANSPORT_CLOSE"),
+           "engineio AsyncServer.reason.TRANSPORT_CLOSE")
+    base = getattr(server, "_async", {}).get("websocket")
+    p.need(base is not None and _params(base)[:2] == ["handler", "server"],
+           "engineio AsyncServer._async['websocket'](handler, server)")
+    for name in ("send", "wait", "close"):
+        p.need(callable(getattr(base, name, None)), f"engineio aiohttp WebSocket.{name}")
+    sock_cls = async_socket.AsyncSocket
+    for name in ("receive", "send", "close", "check_ping_timeout", "handle_post_request"):
+        p.need(callable(getattr(sock_cls, name, None)), f"engineio AsyncSocket.{name}")
+    p.need({"wait", "abort", "reason"} <= set(_params(getattr(sock_cls, "close", None))),
+           "engineio AsyncSocket.close(wait, abort, reason)")
+    try:
+        sock = sock_cls(server, "probe")
+    except Exception as exc:
+        p.append(f"engineio AsyncSocket(server, sid): {exc!r}")
+    else:
+        for name in ("queue", "last_ping", "connected", "upgrading", "upgraded", "closing",
+                     "closed", "session"):
+            p.need(hasattr(sock, name), f"engineio AsyncSocket.{name}")
+    p.need("encoded_packet" in _params(eio_packet.Packet), "engineio Packet(encoded_packet=)")
+    for name in ("PING", "PONG", "NOOP", "UPGRADE", "MESSAGE", "OPEN", "CLOSE"):
+        p.need(hasattr(eio_packet, name), f"engineio packet.{name}")
+    p.need(isinstance(getattr(eio_packet, "packet_names", None), list),
+           "engineio packet.packet_names")
+    for name in ("UnknownPacketError", "SocketIsClosedError"):
+        p.need(hasattr(exceptions, name), f"engineio exceptions.{name}")
+    return p
+
+
+def _engineio_ping_timer() -> list[str]:
+    """engine.io starts each ping as ``start_background_task(socket._send_ping)``."""
+    from engineio import async_socket
+
+    p = _Problems()
+    sock_cls = async_socket.AsyncSocket
+    p.need(_params(getattr(sock_cls, "_send_ping", None)) == ["self"],
+           "engineio AsyncSocket._send_ping(self)")
+    p.need(getattr(getattr(sock_cls, "_send_ping", None), "__name__", "") == "_send_ping",
+           "engineio AsyncSocket._send_ping named _send_ping")
+    p.need(callable(getattr(sock_cls, "schedule_ping", None)),
+           "engineio AsyncSocket.schedule_ping")
+    return p
+
+
+# -- aiohttp, asyncio, wsproto ---------------------------------------------------------
+
+#: what aiohttp's request handler must have for a connection to be taken from it
+HANDLER_SLOTS = ("_message_tail", "_upgraded", "_payload_parser", "_manager")
+
+
+def _aiohttp_take_over() -> list[str]:
+    import aiohttp.web_protocol
+    from aiohttp import web_request
+
+    p = _Problems()
+    handler = aiohttp.web_protocol.RequestHandler
+    slots = {name for cls in handler.__mro__ for name in getattr(cls, "__slots__", ())}
+    for name in HANDLER_SLOTS:
+        p.need(name in slots, f"aiohttp RequestHandler.{name}")
+    for name in ("connection_lost", "transport"):
+        p.need(hasattr(handler, name), f"aiohttp RequestHandler.{name}")
+    for name in ("protocol", "transport"):
+        p.need(hasattr(web_request.BaseRequest, name), f"aiohttp BaseRequest.{name}")
+    p.need(hasattr(asyncio.Transport, "set_protocol"), "asyncio Transport.set_protocol")
+    return p
+
+
+def _aiohttp_websocket_options() -> list[str]:
+    from aiohttp import web
+
+    p = _Problems()
+    p.need({"max_msg_size", "compress", "timeout"} <= set(_params(web.WebSocketResponse)),
+           "aiohttp WebSocketResponse(max_msg_size, compress, timeout)")
+    return p
+
+
+def _asyncio_raw_socket() -> list[str]:
+    """A selector transport keeps its socket as ``_sock`` (sent on directly when its
+    buffer is empty, as its own ``write`` does first)."""
+    from asyncio import selector_events
+
+    p = _Problems()
+    cls = getattr(selector_events, "_SelectorTransport", None)
+    p.need(cls is not None and "sock" in _params(cls), "asyncio _SelectorTransport(sock)")
+    return p
+
+
+def _wsproto_idle_parser() -> list[str]:
+    from wsproto.connection import Connection, ConnectionType
+
+    conn = Connection(ConnectionType.SERVER)
+    proto = getattr(conn, "_proto", None)
+    decoder = getattr(proto, "_frame_decoder", None)
+    messages = getattr(proto, "_message_decoder", None)
+    p = _Problems()
+    p.need(decoder is not None and hasattr(decoder, "header") and hasattr(decoder, "buffer"),
+           "wsproto Connection._proto._frame_decoder.header/buffer")
+    p.need(messages is not None and hasattr(messages, "opcode"),
+           "wsproto Connection._proto._message_decoder.opcode")
+    return p
+
+
+# -- python-socketio -------------------------------------------------------------------
+
+def _socketio_recovery_hooks() -> list[str]:
+    import socketio
+
+    p = _Problems()
+    server = socketio.AsyncServer
+    p.need(_params(getattr(server, "_handle_connect", None))[1:4]
+           == ["eio_sid", "namespace", "data"],
+           "socketio AsyncServer._handle_connect(eio_sid, namespace, data)")
+    p.need(_params(getattr(server, "_send_packet", None))[1:3] == ["eio_sid", "pkt"],
+           "socketio AsyncServer._send_packet(eio_sid, pkt)")
+    return p
+
+
+def _socketio_environ() -> list[str]:
+    """python-socketio keeps each connection's environ in ``server.environ`` (read for
+    fetched sockets' handshakes and trimmed by the lean connection)."""
+    import socketio
+
+    p = _Problems()
+    p.need(isinstance(getattr(socketio.AsyncServer(), "environ", None), dict),
+           "socketio AsyncServer.environ (dict)")
+    return p
+
+
+def _socketio_admin() -> list[str]:
+    """The cluster-wide Admin UI overrides the handlers ``InstrumentedAsyncServer``
+    registers for the UI's requests (by method name) and reads its settings."""
+    from socketio.async_admin import InstrumentedAsyncServer
+
+    p = _Problems()
+    expected = {"admin_connect": ["self", "sid", "environ", "client_auth"],
+                "admin_enter_room": ["self", "_", "namespace", "room", "room_filter"],
+                "admin_leave_room": ["self", "_", "namespace", "room", "room_filter"],
+                "admin_disconnect": ["self", "_", "namespace", "close", "room_filter"]}
+    for name, params in expected.items():
+        p.need(_params(vars(InstrumentedAsyncServer).get(name)) == params,
+               f"socketio InstrumentedAsyncServer.{name}({', '.join(params[1:])})")
+    p.need({"auth", "mode", "read_only", "namespace"}
+           <= set(_params(InstrumentedAsyncServer.__init__)),
+           "socketio InstrumentedAsyncServer(auth, mode, read_only, namespace)")
+    p.need(callable(getattr(InstrumentedAsyncServer, "instrument", None)),
+           "socketio InstrumentedAsyncServer.instrument")
+    return p
+
+
+# -- nats-py ---------------------------------------------------------------------------
+
+def _nats_shared_inbox() -> list[str]:
+    """A subscription made with ``future=`` gets each message by ``future.set_result``
+    (meant for one reply; the inbox takes many) and never reads its own queue."""
+    from nats.aio.client import Client
+    from nats.aio.subscription import Subscription
+
+    p = _Problems()
+    p.need("future" in _params(Client.subscribe), "nats-py Client.subscribe(future=)")
+    p.need(_params(getattr(Client, "_process_msg", None))
+           == ["self", "sid", "subject", "reply", "data", "headers"],
+           "nats-py Client._process_msg(sid, subject, reply, data, headers)")
+    for name in ("_drain", "unsubscribe", "pending_msgs"):
+        p.need(hasattr(Subscription, name), f"nats-py Subscription.{name}")
+    if p:
+        return p
+    try:
+        with ThreadPoolExecutor(1) as pool:  # a loop of its own, whatever runs here
+            got = pool.submit(asyncio.run, _nats_dispatch()).result(timeout=5)
+    except Exception as exc:
+        return [f"nats-py future dispatch: {exc!r}"]
+    p.need(got == [b"probe"], "nats-py hands a future subscription's messages to set_result")
+    return p
+
+
+async def _nats_dispatch() -> list[bytes]:
+    from nats.aio.client import Client
+    from nats.aio.subscription import Subscription
+
+    got: list[bytes] = []
+
+    class Inbox:
+        def cancelled(self) -> bool:
+            return False
+
+        def done(self) -> bool:
+            return False
+
+        def set_result(self, msg: Any) -> None:
+            got.append(msg.data)
+
+    nc = Client()
+    sub = Subscription(nc, 1, "probe", future=Inbox())  # type: ignore[arg-type]
+    if not hasattr(sub, "_pending_queue"):
+        raise AttributeError("Subscription._pending_queue")
+    nc._subs[1] = sub
+    await nc._process_msg(1, b"probe", b"", b"probe", b"")
+    return got
+
+
+def _nats_socket() -> list[str]:
+    """The TCP socket under nats-py's connection: ``Client._transport._io_writer``."""
+    from nats.aio.client import Client
+    from nats.aio.transport import TcpTransport
+
+    p = _Problems()
+    p.need(hasattr(Client(), "_transport"), "nats-py Client._transport")
+    try:
+        transport = TcpTransport()  # type: ignore[no-untyped-call]
+    except Exception as exc:
+        return [f"nats-py TcpTransport(): {exc!r}"]
+    p.need(hasattr(transport, "_io_writer"), "nats-py TcpTransport._io_writer")
+    return p
+
+
+# -- redis-py --------------------------------------------------------------------------
+
+def _redis_resubscribe_per_slot() -> list[str]:
+    """A reconnected ``PubSub`` re-subscribes its shard channels through
+    ``_resubscribe_shard_channels``; ``ClusterPubSub``'s groups them per slot (as
+    redis-py does for its own per-node connections) and runs on a ``PubSub``."""
+    from redis.asyncio.client import PubSub
+    from redis.asyncio.cluster import ClusterPubSub
+
+    p = _Problems()
+    for cls in (PubSub, ClusterPubSub):  # ClusterPubSub's own, not the one it inherits
+        method = vars(cls).get("_resubscribe_shard_channels")
+        p.need(inspect.iscoroutinefunction(method) and _params(method) == ["self"],
+               f"redis-py {cls.__name__}._resubscribe_shard_channels(self)")
+    for name in ("_resubscribe", "ssubscribe", "on_connect"):
+        p.need(callable(getattr(PubSub, name, None)), f"redis-py PubSub.{name}")
+    p.need(len(_params(getattr(PubSub, "_resubscribe", None))) == 3,
+           "redis-py PubSub._resubscribe(subscribed, subscribe_fn)")
+    return p
+
+
+PRIVATES: dict[str, Private] = {p.name: p for p in (
+    Private("engineio.server", "python-engineio",
+            ("AsyncServer._async['websocket']", "AsyncServer.create_queue",
+             "AsyncServer.start_background_task", "AsyncServer.start_service_task",
+             "AsyncServer.handle_request", "AsyncSocket.queue/connected/upgrading/upgraded/"
+             "closing/closed/last_ping/session",
+             "AsyncSocket.handle_post_request (wrapped per socket by gateway.app)"),
+            "stock engine.io: its queue, its ping task per socket, its websocket loop",
+            _engineio_server),
+    Private("engineio.ping_timer", "python-engineio",
+            ("AsyncSocket._send_ping", "AsyncSocket.schedule_ping"),
+            "engine.io's ping task per socket", _engineio_ping_timer),
+    Private("aiohttp.take_over", "aiohttp",
+            (*(f"RequestHandler.{n}" for n in HANDLER_SLOTS), "RequestHandler.connection_lost",
+             "BaseRequest.protocol"),
+            "stock engine.io websockets on aiohttp (no shared frames, a task per socket)",
+            _aiohttp_take_over),
+    Private("aiohttp.websocket_options", "aiohttp",
+            ("WebSocketResponse(compress=, timeout=)",),
+            "engine.io's own aiohttp websocket (deflate offered, 10 s close wait)",
+            _aiohttp_websocket_options),
+    Private("asyncio.raw_socket", "asyncio", ("_SelectorTransport._sock",),
+            "every lean write goes through transport.write", _asyncio_raw_socket),
+    Private("wsproto.idle_parser", "wsproto",
+            ("Connection._proto._frame_decoder", "Connection._proto._message_decoder"),
+            "every lean connection keeps its parser (~1.7 KB more per socket)",
+            _wsproto_idle_parser),
+    Private("socketio.recovery_hooks", "python-socketio",
+            ("AsyncServer._handle_connect", "AsyncServer._send_packet"),
+            "connection state recovery refuses to start", _socketio_recovery_hooks),
+    Private("socketio.environ", "python-socketio", ("AsyncServer.environ",),
+            "fetched sockets carry an empty handshake; lean websockets keep the request",
+            _socketio_environ),
+    Private("socketio.admin", "python-socketio",
+            ("InstrumentedAsyncServer.admin_connect/admin_enter_room/admin_leave_room/"
+             "admin_disconnect (overridden)", "InstrumentedAsyncServer.auth/mode/read_only/"
+             "admin_namespace"),
+            "python-socketio's own Admin UI handlers: this gateway's sockets only, its own "
+            "login check", _socketio_admin),
+    Private("nats.shared_inbox", "nats-py",
+            ("Client._process_msg", "Subscription._pending_queue", "subscribe(future=)"),
+            "a queue and a task per subscription (nats-py's callback subscriptions)",
+            _nats_shared_inbox),
+    Private("nats.socket", "nats-py", ("Client._transport", "TcpTransport._io_writer"),
+            "no TCP_USER_TIMEOUT: reconnecting after a partition may take minutes",
+            _nats_socket),
+    Private("redis.resubscribe_per_slot", "redis-py",
+            ("PubSub._resubscribe_shard_channels", "ClusterPubSub._resubscribe_shard_channels"),
+            "redis-py's one SSUBSCRIBE for all channels on reconnect (CROSSSLOT when they "
+            "span slots)", _redis_resubscribe_per_slot),
+)}
+
+_results: dict[str, str | None] = {}
+
+
+def problem(name: str) -> str | None:
+    """Why feature ``name`` cannot be used here, or None when its privates are there.
+    Probed once per process (:func:`reset` forgets)."""
+    if name not in _results:
+        try:
+            found = PRIVATES[name].probe()
+        except Exception as exc:  # a probe that breaks is a missing feature
+            found = [f"probe failed: {exc!r}"]
+        _results[name] = "missing: " + "; ".join(found) if found else None
+    return _results[name]
+
+
+def check(name: str) -> bool:
+    """Whether feature ``name`` may be used."""
+    return problem(name) is None
+
+
+def reset() -> None:
+    """Probe again on next use (for tests that change an upstream attribute)."""
+    _results.clear()
+
+
+def report(overrides: Mapping[str, str | None] | None = None) -> dict[str, dict[str, Any]]:
+    """Every feature: ``{"active": bool, "library": ..., "reason": why not (if not),
+    "fallback": what serves instead}``. ``overrides`` adds features, or turns some
+    off, with the reason their owner knows (a run-time error, the configuration)."""
+    out: dict[str, dict[str, Any]] = {}
+    extra = dict(overrides or {})
+    for name, private in PRIVATES.items():
+        override = extra.pop(name, None)
+        reason = problem(name) or override
+        out[name] = {"active": reason is None, "library": private.library}
+        if reason is not None:
+            out[name].update(reason=reason, fallback=private.fallback)
+    for name, reason in extra.items():
+        out[name] = {"active": reason is None}
+        if reason is not None:
+            out[name]["reason"] = reason
+    return out
