@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -73,6 +75,29 @@ async def wait_for_condition(check: Callable[[], Any], what: str, timeout: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T or t)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            continue  # the thread exited meanwhile
+    return bool(states) and all(state in "Tt" for state in states)
+
+
+async def freeze(pid: int) -> None:
+    """SIGSTOP process ``pid`` and return once all its threads are stopped.
+
+    ``kill`` only queues the signal: until one of the target's threads is scheduled
+    and takes it, the others keep running, so on a loaded machine a server could
+    still answer what is sent right after the kill (a PING seen answered 0.5 ms
+    after it)."""
+    os.kill(pid, signal.SIGSTOP)
+    await wait_for_condition(lambda: all_threads_stopped(pid), f"process {pid} to stop",
+                             interval=0.005)
 
 
 async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool],
