@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 WAIT = 5.0
 #: how long a test waits before concluding that something did not happen
 SETTLE = 0.4
+#: how long a client's goodbye may take before its connection is just dropped
+CLOSE_BOUND = 1.0
 #: A join is acked once the node's own NATS server holds the subscription; the other
 #: servers learn of it over the routes asynchronously (RS+), usually within a
 #: millisecond. Tests act at machine speed, so after a join they give the mesh this long
@@ -186,8 +188,17 @@ class SioClient:
                             f"chat texts {texts!r}")
 
     async def close(self) -> None:
-        if self.sio.connected:
-            await self.sio.disconnect()
+        """Disconnect. When the server went away just before (a test stopped its
+        gateway), python-engineio's client can hang here until its ping timeout (its
+        write loop waits 30 s on an empty queue); past a bound the connection is
+        dropped instead of said goodbye to."""
+        if not self.sio.connected:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_BOUND):
+                await self.sio.disconnect()
+        except TimeoutError:
+            await self.sio.eio.disconnect(abort=True)
 
 
 async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | str]],
