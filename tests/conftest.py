@@ -52,12 +52,37 @@ TEST_HEARTBEAT = 0.5
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "system: the system layer: compose, browser, "
+                            "conformance suites, bench and capacity runs (README \"Tests\")")
     config.addinivalue_line("markers", "browser: needs Chromium and playwright-core")
     config.addinivalue_line("markers", "compose: runs docker-compose.yml on podman "
                             "(tests/containers.py)")
     config.addinivalue_line(
         "markers", "expected_errors(*counters): the test makes these error counters move "
         "(all of them when none is named)")
+
+
+#: modules of the system layer besides the compose and browser tests: whole programs
+#: (the bench, the capacity measurement) and the socket.io maintainers' suites
+SYSTEM_MODULES = frozenset({"test_bench.py", "test_bench_recovery.py", "test_bench_scale.py",
+                            "test_capacity_measure.py", "test_conformance.py"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Marks the system layer (``-m system``; README "Tests").
+
+    With pytest-xdist (scripts/test runs two workers, ``--dist loadgroup``) each
+    module runs whole on one worker, so its module-scoped servers start once, and
+    every compose test runs on the same worker: one podman service, images built
+    once, no two compose stacks at a time."""
+    for item in items:
+        compose = item.get_closest_marker("compose") is not None
+        if compose or item.get_closest_marker("browser") is not None \
+                or item.path.name in SYSTEM_MODULES:
+            item.add_marker(pytest.mark.system)
+        group = "compose" if compose else item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 #: manager counters of things that went wrong; a test that does not expect one to move

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import inspect
 import json
+import os
+import signal
 import subprocess
 import time
 import urllib.request
@@ -27,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 WAIT = 5.0
 #: how long a test waits before concluding that something did not happen
 SETTLE = 0.4
+#: how long a client's goodbye may take before its connection is just dropped
+CLOSE_BOUND = 1.0
 #: A join is acked once the node's own NATS server holds the subscription; the other
 #: servers learn of it over the routes asynchronously (RS+), usually within a
 #: millisecond. Tests act at machine speed, so after a join they give the mesh this long
@@ -73,6 +77,29 @@ async def wait_for_condition(check: Callable[[], Any], what: str, timeout: float
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         await asyncio.sleep(interval)
+
+
+def all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (state T or t)."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(")", 1)[1].split()[0])
+        except OSError:
+            continue  # the thread exited meanwhile
+    return bool(states) and all(state in "Tt" for state in states)
+
+
+async def freeze(pid: int) -> None:
+    """SIGSTOP process ``pid`` and return once all its threads are stopped.
+
+    ``kill`` only queues the signal: until one of the target's threads is scheduled
+    and takes it, the others keep running, so on a loaded machine a server could
+    still answer what is sent right after the kill (a PING seen answered 0.5 ms
+    after it)."""
+    os.kill(pid, signal.SIGSTOP)
+    await wait_for_condition(lambda: all_threads_stopped(pid), f"process {pid} to stop",
+                             interval=0.005)
 
 
 async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool],
@@ -161,8 +188,17 @@ class SioClient:
                             f"chat texts {texts!r}")
 
     async def close(self) -> None:
-        if self.sio.connected:
-            await self.sio.disconnect()
+        """Disconnect. When the server went away just before (a test stopped its
+        gateway), python-engineio's client can hang here until its ping timeout (its
+        write loop waits 30 s on an empty queue); past a bound the connection is
+        dropped instead of said goodbye to."""
+        if not self.sio.connected:
+            return
+        try:
+            async with asyncio.timeout(CLOSE_BOUND):
+                await self.sio.disconnect()
+        except TimeoutError:
+            await self.sio.eio.disconnect(abort=True)
 
 
 async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | str]],

@@ -31,6 +31,7 @@ from gateway.processes import (
     GatewayNode,
     NatsCluster,
     free_ports,
+    http_json,
     start_gateway,
     stop_all,
     wait_gateways,
@@ -39,7 +40,7 @@ from nats_adapter.naming import ChannelNames
 from nats_adapter.sealing import ClusterKey
 from nats_adapter.sids import sid_owner
 from tests.conftest import start_node
-from tests.helpers import WAIT, Node, SioClient, metrics_of, running
+from tests.helpers import WAIT, Node, SioClient, metrics_of, running, wait_for_condition
 from tests.test_broker_permissions import PASSWORDS, secure_cluster_at
 
 CLUSTER_KEY = "bus-trust-cluster-key-5d1f0a7c9e3b-0123456789"
@@ -185,7 +186,20 @@ async def until(done: Callable[[], bool], what: str, timeout: float = 2 * WAIT) 
         await asyncio.sleep(0.05)
 
 
-async def capture(nc: Client, subject: str) -> list[Msg]:
+def routes_know(cluster: NatsCluster, subject: str) -> bool:
+    """Every node but the rogue's (the last) has heard over a route that ``subject`` is
+    subscribed to, so a publish on any node reaches the rogue."""
+    for node in cluster.nodes[:-1]:
+        status, body = http_json(f"{node.monitor_url}/routez?subs=1", 1.0)
+        if status != 200 or not any(subject in (route.get("subscriptions_list") or [])
+                                    for route in body.get("routes") or []):
+            return False
+    return True
+
+
+async def capture(nc: Client, subject: str, cluster: NatsCluster) -> list[Msg]:
+    """What arrives on ``subject``, from once every node routes it to the rogue: its
+    server confirms the subscription at once, the others learn of it asynchronously."""
     got: list[Msg] = []
 
     async def keep(msg: Msg) -> None:
@@ -193,6 +207,8 @@ async def capture(nc: Client, subject: str) -> list[Msg]:
 
     await nc.subscribe(subject, cb=keep)
     await nc.flush()
+    await wait_for_condition(lambda: routes_know(cluster, subject),
+                             f"the routes to carry the interest in {subject}")
     return got
 
 
@@ -272,7 +288,7 @@ async def test_a_captured_chat_stored_again_or_with_a_forged_sequence_is_not_del
         await c.join(room)
     nc = await rogue(cluster)
     try:
-        captured = await capture(nc, CHANNELS.room("/", room))
+        captured = await capture(nc, CHANNELS.room("/", room), cluster)
         await sender.chat(room, "original")
         await victim.wait_texts(["original"])
         await until(lambda: bool(captured), "the capture")
@@ -323,7 +339,7 @@ async def test_a_live_room_envelope_re_routed_to_another_room_is_dropped(
     await talker.join(public)
     nc = await rogue(cluster)
     try:
-        captured = await capture(nc, live.room("/", public))
+        captured = await capture(nc, live.room("/", public), cluster)
         await talker.chat(public, "for public only")
         await until(lambda: bool(captured), "the capture")
         before = n1.manager.stats.dropped_forged
@@ -352,7 +368,7 @@ async def test_a_stored_room_envelope_re_routed_to_another_room_is_dropped(
     await talker.join(public)
     nc = await rogue(cluster)
     try:
-        captured = await capture(nc, CHANNELS.room("/", public))
+        captured = await capture(nc, CHANNELS.room("/", public), cluster)
         await talker.chat(public, "for public only")
         await until(lambda: bool(captured), "the capture")
         before = rejected(gw1, "forged")
@@ -379,7 +395,7 @@ async def test_close_room_works_under_the_shipped_permissions_and_not_from_the_s
         await c.join(room)
     nc = await rogue(cluster)
     try:
-        captured = await capture(nc, CHANNELS.cluster())
+        captured = await capture(nc, CHANNELS.cluster(), cluster)
         await n1.sio.close_room(room)
         await until(lambda: not n2.manager.hub.members("/", room), "b to leave the room")
         closing = [m for m in captured if len(m.data) < 200 and b"closing" in m.data]

@@ -21,6 +21,7 @@ from tests.helpers import (
     NodeClient,
     SioClient,
     connect_all,
+    freeze,
     http_json,
     wait_for_condition,
 )
@@ -134,7 +135,7 @@ async def test_a_stopped_gateway_costs_the_timeout_and_a_dead_one_nothing(
     started = time.monotonic()
     assert {s.sid for s in await nodes[0].manager.fetch_sockets(room)} == {a.sid, far.sid}
     alive = time.monotonic() - started
-    extra_gateway.child.signal(signal.SIGSTOP)
+    await freeze(extra_gateway.child.pid)
     started = time.monotonic()
     with pytest.raises(ClusterTimeoutError) as caught:
         await nodes[0].manager.fetch_sockets(room, timeout=1.0)

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nats_adapter.sealing import ClusterKey
 from tests.conftest import start_node
 from tests.helpers import Node, SioClient, connect_all, seal_with, wait_for_condition
 
@@ -66,7 +67,9 @@ async def test_random_client_requests_get_well_formed_acks(
     elif event == "chat":
         assert isinstance(ack["id"], str)
     else:
-        assert event in ("join", "leave") and ack["room"] == args[0]
+        # join also takes {"room": <name>, "history": <count>}
+        room = args[0]["room"] if event == "join" and isinstance(args[0], dict) else args[0]
+        assert event in ("join", "leave") and ack["room"] == room
 
 
 async def test_after_fuzzing_the_node_still_serves(
@@ -98,13 +101,22 @@ GARBAGE = [
 ]
 
 
-async def publish_raw(node: Node, channel: str, payloads: list[bytes]) -> None:
+async def publish_raw(node: Node, channel: str, payloads: list[bytes],
+                      sealer: ClusterKey | None = None) -> None:
     """Publish straight onto the broker, as a rogue client would (no gateway involved).
     When ``node`` has a cluster key, each payload is sealed with it: what a rogue
-    holding the key sends, which must pass every check after the seal's."""
+    holding the key sends, which must pass every check after the seal's.
+
+    ``sealer``: seal with this key object instead. Envelopes that claim to come from a
+    running node must be sealed with that node's own (``manager.cluster_key``), so
+    that their sequence numbers continue the node's: from another sealer they could
+    repeat one the receiver saw from it (and be dropped as a replay), or jump ahead
+    and make the node's own next envelopes look like replays."""
     broker: Any = node.manager.broker
     key = node.config.secrets.cluster_key
-    if key:
+    if sealer is not None:
+        payloads = [bytes(sealer.seal(p, channel)) for p in payloads]
+    elif key:
         payloads = [seal_with(key, p, channel) for p in payloads]
     if node.config.backend == "nats":
         import nats

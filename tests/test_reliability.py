@@ -26,6 +26,7 @@ from tests.helpers import (
     Node,
     SioClient,
     connect_all,
+    freeze,
     nats_subjects,
     owner_of,
     read_metric,
@@ -80,7 +81,7 @@ async def test_join_is_refused_while_the_broker_does_not_confirm(
     (c,) = await connect_all(clients, [("c", node)])
     await c.join("warm-up")  # the broker answers: joins are acked ok
     for pid in pids:
-        os.kill(pid, signal.SIGSTOP)  # frozen: it neither answers nor closes connections
+        await freeze(pid)  # frozen: it neither answers nor closes connections
     try:
         started = time.monotonic()
         ack = await c.call("join", room, timeout=10)

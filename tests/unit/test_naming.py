@@ -77,3 +77,39 @@ def test_sid_shape() -> None:
     assert not is_sid("lobby")
     assert not is_sid("AbCdEf12-0123456789ab")
     assert not is_sid(None)
+
+
+def test_every_kind_of_channel_has_its_own_literal_place_under_the_prefix() -> None:
+    names = ChannelNames("app.sio")
+    assert names.room("/", "a.b") == "app.sio.room._2F.a_2Eb"
+    assert names.room("/", None) == "app.sio.ns._2F"
+    assert names.node("gw.1") == "app.sio.node.gw_2E1"
+    assert names.cluster() == "app.sio.cluster"
+    assert names.parse_room(names.node("gw")) is None
+    assert names.parse_room("app.sio.room._2F") is None  # no room token
+    assert names.parse_room("app.sio.room._2F._zz") is None  # not a token the encoder makes
+    assert not names.is_live(names.room("/", "a"))  # no store: nothing is live
+
+
+def test_stored_rooms_are_published_to_the_store_and_read_back_live() -> None:
+    names = ChannelNames("sio", stored=True)
+    live, stored = names.room("/", "lobby"), names.stored_room("/", "lobby")
+    assert (live, stored) == ("sio.live.room._2F.lobby", "sio.store.room._2F.lobby")
+    assert names.is_live(live) and not names.is_live(stored)
+    # an envelope read back live was sealed for the channel it was stored under
+    assert names.logical(live) == stored
+    assert names.logical(names.node("gw")) == names.node("gw")
+    assert names.parse_room(live) == ("/", "lobby")
+
+
+def test_a_sid_is_stored_under_its_node_and_read_back_live() -> None:
+    names = ChannelNames("sio", stored=True)
+    assert names.stored_sid("/", "node1:abc") == "sio.store.sid._2F.node1.abc"
+    assert names.live_sid("node1:abc") == "sio.live.sid.*.node1.abc"
+    assert names.live_sids("node1") == "sio.live.sid.*.node1.*"
+
+
+def test_a_room_past_the_channel_cap_is_refused_by_name() -> None:
+    with pytest.raises(ChannelNameTooLong, match="room 'xxx"):
+        ChannelNames().room("/", "x" * MAX_CHANNEL_CHARS)
+    assert len(ChannelNames().room("/", "😀" * 128)) <= MAX_CHANNEL_CHARS
