@@ -37,7 +37,7 @@ from gateway.processes import (
 )
 from gateway.types import GatewayManager
 from tests.containers import ComposeStack, Images, Podman, build_images
-from tests.helpers import Node, SioClient, metrics_of, running
+from tests.helpers import Node, SioClient, metrics_of, running, wait_for_condition
 
 # hypothesis is imported up front: when a session never imported it, its pytest plugin
 # imports it at the very end, and on CPython 3.11.7 pytest's assertion rewriting of it
@@ -199,6 +199,15 @@ async def nodes(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[l
     try:
         for i in range(3):
             started.append(await start_node(backend, f"{backend}-gw-{i + 1}", extra))
+
+        def all_know_each_other() -> bool:
+            # a node's first hello may go out before another node's subscription has
+            # reached its NATS server; it is heard at the next heartbeat instead, and
+            # until then a cluster call would not wait for that node
+            return all({n["name"] for n in node.manager.nodes()}
+                       >= {o.node_id for o in started if o is not node} for node in started)
+
+        await wait_for_condition(all_know_each_other, "the three gateways to hear each other")
         yield started
     finally:
         for node in started:
