@@ -268,8 +268,15 @@ class NatsBroker(Broker):
             await self._handler.on_message(msg.subject, msg.data)
 
     async def _confirm(self, nc: Client) -> None:
-        """Wait for the server to have processed everything sent so far (a PING/PONG)."""
+        """Wait for the server to have processed everything sent so far (a PING/PONG).
+
+        Two round trips: nats-py's ``flush()`` writes its PING straight to the socket
+        while a SUB waits in the client's pending buffer for the flusher task, so the
+        first PONG can arrive before the server has read the SUB. By then the flusher
+        has written it; the second PING goes out after it, and its PONG confirms it
+        (tests/unit/test_nats_confirm.py)."""
         try:
+            await nc.flush(timeout=self._confirm_timeout)  # type: ignore[arg-type]
             await nc.flush(timeout=self._confirm_timeout)  # type: ignore[arg-type]
         except (nats.errors.Error, TimeoutError) as exc:
             # the subscription stays registered; nats-py sends it again on reconnect
