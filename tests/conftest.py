@@ -35,6 +35,7 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
+from gateway.processes.children import PORT_RANGE_ENV
 from gateway.types import GatewayManager
 from tests.containers import ComposeStack, Images, Podman, build_images
 from tests.helpers import Node, SioClient, metrics_of, running, wait_for_condition
@@ -49,6 +50,15 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_LINGER = 0.5
 #: heartbeats between test gateways: a dead one is no longer waited for after 1.5 s
 TEST_HEARTBEAT = 0.5
+
+# Each pytest-xdist worker picks its servers' ports from a range of its own, below
+# the kernel's ephemeral ports (gateway.processes.free_ports); the processes the
+# tests start inherit it. Without xdist the whole range is this process's.
+if not os.environ.get(PORT_RANGE_ENV):
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    _index = int(_worker[2:]) if _worker.startswith("gw") and _worker[2:].isdigit() else -1
+    os.environ[PORT_RANGE_ENV] = ("10000-31999" if _index < 0 else
+                                  f"{10000 + 2000 * (_index % 11)}-{11999 + 2000 * (_index % 11)}")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -106,6 +107,16 @@ def test_protocol_suite_passes_what_stock_passes(suite: str, tmp_path: Path,
     assert ours.keys() == stock.keys() and len(ours) > 20
     failures = FAILURES[(suite, "ours")]
     regressed = {t: failures[t] for t, ok in stock.items() if ok and not ours[t]}
+    if regressed:
+        # the heartbeat and polling tests wait a few hundred ms: on a loaded machine
+        # (two test workers on two cores) one can miss by a tick. Those run again,
+        # alone; a real regression fails both times.
+        again_dir = tmp_path / "again"
+        again_dir.mkdir()
+        again = run_suite(suite, "ours", again_dir, node_bin,
+                          ("--grep", "|".join(re.escape(t) for t in regressed)))
+        print(f"{suite}: ran again {sorted(regressed)}: {again}")
+        regressed = {t: m for t, m in regressed.items() if not again.get(t)}
     assert not regressed, f"stock passes, ours fails: {regressed}"
     not_fixed = {t: failures.get(t) for t in FIXED_BY_OUR_PATH[suite] if not ours.get(t)}
     assert not not_fixed, f"no longer passing on our path: {not_fixed}"

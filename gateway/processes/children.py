@@ -32,8 +32,34 @@ class LaunchError(RuntimeError):
     """A child process could not be started or did not become ready."""
 
 
+#: where free_ports looks, "LOW-HIGH", instead of asking the kernel for any free port.
+#: Parallel test workers each get their own range (tests/conftest.py), below the
+#: kernel's ephemeral range, so a port one process picked and closed cannot be picked
+#: by another, nor taken as the local port of an outgoing connection meanwhile.
+PORT_RANGE_ENV = "GATEWAY_PORT_RANGE"
+_next_port: dict[tuple[int, int], int] = {}
+
+
+def port_range() -> tuple[int, int] | None:
+    spec = os.environ.get(PORT_RANGE_ENV, "")
+    if not spec:
+        return None
+    low, _, high = spec.partition("-")
+    try:
+        span = (int(low), int(high))
+    except ValueError:
+        span = (0, 0)
+    if not 1024 <= span[0] < span[1] <= 65535:
+        raise ValueError(f"{PORT_RANGE_ENV} must be LOW-HIGH within 1024-65535, got {spec!r}")
+    return span
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """``count`` distinct ports that were free a moment ago."""
+    """``count`` distinct ports that were free a moment ago (from ``GATEWAY_PORT_RANGE``
+    in turn when it is set, else any the kernel offers)."""
+    span = port_range()
+    if span is not None:
+        return _ports_in(span, count, host)
     socks = []
     try:
         for _ in range(count):
@@ -44,6 +70,27 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _ports_in(span: tuple[int, int], count: int, host: str) -> list[int]:
+    low, high = span
+    size = high - low
+    # each process of a worker (the tests, a launcher they start) begins elsewhere
+    cursor = _next_port.get(span, low + (os.getpid() * 7919) % size)
+    out: list[int] = []
+    for _ in range(size):
+        port = cursor
+        cursor = low + (cursor - low + 1) % size
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))  # no SO_REUSEADDR: a port in TIME_WAIT is skipped too
+            except OSError:
+                continue
+        out.append(port)
+        if len(out) == count:
+            _next_port[span] = cursor
+            return out
+    raise OSError(f"no {count} free ports in {PORT_RANGE_ENV}={low}-{high}")
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
