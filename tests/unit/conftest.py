@@ -9,7 +9,8 @@ the same behaviour against real NATS and Redis is in ``tests/test_contract.py``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -19,6 +20,7 @@ from aiohttp import web
 from gateway.processes import free_ports
 from nats_adapter import MemoryManager
 from nats_adapter.brokers.memory import MemoryBus
+from tests.helpers import SioClient
 
 LINGER = 0.2
 
@@ -75,3 +77,22 @@ async def make_node() -> AsyncIterator[NodeFactory]:
                 await node.runner.cleanup()
             with contextlib.suppress(Exception):
                 await node.manager.close()
+
+
+async def settle(nodes: Sequence[CoreNode], *clients: SioClient) -> None:
+    """What a test waits for before it says nothing more arrived: a marker sent from
+    every node to every client, after the traffic under test. Each node's memory
+    broker hands messages on in the order they were published, and each socket's
+    frames leave in order, so once a client has every marker, everything sent to it
+    before them has arrived (a barrier, where a sleep would only guess)."""
+    token = next(_markers)
+    for node in nodes:
+        for c in clients:
+            await node.sio.emit(SETTLE_EVENT, token, to=c.sid)
+    for c in clients:
+        await c.wait_for(lambda r: r.received(SETTLE_EVENT).count(token) == len(nodes),
+                         what="the settle markers")
+
+
+SETTLE_EVENT = "_settle"
+_markers = itertools.count()

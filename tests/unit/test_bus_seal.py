@@ -14,8 +14,8 @@ from nats_adapter import MemoryManager, codec
 from nats_adapter.brokers.memory import MemoryBus
 from nats_adapter.sealing import ClusterKey, Verdict
 from nats_adapter.sids import new_node_tag
-from tests.helpers import SETTLE, SioClient
-from tests.unit.conftest import NodeFactory
+from tests.helpers import SioClient
+from tests.unit.conftest import NodeFactory, settle
 
 KEY = b"k" * 32
 
@@ -91,7 +91,7 @@ async def test_a_live_room_envelope_re_routed_to_another_room_is_dropped(
     # sealed for its own channel, it passes
     await n1.manager.broker.publish(secret, n1.manager.seal(envelope, secret))
     await b.wait_for(lambda c: c.received("news") == ["for public"], what="the news")
-    await asyncio.sleep(SETTLE)
+    await settle([n1, n2], b)
     assert b.received("news") == ["for public"]
 
 

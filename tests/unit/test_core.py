@@ -15,8 +15,8 @@ from nats_adapter.dedupe import DedupeWindow
 from nats_adapter.hub import LocalHub
 from nats_adapter.sids import is_sid, sid_owner
 from nats_adapter.stats import ManagerStats
-from tests.helpers import SETTLE, SioClient, wait_for_condition
-from tests.unit.conftest import LINGER, NodeFactory
+from tests.helpers import SioClient, wait_for_condition
+from tests.unit.conftest import LINGER, NodeFactory, settle
 
 
 async def client(url: str, name: str, made: list[SioClient]) -> SioClient:
@@ -45,7 +45,7 @@ async def test_room_emit_reaches_members_on_every_node_but_the_skipped_one(
     for receiver, expected in ((a, ["two"]), (b, ["one"]), (c, ["one", "two"])):
         await receiver.wait_for(lambda r, e=expected: sorted(r.received("news")) == e,
                                 what=f"news {expected}")
-    await asyncio.sleep(SETTLE)
+    await settle([n1, n2, n3], a, b, c)
     assert sorted(a.received("news")) == ["two"]
     assert sorted(b.received("news")) == ["one"]
 
@@ -71,7 +71,7 @@ async def test_a_room_emit_travels_as_little_more_than_its_packet(
     # the other way, skipping a socket of the receiving node: that sid travels
     await n2.sio.emit("news", "two", to="a room of some length", skip_sid=a2.sid)
     await a.wait_for(lambda r: r.received("news") == ["two"], what="the news from n2")
-    await asyncio.sleep(SETTLE)
+    await settle([n1, n2], a, a2, b)
     assert a.received("news") == ["two"] and a2.received("news") == ["one"]
     assert b.received("news") == ["one", "two"]
     assert n1.manager.stats.dropped_malformed == n2.manager.stats.dropped_malformed == 0
@@ -87,7 +87,7 @@ async def test_a_room_emit_on_a_channel_that_names_no_room_is_dropped(
     async with asyncio.timeout(5):
         while n2.manager.stats.dropped_malformed == 0:
             await asyncio.sleep(0.02)
-    await asyncio.sleep(SETTLE)
+    await settle([n1, n2], b)
     assert b.received("news") == []
 
 
@@ -99,7 +99,7 @@ async def test_sids_name_their_node_and_direct_emits_go_only_there(
     received_before = n3.manager.stats.received
     await n1.sio.emit("dm", "for b", to=b.sid)
     await b.wait_for(lambda r: r.received("dm") == ["for b"], what="the direct message")
-    await asyncio.sleep(SETTLE)
+    await settle([n1], b)
     assert n3.manager.stats.received == received_before, "a third node saw a direct message"
 
 
@@ -111,7 +111,7 @@ async def test_multi_room_emit_is_delivered_once_and_the_copy_is_counted(
         await join(b, room)
     await n1.sio.emit("news", "once", to=["r1", "r2", "r3", b.sid])
     await b.wait_for(lambda r: r.received("news") == ["once"], what="one copy")
-    await asyncio.sleep(SETTLE)
+    await settle([n1], b)
     assert b.received("news") == ["once"]
     # four channels (three rooms and b's node), one delivery, three copies dropped
     assert n2.manager.stats.dropped_duplicate == 3
