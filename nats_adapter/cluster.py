@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from . import codec
+from . import codec, compat
 from .hub import LocalHub
 from .rpc import ClusterRpc, ClusterTimeoutError, PendingAcks, PendingCall
 from .sids import is_sid
@@ -136,9 +136,7 @@ class RemoteSocket:
 def session_data(server: Any, eio_sid: str, namespace: str) -> dict[str, Any]:
     """The python-socketio session of a local socket when it can travel (msgpack
     types only), else empty."""
-    eio_socket = server.eio.sockets.get(eio_sid) if server is not None else None
-    session = getattr(eio_socket, "session", None) or {}
-    data = session.get(namespace) if isinstance(session, dict) else None
+    data = compat.engineio_session(server, eio_sid).get(namespace)
     if not isinstance(data, dict) or not data:
         return {}
     try:
@@ -214,11 +212,11 @@ class ClusterApi:
 
     # -- fetch_sockets / room_size / room_members ----------------------------------------
 
-    def local_selection(self, namespace: str, rooms: list[str] | None,
-                        except_rooms: list[str] | None) -> dict[str, str]:
-        chosen = self.hub.targets(namespace, rooms, frozenset())
-        if except_rooms:
-            for sid in self.hub.targets(namespace, except_rooms, frozenset()):
+    def local_selection(self, sel: codec.Selection) -> dict[str, str]:
+        """sid -> engine.io sid of this node's sockets in ``sel``."""
+        chosen = self.hub.targets(sel.ns, sel.rooms, frozenset())
+        if sel.except_:
+            for sid in self.hub.targets(sel.ns, sel.except_, frozenset()):
                 chosen.pop(sid, None)
         return chosen
 
@@ -229,9 +227,9 @@ class ClusterApi:
         """Every socket in ``room`` (a room, several, or None: all) on every node."""
         rooms = _check_names("room", _as_list(room), self.max_room_chars)
         excluded = _check_names("except_rooms", _as_list(except_rooms), self.max_room_chars)
-        pending = await self.rpc.request(codec.Fetch(namespace, rooms, excluded, "full"),
-                                         timeout, local)
-        found = [self._remote(item) for item in self._describe(namespace, rooms, excluded)]
+        sel = codec.Selection(namespace, rooms, excluded)
+        pending = await self.rpc.request(codec.Fetch(sel, "full"), timeout, local)
+        found = [self._remote(item) for item in self._describe(sel)]
         for tag, parts in pending.replies.items():
             for part in parts:
                 for item in part if isinstance(part, list) else ():
@@ -243,9 +241,9 @@ class ClusterApi:
     async def room_size(self, room: str, namespace: str = "/", *, timeout: float = 5.0) -> int:
         """How many sockets are in ``room`` across the cluster."""
         rooms = _check_names("room", [room], self.max_room_chars)
-        pending = await self.rpc.request(codec.Fetch(namespace, rooms, None, "count"),
-                                         timeout)
-        counts = [len(self.local_selection(namespace, rooms, None))]
+        sel = codec.Selection(namespace, rooms)
+        pending = await self.rpc.request(codec.Fetch(sel, "count"), timeout)
+        counts = [len(self.local_selection(sel))]
         counts += [part for parts in pending.replies.values() for part in parts
                    if isinstance(part, int)]
         self.rpc.check(pending, sum(counts), timeout,
@@ -256,8 +254,9 @@ class ClusterApi:
                            timeout: float = 5.0) -> list[str]:
         """The sids in ``room`` across the cluster."""
         rooms = _check_names("room", [room], self.max_room_chars)
-        pending = await self.rpc.request(codec.Fetch(namespace, rooms, None, "ids"), timeout)
-        sids = list(self.local_selection(namespace, rooms, None))
+        sel = codec.Selection(namespace, rooms)
+        pending = await self.rpc.request(codec.Fetch(sel, "ids"), timeout)
+        sids = list(self.local_selection(sel))
         for parts in pending.replies.values():
             for part in parts:
                 sids += [s for s in part if isinstance(s, str)] if isinstance(part, list) else []
@@ -265,22 +264,22 @@ class ClusterApi:
                        f"no answer from {', '.join(self.rpc.missing(pending))}")
         return sids
 
-    def _describe(self, namespace: str, rooms: list[str] | None,
-                  except_rooms: list[str] | None) -> list[dict[str, Any]]:
+    def _describe(self, sel: codec.Selection) -> list[dict[str, Any]]:
         out = []
         server = self.node.server
-        sockets = server.eio.sockets if server else {}
-        for sid, eio_sid in self.local_selection(namespace, rooms, except_rooms).items():
-            eio_socket = sockets.get(eio_sid)
-            out.append({"sid": sid, "ns": namespace, "rooms": self.hub.rooms_of(sid, namespace),
-                        "data": session_data(server, eio_sid, namespace),
+        for sid, eio_sid in self.local_selection(sel).items():
+            try:
+                transport = server.eio.transport(eio_sid)
+            except KeyError:  # gone since it was selected
+                continue
+            out.append({"sid": sid, "ns": sel.ns, "rooms": self.hub.rooms_of(sid, sel.ns),
+                        "data": session_data(server, eio_sid, sel.ns),
                         "handshake": self._handshake(eio_sid), "eio": eio_sid,
-                        "transport": "websocket" if getattr(eio_socket, "upgraded", False)
-                        else "polling"})
+                        "transport": transport})
         return out
 
     def _handshake(self, eio_sid: str) -> dict[str, Any]:
-        environ = (getattr(self.node.server, "environ", None) or {}).get(eio_sid) or {}
+        environ = compat.connection_environ(self.node.server, eio_sid)
         request = environ.get("aiohttp.request")
         headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
                    if isinstance(k, str) and k.startswith("HTTP_") and isinstance(v, str)}
@@ -337,7 +336,7 @@ class ClusterApi:
         engine.io connection, every namespace of it); returns how many."""
         selection = _check_names("to", _as_list(to), self.max_room_chars)
         excluded = _check_names("except_rooms", _as_list(except_rooms), self.max_room_chars)
-        body = codec.Disconnect(namespace, selection, excluded, close)
+        body = codec.Disconnect(codec.Selection(namespace, selection, excluded), close)
         pending = await self.rpc.request(body, timeout, local)
         return self._total(pending, await self._apply(body), timeout)
 
@@ -350,7 +349,7 @@ class ClusterApi:
             raise ValueError("rooms to join or leave cannot be sids")
         selection = _check_names("to", _as_list(to), self.max_room_chars)
         excluded = _check_names("except_rooms", _as_list(except_rooms), self.max_room_chars)
-        body = kind(namespace, selection, excluded, targets)
+        body = kind(codec.Selection(namespace, selection, excluded), targets)
         pending = await self.rpc.request(body, timeout, local)
         return self._total(pending, await self._apply(body), timeout)
 
@@ -362,8 +361,8 @@ class ClusterApi:
 
     async def _apply(self, body: codec.Join | codec.Leave | codec.Disconnect) -> int:
         """Apply a join / leave / disconnect to this node's selected sockets."""
-        ns = body.ns
-        chosen = self.local_selection(ns, body.rooms, body.except_)
+        ns = body.sel.ns
+        chosen = self.local_selection(body.sel)
         server = self.node.server
         if isinstance(body, codec.Disconnect):
             for sid, eio_sid in chosen.items():
@@ -455,7 +454,7 @@ class ClusterApi:
                                    self.max_room_chars) or []),
                     *(_as_list(skip_sid) or [])]
         args = list(data) if isinstance(data, tuple) else ([] if data is None else [data])
-        body = codec.Bcast(namespace, selection, excluded or None, event, args)
+        body = codec.Bcast(codec.Selection(namespace, selection, excluded or None), event, args)
         rpc = self.rpc
         expected = rpc.peers.tags()
         req_id, pending = rpc.open(expected | {rpc.node_tag}, acks=True)
@@ -479,14 +478,14 @@ class ClusterApi:
     async def _deliver_with_acks(self, requester: str, req_id: str, body: codec.Bcast) -> int:
         """Write one packet (one ack id) to every selected local socket; their acks go
         to ``requester``. Returns how many it went to."""
-        chosen = self.local_selection(body.ns, body.rooms, body.except_)
+        chosen = self.local_selection(body.sel)
         if not chosen:
             return 0
         ack_id = next(self._broadcast_ack_ids)
         for sid in chosen:
             self.node.expect_ack(sid, ack_id, _BroadcastAck(self, sid, ack_id))
             self._broadcast_acks[(sid, ack_id)] = (requester, req_id)
-        pkt = self.node.event_packet(body.ns, [body.event, *body.args], ack_id)
+        pkt = self.node.event_packet(body.sel.ns, [body.event, *body.args], ack_id)
         await self.hub.deliver_to(chosen.values(), pkt)
         return len(chosen)
 
@@ -520,13 +519,13 @@ class ClusterApi:
         assert req_id is not None
         if body.fmt == "count":
             await self.rpc.reply(origin, req_id, codec.Reply(
-                len(self.local_selection(body.ns, body.rooms, None))))
+                len(self.local_selection(codec.Selection(body.sel.ns, body.sel.rooms)))))
         elif body.fmt == "ids":
             await self.rpc.reply(origin, req_id, codec.Reply(
-                list(self.local_selection(body.ns, body.rooms, body.except_))))
+                list(self.local_selection(body.sel))))
         else:
             await self._send_parts(origin, req_id,
-                                   self._describe(body.ns, body.rooms, body.except_))
+                                   self._describe(body.sel))
 
     async def _serve_apply(self, origin: str, req_id: str | None,
                            body: codec.Join | codec.Leave | codec.Disconnect) -> None:

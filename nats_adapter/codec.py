@@ -324,13 +324,25 @@ FetchFormat: TypeAlias = Literal["full", "ids", "count"]
 
 
 @dataclass(frozen=True, slots=True)
+class Selection:
+    """The sockets of namespace ``ns`` in any of ``rooms`` (rooms or sids; None: all)
+    and in none of ``except_``: what fetch, join, leave, disconnect and an acked
+    broadcast act on. On the wire its three keys sit in the body beside the others."""
+
+    ns: str
+    rooms: list[str] | None = None
+    except_: list[str] | None = None
+
+    def wire(self) -> dict[str, Any]:
+        return {"ns": self.ns, "rooms": self.rooms, "except": self.except_}
+
+
+@dataclass(frozen=True, slots=True)
 class Fetch:
     """The sockets of a selection: described (``full``), their sids, or how many."""
 
     OP: ClassVar[ClusterOp] = ClusterOp.FETCH
-    ns: str
-    rooms: list[str] | None
-    except_: list[str] | None
+    sel: Selection
     fmt: FetchFormat
 
 
@@ -339,9 +351,7 @@ class Join:
     """Put the selected sockets in ``targets``."""
 
     OP: ClassVar[ClusterOp] = ClusterOp.JOIN
-    ns: str
-    rooms: list[str] | None
-    except_: list[str] | None
+    sel: Selection
     targets: list[str]
 
 
@@ -350,9 +360,7 @@ class Leave:
     """Take the selected sockets out of ``targets``."""
 
     OP: ClassVar[ClusterOp] = ClusterOp.LEAVE
-    ns: str
-    rooms: list[str] | None
-    except_: list[str] | None
+    sel: Selection
     targets: list[str]
 
 
@@ -361,9 +369,7 @@ class Disconnect:
     """Disconnect the selected sockets (``close``: their engine.io connection too)."""
 
     OP: ClassVar[ClusterOp] = ClusterOp.DISCONNECT
-    ns: str
-    rooms: list[str] | None
-    except_: list[str] | None
+    sel: Selection
     close: bool = False
 
 
@@ -382,9 +388,7 @@ class Bcast:
     """An acked broadcast to the selected sockets."""
 
     OP: ClassVar[ClusterOp] = ClusterOp.BCAST
-    ns: str
-    rooms: list[str] | None
-    except_: list[str] | None
+    sel: Selection
     event: str
     args: list[Any]
 
@@ -431,18 +435,15 @@ def encode_call(origin: str, req_id: str | None, body: ClusterBody) -> ClusterMe
     elif isinstance(body, BcastAck):
         data = {"data": {"sid": body.sid, "args": body.args}, "last": True}
     elif isinstance(body, Fetch):
-        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_, "fmt": body.fmt}
+        data = {**body.sel.wire(), "fmt": body.fmt}
     elif isinstance(body, (Join, Leave)):
-        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_,
-                "targets": body.targets}
+        data = {**body.sel.wire(), "targets": body.targets}
     elif isinstance(body, Disconnect):
-        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_,
-                "close": body.close}
+        data = {**body.sel.wire(), "close": body.close}
     elif isinstance(body, ServerEmit):
         data = {"ns": body.ns, "event": body.event, "args": body.args}
     elif isinstance(body, Bcast):
-        data = {"ns": body.ns, "rooms": body.rooms, "except": body.except_,
-                "event": body.event, "args": body.args}
+        data = {**body.sel.wire(), "event": body.event, "args": body.args}
     elif isinstance(body, Release):
         data = {"sid": body.sid, "ns": body.ns}
     else:
@@ -473,6 +474,11 @@ def _selection(body: dict[str, Any], key: str, max_room_chars: int) -> list[str]
             for r in value):
         raise EnvelopeError(f"{key} must be a list of room names or sids")
     return value
+
+
+def _decode_selection(body: dict[str, Any], max_room_chars: int) -> Selection:
+    return Selection(_ns(body), _selection(body, "rooms", max_room_chars),
+                     _selection(body, "except", max_room_chars))
 
 
 def _event(body: dict[str, Any], op: str) -> tuple[str, list[Any]]:
@@ -508,13 +514,11 @@ def _decode_bcast_ack(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
 
 
 def _decode_fetch(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
-    ns = _ns(body)
-    rooms = _selection(body, "rooms", max_room_chars)
-    excluded = _selection(body, "except", max_room_chars)
+    sel = _decode_selection(body, max_room_chars)
     fmt = body.get("fmt")
     if fmt not in ("full", "ids", "count"):
         raise EnvelopeError("unknown fetch format")
-    return Fetch(ns, rooms, excluded, fmt)
+    return Fetch(sel, fmt)
 
 
 def _targets(body: dict[str, Any], max_room_chars: int) -> list[str]:
@@ -527,21 +531,15 @@ def _targets(body: dict[str, Any], max_room_chars: int) -> list[str]:
 
 
 def _decode_join(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
-    ns = _ns(body)
-    return Join(ns, _selection(body, "rooms", max_room_chars),
-                _selection(body, "except", max_room_chars), _targets(body, max_room_chars))
+    return Join(_decode_selection(body, max_room_chars), _targets(body, max_room_chars))
 
 
 def _decode_leave(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
-    ns = _ns(body)
-    return Leave(ns, _selection(body, "rooms", max_room_chars),
-                 _selection(body, "except", max_room_chars), _targets(body, max_room_chars))
+    return Leave(_decode_selection(body, max_room_chars), _targets(body, max_room_chars))
 
 
 def _decode_disconnect(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
-    ns = _ns(body)
-    return Disconnect(ns, _selection(body, "rooms", max_room_chars),
-                      _selection(body, "except", max_room_chars), bool(body.get("close")))
+    return Disconnect(_decode_selection(body, max_room_chars), bool(body.get("close")))
 
 
 def _decode_server_emit(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
@@ -551,11 +549,9 @@ def _decode_server_emit(body: dict[str, Any], max_room_chars: int) -> ClusterBod
 
 
 def _decode_bcast(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
-    ns = _ns(body)
-    rooms = _selection(body, "rooms", max_room_chars)
-    excluded = _selection(body, "except", max_room_chars)
+    sel = _decode_selection(body, max_room_chars)
     event, args = _event(body, "bcast")
-    return Bcast(ns, rooms, excluded, event, args)
+    return Bcast(sel, event, args)
 
 
 def _decoders() -> dict[str, Callable[[dict[str, Any], int], ClusterBody]]:

@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PRIVATES", "Private", "check", "problem", "report", "reset"]
+__all__ = ["PRIVATES", "Private", "check", "connection_environ", "engineio_session", "problem",
+           "report", "reset"]
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,29 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
 )}
 
 _results: dict[str, str | None] = {}
+
+
+# -- reading through the probes ----------------------------------------------------------
+
+def engineio_session(server: Any, eio_sid: str) -> dict[str, Any]:
+    """The engine.io session of connection ``eio_sid`` (python-socketio keeps each
+    namespace's user session in it), read where a synchronous caller can't await
+    ``eio.get_session``; empty when the connection is gone or the probe failed."""
+    if server is None or not check("engineio.server"):
+        return {}
+    socket = server.eio.sockets.get(eio_sid)
+    session = getattr(socket, "session", None)
+    return session if isinstance(session, dict) else {}
+
+
+def connection_environ(server: Any, eio_sid: str) -> dict[str, Any]:
+    """The WSGI-style environ python-socketio keeps for connection ``eio_sid``; empty
+    when it is gone or the probe failed."""
+    if server is None or not check("socketio.environ"):
+        return {}
+    environ = server.environ.get(eio_sid)
+    return environ if isinstance(environ, dict) else {}
+
 
 
 def problem(name: str) -> str | None:

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 import msgpack
 
 from . import _socketio_hooks as socketio_hooks
-from . import codec
+from . import codec, compat
 from .brokers.base import BrokerError, MessageStore
 from .bus import Bus
 from .cluster import session_data
@@ -425,7 +425,7 @@ class Recovery:
         if check is None:
             return None
         server = self.node.server
-        environ = getattr(server, "environ", {}).get(eio_sid) or {}
+        environ = compat.connection_environ(server, eio_sid)
         try:
             return check(auth, environ)
         except Exception:  # the app's hook failed: nobody in particular

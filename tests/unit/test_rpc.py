@@ -26,12 +26,16 @@ BODIES: list[codec.ClusterBody] = [
     codec.Hello(INFO), codec.Heartbeat(INFO), codec.Bye({}),
     codec.Reply([1, "two", {"three": None}]), codec.Reply(None, last=False),
     codec.BcastCount(3), codec.BcastAck(SID, ["ok", 2]), codec.BcastAck(SID, None),
-    codec.Fetch("/", None, None, "full"), codec.Fetch("/chat", ["a", SID], ["b"], "ids"),
-    codec.Fetch("/", ["a"], None, "count"),
-    codec.Join("/", ["a"], [SID], ["x", "y"]), codec.Leave("/", None, None, ["x"]),
-    codec.Disconnect("/", ["a"], None, close=True), codec.Disconnect("/", None, None),
+    codec.Fetch(codec.Selection("/"), "full"),
+    codec.Fetch(codec.Selection("/chat", ["a", SID], ["b"]), "ids"),
+    codec.Fetch(codec.Selection("/", ["a"]), "count"),
+    codec.Join(codec.Selection("/", ["a"], [SID]), ["x", "y"]),
+    codec.Leave(codec.Selection("/"), ["x"]),
+    codec.Disconnect(codec.Selection("/", ["a"]), close=True),
+    codec.Disconnect(codec.Selection("/")),
     codec.ServerEmit("/", "event", [1, {"k": "v"}]),
-    codec.Bcast("/", ["a"], [SID], "event", []), codec.Bcast("/", None, None, "e", [1]),
+    codec.Bcast(codec.Selection("/", ["a"], [SID]), "event", []),
+    codec.Bcast(codec.Selection("/"), "e", [1]),
     codec.Adopt(SID), codec.Disown(SID), codec.Release(SID, "/"),
 ]
 
@@ -107,7 +111,7 @@ async def test_a_request_nobody_answers_times_out_once_and_says_who() -> None:
     sent, stats = Sent(), ManagerStats()
     node = rpc(sent, stats)
     node.peers.saw("peer0001", {"name": "gw-2"})
-    pending = await node.request(codec.Fetch("/", None, None, "count"), timeout=0.05)
+    pending = await node.request(codec.Fetch(codec.Selection("/"), "count"), timeout=0.05)
     assert pending.timed_out and pending.expected == {"peer0001"}
     assert (stats.cluster_requests, stats.cluster_timeouts) == (1, 1)
     assert [ch for ch, _ in sent.messages] == [ChannelNames().cluster()]
@@ -123,7 +127,7 @@ async def test_a_request_returns_when_every_node_answered_or_left() -> None:
     node = rpc(sent)
     node.peers.saw("peer0001")
     node.peers.saw("peer0002")
-    call = asyncio.create_task(node.request(codec.Fetch("/", None, None, "ids"), timeout=5))
+    call = asyncio.create_task(node.request(codec.Fetch(codec.Selection("/"), "ids"), timeout=5))
     await wait_for_condition(lambda: bool(sent.messages), what="the request is sent")
     _, request = sent.messages[0]
     assert isinstance(request, codec.ClusterMessage) and request.req_id is not None
@@ -176,7 +180,7 @@ async def test_a_handler_is_registered_once_and_gets_the_typed_body() -> None:
     assert got == [("peer0001", None, codec.Adopt(SID))]
     # a request that carries no request id to answer is dropped
     node.register(ClusterOp.FETCH, handle, inline=True)
-    msg = codec.encode_call("peer0001", None, codec.Fetch("/", None, None, "ids"))
+    msg = codec.encode_call("peer0001", None, codec.Fetch(codec.Selection("/"), "ids"))
     await node.on_message(msg, codec.decode_call(msg, 16))
     assert len(got) == 1
 
