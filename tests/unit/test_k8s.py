@@ -28,6 +28,7 @@ from kubernetes_validate import utils as kubernetes_schemas
 
 from gateway import app as gateway_app
 from gateway import config as cfg
+from gateway.guards import RequestGuard
 from tests.helpers import REPO
 
 INFRA = REPO / "infra"
@@ -318,6 +319,8 @@ def test_the_gateway_environment_is_one_gateway_serve_accepts() -> None:
     ports = {p["name"]: p["containerPort"]
              for p in container(find("Deployment", "gateway"), "gateway")["ports"]}
     assert ports == {"http": conf.port, "admin": conf.admin_port}
+    # the kubelet's probes name the pod's address in their Host header
+    assert RequestGuard(conf).host_allowed(f"10.244.1.7:{conf.port}")
 
 
 def test_the_gateways_are_configured_as_compose_configures_them() -> None:
@@ -350,7 +353,9 @@ def test_a_gateway_is_ready_while_its_broker_is_and_drains_within_its_grace() ->
     pod = deployment["spec"]["template"]["spec"]
     gateway = container(deployment, "gateway")
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
-    assert gateway["livenessProbe"]["httpGet"]["port"] == "http"
+    # the page: a NATS outage makes /healthz 503 and must not restart every gateway
+    assert gateway["livenessProbe"]["httpGet"] == {"path": "/", "port": "http"}
+    assert (gateway_app.STATIC / "index.html").is_file()
     assert deployment["spec"]["replicas"] == 2
     pause = gateway["lifecycle"]["preStop"]["sleep"]["seconds"]
     shutdown = (pause + gateway_app.SOCKETS_CLOSE_TIMEOUT + REQUESTS_SHUTDOWN_TIMEOUT
