@@ -310,6 +310,8 @@ def test_the_gateway_environment_is_one_gateway_serve_accepts() -> None:
     assert conf.backend == "nats" and not conf.recovery
     assert conf.node_id == "gateway-7c9d8f6b5-x2k4q"  # one per replica
     assert conf.host == conf.admin_host == "0.0.0.0"
+    # other gateways forward this one's sessions to it at its pod's address
+    assert conf.advertise_url == ""
     assert conf.secrets.nats_user == "gateway"
     assert conf.secrets.nats_password == example_secrets()["NATS_GATEWAY_PASSWORD"]
     assert conf.secrets.cluster_key == example_secrets()["GATEWAY_CLUSTER_KEY"]
