@@ -44,6 +44,7 @@ from socketio import packet as sio_packet
 
 from . import codec
 from ._engineio import FastPath, QueueLimits, WriteBatch, fast_paths, install
+from ._socketio_hooks import answer_unknown_namespaces
 from .brokers.base import Broker
 from .bus import Bus
 from .cluster import ClusterApi, RemoteSocket
@@ -221,6 +222,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
                         fastpath.sessions if fastpath is not None else None)
         assert self.hub.fanout is not None
         self.plugin.install(server, self.hub.fanout.held)
+        answer_unknown_namespaces(server)
 
     @property
     def cluster_key(self) -> ClusterKey | None:
