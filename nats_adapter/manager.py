@@ -229,6 +229,13 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         """The key envelopes and session records are sealed with; None on an open bus."""
         return self.bus.key
 
+    def on_undecodable_polling_payload(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(eio_sid)`` for every long-polling session ended because a
+        POST of it did not decode (:mod:`nats_adapter._engineio.polling`); nothing
+        happens when those rules are not installed."""
+        if self._fastpath is not None and self._fastpath.polling is not None:
+            self._fastpath.polling.on_bad_payload = callback
+
     @property
     def fast_fanout(self) -> bool:
         """Whether direct websocket writes are on (see nats_adapter._engineio)."""
