@@ -157,8 +157,9 @@ class PollingRules:
                 return await handle(request)  # an unknown session now: 400
             request[BODY] = body
         response = await handle(request)
-        if socket.closed and getattr(socket.queue, "polled", False) and socket.queue.empty():
-            # the client closed the session (a CLOSE packet): end the waiting poll
+        if socket.closed and socket.sid in self.polls and socket.queue.empty():
+            # the client closed the session (a CLOSE packet): end the waiting poll (the
+            # NOOP waits in the queue if the poll is not at the queue yet)
             socket.queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
         if response.status == 200 and isinstance(response, web.Response):
             response.body = b"ok"

@@ -15,8 +15,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import engineio
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import make_mocked_request
+from engineio.async_socket import AsyncSocket
 
+from nats_adapter._engineio import install
 from nats_adapter._engineio.heartbeat import ping_later
 from tests.helpers import wait_for_condition
 from tests.unit.test_lean_websocket import Server, serving
@@ -184,3 +189,34 @@ async def test_a_connect_to_an_unknown_namespace_gets_nodes_error(
     assert (status, text) == (200, '44/random,{"message":"Invalid namespace"}')
     assert (await push(server, session, sid, "40"))[0] == 200
     assert (await poll(server, session, sid))[1].startswith("40{")
+
+
+async def test_a_client_close_ends_a_poll_that_has_not_reached_the_queue_yet() -> None:
+    """engine.io's poll waits on the queue from a task of its own (``wait_for``), a
+    loop turn after the request came in: a CLOSE pushed in between still ends it."""
+    eio = engineio.AsyncServer(async_mode="aiohttp")
+    fastpath = install(eio)
+    assert fastpath is not None and fastpath.polling is not None
+    rules = fastpath.polling
+    socket = AsyncSocket(eio, "s1")
+    socket.connected = True
+    socket.last_ping = None
+    eio.sockets["s1"] = socket
+    gate = asyncio.Event()
+
+    async def engineio_handle(request: web.Request) -> web.StreamResponse:
+        if request.method == "GET":
+            await gate.wait()  # the poll reaches the queue only now
+            return web.Response(text=(await socket.queue.get()).encode())
+        await socket.close(wait=False, abort=True)  # engine.io, for a CLOSE packet
+        return web.Response(text="OK")
+
+    query = "/socket.io/?EIO=4&transport=polling&sid=s1"
+    waiting = asyncio.create_task(rules.serve(make_mocked_request("GET", query),
+                                              engineio_handle))
+    await wait_for_condition(lambda: "s1" in rules.polls, "the poll in engine.io's hands")
+    pushed = await rules.serve(make_mocked_request("POST", query), engineio_handle)
+    assert isinstance(pushed, web.Response) and pushed.body == b"ok"
+    gate.set()
+    answer = await asyncio.wait_for(waiting, 2)
+    assert isinstance(answer, web.Response) and answer.text == "6"
