@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import engineio
 import pytest
+import socketio
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from engineio.async_socket import AsyncSocket
@@ -220,3 +221,16 @@ async def test_a_client_close_ends_a_poll_that_has_not_reached_the_queue_yet() -
     gate.set()
     answer = await asyncio.wait_for(waiting, 2)
     assert isinstance(answer, web.Response) and answer.text == "6"
+
+
+async def test_a_python_socketio_client_over_polling_disconnects_at_once() -> None:
+    """python-socketio's client sends CLOSE and waits for its pending long-poll: that
+    poll waited out the client's request timeout (ping interval + 5 s) for its answer."""
+    async with serving(ping_interval=25, ping_timeout=20) as server:
+        client = socketio.AsyncClient()
+        await client.connect(server.url, transports=["polling"])
+        await wait_for_condition(
+            lambda: any(s.queue.polled for s in server.sio.eio.sockets.values()),
+            "the client's long-poll waiting")
+        await asyncio.wait_for(client.disconnect(), 5)
+        assert not server.sio.eio.sockets
