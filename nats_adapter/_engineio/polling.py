@@ -146,7 +146,10 @@ class PollingRules:
                     ) -> web.StreamResponse:
         length = request.content_length
         if length is not None and length <= self.eio.max_http_buffer_size:
-            body = await request.read()
+            try:
+                body = await request.read()
+            except ConnectionError:  # the client went away mid-body: nothing to answer
+                return refusal(3, "Bad request")
             problem = undecodable(body[:length])
             if problem is not None:
                 logger.info("%s: undecodable long-polling payload (%s), closing",

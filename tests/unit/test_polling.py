@@ -234,3 +234,25 @@ async def test_a_python_socketio_client_over_polling_disconnects_at_once() -> No
             "the client's long-poll waiting")
         await asyncio.wait_for(client.disconnect(), 5)
         assert not server.sio.eio.sockets
+
+
+def connections(server: Server) -> int:
+    """How many connections the server holds."""
+    return len(server.runner.server.connections) if server.runner.server else 0
+
+
+async def test_a_push_cut_off_mid_body_costs_no_traceback(
+        server: Server, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    sid = await open_session(server, session)
+    held = connections(server)
+    _, writer = await asyncio.open_connection("127.0.0.1", int(server.url.rsplit(":")[-1]))
+    writer.write(f"POST /socket.io/?EIO=4&transport=polling&sid={sid} HTTP/1.1\r\n"
+                 "Host: 127.0.0.1\r\nContent-Length: 100\r\n\r\n40".encode())
+    await writer.drain()
+    await wait_for_condition(lambda: connections(server) > held, "the push under way")
+    writer.close()
+    await wait_for_condition(lambda: connections(server) == held, "the connection gone")
+    assert sid in server.sio.eio.sockets
+    assert (await push(server, session, sid, "40"))[0] == 200
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
