@@ -18,6 +18,9 @@ each difference back to Node's behaviour at the request, around engine.io's
   next sweep, and answered the poll with the PING);
 - a POST whose payload does not decode: the session ends with a 400 (engine.io
   logged a traceback, answered "OK" and kept the session);
+- a POST of more than 16 packets (socket.io-client's batch after a burst of
+  emits): every packet is taken, as Node does (engine.io refused the payload as
+  undecodable and dropped all of them);
 - a POST that ends the session (a CLOSE packet) while a poll waits: the poll is
   answered NOOP at once (engine.io left it waiting ping interval + timeout);
 - a POST is answered ``ok`` (engine.io: ``OK``).
@@ -72,11 +75,27 @@ class BodyReader:
         return out
 
 
-def undecodable(body: bytes) -> str | None:
-    """Why engine.io could not decode this long-polling payload, or None if it can
-    (decoded by engine.io's own classes, as its POST handler will)."""
+def payload_slices(body: bytes) -> list[bytes]:
+    """A long-polling payload cut between packets into slices engine.io decodes: it
+    refuses more than ``Payload.max_decode_packets`` (16) packets in one payload,
+    which socket.io-client sends after a burst of emits (Node takes any number within
+    the payload's size). Raises ``ValueError`` when the payload is not UTF-8."""
+    text = body.decode("utf-8")
+    most = getattr(eio_payload.Payload, "max_decode_packets", None)
+    if text.startswith("d=") or not isinstance(most, int) or most < 1:
+        return [body]  # JSONP's form-encoded payload: engine.io's to decode
+    packets = text.split("\x1e")
+    if len(packets) <= most:
+        return [body]
+    return ["\x1e".join(packets[i:i + most]).encode() for i in range(0, len(packets), most)]
+
+
+def undecodable(slices: list[bytes]) -> str | None:
+    """Why engine.io could not decode one of these slices of a long-polling payload,
+    or None if it can (decoded by engine.io's own classes, as its POST handler will)."""
     try:
-        eio_payload.Payload(encoded_payload=body.decode("utf-8"))
+        for data in slices:
+            eio_payload.Payload(encoded_payload=data.decode("utf-8"))
     except Exception as exc:  # engine.io's decoder raises ValueError, IndexError...
         return f"{type(exc).__name__}: {exc}"
     return None
@@ -150,7 +169,14 @@ class PollingRules:
                 body = await request.read()
             except ConnectionError:  # the client went away mid-body: nothing to answer
                 return refusal(3, "Bad request")
-            problem = undecodable(body[:length])
+            slices: list[bytes] = []
+            problem: str | None
+            try:
+                slices = payload_slices(body[:length])
+            except ValueError as exc:  # not UTF-8
+                problem = f"{type(exc).__name__}: {exc}"
+            else:
+                problem = undecodable(slices)
             if problem is not None:
                 logger.info("%s: undecodable long-polling payload (%s), closing",
                             socket.sid, problem)
@@ -158,8 +184,15 @@ class PollingRules:
                 if self.on_bad_payload is not None:
                     self.on_bad_payload(socket.sid)
                 return await handle(request)  # an unknown session now: 400
-            request[BODY] = body
-        response = await handle(request)
+            for data in slices[:-1]:  # engine.io takes each slice as one POST
+                request[BODY] = data
+                response = await handle(request)
+                if response.status != 200 or socket.closed:
+                    return await self._pushed(socket, response)
+            request[BODY] = slices[-1]
+        return await self._pushed(socket, await handle(request))
+
+    async def _pushed(self, socket: Any, response: web.StreamResponse) -> web.StreamResponse:
         if socket.closed and socket.sid in self.polls and socket.queue.empty():
             # the client closed the session (a CLOSE packet): end the waiting poll (the
             # NOOP waits in the queue if the poll is not at the queue yet)

@@ -256,3 +256,23 @@ async def test_a_push_cut_off_mid_body_costs_no_traceback(
     assert sid in server.sio.eio.sockets
     assert (await push(server, session, sid, "40"))[0] == 200
     assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+
+
+async def test_a_push_of_more_than_sixteen_packets_is_taken_whole(
+        session: aiohttp.ClientSession) -> None:
+    """socket.io-client batches what it emits while a POST is out: engine.io refused
+    more than 16 packets in one payload (and dropped them all); Node takes them."""
+    async with serving(ping_interval=5, ping_timeout=5) as server:
+        sid = await open_session(server, session)
+        assert (await push(server, session, sid, "40"))[0] == 200
+        status, text = await poll(server, session, sid)
+        assert status == 200 and text.startswith("40{")
+        events = [f'42{k}["echo",{k}]' for k in range(40)]
+        assert (await push(server, session, sid, "\x1e".join(events)))[0] == 200
+        acks: list[str] = []
+        while len(acks) < 40:
+            status, text = await asyncio.wait_for(poll(server, session, sid), 2)
+            assert status == 200, text
+            acks += [p for p in text.split("\x1e") if p.startswith("43")]
+        assert sorted(acks) == sorted(f"43{k}[{k}]" for k in range(40))
+        assert sid in server.sio.eio.sockets
