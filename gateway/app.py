@@ -401,6 +401,13 @@ def guard_packets(sio: socketio.AsyncServer, chat: ChatProtocol,
 
         socket.handle_post_request = checked_post
 
+    # the POSTs engine.io could not decode end before it sees them (nats_adapter's
+    # polling rules); counted here with the rest
+    watch_polling = getattr(sio.manager, "on_undecodable_polling_payload", None)
+    if watch_polling is not None:
+        watch_polling(lambda eio_sid: count("malformed", eio_sid,
+                                            "an undecodable long-polling payload"))
+
     async def on_connect(eio_sid: str, environ: dict[str, Any]) -> Any:
         request = environ.get("aiohttp.request")
         # the client's address (after the proxy rules) outlives the request, which a

@@ -1,4 +1,5 @@
-"""The python-socketio internals connection state recovery hooks into.
+"""The python-socketio internals connection state recovery hooks into, and the
+answer to a CONNECT for a namespace the server does not serve.
 
 python-socketio has no place for a manager to see a client's CONNECT auth (which
 carries ``pid`` and ``offset`` on a reconnect), to add ``pid`` to the CONNECT reply,
@@ -6,6 +7,12 @@ or to tell an engine.io-level close (recoverable: the network went away) from a
 namespace disconnect (final). This module wraps three of its private methods on one
 server instance, after checking they are there with the expected signatures; nothing
 else in the package touches python-socketio internals.
+
+python-socketio refuses a CONNECT to a namespace it does not serve with the bare
+string ``"Unable to connect"``; Node (and the protocol's test suite) answers
+``{"message": "Invalid namespace"}``, and socket.io-client reads the error's
+``message`` from that object (it reported ``undefined``).
+:func:`answer_unknown_namespaces` answers so before python-socketio sees the CONNECT.
 """
 
 from __future__ import annotations
@@ -82,3 +89,35 @@ def install(server: Any, hooks: RecoveryHooks) -> None:
     server._handle_connect = _handle_connect
     server._send_packet = _send_packet
     server.eio.on("disconnect", _on_engine_close)
+
+
+#: the CONNECT_ERROR a client gets for a namespace the server does not serve (Node's)
+INVALID_NAMESPACE = {"message": "Invalid namespace"}
+
+
+def serves_namespace(server: Any, namespace: str) -> bool:
+    """Whether ``server`` takes a CONNECT to ``namespace`` (python-socketio's test:
+    a handler, a namespace handler, or a namespace it was told to accept)."""
+    namespaces = server.namespaces
+    return (namespace in server.handlers or namespace in server.namespace_handlers
+            or namespaces == "*" or namespace in namespaces)
+
+
+def answer_unknown_namespaces(server: Any) -> bool:
+    """Refuse a CONNECT to a namespace ``server`` does not serve with Node's
+    CONNECT_ERROR (see the module docstring). False, changing nothing, when
+    python-socketio is not as expected (``socketio.namespace_error``)."""
+    if not compat.check("socketio.namespace_error"):
+        return False
+    handle_connect = server._handle_connect
+
+    async def _handle_connect(eio_sid: str, namespace: str | None, data: Any) -> None:
+        ns = namespace or "/"
+        if serves_namespace(server, ns):
+            await handle_connect(eio_sid, namespace, data)
+            return
+        await server._send_packet(eio_sid, server.packet_class(
+            sio_packet.CONNECT_ERROR, data=dict(INVALID_NAMESPACE), namespace=ns))
+
+    server._handle_connect = _handle_connect
+    return True

@@ -135,6 +135,42 @@ def _engineio_ping_timer() -> list[str]:
     return p
 
 
+def _engineio_polling() -> list[str]:
+    """What :class:`~nats_adapter._engineio.polling.PollingRules` needs: engine.io's
+    aiohttp ``translate_request`` (wrapped so engine.io reads a POST's body from
+    bytes read before it) keeps the request's method, length and ``wsgi.input``;
+    its payload decoder raises on what it cannot decode."""
+    from aiohttp.test_utils import make_mocked_request
+    from engineio import async_server
+    from engineio import payload as eio_payload
+
+    p = _Problems()
+    server = async_server.AsyncServer(async_mode="aiohttp")
+    translate: Any = getattr(server, "_async", {}).get("translate_request")
+    p.need(callable(translate) and _params(translate) == ["request"],
+           "engineio AsyncServer._async['translate_request'](request)")
+    for name in ("transports", "attach", "reason"):
+        p.need(hasattr(server, name), f"engineio AsyncServer.{name}")
+    for name in ("PING_TIMEOUT", "TRANSPORT_ERROR"):
+        p.need(hasattr(getattr(server, "reason", None), name),
+               f"engineio AsyncServer.reason.{name}")
+    if p:
+        return p
+    request = make_mocked_request("POST", "/engine.io/?EIO=4&transport=polling",
+                                  headers={"Content-Length": "2"})
+    environ = translate(request)
+    p.need(isinstance(environ, dict) and environ.get("REQUEST_METHOD") == "POST"
+           and environ.get("CONTENT_LENGTH") == "2" and "wsgi.input" in environ,
+           "engineio translate_request gives REQUEST_METHOD, CONTENT_LENGTH, wsgi.input")
+    try:
+        eio_payload.Payload(encoded_payload="x")
+    except ValueError:
+        pass
+    else:
+        p.append("engineio Payload(encoded_payload=) raises ValueError on a bad packet")
+    return p
+
+
 # -- aiohttp, asyncio, wsproto ---------------------------------------------------------
 
 #: what aiohttp's request handler must have for a connection to be taken from it
@@ -205,6 +241,28 @@ def _socketio_recovery_hooks() -> list[str]:
            "socketio AsyncServer._handle_connect(eio_sid, namespace, data)")
     p.need(_params(getattr(server, "_send_packet", None))[1:3] == ["eio_sid", "pkt"],
            "socketio AsyncServer._send_packet(eio_sid, pkt)")
+    return p
+
+
+def _socketio_namespace_error() -> list[str]:
+    """A CONNECT goes through ``AsyncServer._handle_connect``; which namespaces a
+    server takes is read from ``handlers``, ``namespace_handlers`` and ``namespaces``;
+    packets go out through ``_send_packet`` built by ``packet_class``."""
+    import socketio
+
+    p = _Problems()
+    server = socketio.AsyncServer
+    p.need(_params(getattr(server, "_handle_connect", None))[1:4]
+           == ["eio_sid", "namespace", "data"],
+           "socketio AsyncServer._handle_connect(eio_sid, namespace, data)")
+    p.need(_params(getattr(server, "_send_packet", None))[1:3] == ["eio_sid", "pkt"],
+           "socketio AsyncServer._send_packet(eio_sid, pkt)")
+    instance = server()
+    for name, kind in (("handlers", dict), ("namespace_handlers", dict),
+                       ("namespaces", (list, str))):
+        p.need(isinstance(getattr(instance, name, None), kind),
+               f"socketio AsyncServer.{name}")
+    p.need(callable(getattr(instance, "packet_class", None)), "socketio AsyncServer.packet_class")
     return p
 
 
@@ -344,6 +402,12 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
     Private("engineio.ping_timer", "python-engineio",
             ("AsyncSocket._send_ping", "AsyncSocket.schedule_ping"),
             "engine.io's ping task per socket", _engineio_ping_timer),
+    Private("engineio.polling", "python-engineio",
+            ("AsyncServer._async['translate_request'] (wrapped)", "AsyncSocket.last_ping",
+             "payload.Payload"),
+            "python-engineio's own long-polling answers: a request without transport served "
+            "as polling, 405 for other methods, duplicate polls served, an undecodable POST "
+            "kept, a ping timeout noticed late, 'OK'", _engineio_polling),
     Private("aiohttp.take_over", "aiohttp",
             (*(f"RequestHandler.{n}" for n in HANDLER_SLOTS), "RequestHandler.connection_lost",
              "BaseRequest.protocol"),
@@ -362,6 +426,10 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
     Private("socketio.recovery_hooks", "python-socketio",
             ("AsyncServer._handle_connect", "AsyncServer._send_packet"),
             "connection state recovery refuses to start", _socketio_recovery_hooks),
+    Private("socketio.namespace_error", "python-socketio",
+            ("AsyncServer._handle_connect", "AsyncServer._send_packet"),
+            "python-socketio's CONNECT_ERROR \"Unable to connect\" for an unknown namespace "
+            "(socket.io-client reads no message from it)", _socketio_namespace_error),
     Private("socketio.environ", "python-socketio", ("AsyncServer.environ",),
             "fetched sockets carry an empty handshake; lean websockets keep the request",
             _socketio_environ),

@@ -45,6 +45,7 @@ from socketio import packet as sio_packet
 
 from . import codec, compat
 from ._engineio import FastPath, QueueLimits, WriteBatch, fast_paths, install
+from ._socketio_hooks import answer_unknown_namespaces
 from .brokers.base import Broker
 from .bus import Bus
 from .cluster import ClusterApi, RemoteSocket
@@ -223,6 +224,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
                         fastpath.sessions if fastpath is not None else None)
         assert self.hub.fanout is not None
         self.plugin.install(server, self.hub.fanout.held)
+        answer_unknown_namespaces(server)
         if compat.check("engineio.generate_id"):
             # engine.io session ids name this node, as sids do (see nats_adapter.sids)
             server.eio.generate_id = functools.partial(new_eio_sid, self.node_tag)
@@ -238,6 +240,13 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
     def cluster_key(self) -> ClusterKey | None:
         """The key envelopes and session records are sealed with; None on an open bus."""
         return self.bus.key
+
+    def on_undecodable_polling_payload(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(eio_sid)`` for every long-polling session ended because a
+        POST of it did not decode (:mod:`nats_adapter._engineio.polling`); nothing
+        happens when those rules are not installed."""
+        if self._fastpath is not None and self._fastpath.polling is not None:
+            self._fastpath.polling.on_bad_payload = callback
 
     @property
     def fast_fanout(self) -> bool:

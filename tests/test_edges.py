@@ -130,6 +130,7 @@ async def test_malformed_packets_close_the_socket_and_are_counted_not_logged(
                 await resp.read()
             assert await _polling_closed(session, edge_gateway.url, sid), \
                 f"polling session left open after {frame!r}"
+        undecodable = refused(edge_gateway, "malformed")
         for frame in ENGINEIO_GARBAGE:
             sid = await _polling_session(session, edge_gateway.url)
             async with session.post(
@@ -137,6 +138,8 @@ async def test_malformed_packets_close_the_socket_and_are_counted_not_logged(
                     data=frame) as resp:
                 assert resp.status == 400, (frame, resp.status, await resp.text())
             assert await _polling_closed(session, edge_gateway.url, sid), frame
+        # "x", "garbage", "\x00", "4x\x1ey" do not decode ("9", "-1" are unknown types)
+        assert refused(edge_gateway, "malformed") - undecodable >= 4
     assert refused(edge_gateway, "malformed") - before >= 400
     text = log.read_text(errors="replace")[size:]
     assert "Traceback" not in text, text[:3000]

@@ -130,13 +130,18 @@ class Heartbeat:
 def ping_later(socket: Any, interval: float, is_lean: Callable[[str], bool]
                ) -> asyncio.TimerHandle:
     """``AsyncSocket._send_ping`` as a timer: after ``interval``, queue a PING for
-    ``socket`` (unless a lean connection pings it, or it closed meanwhile)."""
-    return asyncio.get_running_loop().call_later(interval, _send_ping, socket, is_lean)
+    ``socket`` (unless a lean connection pings it, or it closed meanwhile).
+
+    The ping counts as sent when it was due, even if the timer fires late: the
+    client's ping timeout runs from then, as on Node's timers (a long-poll that comes
+    ping interval + timeout after the last pong finds the session closed)."""
+    due = time.time() + interval
+    return asyncio.get_running_loop().call_later(interval, _send_ping, socket, is_lean, due)
 
 
-def _send_ping(socket: Any, is_lean: Callable[[str], bool]) -> None:
+def _send_ping(socket: Any, is_lean: Callable[[str], bool], due: float) -> None:
     if is_lean(socket.sid):
         return  # a lean connection's heartbeat pings it
     if not socket.closing and not socket.closed:
-        socket.last_ping = time.time()
+        socket.last_ping = min(due, time.time())
         socket.queue.put_nowait(eio_packet.Packet(eio_packet.PING))

@@ -31,12 +31,14 @@ from typing import Any
 from .. import compat
 from .connection import Sessions, close_second_websocket, take_over
 from .heartbeat import Heartbeat, ping_later
+from .polling import PollingRules
 from .queue import CountingQueue, QueueLimits, self_test
 
 logger = logging.getLogger(__name__)
 
 #: the features of :mod:`nats_adapter.compat` this package reports on
 LEAN = "aiohttp.take_over"
+POLLING = "engineio.polling"
 
 #: engine.io server -> its fast path
 _installed: weakref.WeakKeyDictionary[Any, FastPath] = weakref.WeakKeyDictionary()
@@ -50,6 +52,9 @@ class FastPath:
         self.eio = eio
         self.sessions = sessions
         self.queue_limits = queue_limits
+        #: Node's long-polling rules, before engine.io sees a request; None when
+        #: engine.io is not as they expect (``engineio.polling``)
+        self.polling: PollingRules | None = None
         #: feature -> why it is off on this server (configuration, a run-time error)
         self.off = off
 
@@ -138,6 +143,8 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
 
         # before python-socketio's attach() routes requests to it
         eio.handle_request = handle_request_lean
+    if compat.check(POLLING):
+        _install_polling_rules(eio, fastpath)
     eio._async = {**eio._async,
                   "websocket": _websocket_class(eio._async["websocket"], fastpath,
                                                 compression, close_timeout)}
@@ -166,6 +173,31 @@ def install(eio: Any, *, compression: bool = False, close_timeout: float = 2.0,
 
         eio.start_background_task = start_background_task
     return fastpath
+
+
+def _install_polling_rules(eio: Any, fastpath: FastPath) -> None:
+    """Serve every request of ``eio`` through :class:`PollingRules`, for every method
+    (engine.io routes GET, POST and OPTIONS only: aiohttp answered others 405)."""
+    rules = fastpath.polling = PollingRules(eio)
+    handle_request = eio.handle_request
+
+    async def handle_request_polling(request: Any) -> Any:
+        return await rules.serve(request, handle_request)
+
+    eio.handle_request = handle_request_polling
+    eio._async = {**eio._async,
+                  "translate_request": rules.translate_request(eio._async["translate_request"])}
+    attach = eio.attach
+
+    def attach_every_method(app: Any, *args: Any, **kwargs: Any) -> Any:
+        attached = attach(app, *args, **kwargs)
+        resources = {route.resource for route in app.router.routes()
+                     if route.handler is handle_request_polling and route.resource is not None}
+        for resource in resources:
+            resource.add_route("*", handle_request_polling)
+        return attached
+
+    eio.attach = attach_every_method
 
 
 def _websocket_class(base: Any, fastpath: FastPath, compression: bool,

@@ -69,6 +69,12 @@ def take_away(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         async def _send_packet(self: object, packet: object) -> None: ...
 
         monkeypatch.setattr(socketio.AsyncServer, "_send_packet", _send_packet)
+    elif name == "socketio.namespace_error":
+        import socketio
+
+        async def _handle_connect(self: object, sid: str, namespace: str) -> None: ...
+
+        monkeypatch.setattr(socketio.AsyncServer, "_handle_connect", _handle_connect)
     elif name == "socketio.environ":
         import socketio
 
@@ -97,6 +103,13 @@ def take_away(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         async def _send_ping(self: object, interval: float) -> None: ...
 
         monkeypatch.setattr(AsyncSocket, "_send_ping", _send_ping)
+    elif name == "engineio.polling":
+        from engineio.async_drivers import aiohttp as aiohttp_driver
+
+        def translate_request(request: object, extra: object) -> dict[str, object]:
+            return {}
+
+        monkeypatch.setitem(aiohttp_driver._async, "translate_request", translate_request)
     elif name == "aiohttp.take_over":
         monkeypatch.delattr(asyncio.BaseTransport, "set_protocol")
     elif name == "aiohttp.websocket_options":

@@ -24,6 +24,7 @@ THIRD_PARTY_WRAPPERS = frozenset({
     "nats_adapter/compat.py",
     "nats_adapter/_engineio/connection.py",
     "nats_adapter/_engineio/install.py",
+    "nats_adapter/_engineio/polling.py",
     "nats_adapter/_socketio_hooks.py",
     "nats_adapter/brokers/nats.py",
     "nats_adapter/brokers/redis_sharded.py",
