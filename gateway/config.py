@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,7 +86,8 @@ class GatewayConfig:
     redis_url: str = "redis://127.0.0.1:7000"
     host: str = "127.0.0.1"
     port: int = 8001
-    node_id: str = "gw-1"
+    #: this node's name; by default the host's (see default_node_id)
+    node_id: str = field(default_factory=lambda: default_node_id())
     unsubscribe_linger: float = 1.0
     subscribe_timeout: float = 5.0
     #: seconds between heartbeats to the other gateways (cluster API liveness)
@@ -315,6 +317,21 @@ def _node_id(text: str) -> str:
     if not text or len(text) > 64 or not text.isprintable():
         raise ValueError("must be 1-64 printable characters")
     return text
+
+
+#: the node id of a host without a usable name
+FALLBACK_NODE_ID = "gw-1"
+
+
+def default_node_id() -> str:
+    """The node id when neither --node-id nor GATEWAY_NODE_ID is given: the host's
+    name. A container's host name is its id, so every replica of a scaled compose
+    service (``--scale gateway=4``) or Kubernetes pod gets a name of its own with
+    nothing configured."""
+    try:
+        return _node_id(socket.gethostname()[:64])
+    except ValueError:
+        return FALLBACK_NODE_ID
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {

@@ -79,6 +79,23 @@ def test_short_secrets_are_refused_naming_the_variable(var: str, value: str) -> 
     cfg.from_args(args.parse_args([]), env={var: value + "x" * 32})  # long enough
 
 
+def test_the_node_id_is_the_host_name_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas of one compose service differ only in their host name (the container's
+    id): with no GATEWAY_NODE_ID each takes it, so node ids are unique per replica."""
+    args = argparse.ArgumentParser()
+    cfg.add_arguments(args)
+    monkeypatch.setattr(cfg.socket, "gethostname", lambda: "3f9c2a7d1e0b")
+    assert cfg.from_args(args.parse_args([]), env={}).node_id == "3f9c2a7d1e0b"
+    assert GatewayConfig().node_id == "3f9c2a7d1e0b"
+    assert cfg.from_args(args.parse_args([]), env={"GATEWAY_NODE_ID": "gw-7"}).node_id == "gw-7"
+    assert cfg.from_args(args.parse_args(["--node-id", "gw-8"]),
+                         env={"GATEWAY_NODE_ID": "gw-7"}).node_id == "gw-8"
+    monkeypatch.setattr(cfg.socket, "gethostname", lambda: "")
+    assert cfg.from_args(args.parse_args([]), env={}).node_id == cfg.FALLBACK_NODE_ID
+    monkeypatch.setattr(cfg.socket, "gethostname", lambda: "h" * 200)
+    assert cfg.from_args(args.parse_args([]), env={}).node_id == "h" * 64
+
+
 def test_admin_credentials_are_compared_whole() -> None:
     expected = {"username": "admin", "password": "correct horse battery"}
     assert same_credentials(dict(expected), expected)
