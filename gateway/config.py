@@ -8,6 +8,7 @@ or variable it came from (``ConfigError``).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 from collections.abc import Callable, Mapping, Sequence
@@ -171,7 +172,8 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("allowed_hosts", "--allowed-hosts", "GATEWAY_ALLOWED_HOSTS",
      "comma-separated Host headers accepted (host or host:port); others get 421"),
     ("trusted_proxies", "--trusted-proxies", "GATEWAY_TRUSTED_PROXIES",
-     "comma-separated proxy addresses whose X-Forwarded-* headers are believed"),
+     "comma-separated proxy addresses, or networks (10.0.0.0/8), whose X-Forwarded-* "
+     "headers are believed"),
     ("max_connections", "--max-connections", "GATEWAY_MAX_CONNECTIONS",
      "concurrent connections accepted, websockets included (0: the open-file limit)"),
     ("admin_port", "--admin-port", "GATEWAY_ADMIN_PORT",
@@ -293,6 +295,19 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _proxies(text: str) -> tuple[str, ...]:
+    """Addresses, or networks with a prefix length (``10.0.0.0/8``)."""
+    entries = _csv(text)
+    for entry in entries:
+        if "/" in entry:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not a network (address/prefix length)") \
+                    from None
+    return entries
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -367,7 +382,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_issuer": str,
     "jwt_audience": str,
     "allowed_hosts": _csv,
-    "trusted_proxies": _csv,
+    "trusted_proxies": _proxies,
     "max_connections": _non_negative_int,
     "admin_port": _port,
     "admin_host": str,

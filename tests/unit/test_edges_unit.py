@@ -65,6 +65,28 @@ def test_the_client_is_the_rightmost_untrusted_forwarded_entry() -> None:
     assert guard.forwarded_client([]) == ""
 
 
+def test_trusted_proxies_may_be_networks() -> None:
+    """A compose or cluster network's balancer has no fixed address: ``--trusted-proxies``
+    takes networks too. The client stays the rightmost entry outside them, and the
+    only one when the proxy set the header itself (compose's HAProxy drops what
+    clients send), even a client on a private network."""
+    guard = RequestGuard(GatewayConfig(trusted_proxies=("10.0.0.0/8", "fd00::/8", "192.0.2.9")))
+    for proxy in ("10.89.0.5", "::ffff:10.89.0.5", "fd00::1", "192.0.2.9"):
+        assert proxy in guard.proxies, proxy
+    for other in ("11.0.0.1", "192.0.2.10", "fe80::1", "gateway", ""):
+        assert other not in guard.proxies, other
+    assert guard.forwarded_client(["6.6.6.6, 198.51.100.7, 10.89.0.5"]) == "198.51.100.7"
+    assert guard.forwarded_client(["10.1.2.3"]) == "10.1.2.3"
+    args = argparse.ArgumentParser()
+    cfg.add_arguments(args)
+    parsed = cfg.from_args(args.parse_args([]), env={
+        "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8, 172.16.0.0/12,192.0.2.9"})
+    assert parsed.trusted_proxies == ("10.0.0.0/8", "172.16.0.0/12", "192.0.2.9")
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.from_args(args.parse_args([]), env={"GATEWAY_TRUSTED_PROXIES": "10.0.0.0/33"})
+    assert "GATEWAY_TRUSTED_PROXIES" in str(caught.value) and "10.0.0.0/33" in str(caught.value)
+
+
 @pytest.mark.parametrize(("var", "value"), [
     ("GATEWAY_API_KEY", "short-key"),
     ("GATEWAY_ADMIN_PASSWORD", "hunter2"),
