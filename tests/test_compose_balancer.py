@@ -110,15 +110,15 @@ def test_the_balancer_is_the_only_published_port(scaled_stack: ComposeStack) -> 
 def test_scaled_replicas_have_their_own_node_ids_and_all_take_requests(
         scaled_stack: ComposeStack) -> None:
     """Four replicas of one service, nothing configured per replica: each names itself
-    after its host name (the container's id), and the balancer's round-robin sends
+    after its host name (the container's, its short id), and the balancer's round-robin sends
     consecutive requests to each in turn: 2 x 4 requests to /healthz through the
     published port see every replica twice."""
     ids = []
     for i in range(SCALE):
         status, body = http_json(f"{scaled_stack.gateway_urls[i]}/healthz")
         assert status == 200, body
-        container_id = scaled_stack.inspect(scaled_stack.replica(i))["Id"]
-        assert container_id.startswith(body["node_id"]), (body["node_id"], container_id)
+        container = scaled_stack.inspect(scaled_stack.replica(i))
+        assert body["node_id"] == container["Config"]["Hostname"], (body, container["Id"])
         ids.append(body["node_id"])
     assert len(set(ids)) == SCALE, ids
     seen = []
