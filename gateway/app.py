@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import weakref
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from nats_adapter.shutdown import close_websockets
 
 from .chat import REMOTE_KEY, ChatProtocol, TokenRules, verify_token
 from .config import GatewayConfig
+from .forwarding import Forwarder
 from .guards import OPERATOR, RequestGuard, SessionsByAddress
 from .http_api import HttpApi
 from .metrics import make_registry
@@ -39,6 +41,7 @@ BROKER_CLOSE_TIMEOUT = 15.0
 SOCKETS_CLOSE_TIMEOUT = 3.0
 
 MANAGER_KEY = web.AppKey("manager", GatewayManager)
+FORWARDER_KEY = web.AppKey("forwarder", Forwarder)
 SIO_KEY = web.AppKey("sio", socketio.AsyncServer)
 CONFIG_KEY = web.AppKey("config", GatewayConfig)
 CHAT_KEY = web.AppKey("chat", ChatProtocol)
@@ -87,9 +90,26 @@ def connection_identity(config: GatewayConfig) -> IdentityFn | None:
     return identity
 
 
+def advertised_url(config: GatewayConfig) -> str:
+    """Where the other gateways reach this one (``--advertise-url``, else the listening
+    address, else, listening on every address, this host's)."""
+    if config.advertise_url:
+        return config.advertise_url
+    host = config.host
+    if host in ("", "0.0.0.0", "::"):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            logger.warning("no address of this host to advertise: set --advertise-url, or "
+                           "requests of this gateway's sessions that reach another fail")
+            return ""
+    return f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
+
+
 def make_manager(config: GatewayConfig) -> GatewayManager:
     """The client manager for ``config.backend``; concrete backends load only here."""
     common: dict[str, Any] = {
+        "node_url": advertised_url(config),
         "unsubscribe_linger": config.unsubscribe_linger,
         "subscribe_timeout": config.subscribe_timeout,
         "node_name": config.node_id,
@@ -144,8 +164,16 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         json=SafeJson,
     )
     guard = RequestGuard(config)
+    middlewares = [guard.middleware]
+    forwarder: Forwarder | None = None
+    if isinstance(manager, ClusterManager):
+        # any gateway serves any session: requests of another's go to the owner
+        forwarder = Forwarder(manager, "/socket.io",
+                              read_timeout=sio.eio.ping_interval + sio.eio.ping_timeout + 5,
+                              max_message_bytes=config.limits.max_message_bytes)
+        middlewares.append(forwarder.middleware)
     app = web.Application(client_max_size=config.limits.max_message_bytes,
-                          middlewares=[guard.middleware])
+                          middlewares=middlewares)
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
     guard.refusals = chat.refused
@@ -160,7 +188,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     guard_packets(sio, chat, guard.sessions)
     connections = ConnectionCounts()
     app[CONNECTIONS_KEY] = connections
-    registry = make_registry(config.node_id, manager, chat, guard, connections)
+    registry = make_registry(config.node_id, manager, chat, guard, connections, forwarder)
     app[MANAGER_KEY] = manager
     app[SIO_KEY] = sio
     app[CONFIG_KEY] = config
@@ -242,6 +270,13 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     app.on_startup.append(start_manager)
     app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop_manager)
+    if forwarder is not None:
+        app[FORWARDER_KEY] = forwarder
+
+        async def close_forwarder(_: web.Application) -> None:
+            await forwarder.close()
+
+        app.on_cleanup.append(close_forwarder)
     return app
 
 

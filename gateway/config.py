@@ -11,6 +11,7 @@ import argparse
 import ipaddress
 import os
 import socket
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,9 @@ class GatewayConfig:
     redis_url: str = "redis://127.0.0.1:7000"
     host: str = "127.0.0.1"
     port: int = 8001
+    #: where the other gateways reach this one (http://address:port); empty: the
+    #: listening address and port, or this host's address when listening on all
+    advertise_url: str = ""
     #: this node's name; by default the host's (see default_node_id)
     node_id: str = field(default_factory=lambda: default_node_id())
     unsubscribe_linger: float = 1.0
@@ -136,6 +140,10 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("redis_url", "--redis-url", "REDIS_URL", "a Redis Cluster seed node, redis://host:port"),
     ("host", "--host", "GATEWAY_HOST", "address to listen on"),
     ("port", "--port", "GATEWAY_PORT", "HTTP port to listen on"),
+    ("advertise_url", "--advertise-url", "GATEWAY_ADVERTISE_URL",
+     "http://address:port where the other gateways reach this one, to serve requests of "
+     "sessions it owns (default: --host and --port; this host's address when --host is "
+     "0.0.0.0)"),
     ("node_id", "--node-id", "GATEWAY_NODE_ID", "this node's name in /healthz and logs"),
     ("unsubscribe_linger", "--unsubscribe-linger", "GATEWAY_UNSUBSCRIBE_LINGER",
      "seconds a room subscription outlives its last local member"),
@@ -328,6 +336,14 @@ def _auth(text: str) -> str:
     return text
 
 
+def _advertise_url(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.port is None \
+            or parsed.path not in ("", "/") or parsed.query or parsed.username:
+        raise ValueError("must be http://address:port (no path)")
+    return text.rstrip("/")
+
+
 def _node_id(text: str) -> str:
     if not text or len(text) > 64 or not text.isprintable():
         raise ValueError("must be 1-64 printable characters")
@@ -355,6 +371,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "redis_url": _redis_url,
     "host": str,
     "port": _port,
+    "advertise_url": _advertise_url,
     "node_id": _node_id,
     "unsubscribe_linger": _non_negative_float,
     "subscribe_timeout": _positive_float,

@@ -8,6 +8,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from .chat import ChatProtocol
+from .forwarding import Forwarder
 from .guards import RequestGuard
 from .serving import GC_PAUSES, ConnectionCounts
 from .types import GatewayManager
@@ -57,8 +58,10 @@ _COUNTERS = {
 class GatewayCollector(Collector):
     def __init__(self, node_id: str, manager: GatewayManager, chat: ChatProtocol,
                  guard: RequestGuard | None = None,
-                 connections: ConnectionCounts | None = None) -> None:
+                 connections: ConnectionCounts | None = None,
+                 forwarder: Forwarder | None = None) -> None:
         self.node_id = node_id
+        self.forwarder = forwarder
         self.manager = manager
         self.chat = chat
         self.guard = guard
@@ -147,6 +150,16 @@ class GatewayCollector(Collector):
         for reason, count in sorted(self.chat.refused.items()):
             refused.add_metric([*values, reason], count)
         yield refused
+        forwarded = CounterMetricFamily(
+            "gateway_forwarded_requests", "Requests of sessions another gateway owns, by "
+            "outcome (polling / websocket: served through the owner; refused_unknown_node, "
+            "refused_second_hop, failed: answered 400 Session ID unknown)",
+            labels=[*labels, "kind"])
+        counts = self.forwarder.counts if self.forwarder is not None else {}
+        for kind in ("polling", "websocket", "refused_unknown_node", "refused_second_hop",
+                     "failed"):
+            forwarded.add_metric([*values, kind], counts.get(kind, 0))
+        yield forwarded
 
 
 def _gc_metrics(labels: list[str], values: list[str]) -> Iterator[Metric]:
@@ -170,7 +183,8 @@ def _gc_metrics(labels: list[str], values: list[str]) -> Iterator[Metric]:
 
 def make_registry(node_id: str, manager: GatewayManager, chat: ChatProtocol,
                   guard: RequestGuard | None = None,
-                  connections: ConnectionCounts | None = None) -> CollectorRegistry:
+                  connections: ConnectionCounts | None = None,
+                  forwarder: Forwarder | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GatewayCollector(node_id, manager, chat, guard, connections))
+    registry.register(GatewayCollector(node_id, manager, chat, guard, connections, forwarder))
     return registry

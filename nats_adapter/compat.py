@@ -105,6 +105,21 @@ def _engineio_server() -> list[str]:
     return p
 
 
+def _engineio_generate_id() -> list[str]:
+    """engine.io names a new session by calling its server's ``generate_id()`` (no
+    arguments, a str back); the node sets it per server so ids name the node."""
+    from engineio import async_server
+
+    p = _Problems()
+    server = async_server.AsyncServer(async_mode="aiohttp")
+    p.need(_params(getattr(async_server.AsyncServer, "generate_id", None)) == ["self"],
+           "engineio AsyncServer.generate_id(self)")
+    generate = getattr(server, "generate_id", None)
+    p.need(callable(generate) and isinstance(generate(), str),
+           "engineio AsyncServer.generate_id() -> str")
+    return p
+
+
 def _engineio_ping_timer() -> list[str]:
     """engine.io starts each ping as ``start_background_task(socket._send_ping)``."""
     from engineio import async_socket
@@ -321,6 +336,11 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
              "AsyncSocket.handle_post_request (wrapped per socket by gateway.app)"),
             "stock engine.io: its queue, its ping task per socket, its websocket loop",
             _engineio_server),
+    Private("engineio.generate_id", "python-engineio",
+            ("AsyncServer.generate_id (set per server)",),
+            "engine.io's own session ids, which name no node: a request of a session "
+            "another gateway owns is refused (the balancer then needs affinity)",
+            _engineio_generate_id),
     Private("engineio.ping_timer", "python-engineio",
             ("AsyncSocket._send_ping", "AsyncSocket.schedule_ping"),
             "engine.io's ping task per socket", _engineio_ping_timer),

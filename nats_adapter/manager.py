@@ -31,6 +31,7 @@ talks to the others through public methods only:
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -42,7 +43,7 @@ from bidict import ValueDuplicationError
 from socketio import AsyncManager
 from socketio import packet as sio_packet
 
-from . import codec
+from . import codec, compat
 from ._engineio import FastPath, QueueLimits, WriteBatch, fast_paths, install
 from .brokers.base import Broker
 from .bus import Bus
@@ -56,7 +57,7 @@ from .recovery import Recovery, RecoveryOptions
 from .routing import Router
 from .rpc import ClusterRpc, Peers
 from .sealing import ClusterKey
-from .sids import is_sid, new_node_tag, new_sid
+from .sids import is_sid, new_eio_sid, new_node_tag, new_sid
 from .stats import ManagerStats
 from .subscriptions import RoomSubscriptions, SubscriptionError
 from .types import EncodedPacket
@@ -152,6 +153,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         max_room_chars: int = 256,
         max_rooms_per_socket: int = 1000,
         node_name: str = "",
+        node_url: str = "",
         heartbeat_interval: float = 2.0,
         heartbeat_timeout: float | None = None,
         recovery: RecoveryOptions | bool | None = None,
@@ -192,7 +194,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         key = ClusterKey(cluster_key) if cluster_key is not None else None
         self.bus = Bus(broker, self.channels, self.stats, key, self._ensure_started)
         self.rpc = ClusterRpc(self.node_tag, self.channels, self.stats, self.bus.publish,
-                              self.spawn, node_name=node_name,
+                              self.spawn, node_name=node_name, node_url=node_url,
                               heartbeat_interval=heartbeat_interval,
                               heartbeat_timeout=heartbeat_timeout,
                               max_room_chars=max_room_chars, subscribe=self._hold_channel,
@@ -221,6 +223,16 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
                         fastpath.sessions if fastpath is not None else None)
         assert self.hub.fanout is not None
         self.plugin.install(server, self.hub.fanout.held)
+        if compat.check("engineio.generate_id"):
+            # engine.io session ids name this node, as sids do (see nats_adapter.sids)
+            server.eio.generate_id = functools.partial(new_eio_sid, self.node_tag)
+
+    def node_url(self, tag: str) -> str | None:
+        """Where node ``tag`` said other nodes reach it over HTTP; None when it is not
+        known alive or said nothing."""
+        info = self.rpc.peers.info(tag)
+        url = info.get("url") if info is not None else None
+        return url if isinstance(url, str) and url else None
 
     @property
     def cluster_key(self) -> ClusterKey | None:

@@ -91,6 +91,11 @@ class Peers:
     def tags(self) -> set[str]:
         return set(self._nodes)
 
+    def info(self, tag: str) -> dict[str, Any] | None:
+        """What node ``tag`` said of itself (name, host, url ...); None when not known."""
+        entry = self._nodes.get(tag)
+        return entry[1] if entry is not None else None
+
     def name(self, tag: str) -> str:
         entry = self._nodes.get(tag)
         name = entry[1].get("name") if entry else None
@@ -196,7 +201,7 @@ class ClusterRpc:
     """
 
     def __init__(self, node_tag: str, channels: ChannelNames, stats: ManagerStats,
-                 publish: Publish, spawn: Spawn, *, node_name: str = "",
+                 publish: Publish, spawn: Spawn, *, node_name: str = "", node_url: str = "",
                  heartbeat_interval: float = 2.0, heartbeat_timeout: float | None = None,
                  max_room_chars: int = 256, subscribe: Subscribe | None = None,
                  subscribe_timeout: float = 5.0) -> None:
@@ -204,6 +209,8 @@ class ClusterRpc:
             raise ValueError(f"heartbeat_interval must be > 0 seconds, got {heartbeat_interval!r}")
         self.node_tag = node_tag
         self.node_name = node_name
+        #: where other nodes reach this one over HTTP ("": nowhere)
+        self.node_url = node_url
         self.channels = channels
         self.stats = stats
         self.peers = Peers(heartbeat_timeout or 3 * heartbeat_interval)
@@ -250,7 +257,7 @@ class ClusterRpc:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.node_name, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": self._started_at}
+                "started": self._started_at, "url": self.node_url}
 
     async def start(self) -> None:
         channel = self.channels.cluster()

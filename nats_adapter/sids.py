@@ -2,6 +2,10 @@
 
 There is no per-socket default room, so a direct message to a sid is routed by
 the node tag its sid starts with. Room names of this shape are reserved.
+
+Engine.io session ids name their node the same way (``<node tag><random>``,
+:func:`new_eio_sid`), so a gateway that gets a request of a session another one
+owns knows where to send it (no load balancer affinity needed).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ NODE_TAG_CHARS = 8
 SID_CHARS = 21
 SID_RE = re.compile(r"[A-Za-z0-9_-]{8}:[A-Za-z0-9_-]{12}")
 NODE_TAG_RE = re.compile(r"[A-Za-z0-9_-]{8}")
+#: Length of an engine.io session id: the node tag, then 16 random characters.
+EIO_SID_CHARS = 24
+EIO_SID_RE = re.compile(r"[A-Za-z0-9_-]{24}")
 
 
 def new_node_tag() -> str:
@@ -39,3 +46,17 @@ def is_node_tag(name: object) -> bool:
 def sid_owner(sid: str) -> str:
     """The node tag of the node that owns ``sid``."""
     return sid[:NODE_TAG_CHARS]
+
+
+def new_eio_sid(node_tag: str) -> str:
+    """A fresh engine.io session id owned by the node tagged ``node_tag`` (96 random bits)."""
+    return node_tag + secrets.token_urlsafe(12)
+
+
+def eio_sid_owner(eio_sid: object) -> str | None:
+    """The node tag an engine.io session id names, or None when it has not the shape
+    :func:`new_eio_sid` gives (a session of a node that does not name itself)."""
+    if isinstance(eio_sid, str) and len(eio_sid) == EIO_SID_CHARS \
+            and EIO_SID_RE.fullmatch(eio_sid) is not None:
+        return eio_sid[:NODE_TAG_CHARS]
+    return None

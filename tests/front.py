@@ -2,7 +2,8 @@
 
 It forwards every connection to the current target; a test can cut every
 connection (the client's network drops), refuse new ones for a while, and send
-the next ones to another gateway.
+the next ones to another gateway. Given several targets it takes them in turn, one
+new connection each, with no affinity at all (a TCP balancer's round-robin).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ from gateway.processes import free_ports
 
 
 class Front:
-    def __init__(self, target: tuple[str, int]) -> None:
+    def __init__(self, target: tuple[str, int], *more: tuple[str, int]) -> None:
         self.target = target
+        #: with more targets: each new connection goes to the next (round-robin)
+        self.targets = [target, *more]
+        self.turn = 0
+        #: connections sent to each target, by (host, port)
+        self.sent: dict[tuple[str, int], int] = {}
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.refusing = False
@@ -31,8 +37,13 @@ class Front:
         if self.refusing:
             writer.close()
             return
+        target = self.target
+        if len(self.targets) > 1:
+            target = self.targets[self.turn % len(self.targets)]
+            self.turn += 1
+        self.sent[target] = self.sent.get(target, 0) + 1
         try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            up_reader, up_writer = await asyncio.open_connection(*target)
         except OSError:
             writer.close()
             return

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import socketio
 from aiohttp import web
 
@@ -122,9 +123,17 @@ async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool]
 class SioClient:
     """python-socketio's AsyncClient that records every event it receives."""
 
-    def __init__(self, name: str = "client", offsets: bool = False) -> None:
+    def __init__(self, name: str = "client", offsets: bool = False,
+                 connection_per_request: bool = False) -> None:
         self.name = name
-        self.sio = socketio.AsyncClient(reconnection=False)
+        #: ``connection_per_request``: every HTTP request and the websocket on a new TCP
+        #: connection, so a round-robin front spreads them as a balancer that balances
+        #: each request would (aiohttp otherwise reuses one kept-alive connection for the
+        #: polls and even the upgrade)
+        self.http: aiohttp.ClientSession | None = None
+        if connection_per_request:
+            self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+        self.sio = socketio.AsyncClient(reconnection=False, http_session=self.http)
         self.events: list[tuple[str, Any]] = []
         #: with connection state recovery, events end with an offset: kept apart here
         self.strip_offsets = offsets
@@ -149,8 +158,12 @@ class SioClient:
         result = reply(*args)
         return await result if inspect.isawaitable(result) else result
 
-    async def connect(self, url: str, auth: Any = None) -> SioClient:
-        await self.sio.connect(url, transports=["websocket"], auth=auth, wait_timeout=WAIT)
+    async def connect(self, url: str, auth: Any = None,
+                      transports: list[str] | None = None) -> SioClient:
+        """Connect websocket-first, or with ``transports`` (``["polling", "websocket"]``:
+        the client's default mode, polling, then the upgrade)."""
+        await self.sio.connect(url, transports=transports or ["websocket"], auth=auth,
+                               wait_timeout=WAIT)
         return self
 
     @property
@@ -192,13 +205,17 @@ class SioClient:
         gateway), python-engineio's client can hang here until its ping timeout (its
         write loop waits 30 s on an empty queue); past a bound the connection is
         dropped instead of said goodbye to."""
-        if not self.sio.connected:
-            return
         try:
-            async with asyncio.timeout(CLOSE_BOUND):
-                await self.sio.disconnect()
-        except TimeoutError:
-            await self.sio.eio.disconnect(abort=True)
+            if not self.sio.connected:
+                return
+            try:
+                async with asyncio.timeout(CLOSE_BOUND):
+                    await self.sio.disconnect()
+            except TimeoutError:
+                await self.sio.eio.disconnect(abort=True)
+        finally:
+            if self.http is not None:
+                await self.http.close()
 
 
 async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | str]],

@@ -9,14 +9,18 @@ the same behaviour against real NATS and Redis is in ``tests/test_contract.py``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import pytest
 import socketio
 from aiohttp import web
 
+from gateway.app import SIO_KEY, advertised_url, create_app
+from gateway.config import GatewayConfig
 from gateway.processes import free_ports
 from nats_adapter import MemoryManager
 from nats_adapter.brokers.memory import MemoryBus
@@ -79,7 +83,12 @@ async def make_node() -> AsyncIterator[NodeFactory]:
                 await node.manager.close()
 
 
-async def settle(nodes: Sequence[CoreNode], *clients: SioClient) -> None:
+class HasServer(Protocol):
+    @property
+    def sio(self) -> socketio.AsyncServer: ...
+
+
+async def settle(nodes: Sequence[HasServer], *clients: SioClient) -> None:
     """What a test waits for before it says nothing more arrived: a marker sent from
     every node to every client, after the traffic under test. Each node's memory
     broker hands messages on in the order they were published, and each socket's
@@ -96,3 +105,41 @@ async def settle(nodes: Sequence[CoreNode], *clients: SioClient) -> None:
 
 SETTLE_EVENT = "_settle"
 _markers = itertools.count()
+
+
+@dataclass
+class GatewayApp:
+    """The whole gateway service (``create_app``: chat, guards, forwarding) on the
+    memory bus."""
+
+    url: str
+    port: int
+    app: web.Application
+    manager: MemoryManager
+
+    @property
+    def sio(self) -> socketio.AsyncServer:
+        return self.app[SIO_KEY]
+
+
+@pytest.fixture
+async def two_gateways() -> AsyncIterator[list[GatewayApp]]:
+    bus = MemoryBus()
+    runners: list[web.AppRunner] = []
+    made: list[GatewayApp] = []
+    try:
+        for i in (1, 2):
+            port = free_ports(1)[0]
+            config = dataclasses.replace(GatewayConfig(), backend="memory", node_id=f"gw-{i}",
+                                         port=port)
+            manager = MemoryManager(bus, node_name=f"gw-{i}", node_url=advertised_url(config))
+            app = create_app(config, manager)
+            runner = web.AppRunner(app)
+            runners.append(runner)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            made.append(GatewayApp(f"http://127.0.0.1:{port}", port, app, manager))
+        yield made
+    finally:
+        for runner in runners:
+            await runner.cleanup()

@@ -12,22 +12,13 @@ section prints the same chain.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import pytest
-from aiohttp import web
-
-from gateway.app import create_app
-from gateway.config import GatewayConfig
-from gateway.processes import free_ports
-from nats_adapter import MemoryManager
-from nats_adapter.brokers.memory import MemoryBus
 from tests.helpers import REPO, SioClient
+from tests.unit.conftest import GatewayApp
 
 OURS = (str(REPO / "nats_adapter"), str(REPO / "gateway"))
 MAX_FILES = 8
@@ -44,33 +35,12 @@ def our_stack(frame: FrameType | None) -> list[str]:
     return [str(Path(f).relative_to(REPO)) for f in reversed(files)]
 
 
-@pytest.fixture
-async def two_gateways() -> AsyncIterator[list[str]]:
-    bus = MemoryBus()
-    runners: list[web.AppRunner] = []
-    urls: list[str] = []
-    try:
-        for i in (1, 2):
-            port = free_ports(1)[0]
-            config = dataclasses.replace(GatewayConfig(), backend="memory", node_id=f"gw-{i}",
-                                         port=port)
-            runner = web.AppRunner(create_app(config, MemoryManager(bus, node_name=f"gw-{i}")))
-            runners.append(runner)
-            await runner.setup()
-            await web.TCPSite(runner, "127.0.0.1", port).start()
-            urls.append(f"http://127.0.0.1:{port}")
-        yield urls
-    finally:
-        for runner in runners:
-            await runner.cleanup()
-
-
 async def test_one_chat_crosses_at_most_eight_files_of_ours(
-        two_gateways: list[str], clients: list[SioClient]) -> None:
+        two_gateways: list[GatewayApp], clients: list[SioClient]) -> None:
     a, b = SioClient("a"), SioClient("b")
     clients += [a, b]
-    await a.connect(two_gateways[0])
-    await b.connect(two_gateways[1])
+    await a.connect(two_gateways[0].url)
+    await b.connect(two_gateways[1].url)
     for c in (a, b):
         assert (await c.call("join", "lobby"))["ok"]
     sent: list[str] = []

@@ -87,6 +87,10 @@ def take_away(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         monkeypatch.setattr(InstrumentedAsyncServer, "admin_connect", admin_connect)
     elif name == "engineio.server":
         monkeypatch.delattr(engineio.exceptions, "UnknownPacketError")
+    elif name == "engineio.generate_id":
+        from engineio import base_server
+
+        monkeypatch.delattr(base_server.BaseServer, "generate_id")
     elif name == "engineio.ping_timer":
         from engineio.async_socket import AsyncSocket
 
