@@ -6,14 +6,16 @@ Clients reach the gateways only through the balancer, as users do. With
 balancer chose, so no affinity is needed: every chat reaches every other member of
 the room exactly once, whichever replicas the sender and the receivers are on.
 socket.io-client's default mode (long-polling first) needs every gateway to serve
-every session's requests; :func:`chat_through_the_balancer` takes the transports,
-so a test of that mode is one call with ``transports=None``.
+every session's requests, which gateway/forwarding.py does: the same helper,
+:func:`chat_through_the_balancer`, runs both, with the transports as its argument.
 """
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,7 +25,7 @@ from gateway.processes import http_json
 from nats_adapter.naming import ChannelNames
 from nats_adapter.sids import sid_owner
 from tests.containers import NATS_NODES, ComposeStack, Images, Podman, routes_carry_interest
-from tests.helpers import SETTLE, WAIT, SioClient
+from tests.helpers import SETTLE, WAIT, SioClient, wait_for_condition
 from tests.traffic import wait_for
 
 #: the first test may build the images (a few minutes on a cold cache)
@@ -67,8 +69,13 @@ async def chat_through_the_balancer(stack: ComposeStack, count: int,
     room = f"balanced-{uuid.uuid4().hex[:8]}"
     clients = [SioClient(f"c{i}") for i in range(count)]
     try:
-        for c in clients:
-            await c.sio.connect(stack.public_url, transports=transports, wait_timeout=WAIT)
+        # at once, as independent clients do: one after the other, each default-mode
+        # client's handshake would fall on the same phase of the round-robin
+        await asyncio.gather(*(c.sio.connect(stack.public_url, transports=transports,
+                                             wait_timeout=WAIT) for c in clients))
+        # python-socketio's default mode upgrades to websocket, as socket.io-client does
+        await wait_for_condition(lambda: all(c.sio.transport() == "websocket"
+                                             for c in clients), "every client on websocket")
         for c in clients:
             await c.join(room)
         subject = ChannelNames().room("/", room)
@@ -140,3 +147,33 @@ async def test_websocket_clients_chat_across_replicas_through_the_balancer(
     for a, b in seen.crossings:
         assert (b, a) in seen.crossings, f"delivered {a} -> {b} but never {b} -> {a}"
     assert seen.crossings, seen.gateway_of
+
+
+def forwarded_requests(stack: ComposeStack) -> Counter[str]:
+    """``gateway_forwarded_requests_total`` by kind, summed over every replica (their
+    operator listeners, on the compose network)."""
+    counts: Counter[str] = Counter()
+    for i in range(stack.gateways):
+        with urllib.request.urlopen(f"{stack.admin_url(i)}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        for line in text.splitlines():
+            if line.startswith("gateway_forwarded_requests_total{"):
+                kind = line.split('kind="', 1)[1].split('"', 1)[0]
+                counts[kind] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+async def test_default_mode_clients_chat_across_replicas_through_the_balancer(
+        scaled_stack: ComposeStack) -> None:
+    """The same in python-socketio's default mode (long-polling first, then the
+    websocket upgrade, as socket.io-client): the balancer sends each of a session's
+    requests to any replica, which serves those of sessions another owns through the
+    owner (gateway/forwarding.py). Every client connects and upgrades, every chat
+    reaches every other client once, and requests were forwarded, none refused."""
+    before = await asyncio.to_thread(forwarded_requests, scaled_stack)
+    seen = await chat_through_the_balancer(scaled_stack, 8, None)
+    after = await asyncio.to_thread(forwarded_requests, scaled_stack)
+    moved = after - before
+    assert moved["polling"] + moved["websocket"] > 0, (moved, seen.gateway_of)
+    refused = {k: v for k, v in moved.items() if k not in ("polling", "websocket")}
+    assert not refused, refused
