@@ -8,7 +8,9 @@ or variable it came from (``ConfigError``).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,7 +91,8 @@ class GatewayConfig:
     #: where the other gateways reach this one (http://address:port); empty: the
     #: listening address and port, or this host's address when listening on all
     advertise_url: str = ""
-    node_id: str = "gw-1"
+    #: this node's name; by default the host's (see default_node_id)
+    node_id: str = field(default_factory=lambda: default_node_id())
     unsubscribe_linger: float = 1.0
     subscribe_timeout: float = 5.0
     #: seconds between heartbeats to the other gateways (cluster API liveness)
@@ -177,7 +180,8 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("allowed_hosts", "--allowed-hosts", "GATEWAY_ALLOWED_HOSTS",
      "comma-separated Host headers accepted (host or host:port); others get 421"),
     ("trusted_proxies", "--trusted-proxies", "GATEWAY_TRUSTED_PROXIES",
-     "comma-separated proxy addresses whose X-Forwarded-* headers are believed"),
+     "comma-separated proxy addresses, or networks (10.0.0.0/8), whose X-Forwarded-* "
+     "headers are believed"),
     ("max_connections", "--max-connections", "GATEWAY_MAX_CONNECTIONS",
      "concurrent connections accepted, websockets included (0: the open-file limit)"),
     ("admin_port", "--admin-port", "GATEWAY_ADMIN_PORT",
@@ -299,6 +303,19 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _proxies(text: str) -> tuple[str, ...]:
+    """Addresses, or networks with a prefix length (``10.0.0.0/8``)."""
+    entries = _csv(text)
+    for entry in entries:
+        if "/" in entry:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"{entry!r} is not a network (address/prefix length)") \
+                    from None
+    return entries
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -331,6 +348,21 @@ def _node_id(text: str) -> str:
     if not text or len(text) > 64 or not text.isprintable():
         raise ValueError("must be 1-64 printable characters")
     return text
+
+
+#: the node id of a host without a usable name
+FALLBACK_NODE_ID = "gw-1"
+
+
+def default_node_id() -> str:
+    """The node id when neither --node-id nor GATEWAY_NODE_ID is given: the host's
+    name. A container's host name is its id, so every replica of a scaled compose
+    service (``--scale gateway=4``) or Kubernetes pod gets a name of its own with
+    nothing configured."""
+    try:
+        return _node_id(socket.gethostname()[:64])
+    except ValueError:
+        return FALLBACK_NODE_ID
 
 
 _PARSERS: dict[str, Callable[[str], Any]] = {
@@ -367,7 +399,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "jwt_issuer": str,
     "jwt_audience": str,
     "allowed_hosts": _csv,
-    "trusted_proxies": _csv,
+    "trusted_proxies": _proxies,
     "max_connections": _non_negative_int,
     "admin_port": _port,
     "admin_host": str,

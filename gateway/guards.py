@@ -32,7 +32,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .config import GatewayConfig
-from .limits import LOOPBACK_NAMES, MAX_ADDRESSES, RateLimiter, client_key, is_loopback
+from .limits import (
+    LOOPBACK_NAMES,
+    MAX_ADDRESSES,
+    RateLimiter,
+    TrustedProxies,
+    client_key,
+    is_loopback,
+)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -150,7 +157,7 @@ class RequestGuard:
         #: same-host reverse proxy that forwards everyone, with or without headers)
         self.loopback_host = is_loopback(config.host)
         self.loopback_only = not self.allowed and self.loopback_host
-        self.proxies = frozenset(config.trusted_proxies)
+        self.proxies = TrustedProxies(config.trusted_proxies)
         self.refused = 0
         self.admin_port = config.admin_port
         #: the API key check, shared with the HTTP API (one failure budget per address)

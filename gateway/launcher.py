@@ -39,9 +39,6 @@ from .processes import (
     wait_gateways,
 )
 
-#: gateways node-secure.conf has NATS users for (gw-1, gw-2)
-SECURE_GATEWAYS = 2
-
 
 class _Shutdown(Exception):
     """Raised by the SIGTERM handler to unwind through the cleanup path."""
@@ -84,8 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds a disconnected session stays recoverable (default 120)")
     parser.add_argument("--secure", action="store_true",
                         help="run the brokers as docker-compose.yml does: NATS with "
-                             "node-secure.conf (a user per gateway, allowed only the "
-                             "gateway's subjects), Redis with the ACL users of users.acl; "
+                             "node-secure.conf (the gateways' one NATS user, "
+                             "allowed only their subjects), Redis with the ACL users of users.acl; "
                              "passwords are made up for the run")
 
 
@@ -111,9 +108,6 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"{flag} runs on --topology mesh only, not {args.topology}"
     if args.redis_nodes < 3 and args.backend == "redis-sharded":
         return "--redis-nodes must be at least 3 (a Redis Cluster needs 3 masters)"
-    if args.secure and args.backend == "nats" and args.gateways > SECURE_GATEWAYS:
-        return (f"--secure: {NATS_SECURE_CONFIG.name} has NATS users for {SECURE_GATEWAYS} "
-                f"gateways, not {args.gateways}")
     if not 1 <= args.port <= 65535 - args.gateways:
         return f"--port {args.port} is not a usable port"
     for i in range(args.gateways):
@@ -213,8 +207,7 @@ def _brokers(args: argparse.Namespace, workdir: Path) -> LocalCluster[Any] | Non
         return NatsCluster(workdir / "nats", size=args.nats_nodes, host=args.host,
                            client_ports=client_ports, config=NATS_SECURE_CONFIG,
                            route_auth=("route", secrets.token_hex(16)),
-                           gateway_passwords=tuple(secrets.token_hex(16)
-                                                   for _ in range(SECURE_GATEWAYS)))
+                           gateway_password=secrets.token_hex(16))
     if args.topology == "supercluster":
         return NatsSupercluster(workdir / "nats", size=args.nats_nodes, host=args.host,
                                 client_ports=client_ports)

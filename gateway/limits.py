@@ -50,6 +50,36 @@ def client_key(address: str) -> str:
     return str(ip)
 
 
+class TrustedProxies:
+    """The peers whose forwarding headers are believed (``--trusted-proxies``): exact
+    addresses, and networks written with a prefix length (``10.0.0.0/8``, e.g. a
+    compose or cluster network whose balancer's address is not known in advance).
+    ``address in proxies`` is what the guard asks; an IPv4-mapped IPv6 address is
+    its IPv4 address."""
+
+    __slots__ = ("addresses", "networks")
+
+    def __init__(self, entries: tuple[str, ...] | list[str]) -> None:
+        self.addresses = frozenset(e for e in entries if "/" not in e)
+        self.networks = tuple(ipaddress.ip_network(e, strict=False)
+                              for e in entries if "/" in e)
+
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
+        if address in self.addresses:
+            return True
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address.strip("[]"))
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in network for network in self.networks)
+
+
 class RateLimiter:
     """Token buckets per key (a socket, a client address): ``rate`` requests per
     second, bursts of ``burst``. With ``max_keys``, at most that many buckets are

@@ -38,8 +38,9 @@ class NatsManager(ClusterManager):
         urls = [s.strip() for s in servers.split(",")] if isinstance(servers, str) else servers
         # replies (JetStream's, with recovery) come to an inbox under the gateways' own
         # prefix, so broker permissions can confine a gateway to that prefix; with a
-        # NATS user, to an inbox of that user's own, so one gateway's password reads
-        # no other gateway's replies (infra/nats/node-secure.conf)
+        # NATS user, to an inbox under that user's name, so the broker can keep each
+        # user to its own (infra/nats/node-secure.conf: the role user `gateway` reads
+        # `sio.inbox.gateway.>`, never the operator's `_INBOX.>`)
         inbox = f"{kwargs.get('channel_prefix', 'sio')}.inbox"
         user = (connect_options or {}).get("user")
         if user:

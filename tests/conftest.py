@@ -271,8 +271,8 @@ def images(podman: Podman) -> Images:
 
 @pytest.fixture(scope="module")
 def compose_stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
-    """``docker-compose up`` of the shipped file (3 NATS nodes, 2 gateways), once per
-    test module; everything it made is removed at the end."""
+    """``docker-compose up`` of the shipped file (3 NATS nodes, 2 gateway replicas, the
+    balancer), once per test module; everything it made is removed at the end."""
     stack = ComposeStack(podman, images)
     try:
         stack.up()

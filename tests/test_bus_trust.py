@@ -1,11 +1,11 @@
 """One trust model for the bus, stored or live, tried as an attacker would.
 
-The attacker holds ONE gateway's NATS password (gw-2's: what a compromised gateway
-host leaks) on a 3-node cluster running the shipped ``infra/nats/node-secure.conf``;
-the gateways seal with a cluster key, run ``--recovery`` and ``--auth jwt``; clients
-are real socket.io clients. Whatever the attacker captures, re-routes, stores again or
-writes into the session bucket must deliver nothing, move no offset and take no
-session.
+The attacker holds the gateways' NATS password (the role user ``gateway`` every
+gateway logs in as: what a compromised gateway host leaks) on a 3-node cluster
+running the shipped ``infra/nats/node-secure.conf``; the gateways seal with a
+cluster key, run ``--recovery`` and ``--auth jwt``; clients are real socket.io
+clients. Whatever the attacker captures, re-routes, stores again or writes into the
+session bucket must deliver nothing, move no offset and take no session.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from nats_adapter.sealing import ClusterKey
 from nats_adapter.sids import sid_owner
 from tests.conftest import start_node
 from tests.helpers import WAIT, Node, SioClient, metrics_of, running, wait_for_condition
-from tests.test_broker_permissions import PASSWORDS, secure_cluster_at
+from tests.test_broker_permissions import GATEWAY_PASSWORD, secure_cluster_at
 
 CLUSTER_KEY = "bus-trust-cluster-key-5d1f0a7c9e3b-0123456789"
 JWT_SECRET = "bus-trust-jwt-secret-8c2e41f07a-0123456789abcdef"
@@ -54,7 +54,7 @@ CHANNELS = ChannelNames("sio", stored=True)
 @contextlib.contextmanager
 def secure_recovery_bus(workdir: Path) -> Iterator[tuple[NatsCluster, list[GatewayNode]]]:
     """The shipped node-secure.conf on 3 NATS nodes, and gw-1, gw-2 as compose runs
-    them with a cluster key, --recovery and --auth jwt, each as its own NATS user."""
+    them with a cluster key, --recovery and --auth jwt, on the gateways' NATS user."""
     cluster = secure_cluster_at(workdir / "nats")
     with running(cluster):
         cluster.provision()  # the operator's step: gateway users may not create the stream
@@ -89,8 +89,8 @@ async def in_process_gateways(cluster: NatsCluster, recovery: bool
             made.append(await start_node("nats", f"gw-{i}-inproc", {
                 "nats_urls": tuple(cluster.urls), "recovery": recovery, "auth": "jwt",
                 "secrets": Secrets(cluster_key=CLUSTER_KEY, jwt_secret=JWT_SECRET,
-                                   nats_user=f"gw-{i}",
-                                   nats_password=PASSWORDS[f"gw-{i}"])}))
+                                   nats_user="gateway",
+                                   nats_password=GATEWAY_PASSWORD)}))
         for node in made:
             await node.manager.start()
         yield made
@@ -148,9 +148,9 @@ async def connect(clients: list[SioClient], gw: GatewayNode | Node, name: str,
 
 
 async def rogue(cluster: NatsCluster) -> Client:
-    """A NATS client logged in with gw-2's password, inbox where gw-2's is allowed."""
-    return await nats.connect(cluster.urls[2], user="gw-2", password=PASSWORDS["gw-2"],
-                              inbox_prefix="sio.inbox.gw-2", allow_reconnect=False,
+    """A NATS client logged in with the gateways' password, inbox where theirs is."""
+    return await nats.connect(cluster.urls[2], user="gateway", password=GATEWAY_PASSWORD,
+                              inbox_prefix="sio.inbox.gateway", allow_reconnect=False,
                               connect_timeout=2)
 
 

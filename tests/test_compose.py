@@ -1,5 +1,5 @@
-"""docker-compose.yml is valid, secure as shipped, and uses the same broker configs as
-the local launcher.
+"""docker-compose.yml is valid, secure as shipped, scales with nothing edited, and uses
+the same broker configs as the local launcher.
 
 `docker-compose config` validates the file, and every broker config it mounts is
 checked by the broker itself (`nats-server -t`, a real redis-server) with the
@@ -8,6 +8,7 @@ environment the compose file gives that service. tests/test_compose_live.py runs
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway import config as cfg
 from gateway.processes import (
     NATS_SECURE_CONFIG,
     REDIS_CONFIG,
@@ -32,8 +34,8 @@ from tests.helpers import REPO, tls_files
 
 COMPOSE = REPO / "docker-compose.yml"
 #: the passwords compose requires (README, "Run with docker-compose")
-PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-5c1f", "NATS_GATEWAY_1_PASSWORD": "gw1-77ab",
-             "NATS_GATEWAY_2_PASSWORD": "gw2-e01d", "REDIS_ADMIN_PASSWORD": "admin-3b9c",
+PASSWORDS = {"NATS_ROUTE_PASSWORD": "route-5c1f", "NATS_GATEWAY_PASSWORD": "gateway-77ab",
+             "REDIS_ADMIN_PASSWORD": "admin-3b9c",
              "REDIS_GATEWAY_PASSWORD": "gateway-9f2e", "NATS_OPERATOR_PASSWORD": "op-2d7c",
              "GATEWAY_CLUSTER_KEY": "cluster-key-0123456789abcdef0123456789ab"}
 
@@ -80,7 +82,7 @@ def test_compose_file_is_valid_and_names_the_launcher_configs() -> None:
     services = config["services"]
     nats = nats_services(config)
     gateways = {name: s for name, s in services.items() if name.startswith("gateway")}
-    assert len(nats) == 3 and len(gateways) >= 2
+    assert len(nats) == 3 and list(gateways) == ["gateway"]
     for name, service in nats.items():
         (source, target), = mounts(service)
         command = service["command"]
@@ -96,35 +98,82 @@ def test_compose_file_is_valid_and_names_the_launcher_configs() -> None:
 
 
 def test_compose_refuses_to_start_without_broker_passwords() -> None:
-    for missing in ("NATS_ROUTE_PASSWORD", "NATS_GATEWAY_1_PASSWORD", "NATS_GATEWAY_2_PASSWORD",
-                    "NATS_OPERATOR_PASSWORD", "GATEWAY_CLUSTER_KEY"):
+    for missing in ("NATS_ROUTE_PASSWORD", "NATS_GATEWAY_PASSWORD", "NATS_OPERATOR_PASSWORD",
+                    "GATEWAY_CLUSTER_KEY"):
         env = {k: v for k, v in PASSWORDS.items() if k != missing}
         proc = compose_config(env)
         assert proc.returncode != 0 and missing in proc.stderr, (missing, proc.stderr)
 
 
-def test_only_the_gateways_are_published() -> None:
-    """No broker port and no NATS monitoring on the host: clients reach gateways only."""
+def test_only_the_balancer_is_published() -> None:
+    """No gateway, broker or NATS monitoring port on the host: clients reach the
+    balancer only, on one port (BALANCER_PORT, default 8000)."""
     services = resolved({}, "redis")["services"]
     published = {name for name, s in services.items() if s.get("ports")}
-    assert published == {"gateway-1", "gateway-2"}
-    for name in published:
-        assert [p["target"] for p in services[name]["ports"]] == [8001], name
+    assert published == {"balancer"}
+    assert [(p["target"], p["published"]) for p in services["balancer"]["ports"]] == \
+        [(8000, 8000)]
+    ports = resolved({"BALANCER_PORT": "127.0.0.1:18000"})["services"]["balancer"]["ports"]
+    assert ports == ["127.0.0.1:18000:8000/tcp"], ports  # compose's short form for an address
 
 
-def test_each_gateway_logs_in_as_its_own_nats_user() -> None:
+def test_the_gateway_service_scales_with_nothing_per_replica() -> None:
+    """``docker-compose up --scale gateway=N``: one service, nothing that two replicas
+    could not share (a container name, a node id, a host port, a NATS user of its
+    own); the node id is each replica's host name, its container id."""
     services = resolved()["services"]
-    users = {}
-    for name in ("gateway-1", "gateway-2"):
-        env = services[name]["environment"]
-        users[env["NATS_USER"]] = env["NATS_PASSWORD"]
-        assert env["NATS_USER"] == env["GATEWAY_NODE_ID"]
-    assert users == {"gw-1": PASSWORDS["NATS_GATEWAY_1_PASSWORD"],
-                     "gw-2": PASSWORDS["NATS_GATEWAY_2_PASSWORD"]}
+    gateway = services["gateway"]
+    assert "container_name" not in gateway and "ports" not in gateway
+    assert gateway["scale"] == 2, "two gateways unless --scale says otherwise"
+    env = gateway["environment"]
+    assert "GATEWAY_NODE_ID" not in env
+    assert (env["NATS_USER"], env["NATS_PASSWORD"]) == \
+        ("gateway", PASSWORDS["NATS_GATEWAY_PASSWORD"])
     for service in nats_services(resolved()).values():
-        env = service["environment"]
-        assert env["NATS_GATEWAY_1_PASSWORD"] == users["gw-1"]
-        assert env["NATS_GATEWAY_2_PASSWORD"] == users["gw-2"]
+        assert service["environment"]["NATS_GATEWAY_PASSWORD"] == \
+            PASSWORDS["NATS_GATEWAY_PASSWORD"]
+    assert "gateway" in services["balancer"]["depends_on"]
+
+
+def test_the_balancer_runs_the_shipped_haproxy_config(tmp_path: Path) -> None:
+    """The balancer mounts infra/haproxy/haproxy.cfg, which HAProxy itself accepts
+    (``haproxy -c``), and which is round-robin with no affinity, passes the
+    gateways' ping interval + timeout (25 s + 20 s) in every timeout an open
+    connection waits on, health-checks /healthz and finds the replicas by DNS."""
+    balancer = resolved()["services"]["balancer"]
+    (source, target), = mounts(balancer)
+    config = source / Path(balancer["command"][-1]).relative_to(target)
+    assert config == REPO / "infra" / "haproxy" / "haproxy.cfg"
+    assert balancer["image"] == "haproxy:2.6"
+    assert resolved({"BALANCER_IMAGE": "local/haproxy:1"})["services"]["balancer"]["image"] \
+        == "local/haproxy:1"
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(haproxy).exists():
+        pytest.fail("haproxy is required (scripts/bootstrap test installs Debian's haproxy)")
+    proc = subprocess.run([haproxy, "-c", "-f", str(config)], capture_output=True, text=True,
+                          timeout=30, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line.split("#", 1)[0].split() for line in config.read_text().splitlines()]
+    lines = [line for line in lines if line]
+    words = {line[0] for line in lines}
+    assert not words & {"cookie", "stick", "stick-table", "hash-type"}, words
+    assert ["balance", "roundrobin"] in lines
+    timeouts = {line[1]: line[2] for line in lines if line[0] == "timeout"}
+    for name in ("client", "server", "tunnel"):
+        assert timeouts[name].endswith("s") and int(timeouts[name][:-1]) > 25 + 20, timeouts
+    assert any(line[:2] == ["http-check", "send"] and "/healthz" in line for line in lines)
+    template = next(line for line in lines if line[0] == "server-template")
+    assert template[3] == "gateway:8001" and int(template[2]) >= 8, template
+    default_server = next(line for line in lines if line[0] == "default-server")
+    assert "check" in default_server and "resolvers" in default_server
+    # the gateways believe its X-Forwarded-For (per-address limits count clients, not
+    # the balancer): it replaces whatever a client sent, and it is on a network the
+    # gateways trust
+    assert ["http-request", "del-header", "X-Forwarded-For"] in lines
+    assert ["option", "forwardfor"] in lines
+    trusted = resolved()["services"]["gateway"]["environment"]["GATEWAY_TRUSTED_PROXIES"]
+    assert cfg.from_args(argparse.Namespace(), env={"GATEWAY_TRUSTED_PROXIES": trusted}
+                         ).trusted_proxies == tuple(trusted.split(","))
 
 
 def test_gateways_are_sealed_and_wait_for_the_operator_to_provision() -> None:
@@ -139,7 +188,7 @@ def test_gateways_are_sealed_and_wait_for_the_operator_to_provision() -> None:
             {"condition": "service_completed_successfully"}, name
     init = services["jetstream-init"]
     assert init["command"] == ["python", "-m", "gateway", "provision"]
-    assert init["image"] == services["gateway-1"]["image"]
+    assert init["image"] == services["gateway"]["image"]
     env = init["environment"]
     assert (env["NATS_OPERATOR_USER"], env["NATS_OPERATOR_PASSWORD"]) == \
         ("operator", PASSWORDS["NATS_OPERATOR_PASSWORD"])
@@ -153,14 +202,14 @@ def test_image_names_are_variables_defaulting_to_the_official_images() -> None:
     services = resolved({}, "redis")["services"]
     assert {services[f"nats-{i}"]["image"] for i in (1, 2, 3)} == {"nats:2.10-alpine"}
     assert {services[f"redis-{i}"]["image"] for i in (1, 2, 3)} == {"redis:7.2-alpine"}
-    args = services["gateway-1"]["build"]["args"]
+    args = services["gateway"]["build"]["args"]
     assert args == {"PYTHON_IMAGE": "python:3.11-slim", "NODE_IMAGE": "node:20-slim"}
     local = {"NATS_IMAGE": "local/nats:1", "REDIS_IMAGE": "local/redis:1",
              "GATEWAY_IMAGE": "local/gateway:1"}
     services = resolved(local, "redis")["services"]
     assert services["nats-2"]["image"] == "local/nats:1"
     assert services["redis-init"]["image"] == "local/redis:1"
-    assert services["gateway-2"]["image"] == "local/gateway:1"
+    assert services["gateway"]["image"] == "local/gateway:1"
 
 
 def test_backend_switch_is_one_variable() -> None:
@@ -191,8 +240,8 @@ def test_secure_nats_configs_pass_nats_server_t(variant: str, tmp_path: Path) ->
            "NATS_STORE_DIR": str(tmp_path / "jetstream"),
            "NATS_HTTP_PORT": "8222", "NATS_ROUTE_PORT": "6222", "NATS_CLUSTER_NAME": "gw",
            "NATS_USER": "gateway", "NATS_PASSWORD": "s3cret", "NATS_ROUTE_USER": "route",
-           "NATS_ROUTE_PASSWORD": "r0ute", "NATS_GATEWAY_1_PASSWORD": "gw1",
-           "NATS_GATEWAY_2_PASSWORD": "gw2", "NATS_OPERATOR_PASSWORD": "op"}
+           "NATS_ROUTE_PASSWORD": "r0ute", "NATS_GATEWAY_PASSWORD": "gw",
+           "NATS_OPERATOR_PASSWORD": "op"}
     for i in (1, 2, 3):
         env[f"NATS_ROUTE_{i}"] = f"nats://route:r0ute@nats-{i}:6222"
     if "tls" in variant:
@@ -214,7 +263,7 @@ def test_redis_profile_mounts_the_launcher_config() -> None:
         assert service["environment"]["REDIS_GATEWAY_PASSWORD"] == \
             PASSWORDS["REDIS_GATEWAY_PASSWORD"]
     assert services["redis-init"]["profiles"] == ["redis"]
-    gateway_env = services["gateway-1"]["environment"]
+    gateway_env = services["gateway"]["environment"]
     assert (gateway_env["REDIS_USERNAME"], gateway_env["REDIS_PASSWORD"]) == \
         ("gateway", PASSWORDS["REDIS_GATEWAY_PASSWORD"])
 
@@ -283,9 +332,9 @@ def test_readme_env_step_gives_compose_every_password(tmp_path: Path) -> None:
                               timeout=60, cwd=tmp_path, env=base)
         assert proc.returncode == 0, proc.stderr
         config = yaml.safe_load(proc.stdout)
-        password = config["services"]["gateway-1"]["environment"]["NATS_PASSWORD"]
+        password = config["services"]["gateway"]["environment"]["NATS_PASSWORD"]
         assert len(password) == 32, "a generated password, not a default"
-        key = config["services"]["gateway-1"]["environment"]["GATEWAY_CLUSTER_KEY"]
+        key = config["services"]["gateway"]["environment"]["GATEWAY_CLUSTER_KEY"]
         assert len(key) >= 43, "a generated cluster key of 32+ bytes"
     for path in ("docker-compose.supercluster.yml", "docker-compose.leaf.yml"):
         shutil.copy(REPO / path, tmp_path / path)

@@ -1,7 +1,7 @@
 """Network faults between hosts, on the compose compose_stack: each node has its own address,
 so links can fail one at a time (iptables rules inside a container's network
-namespace, tests/containers.py). Measured from the host through the published
-gateway ports: delivery gap, messages lost, time to recover, and what /healthz said.
+namespace, tests/containers.py). Measured from the host through each gateway's
+compose-network address: delivery gap, messages lost, time to recover, and what /healthz said.
 
 Every run appends its measurements to bench-results/reliability/results.jsonl;
 docs/RELIABILITY.md reports them. Reproduce with
@@ -93,7 +93,7 @@ async def test_gateway_partitioned_from_its_nats_node(
     async with traffic.running():
         await traffic.delivered()
         fault = traffic.mark("fault")
-        with partition(compose_stack, "gateway-1", [node]):
+        with partition(compose_stack, compose_stack.replica(0), [node]):
             took = await measure(lambda: deliveries_resumed(traffic, fault + 0.5)
                                  and nats_service_of(compose_stack, 0) != node, 60)
             traffic.mark("recovered")
@@ -145,7 +145,8 @@ async def test_packet_loss_between_a_gateway_and_nats(
     async with traffic.running(settle=5):
         await traffic.delivered()
         traffic.mark("fault")
-        with packet_loss(compose_stack, "gateway-1", list(NATS_NODES), probability):
+        with packet_loss(compose_stack, compose_stack.replica(0), list(NATS_NODES),
+                         probability):
             await asyncio.sleep(15)  # the fault: a lossy link for 15 s (its length)
         await traffic.delivered(after=traffic.mark("healed"))
     result = summarise(traffic, loss=probability)

@@ -35,7 +35,7 @@ from nats_adapter import codec
 from nats_adapter.naming import ChannelNames
 from nats_adapter.sids import new_node_tag, sid_owner
 from tests.helpers import REPO, WAIT, SioClient, connect_all, running
-from tests.test_broker_permissions import PASSWORDS, secure_cluster_at
+from tests.test_broker_permissions import GATEWAY_PASSWORD, secure_cluster_at
 
 COOKIE = "session=victim-cookie-5f1e0c"
 BEARER = "Bearer victim-token-a83d2b"
@@ -113,11 +113,11 @@ def start_pair(cluster: NatsCluster, workdir: Path, *extra: str) -> list[Gateway
 
 
 async def forge(url: str, password: str, victim_sid: str) -> list[bytes]:
-    """As gw-2's password holder: a cluster ``fetch`` of every socket, a cluster-wide
-    ``disconnect`` and a DISCONNECT of the victim's sid on its node's channel; what
-    came back to the forged origin's control channel."""
+    """As a holder of the gateways' NATS password: a cluster ``fetch`` of every
+    socket, a cluster-wide ``disconnect`` and a DISCONNECT of the victim's sid on its
+    node's channel; what came back to the forged origin's control channel."""
     channels = ChannelNames()
-    rogue = await nats.connect(url, user="gw-2", password=password, allow_reconnect=False,
+    rogue = await nats.connect(url, user="gateway", password=password, allow_reconnect=False,
                                connect_timeout=2)
     origin = new_node_tag()
     replies: list[bytes] = []
@@ -164,7 +164,7 @@ async def test_forged_fetch_and_disconnect_with_a_gateway_password(
         room = f"sealed-{uuid.uuid4().hex[:6]}"
         for c in (victim, peer):
             await c.join(room)
-        replies = await forge(secure_cluster.urls[1], PASSWORDS["gw-2"], victim.sid)
+        replies = await forge(secure_cluster.urls[1], GATEWAY_PASSWORD, victim.sid)
         leaked = b"".join(replies)
         if not sealed:  # the probe works: unsealed, it is all there
             assert COOKIE.encode() in leaked and BEARER.encode() in leaked, \

@@ -31,7 +31,7 @@ from .gateways import (
     start_gateway,
     wait_gateways,
 )
-from .nats_cluster import NATS_CONFIG, NATS_SECURE_CONFIG, NatsCluster, NatsNode
+from .nats_cluster import GATEWAY_USER, NATS_CONFIG, NATS_SECURE_CONFIG, NatsCluster, NatsNode
 from .nats_topologies import (
     HUB_CONFIG,
     LEAF_CONFIG,
@@ -54,6 +54,7 @@ from .redis_cluster import (
 from .supervisor import Supervisor
 
 __all__ = [
+    "GATEWAY_USER",
     "HUB_CONFIG",
     "INFRA",
     "LEAF_CONFIG",

@@ -28,6 +28,8 @@ NATS_CONFIG = INFRA / "nats" / "node.conf"
 #: the production variant docker-compose.yml runs: one user per gateway, confined to
 #: the gateway's subjects (see the file for its variables)
 NATS_SECURE_CONFIG = INFRA / "nats" / "node-secure.conf"
+#: the NATS user every gateway logs in as on node-secure.conf
+GATEWAY_USER = "gateway"
 
 @dataclass
 class NatsNode:
@@ -71,8 +73,9 @@ class NatsCluster(LocalCluster[NatsNode]):
     env: dict[str, str] = field(default_factory=dict)
     #: (user, password) the routes log in with, for node-auth*.conf
     route_auth: tuple[str, str] | None = None
-    #: the password of each gateway's own user (gw-1, gw-2 ...), for node-secure.conf
-    gateway_passwords: tuple[str, ...] = field(default=(), repr=False)
+    #: the password of the role user ``gateway`` every gateway logs in as, for
+    #: node-secure.conf (None: another config, without that user)
+    gateway_password: str | None = field(default=None, repr=False)
     #: the password of user ``operator``, who provisions JetStream (node-secure.conf)
     operator_password: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
     #: node names are ``{name_prefix}-1`` ... (unique across clusters that are linked)
@@ -121,8 +124,8 @@ class NatsCluster(LocalCluster[NatsNode]):
         routes = [f"nats://{creds}{self.host}:{n.route_port}" for n in self.nodes]
         for i in range(3):
             env[f"NATS_ROUTE_{i + 1}"] = routes[i % len(routes)]
-        for i, password in enumerate(self.gateway_passwords):
-            env[f"NATS_GATEWAY_{i + 1}_PASSWORD"] = password
+        if self.gateway_password is not None:
+            env["NATS_GATEWAY_PASSWORD"] = self.gateway_password
         env["NATS_OPERATOR_PASSWORD"] = self.operator_password
         env.update({var: str(port) for var, port in node.ports.items()})
         env.update(self.env)
@@ -175,17 +178,16 @@ class NatsCluster(LocalCluster[NatsNode]):
         return ["--nats-url", ",".join(self.urls)]
 
     def gateway_env(self, index: int = 0) -> dict[str, str]:
-        if not self.gateway_passwords:
+        """The login of gateway ``index``: the role user ``gateway`` on node-secure.conf
+        (the same for every gateway, however many), none otherwise."""
+        if self.gateway_password is None:
             return {}
-        if index >= len(self.gateway_passwords):
-            raise LaunchError(f"no NATS user for gateway {index + 1}: "
-                              f"{len(self.gateway_passwords)} configured")
-        return {"NATS_USER": f"gw-{index + 1}", "NATS_PASSWORD": self.gateway_passwords[index]}
+        return {"NATS_USER": GATEWAY_USER, "NATS_PASSWORD": self.gateway_password}
 
     def operator_env(self) -> dict[str, str]:
         """The login of the identity that may administer JetStream: ``operator`` on
         node-secure.conf, the one user of node-auth*.conf, nobody on node.conf."""
-        if self.gateway_passwords:
+        if self.gateway_password is not None:
             return {"NATS_OPERATOR_USER": "operator",
                     "NATS_OPERATOR_PASSWORD": self.operator_password}
         return {k: self.env[k] for k in ("NATS_USER", "NATS_PASSWORD", "NATS_TLS_CA")

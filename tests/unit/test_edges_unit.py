@@ -65,6 +65,28 @@ def test_the_client_is_the_rightmost_untrusted_forwarded_entry() -> None:
     assert guard.forwarded_client([]) == ""
 
 
+def test_trusted_proxies_may_be_networks() -> None:
+    """A compose or cluster network's balancer has no fixed address: ``--trusted-proxies``
+    takes networks too. The client stays the rightmost entry outside them, and the
+    only one when the proxy set the header itself (compose's HAProxy drops what
+    clients send), even a client on a private network."""
+    guard = RequestGuard(GatewayConfig(trusted_proxies=("10.0.0.0/8", "fd00::/8", "192.0.2.9")))
+    for proxy in ("10.89.0.5", "::ffff:10.89.0.5", "fd00::1", "192.0.2.9"):
+        assert proxy in guard.proxies, proxy
+    for other in ("11.0.0.1", "192.0.2.10", "fe80::1", "gateway", ""):
+        assert other not in guard.proxies, other
+    assert guard.forwarded_client(["6.6.6.6, 198.51.100.7, 10.89.0.5"]) == "198.51.100.7"
+    assert guard.forwarded_client(["10.1.2.3"]) == "10.1.2.3"
+    args = argparse.ArgumentParser()
+    cfg.add_arguments(args)
+    parsed = cfg.from_args(args.parse_args([]), env={
+        "GATEWAY_TRUSTED_PROXIES": "10.0.0.0/8, 172.16.0.0/12,192.0.2.9"})
+    assert parsed.trusted_proxies == ("10.0.0.0/8", "172.16.0.0/12", "192.0.2.9")
+    with pytest.raises(cfg.ConfigError) as caught:
+        cfg.from_args(args.parse_args([]), env={"GATEWAY_TRUSTED_PROXIES": "10.0.0.0/33"})
+    assert "GATEWAY_TRUSTED_PROXIES" in str(caught.value) and "10.0.0.0/33" in str(caught.value)
+
+
 @pytest.mark.parametrize(("var", "value"), [
     ("GATEWAY_API_KEY", "short-key"),
     ("GATEWAY_ADMIN_PASSWORD", "hunter2"),
@@ -77,6 +99,23 @@ def test_short_secrets_are_refused_naming_the_variable(var: str, value: str) -> 
         cfg.from_args(args.parse_args([]), env={var: value})
     assert var in str(caught.value) and value not in str(caught.value)
     cfg.from_args(args.parse_args([]), env={var: value + "x" * 32})  # long enough
+
+
+def test_the_node_id_is_the_host_name_unless_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas of one compose service differ only in their host name (the container's
+    id): with no GATEWAY_NODE_ID each takes it, so node ids are unique per replica."""
+    args = argparse.ArgumentParser()
+    cfg.add_arguments(args)
+    monkeypatch.setattr(cfg.socket, "gethostname", lambda: "3f9c2a7d1e0b")
+    assert cfg.from_args(args.parse_args([]), env={}).node_id == "3f9c2a7d1e0b"
+    assert GatewayConfig().node_id == "3f9c2a7d1e0b"
+    assert cfg.from_args(args.parse_args([]), env={"GATEWAY_NODE_ID": "gw-7"}).node_id == "gw-7"
+    assert cfg.from_args(args.parse_args(["--node-id", "gw-8"]),
+                         env={"GATEWAY_NODE_ID": "gw-7"}).node_id == "gw-8"
+    monkeypatch.setattr(cfg.socket, "gethostname", lambda: "")
+    assert cfg.from_args(args.parse_args([]), env={}).node_id == cfg.FALLBACK_NODE_ID
+    monkeypatch.setattr(cfg.socket, "gethostname", lambda: "h" * 200)
+    assert cfg.from_args(args.parse_args([]), env={}).node_id == "h" * 64
 
 
 def test_admin_credentials_are_compared_whole() -> None:
