@@ -39,10 +39,10 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.front import Front
 from tests.helpers import REPO, WAIT, SioClient, connect_all, owner_of, running
 from tests.test_launcher import consecutive_free_ports, start_launcher
 from tests.test_recovery import DefaultClient
+from tools.bench.front import Front
 
 PASSWORDS = {"gw-1": "gw1-pass-4d2a9f", "gw-2": "gw2-pass-81c3e0"}
 ROUTE_AUTH = ("route", "route-pass-6b0e2c")

@@ -17,9 +17,9 @@ import pytest
 from gateway.app import FORWARDER_KEY
 from gateway.forwarding import HOP_HEADER
 from nats_adapter.sids import eio_sid_owner, new_eio_sid, new_node_tag
-from tests.front import Front
 from tests.helpers import SioClient, wait_for_condition
 from tests.unit.conftest import GatewayApp, settle
+from tools.bench.front import Front
 
 DEFAULT_MODE = ["polling", "websocket"]
 

@@ -1,15 +1,22 @@
-"""A TCP front for tests: what a load balancer does between clients and gateways.
+"""A TCP front: what a load balancer does between clients and gateways.
 
 It forwards every connection to the current target; a test can cut every
 connection (the client's network drops), refuse new ones for a while, and send
 the next ones to another gateway. Given several targets it takes them in turn, one
 new connection each, with no affinity at all (a TCP balancer's round-robin).
+
+The tests use it in their own event loop; the benchmark's ``no-affinity`` scenario
+runs it as a process of its own (``python -m tools.bench.front HOST:PORT ...``:
+it prints its URL, then serves until its stdin closes), so that what it costs is
+measured apart from the gateways (it stands for an external balancer).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 
 from gateway.processes import free_ports
 
@@ -81,3 +88,49 @@ class Front:
         for task in list(self._pipes):
             task.cancel()
         await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+async def _serve_until_stdin_closes(targets: list[tuple[str, int]]) -> None:
+    front = await Front(*targets).start()
+    print(front.url, flush=True)
+    # stdin is read in a thread: its end (the benchmark closing the pipe) ends the front
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await front.close()
+
+
+def _target(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+class FrontProcess:
+    """A :class:`Front` in a process of its own, round-robin over ``targets``."""
+
+    def __init__(self, targets: list[str]) -> None:
+        from gateway.processes import REPO_ROOT
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "tools.bench.front", *targets],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     cwd=REPO_ROOT)
+        assert self.proc.stdout is not None
+        self.url = self.proc.stdout.readline().strip()
+        if not self.url:
+            raise RuntimeError(f"the front exited with {self.proc.wait()}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+if __name__ == "__main__":
+    asyncio.run(_serve_until_stdin_closes([_target(t) for t in sys.argv[1:]]))
