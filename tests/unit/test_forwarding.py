@@ -80,11 +80,17 @@ async def test_polling_requests_of_a_session_are_served_by_any_gateway(
     await wait_for_condition(lambda: not owner.sio.eio.sockets, "the session to end")
 
 
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "relayed"])
 async def test_default_mode_clients_chat_through_a_balancer_without_affinity(
-        two_gateways: list[GatewayApp], front: Front, clients: list[SioClient]) -> None:
+        two_gateways: list[GatewayApp], front: Front, clients: list[SioClient],
+        splice: bool) -> None:
     """Four clients in the default mode through the round-robin front: each connects,
     upgrades to websocket and joins; every chat reaches every other client exactly
-    once, none comes back to its sender."""
+    once, none comes back to its sender. A websocket that lands on a non-owner is
+    spliced to the owner as bytes, or (where aiohttp's connection cannot be taken
+    over) relayed message by message: both ways are tested."""
+    for g in two_gateways:
+        g.app[FORWARDER_KEY].splice = splice
     made = [SioClient(f"c{i}", connection_per_request=True) for i in range(4)]
     clients += made
     for i, c in enumerate(made):
@@ -100,6 +106,9 @@ async def test_default_mode_clients_chat_through_a_balancer_without_affinity(
     # (the polling requests cross in the test above and with socket.io-client)
     assert sum(g.app[FORWARDER_KEY].counts["websocket"] for g in two_gateways) > 0, \
         "no upgrade crossed: the test would not test the relay"
+    assert all(g.app[FORWARDER_KEY].counts["websocket_spliced"]
+               == (g.app[FORWARDER_KEY].counts["websocket"] if splice else 0)
+               for g in two_gateways)
     for c in made:
         assert (await c.call("chat", {"room": "lobby", "text": f"from {c.name}"}))["ok"]
     for c in made:
