@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 from gateway.processes import free_ports
 
@@ -130,6 +134,59 @@ class FrontProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+HAPROXY = "haproxy"
+
+
+class HaproxyFront:
+    """HAProxy (when installed) as the front: TCP mode, round-robin, each new
+    connection to the next target; what a deployment would put there, and cheaper
+    than :class:`Front` on a machine the gateways share."""
+
+    def __init__(self, targets: list[str], workdir: Path) -> None:
+        from gateway.processes import free_ports
+
+        port = free_ports(1)[0]
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "haproxy.cfg"
+        config.write_text("\n".join([
+            "global", "    maxconn 8000",
+            "defaults", "    mode tcp", "    timeout connect 5s", "    timeout client 1h",
+            "    timeout server 1h",
+            "frontend front", f"    bind 127.0.0.1:{port}", "    default_backend gateways",
+            "backend gateways", "    balance roundrobin",
+            *(f"    server gw{k} {t}" for k, t in enumerate(targets)), ""]))
+        binary = shutil.which(HAPROXY)
+        if binary is None:
+            raise RuntimeError("haproxy is not installed")
+        self.proc = subprocess.Popen([binary, "-db", "-f", str(config)],
+                                     stdin=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while not _accepts(port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("haproxy did not start")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _accepts(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+        return True
+    return False
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ alternately, ``repeats`` times (the tables show medians):
 
 - ``direct``: socket i connects to gateway i % N, every request to its owner;
 - ``front``: every socket through a TCP front that sends each new connection to
-  the next gateway (:mod:`.front`, in a process of its own: it stands for an
-  external balancer and its CPU is reported apart), every polling request on a
+  the next gateway (HAProxy in TCP mode when it is installed, else :mod:`.front`'s
+  own, in a process of its own; it stands for an external balancer, and its CPU is
+  reported apart), every polling request on a
   fresh TCP connection and the websocket on another, so that about (N-1)/N of the
   websockets land on a gateway that does not own their session and are relayed.
 
@@ -29,6 +30,7 @@ one its engine.io sid names.
 
 from __future__ import annotations
 
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +39,10 @@ from typing import Any
 from gateway.processes import GatewayNode, stop_all, wait_gateways
 
 from .backends import GATEWAY_BACKEND, Broker, start_bench_gateway
-from .front import FrontProcess
+from .front import HAPROXY, FrontProcess, HaproxyFront
 from .harness import LoadGenProcess, cpu_seconds, log
+
+Front = FrontProcess | HaproxyFront
 
 SCENARIO = "no-affinity"
 MODES = ("direct", "front")
@@ -100,7 +104,7 @@ def _metrics_text(url: str) -> str:
         return str(resp.read().decode())
 
 
-def _cpu(gws: list[GatewayNode], front: FrontProcess | None, lg: LoadGenProcess
+def _cpu(gws: list[GatewayNode], front: Front | None, lg: LoadGenProcess
          ) -> tuple[float, float, float]:
     gw = sum(cpu_seconds(g.child.pid) for g in gws if g.child is not None)
     return gw, cpu_seconds(front.pid) if front is not None else 0.0, cpu_seconds(lg.pid)
@@ -128,7 +132,7 @@ def _figures(before: tuple[float, float, float], after: tuple[float, float, floa
     }
 
 
-def run_mode(lg: LoadGenProcess, gws: list[GatewayNode], front: FrontProcess | None,
+def run_mode(lg: LoadGenProcess, gws: list[GatewayNode], front: Front | None,
              p: NoAffinityParams, quick: bool) -> dict[str, Any]:
     """One mode: connect (direct, or through ``front``), join, both phases, close."""
     n = len(gws)
@@ -208,13 +212,15 @@ def run_no_affinity(backend: str, workdir: Path, quick: bool) -> dict[str, Any]:
         for count in p.gateway_counts:
             gws: list[GatewayNode] = []
             lg = LoadGenProcess()
-            front: FrontProcess | None = None
+            front: Front | None = None
             try:
                 for i in range(count):
                     gws.append(start_bench_gateway(broker, workdir,
                                                    f"{backend}-na{count}-{i + 1}", i))
                 wait_gateways(gws)
-                front = FrontProcess([g.url.split("//", 1)[1] for g in gws])
+                targets = [g.url.split("//", 1)[1] for g in gws]
+                front = HaproxyFront(targets, workdir / f"front{count}") \
+                    if shutil.which(HAPROXY) else FrontProcess(targets)
                 every: dict[str, list[dict[str, Any]]] = {m: [] for m in MODES}
                 for k in range(p.repeats):
                     for mode in MODES:
@@ -222,7 +228,8 @@ def run_no_affinity(backend: str, workdir: Path, quick: bool) -> dict[str, Any]:
                             f"({k + 1} of {p.repeats})")
                         every[mode].append(run_mode(lg, gws, front if mode == "front" else None,
                                                     p, quick))
-                config: dict[str, Any] = {"gateways": count}
+                config: dict[str, Any] = {"gateways": count, "balancer": HAPROXY if isinstance(
+                    front, HaproxyFront) else "tools.bench.front"}
                 config.update({m: _median(every[m]) for m in MODES})
                 config["ratio"] = ratios(config)
                 config["runs"] = every
@@ -256,8 +263,9 @@ def markdown(results: dict[str, dict[str, Any]]) -> list[str]:
         data = scenarios.get(SCENARIO)
         if not data or "configs" not in data:
             continue
+        fronts = sorted({c.get("balancer", "tools.bench.front") for c in data["configs"]})
         lines += ["", f"No affinity ({backend}): default-mode clients direct to their gateway, "
-                  "and through a round-robin TCP front (medians of "
+                  f"and through a round-robin TCP front ({', '.join(fronts)}; medians of "
                   f"{data['params']['repeats']}; ratio = front / direct)", "",
                   "| gateways | phase | mode | deliveries/s | gateway CPU-s per 1k deliveries "
                   "| front CPU-s per 1k | p50 / p99 ms (cross-node p99) | relayed websockets "
