@@ -130,7 +130,8 @@ class Forwarder:
         target = url + request.path_qs
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
-                if self.splice and _detachable(request):
+                # (an owner reached over TLS: the relay, whose client speaks it)
+                if self.splice and target.startswith("http://") and _detachable(request):
                     return await self.splice_websocket(request, target)
                 return await self.relay_websocket(request, target)
             return await self.forward(request, target)
