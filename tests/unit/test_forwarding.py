@@ -136,3 +136,22 @@ async def test_a_request_for_no_session_gets_a_clean_400(
         body = await answer.text()
     assert "40" not in body and real not in body
     await hang_up(owner.url, real)
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "relayed"])
+async def test_a_websocket_upgrade_for_a_forged_sid_gets_the_owners_400(
+        two_gateways: list[GatewayApp], splice: bool) -> None:
+    """An upgrade that lands on a non-owner for a session its owner does not have:
+    the owner's answer (400, Session ID unknown) comes back, and nothing is spliced."""
+    owner, other = two_gateways
+    forwarder = other.app[FORWARDER_KEY]
+    forwarder.splice = splice
+    sid = new_eio_sid(owner.manager.node_tag)
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{other.url}/socket.io/?EIO=4&transport=websocket&sid={sid}")
+    assert refused.value.status == 400
+    # spliced: the owner's own answer; the relay's websocket client takes the owner's
+    # refusal for a failed handshake, and answers the same 400 itself
+    assert forwarder.counts["failed"] == (0 if splice else 1)
+    assert forwarder.counts["websocket"] == forwarder.counts["websocket_spliced"] == 0
