@@ -10,9 +10,15 @@ session it does not own sends it to the owner:
 - a polling GET or POST becomes the same request to the owner (body, query and the
   headers engine.io reads; the client's address appended to ``X-Forwarded-For``),
   whose answer goes back as it came (status, body, encoding, CORS headers);
-- a websocket upgrade becomes a websocket to the owner, and messages are relayed
-  both ways until either side closes (ping and pong are engine.io packets, so they
-  cross the relay like any other).
+- a websocket upgrade is sent on to the owner as it came (its handshake headers
+  too, so the client and the owner agree the websocket between them); once the
+  owner has answered ``101``, the client's connection is taken from aiohttp and
+  the bytes are spliced both ways, unparsed, until either side closes
+  (:class:`_Splice`). Where aiohttp's connection cannot be taken over, messages are
+  relayed one by one over two aiohttp websockets instead (:meth:`Forwarder.relay_websocket`).
+  The splice costs the relaying gateway one read and one write per chunk; the
+  relay parsed, unmasked and framed every message again (the bench's
+  ``no-affinity`` scenario measures both: BENCHMARKS.md).
 
 The session itself never moves: the owner keeps its sockets, rooms and queue, so
 nothing is lost or delivered twice on the way. A request for a node that is not
@@ -30,10 +36,12 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
 
+from nats_adapter._engineio.connection import _detach
 from nats_adapter.sids import eio_sid_owner
 
 logger = logging.getLogger(__name__)
@@ -80,6 +88,8 @@ class Forwarder:
         #: requests forwarded and refused, by kind (exported as metrics)
         self.counts: Counter[str] = Counter()
         self._session: aiohttp.ClientSession | None = None
+        #: websockets spliced as bytes (else relayed message by message)
+        self.splice = True
 
     def client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -120,6 +130,9 @@ class Forwarder:
         target = url + request.path_qs
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
+                # (an owner reached over TLS: the relay, whose client speaks it)
+                if self.splice and target.startswith("http://") and _detachable(request):
+                    return await self.splice_websocket(request, target)
                 return await self.relay_websocket(request, target)
             return await self.forward(request, target)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -147,6 +160,54 @@ class Forwarder:
             headers = {k: v for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP}
             self.counts["polling"] += 1
             return web.Response(status=answer.status, body=content, headers=headers)
+
+    async def splice_websocket(self, request: web.Request, target: str) -> web.StreamResponse:
+        """The upgrade, sent on to the owner as it came; on its ``101``, the client's
+        connection spliced to the owner's (see the module docstring)."""
+        parts = urlsplit(target)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(5):
+            upstream, owner = await loop.create_connection(
+                _Splice, parts.hostname or "localhost", parts.port or 80)
+        handed = False
+        try:
+            headers = self.headers(request)
+            for name in WEBSOCKET_HEADERS:
+                if name in request.headers:
+                    headers[name] = request.headers[name]
+            headers["Connection"] = "Upgrade"
+            upstream.write(f"GET {request.path_qs} HTTP/1.1\r\n".encode("latin-1") + b"".join(
+                f"{k}: {v}\r\n".encode("latin-1") for k, v in headers.items()) + b"\r\n")
+            async with asyncio.timeout(self.read_timeout):
+                head = await owner.head
+                status = _status(head)
+                if status != 101:  # the owner's refusal, as the owner gave it
+                    return await _answer(owner, head, status)
+            client = request.transport
+            if client is None or client.is_closing() or not _detachable(request):
+                return web.Response()  # the client went away meanwhile
+            client, tail = _detach(request)
+            self.counts["websocket"] += 1
+            self.counts["websocket_spliced"] += 1  # (of those: spliced, not relayed)
+            into_client = _Splice()
+            into_client.head.set_result(b"")
+            into_client.peer, into_client.spliced = upstream, True
+            owner.peer = client
+            client.set_protocol(into_client)
+            into_client.connection_made(client)
+            client.write(head + bytes(owner.buffer))
+            owner.buffer.clear()
+            owner.spliced = True
+            if tail:
+                upstream.write(tail)
+            if not client.is_reading():
+                client.resume_reading()
+            handed = True  # now the splice's to close
+            # aiohttp's handler no longer has the connection: this response is never sent
+            return web.Response()
+        finally:
+            if not handed:
+                upstream.close()
 
     async def relay_websocket(self, request: web.Request, target: str) -> web.StreamResponse:
         upstream = await self.client().ws_connect(
@@ -188,3 +249,90 @@ async def _pump(source: Any, sink: Any) -> None:
             break
     if not sink.closed:
         await sink.close()
+
+
+#: the handshake headers a spliced upgrade carries to the owner as the client sent them
+WEBSOCKET_HEADERS = ("Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
+                     "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
+
+
+def _detachable(request: Any) -> bool:
+    """Whether aiohttp holds ``request`` as an upgrade whose connection can be taken
+    from it (the private handler slots :func:`nats_adapter.compat` probes)."""
+    handler = request.protocol
+    transport = request.transport
+    return transport is not None and not transport.is_closing() \
+        and getattr(handler, "_payload_parser", True) is None \
+        and getattr(handler, "_upgraded", False) is True
+
+
+class _Splice(asyncio.Protocol):
+    """One side of a splice: once ``spliced``, what it reads is written to ``peer``, and
+    either side's end closes both. Before (the owner's side, during the handshake) it
+    keeps what it reads in ``buffer`` and resolves ``head`` with the answer's head (up
+    to the blank line); ``changed`` is set at every read and at the end."""
+
+    def __init__(self) -> None:
+        self.peer: asyncio.Transport | None = None
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.spliced = False
+        self.ended = False
+        self.changed = asyncio.Event()
+        self.head: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.spliced:
+            assert self.peer is not None
+            self.peer.write(data)
+            return
+        self.buffer += data
+        self.changed.set()
+        if not self.head.done():
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buffer[:end + 4])
+                del self.buffer[:end + 4]
+                self.head.set_result(head)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.ended = True
+        self.changed.set()
+        if not self.head.done():
+            self.head.set_exception(ConnectionError("the owner closed the connection"))
+            self.head.exception()  # retrieved: nobody may be waiting any more
+        if self.peer is not None:
+            self.peer.close()
+
+    def pause_writing(self) -> None:
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and not self.peer.is_closing():
+            self.peer.resume_reading()
+
+
+def _status(head: bytes) -> int:
+    """The status of an HTTP answer's head (502 for a head that is none)."""
+    fields = head.split(b" ", 2)
+    return int(fields[1]) if len(fields) > 2 and fields[1].isdigit() else 502
+
+
+async def _answer(owner: _Splice, head: bytes, status: int) -> web.Response:
+    """The owner's non-``101`` answer to an upgrade (its body read by Content-Length)."""
+    headers = {}
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        name, sep, value = line.partition(":")
+        if sep and name.strip().lower() not in HOP_BY_HOP:
+            headers[name.strip()] = value.strip()
+    length = int(head.lower().partition(b"\r\ncontent-length:")[2].split(b"\r\n", 1)[0]
+                 or b"0")
+    while len(owner.buffer) < length and not owner.ended:
+        owner.changed.clear()
+        await owner.changed.wait()
+    return web.Response(status=status, body=bytes(owner.buffer[:length]), headers=headers)

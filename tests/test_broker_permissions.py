@@ -39,10 +39,10 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.front import Front
 from tests.helpers import REPO, WAIT, SioClient, connect_all, owner_of, running
 from tests.test_launcher import consecutive_free_ports, start_launcher
 from tests.test_recovery import DefaultClient
+from tools.bench.front import Front
 
 #: the password of the NATS role user every gateway logs in as (node-secure.conf)
 GATEWAY_PASSWORD = "gateway-pass-4d2a9f"

@@ -19,8 +19,8 @@ import pytest
 
 from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
 from tests.conftest import TEST_LINGER, broker_args
-from tests.front import Front
 from tests.helpers import INTEREST_PROPAGATION, SETTLE, NodeClient, read_metric
+from tools.bench.front import Front
 
 DEFAULT_MODE = ("polling", "websocket")
 

@@ -27,8 +27,8 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.front import Front
 from tests.helpers import REPO, WAIT, NodeClient, SioClient, connect_all, http_json, running
+from tools.bench.front import Front
 
 
 class DefaultClient(NodeClient):

@@ -17,9 +17,9 @@ import pytest
 from gateway.app import FORWARDER_KEY
 from gateway.forwarding import HOP_HEADER
 from nats_adapter.sids import eio_sid_owner, new_eio_sid, new_node_tag
-from tests.front import Front
 from tests.helpers import SioClient, wait_for_condition
 from tests.unit.conftest import GatewayApp, settle
+from tools.bench.front import Front
 
 DEFAULT_MODE = ["polling", "websocket"]
 
@@ -80,11 +80,17 @@ async def test_polling_requests_of_a_session_are_served_by_any_gateway(
     await wait_for_condition(lambda: not owner.sio.eio.sockets, "the session to end")
 
 
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "relayed"])
 async def test_default_mode_clients_chat_through_a_balancer_without_affinity(
-        two_gateways: list[GatewayApp], front: Front, clients: list[SioClient]) -> None:
+        two_gateways: list[GatewayApp], front: Front, clients: list[SioClient],
+        splice: bool) -> None:
     """Four clients in the default mode through the round-robin front: each connects,
     upgrades to websocket and joins; every chat reaches every other client exactly
-    once, none comes back to its sender."""
+    once, none comes back to its sender. A websocket that lands on a non-owner is
+    spliced to the owner as bytes, or (where aiohttp's connection cannot be taken
+    over) relayed message by message: both ways are tested."""
+    for g in two_gateways:
+        g.app[FORWARDER_KEY].splice = splice
     made = [SioClient(f"c{i}", connection_per_request=True) for i in range(4)]
     clients += made
     for i, c in enumerate(made):
@@ -100,6 +106,9 @@ async def test_default_mode_clients_chat_through_a_balancer_without_affinity(
     # (the polling requests cross in the test above and with socket.io-client)
     assert sum(g.app[FORWARDER_KEY].counts["websocket"] for g in two_gateways) > 0, \
         "no upgrade crossed: the test would not test the relay"
+    assert all(g.app[FORWARDER_KEY].counts["websocket_spliced"]
+               == (g.app[FORWARDER_KEY].counts["websocket"] if splice else 0)
+               for g in two_gateways)
     for c in made:
         assert (await c.call("chat", {"room": "lobby", "text": f"from {c.name}"}))["ok"]
     for c in made:
@@ -127,3 +136,22 @@ async def test_a_request_for_no_session_gets_a_clean_400(
         body = await answer.text()
     assert "40" not in body and real not in body
     await hang_up(owner.url, real)
+
+
+@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "relayed"])
+async def test_a_websocket_upgrade_for_a_forged_sid_gets_the_owners_400(
+        two_gateways: list[GatewayApp], splice: bool) -> None:
+    """An upgrade that lands on a non-owner for a session its owner does not have:
+    the owner's answer (400, Session ID unknown) comes back, and nothing is spliced."""
+    owner, other = two_gateways
+    forwarder = other.app[FORWARDER_KEY]
+    forwarder.splice = splice
+    sid = new_eio_sid(owner.manager.node_tag)
+    async with aiohttp.ClientSession() as http:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await http.ws_connect(f"{other.url}/socket.io/?EIO=4&transport=websocket&sid={sid}")
+    assert refused.value.status == 400
+    # spliced: the owner's own answer; the relay's websocket client takes the owner's
+    # refusal for a failed handshake, and answers the same 400 itself
+    assert forwarder.counts["failed"] == (0 if splice else 1)
+    assert forwarder.counts["websocket"] == forwarder.counts["websocket_spliced"] == 0

@@ -351,6 +351,8 @@ class LoadGen:
     reconnect_ns: dict[int, int] = field(default_factory=dict)
     previous_sid: dict[int, str] = field(default_factory=dict)
     traffic: Traffic | None = None
+    #: the index of each gateway (by node tag) the sockets' sids named (owner_from_sid)
+    owners: dict[str, int] = field(default_factory=dict)
 
     def on_event(self, sock: LeanSocket, data: list[Any], now: int) -> None:
         if not sock.connected.done():
@@ -373,10 +375,14 @@ class LoadGen:
 
     async def connect(self, urls: list[str], count: int, deflate: bool,
                       concurrency: int = 200, upgrade: bool = False,
-                      local_host: str | None = None) -> dict[str, Any]:
+                      local_host: str | None = None, fresh: bool = False,
+                      owner_from_sid: bool = False) -> dict[str, Any]:
         """Connect ``count`` sockets round-robin over ``urls``: on websocket from the
         start, or (``upgrade``) by polling and then upgrading, as socket.io-client
-        does by default."""
+        does by default. ``fresh``: every polling request on a TCP connection of its
+        own (a balancer in front then spreads them one by one). ``owner_from_sid``:
+        a socket's gateway is the one its engine.io sid names (``urls`` is then a
+        balancer's), numbered in the order they are first seen."""
         import aiohttp
 
         sem = asyncio.Semaphore(concurrency)
@@ -394,15 +400,20 @@ class LoadGen:
                     await open_ws(None)
                     return
                 # one polling connection per socket, as a browser tab has, closed once
-                # the socket is upgraded
+                # the socket is upgraded (``fresh``: one per request)
                 async with aiohttp.ClientSession(
-                        connector=aiohttp.TCPConnector(limit=1)) as own:
-                    await Upgrade(url).poll_then_upgrade(own, open_ws)
+                        connector=aiohttp.TCPConnector(limit=1, force_close=fresh)) as own:
+                    upgrading = Upgrade(url)
+                    await upgrading.poll_then_upgrade(own, open_ws)
+                if owner_from_sid:
+                    tag = upgrading.eio_sid[:8]  # nats_adapter.sids.NODE_TAG_CHARS
+                    self.gateway_of[i] = self.owners.setdefault(tag, len(self.owners))
 
         self.gateways = max(self.gateways, len(urls))
         self.sockets.extend([None] * count)  # type: ignore[list-item]
         self.gateway_of.extend((i % len(urls)) for i in range(count))
         await asyncio.gather(*(one(start + i) for i in range(count)))
+        self.gateways = max(self.gateways, len(self.owners))
         return {"connected": count, "deflate": sum(s.deflated for s in self.sockets[start:]),
                 "upgraded": count if upgrade else 0,
                 "seconds": round(time.monotonic() - t0, 3)}
@@ -788,8 +799,11 @@ async def serve() -> None:
         try:
             if op == "connect":
                 reply(await gen.connect(cmd["urls"], cmd["count"], cmd.get("deflate", False),
+                                        concurrency=cmd.get("concurrency", 200),
                                         upgrade=cmd.get("upgrade", False),
-                                        local_host=cmd.get("local_host")))
+                                        local_host=cmd.get("local_host"),
+                                        fresh=cmd.get("fresh", False),
+                                        owner_from_sid=cmd.get("owner_from_sid", False)))
             elif op == "status":
                 reply({"open": sum(1 for s in gen.sockets if s is not None and not s.closed),
                        "unexpected_closes": gen.unexpected_closes})
@@ -856,6 +870,7 @@ async def serve() -> None:
                 gen.gateway_of.clear()
                 gen.members.clear()
                 gen.gateways = 0
+                gen.owners.clear()
                 gen.unexpected_closes = 0
                 gen.closing = False
             elif op == "quit":

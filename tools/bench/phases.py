@@ -15,7 +15,7 @@ def phase_paths(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, tupl
     rows: list[tuple[str, str, tuple[str, ...]]] = []
     for backend, scenarios in results.items():
         for scenario, data in scenarios.items():
-            if scenario in ("memory", "idle", "cluster-api", "scale",
+            if scenario in ("memory", "idle", "cluster-api", "scale", "no-affinity",
                             *recovery_report.OWN_TABLES) or "skipped" in data:
                 continue  # tables of their own
             if scenario == "reference":

@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from . import recovery_report, runs, scale_report
+from . import no_affinity, recovery_report, runs, scale_report
 from .phases import BASELINE, all_runs, measured, phase_paths, phase_rows
 
 
@@ -154,6 +154,7 @@ def markdown(report: dict[str, Any]) -> str:
                          f"{c.value((*d, 'one_stopped_ms', 'max'))} | "
                          f"{c.value((*d, 'after_heartbeats_missed_ms', 'p50'), 2)} |")
     lines += recovery_report.markdown(results)
+    lines += no_affinity.markdown(results)
     scale = scale_report.markdown(results)
     if scale:
         lines += ["", scale.rstrip("\n")] if lines else [scale.rstrip("\n")]
@@ -208,7 +209,9 @@ def faults(report: dict[str, Any]) -> list[str]:
                 out.append(f"{_run_label(n, every)}{scenario} on {backend}: "
                            + ", ".join(f"{v} {k.replace('failures', 'refused').replace('_', ' ')}"
                                        for k, v in bad.items()))
-    return out + recovery_report.faults(report)
+    return out + recovery_report.faults(report) + [
+        f"{_run_label(n, every)}{fault}" for n, results in enumerate(every)
+        for fault in no_affinity.faults(results)]
 
 
 def charts(report: dict[str, Any], folder: Path) -> list[Path]:

@@ -21,15 +21,15 @@ from typing import Any
 
 from gateway.processes import GatewayNode, stop_all, wait_gateways, wait_until
 
-from . import broker_traffic, node_peer, recovery
+from . import broker_traffic, no_affinity, node_peer, recovery
 from .backends import GATEWAY_BACKEND, Broker, start_bench_gateway
 from .harness import LoadGenProcess, Params, cpu_seconds, log, metrics, rss_bytes
 
 SCENARIOS = ("reference", "fanout", "fanout-upgrade", "many-rooms", "latency",
              "latency-upgrade", "churn", "memory", "idle", "cluster-api")
 #: scenarios run only when named (--scenario scale): heavier, with brokers of their own;
-#: reconnect-storm needs a recovery backend
-EXTRA_SCENARIOS = ("scale", *recovery.SCENARIOS)
+#: reconnect-storm needs a recovery backend; no-affinity runs on nats only
+EXTRA_SCENARIOS = ("scale", *recovery.SCENARIOS, no_affinity.SCENARIO)
 
 # -- measuring -----------------------------------------------------------------------
 
@@ -125,6 +125,7 @@ def describe(p: Params) -> dict[str, dict[str, Any]]:
 
     return {
         "scale": ScaleParams.of(p.quick, p.seed).describe(),
+        no_affinity.SCENARIO: no_affinity.NoAffinityParams.of(p.quick).describe(),
         "reference": {"gateways": 3, "users": p.reference_users, "chats_per_user": 3,
                       "phases": "one room; then 10 rooms, each on one gateway only"},
         "fanout": {"gateways": 2, "members": p.fanout_members, "senders": p.fanout_senders,
@@ -454,6 +455,12 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
 
         results["scale"] = run_scale(backend, workdir / backend / "scale", p.quick, p.seed)
         scenarios = [s for s in scenarios if s != "scale"]
+        if not scenarios:
+            return results
+    if no_affinity.SCENARIO in scenarios:  # gateways and a front of its own
+        results[no_affinity.SCENARIO] = no_affinity.run_no_affinity(
+            backend, workdir / backend / "no-affinity", p.quick)
+        scenarios = [s for s in scenarios if s != no_affinity.SCENARIO]
         if not scenarios:
             return results
     broker = Broker(backend, workdir / backend)
