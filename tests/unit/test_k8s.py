@@ -40,9 +40,6 @@ VERSIONS = ("1.31.0", kubernetes_schemas.latest_version())
 NOBODY = 65534
 #: aiohttp's wait for requests in flight at shutdown (gateway/cli.py, `shutdown_timeout`)
 REQUESTS_SHUTDOWN_TIMEOUT = 5.0
-#: node-secure.conf's users gw-1 and gw-2, which one user `gateway` for every replica
-#: (NATS_GATEWAY_PASSWORD) replaces (issue 23); until then a server reads them unset
-PER_GATEWAY_PASSWORDS = {"NATS_GATEWAY_1_PASSWORD", "NATS_GATEWAY_2_PASSWORD"}
 
 Resource = dict[str, Any]
 
@@ -240,7 +237,7 @@ def test_nats_runs_the_secure_config_with_every_variable_it_reads() -> None:
 
     used, defined = config_reads("node-secure.conf")
     env = environment(server, "nats-0", example_secrets())
-    unset = used - defined - set(env) - PER_GATEWAY_PASSWORDS
+    unset = used - defined - set(env)
     assert not unset, f"node-secure.conf reads {sorted(unset)}: not set"
     assert "NATS_GATEWAY_PASSWORD" in env
     # JetStream's store is the volume claimed for each server
