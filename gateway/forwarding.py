@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from nats_adapter._engineio.connection import _detach
+from nats_adapter import compat
 from nats_adapter.sids import eio_sid_owner
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class Forwarder:
         try:
             if request.headers.get("Upgrade", "").lower() == "websocket":
                 # (an owner reached over TLS: the relay, whose client speaks it)
-                if self.splice and target.startswith("http://") and _detachable(request):
+                if self.splice and target.startswith("http://") and compat.detachable(request):
                     return await self.splice_websocket(request, target)
                 return await self.relay_websocket(request, target)
             return await self.forward(request, target)
@@ -184,9 +184,9 @@ class Forwarder:
                 if status != 101:  # the owner's refusal, as the owner gave it
                     return await _answer(owner, head, status)
             client = request.transport
-            if client is None or client.is_closing() or not _detachable(request):
+            if client is None or client.is_closing() or not compat.detachable(request):
                 return web.Response()  # the client went away meanwhile
-            client, tail = _detach(request)
+            client, tail = compat.detach_connection(request)
             self.counts["websocket"] += 1
             self.counts["websocket_spliced"] += 1  # (of those: spliced, not relayed)
             into_client = _Splice()
@@ -254,16 +254,6 @@ async def _pump(source: Any, sink: Any) -> None:
 #: the handshake headers a spliced upgrade carries to the owner as the client sent them
 WEBSOCKET_HEADERS = ("Upgrade", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
                      "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol")
-
-
-def _detachable(request: Any) -> bool:
-    """Whether aiohttp holds ``request`` as an upgrade whose connection can be taken
-    from it (the private handler slots :func:`nats_adapter.compat` probes)."""
-    handler = request.protocol
-    transport = request.transport
-    return transport is not None and not transport.is_closing() \
-        and getattr(handler, "_payload_parser", True) is None \
-        and getattr(handler, "_upgraded", False) is True
 
 
 class _Splice(asyncio.Protocol):

@@ -478,6 +478,30 @@ def connection_environ(server: Any, eio_sid: str) -> dict[str, Any]:
 
 
 
+def detachable(request: Any) -> bool:
+    """Whether aiohttp holds ``request`` as an upgrade whose connection can be taken
+    from it (the handler slots the ``aiohttp.take_over`` probe checks)."""
+    if not check("aiohttp.take_over"):
+        return False
+    handler = request.protocol
+    transport = request.transport
+    return transport is not None and not transport.is_closing() \
+        and handler._payload_parser is None and handler._upgraded is True
+
+
+def detach_connection(request: Any) -> tuple[asyncio.Transport, bytes]:
+    """Take ``request``'s connection away from aiohttp: its handler forgets it (and
+    its server's connection list drops it) without closing it. Returns the transport
+    and the bytes aiohttp had read past the handshake."""
+    handler = request.protocol
+    transport = request.transport
+    tail = bytes(handler._message_tail)
+    handler._message_tail = b""
+    handler.transport = None  # so that nothing aiohttp does next touches the connection
+    handler.connection_lost(None)
+    return transport, tail
+
+
 def problem(name: str) -> str | None:
     """Why feature ``name`` cannot be used here, or None when its privates are there.
     Probed once per process (:func:`reset` forgets)."""

@@ -11,7 +11,7 @@ import pytest
 from socketio import packet as sio_packet
 
 from nats_adapter import compat
-from nats_adapter._engineio import connection, fastpath_of
+from nats_adapter._engineio import fastpath_of
 from tests.conftest import start_node
 from tests.helpers import Node, NodeClient, SioClient, connect_all, wait_for_condition
 
@@ -128,7 +128,7 @@ async def test_an_error_inside_the_fast_path_falls_back_for_good(
         def detach(request: object) -> object:
             raise AttributeError("'RequestHandler' object has no attribute '_message_tail'")
 
-        monkeypatch.setattr(connection, "_detach", detach)
+        monkeypatch.setattr(compat, "detach_connection", detach)
         await interleave(n, clients, 500)  # the handshakes succeed, delivery is exact
         assert not n.manager.fast_fanout
         assert caplog.text.count("fast fan-out disabled") == 1

@@ -549,19 +549,6 @@ class LeanWebSocket(asyncio.Protocol):
             del sockets[socket.sid]
 
 
-def _detach(request: Any) -> tuple[asyncio.Transport, bytes]:
-    """Take ``request``'s connection away from aiohttp: its handler forgets it (and
-    its server's connection list drops it) without closing it. Returns the transport
-    and the bytes aiohttp had read past the handshake."""
-    handler = request.protocol
-    transport = request.transport
-    tail = bytes(handler._message_tail)
-    handler._message_tail = b""
-    handler.transport = None  # so that nothing aiohttp does next touches the connection
-    handler.connection_lost(None)
-    return transport, tail
-
-
 def take_over(socket: Any, environ: dict[str, Any], sessions: Sessions
               ) -> LeanWebSocket | None:
     """Answer the websocket handshake of ``environ`` and serve ``socket``'s session on
@@ -579,7 +566,7 @@ def take_over(socket: Any, environ: dict[str, Any], sessions: Sessions
             or handler._payload_parser is not None or not handler._upgraded:
         return None
     upgrading = bool(socket.connected)
-    transport, tail = _detach(request)
+    transport, tail = compat.detach_connection(request)
     transport.write(switching_protocols(accept))
     conn = LeanWebSocket(socket, transport, sessions, heartbeat)
     transport.set_protocol(conn)
@@ -606,7 +593,7 @@ def close_second_websocket(eio: Any, sessions: Sessions, request: Any) -> bool:
     if accept is None or request.transport is None or handler._payload_parser is not None \
             or not handler._upgraded:
         return False
-    transport, _ = _detach(request)
+    transport, _ = compat.detach_connection(request)
     transport.write(switching_protocols(accept) + close_frame(CloseReason.POLICY_VIOLATION))
     transport.close()
     return True

@@ -36,14 +36,23 @@ ALLOWED: dict[tuple[str, str], str] = {
 }
 
 
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
 def private_reads(path: Path) -> Iterator[tuple[int, str, str]]:
     """(line, expression, attribute) of every ``obj._name`` in ``path`` where ``obj``
     is not self, cls or super()."""
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and node.module is not None:
+            # from m import _name: m's underscore name (`from . import _mod` is a module)
+            yield from ((node.lineno, f"from {node.module} import {alias.name}", alias.name)
+                        for alias in node.names if is_private(alias.name))
+            continue
         if not isinstance(node, ast.Attribute):
             continue
         name = node.attr
-        if not name.startswith("_") or (name.startswith("__") and name.endswith("__")):
+        if not is_private(name):
             continue
         owner = node.value
         if isinstance(owner, ast.Name) and owner.id in ("self", "cls"):
@@ -73,5 +82,7 @@ def test_no_module_reads_another_objects_underscore_names() -> None:
 def test_the_scan_finds_a_private_read(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f(m, self):\n    self._ok = m.__dict__\n    super()._fine()\n"
-                      "    return m._encode(1)\n")
-    assert [(line, expr) for line, expr, _ in private_reads(source)] == [(4, "m._encode")]
+                      "    return m._encode(1)\n"
+                      "from a.b import _detach, public\nfrom . import _module as m\n")
+    assert sorted((line, expr) for line, expr, _ in private_reads(source)) == [
+        (4, "m._encode"), (5, "from a.b import _detach")]
