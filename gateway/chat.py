@@ -357,7 +357,10 @@ class ChatProtocol:
         event: dict[str, Any] = {"room": room, "sid": sid, "change": change}
         if grant is not None and grant.subject is not None:
             event["user"] = grant.subject
-        await self.sio.emit("presence", event, to=room, skip_sid=sid)
+        try:
+            await self.sio.emit("presence", event, to=room, skip_sid=sid)
+        except BrokerError as exc:  # the join or leave itself happened; only the notice failed
+            logger.warning("presence notice for room %r not sent: %s", room, exc)
 
     async def on_leave(self, sid: str, *args: Any) -> Ack:
         # never rate limited: leaving adds no load, and refusing it would keep a client
@@ -392,7 +395,7 @@ class ChatProtocol:
         user = grant.subject if grant is not None else None
         try:
             msg_id = await self.publish(room, text, sid, user, skip_sid=sid)
-        except BrokerError as exc:  # with --recovery: not stored, so nobody got it
+        except BrokerError as exc:  # not published (or with --recovery, not stored): nobody got it
             return self._refuse("unavailable", f"not delivered: {exc}")
         return {"ok": True, "id": msg_id}
 

@@ -103,7 +103,7 @@ class HttpApi:
             return self._bad("from must be a name, not a socket id or invalid text")
         try:
             msg_id = await self.chat.publish(room, body["text"], sender)
-        except BrokerError as exc:  # with --recovery: not stored, so nobody got it
+        except BrokerError as exc:  # not published (or with --recovery, not stored): nobody got it
             return self._refuse("unavailable", f"not delivered: {exc}", 503)
         return web.json_response({"ok": True, "id": msg_id, "room": room}, status=202)
 

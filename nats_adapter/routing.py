@@ -45,14 +45,15 @@ class Router:
 
     async def relay(self, namespace: str, targets: list[str] | None, skip: frozenset[str],
                     pkt: EncodedPacket) -> None:
-        """Publish an emit on every channel that reaches a node with a recipient."""
+        """Publish an emit on every channel that reaches a node with a recipient; raises
+        :class:`BrokerError` when the broker refuses one (the caller tells its sender)."""
         # unless sockets move (a restored session), a sid of this node is on no other,
         # so skipping it there is a no-op: it does not travel (the sender, mostly)
         moves = self.plugin.stores_emits
         skip_list = sorted(s for s in skip if moves or sid_owner(s) != self.node_tag)
         if targets is None:
             msg = codec.EmitMessage(self.node_tag, namespace, None, skip_list, pkt)
-            await self.bus.publish(self.channels.room(namespace, None), msg)
+            await self.bus.publish(self.channels.room(namespace, None), msg, strict=True)
             return
         channels: list[str] = []
         for name in dict.fromkeys(targets):
@@ -75,7 +76,7 @@ class Router:
         if data is None:
             return
         for channel in channels:
-            await self.bus.publish_bytes(channel, self.bus.seal(data, channel))
+            await self.bus.publish_bytes(channel, self.bus.seal(data, channel), strict=True)
 
     async def room_op(self, kind: int, sid: str, namespace: str, room: str | None) -> None:
         """ENTER_ROOM, LEAVE_ROOM or DISCONNECT of a sid of another node, to that node."""
