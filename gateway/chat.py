@@ -19,7 +19,7 @@ import jwt
 import socketio
 from socketio.exceptions import ConnectionRefusedError as Refused
 
-from nats_adapter import BrokerError, SubscriptionError, is_sid
+from nats_adapter import BrokerError, BrokerUnconfirmed, SubscriptionError, is_sid
 from nats_adapter.recovery import MAX_HISTORY
 
 from .config import GatewayConfig, Limits
@@ -395,6 +395,9 @@ class ChatProtocol:
         user = grant.subject if grant is not None else None
         try:
             msg_id = await self.publish(room, text, sid, user, skip_sid=sid)
+        except BrokerUnconfirmed as exc:  # published, but the broker did not say it took it
+            return self._refuse("unconfirmed", f"not confirmed (members may still get it): "
+                                f"{exc}")
         except BrokerError as exc:  # not published (or with --recovery, not stored): nobody got it
             return self._refuse("unavailable", f"not delivered: {exc}")
         return {"ok": True, "id": msg_id}
@@ -408,6 +411,7 @@ class ChatProtocol:
         if user is not None:
             message["user"] = user
         await self.sio.emit("chat", message, to=room, skip_sid=skip_sid)
+        await self.manager.confirm_published()  # what the ack says: the broker took it
         self.chats += 1
         return msg_id
 

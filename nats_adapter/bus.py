@@ -82,6 +82,15 @@ class Bus:
         self.stats.published += 1
         self.stats.published_bytes += len(data)
 
+    async def confirm_published(self) -> None:
+        """Return once the broker took everything published so far (:class:`BrokerError`
+        when it did not say so in time, counted as a publish error)."""
+        try:
+            await self.broker.confirm_published()
+        except BrokerError:
+            self.stats.publish_errors += 1
+            raise
+
     # -- receiving -----------------------------------------------------------------------
 
     def open(self, channel: str, data: bytes, stored: bool

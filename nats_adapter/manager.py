@@ -488,6 +488,14 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         if self.server is not None:
             await self.hub.deliver(namespace, targets, skip, pkt)
 
+    async def confirm_published(self) -> None:
+        """Return once the broker has taken every emit made so far (for an ack that
+        says so); raises :class:`~nats_adapter.BrokerError` when it did not say so in
+        time. Emits that are stored (connection state recovery) are taken when
+        :meth:`emit` returns."""
+        if not self.plugin.stores_emits:
+            await self.bus.confirm_published()
+
     async def _emit_with_callback(
         self, event: str, args: list[Any], namespace: str, target: Any,
         callback: Callable[..., Any],

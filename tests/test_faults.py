@@ -110,12 +110,14 @@ async def test_healthz_is_503_only_without_any_broker(tmp_path: Path, nats3: Nat
             await asyncio.sleep(0.05)
         status, body = gws[0].healthz()
         assert status == 503 and body["broker_connected"] is False
-        # sockets stay up; local delivery still works during the outage
+        # sockets stay up; local delivery still works during the outage, and the
+        # sender is told the broker did not take it (it is buffered for the reconnect)
         c = SioClient("c")
         clients.append(c)
         await c.connect(gws[0].url)
         await c.join("outage")
-        await a.chat("outage", "local during outage")
+        ack = await a.call("chat", {"room": "outage", "text": "local during outage"})
+        assert ack["ok"] is False and ack["error"].startswith("not confirmed"), ack
         await c.wait_texts(["local during outage"])
         for i in range(len(nats3.nodes)):
             nats3.start_node(i)
