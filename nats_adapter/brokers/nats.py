@@ -282,14 +282,16 @@ class NatsBroker(Broker):
                        error: type[BrokerError] = BrokerError) -> None:
         """Wait for the server to have processed everything sent so far (a PING/PONG).
 
-        Two round trips: nats-py's ``flush()`` writes its PING straight to the socket
-        while a SUB or PUB waits in the client's pending buffer for the flusher task,
-        so the first PONG can arrive before the server has read it. By then the
-        flusher has written it; the second PING goes out after it, and its PONG
-        confirms it (tests/unit/test_nats_confirm.py)."""
+        nats-py's ``flush()`` writes its PING straight to the socket while a SUB or PUB
+        may still wait in the client's pending buffer for the flusher task, so the
+        PONG could arrive before the server has read it. While something is pending,
+        a first round lets the flusher write it; the second PING goes out after it,
+        and its PONG confirms it (tests/unit/test_nats_confirm.py). With nothing
+        pending, what was sent is on the socket before the PING: one round."""
         wait = self._confirm_timeout if timeout is None else timeout
         try:
-            await self._round_trip(nc, wait)
+            if nc.pending_data_size > 0:
+                await self._round_trip(nc, wait)
             await self._round_trip(nc, wait)
         except (nats.errors.Error, TimeoutError) as exc:
             # a subscription stays registered; nats-py sends it again on reconnect

@@ -114,7 +114,7 @@ async def test_a_publish_is_confirmed_by_a_pong_to_a_ping_sent_after_it() -> Non
                 > seen.index(f"chat {i}"), seen
 
         await asyncio.gather(*(chat(i) for i in range(20)))
-        assert fake.commands.count("PING") - before == 2  # one round (two PINGs) for 20
+        assert fake.commands.count("PING") - before <= 2  # one round for 20
 
 
 async def test_an_unconfirmed_publish_raises_and_late_pongs_leave_the_connection_working(
