@@ -181,7 +181,6 @@ class NatsBroker(Broker):
         self._publish_confirm_timeout = publish_confirm_timeout
         #: the confirmation round not started yet, which a publish made now joins
         self._next_round: asyncio.Future[None] | None = None
-        self._rounds: set[asyncio.Task[None]] = set()
         self._round_trips: set[asyncio.Future[None]] = set()
         self._reconnect_time_wait = reconnect_time_wait
         self._connection_name = connection_name
@@ -277,9 +276,7 @@ class NatsBroker(Broker):
         else:
             await self._handler.on_message(msg.subject, msg.data)
 
-    async def _confirm(self, nc: Client, timeout: float | None = None,
-                       what: str = "the subscription",
-                       error: type[BrokerError] = BrokerError) -> None:
+    async def _confirm(self, nc: Client) -> None:
         """Wait for the server to have processed everything sent so far (a PING/PONG).
 
         nats-py's ``flush()`` writes its PING straight to the socket while a SUB or PUB
@@ -288,14 +285,14 @@ class NatsBroker(Broker):
         a first round lets the flusher write it; the second PING goes out after it,
         and its PONG confirms it (tests/unit/test_nats_confirm.py). With nothing
         pending, what was sent is on the socket before the PING: one round."""
-        wait = self._confirm_timeout if timeout is None else timeout
+        wait = self._confirm_timeout
         try:
             if nc.pending_data_size > 0:
                 await self._round_trip(nc, wait)
             await self._round_trip(nc, wait)
         except (nats.errors.Error, TimeoutError) as exc:
             # a subscription stays registered; nats-py sends it again on reconnect
-            raise error(f"NATS did not confirm {what}: {exc!r}") from exc
+            raise BrokerError(f"NATS did not confirm the subscription: {exc!r}") from exc
 
     async def _round_trip(self, nc: Client, timeout: float) -> None:
         """One PING/PONG, waited on for at most ``timeout`` without cancelling it.
@@ -329,24 +326,34 @@ class NatsBroker(Broker):
         nc = self._nc
         if nc is None or nc.is_closed:
             raise BrokerUnconfirmed("no NATS connection")
-        if self._next_round is None:
+        if not nc.is_connected:  # a PING now goes nowhere: what was buffered goes later
+            raise BrokerUnconfirmed("NATS is reconnecting (what was published is sent "
+                                    "once it is back)")
+        round_ = self._next_round
+        if round_ is None:
             loop = asyncio.get_running_loop()
             self._next_round = round_ = loop.create_future()
             round_.add_done_callback(_retrieved)
-            task = loop.create_task(self._confirm_round(nc, round_))
-            self._rounds.add(task)
-            task.add_done_callback(self._rounds.discard)
-        await asyncio.shield(self._next_round)
+            loop.call_soon(self._start_round, nc, round_)
+        await asyncio.shield(round_)
 
-    async def _confirm_round(self, nc: Client, round_: asyncio.Future[None]) -> None:
+    def _start_round(self, nc: Client, round_: asyncio.Future[None]) -> None:
+        """The round's PINGs (never cancelled, see :meth:`_round_trip`) and its deadline."""
         self._next_round = None  # what is published from here on joins the next round
-        try:
-            await self._confirm(nc, self._publish_confirm_timeout, "the publish",
-                                BrokerUnconfirmed)
-        except BrokerError as exc:
-            round_.set_exception(exc)
-        else:
-            round_.set_result(None)
+        pings = 2 if nc.pending_data_size > 0 else 1
+        flush = asyncio.ensure_future(_pings(nc, pings))
+        self._round_trips.add(flush)
+        flush.add_done_callback(_round_trip_done)
+        flush.add_done_callback(self._round_trips.discard)
+        timeout = self._publish_confirm_timeout
+        timer = asyncio.get_running_loop().call_later(
+            timeout, _settle, round_, None, f"no PONG within {timeout:g} s")
+
+        def done(flush: asyncio.Future[None]) -> None:
+            timer.cancel()
+            _settle(round_, flush, None)
+
+        flush.add_done_callback(done)
 
     async def subscribe(self, channel: str) -> None:
         self._wanted.add(channel)
@@ -464,6 +471,31 @@ class NatsBroker(Broker):
             return
         if not self._closing:
             logger.warning("NATS error: %r", exc)
+
+
+async def _pings(nc: Client, count: int) -> None:
+    for _ in range(count):
+        await nc.flush(timeout=ROUND_TRIP_LIMIT)
+
+
+def _settle(round_: asyncio.Future[None], flush: asyncio.Future[None] | None,
+            late: str | None) -> None:
+    """End a confirmation round: by its PINGs' outcome, or ``late`` at its deadline."""
+    if round_.done():
+        return
+    problem: BaseException | None = None
+    if flush is None:
+        problem = TimeoutError(late)
+    elif flush.cancelled():
+        problem = ConnectionError("the connection was replaced before the PONG")
+    else:
+        problem = flush.exception()
+    if problem is None:
+        round_.set_result(None)
+    else:
+        error = BrokerUnconfirmed(f"NATS did not confirm the publish: {problem!r}")
+        error.__cause__ = problem
+        round_.set_exception(error)
 
 
 def _round_trip_done(flush: asyncio.Future[None]) -> None:
