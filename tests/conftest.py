@@ -38,7 +38,7 @@ from gateway.processes import (
 from gateway.processes.children import PORT_RANGE_ENV
 from gateway.types import GatewayManager
 from tests.containers import ComposeStack, Images, Podman, build_images
-from tests.helpers import Node, SioClient, metrics_of, running, wait_for_condition
+from tests.helpers import Node, NodeClient, SioClient, metrics_of, running, wait_for_condition
 
 # hypothesis is imported up front: when a session never imported it, its pytest plugin
 # imports it at the very end, and on CPython 3.11.7 pytest's assertion rewriting of it
@@ -229,6 +229,16 @@ async def nodes(backend: str, request: pytest.FixtureRequest) -> AsyncIterator[l
 async def clients() -> AsyncIterator[list[SioClient]]:
     """A list tests append their clients to; all are disconnected at teardown."""
     made: list[SioClient] = []
+    try:
+        yield made
+    finally:
+        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
+@pytest.fixture
+async def node_clients(node_bin: str) -> AsyncIterator[list[NodeClient]]:
+    """A list tests append their Node.js clients to; all are closed at teardown."""
+    made: list[NodeClient] = []
     try:
         yield made
     finally:

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-
-import pytest
 
 from gateway.processes import GatewayNode
 from tests.helpers import INTEREST_PROPAGATION, SETTLE, NodeClient
-
-
-@pytest.fixture
-async def node_clients(node_bin: str) -> AsyncIterator[list[NodeClient]]:
-    made: list[NodeClient] = []
-    try:
-        yield made
-    finally:
-        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
 
 
 async def test_js_clients_chat_across_gateways(gateway_procs: list[GatewayNode], node_bin: str,

@@ -12,7 +12,7 @@ once, none echoed, in both directions between gateways.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,15 +37,6 @@ def four_gateways(workdir: Path, request: pytest.FixtureRequest) -> Iterator[lis
         yield procs
     finally:
         stop_all([p.child for p in procs])
-
-
-@pytest.fixture
-async def node_clients(node_bin: str) -> AsyncIterator[list[NodeClient]]:
-    made: list[NodeClient] = []
-    try:
-        yield made
-    finally:
-        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
 
 
 async def forwarded(gateways: list[GatewayNode]) -> float:
