@@ -24,6 +24,7 @@ from aiohttp import web
 from gateway.config import GatewayConfig
 from gateway.processes import LocalCluster, RedisNode, http_json
 from nats_adapter import ClusterManager
+from nats_adapter.naming import encode_token
 
 REPO = Path(__file__).resolve().parent.parent
 #: how long a test waits for something that should happen
@@ -276,6 +277,49 @@ def _metric(url: str, name: str) -> float:
 async def read_metric(url: str, name: str) -> float:
     """The value of metric ``name`` (summed over labels) on the gateway at ``url``."""
     return await asyncio.to_thread(_metric, url, name)
+
+
+def room_interest_everywhere(monitor_urls: Sequence[str], room: str,
+                             namespace: str = "/") -> bool:
+    """Whether every NATS server at ``monitor_urls`` (one cluster's monitoring
+    endpoints) has heard, over its routes, of every other server's local
+    subscriptions to ``room``'s channel (whatever the channel prefix): then a chat
+    published on any server reaches every member.
+
+    A join is acked once the gateway's own server holds the subscription; the others
+    learn of it asynchronously (RS+). What a test waits for after a join instead of
+    a fixed sleep. A server that does not answer (stopped by the test) is left out."""
+    tail = f".room.{encode_token(namespace)}.{encode_token(room)}"
+    local: dict[str, set[str]] = {}  # server name -> room subjects its clients hold
+    routed: dict[str, dict[str, set[str]]] = {}  # server -> peer -> subjects it announced
+    for url in monitor_urls:
+        status, varz = http_json(f"{url}/varz")
+        if status != 200:
+            continue
+        name = str(varz["server_name"])
+        status, connz = http_json(f"{url}/connz?subs=1&limit=4096")
+        status_routes, routez = http_json(f"{url}/routez?subs=1")
+        if status != 200 or status_routes != 200:
+            return False
+        local[name] = {s for conn in connz.get("connections") or []
+                       for s in conn.get("subscriptions_list") or [] if s.endswith(tail)}
+        peers: dict[str, set[str]] = {}
+        for route in routez.get("routes") or []:
+            peer = str(route.get("remote_name") or route.get("remote_id"))
+            peers.setdefault(peer, set()).update(
+                s for s in route.get("subscriptions_list") or [] if s.endswith(tail))
+        routed[name] = peers
+    return all(subjects <= routed[other].get(holder, set())
+               for holder, subjects in local.items()
+               for other in local if other != holder)
+
+
+async def wait_room_interest(monitor_urls: Sequence[str], room: str,
+                             namespace: str = "/") -> None:
+    """Wait until :func:`room_interest_everywhere`."""
+    await wait_for_condition(
+        lambda: asyncio.to_thread(room_interest_everywhere, monitor_urls, room, namespace),
+        f"every NATS server to know who subscribes to room {room!r}")
 
 
 def nats_subjects(monitor_urls: list[str], connection_name: str) -> set[str]:
