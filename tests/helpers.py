@@ -348,12 +348,15 @@ class NodeClient:
 
     @classmethod
     async def start(cls, node_bin: str, url: str, name: str = "node",
-                    transports: Sequence[str] = ("websocket",)) -> NodeClient:
+                    transports: Sequence[str] = ("websocket",),
+                    **options: Any) -> NodeClient:
         """Connect; ``transports`` as socket.io-client's option (its default, the one
-        browsers use, is ``("polling", "websocket")``: polling, then an upgrade)."""
-        options = json.dumps({"transports": list(transports)})
+        browsers use, is ``("polling", "websocket")``: polling, then an upgrade);
+        ``options``, more of ``io()``'s (``reconnection=True``: the driver's default
+        is to give up on the first loss)."""
+        args = json.dumps({"transports": list(transports), **options})
         proc = await asyncio.create_subprocess_exec(
-            node_bin, str(REPO / "tests" / "js" / "driver.mjs"), url, "", options,
+            node_bin, str(REPO / "tests" / "js" / "driver.mjs"), url, "", args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO),
         )
         client = cls(proc, name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,13 +29,15 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.conftest import TEST_LINGER, broker_args
+from tests.conftest import ERROR_COUNTERS, TEST_LINGER, broker_args
 from tests.helpers import (
     INTEREST_PROPAGATION,
     REPO,
     SETTLE,
     WAIT,
     NodeClient,
+    SioClient,
+    metrics_of,
     read_metric,
     wait_for_condition,
     wait_room_interest,
@@ -93,6 +96,29 @@ async def test_default_mode_clients_chat_through_a_round_robin_front(
                                                if o is not c), f"{c.name}: a copy too many"
         assert set(front.sent) == {("127.0.0.1", g.port) for g in gateways}
         assert await forwarded(gateways) > before, "nothing crossed between gateways"
+    finally:
+        await front.close()
+
+
+async def test_the_front_passes_a_connection_a_dead_gateway_refuses_to_the_next(
+        four_gateways: list[GatewayNode]) -> None:
+    """A balancer redispatches a connection its server refused; a front that closed
+    it instead failed the request on it (status 0 in the client), and a reconnecting
+    client whose requests came round to the dead gateway in step with the turn
+    failed every attempt."""
+    dead = ("127.0.0.1", free_ports(1)[0])  # nothing listens there
+    live = ("127.0.0.1", four_gateways[0].port)
+    front = await Front(dead, live).start()
+    try:
+        for i in range(4):  # a connection each, every other one to the dead gateway first
+            # (by hand: aiohttp's client would retry a GET on a connection closed unanswered)
+            reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+            writer.write(f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{front.port}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            answer = await asyncio.wait_for(reader.read(), WAIT)
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 "), (i, answer)
+        assert front.refused == {dead: 2} and front.sent == {live: 4}
     finally:
         await front.close()
 
@@ -193,4 +219,120 @@ async def test_the_chat_page_in_chromium_through_a_round_robin_front(
     finally:
         if page is not None:
             await page.close()
+        await front.close()
+
+
+@pytest.fixture
+def three_gateways(workdir: Path, request: pytest.FixtureRequest) -> Iterator[list[GatewayNode]]:
+    """Three ``gateway serve`` processes of their own (a test kills one)."""
+    procs: list[GatewayNode] = []
+    tag = uuid.uuid4().hex[:4]
+    try:
+        for i, port in enumerate(free_ports(3)):
+            procs.append(start_gateway(workdir / "no-affinity-kill", f"kill-gw-{i + 1}-{tag}",
+                                       port, "nats", broker_args("nats", request, i),
+                                       extra=["--unsubscribe-linger", str(TEST_LINGER),
+                                              "--heartbeat-interval", "0.5"]))
+        wait_gateways(procs)
+        yield procs
+    finally:
+        stop_all([p.child for p in procs])
+
+
+def error_counts(gateways: list[GatewayNode]) -> dict[str, float]:
+    return {f"{g.node_id}.{metric}": metrics_of(g.url).get(metric, 0.0)
+            for g in gateways for metric in ERROR_COUNTERS.values()}
+
+
+def connected(c: NodeClient) -> bool:
+    """Whether the client's last word on its connection was that it connected."""
+    states = [e for e in c.events if e["type"] in ("connect", "disconnect")]
+    return bool(states) and states[-1]["type"] == "connect"
+
+
+def last_sid(c: NodeClient) -> str:
+    return str([e for e in c.events if e["type"] == "connect"][-1]["sid"])
+
+
+#: socket.io-client's automatic reconnection, quick and without jitter
+RECONNECTING = {"reconnection": True, "reconnectionDelay": 200, "reconnectionDelayMax": 1000,
+                "randomizationFactor": 0}
+
+
+@pytest.mark.parametrize("kill", ["SIGTERM", "SIGKILL"])
+async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
+        kill: str, three_gateways: list[GatewayNode], nats_cluster: NatsCluster,
+        node_bin: str, node_clients: list[NodeClient]) -> None:
+    """Clients through the round-robin front over 3 gateways, on each gateway one
+    polling only and one in the default mode (upgraded), chat; one gateway is
+    killed. The clients it owned reconnect to the survivors; those the survivors own
+    whose requests went through it carry on or reconnect; none is left stuck: every
+    client chats again and every chat reaches every other client once. The
+    survivors' error counters do not move."""
+    monitors = [n.monitor_url for n in nats_cluster.nodes]
+    room = f"kill-{uuid.uuid4().hex[:6]}"
+    tags = {}  # node tag -> gateway
+    for g in three_gateways:
+        probe = await SioClient("probe").connect(g.url)
+        tags[probe.sid[:8]] = g
+        await probe.close()
+    front = await Front(*(("127.0.0.1", g.port) for g in three_gateways)).start()
+    try:
+        for i in range(6):
+            polling = i < 3
+            node_clients.append(await NodeClient.start(
+                node_bin, front.url, f"{'poll' if polling else 'default'}-{i % 3}",
+                transports=("polling",) if polling else DEFAULT_MODE, **RECONNECTING))
+        # the gateway that owns the first polling client's session is killed
+        victim_tag = node_clients[0].sid[:8]
+        victim = tags[victim_tag]
+        survivors = [g for g in three_gateways if g is not victim]
+        print(f"\nowners: {[tags[c.sid[:8]].node_id for c in node_clients]}")
+        for c in node_clients[3:]:
+            await c.wait_for(lambda c: c.upgraded, what=f"{c.name} to upgrade")
+        for c in node_clients:
+            assert (await c.call("join", room))["ok"]
+        await wait_room_interest(monitors, room)
+        for c in node_clients:
+            assert (await c.call("chat", {"room": room, "text": f"before {c.name}"}))["ok"]
+        for c in node_clients:
+            expected = sorted(f"before {o.name}" for o in node_clients if o is not c)
+            await c.wait_for(lambda c, e=expected: sorted(c.texts()) == e,
+                             what=f"{c.name}: every other chat")
+        errors_before = error_counts(survivors)
+
+        assert victim.child is not None
+        victim.child.signal(getattr(signal, kill))
+        await wait_for_condition(lambda: not victim.child.alive, f"{victim.node_id} to exit",
+                                 timeout=15)
+        for c in node_clients:
+            if c.sid[:8] == victim_tag:
+                await c.wait_for(lambda c: connected(c) and last_sid(c)[:8] != victim_tag,
+                                 timeout=15, what=f"{c.name} to reconnect to a survivor")
+        for c in node_clients:
+            # a new session is in no room: join again (a session that carried on is
+            # already in it, and joining twice is fine)
+            ack = await c.call("join", room, timeout=15)
+            assert ack == {"ok": True, "room": room}, (c.name, ack, c.events[-6:])
+            assert last_sid(c)[:8] != victim_tag
+        await wait_room_interest(monitors, room)
+        for c in node_clients:
+            ack = await c.call("chat", {"room": room, "text": f"after {c.name}"})
+            assert ack["ok"], (c.name, ack)
+        for c in node_clients:
+            expected = sorted(f"after {o.name}" for o in node_clients if o is not c)
+            await c.wait_for(
+                lambda c, e=expected: sorted(t for t in c.texts() if t.startswith("after")) == e,
+                what=f"{c.name}: every other chat after the kill")
+        await asyncio.sleep(SETTLE)  # a window in which no duplicate may arrive
+        for c in node_clients:
+            after = [t for t in c.texts() if t.startswith("after")]
+            assert len(after) == len(set(after)) == 5, f"{c.name}: {after}"
+            assert connected(c), c.events[-6:]
+        reconnected = {c.name for c in node_clients
+                       if len([e for e in c.events if e["type"] == "connect"]) > 1}
+        print(f"\n{kill}: reconnected {sorted(reconnected)}; "
+              f"front sent {front.sent}")
+        assert await asyncio.to_thread(error_counts, survivors) == errors_before
+    finally:
         await front.close()
