@@ -31,7 +31,6 @@ from gateway.processes import (
 )
 from tests.conftest import ERROR_COUNTERS, TEST_LINGER, broker_args
 from tests.helpers import (
-    INTEREST_PROPAGATION,
     REPO,
     SETTLE,
     WAIT,
@@ -40,6 +39,7 @@ from tests.helpers import (
     metrics_of,
     read_metric,
     wait_for_condition,
+    wait_interest_everywhere,
     wait_room_interest,
 )
 from tools.bench.front import Front
@@ -83,7 +83,7 @@ async def test_default_mode_clients_chat_through_a_round_robin_front(
             await c.wait_for(lambda c: c.upgraded, what=f"{c.name} to upgrade")
             assert (await c.call("join", room))["ok"]
         assert not [e for c in node_clients for e in c.events if e["type"] == "connect_error"]
-        await asyncio.sleep(INTEREST_PROPAGATION)
+        await wait_interest_everywhere(room)
         for c in node_clients:
             assert (await c.call("chat", {"room": room, "text": f"from {c.name}"}))["ok"]
         for c in node_clients:
@@ -301,9 +301,10 @@ async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
                              what=f"{c.name}: every other chat")
         errors_before = error_counts(survivors)
 
-        assert victim.child is not None
-        victim.child.signal(getattr(signal, kill))
-        await wait_for_condition(lambda: not victim.child.alive, f"{victim.node_id} to exit",
+        child = victim.child
+        assert child is not None
+        child.signal(getattr(signal, kill))
+        await wait_for_condition(lambda: not child.alive, f"{victim.node_id} to exit",
                                  timeout=15)
         for c in node_clients:
             if c.sid[:8] == victim_tag:

@@ -321,7 +321,7 @@ async def test_the_chat_page_in_chromium_recovers_and_says_so(
             await asyncio.sleep(0.5)  # paces the chats while it is away
         front.target = ("127.0.0.1", trio[1].port)
         front.refusing = False
-        proc.stdin.write(b"look\n")
+        proc.stdin.write(json.dumps({"messages": len(sent)}).encode() + b"\n")
         await proc.stdin.drain()
         seen = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
     finally:
