@@ -17,7 +17,7 @@ import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -38,6 +38,7 @@ from tests.helpers import (
     SioClient,
     metrics_of,
     read_metric,
+    running,
     wait_for_condition,
     wait_interest_everywhere,
     wait_room_interest,
@@ -222,19 +223,37 @@ async def test_the_chat_page_in_chromium_through_a_round_robin_front(
         await front.close()
 
 
-@pytest.fixture
-def three_gateways(workdir: Path, request: pytest.FixtureRequest) -> Iterator[list[GatewayNode]]:
-    """Three ``gateway serve`` processes of their own (a test kills one)."""
+@pytest.fixture(scope="module")
+def recovery_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsCluster]:
+    """A NATS cluster for gateways with --recovery alone (their stream and bucket)."""
+    with running(NatsCluster(tmp_path_factory.mktemp("rr-recovery") / "nats", size=3)) as c:
+        yield c
+
+
+class Gateways(NamedTuple):
+    cluster: NatsCluster
+    gateways: list[GatewayNode]
+    recovery: bool
+
+
+@pytest.fixture(params=["plain", "recovery"])
+def three_gateways(workdir: Path, request: pytest.FixtureRequest) -> Iterator[Gateways]:
+    """Three ``gateway serve`` processes of their own (a test kills one), with
+    connection state recovery or without, and their NATS cluster."""
+    recovery = request.param == "recovery"
+    cluster: NatsCluster = request.getfixturevalue("recovery_nats" if recovery
+                                                   else "nats_cluster")
     procs: list[GatewayNode] = []
     tag = uuid.uuid4().hex[:4]
     try:
         for i, port in enumerate(free_ports(3)):
             procs.append(start_gateway(workdir / "no-affinity-kill", f"kill-gw-{i + 1}-{tag}",
-                                       port, "nats", broker_args("nats", request, i),
+                                       port, "nats", cluster.gateway_args(i),
                                        extra=["--unsubscribe-linger", str(TEST_LINGER),
-                                              "--heartbeat-interval", "0.5"]))
-        wait_gateways(procs)
-        yield procs
+                                              "--heartbeat-interval", "0.5",
+                                              *(["--recovery", "on"] if recovery else [])]))
+        wait_gateways(procs, timeout=40)
+        yield Gateways(cluster, procs, recovery)
     finally:
         stop_all([p.child for p in procs])
 
@@ -250,8 +269,12 @@ def connected(c: NodeClient) -> bool:
     return bool(states) and states[-1]["type"] == "connect"
 
 
+def connects(c: NodeClient) -> list[dict[str, Any]]:
+    return [e for e in c.events if e["type"] == "connect"]
+
+
 def last_sid(c: NodeClient) -> str:
-    return str([e for e in c.events if e["type"] == "connect"][-1]["sid"])
+    return str(connects(c)[-1]["sid"])
 
 
 #: socket.io-client's automatic reconnection, quick and without jitter
@@ -261,22 +284,24 @@ RECONNECTING = {"reconnection": True, "reconnectionDelay": 200, "reconnectionDel
 
 @pytest.mark.parametrize("kill", ["SIGTERM", "SIGKILL"])
 async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
-        kill: str, three_gateways: list[GatewayNode], nats_cluster: NatsCluster,
-        node_bin: str, node_clients: list[NodeClient]) -> None:
+        kill: str, three_gateways: Gateways, node_bin: str,
+        node_clients: list[NodeClient]) -> None:
     """Clients through the round-robin front over 3 gateways, on each gateway one
     polling only and one in the default mode (upgraded), chat; one gateway is
-    killed. The clients it owned reconnect to the survivors; those the survivors own
-    whose requests went through it carry on or reconnect; none is left stuck: every
-    client chats again and every chat reaches every other client once. The
-    survivors' error counters do not move."""
-    monitors = [n.monitor_url for n in nats_cluster.nodes]
+    killed. The clients it owned reconnect to the survivors (with --recovery:
+    recovered, same sid, still in the room); those the survivors own whose requests
+    went through it carry on or reconnect; none is left stuck: every client chats
+    again and every chat reaches every other client once. The survivors' error
+    counters do not move."""
+    cluster, gateways, recovery = three_gateways
+    monitors = [n.monitor_url for n in cluster.nodes]
     room = f"kill-{uuid.uuid4().hex[:6]}"
     tags = {}  # node tag -> gateway
-    for g in three_gateways:
+    for g in gateways:
         probe = await SioClient("probe").connect(g.url)
         tags[probe.sid[:8]] = g
         await probe.close()
-    front = await Front(*(("127.0.0.1", g.port) for g in three_gateways)).start()
+    front = await Front(*(("127.0.0.1", g.port) for g in gateways)).start()
     try:
         for i in range(6):
             polling = i < 3
@@ -286,7 +311,8 @@ async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
         # the gateway that owns the first polling client's session is killed
         victim_tag = node_clients[0].sid[:8]
         victim = tags[victim_tag]
-        survivors = [g for g in three_gateways if g is not victim]
+        survivors = [g for g in gateways if g is not victim]
+        first_sids = [c.sid for c in node_clients]
         print(f"\nowners: {[tags[c.sid[:8]].node_id for c in node_clients]}")
         for c in node_clients[3:]:
             await c.wait_for(lambda c: c.upgraded, what=f"{c.name} to upgrade")
@@ -308,14 +334,19 @@ async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
                                  timeout=15)
         for c in node_clients:
             if c.sid[:8] == victim_tag:
-                await c.wait_for(lambda c: connected(c) and last_sid(c)[:8] != victim_tag,
-                                 timeout=15, what=f"{c.name} to reconnect to a survivor")
-        for c in node_clients:
-            # a new session is in no room: join again (a session that carried on is
-            # already in it, and joining twice is fine)
-            ack = await c.call("join", room, timeout=15)
-            assert ack == {"ok": True, "room": room}, (c.name, ack, c.events[-6:])
-            assert last_sid(c)[:8] != victim_tag
+                await c.wait_for(lambda c: connected(c) and len(connects(c)) > 1, timeout=15,
+                                 what=f"{c.name} to reconnect to a survivor")
+        if recovery:  # every session that came back was recovered, in its rooms
+            for c, sid in zip(node_clients, first_sids, strict=True):
+                assert all(e["recovered"] and e["sid"] == sid for e in connects(c)[1:]), \
+                    (c.name, connects(c))
+        else:
+            for c in node_clients:
+                # a new session is in no room: join again (a session that carried on
+                # is already in it, and joining twice is fine)
+                ack = await c.call("join", room, timeout=15)
+                assert ack == {"ok": True, "room": room}, (c.name, ack, c.events[-6:])
+                assert last_sid(c)[:8] != victim_tag
         await wait_room_interest(monitors, room)
         for c in node_clients:
             ack = await c.call("chat", {"room": room, "text": f"after {c.name}"})
@@ -330,8 +361,7 @@ async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
             after = [t for t in c.texts() if t.startswith("after")]
             assert len(after) == len(set(after)) == 5, f"{c.name}: {after}"
             assert connected(c), c.events[-6:]
-        reconnected = {c.name for c in node_clients
-                       if len([e for e in c.events if e["type"] == "connect"]) > 1}
+        reconnected = {c.name for c in node_clients if len(connects(c)) > 1}
         print(f"\n{kill}: reconnected {sorted(reconnected)}; "
               f"front sent {front.sent}")
         assert await asyncio.to_thread(error_counts, survivors) == errors_before
