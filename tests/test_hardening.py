@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 import urllib.request
@@ -201,17 +202,30 @@ async def test_a_slow_body_is_cut_off(open_gateway: GatewayNode) -> None:
         writer.close()
 
 
+def sockets_of(pid: int) -> int:
+    """How many sockets process ``pid`` has open."""
+    count = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):  # closed meanwhile
+            count += os.readlink(fd).startswith("socket:")
+    return count
+
+
 async def test_connections_past_the_bound_are_refused_and_others_served(
         open_gateway: GatewayNode, clients: list[SioClient]) -> None:
     host, port = open_gateway.url.removeprefix("http://").split(":")
+    assert open_gateway.child is not None
+    pid = open_gateway.child.pid
+    before = sockets_of(pid)
     held = []
     try:
         for _ in range(45):  # idle connections that never finish a request
             _, w = await asyncio.open_connection(host, int(port))
             held.append(w)
-        # for the server to accept them all: it can't be asked while full (a question is
-        # one more connection), so this one is a fixed pause
-        await asyncio.sleep(0.2)
+        # the server holds the 40 it may (it can't be asked while full: a question is
+        # one more connection); the 5 past the bound, accepted after them, are refused
+        await wait_for_condition(lambda: sockets_of(pid) >= before + 40,
+                                 "the gateway to hold 40 connections")
         reader, writer = await asyncio.open_connection(host, int(port))
         data = await asyncio.wait_for(reader.read(), 5)
         writer.close()
