@@ -290,9 +290,10 @@ async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
     polling only and one in the default mode (upgraded), chat; one gateway is
     killed. The clients it owned reconnect to the survivors (with --recovery:
     recovered, same sid, still in the room); those the survivors own whose requests
-    went through it carry on or reconnect; none is left stuck: every client chats
-    again and every chat reaches every other client once. The survivors' error
-    counters do not move."""
+    went through it carry on or reconnect (a websocket spliced through it, or a poll
+    in flight there, dies with it: without recovery that client starts a new
+    session); none is left stuck: every client chats again and every chat reaches
+    every other client once. The survivors' error counters do not move."""
     cluster, gateways, recovery = three_gateways
     monitors = [n.monitor_url for n in cluster.nodes]
     room = f"kill-{uuid.uuid4().hex[:6]}"
@@ -361,9 +362,10 @@ async def test_a_gateway_killed_while_sessions_it_owns_are_polling(
             after = [t for t in c.texts() if t.startswith("after")]
             assert len(after) == len(set(after)) == 5, f"{c.name}: {after}"
             assert connected(c), c.events[-6:]
-        reconnected = {c.name for c in node_clients if len(connects(c)) > 1}
-        print(f"\n{kill}: reconnected {sorted(reconnected)}; "
-              f"front sent {front.sent}")
+        reconnected = {c.name: tags[sid[:8]].node_id
+                       for c, sid in zip(node_clients, first_sids, strict=True)
+                       if len(connects(c)) > 1}
+        print(f"\n{kill}: {victim.node_id} killed; reconnected (first owner): {reconnected}")
         assert await asyncio.to_thread(error_counts, survivors) == errors_before
     finally:
         await front.close()
