@@ -74,7 +74,7 @@ def running(cluster: Cluster) -> Iterator[Cluster]:
 def watching_interest(monitor_urls: Callable[[], Sequence[str]]) -> Iterator[None]:
     """While inside, :meth:`SioClient.join` returns only once every server of the NATS
     cluster whose monitoring URLs ``monitor_urls()`` gives knows who subscribes to the
-    room (:func:`room_interest_everywhere`)."""
+    room (:func:`interest_everywhere`)."""
     _WATCHED.append(monitor_urls)
     try:
         yield
