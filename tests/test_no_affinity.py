@@ -77,7 +77,8 @@ async def test_default_mode_clients_chat_through_a_round_robin_front(
     try:
         room = f"rr-{count}"
         for i in range(2 * count):
-            front.turn = i  # one session owned by each gateway at least
+            # spreads the handshakes (no promise: the clients before it take turns too)
+            front.turn = i
             node_clients.append(await NodeClient.start(node_bin, front.url, f"c{i}",
                                                        transports=DEFAULT_MODE))
         for c in node_clients:
