@@ -32,6 +32,7 @@ from tests.helpers import (
     owner_of,
     read_metric,
     running,
+    wait_interest_everywhere,
 )
 
 
@@ -179,7 +180,7 @@ async def test_sigterm_tells_clients_to_reconnect_and_drains(
     try:
         assert (await leaving.call("join", "drain"))["ok"]
         assert (await staying.call("join", "drain"))["ok"]
-        await asyncio.sleep(0.1)  # interest crosses the mesh's routes (as INTEREST_PROPAGATION)
+        await wait_interest_everywhere("drain")
         # a burst published just before the signal must still reach the other node
         acks = await asyncio.gather(*(leaving.call("chat", {"room": "drain", "text": str(i)})
                                       for i in range(20)))
