@@ -76,9 +76,10 @@ RUN_DIR = Path("/run/nats-socketio-gateway")
 PROJECT_PREFIX = "gwtest"
 IMAGE_REPO = "localhost/nats-socketio-gateway-test"
 #: what the minimal Debian carries: Python (the gateway), Node.js and npm (the
-#: Dockerfile's client stage), Redis (the redis profile), HAProxy (the balancer)
+#: Dockerfile's client stage), Redis (the redis profile), HAProxy (the balancer),
+#: Prometheus (the observability profile)
 DEBIAN_PACKAGES = ("python3", "python3-venv", "nodejs", "npm", "redis-server", "redis-tools",
-                   "haproxy", "ca-certificates")
+                   "haproxy", "prometheus", "ca-certificates")
 
 #: what README tells podman users to use; the tests add where their state goes
 PODMAN_CONF = INFRA / "podman" / "containers.conf"
@@ -241,11 +242,14 @@ class Images:
     build_base: str
     #: HAProxy from Debian's package (the Debian image carries it)
     balancer: str
+    #: Prometheus from Debian's package (likewise)
+    prometheus: str
 
     def compose_env(self) -> dict[str, str]:
         return {"NATS_IMAGE": self.nats, "GATEWAY_IMAGE": self.gateway,
                 "REDIS_IMAGE": self.redis, "PYTHON_IMAGE": self.build_base,
-                "NODE_IMAGE": self.build_base, "BALANCER_IMAGE": self.balancer}
+                "NODE_IMAGE": self.build_base, "BALANCER_IMAGE": self.balancer,
+                "PROMETHEUS_IMAGE": self.prometheus}
 
 
 @contextlib.contextmanager
@@ -421,7 +425,7 @@ def build_images(podman: Podman) -> Images:
         if time.monotonic() - started > 1:
             _say(f"images ready in {time.monotonic() - started:.0f} s")
         return Images(nats=nats, gateway=gateway, redis=debian, build_base=build_base,
-                      balancer=debian)
+                      balancer=debian, prometheus=debian)
 
 
 def _prune(podman: Podman, repository: str, keep: str) -> None:
@@ -584,6 +588,10 @@ class ComposeStack:
         """The container's ports bound on the host (container port -> bindings)."""
         ports = self.inspect(name)["NetworkSettings"]["Ports"] or {}
         return {k: v for k, v in ports.items() if v}
+
+    def prometheus_url(self) -> str:
+        """The observability profile's Prometheus, on its compose-network address."""
+        return f"http://{self.ip('prometheus')}:9090"
 
     def nats_monitor(self, service: str) -> str:
         """NATS monitoring of ``service``, reached on its compose-network address (it is

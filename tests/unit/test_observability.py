@@ -48,6 +48,10 @@ def test_the_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
     promtool("test", "rules", "alerts_test.yml")
 
 
+def test_the_compose_profiles_prometheus_config_is_valid() -> None:
+    assert "SUCCESS" in promtool("check", "config", "compose.yml")
+
+
 def test_every_alert_has_a_unit_test() -> None:
     tests = yaml.safe_load((RULES / "alerts_test.yml").read_text())["tests"]
     tested = {case["alertname"] for test in tests for case in test["alert_rule_test"]
