@@ -40,7 +40,14 @@ def test_quick_scale_counts_every_broker_the_same_way(tmp_path: Path) -> None:
         assert run["lost"] == run["duplicated"] == run["misdelivered"] == run["failures"] == 0
         assert len(run["per_gateway"]) == run["gateways"]
         for gw in run["per_gateway"]:
-            assert gw["room_msgs"] == gw["room_msgs_expected"], (run["system"], gw)
+            # Redis hands a gateway's own heartbeats back to it, and room traffic is
+            # what it received less those echoes, counted as its heartbeats published
+            # in the window: one published just before the window's end and echoed
+            # after it (or the reverse at its start) moves the count by one, on a
+            # loaded machine (seen once in CI: 153 of 154)
+            slack = 1 if run["backend"] == "redis-sharded" else 0
+            assert abs(gw["room_msgs"] - gw["room_msgs_expected"]) <= slack, \
+                (run["system"], gw)
             assert gw["socket_bytes_received"] >= gw["app_bytes"] > 0, (run["system"], gw)
             assert gw["vanished_sockets"] == 0
             if run["backend"] == "stock-redis":

@@ -110,7 +110,10 @@ def test_only_the_balancer_is_published() -> None:
     balancer only, on one port (BALANCER_PORT, default 8000)."""
     services = resolved({}, "redis")["services"]
     published = {name for name, s in services.items() if s.get("ports")}
-    assert published == {"balancer"}
+    # and with --profile observability, Prometheus's UI on the host's loopback only
+    assert published == {"balancer", "prometheus"}
+    assert services["prometheus"]["profiles"] == ["observability"]
+    assert services["prometheus"]["ports"] == ["127.0.0.1:9090:9090/tcp"]
     assert [(p["target"], p["published"]) for p in services["balancer"]["ports"]] == \
         [(8000, 8000)]
     ports = resolved({"BALANCER_PORT": "127.0.0.1:18000"})["services"]["balancer"]["ports"]
