@@ -171,6 +171,7 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         forwarder = Forwarder(manager, "/socket.io",
                               read_timeout=sio.eio.ping_interval + sio.eio.ping_timeout + 5,
                               max_message_bytes=config.limits.max_message_bytes)
+        forwarder.move = config.upgrade_move
         middlewares.append(forwarder.middleware)
     app = web.Application(client_max_size=config.limits.max_message_bytes,
                           middlewares=middlewares)

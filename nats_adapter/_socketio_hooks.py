@@ -17,6 +17,7 @@ string ``"Unable to connect"``; Node (and the protocol's test suite) answers
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from socketio import packet as sio_packet
@@ -120,4 +121,29 @@ def answer_unknown_namespaces(server: Any) -> bool:
             sio_packet.CONNECT_ERROR, data=dict(INVALID_NAMESPACE), namespace=ns))
 
     server._handle_connect = _handle_connect
+    return True
+
+
+#: where a packet for a connection that moved away goes: (eio sid, encoded parts);
+#: True when it was taken there
+Redirect = Callable[[str, list[Any]], Awaitable[bool]]
+
+
+def redirect_sends(server: Any, redirect: Redirect) -> bool:
+    """Offer every packet ``server`` sends to ``redirect`` first (encoded), so what
+    is sent to a session after it moved to another node (an ack of a handler still
+    running) follows it there. False, changing nothing, when python-socketio is not
+    as expected (``engineio.handover``)."""
+    if not compat.check("engineio.handover"):
+        return False
+    send_packet = server._send_packet
+
+    async def _send_packet(eio_sid: str, pkt: Any) -> None:
+        if server.eio.sockets.get(eio_sid) is None:
+            encoded = pkt.encode()
+            if await redirect(eio_sid, encoded if isinstance(encoded, list) else [encoded]):
+                return
+        await send_packet(eio_sid, pkt)
+
+    server._send_packet = _send_packet
     return True

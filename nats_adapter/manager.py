@@ -50,6 +50,7 @@ from .brokers.base import Broker
 from .bus import Bus
 from .cluster import ClusterApi, RemoteSocket
 from .dedupe import DedupeWindow
+from .handover import Handover
 from .hub import FanoutLimits, LocalHub
 from .ingest import Ingest
 from .naming import ChannelNames
@@ -207,11 +208,14 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self.plugin: NodePlugin = NoPlugin()
         if options is not None:
             self.recovery = self.plugin = Recovery(self, self.bus, self.rpc, options)
-        self.router = Router(self.node_tag, self.channels, self.bus, self.plugin)
+        #: sessions moved to the node their websocket upgrade lands on
+        self.handover = Handover(self, self.rpc, timeout=min(subscribe_timeout, 2.0))
+        self.router = Router(self.node_tag, self.channels, self.bus, self.plugin,
+                             self.handover.located)
         self.ingest = Ingest(self.node_tag, self.bus, self.channels, self.stats, self.hub,
                              self.rpc, self.plugin, self, self.dedupe,
                              self.on_connection_state, max_room_chars=max_room_chars,
-                             max_rooms=max_rooms_per_socket)
+                             max_rooms=max_rooms_per_socket, owner=self.router.owner)
 
     def set_server(self, server: Any) -> None:
         super().set_server(server)
@@ -224,6 +228,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
                         fastpath.sessions if fastpath is not None else None)
         assert self.hub.fanout is not None
         self.plugin.install(server, self.hub.fanout.held)
+        self.handover.install(server)
         answer_unknown_namespaces(server)
         if compat.check("engineio.generate_id"):
             # engine.io session ids name this node, as sids do (see nats_adapter.sids)
@@ -235,6 +240,47 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         info = self.rpc.peers.info(tag)
         url = info.get("url") if info is not None else None
         return url if isinstance(url, str) and url else None
+
+    def owner(self, sid: str) -> str:
+        """The node tag of the node that has ``sid`` (moved, restored, or its own)."""
+        return self.router.owner(sid)
+
+    def moved_to(self, eio_sid: str) -> str | None:
+        """The node the session ``eio_sid`` of this node moved to (for a while after
+        the move: :mod:`nats_adapter.handover`)."""
+        return self.handover.moved_to(eio_sid)
+
+    def serves(self, eio_sid: str) -> bool:
+        """Whether the engine.io session ``eio_sid`` is served here (its own, or moved
+        here)."""
+        return self.handover.serves(eio_sid)
+
+    async def take_session(self, eio_sid: str) -> str | None:
+        """Move the engine.io session ``eio_sid`` of another node here; None when
+        done, else why not (see :meth:`nats_adapter.handover.Handover.take`)."""
+        return await self.handover.take(eio_sid)
+
+    def forget_sid(self, sid: str, namespace: str) -> None:
+        """Take ``sid`` out of this node without a disconnect (its session moved)."""
+        for room in self.hub.rooms_of(sid, namespace):
+            self.basic_leave_room(sid, namespace, room)
+        self.basic_leave_room(sid, namespace, None)
+        self.callbacks.pop(sid, None)
+
+    def session_pid(self, sid: str) -> str | None:
+        """``sid``'s recovery pid, when connection state recovery is on."""
+        return self.recovery.pids.get(sid) if self.recovery is not None else None
+
+    def set_session_pid(self, sid: str, pid: str | None) -> None:
+        """``sid``'s recovery pid is ``pid`` here from now on (None: not here)."""
+        if self.recovery is None:
+            return
+        if pid is None:
+            self.recovery.pids.pop(sid, None)
+            self.recovery.identities.pop(sid, None)
+        else:
+            self.recovery.pids[sid] = pid
+            self.recovery.touch(sid)
 
     @property
     def cluster_key(self) -> ClusterKey | None:
