@@ -263,7 +263,6 @@ class ClusterOp(StrEnum):
     DISOWN = "disown"
     RELEASE = "release"
     MOVE_TAKE = "move_take"
-    MOVE_READY = "move_ready"
     MOVE_COMMIT = "move_commit"
     MOVE_ABORT = "move_abort"
     MOVED = "moved"
@@ -428,8 +427,8 @@ class Release:
 class MoveStep:
     """A step of moving the engine.io session ``eio_sid`` to the sender
     (:mod:`nats_adapter.handover`): ``op`` is MOVE_TAKE (ask for its state, and hold
-    its traffic), MOVE_READY (the sender now receives its rooms' traffic), MOVE_COMMIT
-    (hand it over) or MOVE_ABORT (keep it)."""
+    its traffic), MOVE_COMMIT (the sender receives its rooms' traffic now: hand it
+    over) or MOVE_ABORT (keep it)."""
 
     op: ClusterOp
     eio_sid: str
@@ -462,8 +461,7 @@ ClusterBody: TypeAlias = (Hello | Heartbeat | Bye | Reply | BcastCount | BcastAc
                           | Release | MoveStep | Moved | MovedPackets)
 
 #: the MoveStep operations
-MOVE_STEPS = frozenset((ClusterOp.MOVE_TAKE, ClusterOp.MOVE_READY, ClusterOp.MOVE_COMMIT,
-                        ClusterOp.MOVE_ABORT))
+MOVE_STEPS = frozenset((ClusterOp.MOVE_TAKE, ClusterOp.MOVE_COMMIT, ClusterOp.MOVE_ABORT))
 
 
 def encode_call(origin: str, req_id: str | None, body: ClusterBody) -> ClusterMessage:

@@ -13,17 +13,17 @@ it costs once. :meth:`Handover.take` moves the engine.io session ``X`` of node A
 2. B makes X's engine.io socket (not served yet), puts X's sids in their rooms
    here, holding what is delivered to them too, and waits until the broker confirms
    every room's subscription: B now gets everything published to X's rooms.
-3. **ready** (B tells A): A marks how much it held so far; what A holds after the
-   mark, B holds as well.
-4. **commit** (B asks A): A forgets X without a disconnect event (its sids leave
+3. **commit** (B asks A): A forgets X without a disconnect event (its sids leave
    their rooms, its engine.io socket goes, a waiting long-poll gets a NOOP) and
-   answers what X's queue held unsent, what A held, and the mark. B queues, in
-   order: A's unsent packets, A's held packets, then its own held packets but those
-   A held after the mark (matched as a multiset of packets: each copy A had drops
-   one of B's), and serves X: its requests, its upgrade (the client's normal
+   answers what X's queue held unsent and what it held since the take. B queues,
+   in order: A's unsent packets, A's held packets, then its own held packets but
+   those A held too (matched as a multiset of encoded packets: each copy A had
+   drops one of B's), and serves X: its requests, its upgrade (the client's normal
    ``2probe``/``3probe``/``5``). Nothing is lost (B listened before A stopped) and
-   nothing is twice (what both had is matched).
-5. B tells every node X's sids live here now (**moved**); until they hear it, A
+   nothing is twice (what both had is matched). The one approximation: two packets
+   of the same bytes, one A had before B listened and one only B had after the
+   commit, count as one (a chat carries its own id and time: never the same bytes).
+4. B tells every node X's sids live here now (**moved**); until they hear it, A
    sends them on: a packet python-socketio sends to X after the commit (the ack of
    a handler still running) is told to B (**moved_packets**), and A's HTTP front
    sends X's requests to B for a while (:meth:`Handover.moved_to`).
@@ -42,7 +42,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from collections.abc import Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -107,8 +107,6 @@ class _Giving:
     held: list[EncodedPacket] = field(default_factory=list)
     #: namespace -> sid of the session when it was taken
     sids: dict[str, str] = field(default_factory=dict)
-    #: how much of :attr:`held` there was when the taker said it was ready
-    mark: int | None = None
 
 
 def _key(pkt: Any) -> Any:
@@ -143,10 +141,12 @@ class Handover:
         self._giving: dict[str, _Giving] = {}
         #: eio sid -> packets told to it before its take was done
         self._taking: dict[str, list[Any]] = {}
+        #: called with (sid, namespace) of each socket of a session given to another node
+        #: (its application state here can go: no disconnect handler runs for it)
+        self.on_given: list[Callable[[str, str], None]] = []
         for op in (ClusterOp.MOVE_TAKE, ClusterOp.MOVE_COMMIT):
             rpc.register(op, self._on_step)
-        for op in (ClusterOp.MOVE_READY, ClusterOp.MOVE_ABORT):  # (no waiting on the bus)
-            rpc.register(op, self._on_step, inline=True, answers=False)
+        rpc.register(ClusterOp.MOVE_ABORT, self._on_step, inline=True, answers=False)
         rpc.register(ClusterOp.MOVED, self._on_moved, inline=True, answers=False)
         rpc.register(ClusterOp.MOVED_PACKETS, self._on_moved_packets, inline=True,
                      answers=False)
@@ -238,7 +238,6 @@ class Handover:
                                            for c in channels))
             if not all(ready):
                 raise _Refused("subscribe")
-            await self.rpc.tell(owner, MoveStep(ClusterOp.MOVE_READY, eio_sid))
             try:
                 handed = await self.rpc.ask(owner, MoveStep(ClusterOp.MOVE_COMMIT, eio_sid),
                                             self.timeout)
@@ -272,10 +271,9 @@ class Handover:
         """Serve the session from now on, with what the giver handed over (no await:
         nothing is delivered between the hold and the queue)."""
         m = self.node
-        queued, given = handed.get("queued"), handed.get("held")
-        mark, rooms = handed.get("mark"), handed.get("rooms")
+        queued, given, rooms = handed.get("queued"), handed.get("held"), handed.get("rooms")
         if not isinstance(queued, list) or not isinstance(given, list) \
-                or not isinstance(mark, int) or not isinstance(rooms, dict):
+                or not isinstance(rooms, dict):
             raise _Refused("refused")
         for ns, sid, was_in, _ in sockets:  # rooms changed during the move
             now_in = rooms.get(sid)
@@ -288,7 +286,7 @@ class Handover:
             if isinstance(encoded, (str, bytes)):
                 queue.put_nowait(eio_packet.Packet(encoded_packet=encoded))
         _queue_packets(queue, given)
-        both = Counter(_key(p) for p in given[mark:])
+        both = Counter(_key(p) for p in given)
         for pkt in held:
             key = _key(pkt)
             if both[key] > 0:
@@ -328,11 +326,6 @@ class Handover:
 
     async def _on_step(self, origin: str, req_id: str | None, body: MoveStep) -> None:
         eio_sid = body.eio_sid
-        if body.op is ClusterOp.MOVE_READY:
-            giving = self._giving.get(eio_sid)
-            if giving is not None and giving.taker == origin and giving.mark is None:
-                giving.mark = len(giving.held)
-            return
         if body.op is ClusterOp.MOVE_ABORT:
             giving = self._giving.get(eio_sid)
             if giving is not None and giving.taker == origin:
@@ -398,7 +391,7 @@ class Handover:
             return None
         socket = compat.movable_socket(m.server, eio_sid)
         sids = m.hub.sids_of(eio_sid)
-        if socket is None or giving.mark is None or sids != giving.sids:
+        if socket is None or sids != giving.sids:
             # (closing, upgrading here, or a namespace connected meanwhile)
             self._keep(eio_sid)
             return None
@@ -410,13 +403,15 @@ class Handover:
             m.set_session_pid(sid, None)
             m.forget_sid(sid, ns)
             self.located[sid] = taker
+            for hook in self.on_given:
+                hook(sid, ns)
         queued = [p.encode() for p in compat.forget_socket(m.server, socket)]
         now = time.monotonic()
         self._away = {k: v for k, v in self._away.items() if v[1] >= now}
         self._away[eio_sid] = (taker, now + FORWARD_FOR)
         self.counts["given"] += 1
         logger.info("gave the session %s to %s", eio_sid, self.rpc.peers.name(taker))
-        return {"queued": queued, "held": giving.held, "mark": giving.mark, "rooms": rooms}
+        return {"queued": queued, "held": giving.held, "rooms": rooms}
 
     async def _redirect(self, eio_sid: str, packets: list[Any]) -> bool:
         """A packet for ``eio_sid``, which is no longer here: to where it moved."""
