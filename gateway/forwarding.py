@@ -79,7 +79,7 @@ class Owners(Protocol):
     def moved_to(self, eio_sid: str) -> str | None:
         """The node a session of this node moved to, if it just did."""
 
-    def serves(self, eio_sid: str) -> bool:
+    async def serving(self, eio_sid: str) -> bool:
         """Whether the session is served here (moved here included)."""
 
     async def take_session(self, eio_sid: str) -> str | None:
@@ -143,7 +143,7 @@ class Forwarder:
         moved_to = self.owners.moved_to(sid) if owner == self.owners.node_tag else None
         if moved_to is not None:
             owner = moved_to  # (one more hop: the node it moved to serves it)
-        elif owner == self.owners.node_tag or self.owners.serves(sid):
+        elif owner == self.owners.node_tag or await self.owners.serving(sid):
             return await handler(request)
         elif HOP_HEADER in request.headers:
             self.counts["refused_second_hop"] += 1

@@ -558,8 +558,9 @@ def forget_socket(server: Any, socket: Any) -> list[Any]:
     if server.eio.sockets.get(socket.sid) is socket:
         del server.eio.sockets[socket.sid]
     server.environ.pop(socket.sid, None)
-    if queue.polled:
-        queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+    # whether or not a poll waits: one woken for what was just taken, but not yet
+    # running, would wait again (for nothing, until it times out)
+    queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
     return queued
 
 

@@ -141,6 +141,8 @@ class Handover:
         self._giving: dict[str, _Giving] = {}
         #: eio sid -> packets told to it before its take was done
         self._taking: dict[str, list[Any]] = {}
+        #: eio sid -> set when its take here is over (done or not)
+        self._taken: dict[str, asyncio.Event] = {}
         #: called with (sid, namespace) of each socket of a session given to another node
         #: (its application state here can go: no disconnect handler runs for it)
         self.on_given: list[Callable[[str, str], None]] = []
@@ -181,6 +183,14 @@ class Handover:
         server = self.node.server
         return server is not None and eio_sid in server.eio.sockets
 
+    async def serving(self, eio_sid: str) -> bool:
+        """:meth:`serves`, once a take of ``eio_sid`` under way here is over (its old
+        owner may send its requests here as soon as it let it go)."""
+        taken = self._taken.get(eio_sid)
+        if taken is not None:
+            await taken.wait()
+        return self.serves(eio_sid)
+
     # -- taking ----------------------------------------------------------------------------
 
     def _fail(self, reason: str) -> str:
@@ -200,10 +210,13 @@ class Handover:
         if eio_sid in self._taking or self.serves(eio_sid):
             return self._fail("mid_move")
         self._taking[eio_sid] = []
+        done = self._taken[eio_sid] = asyncio.Event()
         try:
             return await self._take(eio_sid, owner)
         finally:
             self._taking.pop(eio_sid, None)
+            del self._taken[eio_sid]
+            done.set()
 
     async def _take(self, eio_sid: str, owner: str) -> str | None:
         m = self.node
@@ -218,7 +231,7 @@ class Handover:
                 m.spawn(self.rpc.tell(owner, MoveStep(ClusterOp.MOVE_ABORT, eio_sid)))
             return self._fail("refused")
         assert isinstance(state, dict)
-        session, environ = state.get("session"), state.get("environ")
+        session = state.get("session")
         fanout = m.hub.fanout
         assert fanout is not None
         held: list[EncodedPacket] = []
@@ -245,8 +258,7 @@ class Handover:
                 raise _Refused("owner_unreachable") from None
             if not isinstance(handed, dict):
                 raise _Refused("refused")
-            self._commit(socket, sockets, handed, held,
-                         environ if isinstance(environ, dict) else {})
+            self._commit(socket, joined, handed, held)
         except _Refused as refused:
             self._undo(socket, joined)
             m.spawn(self.rpc.tell(owner, MoveStep(ClusterOp.MOVE_ABORT, eio_sid)))
@@ -258,29 +270,34 @@ class Handover:
             return self._fail("error")
         finally:
             fanout.moving.pop(eio_sid, None)
-        sids = [sid for _, sid, _, _ in sockets]
+        sids = [sid for _, sid in joined]
         m.spawn(self.rpc.notice(codec.Moved(sids)))
         self.counts["moved"] += 1
         logger.info("took the session %s (%s) from %s", eio_sid, ", ".join(sids),
                     self.rpc.peers.name(owner))
         return None
 
-    def _commit(self, socket: Any, sockets: list[tuple[str, str, list[str], str | None]],
-                handed: dict[str, Any], held: list[EncodedPacket],
-                environ: dict[str, Any]) -> None:
+    def _commit(self, socket: Any, joined: list[tuple[str, str]], handed: dict[str, Any],
+                held: list[EncodedPacket]) -> None:
         """Serve the session from now on, with what the giver handed over (no await:
         nothing is delivered between the hold and the queue)."""
         m = self.node
-        queued, given, rooms = handed.get("queued"), handed.get("held"), handed.get("rooms")
-        if not isinstance(queued, list) or not isinstance(given, list) \
-                or not isinstance(rooms, dict):
+        queued, given, state = handed.get("queued"), handed.get("held"), handed.get("state")
+        sockets = _sockets(state)
+        if not isinstance(queued, list) or not isinstance(given, list) or sockets is None:
             raise _Refused("refused")
-        for ns, sid, was_in, _ in sockets:  # rooms changed during the move
-            now_in = rooms.get(sid)
-            if isinstance(now_in, list):
-                for room in now_in[:m.max_rooms]:
-                    if isinstance(room, str) and room not in was_in:
-                        m.basic_enter_room(sid, ns, room)
+        assert isinstance(state, dict)
+        for ns, sid, rooms, _ in sockets:  # (a namespace connected, a room joined meanwhile)
+            if (ns, sid) not in joined:
+                m.basic_enter_room(sid, ns, None, eio_sid=socket.sid)
+                joined.append((ns, sid))
+            now_in = m.hub.rooms_of(sid, ns)
+            for room in rooms[:m.max_rooms]:
+                if room not in now_in:
+                    m.basic_enter_room(sid, ns, room)
+        session, environ = state.get("session"), state.get("environ")
+        if isinstance(session, dict):
+            socket.session = session
         queue = socket.queue
         for encoded in queued:
             if isinstance(encoded, (str, bytes)):
@@ -295,7 +312,8 @@ class Handover:
             _queue_packets(queue, (pkt,))
         _queue_packets(queue, self._taking.get(socket.sid, ()))
         compat.serve_socket(m.server, socket, {k: v for k, v in environ.items()
-                                               if isinstance(k, str)})
+                                               if isinstance(k, str)}
+                            if isinstance(environ, dict) else {})
         for _, sid, _, pid in sockets:
             self.located.pop(sid, None)
             if pid is not None:
@@ -346,11 +364,21 @@ class Handover:
                 or m.hub.fanout is None:
             return None
         socket = compat.movable_socket(m.server, eio_sid)
-        if socket is None:
+        state = self._state(socket) if socket is not None else None
+        if state is None:
             return None
-        sids = m.hub.sids_of(eio_sid)
+        giving = self._giving[eio_sid] = _Giving(taker, sids=m.hub.sids_of(eio_sid))
+        m.hub.fanout.moving[eio_sid] = giving.held
+        m.spawn(self._expire(eio_sid, giving))
+        return state
+
+    def _state(self, socket: Any) -> dict[str, Any] | None:
+        """What a taker needs of ``socket``'s session; None when it does not travel."""
+        m = self.node
+        eio_sid = socket.sid
         state = {"sockets": [{"ns": ns, "sid": sid, "rooms": m.hub.rooms_of(sid, ns),
-                              "pid": m.session_pid(sid)} for ns, sid in sids.items()],
+                              "pid": m.session_pid(sid)}
+                             for ns, sid in m.hub.sids_of(eio_sid).items()],
                  "session": socket.session,
                  "environ": {k: v for k, v in compat.connection_environ(m.server,
                                                                         eio_sid).items()
@@ -361,9 +389,6 @@ class Handover:
             logger.info("the session %s does not move: its session data is not portable",
                         eio_sid)
             return None
-        giving = self._giving[eio_sid] = _Giving(taker, sids=sids)
-        m.hub.fanout.moving[eio_sid] = giving.held
-        m.spawn(self._expire(eio_sid, giving))
         return state
 
     async def _expire(self, eio_sid: str, giving: _Giving) -> None:
@@ -391,14 +416,15 @@ class Handover:
             return None
         socket = compat.movable_socket(m.server, eio_sid)
         sids = m.hub.sids_of(eio_sid)
-        if socket is None or sids != giving.sids:
-            # (closing, upgrading here, or a namespace connected meanwhile)
+        state = self._state(socket) if socket is not None else None
+        if state is None or not giving.sids.items() <= sids.items():
+            # (closing, upgrading here, a namespace left meanwhile, data that does not
+            # travel; a namespace connected meanwhile goes along)
             self._keep(eio_sid)
             return None
         del self._giving[eio_sid]
         assert m.hub.fanout is not None
         m.hub.fanout.moving.pop(eio_sid, None)
-        rooms = {sid: m.hub.rooms_of(sid, ns) for ns, sid in sids.items()}
         for ns, sid in sids.items():
             m.set_session_pid(sid, None)
             m.forget_sid(sid, ns)
@@ -411,7 +437,7 @@ class Handover:
         self._away[eio_sid] = (taker, now + FORWARD_FOR)
         self.counts["given"] += 1
         logger.info("gave the session %s to %s", eio_sid, self.rpc.peers.name(taker))
-        return {"queued": queued, "held": giving.held, "rooms": rooms}
+        return {"queued": queued, "held": giving.held, "state": state}
 
     async def _redirect(self, eio_sid: str, packets: list[Any]) -> bool:
         """A packet for ``eio_sid``, which is no longer here: to where it moved."""

@@ -250,10 +250,10 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         the move: :mod:`nats_adapter.handover`)."""
         return self.handover.moved_to(eio_sid)
 
-    def serves(self, eio_sid: str) -> bool:
+    async def serving(self, eio_sid: str) -> bool:
         """Whether the engine.io session ``eio_sid`` is served here (its own, or moved
-        here)."""
-        return self.handover.serves(eio_sid)
+        here; once a move here under way is over)."""
+        return await self.handover.serving(eio_sid)
 
     async def take_session(self, eio_sid: str) -> str | None:
         """Move the engine.io session ``eio_sid`` of another node here; None when

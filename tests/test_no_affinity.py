@@ -3,10 +3,11 @@ then the websocket upgrade) through a round-robin front without affinity, in fro
 of 2 and of 4 ``gateway serve`` processes on the NATS cluster.
 
 Each of the client's HTTP connections goes to the next gateway, so its polls, its
-CONNECT and its upgrade land on gateways that do not own its session; they are
-served through the owner (gateway/forwarding.py). Every client connects without a
-connect_error, upgrades, joins, and every chat reaches every other client exactly
-once, none echoed, in both directions between gateways.
+CONNECT and its upgrade land on gateways that do not own its session; polls are
+served through the owner (gateway/forwarding.py), and an upgrade moves its session
+to the gateway it landed on (nats_adapter/handover.py). Every client connects
+without a connect_error, upgrades, joins, and every chat reaches every other client
+exactly once, none echoed, in both directions between gateways.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import pytest
 
 from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
 from tests.conftest import TEST_LINGER, broker_args
-from tests.helpers import INTEREST_PROPAGATION, SETTLE, NodeClient, read_metric
+from tests.helpers import INTEREST_PROPAGATION, SETTLE, NodeClient, metrics_of, read_metric
 from tools.bench.front import Front
 
 DEFAULT_MODE = ("polling", "websocket")
@@ -53,13 +54,29 @@ async def forwarded(gateways: list[GatewayNode]) -> float:
                 for g in gateways])
 
 
+async def labelled(gateways: list[GatewayNode], name: str, label: str) -> float:
+    """Metric ``name`` with ``label`` among its labels, summed over ``gateways``."""
+    total = 0.0
+    for g in gateways:
+        found = await asyncio.to_thread(metrics_of, g.url)
+        total += sum(v for k, v in found.items() if k.startswith(name + "{") and label in k)
+    return total
+
+
 @pytest.mark.parametrize("count", [2, 4])
 async def test_default_mode_clients_chat_through_a_round_robin_front(
         four_gateways: list[GatewayNode], node_bin: str, node_clients: list[NodeClient],
         count: int) -> None:
     gateways = four_gateways[:count]
     before = await forwarded(gateways)
-    front = await Front(*(("127.0.0.1", g.port) for g in gateways)).start()
+    moved_before = await labelled(gateways, "gateway_session_moves_total", 'outcome="moved"')
+    spliced_before = await labelled(gateways, "gateway_forwarded_requests_total",
+                                    'kind="websocket"')
+    # a client opens 4 connections up to its upgrade, the websocket third (after the
+    # handshake and the CONNECT): with 2 gateways, each in turn twice, so the upgrade
+    # lands on the gateway that does not own the session
+    turns = [g for g in gateways for _ in range(2)] if count == 2 else gateways
+    front = await Front(*(("127.0.0.1", g.port) for g in turns)).start()
     try:
         room = f"rr-{count}"
         for i in range(2 * count):
@@ -83,5 +100,11 @@ async def test_default_mode_clients_chat_through_a_round_robin_front(
                                                if o is not c), f"{c.name}: a copy too many"
         assert set(front.sent) == {("127.0.0.1", g.port) for g in gateways}
         assert await forwarded(gateways) > before, "nothing crossed between gateways"
+        # the upgrades that landed on another gateway than their session's moved it
+        # there (none was spliced)
+        moved = await labelled(gateways, "gateway_session_moves_total", 'outcome="moved"')
+        assert moved - moved_before > 0, "no session moved"
+        assert await labelled(gateways, "gateway_forwarded_requests_total",
+                              'kind="websocket"') == spliced_before, "an upgrade was spliced"
     finally:
         await front.close()
