@@ -17,6 +17,7 @@ string ``"Unable to connect"``; Node (and the protocol's test suite) answers
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -146,4 +147,25 @@ def redirect_sends(server: Any, redirect: Redirect) -> bool:
         await send_packet(eio_sid, pkt)
 
     server._send_packet = _send_packet
+    return True
+
+
+def count_connects(server: Any, connecting: Counter[str]) -> bool:
+    """Keep in ``connecting`` how many namespace CONNECTs of each engine.io session
+    ``server`` is handling (a restore included: recovery's hooks are inside); False,
+    changing nothing, when python-socketio is not as expected (``engineio.handover``)."""
+    if not compat.check("engineio.handover"):
+        return False
+    handle_connect = server._handle_connect
+
+    async def _handle_connect(eio_sid: str, namespace: str | None, data: Any) -> None:
+        connecting[eio_sid] += 1
+        try:
+            await handle_connect(eio_sid, namespace, data)
+        finally:
+            connecting[eio_sid] -= 1
+            if connecting[eio_sid] <= 0:
+                del connecting[eio_sid]
+
+    server._handle_connect = _handle_connect
     return True

@@ -130,6 +130,9 @@ def _engineio_handover() -> list[str]:
             p.need(hasattr(sock, name), f"engineio AsyncSocket.{name}")
     p.need(_params(getattr(socketio.AsyncServer, "_send_packet", None))[1:3]
            == ["eio_sid", "pkt"], "socketio AsyncServer._send_packet(eio_sid, pkt)")
+    p.need(_params(getattr(socketio.AsyncServer, "_handle_connect", None))[1:4]
+           == ["eio_sid", "namespace", "data"],
+           "socketio AsyncServer._handle_connect(eio_sid, namespace, data)")
     p.need(isinstance(getattr(socketio.AsyncServer(), "environ", None), dict),
            "socketio AsyncServer.environ (dict)")
     return p
@@ -432,7 +435,8 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
     Private("engineio.handover", "python-engineio",
             ("AsyncServer.sockets", "AsyncSocket(server, sid)", "AsyncSocket.queue/session/"
              "connected/upgrading/upgraded/closing/closed/schedule_ping",
-             "socketio AsyncServer._send_packet (wrapped)", "socketio AsyncServer.environ"),
+             "socketio AsyncServer._send_packet/_handle_connect (wrapped)",
+             "socketio AsyncServer.environ"),
             "a websocket upgrade for a session another gateway owns is spliced to the owner "
             "(the session does not move)", _engineio_handover),
     Private("engineio.ping_timer", "python-engineio",

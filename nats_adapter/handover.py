@@ -66,11 +66,14 @@ FEATURE = "move"
 #: seconds a node sends on what still comes for a session that moved away
 FORWARD_FOR = 60.0
 #: why a move did not happen: moves off or impossible here, an owner of a release
-#: without moves, the session already moving, no answer, the owner's refusal (the
+#: without moves, the session already moving, no answer, a CONNECT of the session
+#: that did not end in time at the owner, the owner's refusal (the
 #: session is upgrading, closing, moving, or its data does not travel), a room's
 #: subscription not confirmed, an error
-MOVE_FAILURES = ("unavailable", "owner_cannot", "mid_move", "owner_unreachable", "refused",
-                 "subscribe", "error")
+MOVE_FAILURES = ("unavailable", "owner_cannot", "mid_move", "owner_unreachable", "busy",
+                 "refused", "subscribe", "error")
+#: seconds a taker waits before it asks again an owner busy with the session's CONNECT
+BUSY_WAITS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class HandoverNode(Protocol):
@@ -141,6 +144,8 @@ class Handover:
         self._giving: dict[str, _Giving] = {}
         #: eio sid -> packets told to it before its take was done
         self._taking: dict[str, list[Any]] = {}
+        #: eio sid -> namespace CONNECTs of it being handled here (it does not move then)
+        self._connecting: Counter[str] = Counter()
         #: eio sid -> set when its take here is over (done or not)
         self._taken: dict[str, asyncio.Event] = {}
         #: called with (sid, namespace) of each socket of a session given to another node
@@ -157,7 +162,8 @@ class Handover:
     def install(self, server: Any) -> bool:
         """What the server sends to a session that moved away follows it; False (and no
         moves, either way) when python-socketio is not as expected."""
-        if not socketio_hooks.redirect_sends(server, self._redirect):
+        if not socketio_hooks.redirect_sends(server, self._redirect) \
+                or not socketio_hooks.count_connects(server, self._connecting):
             self.rpc.features.discard(FEATURE)
             return False
         return True
@@ -220,11 +226,18 @@ class Handover:
 
     async def _take(self, eio_sid: str, owner: str) -> str | None:
         m = self.node
-        try:
-            state = await self.rpc.ask(owner, MoveStep(ClusterOp.MOVE_TAKE, eio_sid),
-                                       self.timeout)
-        except TimeoutError:
-            return self._fail("owner_unreachable")
+        state: Any = None
+        for wait in BUSY_WAITS:  # a namespace CONNECT under way there: it ends soon
+            try:
+                state = await self.rpc.ask(owner, MoveStep(ClusterOp.MOVE_TAKE, eio_sid),
+                                           self.timeout)
+            except TimeoutError:
+                return self._fail("owner_unreachable")
+            if not (isinstance(state, dict) and state.get("busy") is True):
+                break
+            await asyncio.sleep(wait)
+        else:
+            return self._fail("busy")
         sockets = _sockets(state)
         if sockets is None:
             if state is not None:  # an answer of no shape: the owner may hold X's traffic
@@ -363,6 +376,8 @@ class Handover:
         if eio_sid_owner(eio_sid) != m.node_tag or eio_sid in self._giving \
                 or m.hub.fanout is None:
             return None
+        if eio_sid in self._connecting:
+            return {"busy": True}  # (the taker may ask again)
         socket = compat.movable_socket(m.server, eio_sid)
         state = self._state(socket) if socket is not None else None
         if state is None:
@@ -417,9 +432,10 @@ class Handover:
         socket = compat.movable_socket(m.server, eio_sid)
         sids = m.hub.sids_of(eio_sid)
         state = self._state(socket) if socket is not None else None
-        if state is None or not giving.sids.items() <= sids.items():
-            # (closing, upgrading here, a namespace left meanwhile, data that does not
-            # travel; a namespace connected meanwhile goes along)
+        if state is None or not giving.sids.items() <= sids.items() \
+                or eio_sid in self._connecting:
+            # (closing, upgrading here, a namespace left or connecting meanwhile, data
+            # that does not travel; a namespace connected meanwhile goes along)
             self._keep(eio_sid)
             return None
         del self._giving[eio_sid]
