@@ -440,10 +440,12 @@ class MoveStep:
 
 @dataclass(frozen=True, slots=True)
 class Moved:
-    """The sids of a session the sender took over live there now."""
+    """The sids of a session the sender took over live there now; ``gone``: they
+    disconnected there (their own node has them again, if anyone)."""
 
     OP: ClassVar[ClusterOp] = ClusterOp.MOVED
     sids: list[str]
+    gone: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -490,7 +492,7 @@ def encode_call(origin: str, req_id: str | None, body: ClusterBody) -> ClusterMe
     elif isinstance(body, MoveStep):
         data = {"eio_sid": body.eio_sid}
     elif isinstance(body, Moved):
-        data = {"sids": body.sids}
+        data = {"sids": body.sids, "gone": body.gone}
     elif isinstance(body, MovedPackets):
         data = {"eio_sid": body.eio_sid, "packets": body.packets}
     else:
@@ -617,7 +619,7 @@ def _decode_moved(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
     if not isinstance(sids, list) or not sids or len(sids) > MAX_TARGETS \
             or not all(is_sid(s) for s in sids):
         raise EnvelopeError("moved needs a list of sids")
-    return Moved(sids)
+    return Moved(sids, body.get("gone") is True)
 
 
 def _decode_moved_packets(body: dict[str, Any], max_room_chars: int) -> ClusterBody:

@@ -146,6 +146,8 @@ class Handover:
         self._taking: dict[str, list[Any]] = {}
         #: eio sid -> namespace CONNECTs of it being handled here (it does not move then)
         self._connecting: Counter[str] = Counter()
+        #: sids of the sessions taken here (until they disconnect)
+        self._taken_sids: set[str] = set()
         #: eio sid -> set when its take here is over (done or not)
         self._taken: dict[str, asyncio.Event] = {}
         #: called with (sid, namespace) of each socket of a session given to another node
@@ -284,6 +286,7 @@ class Handover:
         finally:
             fanout.moving.pop(eio_sid, None)
         sids = [sid for _, sid in joined]
+        self._taken_sids.update(sids)
         m.spawn(self.rpc.notice(codec.Moved(sids)))
         self.counts["moved"] += 1
         logger.info("took the session %s (%s) from %s", eio_sid, ", ".join(sids),
@@ -340,7 +343,17 @@ class Handover:
 
     async def _on_moved(self, origin: str, req_id: str | None, body: codec.Moved) -> None:
         for sid in body.sids:
-            self.located[sid] = origin
+            if not body.gone:
+                self.located[sid] = origin
+            elif self.located.get(sid) == origin:
+                del self.located[sid]
+
+    def on_disconnect(self, sid: str) -> None:
+        """``sid`` is leaving this node: if it moved here, the others forget where it
+        went."""
+        if sid in self._taken_sids:
+            self._taken_sids.discard(sid)
+            self.node.spawn(self.rpc.notice(codec.Moved([sid], gone=True)))
 
     async def _on_moved_packets(self, origin: str, req_id: str | None,
                                 body: codec.MovedPackets) -> None:

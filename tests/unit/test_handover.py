@@ -243,8 +243,12 @@ async def test_a_session_moves_to_where_its_upgrade_lands(
                     and not (t.startswith("d-") and peers[int(t[2:]) % 2] is peer)]
         assert sorted(peer.texts()) == sorted([*expected, "from-queued", "from-waiting"])
     assert app_events == Counter(), "the application saw the move"
+    assert set(a.manager.handover.located) == {queued.sid, waiting.sid}
     for s in (queued, waiting):
         await s.close()
+    # gone from B: every gateway forgets where they were
+    await wait_for_condition(lambda: not a.manager.handover.located
+                             and not b.manager.handover.located, "the moves forgotten")
 
 
 async def test_with_moves_off_the_upgrade_is_spliced(

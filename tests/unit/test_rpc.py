@@ -39,7 +39,8 @@ BODIES: list[codec.ClusterBody] = [
     codec.Bcast(codec.Selection("/"), "e", [1]),
     codec.Adopt(SID), codec.Disown(SID), codec.Release(SID, "/"),
     *(codec.MoveStep(op, EIO_SID) for op in sorted(codec.MOVE_STEPS)),
-    codec.Moved([SID]), codec.MovedPackets(EIO_SID, ["2[\"chat\"]", b"\x01"]),
+    codec.Moved([SID]), codec.Moved([SID], gone=True),
+    codec.MovedPackets(EIO_SID, ["2[\"chat\"]", b"\x01"]),
 ]
 
 
