@@ -278,6 +278,10 @@ class Handover:
             self._undo(socket, joined)
             m.spawn(self.rpc.tell(owner, MoveStep(ClusterOp.MOVE_ABORT, eio_sid)))
             return self._fail(refused.reason)
+        except asyncio.CancelledError:  # (the upgrade's request went away)
+            self._undo(socket, joined)
+            m.spawn(self.rpc.tell(owner, MoveStep(ClusterOp.MOVE_ABORT, eio_sid)))
+            raise
         except Exception:
             logger.exception("taking the session %s failed", eio_sid)
             self._undo(socket, joined)

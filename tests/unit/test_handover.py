@@ -283,3 +283,23 @@ async def test_an_owner_without_moves_keeps_the_session(
     assert b.app[FORWARDER_KEY].counts["websocket_spliced"] == 1
     await s.close()
     await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
+
+
+async def test_a_session_whose_data_does_not_travel_is_spliced(
+        two_gateways: list[GatewayApp], http: aiohttp.ClientSession) -> None:
+    """The owner refuses to give a session whose data would not survive the trip: the
+    upgrade is spliced to it, and it holds nothing back."""
+    a, b = two_gateways
+    s = HandSession(http, "s")
+    await s.open(a.url)
+    await a.sio.save_session(s.sid, {"lock": asyncio.Lock()})
+    await s.upgrade(b.url)
+    await s.upgraded()
+    assert s.eio_sid in a.sio.eio.sockets and s.eio_sid not in b.sio.eio.sockets
+    assert b.manager.handover.counts["failed_refused"] == 1
+    assert b.app[FORWARDER_KEY].counts["websocket_spliced"] == 1
+    assert a.manager.fanout.moving == {} and b.manager.fanout.moving == {}
+    await a.sio.emit("hello", "still here", to=s.sid)
+    await s.wait(lambda: s.events("hello") == ["still here"])
+    await s.close()
+    await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
