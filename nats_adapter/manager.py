@@ -608,7 +608,20 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         """Another node emits to a local sid (and may want its ack)."""
         eio_sid = self.hub.members(msg.namespace, None).get(msg.sid)
         if eio_sid is None:
-            self.stats.unwanted += 1
+            moved_to = self.handover.owner(msg.sid)
+            if moved_to is None or moved_to == msg.origin:
+                self.stats.unwanted += 1
+                return
+            # the sender did not hear yet that the sid moved: sent on, as this node's
+            # own emit (its ack comes back here, and goes on to the sender)
+            ack_id = None
+            if msg.ack_id is not None:
+                ack_id = self._generate_ack_id(
+                    msg.sid, partial(self._return_ack, msg.origin, msg.sid, msg.ack_id))
+                self._remote_callbacks[(msg.sid, ack_id)] = \
+                    time.monotonic() + self.callback_timeout
+            await self.router.to_sid(msg.sid, codec.EmitToSidMessage(
+                self.node_tag, msg.namespace, msg.sid, msg.event, msg.args, ack_id))
             return
         ack_id = None
         if msg.ack_id is not None:
@@ -622,6 +635,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         """Another node enters, leaves or disconnects a local sid."""
         assert msg.sid is not None
         if not self.hub.is_local(msg.sid, msg.namespace):
+            moved_to = self.handover.owner(msg.sid)
+            if moved_to is not None and moved_to != msg.origin:
+                # the sender did not hear yet that the sid moved: sent on, as this node's
+                await self.router.room_op(msg.kind, msg.sid, msg.namespace, msg.room)
+                return
             self.stats.unwanted += 1
             return
         if msg.kind == codec.DISCONNECT:

@@ -20,6 +20,7 @@ import pytest
 
 from gateway.app import FORWARDER_KEY
 from nats_adapter import codec
+from nats_adapter.sids import new_node_tag
 from tests.helpers import SioClient, wait_for_condition
 from tests.unit.conftest import SETTLE_EVENT, GatewayApp
 from tests.unit.test_forwarding import handshake
@@ -243,6 +244,12 @@ async def test_a_session_moves_to_where_its_upgrade_lands(
                     and not (t.startswith("d-") and peers[int(t[2:]) % 2] is peer)]
         assert sorted(peer.texts()) == sorted([*expected, "from-queued", "from-waiting"])
     assert app_events == Counter(), "the application saw the move"
+    # a node that did not hear of the move yet sends to the old owner: sent on
+    stale = new_node_tag()
+    await b.manager.bus.publish(b.manager.channels.node(a.manager.node_tag),
+                                codec.EmitToSidMessage(stale, "/", queued.sid, "poke",
+                                                       ["late"], None))
+    await queued.wait(lambda: queued.events("poke") == ["late"])
     assert set(a.manager.handover.located) == {queued.sid, waiting.sid}
     for s in (queued, waiting):
         await s.close()
