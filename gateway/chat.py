@@ -19,7 +19,7 @@ import jwt
 import socketio
 from socketio.exceptions import ConnectionRefusedError as Refused
 
-from nats_adapter import BrokerError, SubscriptionError, is_sid
+from nats_adapter import BrokerError, BrokerUnconfirmed, SubscriptionError, is_sid
 from nats_adapter.recovery import MAX_HISTORY
 
 from .config import GatewayConfig, Limits
@@ -137,6 +137,7 @@ class ChatProtocol:
         self.manager = manager
         self.limits: Limits = config.limits
         self.presence = config.presence
+        self.confirm_publish = config.confirm_publish
         #: listening on loopback: loopback clients (the host's own) skip address limits
         self.loopback_host = is_loopback(config.host)
         self.tokens = TokenRules(config.secrets.jwt_secret, config.jwt_leeway,
@@ -362,7 +363,10 @@ class ChatProtocol:
         event: dict[str, Any] = {"room": room, "sid": sid, "change": change}
         if grant is not None and grant.subject is not None:
             event["user"] = grant.subject
-        await self.sio.emit("presence", event, to=room, skip_sid=sid)
+        try:
+            await self.sio.emit("presence", event, to=room, skip_sid=sid)
+        except BrokerError as exc:  # the join or leave itself happened; only the notice failed
+            logger.warning("presence notice for room %r not sent: %s", room, exc)
 
     async def on_leave(self, sid: str, *args: Any) -> Ack:
         # never rate limited: leaving adds no load, and refusing it would keep a client
@@ -397,7 +401,10 @@ class ChatProtocol:
         user = grant.subject if grant is not None else None
         try:
             msg_id = await self.publish(room, text, sid, user, skip_sid=sid)
-        except BrokerError as exc:  # with --recovery: not stored, so nobody got it
+        except BrokerUnconfirmed as exc:  # published, but the broker did not say it took it
+            return self._refuse("unconfirmed", f"not confirmed (members may still get it): "
+                                f"{exc}")
+        except BrokerError as exc:  # not published (or with --recovery, not stored): nobody got it
             return self._refuse("unavailable", f"not delivered: {exc}")
         return {"ok": True, "id": msg_id}
 
@@ -410,6 +417,8 @@ class ChatProtocol:
         if user is not None:
             message["user"] = user
         await self.sio.emit("chat", message, to=room, skip_sid=skip_sid)
+        if self.confirm_publish:  # what the ack then says: the broker read it
+            await self.manager.confirm_published()
         self.chats += 1
         return msg_id
 

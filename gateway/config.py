@@ -101,6 +101,8 @@ class GatewayConfig:
     presence: bool = False
     #: the Admin UI's mode: production (stats only) or development (every socket, event)
     admin_mode: str = "production"
+    #: a chat's ack waits for NATS to confirm it read the chat (a PING round)
+    confirm_publish: bool = False
     #: Socket.IO connection state recovery across gateways (NATS JetStream)
     recovery: bool = False
     #: seconds a disconnected session stays recoverable
@@ -159,6 +161,9 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
     ("presence", "--presence", "GATEWAY_PRESENCE",
      "on: tell a room's members when a member joins or leaves (cost grows with members "
      "squared)"),
+    ("confirm_publish", "--confirm-publish", "GATEWAY_CONFIRM_PUBLISH",
+     "on: a chat is acked ok only once the NATS server answered a PING sent after it "
+     "(else: once nats-py sent or buffered it); costs a round trip per ack"),
     ("recovery", "--recovery", "GATEWAY_RECOVERY",
      "on: Socket.IO connection state recovery across gateways (needs --backend nats, "
      "with JetStream)"),
@@ -384,6 +389,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "heartbeat_interval": _positive_float,
     "presence": _on_off,
     "admin_mode": _admin_mode,
+    "confirm_publish": _on_off,
     "recovery": _on_off,
     "recovery_window": _positive_float,
     "upgrade_move": _on_off,

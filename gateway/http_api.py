@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from nats_adapter import BrokerError, is_sid
+from nats_adapter import BrokerError, BrokerUnconfirmed, is_sid
 from nats_adapter.cluster import ClusterTimeoutError
 from nats_adapter.recovery import MAX_HISTORY
 
@@ -103,7 +103,10 @@ class HttpApi:
             return self._bad("from must be a name, not a socket id or invalid text")
         try:
             msg_id = await self.chat.publish(room, body["text"], sender)
-        except BrokerError as exc:  # with --recovery: not stored, so nobody got it
+        except BrokerUnconfirmed as exc:  # published, but the broker did not say it took it
+            return self._refuse("unconfirmed", "not confirmed (members may still get it): "
+                                f"{exc}", 503)
+        except BrokerError as exc:  # not published (or with --recovery, not stored): nobody got it
             return self._refuse("unavailable", f"not delivered: {exc}", 503)
         return web.json_response({"ok": True, "id": msg_id, "room": room}, status=202)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -200,4 +201,6 @@ def make_registry(node_id: str, manager: GatewayManager, chat: ChatProtocol,
                   forwarder: Forwarder | None = None) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(node_id, manager, chat, guard, connections, forwarder))
+    # process_open_fds / process_max_fds (each socket holds one), memory, CPU
+    ProcessCollector(registry=registry)
     return registry

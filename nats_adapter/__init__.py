@@ -9,7 +9,7 @@ Cluster sharded pub/sub, one shard channel per room) share one node core,
 
 from __future__ import annotations
 
-from .brokers.base import Broker, BrokerError, BrokerHandler
+from .brokers.base import Broker, BrokerError, BrokerHandler, BrokerUnconfirmed
 from .hub import FanoutLimits, LocalHub
 from .manager import ClusterManager
 from .managers import MemoryManager, NatsManager, RedisShardedManager
@@ -21,6 +21,7 @@ __all__ = [
     "Broker",
     "BrokerError",
     "BrokerHandler",
+    "BrokerUnconfirmed",
     "ClusterManager",
     "FanoutLimits",
     "LocalHub",

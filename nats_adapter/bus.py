@@ -60,22 +60,36 @@ class Bus:
             return data
         return self.key.seal(data, self.channels.logical(channel))
 
-    async def publish(self, channel: str, msg: codec.Message) -> None:
+    async def publish(self, channel: str, msg: codec.Message, *, strict: bool = False) -> None:
         data = self.encode(msg)
         if data is not None:
-            await self.publish_bytes(channel, self.seal(data, channel))
+            await self.publish_bytes(channel, self.seal(data, channel), strict=strict)
 
-    async def publish_bytes(self, channel: str, data: bytes) -> None:
+    async def publish_bytes(self, channel: str, data: bytes, *, strict: bool = False) -> None:
+        """Publish ``data`` on ``channel``. A publish the broker refuses is counted and
+        logged, then raised (:class:`BrokerError`) when ``strict`` (an emit, whose
+        sender is told), dropped when not (a notice nobody waits on)."""
         if not self.ready:
             await self._ensure_started()
         try:
             await self.broker.publish(channel, data)
         except BrokerError as exc:
             self.stats.publish_errors += 1
-            self.log.warning("publish", "publish to %s lost: %s", channel, exc)
+            self.log.warning("publish", "publish to %s failed: %s", channel, exc)
+            if strict:
+                raise
             return
         self.stats.published += 1
         self.stats.published_bytes += len(data)
+
+    async def confirm_published(self) -> None:
+        """Return once the broker took everything published so far (:class:`BrokerError`
+        when it did not say so in time, counted as a publish error)."""
+        try:
+            await self.broker.confirm_published()
+        except BrokerError:
+            self.stats.publish_errors += 1
+            raise
 
     # -- receiving -----------------------------------------------------------------------
 

@@ -12,7 +12,9 @@ What it guarantees, cluster-wide, on top of python-socketio's manager:
   to that node's control channel only.
 - local members are served directly, never through the broker.
 - delivery across nodes is at most once; what the broker refuses is counted in
-  :attr:`ClusterManager.stats`, never silent.
+  :attr:`ClusterManager.stats`, never silent. An emit the broker refuses raises
+  :class:`~nats_adapter.BrokerError` having reached nobody (it goes to the broker
+  before the local sockets), so a caller never acks what was lost.
 
 :class:`ClusterManager` is the facade python-socketio sees. It holds the
 python-socketio contract and composes the parts that do the work, each of which
@@ -526,11 +528,20 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             # stored, then delivered (here too) from the copy that carries its offset
             await self.plugin.store_emit(namespace, targets, skip, pkt)
             return
+        if not kwargs.get("ignore_queue"):
+            # first to the other nodes: when the broker refuses it, BrokerError tells the
+            # caller that nobody got it (not some: these sockets before the failure)
+            await self.router.relay(namespace, targets, skip, pkt)
         if self.server is not None:
             await self.hub.deliver(namespace, targets, skip, pkt)
-        if kwargs.get("ignore_queue"):
-            return
-        await self.router.relay(namespace, targets, skip, pkt)
+
+    async def confirm_published(self) -> None:
+        """Return once the broker has taken every emit made so far (for an ack that
+        says so); raises :class:`~nats_adapter.BrokerError` when it did not say so in
+        time. Emits that are stored (connection state recovery) are taken when
+        :meth:`emit` returns."""
+        if not self.plugin.stores_emits:
+            await self.bus.confirm_published()
 
     async def _emit_with_callback(
         self, event: str, args: list[Any], namespace: str, target: Any,

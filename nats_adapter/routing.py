@@ -49,7 +49,8 @@ class Router:
 
     async def relay(self, namespace: str, targets: list[str] | None, skip: frozenset[str],
                     pkt: EncodedPacket) -> None:
-        """Publish an emit on every channel that reaches a node with a recipient."""
+        """Publish an emit on every channel that reaches a node with a recipient; raises
+        :class:`BrokerError` when the broker refuses one (the caller tells its sender)."""
         # unless sockets move (a restored session), a sid of this node is on no other,
         # so skipping it there is a no-op: it does not travel (the sender, mostly)
         moves = self.plugin.stores_emits
@@ -57,7 +58,7 @@ class Router:
                            or s in self.moved)
         if targets is None:
             msg = codec.EmitMessage(self.node_tag, namespace, None, skip_list, pkt)
-            await self.bus.publish(self.channels.room(namespace, None), msg)
+            await self.bus.publish(self.channels.room(namespace, None), msg, strict=True)
             return
         channels: list[str] = []
         for name in dict.fromkeys(targets):
@@ -80,7 +81,7 @@ class Router:
         if data is None:
             return
         for channel in channels:
-            await self.bus.publish_bytes(channel, self.bus.seal(data, channel))
+            await self.bus.publish_bytes(channel, self.bus.seal(data, channel), strict=True)
 
     async def room_op(self, kind: int, sid: str, namespace: str, room: str | None) -> None:
         """ENTER_ROOM, LEAVE_ROOM or DISCONNECT of a sid of another node, to that node."""

@@ -37,8 +37,16 @@ from gateway.processes import (
 )
 from gateway.processes.children import PORT_RANGE_ENV
 from gateway.types import GatewayManager
-from tests.containers import ComposeStack, Images, Podman, build_images
-from tests.helpers import Node, SioClient, metrics_of, running, wait_for_condition
+from tests.containers import NATS_NODES, ComposeStack, Images, Podman, build_images
+from tests.helpers import (
+    Node,
+    NodeClient,
+    SioClient,
+    metrics_of,
+    running,
+    wait_for_condition,
+    watching_interest,
+)
 
 # hypothesis is imported up front: when a session never imported it, its pytest plugin
 # imports it at the very end, and on CPython 3.11.7 pytest's assertion rewriting of it
@@ -235,6 +243,16 @@ async def clients() -> AsyncIterator[list[SioClient]]:
         await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
 
 
+@pytest.fixture
+async def node_clients(node_bin: str) -> AsyncIterator[list[NodeClient]]:
+    """A list tests append their Node.js clients to; all are closed at teardown."""
+    made: list[NodeClient] = []
+    try:
+        yield made
+    finally:
+        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+
+
 @pytest.fixture(scope="session")
 def gateway_procs(workdir: Path, request: pytest.FixtureRequest) -> Iterator[list[GatewayNode]]:
     """Two ``python -m gateway serve`` processes on the NATS cluster."""
@@ -274,9 +292,19 @@ def compose_stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
     """``docker-compose up`` of the shipped file (3 NATS nodes, 2 gateway replicas, the
     balancer), once per test module; everything it made is removed at the end."""
     stack = ComposeStack(podman, images)
+
+    def monitors() -> list[str]:
+        # on the compose network; a node that is down (a fault test) is left out
+        urls = []
+        for node in NATS_NODES:
+            with contextlib.suppress(Exception):
+                urls.append(stack.nats_monitor(node))
+        return urls
+
     try:
         stack.up()
-        yield stack
+        with watching_interest(monitors):  # joins wait for the routes' interest
+            yield stack
     finally:
         stack.down()
 

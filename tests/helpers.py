@@ -22,8 +22,9 @@ import socketio
 from aiohttp import web
 
 from gateway.config import GatewayConfig
-from gateway.processes import LocalCluster, RedisNode, http_json
+from gateway.processes import LocalCluster, NatsCluster, RedisNode, http_json
 from nats_adapter import ClusterManager
+from nats_adapter.naming import encode_token
 
 REPO = Path(__file__).resolve().parent.parent
 #: how long a test waits for something that should happen
@@ -32,11 +33,10 @@ WAIT = 5.0
 SETTLE = 0.4
 #: how long a client's goodbye may take before its connection is just dropped
 CLOSE_BOUND = 1.0
-#: A join is acked once the node's own NATS server holds the subscription; the other
-#: servers learn of it over the routes asynchronously (RS+), usually within a
-#: millisecond. Tests act at machine speed, so after a join they give the mesh this long
-#: before publishing from another node.
-INTEREST_PROPAGATION = 0.05
+#: The NATS clusters the running tests' gateways use, each as a function that gives
+#: its servers' monitoring URLs: what :meth:`SioClient.join` waits on (see
+#: :func:`watching_interest`)
+_WATCHED: list[Callable[[], Sequence[str]]] = []
 
 
 @dataclass
@@ -56,12 +56,30 @@ Cluster = TypeVar("Cluster", bound=LocalCluster[Any])
 
 @contextlib.contextmanager
 def running(cluster: Cluster) -> Iterator[Cluster]:
-    """Start ``cluster``; stop every process it started on the way out, a failed start too."""
+    """Start ``cluster``; stop every process it started on the way out, a failed start
+    too. While a NATS cluster runs, :meth:`SioClient.join` waits for its interest."""
     try:
         cluster.start()
-        yield cluster
+        if isinstance(cluster, NatsCluster):
+            nodes = cluster.nodes
+            with watching_interest(lambda: [n.monitor_url for n in nodes]):
+                yield cluster
+        else:
+            yield cluster
     finally:
         cluster.stop()
+
+
+@contextlib.contextmanager
+def watching_interest(monitor_urls: Callable[[], Sequence[str]]) -> Iterator[None]:
+    """While inside, :meth:`SioClient.join` returns only once every server of the NATS
+    cluster whose monitoring URLs ``monitor_urls()`` gives knows who subscribes to the
+    room (:func:`interest_everywhere`)."""
+    _WATCHED.append(monitor_urls)
+    try:
+        yield
+    finally:
+        _WATCHED.remove(monitor_urls)
 
 
 async def wait_for_condition(check: Callable[[], Any], what: str, timeout: float = WAIT,
@@ -179,7 +197,7 @@ class SioClient:
     async def join(self, room: str) -> None:
         ack = await self.call("join", room)
         assert ack == {"ok": True, "room": room}, ack
-        await asyncio.sleep(INTEREST_PROPAGATION)
+        await wait_interest_everywhere(room)
 
     async def chat(self, room: str, text: str) -> str:
         ack = await self.call("chat", {"room": room, "text": text})
@@ -232,7 +250,9 @@ async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | st
 
 async def first_delivery_after(sender: SioClient, receiver: SioClient, room: str,
                                timeout: float) -> float:
-    """Send every 50 ms until ``receiver`` gets one; seconds until it did."""
+    """Send every 50 ms until ``receiver`` gets one; seconds until it did. While the
+    broker is away a chat is acked ``ok: false`` (refused or not confirmed), never
+    with anything else."""
     start = time.monotonic()
     n = 0
     tag = uuid.uuid4().hex[:6]
@@ -240,7 +260,8 @@ async def first_delivery_after(sender: SioClient, receiver: SioClient, room: str
         n += 1
         text = f"probe-{tag}-{n}"
         ack = await sender.call("chat", {"room": room, "text": text}, timeout=10)
-        assert ack["ok"] is True, ack
+        assert ack["ok"] is True or ack["error"].startswith(("not delivered",
+                                                             "not confirmed")), ack
         try:
             await receiver.wait_for(lambda c, t=text: t in c.texts(), timeout=0.05,
                                     what="probe")
@@ -278,6 +299,69 @@ async def read_metric(url: str, name: str) -> float:
     return await asyncio.to_thread(_metric, url, name)
 
 
+def interest_everywhere(monitor_urls: Sequence[str], matches: Callable[[str], bool]) -> bool:
+    """Whether every NATS server at ``monitor_urls`` (one cluster's monitoring
+    endpoints) has heard, over its routes, of every other server's local
+    subscriptions to the subjects ``matches``: then a message published on any
+    server reaches every subscriber.
+
+    A subscription is acked once the subscriber's own server holds it; the others
+    learn of it asynchronously (RS+). What a test waits for after a join instead of a
+    fixed sleep. A server that does not answer (stopped by the test) is left out."""
+    local: dict[str, set[str]] = {}  # server id -> matching subjects its clients hold
+    routed: dict[str, dict[str, set[str]]] = {}  # server -> peer -> subjects it announced
+    for url in monitor_urls:
+        status, connz = http_json(f"{url}/connz?subs=1&limit=4096")
+        if status != 200:
+            continue
+        status, routez = http_json(f"{url}/routez?subs=1")
+        if status != 200:
+            return False
+        name = str(connz["server_id"])
+        local[name] = {s for conn in connz.get("connections") or []
+                       for s in conn.get("subscriptions_list") or [] if matches(s)}
+        peers: dict[str, set[str]] = {}
+        for route in routez.get("routes") or []:  # (a pool of several per peer)
+            peers.setdefault(str(route.get("remote_id")), set()).update(
+                s for s in route.get("subscriptions_list") or [] if matches(s))
+        routed[name] = peers
+    return all(subjects <= routed[other].get(holder, set())
+               for holder, subjects in local.items()
+               for other in local if other != holder)
+
+
+def room_subjects(room: str, namespace: str = "/") -> Callable[[str], bool]:
+    """Whether a subject is ``room``'s channel (live or not, whatever the prefix)."""
+    tail = f".room.{encode_token(namespace)}.{encode_token(room)}"
+    return lambda subject: subject.endswith(tail)
+
+
+async def wait_interest(monitor_urls: Sequence[str], matches: Callable[[str], bool],
+                        what: str) -> None:
+    """Wait until :func:`interest_everywhere`."""
+    await wait_for_condition(
+        lambda: asyncio.to_thread(interest_everywhere, monitor_urls, matches),
+        f"every NATS server to know who subscribes to {what}")
+
+
+async def wait_room_interest(monitor_urls: Sequence[str], room: str,
+                             namespace: str = "/") -> None:
+    """Wait until every server at ``monitor_urls`` knows who subscribes to ``room``."""
+    await wait_interest(monitor_urls, room_subjects(room, namespace), f"room {room!r}")
+
+
+async def wait_interest_everywhere(room: str, namespace: str = "/") -> None:
+    """:func:`wait_room_interest` on every NATS cluster :func:`watching_interest` watches."""
+    for monitor_urls in list(_WATCHED):
+        await wait_room_interest(monitor_urls(), room, namespace)
+
+
+async def wait_subject_everywhere(subject: str) -> None:
+    """The same for one literal ``subject``."""
+    for monitor_urls in list(_WATCHED):
+        await wait_interest(monitor_urls(), subject.__eq__, repr(subject))
+
+
 def nats_subjects(monitor_urls: list[str], connection_name: str) -> set[str]:
     """Subjects the NATS connection named ``connection_name`` subscribes to, on any server."""
     subjects: set[str] = set()
@@ -304,12 +388,15 @@ class NodeClient:
 
     @classmethod
     async def start(cls, node_bin: str, url: str, name: str = "node",
-                    transports: Sequence[str] = ("websocket",)) -> NodeClient:
+                    transports: Sequence[str] = ("websocket",),
+                    **options: Any) -> NodeClient:
         """Connect; ``transports`` as socket.io-client's option (its default, the one
-        browsers use, is ``("polling", "websocket")``: polling, then an upgrade)."""
-        options = json.dumps({"transports": list(transports)})
+        browsers use, is ``("polling", "websocket")``: polling, then an upgrade);
+        ``options``, more of ``io()``'s (``reconnection=True``: the driver's default
+        is to give up on the first loss)."""
+        args = json.dumps({"transports": list(transports), **options})
         proc = await asyncio.create_subprocess_exec(
-            node_bin, str(REPO / "tests" / "js" / "driver.mjs"), url, "", options,
+            node_bin, str(REPO / "tests" / "js" / "driver.mjs"), url, "", args,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=str(REPO),
         )
         client = cls(proc, name)

@@ -2,32 +2,45 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from gateway.processes import GatewayNode
-from tests.helpers import REPO
+from gateway.processes import GatewayNode, NatsCluster
+from tests.helpers import REPO, wait_room_interest
 
 pytestmark = pytest.mark.browser
 
 
-def test_browser_page_chats_with_node_client_across_gateways(
-        gateway_procs: list[GatewayNode], node_bin: str, chromium_bin: str,
-        tmp_path: Path) -> None:
+async def test_browser_page_chats_with_node_client_across_gateways(
+        gateway_procs: list[GatewayNode], nats_cluster: NatsCluster, node_bin: str,
+        chromium_bin: str, tmp_path: Path) -> None:
     room = f"browser-{uuid.uuid4().hex[:6]}"
     shot = tmp_path / "page.png"
-    proc = subprocess.run(
-        [node_bin, str(REPO / "tests" / "js" / "browser_chat.mjs"), gateway_procs[0].url,
-         gateway_procs[1].url, room, chromium_bin],
-        capture_output=True, text=True, timeout=120, cwd=REPO,
-        env={"PATH": "/usr/bin:/bin", "SCREENSHOT": str(shot), "HOME": str(tmp_path)},
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = await asyncio.create_subprocess_exec(
+        node_bin, str(REPO / "tests" / "js" / "browser_chat.mjs"), gateway_procs[0].url,
+        gateway_procs[1].url, room, chromium_bin, cwd=REPO,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={"PATH": "/usr/bin:/bin", "SCREENSHOT": str(shot), "HOME": str(tmp_path)})
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        first = await asyncio.wait_for(proc.stdout.readline(), 60)
+        if first.startswith(b'{"joined"'):
+            await wait_room_interest([n.monitor_url for n in nats_cluster.nodes], room)
+            proc.stdin.write(b"chat\n")
+            await proc.stdin.drain()
+        rest, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    stdout = (first + rest).decode()
+    assert proc.returncode == 0, stdout + stderr.decode()
+    result = json.loads(stdout.strip().splitlines()[-1])
     assert result["errors"] == []
     assert [m["text"] for m in result["page"]] == ["hello browser"]
     assert result["page"][0]["from"] == result["nodeId"]

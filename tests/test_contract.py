@@ -11,7 +11,14 @@ import uuid
 
 import pytest
 
-from tests.helpers import INTEREST_PROPAGATION, SETTLE, Node, SioClient, connect_all
+from tests.helpers import (
+    SETTLE,
+    Node,
+    SioClient,
+    connect_all,
+    wait_for_condition,
+    wait_interest_everywhere,
+)
 
 
 def room_name(tag: str) -> str:
@@ -141,11 +148,7 @@ async def test_close_room_removes_members_on_every_node(
         return all(room not in n.manager.get_rooms(cl.sid, "/")
                    for n, cl in zip(nodes, (a, b, c), strict=True))
 
-    for _ in range(50):
-        if await closed_everywhere():
-            break
-        await asyncio.sleep(0.05)
-    assert await closed_everywhere()
+    await wait_for_condition(closed_everywhere, "the room closed on every node")
     await nodes[2].sio.emit("news", "after close", to=room)
     await asyncio.sleep(SETTLE)
     assert a.received("news") == b.received("news") == c.received("news") == []
@@ -178,18 +181,14 @@ async def test_remote_enter_and_leave_room(nodes: list[Node], clients: list[SioC
     room = room_name("remote-join")
     await sender.join(room)
     await nodes[2].sio.enter_room(target.sid, room)
-    for _ in range(50):
-        if room in nodes[1].manager.get_rooms(target.sid, "/"):
-            break
-        await asyncio.sleep(0.05)
-    await asyncio.sleep(INTEREST_PROPAGATION)
+    await wait_for_condition(lambda: room in nodes[1].manager.get_rooms(target.sid, "/"),
+                             "the remote enter_room")
+    await wait_interest_everywhere(room)
     await sender.chat(room, "welcome")
     await target.wait_texts(["welcome"])
     await nodes[2].sio.leave_room(target.sid, room)
-    for _ in range(50):
-        if room not in nodes[1].manager.get_rooms(target.sid, "/"):
-            break
-        await asyncio.sleep(0.05)
+    await wait_for_condition(lambda: room not in nodes[1].manager.get_rooms(target.sid, "/"),
+                             "the remote leave_room")
     await sender.chat(room, "gone")
     await asyncio.sleep(SETTLE)
     assert target.texts() == ["welcome"]
@@ -203,11 +202,8 @@ async def test_remote_disconnect(nodes: list[Node], clients: list[SioClient]) ->
     await nodes[0].sio.disconnect(sid)
     async with asyncio.timeout(5):
         await disconnected.wait()
-    for _ in range(50):
-        if not nodes[1].manager.is_connected(sid, "/"):
-            break
-        await asyncio.sleep(0.05)
-    assert not nodes[1].manager.is_connected(sid, "/")
+    await wait_for_condition(lambda: not nodes[1].manager.is_connected(sid, "/"),
+                             "the remote disconnect")
 
 
 async def test_callback_to_a_room_is_refused(nodes: list[Node]) -> None:

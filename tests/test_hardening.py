@@ -201,6 +201,16 @@ async def test_a_slow_body_is_cut_off(open_gateway: GatewayNode) -> None:
         writer.close()
 
 
+def accept_backlog(port: int) -> int:
+    """Connections to the listening socket on 127.0.0.1:``port`` the server has not
+    accepted yet (the kernel's accept queue, /proc/net/tcp's rx_queue of a LISTEN)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 async def test_connections_past_the_bound_are_refused_and_others_served(
         open_gateway: GatewayNode, clients: list[SioClient]) -> None:
     host, port = open_gateway.url.removeprefix("http://").split(":")
@@ -209,9 +219,10 @@ async def test_connections_past_the_bound_are_refused_and_others_served(
         for _ in range(45):  # idle connections that never finish a request
             _, w = await asyncio.open_connection(host, int(port))
             held.append(w)
-        # for the server to accept them all: it can't be asked while full (a question is
-        # one more connection), so this one is a fixed pause
-        await asyncio.sleep(0.2)
+        # for the server to accept them all (it can't be asked while full: a question
+        # is one more connection): its accept queue empty
+        await wait_for_condition(lambda: accept_backlog(int(port)) == 0,
+                                 "the gateway to accept the 45 connections")
         reader, writer = await asyncio.open_connection(host, int(port))
         data = await asyncio.wait_for(reader.read(), 5)
         writer.close()

@@ -4,21 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-
-import pytest
 
 from gateway.processes import GatewayNode
-from tests.helpers import INTEREST_PROPAGATION, SETTLE, NodeClient
-
-
-@pytest.fixture
-async def node_clients(node_bin: str) -> AsyncIterator[list[NodeClient]]:
-    made: list[NodeClient] = []
-    try:
-        yield made
-    finally:
-        await asyncio.gather(*(c.close() for c in made), return_exceptions=True)
+from tests.helpers import SETTLE, NodeClient, wait_interest_everywhere
 
 
 async def test_js_clients_chat_across_gateways(gateway_procs: list[GatewayNode], node_bin: str,
@@ -30,7 +18,7 @@ async def test_js_clients_chat_across_gateways(gateway_procs: list[GatewayNode],
     node_clients += [alice, bob, carol]
     assert await alice.call("join", room) == {"ok": True, "room": room}
     assert await bob.call("join", room) == {"ok": True, "room": room}
-    await asyncio.sleep(INTEREST_PROPAGATION)
+    await wait_interest_everywhere(room)
     ack = await alice.call("chat", {"room": room, "text": "hi bob"})
     assert ack["ok"] is True and isinstance(ack["id"], str)
     await bob.wait_for(lambda c: c.texts() == ["hi bob"], what="alice's chat")

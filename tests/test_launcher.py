@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from gateway.processes import free_ports, http_json, port_is_free
-from tests.helpers import REPO, SioClient, first_delivery_after
+from tests.helpers import REPO, SioClient, first_delivery_after, watching_interest
 
 NATS_LINE = re.compile(r"nats (\S+) nats://127\.0\.0\.1:(\d+) http://127\.0\.0\.1:(\d+)")
 REDIS_LINE = re.compile(r"redis (\S+) redis://127\.0\.0\.1:(\d+)")
@@ -208,10 +208,14 @@ async def pair(urls: list[str]) -> AsyncIterator[tuple[SioClient, SioClient]]:
         await b.close()
 
 
-async def chat_across(urls: list[str]) -> None:
-    async with pair(urls) as (a, b):
-        await a.chat("launcher", "through the launcher")
-        await b.wait_texts(["through the launcher"])
+async def chat_across(launcher: Launcher, reverse: bool = False) -> None:
+    """A chat from the first gateway's client to the second's (``reverse``: the other way)."""
+    urls = launcher.gateway_urls()
+    monitors = [f"http://127.0.0.1:{port}" for _, port in launcher.nats_nodes().values()]
+    with watching_interest(lambda: monitors):  # the joins wait for the routes' interest
+        async with pair(urls[::-1] if reverse else urls) as (a, b):
+            await a.chat("launcher", "through the launcher")
+            await b.wait_texts(["through the launcher"])
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -228,8 +232,8 @@ async def test_cluster_serves_and_leaves_nothing_behind(sig: int) -> None:
         # a second launcher runs beside the first on another --port
         second = start_launcher("--port", str(consecutive_free_ports(2)))
         assert set(second.ports()).isdisjoint(first.ports())
-        await chat_across(first.gateway_urls())
-        await chat_across(second.gateway_urls())
+        await chat_across(first)
+        await chat_across(second)
         for launcher in (first, second):
             assert len(descendants(launcher.proc.pid)) >= 5, \
                 "3 nats-server and 2 gateway processes"
@@ -252,8 +256,8 @@ async def test_a_dying_gateway_is_reported_restarted_and_serves_again() -> None:
         assert launcher.proc.poll() is None, "the launcher must keep running"
         for url in launcher.gateway_urls():
             assert http_json(f"{url}/healthz")[0] == 200
-        await chat_across(launcher.gateway_urls())
-        await chat_across(launcher.gateway_urls()[::-1])
+        await chat_across(launcher)
+        await chat_across(launcher, reverse=True)
         kids = descendants(launcher.proc.pid)  # with the restarted gateway
         assert stop(launcher) == 0
         deadline = time.monotonic() + 10
@@ -289,7 +293,7 @@ async def test_redis_sharded_cluster_serves_and_leaves_nothing_behind() -> None:
         for url in launcher.gateway_urls():
             status, body = http_json(f"{url}/healthz")
             assert status == 200 and body["backend"] == "redis-sharded"
-        await chat_across(launcher.gateway_urls())
+        await chat_across(launcher)
         kids = descendants(launcher.proc.pid)
         assert len(kids) >= 5, "3 redis-server and 2 gateway processes"
         assert stop(launcher) == 0

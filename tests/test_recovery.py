@@ -383,7 +383,7 @@ async def test_the_chat_page_in_chromium_recovers_and_says_so(
             await asyncio.sleep(0.5)  # paces the chats while it is away
         front.target = ("127.0.0.1", trio[1].port)
         front.refusing = False
-        proc.stdin.write(b"look\n")
+        proc.stdin.write(json.dumps({"messages": len(sent)}).encode() + b"\n")
         await proc.stdin.drain()
         seen = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
     finally:
@@ -433,3 +433,69 @@ async def test_a_replay_whose_consumer_is_drained_under_it_fails_loudly(
     finally:
         await thief.close()
         await nc.close()
+
+
+@pytest.mark.parametrize("lands_on", ["the other gateway", "its gateway"])
+async def test_a_dropped_client_recovers_through_a_round_robin_front(
+        lands_on: str, trio: list[GatewayNode], clients: list[SioClient],
+        node_bin: str) -> None:
+    """No affinity and recovery together: a default-mode client behind a round-robin
+    front over gw-1 and gw-2 (its polls and its upgrade spread over both), chat
+    flowing from gw-2 and gw-3, loses its network for 5 s and comes back through the
+    front, its new handshake landing on ``lands_on``: recovered, same sid, every chat
+    sent meanwhile once and in order, and its own chats reach both senders again."""
+    room = f"rec-rr-{uuid.uuid4().hex[:4]}"
+    a, b = await connect_all(clients, [("a", trio[2].url), ("b", trio[1].url)], offsets=True)
+    targets = [("127.0.0.1", trio[0].port), ("127.0.0.1", trio[1].port)]
+    front = await Front(*targets).start()
+    js = await DefaultClient.start(node_bin, front.url, "js")
+    senders = None
+    try:
+        for c in (a, b):
+            await c.join(room)
+        assert (await js.call("join", room))["ok"] is True
+        first = js.connects()[0]
+        assert first["recovered"] is False
+        owner = targets[0] if first["sid"][:8] != b.sid[:8] else targets[1]
+        assert (await js.call("chat", {"room": room, "text": "from js"}))["ok"] is True
+        for c in (a, b):
+            await c.wait_for(lambda c: "from js" in c.texts(), what="js's chat")
+        senders = Senders(a, b, [room])
+        await until(lambda: len(js.chats()) >= 10)
+        front.refusing = True
+        front.cut()
+        await asyncio.sleep(5)  # the outage's length (not a wait)
+        back = owner if lands_on == "its gateway" else next(t for t in targets if t != owner)
+        front.turn = targets.index(back)  # the next connection, its new handshake
+        front.refusing = False
+        await until(lambda: len(js.connects()) >= 2, timeout=20)
+        again = js.connects()[-1]
+        assert again["recovered"] is True, js.events[-10:]
+        assert again["sid"] == first["sid"]
+        await asyncio.sleep(1.0)  # live traffic after the seam (its length, not a wait)
+        await senders.stop()
+        sent = set(senders.sent)
+        with contextlib.suppress(AssertionError):  # what never comes is reported below
+            await until(lambda: sent <= {(m["room"], m["text"]) for m, _ in js.chats()})
+        got = [(m["room"], m["text"]) for m, _ in js.chats()]
+        assert len(got) == len(set(got)), "a message arrived twice"
+        missing = sent - set(got)
+        assert not missing, f"{len(missing)} of {len(sent)} never arrived: {sorted(missing)[:5]}"
+        offsets = [int(o) for _, o in js.chats()]
+        assert offsets == sorted(offsets), "not in the store's order"
+        for sender in ("a", "b"):
+            seq = [int(t.rsplit("-", 1)[1]) for _, t in got if t.startswith(f"{sender}-")]
+            assert seq == sorted(seq), f"{sender} out of order"
+        after = js.events[js.events.index(again):]
+        assert not [e for e in after if e["type"] in ("connect_error", "disconnect")], after
+        ack = await js.call("chat", {"room": room, "text": "back"})
+        assert ack["ok"] is True, ack
+        for c in (a, b):
+            await c.wait_for(lambda c: c.texts().count("back") == 1,
+                             what="the recovered client's chat")
+            assert c.texts().count("from js") == 1
+    finally:
+        if senders is not None:
+            await senders.stop()
+        await js.close()
+        await front.close()

@@ -34,7 +34,7 @@ from gateway.processes import (
 from nats_adapter import codec
 from nats_adapter.naming import ChannelNames
 from nats_adapter.sids import new_node_tag, sid_owner
-from tests.helpers import REPO, WAIT, SioClient, connect_all, running
+from tests.helpers import REPO, WAIT, SioClient, connect_all, running, wait_subject_everywhere
 from tests.test_broker_permissions import GATEWAY_PASSWORD, secure_cluster_at
 
 COOKIE = "session=victim-cookie-5f1e0c"
@@ -128,7 +128,7 @@ async def forge(url: str, password: str, victim_sid: str) -> list[bytes]:
     try:
         await rogue.subscribe(channels.node(origin), cb=record)
         await rogue.flush()
-        await asyncio.sleep(0.5)  # the interest reaches the other servers
+        await wait_subject_everywhere(channels.node(origin))
         everyone = {"ns": "/", "rooms": None, "except": None}
         fetch = codec.ClusterMessage(origin, "fetch", f"{origin}:1", {**everyone, "fmt": "full"})
         await rogue.publish(channels.cluster(), codec.encode(fetch))

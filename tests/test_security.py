@@ -28,6 +28,7 @@ from tests.helpers import (
     read_metric,
     tls_files,
     wait_for_condition,
+    watching_interest,
 )
 from tests.test_edges import get
 
@@ -326,8 +327,9 @@ async def test_gateway_logs_in_to_a_nats_cluster_that_requires_it(
                                      cluster.gateway_args(), env=creds))
         wait_gateways(gws)
         a, b = await connect_all(clients, [("a", gws[0].url), ("b", gws[1].url)])
-        await a.join("guarded")
-        await b.join("guarded")
+        with watching_interest(lambda: [n.monitor_url for n in cluster.nodes]):
+            await a.join("guarded")
+            await b.join("guarded")
         await a.chat("guarded", "through an authenticated mesh")
         await b.wait_texts(["through an authenticated mesh"])
         for gw in gws:

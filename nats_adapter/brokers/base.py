@@ -39,6 +39,11 @@ class BrokerError(RuntimeError):
     """The broker could not take a publish (down, closed, buffer full)."""
 
 
+class BrokerUnconfirmed(BrokerError):
+    """The broker did not confirm in time that it took what was published: it may
+    still deliver it, to some or all (the connection dropped, or no answer)."""
+
+
 class Broker(abc.ABC):
     """A pub/sub broker connection with at-most-once delivery.
 
@@ -74,6 +79,12 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def publish(self, channel: str, data: bytes) -> None:
         """Send ``data`` to every node subscribed to ``channel``."""
+
+    async def confirm_published(self) -> None:
+        """Return once the broker has taken everything this node published so far;
+        raise :class:`BrokerUnconfirmed` when it cannot say so in time. A no-op where a
+        publish returns only once the broker took it (the default)."""
+        return
 
     @abc.abstractmethod
     async def close(self) -> None:

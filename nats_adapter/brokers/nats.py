@@ -17,7 +17,7 @@ from nats.aio.subscription import Subscription
 
 from .. import compat
 from .._logging import ThrottledLog
-from .base import Broker, BrokerError, BrokerHandler, FirstConnect, MessageStore
+from .base import Broker, BrokerError, BrokerHandler, BrokerUnconfirmed, FirstConnect, MessageStore
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,10 @@ class SharedInbox:
             await asyncio.gather(self._task, return_exceptions=True)
 
 
+#: how long a PING/PONG round given up on stays pending (see NatsBroker._round_trip)
+ROUND_TRIP_LIMIT = 3600
+
+
 class NatsBroker(Broker):
     """Moves envelopes over NATS subjects.
 
@@ -159,6 +163,7 @@ class NatsBroker(Broker):
         *,
         connect_options: dict[str, Any] | None = None,
         confirm_timeout: float = 10.0,
+        publish_confirm_timeout: float = 2.0,
         reconnect_time_wait: float = 0.5,
         connection_name: str = "socketio-gateway",
         pending_msgs_limit: int | None = None,
@@ -173,6 +178,10 @@ class NatsBroker(Broker):
         self.servers = list(servers)
         self._options = dict(connect_options or {})
         self._confirm_timeout = confirm_timeout
+        self._publish_confirm_timeout = publish_confirm_timeout
+        #: the confirmation round not started yet, which a publish made now joins
+        self._next_round: asyncio.Future[None] | None = None
+        self._round_trips: set[asyncio.Future[None]] = set()
         self._reconnect_time_wait = reconnect_time_wait
         self._connection_name = connection_name
         self._ping_interval = ping_interval
@@ -270,17 +279,81 @@ class NatsBroker(Broker):
     async def _confirm(self, nc: Client) -> None:
         """Wait for the server to have processed everything sent so far (a PING/PONG).
 
-        Two round trips: nats-py's ``flush()`` writes its PING straight to the socket
-        while a SUB waits in the client's pending buffer for the flusher task, so the
-        first PONG can arrive before the server has read the SUB. By then the flusher
-        has written it; the second PING goes out after it, and its PONG confirms it
-        (tests/unit/test_nats_confirm.py)."""
+        nats-py's ``flush()`` writes its PING straight to the socket while a SUB or PUB
+        may still wait in the client's pending buffer for the flusher task, so the
+        PONG could arrive before the server has read it. While something is pending,
+        a first round lets the flusher write it; the second PING goes out after it,
+        and its PONG confirms it (tests/unit/test_nats_confirm.py). With nothing
+        pending, what was sent is on the socket before the PING: one round."""
+        wait = self._confirm_timeout
         try:
-            await nc.flush(timeout=self._confirm_timeout)  # type: ignore[arg-type]
-            await nc.flush(timeout=self._confirm_timeout)  # type: ignore[arg-type]
+            if nc.pending_data_size > 0:
+                await self._round_trip(nc, wait)
+            await self._round_trip(nc, wait)
         except (nats.errors.Error, TimeoutError) as exc:
-            # the subscription stays registered; nats-py sends it again on reconnect
+            # a subscription stays registered; nats-py sends it again on reconnect
             raise BrokerError(f"NATS did not confirm the subscription: {exc!r}") from exc
+
+    async def _round_trip(self, nc: Client, timeout: float) -> None:
+        """One PING/PONG, waited on for at most ``timeout`` without cancelling it.
+
+        nats-py pairs each PONG with the oldest PING it sent, and a PONG that comes
+        after ``flush(timeout=)`` gave up finds a cancelled future there: setting its
+        result raises in nats-py's read loop, which then stops reading (the
+        connection goes deaf until the ping timer calls it stale). So a round given
+        up on is left to end by itself: by its late PONG, or cancelled here when the
+        connection it was sent on is replaced (whose PINGs get no PONG)."""
+        if not nc.is_connected:
+            raise nats.errors.ConnectionReconnectingError
+        flush = asyncio.ensure_future(nc.flush(timeout=ROUND_TRIP_LIMIT))
+        self._round_trips.add(flush)
+        flush.add_done_callback(_round_trip_done)
+        flush.add_done_callback(self._round_trips.discard)
+        done, _ = await asyncio.wait({flush}, timeout=timeout)
+        if not done:
+            raise TimeoutError(f"no PONG within {timeout:g} s")
+        flush.result()
+
+    def _drop_round_trips(self) -> None:
+        """The PINGs of a connection that is gone will get no PONG."""
+        for flush in list(self._round_trips):
+            flush.cancel()
+
+    async def confirm_published(self) -> None:
+        """One PING/PONG round (two, see :meth:`_confirm`) for every publish made before
+        it starts: the callers of one loop turn share it, and a publish made while a
+        round is under way waits for the next (that round's PING may have gone first)."""
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            raise BrokerUnconfirmed("no NATS connection")
+        if not nc.is_connected:  # a PING now goes nowhere: what was buffered goes later
+            raise BrokerUnconfirmed("NATS is reconnecting (what was published is sent "
+                                    "once it is back)")
+        round_ = self._next_round
+        if round_ is None:
+            loop = asyncio.get_running_loop()
+            self._next_round = round_ = loop.create_future()
+            round_.add_done_callback(_retrieved)
+            loop.call_soon(self._start_round, nc, round_)
+        await asyncio.shield(round_)
+
+    def _start_round(self, nc: Client, round_: asyncio.Future[None]) -> None:
+        """The round's PINGs (never cancelled, see :meth:`_round_trip`) and its deadline."""
+        self._next_round = None  # what is published from here on joins the next round
+        pings = 2 if nc.pending_data_size > 0 else 1
+        flush = asyncio.ensure_future(_pings(nc, pings))
+        self._round_trips.add(flush)
+        flush.add_done_callback(_round_trip_done)
+        flush.add_done_callback(self._round_trips.discard)
+        timeout = self._publish_confirm_timeout
+        timer = asyncio.get_running_loop().call_later(
+            timeout, _settle, round_, None, f"no PONG within {timeout:g} s")
+
+        def done(flush: asyncio.Future[None]) -> None:
+            timer.cancel()
+            _settle(round_, flush, None)
+
+        flush.add_done_callback(done)
 
     async def subscribe(self, channel: str) -> None:
         self._wanted.add(channel)
@@ -316,6 +389,7 @@ class NatsBroker(Broker):
     async def close(self) -> None:
         self._closing = True
         await self._first_connect.cancel()
+        self._drop_round_trips()
         nc, self._nc = self._nc, None
         inbox, self._inbox = self._inbox, None
         try:
@@ -378,6 +452,7 @@ class NatsBroker(Broker):
             logger.warning("cannot set TCP_USER_TIMEOUT on the NATS socket: %r", exc)
 
     async def _reconnected_cb(self) -> None:
+        self._drop_round_trips()
         if self._nc is not None:
             self._limit_unacked_time(self._nc)
         if self._handler is not None:
@@ -396,3 +471,39 @@ class NatsBroker(Broker):
             return
         if not self._closing:
             logger.warning("NATS error: %r", exc)
+
+
+async def _pings(nc: Client, count: int) -> None:
+    for _ in range(count):
+        await nc.flush(timeout=ROUND_TRIP_LIMIT)
+
+
+def _settle(round_: asyncio.Future[None], flush: asyncio.Future[None] | None,
+            late: str | None) -> None:
+    """End a confirmation round: by its PINGs' outcome, or ``late`` at its deadline."""
+    if round_.done():
+        return
+    problem: BaseException | None = None
+    if flush is None:
+        problem = TimeoutError(late)
+    elif flush.cancelled():
+        problem = ConnectionError("the connection was replaced before the PONG")
+    else:
+        problem = flush.exception()
+    if problem is None:
+        round_.set_result(None)
+    else:
+        error = BrokerUnconfirmed(f"NATS did not confirm the publish: {problem!r}")
+        error.__cause__ = problem
+        round_.set_exception(error)
+
+
+def _round_trip_done(flush: asyncio.Future[None]) -> None:
+    if not flush.cancelled():
+        flush.exception()  # seen: a round given up on may fail with nobody waiting
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Marks a confirmation round's failure as seen when every waiter has gone."""
+    if not future.cancelled():
+        future.exception()

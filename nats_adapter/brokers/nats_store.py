@@ -24,7 +24,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from .base import BrokerError, MessageStore
+from .base import BrokerError, BrokerUnconfirmed, MessageStore
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -250,7 +250,10 @@ class NatsMessageStore(MessageStore):
                 "JetStream did not store the message",
                 lambda: self._js.publish(subject, data, stream=self.stream, timeout=5.0),
                 retry=NOT_STORED)
-        except (TimeoutError, nats.errors.Error) as exc:
+        except (TimeoutError, nats.errors.TimeoutError) as exc:  # asked, never answered
+            raise BrokerUnconfirmed(f"JetStream did not confirm the message: {exc!r}") \
+                from exc
+        except nats.errors.Error as exc:
             raise BrokerError(f"JetStream did not store the message: {exc!r}") from exc
         return int(ack.seq)
 

@@ -1,7 +1,9 @@
 // Headless Chromium loads the chat page from one gateway and chats with a Node.js
 // socket.io-client on another gateway. Prints one JSON line with what each side saw;
-// exits non-zero on any failure.
+// exits non-zero on any failure. Once both have joined it prints {"joined": room} and
+// waits for a line on stdin before the chats.
 // usage: node browser_chat.mjs <page gateway url> <other gateway url> <room> <chromium path>
+import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
 import { io } from "socket.io-client";
 
@@ -34,7 +36,9 @@ try {
   node.on("chat", (msg) => result.node.push(msg));
   const joinAck = await node.timeout(5000).emitWithAck("join", room);
   if (!joinAck.ok) throw new Error("node join failed: " + JSON.stringify(joinAck));
-  await new Promise((r) => setTimeout(r, 100));  // let the NATS mesh learn the new interest
+  // the test says when the NATS servers have learnt both gateways' interest
+  process.stdout.write(JSON.stringify({ joined: room }) + "\n");
+  for await (const _ of createInterface({ input: process.stdin })) break;
 
   const sendAck = await node.timeout(5000).emitWithAck("chat", { room, text: "hello browser" });
   if (!sendAck.ok) throw new Error("node chat failed: " + JSON.stringify(sendAck));

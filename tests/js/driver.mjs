@@ -1,6 +1,6 @@
 // Drives the official socket.io-client from a test, one JSON object per line.
 // stdin:  {"ref": n, "event": "join", "args": [...]}   -> emits with an ack callback
-// stdout: {"type": "connect", "sid": ...}
+// stdout: {"type": "connect", "sid": ..., "recovered": bool (connection state recovery)}
 //         {"type": "ack", "ref": n, "data": ...}
 //         {"type": "event", "event": name, "data": first argument}
 //         {"type": "disconnect", "reason": ...} / {"type": "connect_error", "message": ...}
@@ -18,7 +18,7 @@ socket.io.on("open", () => {
   socket.io.engine.on("upgrade", (transport) => out({ type: "upgrade", transport: transport.name }));
 });
 
-socket.on("connect", () => out({ type: "connect", sid: socket.id }));
+socket.on("connect", () => out({ type: "connect", sid: socket.id, recovered: socket.recovered }));
 socket.on("disconnect", (reason) => out({ type: "disconnect", reason }));
 socket.on("connect_error", (err) => out({ type: "connect_error", message: err.message, data: err.data ?? null }));
 socket.onAny((event, ...args) => {

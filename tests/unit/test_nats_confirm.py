@@ -10,8 +10,14 @@ fake NATS server records the order in which commands arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
+
+from nats_adapter.brokers.base import BrokerError
 from nats_adapter.brokers.nats import NatsBroker
 from tests.helpers import wait_for_condition
 
@@ -25,6 +31,16 @@ class FakeNats:
     def __init__(self) -> None:
         self.commands: list[str] = []
         self.writers: list[asyncio.StreamWriter] = []
+        self.answering = True  # False: a server that reads on but answers no PING
+        self.unanswered = 0
+
+    async def answer_again(self) -> None:
+        """Answer the PINGs left unanswered (late), and the next ones at once."""
+        self.answering = True
+        for writer in self.writers:
+            writer.write(b"PONG\r\n" * self.unanswered)
+            await writer.drain()
+        self.unanswered = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.append(writer)
@@ -33,7 +49,11 @@ class FakeNats:
         while line := await reader.readline():
             command = line.decode().strip()
             self.commands.append(command)
-            if command == "PING":
+            if command.startswith("PUB "):  # its payload line
+                self.commands.append((await reader.readline()).decode().strip())
+            if command == "PING" and not self.answering:
+                self.unanswered += 1
+            elif command == "PING":
                 writer.write(b"PONG\r\n")
                 await writer.drain()
 
@@ -49,15 +69,27 @@ class Handler:
         self.connected = connected
 
 
-async def test_subscribe_returns_after_a_pong_to_a_ping_sent_after_its_sub() -> None:
-    fake = FakeNats()
+@contextlib.asynccontextmanager
+async def broker_on(fake: FakeNats, **options: Any) -> AsyncIterator[NatsBroker]:
     server = await asyncio.start_server(fake.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    broker = NatsBroker([f"nats://127.0.0.1:{port}"])
+    broker = NatsBroker([f"nats://127.0.0.1:{port}"], **options)
     handler = Handler()
     try:
         await broker.start(handler, "sio.node.fake")
         await wait_for_condition(lambda: handler.connected, "the broker to connect")
+        yield broker
+    finally:
+        await broker.close()
+        for writer in fake.writers:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_subscribe_returns_after_a_pong_to_a_ping_sent_after_its_sub() -> None:
+    fake = FakeNats()
+    async with broker_on(fake) as broker:
         await broker.subscribe("sio.room.lobby")
         # everything the server had read when subscribe() returned: the last PING
         # (whose PONG released it) must come after the SUB
@@ -65,9 +97,38 @@ async def test_subscribe_returns_after_a_pong_to_a_ping_sent_after_its_sub() -> 
         sub = next(i for i, c in enumerate(seen) if c.startswith("SUB sio.room.lobby "))
         last_ping = max(i for i, c in enumerate(seen) if c == "PING")
         assert last_ping > sub, seen
-    finally:
-        await broker.close()
-        for writer in fake.writers:
-            writer.close()
-        server.close()
-        await server.wait_closed()
+
+
+async def test_a_publish_is_confirmed_by_a_pong_to_a_ping_sent_after_it() -> None:
+    """What a chat's ack says: the server read the chat. The publishes of one loop
+    turn share one confirmation round."""
+    fake = FakeNats()
+    async with broker_on(fake) as broker:
+        before = fake.commands.count("PING")
+
+        async def chat(i: int) -> None:
+            await broker.publish("sio.room.lobby", f"chat {i}".encode())
+            await broker.confirm_published()
+            seen = list(fake.commands)  # what the server had read when confirmed
+            assert max(j for j, c in enumerate(seen) if c == "PING") \
+                > seen.index(f"chat {i}"), seen
+
+        await asyncio.gather(*(chat(i) for i in range(20)))
+        assert fake.commands.count("PING") - before <= 2  # one round for 20
+
+
+async def test_an_unconfirmed_publish_raises_and_late_pongs_leave_the_connection_working(
+        ) -> None:
+    """A chat the server does not confirm in time is refused. The PONGs that come
+    late must not break the client: nats-py's ``flush(timeout=)`` cancels its future
+    on a timeout and the late PONG then stops nats-py's read loop (a deaf
+    connection), so the next confirmation would never come."""
+    fake = FakeNats()
+    async with broker_on(fake, publish_confirm_timeout=0.2) as broker:
+        fake.answering = False
+        await broker.publish("sio.room.lobby", b"into the void")
+        with pytest.raises(BrokerError, match="did not confirm the publish"):
+            await broker.confirm_published()
+        await fake.answer_again()
+        await broker.publish("sio.room.lobby", b"later")
+        await broker.confirm_published()

@@ -3,7 +3,8 @@
 It forwards every connection to the current target; a test can cut every
 connection (the client's network drops), refuse new ones for a while, and send
 the next ones to another gateway. Given several targets it takes them in turn, one
-new connection each, with no affinity at all (a TCP balancer's round-robin).
+new connection each, with no affinity at all (a TCP balancer's round-robin); a
+target that refuses the connection (a gateway that died) passes it to the next.
 
 The tests use it in their own event loop; the benchmark's ``no-affinity`` scenario
 runs it as a process of its own (``python -m tools.bench.front HOST:PORT ...``:
@@ -33,6 +34,8 @@ class Front:
         self.turn = 0
         #: connections sent to each target, by (host, port)
         self.sent: dict[tuple[str, int], int] = {}
+        #: connections a target refused (each then went to the next one)
+        self.refused: dict[tuple[str, int], int] = {}
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         self.refusing = False
@@ -48,16 +51,27 @@ class Front:
         if self.refusing:
             writer.close()
             return
-        target = self.target
+        order = [self.target]
         if len(self.targets) > 1:
-            target = self.targets[self.turn % len(self.targets)]
+            first = self.turn % len(self.targets)
             self.turn += 1
-        self.sent[target] = self.sent.get(target, 0) + 1
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*target)
-        except OSError:
+            order = self.targets[first:] + self.targets[:first]
+        for target in order:
+            try:
+                up_reader, up_writer = await asyncio.open_connection(*target)
+                break
+            except OSError:
+                # a gateway that is gone: the next one takes the connection, as a
+                # balancer redispatches one its server refused (HAProxy's `retries`
+                # with `option redispatch`, nginx's `proxy_next_upstream error`).
+                # Closing it instead fails whichever request the client sent on it:
+                # a reconnecting client whose requests came round to the dead
+                # gateway in step with the turn failed every attempt (15 s of them).
+                self.refused[target] = self.refused.get(target, 0) + 1
+        else:
             writer.close()
             return
+        self.sent[target] = self.sent.get(target, 0) + 1
         self._writers |= {writer, up_writer}
         pipes = [asyncio.get_running_loop().create_task(self._pipe(reader, up_writer)),
                  asyncio.get_running_loop().create_task(self._pipe(up_reader, writer))]

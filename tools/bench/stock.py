@@ -64,6 +64,9 @@ class StockRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     async def close(self) -> None:
         """python-socketio gives this manager no shutdown."""
 
+    async def confirm_published(self) -> None:
+        """Redis's PUBLISH returned once Redis took it: nothing left to confirm."""
+
     async def _listen(self) -> AsyncIterator[Any]:
         async for data in super()._listen():
             self.stats.received += 1
