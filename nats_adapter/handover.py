@@ -100,6 +100,10 @@ class HandoverNode(Protocol):
 
     def set_session_pid(self, sid: str, pid: str | None) -> None: ...
 
+    def acks_owed(self, sid: str) -> list[int]: ...
+
+    def forward_acks(self, sid: str, owed: list[int], node: str) -> None: ...
+
 
 @dataclass
 class _Giving:
@@ -273,7 +277,7 @@ class Handover:
                 raise _Refused("owner_unreachable") from None
             if not isinstance(handed, dict):
                 raise _Refused("refused")
-            self._commit(socket, joined, handed, held)
+            self._commit(owner, socket, joined, handed, held)
         except _Refused as refused:
             self._undo(socket, joined)
             m.spawn(self.rpc.tell(owner, MoveStep(ClusterOp.MOVE_ABORT, eio_sid)))
@@ -297,8 +301,8 @@ class Handover:
                     self.rpc.peers.name(owner))
         return None
 
-    def _commit(self, socket: Any, joined: list[tuple[str, str]], handed: dict[str, Any],
-                held: list[EncodedPacket]) -> None:
+    def _commit(self, owner: str, socket: Any, joined: list[tuple[str, str]],
+                handed: dict[str, Any], held: list[EncodedPacket]) -> None:
         """Serve the session from now on, with what the giver handed over (no await:
         nothing is delivered between the hold and the queue)."""
         m = self.node
@@ -334,10 +338,14 @@ class Handover:
         compat.serve_socket(m.server, socket, {k: v for k, v in environ.items()
                                                if isinstance(k, str)}
                             if isinstance(environ, dict) else {})
+        acks = state.get("acks")
         for _, sid, _, pid in sockets:
             self.located.pop(sid, None)
             if pid is not None:
                 m.set_session_pid(sid, pid)
+            owed = acks.get(sid) if isinstance(acks, dict) else None
+            if isinstance(owed, list) and all(isinstance(i, int) and i > 0 for i in owed):
+                m.forward_acks(sid, owed, owner)
 
     def _undo(self, socket: Any, joined: list[tuple[str, str]]) -> None:
         m = self.node
@@ -411,6 +419,7 @@ class Handover:
         state = {"sockets": [{"ns": ns, "sid": sid, "rooms": m.hub.rooms_of(sid, ns),
                               "pid": m.session_pid(sid)}
                              for ns, sid in m.hub.sids_of(eio_sid).items()],
+                 "acks": {},
                  "session": socket.session,
                  "environ": {k: v for k, v in compat.connection_environ(m.server,
                                                                         eio_sid).items()
@@ -458,6 +467,8 @@ class Handover:
         del self._giving[eio_sid]
         assert m.hub.fanout is not None
         m.hub.fanout.moving.pop(eio_sid, None)
+        # the acks it owes callbacks here: the taker sends them back here
+        state["acks"] = {sid: owed for sid in sids.values() if (owed := m.acks_owed(sid))}
         for ns, sid in sids.items():
             m.set_session_pid(sid, None)
             m.forget_sid(sid, ns)

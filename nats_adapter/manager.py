@@ -263,11 +263,34 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         return await self.handover.take(eio_sid)
 
     def forget_sid(self, sid: str, namespace: str) -> None:
-        """Take ``sid`` out of this node without a disconnect (its session moved)."""
+        """Take ``sid`` out of this node without a disconnect (its session moved, or a
+        move of it here was called off). The acks it owes this node's callbacks are
+        awaited from the node it moved to (:meth:`acks_owed`)."""
         for room in self.hub.rooms_of(sid, namespace):
             self.basic_leave_room(sid, namespace, room)
         self.basic_leave_room(sid, namespace, None)
-        self.callbacks.pop(sid, None)
+        pending = self.callbacks.get(sid)
+        if pending is not None and len(pending) <= 1:  # only the id counter is left
+            del self.callbacks[sid]
+
+    def acks_owed(self, sid: str) -> list[int]:
+        """The ack ids ``sid`` owes callbacks here, from now on awaited from another
+        node (the one ``sid`` moves to: see :meth:`forward_acks`)."""
+        pending = self.callbacks.get(sid) or {}
+        owed = [ack_id for ack_id in pending if ack_id]
+        deadline = time.monotonic() + self.callback_timeout
+        for ack_id in owed:
+            self._remote_callbacks.setdefault((sid, ack_id), deadline)
+        return owed
+
+    def forward_acks(self, sid: str, owed: list[int], node: str) -> None:
+        """``sid``, moved here from ``node``, owes callbacks there the acks ``owed``:
+        they go back there; the ids this node hands out for ``sid`` come after them."""
+        if not owed:
+            return
+        pending = self.callbacks.setdefault(sid, {0: itertools.count(max(owed) + 1)})
+        for ack_id in owed:
+            pending[ack_id] = partial(self._return_ack, node, sid, ack_id)
 
     def session_pid(self, sid: str) -> str | None:
         """``sid``'s recovery pid, when connection state recovery is on."""

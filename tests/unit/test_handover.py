@@ -181,8 +181,15 @@ async def test_a_session_moves_to_where_its_upgrade_lands(
     for peer in peers:
         assert (await peer.call("chat", {"room": "lobby", "text": f"q-{peer.name}"}))["ok"]
     await waiting.wait(lambda: len(waiting.texts()) == 2, a.url)
+    answered: list[Any] = []
+
+    async def answer(*args: Any) -> None:
+        answered.append(args)
+
+    # A asks `queued` something it will answer once it is on B
+    await a.sio.emit("ask", "ready?", to=queued.sid, callback=answer)
     a_queue = a.sio.eio.sockets[queued.eio_sid].queue
-    await wait_for_condition(lambda: a_queue.qsize() == 2, "the chats queued on A")
+    await wait_for_condition(lambda: a_queue.qsize() == 3, "the chats queued on A")
     poll = asyncio.ensure_future(waiting.poll(a.url))
     await wait_for_condition(lambda: a.sio.eio.sockets[waiting.eio_sid].queue.polled,
                              "the long-poll waiting on A")
@@ -215,6 +222,12 @@ async def test_a_session_moves_to_where_its_upgrade_lands(
     assert [line for line in metrics.splitlines()
             if line.startswith("gateway_session_moves_total") and 'outcome="moved"' in line
             and line.endswith(" 2.0")], metrics
+
+    # the question A asked before the move, answered after it: the answer reaches A
+    ask = next(p for p in queued.packets if p.startswith("2") and '["ask"' in p)
+    assert queued.ws is not None
+    await queued.ws.send_str("43" + ask[1:ask.index("[")] + '["yes"]')
+    await wait_for_condition(lambda: answered == [("yes",)], "the answer on A")
 
     # after the move: chats both ways, over B
     for s in (queued, waiting):
