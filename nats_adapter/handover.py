@@ -15,7 +15,8 @@ it costs once. :meth:`Handover.take` moves the engine.io session ``X`` of node A
    every room's subscription: B now gets everything published to X's rooms.
 3. **commit** (B asks A): A forgets X without a disconnect event (its sids leave
    their rooms, its engine.io socket goes, a waiting long-poll gets a NOOP) and
-   answers what X's queue held unsent and what it held since the take. B queues,
+   answers what X's queue held unsent, what it held since the take, and the ack
+   ids X owes callbacks there (B sends those acks back to A). B queues,
    in order: A's unsent packets, A's held packets, then its own held packets but
    those A held too (matched as a multiset of encoded packets: each copy A had
    drops one of B's), and serves X: its requests, its upgrade (the client's normal
@@ -23,14 +24,17 @@ it costs once. :meth:`Handover.take` moves the engine.io session ``X`` of node A
    nothing is twice (what both had is matched). The one approximation: two packets
    of the same bytes, one A had before B listened and one only B had after the
    commit, count as one (a chat carries its own id and time: never the same bytes).
-4. B tells every node X's sids live here now (**moved**); until they hear it, A
-   sends them on: a packet python-socketio sends to X after the commit (the ack of
-   a handler still running) is told to B (**moved_packets**), and A's HTTP front
-   sends X's requests to B for a while (:meth:`Handover.moved_to`).
+4. B tells every node X's sids live here now (**moved**; and when they disconnect
+   from B, that they are gone). Until a node hears it, A sends on what still comes
+   its way: a direct emit or room operation for X's sids (the manager), a packet
+   python-socketio sends to X after the commit (the ack of a handler still running,
+   told to B: **moved_packets**), and X's HTTP requests, for a while
+   (:meth:`Handover.moved_to`).
 
 A move that cannot happen (A is of a release without moves, does not answer,
-refuses: X is upgrading, closing or moving; its session data does not travel; a
-subscription is not confirmed) changes nothing: B undoes what it did, A (told to
+refuses: X is upgrading, closing or moving, or a CONNECT of it is being handled
+(asked again for up to ~2 s); its session data does not travel; a subscription is
+not confirmed) changes nothing: B undoes what it did, A (told to
 abort, or on its own after :attr:`Handover.timeout` x 3) delivers what it held,
 and the caller serves the upgrade the way it would without moves. Neither side's
 application sees a connect or a disconnect.
