@@ -152,8 +152,7 @@ async def test_a_websocket_upgrade_for_a_forged_sid_gets_the_owners_400(
     the owner's answer (400, Session ID unknown) comes back, and nothing is spliced."""
     owner, other = two_gateways
     forwarder = other.app[FORWARDER_KEY]
-    forwarder.splice = splice
-    forwarder.move = False
+    forwarder.splice = splice  # (the owner refuses to give it first: no such session)
     sid = new_eio_sid(owner.manager.node_tag)
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -163,3 +162,4 @@ async def test_a_websocket_upgrade_for_a_forged_sid_gets_the_owners_400(
     # refusal for a failed handshake, and answers the same 400 itself
     assert forwarder.counts["failed"] == (0 if splice else 1)
     assert forwarder.counts["websocket"] == forwarder.counts["websocket_spliced"] == 0
+    assert forwarder.counts["move_failed_refused"] == 1 and not owner.sio.eio.sockets
