@@ -441,11 +441,13 @@ class MoveStep:
 @dataclass(frozen=True, slots=True)
 class Moved:
     """The sids of a session the sender took over live there now; ``gone``: they
-    disconnected there (their own node has them again, if anyone)."""
+    disconnected there (their own node has them again, if anyone), and with
+    ``eio_sid``, the engine.io session they were of ended there."""
 
     OP: ClassVar[ClusterOp] = ClusterOp.MOVED
     sids: list[str]
     gone: bool = False
+    eio_sid: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,7 +494,7 @@ def encode_call(origin: str, req_id: str | None, body: ClusterBody) -> ClusterMe
     elif isinstance(body, MoveStep):
         data = {"eio_sid": body.eio_sid}
     elif isinstance(body, Moved):
-        data = {"sids": body.sids, "gone": body.gone}
+        data = {"sids": body.sids, "gone": body.gone, "eio_sid": body.eio_sid}
     elif isinstance(body, MovedPackets):
         data = {"eio_sid": body.eio_sid, "packets": body.packets}
     else:
@@ -619,7 +621,10 @@ def _decode_moved(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
     if not isinstance(sids, list) or not sids or len(sids) > MAX_TARGETS \
             or not all(is_sid(s) for s in sids):
         raise EnvelopeError("moved needs a list of sids")
-    return Moved(sids, body.get("gone") is True)
+    eio_sid = body.get("eio_sid", "")
+    if eio_sid != "" and eio_sid_owner(eio_sid) is None:
+        raise EnvelopeError("moved names no engine.io session")
+    return Moved(sids, body.get("gone") is True, cast(str, eio_sid))
 
 
 def _decode_moved_packets(body: dict[str, Any], max_room_chars: int) -> ClusterBody:

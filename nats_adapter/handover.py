@@ -67,8 +67,10 @@ logger = logging.getLogger(__name__)
 
 #: the feature a node names in its heartbeats when it gives and takes sessions
 FEATURE = "move"
-#: seconds a node sends on what still comes for a session that moved away
-FORWARD_FOR = 60.0
+#: seconds a node sends on the requests of a session that moved away, at most: until
+#: the node it moved to says it ended (this bounds what a session that ends there
+#: without a word, one that never connected a namespace, leaves here)
+FORWARD_FOR = 3600.0
 #: why a move did not happen: moves off or impossible here, an owner of a release
 #: without moves, the session already moving, no answer, a CONNECT of the session
 #: that did not end in time at the owner, the owner's refusal (the
@@ -156,6 +158,8 @@ class Handover:
         self._connecting: Counter[str] = Counter()
         #: sids of the sessions taken here (until they disconnect)
         self._taken_sids: set[str] = set()
+        #: engine.io sessions taken here (until their last namespace disconnects)
+        self._taken_eio: set[str] = set()
         #: eio sid -> set when its take here is over (done or not)
         self._taken: dict[str, asyncio.Event] = {}
         #: called with (sid, namespace) of each socket of a session given to another node
@@ -299,6 +303,7 @@ class Handover:
             fanout.moving.pop(eio_sid, None)
         sids = [sid for _, sid in joined]
         self._taken_sids.update(sids)
+        self._taken_eio.add(eio_sid)
         m.spawn(self.rpc.notice(codec.Moved(sids)))
         self.counts["moved"] += 1
         logger.info("took the session %s (%s) from %s", eio_sid, ", ".join(sids),
@@ -363,13 +368,22 @@ class Handover:
                 self.located[sid] = origin
             elif self.located.get(sid) == origin:
                 del self.located[sid]
+        away = self._away.get(body.eio_sid) if body.gone else None
+        if away is not None and away[0] == origin:
+            del self._away[body.eio_sid]
 
-    def on_disconnect(self, sid: str) -> None:
-        """``sid`` is leaving this node: if it moved here, the others forget where it
-        went."""
-        if sid in self._taken_sids:
+    def on_disconnect(self, sid: str, eio_sid: str) -> None:
+        """``sid`` (of the engine.io session ``eio_sid``) is leaving this node: if it
+        moved here, the others forget where it went, and once the session's last
+        namespace goes, its old node stops sending its requests here."""
+        last = eio_sid in self._taken_eio \
+            and set(self.node.hub.sids_of(eio_sid).values()) <= {sid}
+        if last:
+            self._taken_eio.discard(eio_sid)
+        if sid in self._taken_sids or last:
             self._taken_sids.discard(sid)
-            self.node.spawn(self.rpc.notice(codec.Moved([sid], gone=True)))
+            self.node.spawn(self.rpc.notice(codec.Moved([sid], gone=True,
+                                                        eio_sid=eio_sid if last else "")))
 
     async def _on_moved_packets(self, origin: str, req_id: str | None,
                                 body: codec.MovedPackets) -> None:

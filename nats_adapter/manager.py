@@ -454,7 +454,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         eio_sid = self.hub.members(namespace, None).get(sid)
         if eio_sid is not None:
             self.plugin.on_disconnect(sid, namespace, eio_sid)
-            self.handover.on_disconnect(sid)
+            self.handover.on_disconnect(sid, eio_sid)
         for room in self.hub.rooms_of(sid, namespace):
             self.basic_leave_room(sid, namespace, room)
         self.basic_leave_room(sid, namespace, None)

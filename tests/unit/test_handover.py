@@ -269,6 +269,7 @@ async def test_a_session_moves_to_where_its_upgrade_lands(
     # gone from B: every gateway forgets where they were
     await wait_for_condition(lambda: not a.manager.handover.located
                              and not b.manager.handover.located, "the moves forgotten")
+    assert a.manager.handover.moved_to(queued.eio_sid) is None  # its requests: a 400
 
 
 async def test_with_moves_off_the_upgrade_is_spliced(
@@ -323,3 +324,24 @@ async def test_a_session_whose_data_does_not_travel_is_spliced(
     await s.wait(lambda: s.events("hello") == ["still here"])
     await s.close()
     await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
+
+
+async def test_a_moved_session_whose_upgrade_fails_polls_on_through_its_old_owner(
+        two_gateways: list[GatewayApp], http: aiohttp.ClientSession) -> None:
+    """The websocket dies after the move, before the upgrade is done: the session
+    keeps long-polling on the gateway it moved to, its requests that reach the old
+    owner sent on there."""
+    a, b = two_gateways
+    s = HandSession(http, "s")
+    await s.open(a.url)
+    await s.upgrade(b.url)
+    assert s.ws is not None and s.eio_sid in b.sio.eio.sockets
+    await s.ws.close()
+    await wait_for_condition(lambda: not b.sio.eio.sockets[s.eio_sid].upgrading,
+                             "the upgrade to be given up")
+    await b.sio.emit("hello", "polled", to=s.sid)
+    await s.wait(lambda: s.events("hello") == ["polled"], a.url)
+    assert a.manager.handover.moved_to(s.eio_sid) == b.manager.node_tag
+    await s.post(a.url, "1")  # an engine.io CLOSE, through A
+    await wait_for_condition(lambda: a.manager.handover.moved_to(s.eio_sid) is None,
+                             "A to hear the session ended")

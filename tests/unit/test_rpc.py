@@ -39,7 +39,7 @@ BODIES: list[codec.ClusterBody] = [
     codec.Bcast(codec.Selection("/"), "e", [1]),
     codec.Adopt(SID), codec.Disown(SID), codec.Release(SID, "/"),
     *(codec.MoveStep(op, EIO_SID) for op in sorted(codec.MOVE_STEPS)),
-    codec.Moved([SID]), codec.Moved([SID], gone=True),
+    codec.Moved([SID]), codec.Moved([SID], gone=True, eio_sid=EIO_SID),
     codec.MovedPackets(EIO_SID, ["2[\"chat\"]", b"\x01"]),
 ]
 
