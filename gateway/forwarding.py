@@ -28,12 +28,13 @@ a direct one from then on, where a splice costs the gateway in between a read an
 write for each. A session that cannot move (an owner of an older release, one that
 does not answer or refuses, ``--upgrade-move off``) is spliced or relayed as above:
 the owner keeps its sockets, rooms and queue, so nothing is lost or delivered twice
-on the way. For a while after a move, the old owner sends the session's requests on
-to its new gateway (:meth:`Owners.moved_to`). A request for a node that is not
-alive (or a sid of no node's shape) gets what engine.io answers for a session it
-does not know, ``400 {"code": 1, "message": "Session ID unknown"}``; the client
-then opens a new session (or recovers it, with ``--recovery``). A request another
-gateway already forwarded (``X-Gateway-Hop``) is never forwarded again.
+on the way. After a move, the old owner sends the session's requests on to its new
+gateway for as long as it lives there (:meth:`Owners.moved_to`). A request for a
+node that is not alive (or a sid of no node's shape) gets what engine.io answers for
+a session it does not know, ``400 {"code": 1, "message": "Session ID unknown"}``;
+the client then opens a new session (or recovers it, with ``--recovery``). A request
+another gateway already forwarded (``X-Gateway-Hop``) is never forwarded again, but
+by the old owner of a session that moved, to the gateway it moved to.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class Owners(Protocol):
     def node_url(self, tag: str) -> str | None: ...
 
     def moved_to(self, eio_sid: str) -> str | None:
-        """The node a session of this node moved to, if it just did."""
+        """The node a session of this node moved to, while it lives there."""
 
     async def serving(self, eio_sid: str) -> bool:
         """Whether the session is served here (moved here included)."""

@@ -28,8 +28,8 @@ it costs once. :meth:`Handover.take` moves the engine.io session ``X`` of node A
    from B, that they are gone). Until a node hears it, A sends on what still comes
    its way: a direct emit or room operation for X's sids (the manager), a packet
    python-socketio sends to X after the commit (the ack of a handler still running,
-   told to B: **moved_packets**), and X's HTTP requests, for a while
-   (:meth:`Handover.moved_to`).
+   told to B: **moved_packets**), and X's HTTP requests, for as long as X lives on
+   B (:meth:`Handover.moved_to`).
 
 A move that cannot happen (A is of a release without moves, does not answer,
 refuses: X is upgrading, closing or moving, or a CONNECT of it is being handled
@@ -189,7 +189,8 @@ class Handover:
         return self.located.get(sid)
 
     def moved_to(self, eio_sid: str) -> str | None:
-        """The node the session ``eio_sid`` of this node moved to, for a while after."""
+        """The node the session ``eio_sid`` of this node moved to, while it lives there
+        (see :data:`FORWARD_FOR`)."""
         away = self._away.get(eio_sid)
         if away is None:
             return None

@@ -248,8 +248,8 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         return self.router.owner(sid)
 
     def moved_to(self, eio_sid: str) -> str | None:
-        """The node the session ``eio_sid`` of this node moved to (for a while after
-        the move: :mod:`nats_adapter.handover`)."""
+        """The node the session ``eio_sid`` of this node moved to, while it lives there
+        (:mod:`nats_adapter.handover`)."""
         return self.handover.moved_to(eio_sid)
 
     async def serving(self, eio_sid: str) -> bool:
