@@ -171,11 +171,16 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
         forwarder = Forwarder(manager, "/socket.io",
                               read_timeout=sio.eio.ping_interval + sio.eio.ping_timeout + 5,
                               max_message_bytes=config.limits.max_message_bytes)
+        # a token's grant (--auth jwt) stays with the gateway that checked it: such
+        # sessions are spliced, never moved
+        forwarder.move = config.upgrade_move and config.auth == "off"
         middlewares.append(forwarder.middleware)
     app = web.Application(client_max_size=config.limits.max_message_bytes,
                           middlewares=middlewares)
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
+    if isinstance(manager, ClusterManager):
+        manager.handover.on_given.append(chat.forget_moved)
     guard.refusals = chat.refused
     if config.secrets.admin_password and isinstance(manager, ClusterManager):
         # the Socket.IO Admin UI, over every gateway of the cluster

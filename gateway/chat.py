@@ -245,6 +245,11 @@ class ChatProtocol:
         if self.presence:  # the rooms are still there while this handler runs
             for room in self.manager.get_rooms(sid, "/"):
                 await self._announce(sid, room, "left")
+        self.forget_moved(sid, "/")
+
+    def forget_moved(self, sid: str, namespace: str) -> None:
+        """What this gateway kept for ``sid`` goes: it disconnected, or its session
+        moved to another gateway (then without a disconnect)."""
         self.chat_limiter.forget(sid)
         self.join_limiter.forget(sid)
         self.grants.pop(sid, None)

@@ -107,6 +107,9 @@ class GatewayConfig:
     recovery: bool = False
     #: seconds a disconnected session stays recoverable
     recovery_window: float = 120.0
+    #: a websocket upgrade for a session another gateway owns moves the session here
+    #: (else it is spliced to the owner)
+    upgrade_move: bool = True
     #: run a multi-node backend without a cluster key (anyone on the broker can forge)
     insecure_bus: bool = False
     cors_origins: tuple[str, ...] = ()
@@ -166,6 +169,9 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
      "with JetStream)"),
     ("recovery_window", "--recovery-window", "GATEWAY_RECOVERY_WINDOW",
      "seconds a disconnected session stays recoverable"),
+    ("upgrade_move", "--upgrade-move", "GATEWAY_UPGRADE_MOVE",
+     "on: a websocket upgrade that lands on a gateway other than its session's moves the "
+     "session there; off: it is spliced to the owner, which keeps serving it"),
     ("insecure_bus", "--insecure-bus", "GATEWAY_INSECURE_BUS",
      "on: run without GATEWAY_CLUSTER_KEY on a multi-node backend, the bus unsealed "
      "(whoever can publish on the broker can forge any node's messages)"),
@@ -386,6 +392,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "confirm_publish": _on_off,
     "recovery": _on_off,
     "recovery_window": _positive_float,
+    "upgrade_move": _on_off,
     "insecure_bus": _on_off,
     "cors_origins": _csv,
     "log_level": _log_level,

@@ -20,12 +20,21 @@ session it does not own sends it to the owner:
   relay parsed, unmasked and framed every message again (the bench's
   ``no-affinity`` scenario measures both: BENCHMARKS.md).
 
-The session itself never moves: the owner keeps its sockets, rooms and queue, so
-nothing is lost or delivered twice on the way. A request for a node that is not
-alive (or a sid of no node's shape) gets what engine.io answers for a session it
-does not know, ``400 {"code": 1, "message": "Session ID unknown"}``; the client
-then opens a new session (or recovers it, with ``--recovery``). A request another
-gateway already forwarded (``X-Gateway-Hop``) is never forwarded again.
+A websocket upgrade first tries to **move** the session to the gateway it landed
+on (:meth:`Owners.take_session`, :mod:`nats_adapter.handover`: sid, rooms, session
+data and what the owner had queued come here, and the owner forgets it without a
+disconnect), which then serves the upgrade itself: every delivery to that client is
+a direct one from then on, where a splice costs the gateway in between a read and a
+write for each. A session that cannot move (an owner of an older release, one that
+does not answer or refuses, ``--upgrade-move off``) is spliced or relayed as above:
+the owner keeps its sockets, rooms and queue, so nothing is lost or delivered twice
+on the way. After a move, the old owner sends the session's requests on to its new
+gateway for as long as it lives there (:meth:`Owners.moved_to`). A request for a
+node that is not alive (or a sid of no node's shape) gets what engine.io answers for
+a session it does not know, ``400 {"code": 1, "message": "Session ID unknown"}``;
+the client then opens a new session (or recovers it, with ``--recovery``). A request
+another gateway already forwarded (``X-Gateway-Hop``) is never forwarded again, but
+by the old owner of a session that moved, to the gateway it moved to.
 """
 
 from __future__ import annotations
@@ -68,6 +77,15 @@ class Owners(Protocol):
 
     def node_url(self, tag: str) -> str | None: ...
 
+    def moved_to(self, eio_sid: str) -> str | None:
+        """The node a session of this node moved to, while it lives there."""
+
+    async def serving(self, eio_sid: str) -> bool:
+        """Whether the session is served here (moved here included)."""
+
+    async def take_session(self, eio_sid: str) -> str | None:
+        """Move the session here; None when done, else why not."""
+
 
 def unknown_session() -> web.Response:
     """What engine.io answers for a session it does not know."""
@@ -90,6 +108,8 @@ class Forwarder:
         self._session: aiohttp.ClientSession | None = None
         #: websockets spliced as bytes (else relayed message by message)
         self.splice = True
+        #: a websocket upgrade moves its session here first (else it is spliced)
+        self.move = True
 
     def client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -117,19 +137,32 @@ class Forwarder:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if not request.path.startswith(self.path):
             return await handler(request)
-        owner = eio_sid_owner(request.query.get("sid"))
-        if owner is None or owner == self.owners.node_tag:
+        sid = request.query.get("sid", "")
+        owner = eio_sid_owner(sid)
+        if owner is None:
             return await handler(request)  # engine.io's to serve (or refuse)
-        if HOP_HEADER in request.headers:
+        moved_to = self.owners.moved_to(sid) if owner == self.owners.node_tag else None
+        if moved_to is not None:
+            owner = moved_to  # (one more hop: the node it moved to serves it)
+        elif owner == self.owners.node_tag or await self.owners.serving(sid):
+            return await handler(request)
+        elif HOP_HEADER in request.headers:
             self.counts["refused_second_hop"] += 1
             return unknown_session()
+        upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
+        if upgrade and self.move and moved_to is None:
+            problem = await self.owners.take_session(sid)
+            if problem is None:
+                self.counts["moved"] += 1
+                return await handler(request)  # ours now: engine.io serves the upgrade
+            self.counts[f"move_failed_{problem}"] += 1
         url = await self.owner_url(owner)
         if url is None:
             self.counts["refused_unknown_node"] += 1
             return unknown_session()
         target = url + request.path_qs
         try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
+            if upgrade:
                 # (an owner reached over TLS: the relay, whose client speaks it)
                 if self.splice and target.startswith("http://") and compat.detachable(request):
                     return await self.splice_websocket(request, target)

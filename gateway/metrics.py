@@ -8,6 +8,8 @@ from prometheus_client import ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from nats_adapter.handover import MOVE_FAILURES, Handover
+
 from .chat import ChatProtocol
 from .forwarding import Forwarder
 from .guards import RequestGuard
@@ -153,14 +155,25 @@ class GatewayCollector(Collector):
         yield refused
         forwarded = CounterMetricFamily(
             "gateway_forwarded_requests", "Requests of sessions another gateway owns, by "
-            "outcome (polling / websocket: served through the owner; refused_unknown_node, "
-            "refused_second_hop, failed: answered 400 Session ID unknown)",
+            "outcome (polling / websocket: served through the owner; moved: a websocket "
+            "upgrade whose session moved here; refused_unknown_node, refused_second_hop, "
+            "failed: answered 400 Session ID unknown)",
             labels=[*labels, "kind"])
         counts = self.forwarder.counts if self.forwarder is not None else {}
-        for kind in ("polling", "websocket", "refused_unknown_node", "refused_second_hop",
-                     "failed"):
+        for kind in ("polling", "websocket", "moved", "refused_unknown_node",
+                     "refused_second_hop", "failed"):
             forwarded.add_metric([*values, kind], counts.get(kind, 0))
         yield forwarded
+        moves = CounterMetricFamily(
+            "gateway_session_moves", "Sessions moved between gateways on a websocket "
+            "upgrade: taken here (moved), given to another gateway (given), and upgrades "
+            "whose session could not move here, by reason (then spliced to the owner)",
+            labels=[*labels, "outcome"])
+        handover = getattr(self.manager, "handover", None)  # (a cluster manager's)
+        move_counts = handover.counts if isinstance(handover, Handover) else {}
+        for outcome in ("moved", "given", *(f"failed_{r}" for r in MOVE_FAILURES)):
+            moves.add_metric([*values, outcome], move_counts.get(outcome, 0))
+        yield moves
 
 
 def _gc_metrics(labels: list[str], values: list[str]) -> Iterator[Metric]:

@@ -17,6 +17,8 @@ string ``"Unable to connect"``; Node (and the protocol's test suite) answers
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from socketio import packet as sio_packet
@@ -118,6 +120,52 @@ def answer_unknown_namespaces(server: Any) -> bool:
             return
         await server._send_packet(eio_sid, server.packet_class(
             sio_packet.CONNECT_ERROR, data=dict(INVALID_NAMESPACE), namespace=ns))
+
+    server._handle_connect = _handle_connect
+    return True
+
+
+#: where a packet for a connection that moved away goes: (eio sid, encoded parts);
+#: True when it was taken there
+Redirect = Callable[[str, list[Any]], Awaitable[bool]]
+
+
+def redirect_sends(server: Any, redirect: Redirect) -> bool:
+    """Offer every packet ``server`` sends to ``redirect`` first (encoded), so what
+    is sent to a session after it moved to another node (an ack of a handler still
+    running) follows it there. False, changing nothing, when python-socketio is not
+    as expected (``engineio.handover``)."""
+    if not compat.check("engineio.handover"):
+        return False
+    send_packet = server._send_packet
+
+    async def _send_packet(eio_sid: str, pkt: Any) -> None:
+        if server.eio.sockets.get(eio_sid) is None:
+            encoded = pkt.encode()
+            if await redirect(eio_sid, encoded if isinstance(encoded, list) else [encoded]):
+                return
+        await send_packet(eio_sid, pkt)
+
+    server._send_packet = _send_packet
+    return True
+
+
+def count_connects(server: Any, connecting: Counter[str]) -> bool:
+    """Keep in ``connecting`` how many namespace CONNECTs of each engine.io session
+    ``server`` is handling (a restore included: recovery's hooks are inside); False,
+    changing nothing, when python-socketio is not as expected (``engineio.handover``)."""
+    if not compat.check("engineio.handover"):
+        return False
+    handle_connect = server._handle_connect
+
+    async def _handle_connect(eio_sid: str, namespace: str | None, data: Any) -> None:
+        connecting[eio_sid] += 1
+        try:
+            await handle_connect(eio_sid, namespace, data)
+        finally:
+            connecting[eio_sid] -= 1
+            if connecting[eio_sid] <= 0:
+                del connecting[eio_sid]
 
     server._handle_connect = _handle_connect
     return True

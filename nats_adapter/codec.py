@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal, TypeAlias, cast
 
 import msgpack
 
-from .sids import is_sid
+from .sids import eio_sid_owner, is_sid
 from .types import EncodedPacket
 
 VERSION = 1
@@ -262,6 +262,11 @@ class ClusterOp(StrEnum):
     ADOPT = "adopt"
     DISOWN = "disown"
     RELEASE = "release"
+    MOVE_TAKE = "move_take"
+    MOVE_COMMIT = "move_commit"
+    MOVE_ABORT = "move_abort"
+    MOVED = "moved"
+    MOVED_PACKETS = "moved_packets"
 
 
 #: the most rooms or sids a selection (``rooms``, ``except``) may name
@@ -418,9 +423,49 @@ class Release:
     ns: str
 
 
+@dataclass(frozen=True, slots=True)
+class MoveStep:
+    """A step of moving the engine.io session ``eio_sid`` to the sender
+    (:mod:`nats_adapter.handover`): ``op`` is MOVE_TAKE (ask for its state, and hold
+    its traffic), MOVE_COMMIT (the sender receives its rooms' traffic now: hand it
+    over) or MOVE_ABORT (keep it)."""
+
+    op: ClusterOp
+    eio_sid: str
+
+    @property
+    def OP(self) -> ClusterOp:  # the name every body has
+        return self.op
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """The sids of a session the sender took over live there now; ``gone``: they
+    disconnected there (their own node has them again, if anyone), and with
+    ``eio_sid``, the engine.io session they were of ended there."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.MOVED
+    sids: list[str]
+    gone: bool = False
+    eio_sid: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class MovedPackets:
+    """Socket.IO packets the sender's server sent to a session after it moved to the
+    receiver (an ack of a handler that was still running), encoded."""
+
+    OP: ClassVar[ClusterOp] = ClusterOp.MOVED_PACKETS
+    eio_sid: str
+    packets: list[Any]
+
+
 ClusterBody: TypeAlias = (Hello | Heartbeat | Bye | Reply | BcastCount | BcastAck | Fetch
                           | Join | Leave | Disconnect | ServerEmit | Bcast | Adopt | Disown
-                          | Release)
+                          | Release | MoveStep | Moved | MovedPackets)
+
+#: the MoveStep operations
+MOVE_STEPS = frozenset((ClusterOp.MOVE_TAKE, ClusterOp.MOVE_COMMIT, ClusterOp.MOVE_ABORT))
 
 
 def encode_call(origin: str, req_id: str | None, body: ClusterBody) -> ClusterMessage:
@@ -446,6 +491,12 @@ def encode_call(origin: str, req_id: str | None, body: ClusterBody) -> ClusterMe
         data = {**body.sel.wire(), "event": body.event, "args": body.args}
     elif isinstance(body, Release):
         data = {"sid": body.sid, "ns": body.ns}
+    elif isinstance(body, MoveStep):
+        data = {"eio_sid": body.eio_sid}
+    elif isinstance(body, Moved):
+        data = {"sids": body.sids, "gone": body.gone, "eio_sid": body.eio_sid}
+    elif isinstance(body, MovedPackets):
+        data = {"eio_sid": body.eio_sid, "packets": body.packets}
     else:
         data = {"sid": body.sid}
     return ClusterMessage(origin, body.OP.value, req_id, data)
@@ -554,6 +605,36 @@ def _decode_bcast(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
     return Bcast(sel, event, args)
 
 
+def _eio_sid(body: dict[str, Any], op: str) -> str:
+    eio_sid = body.get("eio_sid")
+    if eio_sid_owner(eio_sid) is None:
+        raise EnvelopeError(f"{op} needs an engine.io session id")
+    return cast(str, eio_sid)
+
+
+def _decode_move_step(op: ClusterOp) -> Callable[[dict[str, Any], int], ClusterBody]:
+    return lambda body, _: MoveStep(op, _eio_sid(body, op.value))
+
+
+def _decode_moved(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    sids = body.get("sids")
+    if not isinstance(sids, list) or not sids or len(sids) > MAX_TARGETS \
+            or not all(is_sid(s) for s in sids):
+        raise EnvelopeError("moved needs a list of sids")
+    eio_sid = body.get("eio_sid", "")
+    if eio_sid != "" and eio_sid_owner(eio_sid) is None:
+        raise EnvelopeError("moved names no engine.io session")
+    return Moved(sids, body.get("gone") is True, cast(str, eio_sid))
+
+
+def _decode_moved_packets(body: dict[str, Any], max_room_chars: int) -> ClusterBody:
+    packets = body.get("packets")
+    if not isinstance(packets, list) or not all(
+            isinstance(p, (str, bytes)) for p in packets):
+        raise EnvelopeError("moved_packets needs a list of encoded packets")
+    return MovedPackets(_eio_sid(body, "moved_packets"), packets)
+
+
 def _decoders() -> dict[str, Callable[[dict[str, Any], int], ClusterBody]]:
     return {
         ClusterOp.HELLO: lambda body, _: Hello(body),
@@ -571,6 +652,9 @@ def _decoders() -> dict[str, Callable[[dict[str, Any], int], ClusterBody]]:
         ClusterOp.ADOPT: lambda body, _: Adopt(_sid(body, "adopt")),
         ClusterOp.DISOWN: lambda body, _: Disown(_sid(body, "disown")),
         ClusterOp.RELEASE: lambda body, _: Release(_sid(body, "release"), _ns(body)),
+        **{op: _decode_move_step(op) for op in MOVE_STEPS},
+        ClusterOp.MOVED: _decode_moved,
+        ClusterOp.MOVED_PACKETS: _decode_moved_packets,
     }
 
 

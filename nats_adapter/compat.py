@@ -105,6 +105,39 @@ def _engineio_server() -> list[str]:
     return p
 
 
+def _engineio_handover() -> list[str]:
+    """A session moved between nodes (:mod:`nats_adapter.handover`): engine.io's
+    sockets are ``AsyncSocket(server, sid)`` kept in ``server.sockets``, with the
+    state flags, queue and session a move reads and sets; python-socketio sends
+    every packet through ``_send_packet(eio_sid, pkt)`` and keeps ``environ``."""
+    import socketio
+    from engineio import async_server, async_socket
+
+    p = _Problems()
+    server = async_server.AsyncServer(async_mode="aiohttp")
+    p.need(isinstance(getattr(server, "sockets", None), dict), "engineio AsyncServer.sockets")
+    sock_cls = async_socket.AsyncSocket
+    p.need(_params(sock_cls)[:2] == ["server", "sid"], "engineio AsyncSocket(server, sid)")
+    p.need(callable(getattr(sock_cls, "schedule_ping", None)),
+           "engineio AsyncSocket.schedule_ping")
+    try:
+        sock = sock_cls(server, "probe")
+    except Exception as exc:
+        p.append(f"engineio AsyncSocket(server, sid): {exc!r}")
+    else:
+        for name in ("queue", "last_ping", "connected", "upgrading", "upgraded", "closing",
+                     "closed", "session"):
+            p.need(hasattr(sock, name), f"engineio AsyncSocket.{name}")
+    p.need(_params(getattr(socketio.AsyncServer, "_send_packet", None))[1:3]
+           == ["eio_sid", "pkt"], "socketio AsyncServer._send_packet(eio_sid, pkt)")
+    p.need(_params(getattr(socketio.AsyncServer, "_handle_connect", None))[1:4]
+           == ["eio_sid", "namespace", "data"],
+           "socketio AsyncServer._handle_connect(eio_sid, namespace, data)")
+    p.need(isinstance(getattr(socketio.AsyncServer(), "environ", None), dict),
+           "socketio AsyncServer.environ (dict)")
+    return p
+
+
 def _engineio_generate_id() -> list[str]:
     """engine.io names a new session by calling its server's ``generate_id()`` (no
     arguments, a str back); the node sets it per server so ids name the node."""
@@ -399,6 +432,13 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
             "engine.io's own session ids, which name no node: a request of a session "
             "another gateway owns is refused (the balancer then needs affinity)",
             _engineio_generate_id),
+    Private("engineio.handover", "python-engineio",
+            ("AsyncServer.sockets", "AsyncSocket(server, sid)", "AsyncSocket.queue/session/"
+             "connected/upgrading/upgraded/closing/closed/schedule_ping",
+             "socketio AsyncServer._send_packet/_handle_connect (wrapped)",
+             "socketio AsyncServer.environ"),
+            "a websocket upgrade for a session another gateway owns is spliced to the owner "
+            "(the session does not move)", _engineio_handover),
     Private("engineio.ping_timer", "python-engineio",
             ("AsyncSocket._send_ping", "AsyncSocket.schedule_ping"),
             "engine.io's ping task per socket", _engineio_ping_timer),
@@ -476,6 +516,64 @@ def connection_environ(server: Any, eio_sid: str) -> dict[str, Any]:
     environ = server.environ.get(eio_sid)
     return environ if isinstance(environ, dict) else {}
 
+
+
+def movable_socket(server: Any, eio_sid: str) -> Any:
+    """The engine.io socket of ``eio_sid`` if its session may move to another node: it
+    is connected on long-polling, not upgrading, not closing (``engineio.handover``);
+    None otherwise."""
+    if server is None or not check("engineio.handover"):
+        return None
+    socket = server.eio.sockets.get(eio_sid)
+    if socket is None or not socket.connected or socket.upgrading or socket.upgraded \
+            or socket.closing or socket.closed:
+        return None
+    return socket
+
+
+def new_socket(server: Any, eio_sid: str, session: dict[str, Any]) -> Any:
+    """A connected engine.io socket for the session ``eio_sid`` moved here (not yet
+    served: see :func:`serve_socket`)."""
+    from engineio import async_socket
+
+    socket = async_socket.AsyncSocket(server.eio, eio_sid)
+    socket.connected = True
+    socket.session = session
+    return socket
+
+
+def serve_socket(server: Any, socket: Any, environ: dict[str, Any]) -> None:
+    """Serve the moved session of ``socket`` from now on: engine.io knows it (its
+    requests, its upgrade), python-socketio has its environ, and it is pinged."""
+    server.eio.sockets[socket.sid] = socket
+    server.environ[socket.sid] = environ
+    socket.schedule_ping()
+
+
+def forget_socket(server: Any, socket: Any) -> list[Any]:
+    """Forget the session of ``socket`` (moved to another node) without a disconnect
+    event: returns the packets it had queued but not sent; a long-poll waiting for
+    them gets a NOOP (as engine.io ends a poll on upgrade)."""
+    from engineio import packet as eio_packet
+
+    queue = socket.queue
+    queued = [p for p in queue.take() if p is not None]
+    socket.closing = socket.closed = True  # no ping, no timeout, no disconnect from here
+    if server.eio.sockets.get(socket.sid) is socket:
+        del server.eio.sockets[socket.sid]
+    server.environ.pop(socket.sid, None)
+    # whether or not a poll waits: one woken for what was just taken, but not yet
+    # running, would wait again (for nothing, until it times out)
+    queue.put_nowait(eio_packet.Packet(eio_packet.NOOP))
+    return queued
+
+
+def unserve_socket(server: Any, socket: Any) -> None:
+    """Undo :func:`serve_socket` (nothing of the session was sent yet)."""
+    socket.closing = socket.closed = True
+    if server.eio.sockets.get(socket.sid) is socket:
+        del server.eio.sockets[socket.sid]
+    server.environ.pop(socket.sid, None)
 
 
 def detachable(request: Any) -> bool:

@@ -73,6 +73,9 @@ class Fanout:
         #: eio sid -> a catching-up restore (connection state recovery): what is
         #: delivered to it meanwhile is given to its ``hold(seq, packet)``, not written
         self.held: dict[str, HoldBack] = {}
+        #: eio sid -> what is delivered to it while its session moves between nodes
+        #: (:mod:`nats_adapter.handover`): kept there, in order, not written
+        self.moving: dict[str, list[EncodedPacket]] = {}
 
     @property
     def slow_consumers_dropped(self) -> int:
@@ -100,8 +103,14 @@ class Fanout:
         held = self.held if seq is not None else None
         writers_get = self.writers.get
         dropping = self.dropping
+        moving = self.moving
         for eio_sid in eio_sids:
             if exclude and eio_sid in exclude:
+                continue
+            if moving and eio_sid in moving:
+                moving[eio_sid].append(cast(EncodedPacket, parts[0] if len(parts) == 1
+                                            else list(parts)))
+                direct += 1
                 continue
             if held and eio_sid in held:
                 held[eio_sid].hold(cast(int, seq), cast(EncodedPacket, parts[0] if len(parts)
@@ -249,6 +258,16 @@ class LocalHub:
     def connected_at(self, eio_sid: str) -> float:
         """When the engine.io session ``eio_sid`` connected (seconds since the epoch)."""
         return self._connected_at.get(eio_sid, 0.0)
+
+    def sids_of(self, eio_sid: str) -> dict[str, str]:
+        """namespace -> sid of the engine.io session ``eio_sid`` here."""
+        out = {}
+        for ns, rooms in self.rooms.items():
+            everyone = rooms.get(None)
+            sid = cast("bidict[str, str]", everyone).inverse.get(eio_sid) if everyone else None
+            if sid is not None:
+                out[ns] = sid
+        return out
 
     def namespaces_of(self, sid: str) -> list[str]:
         """The namespaces ``sid`` is connected to here."""

@@ -62,8 +62,11 @@ class Ingest:
     def __init__(self, node_tag: str, bus: Bus, channels: ChannelNames, stats: ManagerStats,
                  hub: LocalHub, rpc: ClusterRpc, plugin: NodePlugin, receiver: Receiver,
                  dedupe: DedupeWindow, on_connection_state: Callable[[bool], None], *,
-                 max_room_chars: int, max_rooms: int) -> None:
+                 max_room_chars: int, max_rooms: int,
+                 owner: Callable[[str], str] | None = None) -> None:
         self.node_tag = node_tag
+        #: the node that has a sid (moved, restored, or the one it names)
+        self.owner = owner or plugin.owner
         self.bus = bus
         self.channels = channels
         self.stats = stats
@@ -166,7 +169,7 @@ class Ingest:
         if isinstance(msg, codec.ClusterMessage):
             return None
         if isinstance(msg, codec.AckMessage):
-            if self.plugin.owner(msg.sid) != msg.origin:
+            if self.owner(msg.sid) != msg.origin:
                 return "ack from a node that does not own the sid"
             if not self.receiver.awaits_ack(msg.sid, msg.ack_id):
                 return "ack this node did not ask for"

@@ -52,6 +52,7 @@ from .brokers.base import Broker
 from .bus import Bus
 from .cluster import ClusterApi, RemoteSocket
 from .dedupe import DedupeWindow
+from .handover import Handover
 from .hub import FanoutLimits, LocalHub
 from .ingest import Ingest
 from .naming import ChannelNames
@@ -209,11 +210,14 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         self.plugin: NodePlugin = NoPlugin()
         if options is not None:
             self.recovery = self.plugin = Recovery(self, self.bus, self.rpc, options)
-        self.router = Router(self.node_tag, self.channels, self.bus, self.plugin)
+        #: sessions moved to the node their websocket upgrade lands on
+        self.handover = Handover(self, self.rpc, timeout=min(subscribe_timeout, 2.0))
+        self.router = Router(self.node_tag, self.channels, self.bus, self.plugin,
+                             self.handover.located)
         self.ingest = Ingest(self.node_tag, self.bus, self.channels, self.stats, self.hub,
                              self.rpc, self.plugin, self, self.dedupe,
                              self.on_connection_state, max_room_chars=max_room_chars,
-                             max_rooms=max_rooms_per_socket)
+                             max_rooms=max_rooms_per_socket, owner=self.router.owner)
 
     def set_server(self, server: Any) -> None:
         super().set_server(server)
@@ -226,6 +230,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
                         fastpath.sessions if fastpath is not None else None)
         assert self.hub.fanout is not None
         self.plugin.install(server, self.hub.fanout.held)
+        self.handover.install(server)
         answer_unknown_namespaces(server)
         if compat.check("engineio.generate_id"):
             # engine.io session ids name this node, as sids do (see nats_adapter.sids)
@@ -237,6 +242,70 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         info = self.rpc.peers.info(tag)
         url = info.get("url") if info is not None else None
         return url if isinstance(url, str) and url else None
+
+    def owner(self, sid: str) -> str:
+        """The node tag of the node that has ``sid`` (moved, restored, or its own)."""
+        return self.router.owner(sid)
+
+    def moved_to(self, eio_sid: str) -> str | None:
+        """The node the session ``eio_sid`` of this node moved to, while it lives there
+        (:mod:`nats_adapter.handover`)."""
+        return self.handover.moved_to(eio_sid)
+
+    async def serving(self, eio_sid: str) -> bool:
+        """Whether the engine.io session ``eio_sid`` is served here (its own, or moved
+        here; once a move here under way is over)."""
+        return await self.handover.serving(eio_sid)
+
+    async def take_session(self, eio_sid: str) -> str | None:
+        """Move the engine.io session ``eio_sid`` of another node here; None when
+        done, else why not (see :meth:`nats_adapter.handover.Handover.take`)."""
+        return await self.handover.take(eio_sid)
+
+    def forget_sid(self, sid: str, namespace: str) -> None:
+        """Take ``sid`` out of this node without a disconnect (its session moved, or a
+        move of it here was called off). The acks it owes this node's callbacks are
+        awaited from the node it moved to (:meth:`acks_owed`)."""
+        for room in self.hub.rooms_of(sid, namespace):
+            self.basic_leave_room(sid, namespace, room)
+        self.basic_leave_room(sid, namespace, None)
+        pending = self.callbacks.get(sid)
+        if pending is not None and len(pending) <= 1:  # only the id counter is left
+            del self.callbacks[sid]
+
+    def acks_owed(self, sid: str) -> list[int]:
+        """The ack ids ``sid`` owes callbacks here, from now on awaited from another
+        node (the one ``sid`` moves to: see :meth:`forward_acks`)."""
+        pending = self.callbacks.get(sid) or {}
+        owed = [ack_id for ack_id in pending if ack_id]
+        deadline = time.monotonic() + self.callback_timeout
+        for ack_id in owed:
+            self._remote_callbacks.setdefault((sid, ack_id), deadline)
+        return owed
+
+    def forward_acks(self, sid: str, owed: list[int], node: str) -> None:
+        """``sid``, moved here from ``node``, owes callbacks there the acks ``owed``:
+        they go back there; the ids this node hands out for ``sid`` come after them."""
+        if not owed:
+            return
+        pending = self.callbacks.setdefault(sid, {0: itertools.count(max(owed) + 1)})
+        for ack_id in owed:
+            pending[ack_id] = partial(self._return_ack, node, sid, ack_id)
+
+    def session_pid(self, sid: str) -> str | None:
+        """``sid``'s recovery pid, when connection state recovery is on."""
+        return self.recovery.pids.get(sid) if self.recovery is not None else None
+
+    def set_session_pid(self, sid: str, pid: str | None) -> None:
+        """``sid``'s recovery pid is ``pid`` here from now on (None: not here)."""
+        if self.recovery is None:
+            return
+        if pid is None:
+            self.recovery.pids.pop(sid, None)
+            self.recovery.identities.pop(sid, None)
+        else:
+            self.recovery.pids[sid] = pid
+            self.recovery.touch(sid)
 
     @property
     def cluster_key(self) -> ClusterKey | None:
@@ -385,6 +454,7 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         eio_sid = self.hub.members(namespace, None).get(sid)
         if eio_sid is not None:
             self.plugin.on_disconnect(sid, namespace, eio_sid)
+            self.handover.on_disconnect(sid, eio_sid)
         for room in self.hub.rooms_of(sid, namespace):
             self.basic_leave_room(sid, namespace, room)
         self.basic_leave_room(sid, namespace, None)
@@ -572,7 +642,20 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         """Another node emits to a local sid (and may want its ack)."""
         eio_sid = self.hub.members(msg.namespace, None).get(msg.sid)
         if eio_sid is None:
-            self.stats.unwanted += 1
+            moved_to = self.handover.owner(msg.sid)
+            if moved_to is None or moved_to == msg.origin:
+                self.stats.unwanted += 1
+                return
+            # the sender did not hear yet that the sid moved: sent on, as this node's
+            # own emit (its ack comes back here, and goes on to the sender)
+            ack_id = None
+            if msg.ack_id is not None:
+                ack_id = self._generate_ack_id(
+                    msg.sid, partial(self._return_ack, msg.origin, msg.sid, msg.ack_id))
+                self._remote_callbacks[(msg.sid, ack_id)] = \
+                    time.monotonic() + self.callback_timeout
+            await self.router.to_sid(msg.sid, codec.EmitToSidMessage(
+                self.node_tag, msg.namespace, msg.sid, msg.event, msg.args, ack_id))
             return
         ack_id = None
         if msg.ack_id is not None:
@@ -586,6 +669,11 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
         """Another node enters, leaves or disconnects a local sid."""
         assert msg.sid is not None
         if not self.hub.is_local(msg.sid, msg.namespace):
+            moved_to = self.handover.owner(msg.sid)
+            if moved_to is not None and moved_to != msg.origin:
+                # the sender did not hear yet that the sid moved: sent on, as this node's
+                await self.router.room_op(msg.kind, msg.sid, msg.namespace, msg.room)
+                return
             self.stats.unwanted += 1
             return
         if msg.kind == codec.DISCONNECT:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Mapping
 
 from . import codec
 from .bus import Bus
@@ -26,8 +27,10 @@ class Router:
     recipients (see the module)."""
 
     def __init__(self, node_tag: str, channels: ChannelNames, bus: Bus,
-                 plugin: NodePlugin) -> None:
+                 plugin: NodePlugin, moved: Mapping[str, str] | None = None) -> None:
         self.node_tag = node_tag
+        #: sid -> the node it moved to (:mod:`nats_adapter.handover`)
+        self.moved: Mapping[str, str] = moved if moved is not None else {}
         self.channels = channels
         self.bus = bus
         self.plugin = plugin
@@ -40,8 +43,9 @@ class Router:
         return next(self._emit_ids)
 
     def owner(self, sid: str) -> str:
-        """The node tag of the node that has ``sid`` (a restored sid may have moved)."""
-        return self.plugin.owner(sid)
+        """The node tag of the node that has ``sid`` (a moved or restored sid may be
+        on another node than it names)."""
+        return self.moved.get(sid) or self.plugin.owner(sid)
 
     async def relay(self, namespace: str, targets: list[str] | None, skip: frozenset[str],
                     pkt: EncodedPacket) -> None:
@@ -50,7 +54,8 @@ class Router:
         # unless sockets move (a restored session), a sid of this node is on no other,
         # so skipping it there is a no-op: it does not travel (the sender, mostly)
         moves = self.plugin.stores_emits
-        skip_list = sorted(s for s in skip if moves or sid_owner(s) != self.node_tag)
+        skip_list = sorted(s for s in skip if moves or sid_owner(s) != self.node_tag
+                           or s in self.moved)
         if targets is None:
             msg = codec.EmitMessage(self.node_tag, namespace, None, skip_list, pkt)
             await self.bus.publish(self.channels.room(namespace, None), msg, strict=True)
@@ -59,7 +64,7 @@ class Router:
         for name in dict.fromkeys(targets):
             if not is_sid(name):
                 channels.append(self.channels.room(namespace, name))
-            elif name not in skip and (owner := self.plugin.owner(name)) != self.node_tag:
+            elif name not in skip and (owner := self.owner(name)) != self.node_tag:
                 channels.append(self.channels.node(owner))
         channels = list(dict.fromkeys(channels))
         if not channels:
@@ -80,7 +85,7 @@ class Router:
 
     async def room_op(self, kind: int, sid: str, namespace: str, room: str | None) -> None:
         """ENTER_ROOM, LEAVE_ROOM or DISCONNECT of a sid of another node, to that node."""
-        owner = self.plugin.owner(sid) if is_sid(sid) else self.node_tag
+        owner = self.owner(sid) if is_sid(sid) else self.node_tag
         if owner == self.node_tag:
             logger.debug("ignoring operation %d on unknown sid %r", kind, sid)
             return
@@ -99,7 +104,7 @@ class Router:
 
     async def to_sid(self, sid: str, msg: codec.EmitToSidMessage) -> None:
         """A direct emit or an ack to the node that has ``sid``."""
-        await self.bus.publish(self.channels.node(self.plugin.owner(sid)), msg)
+        await self.bus.publish(self.channels.node(self.owner(sid)), msg)
 
     async def ack_to(self, node: str, msg: codec.AckMessage) -> None:
         """An ack back to the node that asked for it."""

@@ -229,6 +229,9 @@ class ClusterRpc:
         self.on_hello: list[Callable[[str], Awaitable[None]]] = []
         #: called with the tag of a node that left or missed its heartbeats
         self.on_gone: list[Callable[[str], None]] = []
+        #: optional operations this node serves, said in its heartbeats (a node of an
+        #: older release says none: see :meth:`serves`)
+        self.features: set[str] = set()
 
     # -- the registry --------------------------------------------------------------------
 
@@ -257,7 +260,14 @@ class ClusterRpc:
 
     def info(self) -> dict[str, Any]:
         return {"name": self.node_name, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": self._started_at, "url": self.node_url}
+                "started": self._started_at, "url": self.node_url,
+                "features": sorted(self.features)}
+
+    def serves(self, tag: str, feature: str) -> bool:
+        """Whether node ``tag`` is alive and said it serves ``feature``."""
+        info = self.peers.info(tag)
+        features = info.get("features") if info is not None else None
+        return isinstance(features, list) and feature in features
 
     async def start(self) -> None:
         channel = self.channels.cluster()

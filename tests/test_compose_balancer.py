@@ -168,12 +168,15 @@ async def test_default_mode_clients_chat_across_replicas_through_the_balancer(
     """The same in python-socketio's default mode (long-polling first, then the
     websocket upgrade, as socket.io-client): the balancer sends each of a session's
     requests to any replica, which serves those of sessions another owns through the
-    owner (gateway/forwarding.py). Every client connects and upgrades, every chat
-    reaches every other client once, and requests were forwarded, none refused."""
+    owner (gateway/forwarding.py), and takes over the session of an upgrade that
+    lands on it (nats_adapter/handover.py). Every client connects and upgrades, every
+    chat reaches every other client once, and requests crossed replicas (forwarded,
+    or upgrades whose sessions moved), none refused."""
     before = await asyncio.to_thread(forwarded_requests, scaled_stack)
     seen = await chat_through_the_balancer(scaled_stack, 8, None)
     after = await asyncio.to_thread(forwarded_requests, scaled_stack)
-    moved = after - before
-    assert moved["polling"] + moved["websocket"] > 0, (moved, seen.gateway_of)
-    refused = {k: v for k, v in moved.items() if k not in ("polling", "websocket")}
+    crossed = after - before
+    assert crossed["polling"] + crossed["websocket"] + crossed["moved"] > 0, \
+        (crossed, seen.gateway_of)
+    refused = {k: v for k, v in crossed.items() if k not in ("polling", "websocket", "moved")}
     assert not refused, refused

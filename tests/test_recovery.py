@@ -27,7 +27,16 @@ from gateway.processes import (
     stop_all,
     wait_gateways,
 )
-from tests.helpers import REPO, WAIT, NodeClient, SioClient, connect_all, http_json, running
+from tests.helpers import (
+    REPO,
+    WAIT,
+    NodeClient,
+    SioClient,
+    connect_all,
+    http_json,
+    metrics_of,
+    running,
+)
 from tools.bench.front import Front
 
 
@@ -214,6 +223,59 @@ async def test_a_dropped_client_comes_back_on_the_other_gateway_with_nothing_mis
         if killed_nats is not None:
             nats3.start_node(nats3.nodes.index(killed_nats))
             nats3.wait_ready()
+
+
+async def test_a_session_moved_on_upgrade_is_recovered_after_a_drop(
+        trio: list[GatewayNode], clients: list[SioClient], node_bin: str) -> None:
+    """socket.io-client in its default mode through a round-robin front over gw-1 and
+    gw-2: its upgrade lands on the gateway that does not own its session, which takes
+    the session over (nats_adapter.handover) with its recovery pid. Chats reach it
+    once; its connection then drops for 2 s, and it comes back through the front,
+    recovered (same sid, its room, every missed chat once)."""
+    room = f"mv-{uuid.uuid4().hex[:4]}"
+    (a,) = await connect_all(clients, [("a", trio[2].url)], offsets=True)
+    await a.join(room)
+    pair = [("127.0.0.1", g.port) for g in trio[:2] for _ in range(2)]
+    front = await Front(*pair).start()
+    js = await DefaultClient.start(node_bin, front.url, "js")
+    try:
+        async def moved() -> float:
+            found = [await asyncio.to_thread(metrics_of, g.url) for g in trio[:2]]
+            return sum(v for f in found for k, v in f.items()
+                       if k.startswith("gateway_session_moves_total{")
+                       and 'outcome="moved"' in k)
+
+        deadline = time.monotonic() + WAIT
+        while await moved() < 1:
+            assert time.monotonic() < deadline, "the session did not move"
+            await asyncio.sleep(0.05)
+        assert (await js.call("join", room))["ok"] is True
+        first = js.connects()[0]
+        sent = []
+        for i in range(3):
+            sent.append(f"live-{i}")
+            await a.chat(room, sent[-1])
+        await until(lambda: len(js.chats()) == 3)
+        front.refusing = True
+        front.cut()
+        for i in range(3):
+            sent.append(f"missed-{i}")
+            await a.chat(room, sent[-1])
+        await asyncio.sleep(2)  # the outage's length (not a wait)
+        front.refusing = False
+        with contextlib.suppress(AssertionError):
+            await until(lambda: len(js.connects()) >= 2, timeout=20)
+        assert len(js.connects()) >= 2, [e for e in js.events if e["type"] != "event"]
+        again = js.connects()[-1]
+        assert again["recovered"] is True, js.events[-10:]
+        assert again["sid"] == first["sid"]
+        sent.append("after")
+        await a.chat(room, "after")
+        await until(lambda: len(js.chats()) >= len(sent))
+        assert [m["text"] for m, _ in js.chats()] == sent
+    finally:
+        await js.close()
+        await front.close()
 
 
 async def test_bad_pids_and_offsets_get_a_new_session_never_someone_elses(

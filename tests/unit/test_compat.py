@@ -93,6 +93,10 @@ def take_away(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         monkeypatch.setattr(InstrumentedAsyncServer, "admin_connect", admin_connect)
     elif name == "engineio.server":
         monkeypatch.delattr(engineio.exceptions, "UnknownPacketError")
+    elif name == "engineio.handover":
+        from engineio.async_socket import AsyncSocket
+
+        monkeypatch.delattr(AsyncSocket, "schedule_ping")
     elif name == "engineio.generate_id":
         from engineio import base_server
 

@@ -80,17 +80,19 @@ async def test_polling_requests_of_a_session_are_served_by_any_gateway(
     await wait_for_condition(lambda: not owner.sio.eio.sockets, "the session to end")
 
 
-@pytest.mark.parametrize("splice", [True, False], ids=["spliced", "relayed"])
+@pytest.mark.parametrize("way", ["moved", "spliced", "relayed"])
 async def test_default_mode_clients_chat_through_a_balancer_without_affinity(
         two_gateways: list[GatewayApp], front: Front, clients: list[SioClient],
-        splice: bool) -> None:
+        way: str) -> None:
     """Four clients in the default mode through the round-robin front: each connects,
     upgrades to websocket and joins; every chat reaches every other client exactly
-    once, none comes back to its sender. A websocket that lands on a non-owner is
-    spliced to the owner as bytes, or (where aiohttp's connection cannot be taken
-    over) relayed message by message: both ways are tested."""
+    once, none comes back to its sender. A websocket that lands on a non-owner moves
+    its session there; with moves off, it is spliced to the owner as bytes, or (where
+    aiohttp's connection cannot be taken over) relayed message by message: the three
+    ways are tested."""
     for g in two_gateways:
-        g.app[FORWARDER_KEY].splice = splice
+        g.app[FORWARDER_KEY].move = way == "moved"
+        g.app[FORWARDER_KEY].splice = way == "spliced"
     made = [SioClient(f"c{i}", connection_per_request=True) for i in range(4)]
     clients += made
     for i, c in enumerate(made):
@@ -102,13 +104,18 @@ async def test_default_mode_clients_chat_through_a_balancer_without_affinity(
         assert (await c.call("join", "lobby"))["ok"]
     owners = {c.sio.eio.sid[:8] for c in made}
     assert owners == {g.manager.node_tag for g in two_gateways}, "all on one gateway"
+    counts = [g.app[FORWARDER_KEY].counts for g in two_gateways]
     # python-engineio's client upgrades at once: what crosses is mostly its websocket
     # (the polling requests cross in the test above and with socket.io-client)
-    assert sum(g.app[FORWARDER_KEY].counts["websocket"] for g in two_gateways) > 0, \
-        "no upgrade crossed: the test would not test the relay"
-    assert all(g.app[FORWARDER_KEY].counts["websocket_spliced"]
-               == (g.app[FORWARDER_KEY].counts["websocket"] if splice else 0)
-               for g in two_gateways)
+    crossed = sum(c["moved" if way == "moved" else "websocket"] for c in counts)
+    assert crossed > 0, "no upgrade crossed: the test would not test the way through"
+    if way == "moved":
+        assert sum(c["websocket"] for c in counts) == 0, "an upgrade was not moved"
+        served = {c.sio.eio.sid for g in two_gateways for c in made
+                  if c.sio.eio.sid in g.sio.eio.sockets}
+        assert len(served) == len(made)
+    assert all(c["websocket_spliced"] == (c["websocket"] if way == "spliced" else 0)
+               for c in counts)
     for c in made:
         assert (await c.call("chat", {"room": "lobby", "text": f"from {c.name}"}))["ok"]
     for c in made:
@@ -145,7 +152,7 @@ async def test_a_websocket_upgrade_for_a_forged_sid_gets_the_owners_400(
     the owner's answer (400, Session ID unknown) comes back, and nothing is spliced."""
     owner, other = two_gateways
     forwarder = other.app[FORWARDER_KEY]
-    forwarder.splice = splice
+    forwarder.splice = splice  # (the owner refuses to give it first: no such session)
     sid = new_eio_sid(owner.manager.node_tag)
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
@@ -155,3 +162,4 @@ async def test_a_websocket_upgrade_for_a_forged_sid_gets_the_owners_400(
     # refusal for a failed handshake, and answers the same 400 itself
     assert forwarder.counts["failed"] == (0 if splice else 1)
     assert forwarder.counts["websocket"] == forwarder.counts["websocket_spliced"] == 0
+    assert forwarder.counts["move_failed_refused"] == 1 and not owner.sio.eio.sockets

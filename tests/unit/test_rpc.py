@@ -13,12 +13,13 @@ from nats_adapter import codec
 from nats_adapter.codec import ClusterOp
 from nats_adapter.naming import ChannelNames
 from nats_adapter.rpc import ClusterRpc, ClusterTimeoutError, PendingAcks, PendingCall
-from nats_adapter.sids import new_node_tag, new_sid
+from nats_adapter.sids import new_eio_sid, new_node_tag, new_sid
 from nats_adapter.stats import ManagerStats
 from tests.helpers import wait_for_condition
 from tests.unit.conftest import NodeFactory
 
 SID = new_sid(new_node_tag())
+EIO_SID = new_eio_sid(new_node_tag())
 INFO = {"name": "gw-1", "host": "h", "pid": 1, "started": 1.5}
 
 #: one body of every operation, with every optional part set and unset
@@ -37,6 +38,9 @@ BODIES: list[codec.ClusterBody] = [
     codec.Bcast(codec.Selection("/", ["a"], [SID]), "event", []),
     codec.Bcast(codec.Selection("/"), "e", [1]),
     codec.Adopt(SID), codec.Disown(SID), codec.Release(SID, "/"),
+    *(codec.MoveStep(op, EIO_SID) for op in sorted(codec.MOVE_STEPS)),
+    codec.Moved([SID]), codec.Moved([SID], gone=True, eio_sid=EIO_SID),
+    codec.MovedPackets(EIO_SID, ["2[\"chat\"]", b"\x01"]),
 ]
 
 

@@ -47,12 +47,13 @@ def gateway_flags(backend: str) -> list[str]:
 
 
 def start_system_gateway(workdir: Path, node_id: str, port: int, gateway: str,
-                         broker_args: Sequence[str]) -> GatewayNode:
+                         broker_args: Sequence[str], extra: Sequence[str] = ()) -> GatewayNode:
     """One gateway of kind ``gateway`` (a value of :data:`GATEWAY_BACKEND`), with the
     bench's flags: ours run ``python -m gateway serve``, stock runs :mod:`.stock`."""
     if gateway == stock.STOCK:
         return stock.start(workdir, node_id, port, broker_args, extra=GATEWAY_FLAGS)
-    return start_gateway(workdir, node_id, port, gateway, broker_args, extra=GATEWAY_FLAGS)
+    return start_gateway(workdir, node_id, port, gateway, broker_args,
+                         extra=[*GATEWAY_FLAGS, *extra])
 
 
 # -- brokers ---------------------------------------------------------------------
@@ -118,10 +119,10 @@ class Broker:
 
 
 
-def start_bench_gateway(broker: Broker, workdir: Path, node_id: str, index: int = 0
-                        ) -> GatewayNode:
+def start_bench_gateway(broker: Broker, workdir: Path, node_id: str, index: int = 0,
+                        extra: Sequence[str] = ()) -> GatewayNode:
     """Gateway ``index`` of ``broker``'s system (for node-peer: a Node socket.io server)."""
     if broker.name == node_peer.NODE_PEER:
         return node_peer.start(workdir, node_id, free_ports(1)[0], broker.cluster, index)
     name, args = broker.gateway(index)
-    return start_system_gateway(workdir, node_id, free_ports(1)[0], name, args)
+    return start_system_gateway(workdir, node_id, free_ports(1)[0], name, args, extra)

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run every scenario N times; tables show medians and ranges "
                              "(default 3, --quick 1)")
     parser.add_argument("--seed", type=int, default=7, help="random seed for room layouts")
+    parser.add_argument("--upgrade-move", choices=("on", "off"), default="on",
+                        help="the no-affinity scenario's gateways: a websocket upgrade that "
+                             "lands on a gateway other than its session's moves the session "
+                             "there (on), or is spliced to the owner (off)"),
     parser.add_argument("--idle-sockets", type=int, default=None, metavar="N",
                         help="sockets in the idle scenario (default 10000, --quick 300); "
                              "each load generator process holds at most 15000")
@@ -72,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
     if count < 1:
         print("gateway bench: error: --runs must be at least 1", file=sys.stderr)
         return 2
-    params = Params(quick=args.quick, seed=args.seed, idle_many=args.idle_sockets)
+    params = Params(quick=args.quick, seed=args.seed, idle_many=args.idle_sockets,
+                    upgrade_move=args.upgrade_move == "on")
     problem = rep.charts_problem()
     if problem is not None:  # said before the run, not after it
         log(f"warning: {problem}")

@@ -161,6 +161,8 @@ class Params:
 
     #: the idle scenario's sockets; None: 300 quick, 10,000 full
     idle_many: int | None = None
+    #: the no-affinity scenario's gateways move a session on upgrade (else splice)
+    upgrade_move: bool = True
 
     @property
     def idle_count(self) -> int:

@@ -4,9 +4,9 @@ socket.io-client's default mode connects by HTTP long-polling and then upgrades 
 a websocket. Behind a balancer without affinity its requests land on any gateway;
 a gateway serves a request of a session another one owns through the owner
 (``gateway/forwarding.py``): a poll is forwarded over HTTP, and a websocket that
-lands on a non-owner is relayed, message by message, to the owner for as long as
-it lives. This scenario measures what that costs against the same clients
-connected directly.
+lands on a non-owner moves the session there (``nats_adapter/handover.py``), or,
+with ``--upgrade-move off``, is spliced to the owner for as long as it lives. This
+scenario measures what that costs against the same clients connected directly.
 
 For 2 and 4 gateways on the 3-node NATS mesh, the same load runs in two modes,
 alternately, ``repeats`` times (the tables show medians):
@@ -17,7 +17,8 @@ alternately, ``repeats`` times (the tables show medians):
   own, in a process of its own; it stands for an external balancer, and its CPU is
   reported apart), every polling request on a
   fresh TCP connection and the websocket on another, so that about (N-1)/N of the
-  websockets land on a gateway that does not own their session and are relayed.
+  websockets land on a gateway that does not own their session (and move there, or
+  are spliced to the owner).
 
 The load: ``sockets`` receivers in ``rooms`` rooms, each room spanning every
 gateway (socket i is in room (i // N) % rooms), one sender per room. Two phases
@@ -148,6 +149,7 @@ def run_mode(lg: LoadGenProcess, gws: list[GatewayNode], front: Front | None,
     out: dict[str, Any] = {"connect_seconds": got["seconds"], "upgraded": got["upgraded"],
                            "join_failures": failures,
                            "relayed_websockets": forwarded.get("websocket", 0),
+                           "moved_websockets": forwarded.get("moved", 0),
                            "forwarded_polls": forwarded.get("polling", 0),
                            "refused": sum(v for k, v in forwarded.items()
                                           if k.startswith(("refused", "failed")))}
@@ -200,7 +202,8 @@ def ratios(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_no_affinity(backend: str, workdir: Path, quick: bool) -> dict[str, Any]:
+def run_no_affinity(backend: str, workdir: Path, quick: bool, upgrade_move: bool = True
+                    ) -> dict[str, Any]:
     if GATEWAY_BACKEND.get(backend) != "nats":
         return {"skipped": "the no-affinity scenario runs on the nats backend"}
     p = NoAffinityParams.of(quick)
@@ -215,8 +218,9 @@ def run_no_affinity(backend: str, workdir: Path, quick: bool) -> dict[str, Any]:
             front: Front | None = None
             try:
                 for i in range(count):
-                    gws.append(start_bench_gateway(broker, workdir,
-                                                   f"{backend}-na{count}-{i + 1}", i))
+                    gws.append(start_bench_gateway(
+                        broker, workdir, f"{backend}-na{count}-{i + 1}", i,
+                        ["--upgrade-move", "on" if upgrade_move else "off"]))
                 wait_gateways(gws)
                 targets = [g.url.split("//", 1)[1] for g in gws]
                 front = HaproxyFront(targets, workdir / f"front{count}") \
@@ -241,7 +245,7 @@ def run_no_affinity(backend: str, workdir: Path, quick: bool) -> dict[str, Any]:
                 stop_all([g.child for g in gws])
     finally:
         broker.stop()
-    return {"params": p.describe(), "configs": configs}
+    return {"params": {**p.describe(), "upgrade_move": upgrade_move}, "configs": configs}
 
 
 # -- the report --------------------------------------------------------------------
@@ -264,12 +268,14 @@ def markdown(results: dict[str, dict[str, Any]]) -> list[str]:
         if not data or "configs" not in data:
             continue
         fronts = sorted({c.get("balancer", "tools.bench.front") for c in data["configs"]})
+        moves = "on" if data["params"].get("upgrade_move", True) else "off"
         lines += ["", f"No affinity ({backend}): default-mode clients direct to their gateway, "
                   f"and through a round-robin TCP front ({', '.join(fronts)}; medians of "
-                  f"{data['params']['repeats']}; ratio = front / direct)", "",
+                  f"{data['params']['repeats']}; ratio = front / direct; --upgrade-move "
+                  f"{moves})", "",
                   "| gateways | phase | mode | deliveries/s | gateway CPU-s per 1k deliveries "
-                  "| front CPU-s per 1k | p50 / p99 ms (cross-node p99) | relayed websockets "
-                  "/ forwarded polls | lost / dup / misdelivered / refused |",
+                  "| front CPU-s per 1k | p50 / p99 ms (cross-node p99) | spliced / moved "
+                  "websockets / forwarded polls | lost / dup / misdelivered / refused |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for config in data["configs"]:
             for phase in PHASES:
@@ -283,6 +289,7 @@ def markdown(results: dict[str, dict[str, Any]]) -> list[str]:
                         f"{_n(f['front_cpu_s_per_1000_deliveries']) if mode == 'front' else '-'}"
                         f" | {_p(f, 'all', 'p50')} / {_p(f, 'all', 'p99')} "
                         f"({_p(f, 'cross', 'p99')}) | {m['relayed_websockets']} / "
+                        f"{m.get('moved_websockets', 0)} / "
                         f"{m['forwarded_polls']} | {f['lost']} / {f['duplicated']} / "
                         f"{f['misdelivered']} / {f['failures']} |")
                 r = config["ratio"][phase]

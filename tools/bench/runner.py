@@ -459,7 +459,7 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
             return results
     if no_affinity.SCENARIO in scenarios:  # gateways and a front of its own
         results[no_affinity.SCENARIO] = no_affinity.run_no_affinity(
-            backend, workdir / backend / "no-affinity", p.quick)
+            backend, workdir / backend / "no-affinity", p.quick, p.upgrade_move)
         scenarios = [s for s in scenarios if s != no_affinity.SCENARIO]
         if not scenarios:
             return results
