@@ -173,7 +173,8 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
                               max_message_bytes=config.limits.max_message_bytes)
         # a token's grant (--auth jwt) stays with the gateway that checked it: such
         # sessions are spliced, never moved
-        forwarder.move = config.upgrade_move and config.auth == "off"
+        forwarder.move = config.upgrade_move and config.auth == "off" \
+            and not config.connect_proxy
         middlewares.append(forwarder.middleware)
     app = web.Application(client_max_size=config.limits.max_message_bytes,
                           middlewares=middlewares)
@@ -275,6 +276,11 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
     app.on_startup.append(start_manager)
     app.on_shutdown.append(close_sockets)
     app.on_cleanup.append(stop_manager)
+
+    async def close_chat(_: web.Application) -> None:
+        await chat.close()
+
+    app.on_cleanup.append(close_chat)
     if forwarder is not None:
         app[FORWARDER_KEY] = forwarder
 

@@ -22,6 +22,7 @@ from socketio.exceptions import ConnectionRefusedError as Refused
 from nats_adapter import BrokerError, BrokerUnconfirmed, SubscriptionError, is_sid
 from nats_adapter.recovery import MAX_HISTORY
 
+from .auth_proxy import AuthProxy
 from .config import GatewayConfig, Limits
 from .limits import MAX_ADDRESSES, RateLimiter, client_key, is_loopback
 from .types import GatewayManager
@@ -69,8 +70,12 @@ class Grant:
     prefixes: tuple[str, ...]
     #: the token's exp (seconds since the epoch)
     expires: float = float("inf")
+    #: a second grant that must allow a room too (a token and the connect proxy)
+    also: Grant | None = None
 
     def allows(self, room: str) -> bool:
+        if self.also is not None and not self.also.allows(room):
+            return False
         if self.rooms is None and not self.prefixes:
             return True
         return (self.rooms is not None and room in self.rooms) or room.startswith(self.prefixes)
@@ -148,8 +153,15 @@ class ChatProtocol:
         self.chats = 0
         self.chat_limiter = RateLimiter(self.limits.chat_rate, self.limits.chat_burst)
         self.join_limiter = RateLimiter(self.limits.join_rate, self.limits.join_burst)
-        #: sid -> what its token allows (only when auth is on)
+        #: sid -> what its token, or the connect proxy, allows (only when auth is on)
         self.grants: dict[str, Grant] = {}
+        #: the application's backend, asked who may connect and join (gateway/auth_proxy.py)
+        self.proxy = AuthProxy(config.connect_proxy, config.join_proxy,
+                               timeout=config.proxy_timeout, headers=config.proxy_headers,
+                               cache_seconds=config.proxy_cache) \
+            if config.connect_proxy or config.join_proxy else None
+        #: sid -> the data the connect proxy attached to it
+        self.data: dict[str, dict[str, Any]] = {}
         self.restore_limiter = RateLimiter(RESTORE_RATE, RESTORE_BURST, MAX_ADDRESSES)
         self.history_limiter = RateLimiter(HISTORY_RATE, HISTORY_BURST, MAX_ADDRESSES)
         #: engine.io sessions that have tried a restore (one try each)
@@ -166,6 +178,7 @@ class ChatProtocol:
         sio.on("join", self.on_join)
         sio.on("leave", self.on_leave)
         sio.on("chat", self.on_chat)
+        sio.on("whoami", self.on_whoami)
         sio.on("*", self.on_unknown)
 
     def exempt(self, address: str) -> bool:
@@ -197,14 +210,30 @@ class ChatProtocol:
         return room, None
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
-        if self.tokens is None:
+        grant: Grant | None = None
+        if self.tokens is not None:
+            token = auth.get("token") if isinstance(auth, dict) else None
+            try:
+                grant = verify_token(token, self.tokens)
+            except Refused:
+                self.refused["unauthenticated"] += 1
+                raise
+        if self.proxy is not None and self.proxy.connect_url:
+            try:
+                decision = await self.proxy.connect(auth, environ, self.address_of(environ),
+                                                    "/")
+            except Refused:
+                self.refused["unauthorized"] += 1
+                raise
+            granted = Grant(decision.user if decision.user is not None
+                            else grant.subject if grant is not None else None,
+                            decision.rooms, decision.prefixes,
+                            min(decision.expires, grant.expires if grant else float("inf")),
+                            grant)
+            grant = granted
+            self.data[sid] = decision.data
+        if grant is None:
             return
-        token = auth.get("token") if isinstance(auth, dict) else None
-        try:
-            grant = verify_token(token, self.tokens)
-        except Refused:
-            self.refused["unauthenticated"] += 1
-            raise
         self.grants[sid] = grant
         self._expire_at(sid, grant.expires)
         # a restored session (--recovery) has its rooms back already: it keeps only
@@ -253,6 +282,7 @@ class ChatProtocol:
         self.chat_limiter.forget(sid)
         self.join_limiter.forget(sid)
         self.grants.pop(sid, None)
+        self.data.pop(sid, None)
         timer = self._expiry.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -324,6 +354,10 @@ class ChatProtocol:
         grant = self.grants.get(sid)
         if grant is not None and not grant.allows(room):
             return self._refuse("forbidden", f"forbidden: your token does not allow room {room!r}")
+        if self.proxy is not None and self.proxy.join_url:
+            reason = await self.proxy.may_join(grant.subject if grant else None, sid, room)
+            if reason is not None:
+                return self._refuse("forbidden", f"forbidden: {reason}")
         recovery = getattr(self.manager, "recovery", None)
         if history and recovery is not None:
             address = self.address_of(self.sio.get_environ(sid))
@@ -431,6 +465,17 @@ class ChatProtocol:
         if len(text.encode("utf-8")) > self.limits.max_text_bytes:
             return "too_large", f"text longer than {self.limits.max_text_bytes} bytes"
         return None
+
+    async def on_whoami(self, sid: str, *args: Any) -> Ack:
+        """``whoami``: the user this socket connected as, and the data the connect proxy
+        attached to it."""
+        grant = self.grants.get(sid)
+        return {"ok": True, "user": grant.subject if grant is not None else None,
+                "data": self.data.get(sid, {})}
+
+    async def close(self) -> None:
+        if self.proxy is not None:
+            await self.proxy.close()
 
     async def on_unknown(self, event: Any, sid: str, *args: Any) -> Ack:
         # an unknown event costs a reply like a chat does: the same budget

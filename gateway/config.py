@@ -120,6 +120,12 @@ class GatewayConfig:
     auth: str = "off"
     #: seconds of clock skew allowed on a token's exp/nbf/iat
     jwt_leeway: float = 30.0
+    #: the application's backend asked on every CONNECT, and before every join
+    connect_proxy: str = ""
+    join_proxy: str = ""
+    proxy_timeout: float = 1.0
+    proxy_headers: tuple[str, ...] = ("cookie", "authorization")
+    proxy_cache: float = 5.0
     #: when set, a token's iss / aud must be exactly this
     jwt_issuer: str = ""
     jwt_audience: str = ""
@@ -186,6 +192,17 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
      "off, or jwt: sockets must present a JWT signed with GATEWAY_JWT_SECRET"),
     ("jwt_leeway", "--jwt-leeway", "GATEWAY_JWT_LEEWAY",
      "seconds of clock skew allowed on a token's exp, nbf and iat"),
+    ("connect_proxy", "--connect-proxy", "GATEWAY_CONNECT_PROXY",
+     "URL the application answers on each CONNECT: who the client is, the rooms it may "
+     "join, or a refusal (README, Who may connect)"),
+    ("join_proxy", "--join-proxy", "GATEWAY_JOIN_PROXY",
+     "URL the application answers before each join: allowed, or the reason not"),
+    ("proxy_timeout", "--proxy-timeout", "GATEWAY_PROXY_TIMEOUT",
+     "seconds the connect and join proxies have to answer; then the request is refused"),
+    ("proxy_headers", "--proxy-headers", "GATEWAY_PROXY_HEADERS",
+     "comma-separated request headers sent on to the connect proxy"),
+    ("proxy_cache", "--proxy-cache", "GATEWAY_PROXY_CACHE",
+     "seconds a join proxy's answer is kept per user and room"),
     ("jwt_issuer", "--jwt-issuer", "GATEWAY_JWT_ISSUER", "the iss a token must carry"),
     ("jwt_audience", "--jwt-audience", "GATEWAY_JWT_AUDIENCE", "the aud a token must carry"),
     ("allowed_hosts", "--allowed-hosts", "GATEWAY_ALLOWED_HOSTS",
@@ -355,6 +372,13 @@ def _advertise_url(text: str) -> str:
     return text.rstrip("/")
 
 
+def _proxy_url(text: str) -> str:
+    parsed = urllib.parse.urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("must be an http:// or https:// URL")
+    return text
+
+
 def _node_id(text: str) -> str:
     if not text or len(text) > 64 or not text.isprintable():
         raise ValueError("must be 1-64 printable characters")
@@ -409,6 +433,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "max_send_buffer_bytes": _positive_int,
     "max_send_queue_packets": _positive_int,
     "jwt_leeway": _non_negative_float,
+    "connect_proxy": _proxy_url,
+    "join_proxy": _proxy_url,
+    "proxy_timeout": _positive_float,
+    "proxy_headers": _csv,
+    "proxy_cache": _non_negative_float,
     "jwt_issuer": str,
     "jwt_audience": str,
     "allowed_hosts": _csv,

@@ -153,6 +153,23 @@ class GatewayCollector(Collector):
         for reason, count in sorted(self.chat.refused.items()):
             refused.add_metric([*values, reason], count)
         yield refused
+        proxy = getattr(self.chat, "proxy", None)
+        if proxy is not None:
+            requests = CounterMetricFamily(
+                "gateway_proxy_requests", "Questions to the application's connect and join "
+                "proxies, by outcome (allowed, refused, cached; timeout, unreachable, "
+                "status_<code>, circuit_open: refused as unavailable)",
+                labels=[*labels, "proxy", "outcome"])
+            answered = CounterMetricFamily("gateway_proxy_answers", "Answers the proxies "
+                                           "gave (200, 401, 403)", labels=[*labels, "proxy"])
+            seconds = CounterMetricFamily("gateway_proxy_answer_seconds", "Time those "
+                                          "answers took", labels=[*labels, "proxy"])
+            for kind, st in proxy.stats.items():
+                for outcome, count in sorted(st.outcomes.items()):
+                    requests.add_metric([*values, kind, outcome], count)
+                answered.add_metric([*values, kind], st.answered)
+                seconds.add_metric([*values, kind], st.seconds)
+            yield from (requests, answered, seconds)
         forwarded = CounterMetricFamily(
             "gateway_forwarded_requests", "Requests of sessions another gateway owns, by "
             "outcome (polling / websocket: served through the owner; moved: a websocket "
