@@ -76,8 +76,8 @@ FORWARD_FOR = 3600.0
 #: that did not end in time at the owner, the owner's refusal (the
 #: session is upgrading, closing, moving, or its data does not travel), a room's
 #: subscription not confirmed, an error
-MOVE_FAILURES = ("unavailable", "owner_cannot", "mid_move", "owner_unreachable", "busy",
-                 "refused", "subscribe", "error")
+MOVE_FAILURES = ("unavailable", "owner_cannot", "cluster_cannot", "mid_move",
+                 "owner_unreachable", "busy", "refused", "subscribe", "error")
 #: seconds a taker waits before it asks again an owner busy with the session's CONNECT
 BUSY_WAITS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
@@ -228,6 +228,10 @@ class Handover:
             return self._fail("unavailable")
         if not self.rpc.serves(owner, FEATURE):
             return self._fail("owner_cannot")
+        if not self.rpc.all_serve(FEATURE):
+            # a node of an older release would go on sending the session's direct
+            # emits to the old owner, which passes them on for FORWARD_FOR only
+            return self._fail("cluster_cannot")
         if eio_sid in self._taking or self.serves(eio_sid):
             return self._fail("mid_move")
         self._taking[eio_sid] = []

@@ -269,6 +269,11 @@ class ClusterRpc:
         features = info.get("features") if info is not None else None
         return isinstance(features, list) and feature in features
 
+    def all_serve(self, feature: str) -> bool:
+        """Whether every node alive (as far as heartbeats tell) serves ``feature``: a
+        node of an older release, mid rolling upgrade, says it does not."""
+        return all(self.serves(tag, feature) for tag in self.peers.tags())
+
     async def start(self) -> None:
         channel = self.channels.cluster()
         if self._subscribe is not None and not await self._subscribe(

@@ -306,6 +306,24 @@ async def test_an_owner_without_moves_keeps_the_session(
     await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
 
 
+async def test_no_move_while_any_node_of_the_cluster_is_of_a_release_without_moves(
+        two_gateways: list[GatewayApp], http: aiohttp.ClientSession) -> None:
+    """Mid rolling upgrade a third node of the older release would go on sending a
+    moved session's direct emits to its old owner: no moves until every node has
+    them."""
+    a, b = two_gateways
+    b.manager.rpc.peers.saw("oldnode1", {"name": "old", "features": []})
+    s = HandSession(http, "s")
+    await s.open(a.url)
+    await s.upgrade(b.url)
+    await s.upgraded()
+    assert s.eio_sid in a.sio.eio.sockets
+    assert b.manager.handover.counts["failed_cluster_cannot"] == 1
+    assert b.app[FORWARDER_KEY].counts["websocket_spliced"] == 1
+    await s.close()
+    await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
+
+
 async def test_a_session_whose_data_does_not_travel_is_spliced(
         two_gateways: list[GatewayApp], http: aiohttp.ClientSession) -> None:
     """The owner refuses to give a session whose data would not survive the trip: the
