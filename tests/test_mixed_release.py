@@ -6,6 +6,7 @@ keeps its clients and drops nothing as malformed, rejected or undecodable."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import tarfile
 import uuid
@@ -26,6 +27,7 @@ from gateway.processes import (
 )
 from gateway.processes.gateways import gateway_argv, sealing_env
 from tests.helpers import REPO, SioClient, read_metric
+from tests.test_recovery import DefaultClient, until
 from tools.bench.front import Front
 
 #: the previous release: the last commit that landed (stop 29)
@@ -48,11 +50,11 @@ def previous_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]
 
 
 def start_previous(source: Path, workdir: Path, node_id: str, port: int,
-                   cluster: NatsCluster) -> GatewayNode:
+                   cluster: NatsCluster, *extra: str) -> GatewayNode:
     """A gateway of the previous release: its own code (run from its tree), this
     checkout's virtualenv (the same pinned dependencies)."""
     node = GatewayNode(node_id, "127.0.0.1", port)
-    argv = gateway_argv(node_id, "127.0.0.1", port, "nats", cluster.gateway_args())
+    argv = gateway_argv(node_id, "127.0.0.1", port, "nats", [*cluster.gateway_args(), *extra])
     node.child = spawn(node_id, argv, workdir, env=sealing_env("nats", None), cwd=source)
     return node
 
@@ -127,4 +129,61 @@ async def test_the_previous_release_and_this_one_share_a_cluster(
         assert b.sio.connected, "the gateway that stayed up kept its client"
         assert await errors_of(new_b) == 0 and await errors_of(new_a) == 0
     finally:
+        stop_all([g.child for g in running])
+
+
+async def test_a_session_of_the_previous_release_is_recovered_by_this_one(
+        previous_release: Path, nats_cluster: NatsCluster, tmp_path: Path,
+        clients: list[SioClient], node_bin: str) -> None:
+    """With --recovery on both: socket.io-client (default options) on a gateway of
+    the previous release, chat flowing to it from this release's; the old gateway
+    is stopped for the upgrade (SIGTERM) and started again as this release on the
+    same address. The client reconnects there: recovered, same sid, every chat sent
+    meanwhile once and in order."""
+    port_a, port_b = free_ports(2)
+    suffix = uuid.uuid4().hex[:4]
+    recovery = ("--recovery", "on", "--heartbeat-interval", "0.5")
+    old = start_previous(previous_release, tmp_path / "old", f"old-{suffix}", port_a,
+                         nats_cluster, *recovery)
+    new_b = start_gateway(tmp_path / "new", f"new-b-{suffix}", port_b, "nats",
+                          nats_cluster.gateway_args(), extra=recovery)
+    running = [old, new_b]
+    room = f"mixed-rec-{suffix}"
+    js = None
+    try:
+        wait_gateways([old, new_b], timeout=40)
+        b = SioClient("b", offsets=True)
+        clients.append(b)
+        await b.connect(new_b.url)
+        await b.join(room)
+        js = await DefaultClient.start(node_bin, old.url, "js")
+        assert (await js.call("join", room))["ok"] is True
+        first = js.connects()[0]
+        sent = []
+        for n in range(5):
+            sent.append(f"before-{n}")
+            await b.chat(room, sent[-1])
+        await until(lambda: len(js.chats()) == 5)
+
+        assert old.child is not None
+        old.child.signal(signal.SIGTERM)  # the rolling upgrade takes the old one down
+        await until(lambda: not old.child.alive, timeout=30)
+        for n in range(5):
+            sent.append(f"meanwhile-{n}")
+            await b.chat(room, sent[-1])
+        new_a = start_gateway(tmp_path / "new", f"new-a-{suffix}", port_a, "nats",
+                              nats_cluster.gateway_args(), extra=recovery)
+        running.append(new_a)
+        wait_gateways([new_a], timeout=40)
+        await until(lambda: len(js.connects()) >= 2, timeout=30)
+        again = js.connects()[-1]
+        assert again["recovered"] is True, js.events[-10:]
+        assert again["sid"] == first["sid"]
+        await until(lambda: len(js.chats()) >= len(sent))
+        got = [m["text"] for m, _ in js.chats()]
+        assert got == sent, "every chat once, in order, across the upgrade"
+        assert await errors_of(new_b) == 0 and await errors_of(new_a) == 0
+    finally:
+        if js is not None:
+            await js.close()
         stop_all([g.child for g in running])
