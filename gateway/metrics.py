@@ -29,6 +29,9 @@ _COUNTERS = {
                  "Broker messages for rooms or sids with no local member (wasted receptions)"),
     "dropped_malformed": ("gateway_broker_messages_malformed",
                           "Broker payloads that failed to decode (dropped)"),
+    "dropped_newer": ("gateway_broker_messages_newer",
+                      "Envelopes of a newer format than this release reads, from a gateway "
+                      "of a newer release (dropped; finish the upgrade)"),
     "dropped_failed": ("gateway_broker_messages_failed",
                        "Broker payloads whose handling raised (dropped)"),
     "dropped_echo": ("gateway_broker_messages_echo", "Own publications handed back (dropped)"),

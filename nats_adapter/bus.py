@@ -111,6 +111,13 @@ class Bus:
             if isinstance(msg, codec.EmitMessage) and msg.channel_room:
                 msg = self._with_channel_room(msg, channel)
             return msg, sealed_seq
+        except codec.NewerEnvelope as exc:
+            self.stats.dropped_newer += 1
+            self.log.warning("newer", "dropped an envelope on %s of format %d from a gateway "
+                             "of a newer release (this one reads format %d): finish the "
+                             "upgrade; a newer release must speak the oldest format its "
+                             "peers advertise", channel, exc.version, codec.VERSION)
+            return None
         except codec.EnvelopeError as exc:
             self.stats.dropped_malformed += 1
             self.log.warning("malformed", "dropped malformed %spayload of %d bytes on %s: %s",

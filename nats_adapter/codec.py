@@ -43,6 +43,15 @@ class EnvelopeError(ValueError):
     """A payload from the bus that is not a valid envelope of this version."""
 
 
+class NewerEnvelope(EnvelopeError):
+    """An envelope of a newer format than this release reads: sent by a gateway of a
+    newer release (which should have spoken the oldest format its peers advertise)."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(f"envelope format {version}, newer than this release's {VERSION}")
+        self.version = version
+
+
 @dataclass(frozen=True, slots=True)
 class EmitMessage:
     """Deliver ``packet`` to local members of ``rooms`` (``None``: the namespace).
@@ -186,6 +195,9 @@ def decode(data: bytes) -> Message:
     if not isinstance(items, list) or len(items) < 3:
         raise EnvelopeError("envelope must be an array of at least 3 items")
     if items[0] != VERSION:
+        if isinstance(items[0], int) and not isinstance(items[0], bool) \
+                and VERSION < items[0] < 2**16:
+            raise NewerEnvelope(items[0])
         raise EnvelopeError(f"unsupported envelope version {items[0]!r}")
     kind = items[1]
     try:

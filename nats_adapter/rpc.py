@@ -261,7 +261,7 @@ class ClusterRpc:
     def info(self) -> dict[str, Any]:
         return {"name": self.node_name, "host": socket.gethostname(), "pid": os.getpid(),
                 "started": self._started_at, "url": self.node_url,
-                "features": sorted(self.features)}
+                "features": sorted(self.features), "envelope": codec.VERSION}
 
     def serves(self, tag: str, feature: str) -> bool:
         """Whether node ``tag`` is alive and said it serves ``feature``."""

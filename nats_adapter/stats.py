@@ -25,6 +25,8 @@ class ManagerStats:
     unwanted: int = 0
     #: payloads from the bus that failed to decode (dropped)
     dropped_malformed: int = 0
+    #: envelopes of a newer format than this release reads (a mixed-release cluster)
+    dropped_newer: int = 0
     #: payloads whose handling raised (dropped)
     dropped_failed: int = 0
     #: own publications handed back by a broker without no-echo (dropped)

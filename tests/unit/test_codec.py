@@ -119,3 +119,27 @@ def test_an_envelope_past_the_size_limit_is_refused_before_parsing() -> None:
 def test_data_msgpack_cannot_carry_fails_at_encode() -> None:
     with pytest.raises((TypeError, ValueError)):
         codec.encode(AckMessage("o", "sid", 1, [object()]))
+
+
+def test_an_envelope_of_a_newer_format_is_told_apart_from_a_malformed_one() -> None:
+    """A rolling upgrade's newer gateway must not look like garbage to an older one:
+    its envelopes are counted and logged as a newer format, with what to do."""
+    newer = msgpack.packb([codec.VERSION + 1, codec.EMIT_ROOM, "gw-9", b"2[]"])
+    with pytest.raises(codec.NewerEnvelope) as caught:
+        codec.decode(newer)
+    assert caught.value.version == codec.VERSION + 1
+    for version in (0, "2", True, 2**40):
+        with pytest.raises(codec.EnvelopeError) as other:
+            codec.decode(msgpack.packb([version, codec.EMIT_ROOM, "gw-9", b"2[]"]))
+        assert not isinstance(other.value, codec.NewerEnvelope), version
+
+
+def test_the_bus_counts_a_newer_format_apart(caplog: pytest.LogCaptureFixture) -> None:
+    from nats_adapter import MemoryManager
+    from nats_adapter.brokers.memory import MemoryBus
+
+    manager = MemoryManager(MemoryBus(), node_name="old")
+    newer = msgpack.packb([codec.VERSION + 1, codec.EMIT_ROOM, "gw-9", b"2[]"])
+    assert manager.bus.open("sio.room._2F.lobby", newer, stored=False) is None
+    assert (manager.stats.dropped_newer, manager.stats.dropped_malformed) == (1, 0)
+    assert "newer release" in caplog.text
