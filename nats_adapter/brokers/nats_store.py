@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 MIN_RETENTION = 600.0
 #: seconds a store operation is tried again while JetStream has no leader for it
 PUBLISH_RETRY_FOR = 10.0
+#: seconds an emit's store has to answer, retries included: its sender's ack waits
+#: on it (ok: false past it; a leader election of a few seconds refuses meanwhile)
+STORE_ANSWER_WITHIN = 2.0
 #: at most this many subject filters on one replay consumer; more read the whole
 #: stream's subjects and filter here (servers slow down with many filters)
 MAX_FILTERS = 32
@@ -243,13 +246,18 @@ class NatsMessageStore(MessageStore):
 
     async def publish(self, subject: str, data: bytes) -> int:
         # While the stream elects a leader (its leader's NATS node died) nobody answers
-        # a publish: certainly not stored, so tried again. A timeout is not: the
-        # message may be stored, and a second copy would be delivered twice.
+        # a publish: certainly not stored, so tried again, within STORE_ANSWER_WITHIN
+        # in all (a sender waits on it: on the minority side of a partition, where no
+        # quorum can store it, it hears so quickly). A timeout is not: the message may
+        # be stored, and a second copy would be delivered twice.
+        deadline = time.monotonic() + STORE_ANSWER_WITHIN
         try:
             ack = await self._retrying(
                 "JetStream did not store the message",
-                lambda: self._js.publish(subject, data, stream=self.stream, timeout=5.0),
-                retry=NOT_STORED)
+                lambda: self._js.publish(
+                    subject, data, stream=self.stream,
+                    timeout=max(0.1, deadline - time.monotonic())),
+                retry=NOT_STORED, within=STORE_ANSWER_WITHIN)
         except (TimeoutError, nats.errors.TimeoutError) as exc:  # asked, never answered
             raise BrokerUnconfirmed(f"JetStream did not confirm the message: {exc!r}") \
                 from exc
@@ -359,11 +367,11 @@ class NatsMessageStore(MessageStore):
 
     async def _retrying(self, what: str, op: Any,
                         retry: tuple[type[BaseException], ...] = (TimeoutError,
-                                                                  nats.errors.Error)
-                        ) -> Any:
-        """``op()``, tried again on ``retry`` errors while JetStream elects leaders (see
-        PUBLISH_RETRY_FOR); :class:`BrokerError` once that is over."""
-        deadline = time.monotonic() + PUBLISH_RETRY_FOR
+                                                                  nats.errors.Error),
+                        within: float = PUBLISH_RETRY_FOR) -> Any:
+        """``op()``, tried again on ``retry`` errors while JetStream elects leaders, for
+        ``within`` seconds; :class:`BrokerError` once that is over."""
+        deadline = time.monotonic() + within
         delay = 0.05
         while True:
             try:
