@@ -438,6 +438,38 @@ async def test_a_replay_reads_by_direct_gets_with_no_consumer(
         await nc.close()
 
 
+async def test_replays_of_one_room_at_once_share_their_reads(nats3: NatsCluster) -> None:
+    """A storm: many sessions of one room restore at once, from different offsets.
+    Their replays share direct reads of the room (one read serves those that came
+    while another was under way), and each gets exactly its own range."""
+    import nats
+
+    from nats_adapter.brokers.nats_store import NatsMessageStore
+
+    nc = await nats.connect(nats3.urls[0], allow_reconnect=False, connect_timeout=2)
+    try:
+        store = NatsMessageStore(nc, "sio", window=120.0)
+        await store.setup()
+        test = uuid.uuid4().hex[:6]
+        room, other = f"sio.store.t{test}.room", f"sio.store.t{test}.other"
+        seqs = [await store.publish(room if i % 3 else other, f"m{i}".encode())
+                for i in range(30)]
+        _, last = await store.bounds()
+        watch = ApiWatch()
+        await watch.watch(nc, "DIRECT.GET", store.stream)
+        offsets = [seqs[i] for i in range(0, 20)]
+        got = await asyncio.gather(*(store.replay([room, other], after, last)
+                                     for after in offsets))
+        for after, replayed in zip(offsets, got, strict=True):
+            assert [seq for seq, _, _ in replayed] == [s for s in seqs if s > after]
+        await nc.flush()
+        # 20 replays of 2 subjects: a read each would be 40 (and a check each)
+        assert len(watch.seen) <= 8, watch.seen
+        assert store.reads == {"direct": 20, "consumer": 0}
+    finally:
+        await nc.close()
+
+
 async def test_where_direct_gets_cannot_serve_a_replay_reads_through_a_consumer(
         nats3: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """Detected, not guessed: a server older than 2.11, a server without a replica of

@@ -235,6 +235,20 @@ class _DirectReply:
             self.finish(error=f"a reply without its sequence ({headers!r})")
 
 
+class _SharedRead:
+    """A direct read of one subject not sent yet, which every replay of that subject
+    that comes meanwhile joins: it reads from the lowest offset of them to the
+    highest last message wanted."""
+
+    __slots__ = ("after", "result", "until")
+
+    def __init__(self, after: int, until: int) -> None:
+        self.after = after
+        self.until = until
+        self.result: asyncio.Future[list[tuple[int, str, bytes]]] = \
+            asyncio.get_running_loop().create_future()
+
+
 class NatsMessageStore(MessageStore):
     """:class:`MessageStore` on NATS JetStream (see the module docstring).
 
@@ -274,6 +288,11 @@ class NatsMessageStore(MessageStore):
         #: the highest sequence the replica answering direct gets has been seen to
         #: hold, and the NATS server it is on (see _direct_holds)
         self._replica_holds = (0, "")
+        #: subject -> the read that replays of it made now join, and the task reading
+        self._shared: dict[str, _SharedRead] = {}
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        #: sequence -> the direct get under way that checks the replica holds it
+        self._checks: dict[int, asyncio.Task[tuple[list[tuple[int, str, bytes]], int]]] = {}
         #: bounds(): the answer that calls made now wait for, and the task asking
         self._bounds_next: asyncio.Future[tuple[int, int]] | None = None
         self._bounds_task: asyncio.Task[None] | None = None
@@ -480,8 +499,12 @@ class NatsMessageStore(MessageStore):
         order; None when this server's replica does not hold ``until`` yet."""
         if not await self._direct_holds(until):
             return None
-        reads = await asyncio.gather(*(self._direct_read(subject, after, until, since)
-                                       for subject in filters))
+        if since is None:
+            reads = await asyncio.gather(*(self._shared_read(subject, after, until)
+                                           for subject in filters))
+        else:  # a look back by time (rare): a read of its own
+            reads = await asyncio.gather(*(self._direct_read(subject, after, until, since)
+                                           for subject in filters))
         out: list[tuple[int, str, bytes]] = []
         for message in heapq.merge(*reads):
             if not out or message[0] != out[-1][0]:  # overlapping filters: once
@@ -498,8 +521,7 @@ class NatsMessageStore(MessageStore):
         deadline = time.monotonic() + DIRECT_CATCH_UP
         delay = 0.005
         while True:
-            messages, _ = await self._direct_get({"seq": until}, batch=False)
-            if messages:
+            if await self._replica_has(until):
                 if here == self._server_name() and until > self._replica_holds[0]:
                     self._replica_holds = (until, here)
                 return True
@@ -509,6 +531,48 @@ class NatsMessageStore(MessageStore):
                 return False
             await asyncio.sleep(delay)  # a replica lags by milliseconds: poll, backing off
             delay = min(delay * 2, 0.2)
+
+    async def _replica_has(self, seq: int) -> bool:
+        """Whether the replica answering direct gets holds message ``seq``; one get
+        answers every call for ``seq`` made while it is under way."""
+        check = self._checks.get(seq)
+        if check is None:
+            check = self._checks[seq] = asyncio.get_running_loop().create_task(
+                self._direct_get({"seq": seq}, batch=False))
+            check.add_done_callback(lambda _: self._checks.pop(seq, None))
+        messages, _ = await asyncio.shield(check)
+        return bool(messages)
+
+    async def _shared_read(self, subject: str, after: int, until: int
+                           ) -> list[tuple[int, str, bytes]]:
+        """:meth:`_direct_read`, shared by the replays of ``subject`` that come while
+        another read of it is under way (a reconnect storm: the members of a room
+        restore at once): they join one read sent once that one ends, so each gets
+        an answer asked for after its call began, and the room's messages are read
+        once for all of them, not once each."""
+        shared = self._shared.get(subject)
+        if shared is None:
+            shared = self._shared[subject] = _SharedRead(after, until)
+            if subject not in self._readers:
+                self._readers[subject] = asyncio.get_running_loop().create_task(
+                    self._read_shared(subject))
+        else:
+            shared.after, shared.until = min(shared.after, after), max(shared.until, until)
+        messages = await asyncio.shield(shared.result)
+        return [m for m in messages if after < m[0] <= until]
+
+    async def _read_shared(self, subject: str) -> None:
+        """Send the shared reads of ``subject`` one after the other while replays join
+        them (see :meth:`_shared_read`)."""
+        try:
+            while (shared := self._shared.pop(subject, None)) is not None:
+                try:
+                    shared.result.set_result(
+                        await self._direct_read(subject, shared.after, shared.until, None))
+                except Exception as exc:  # every replay that joined gets it
+                    shared.result.set_exception(exc)
+        finally:
+            del self._readers[subject]
 
     async def _direct_read(self, subject: str, after: int, until: int,
                            since: float | None) -> list[tuple[int, str, bytes]]:
