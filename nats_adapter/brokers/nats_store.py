@@ -13,7 +13,9 @@ A catch-up reads what a session missed with batched direct gets (nats-server 2.1
 a stream with ``allow_direct``): one request per subject on
 ``$JS.API.DIRECT.GET.<stream>`` answers with every stored message of that subject
 after a sequence, from the stream's replica on the gateway's own NATS server,
-without a consumer, a JetStream API call or the metadata leader. Before it reads,
+without a consumer, a JetStream API call or the metadata leader; the replays of
+one subject that come while a read of it is under way share the next one (a storm
+restores a room's members together). Before it reads,
 it checks that this replica already holds the last message wanted (a replica may
 lag its leader by a few messages); where direct gets cannot serve (an older server,
 no replica on this server, a stream without ``allow_direct``, a NATS user not
