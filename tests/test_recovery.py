@@ -412,7 +412,8 @@ async def test_a_replay_whose_consumer_is_drained_under_it_fails_loudly(
     nc = await nats.connect(nats3.urls[0], allow_reconnect=False, connect_timeout=2)
     thief = await nats.connect(nats3.urls[0], allow_reconnect=False, connect_timeout=2)
     try:
-        store = NatsMessageStore(nc, "drained", window=60.0)
+        # the consumer path (where direct gets cannot serve; see the tests below)
+        store = NatsMessageStore(nc, "drained", window=60.0, direct_reads=False)
         await store.setup()
         seqs = [await store.publish("drained.store.r.x", f"m{i}".encode()) for i in range(5)]
         fetch = JetStreamContext.PullSubscription.fetch
@@ -433,6 +434,199 @@ async def test_a_replay_whose_consumer_is_drained_under_it_fails_loudly(
     finally:
         await thief.close()
         await nc.close()
+
+
+class ApiWatch:
+    """Counts the JetStream API requests on ``$JS.API.{kind}.{stream}…`` that any
+    client makes (a plain subscriber sees requests as the server does)."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def _cb(self, msg: Any) -> None:
+        self.seen.append(msg.subject)
+
+    async def watch(self, nc: Any, kind: str, stream: str) -> None:
+        await nc.subscribe(f"$JS.API.{kind}.{stream}", cb=self._cb)
+        await nc.subscribe(f"$JS.API.{kind}.{stream}.>", cb=self._cb)
+        await nc.flush()
+
+
+async def test_a_replay_reads_by_direct_gets_with_no_consumer(
+        nats3: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A catch-up's replay reads with batched direct gets: the same messages, in the
+    same order, as a consumer reads, and no consumer is created (JetStream's metadata
+    leader is not asked). Pages of a batch each, and a look back by time, too."""
+    import nats
+
+    from nats_adapter.brokers import nats_store
+    from nats_adapter.brokers.nats_store import NatsMessageStore
+
+    monkeypatch.setattr(nats_store, "DIRECT_BATCH", 3)  # several pages per subject
+    nc = await nats.connect(nats3.urls[1], allow_reconnect=False, connect_timeout=2)
+    try:
+        # the gateways' stream, on subjects of this test's (the test cluster has room
+        # for few streams)
+        direct = NatsMessageStore(nc, "sio", window=120.0)
+        by_consumer = NatsMessageStore(nc, "sio", window=120.0, direct_reads=False)
+        await direct.setup()
+        await by_consumer.setup()
+        started = time.time()
+        test = uuid.uuid4().hex[:6]
+        subjects = [f"sio.store.t{test}.{name}" for name in ("a", "b", "c", "noise")]
+        seqs = [await direct.publish(subjects[i % 4], f"m{i}".encode()) for i in range(40)]
+        wanted = subjects[:3]
+        watch = ApiWatch()
+        await watch.watch(nc, "CONSUMER.CREATE", direct.stream)
+        _, last = await direct.bounds()
+        assert last == seqs[-1]
+        cases = [(seqs[4], seqs[30], None), (0, seqs[-1], None), (seqs[-1], seqs[-1], None),
+                 (0, seqs[20], started - 1)]
+        got = [await direct.replay(wanted, after, until, since)
+               for after, until, since in cases]
+        await nc.flush()
+        assert watch.seen == [], "a direct replay created a consumer"
+        assert direct.reads == {"direct": 3, "consumer": 0}
+        expected = [await by_consumer.replay(wanted, after, until, since)
+                    for after, until, since in cases]
+        assert got == expected
+        assert [seq for seq, _, _ in got[0]] == [s for i, s in enumerate(seqs)
+                                                 if i % 4 < 3 and seqs[4] < s <= seqs[30]]
+        assert {subject for _, subject, _ in got[1]} == set(wanted)
+        assert got[2] == []
+        await nc.flush()
+        assert len(watch.seen) == 3  # the consumer path's, for comparison
+    finally:
+        await nc.close()
+
+
+async def test_replays_of_one_room_at_once_share_their_reads(nats3: NatsCluster) -> None:
+    """A storm: many sessions of one room restore at once, from different offsets.
+    Their replays share direct reads of the room (one read serves those that came
+    while another was under way), and each gets exactly its own range."""
+    import nats
+
+    from nats_adapter.brokers.nats_store import NatsMessageStore
+
+    nc = await nats.connect(nats3.urls[0], allow_reconnect=False, connect_timeout=2)
+    try:
+        store = NatsMessageStore(nc, "sio", window=120.0)
+        await store.setup()
+        test = uuid.uuid4().hex[:6]
+        room, other = f"sio.store.t{test}.room", f"sio.store.t{test}.other"
+        seqs = [await store.publish(room if i % 3 else other, f"m{i}".encode())
+                for i in range(30)]
+        _, last = await store.bounds()
+        watch = ApiWatch()
+        await watch.watch(nc, "DIRECT.GET", store.stream)
+        offsets = [seqs[i] for i in range(0, 20)]
+        got = await asyncio.gather(*(store.replay([room, other], after, last)
+                                     for after in offsets))
+        for after, replayed in zip(offsets, got, strict=True):
+            assert [seq for seq, _, _ in replayed] == [s for s in seqs if s > after]
+        await nc.flush()
+        # 20 replays of 2 subjects: a read each would be 40 (and a check each)
+        assert len(watch.seen) <= 8, watch.seen
+        assert store.reads == {"direct": 20, "consumer": 0}
+    finally:
+        await nc.close()
+
+
+async def test_where_direct_gets_cannot_serve_a_replay_reads_through_a_consumer(
+        nats3: NatsCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Detected, not guessed: a server older than 2.11, a server without a replica of
+    the stream, a replica that lags behind the last message wanted, or direct gets
+    that fail (a NATS user without the permission) leave the catch-up to a consumer,
+    with the same result."""
+    import nats
+    from nats.aio.client import ServerVersion
+
+    from nats_adapter.brokers import nats_store
+    from nats_adapter.brokers.nats_store import NatsMessageStore
+
+    nc = await nats.connect(nats3.urls[2], allow_reconnect=False, connect_timeout=2)
+    subject = f"sio.store.t{uuid.uuid4().hex[:6]}.x"  # on the gateways' stream
+    try:
+        store = NatsMessageStore(nc, "sio", window=120.0)
+        await store.setup()
+        seqs = [await store.publish(subject, f"m{i}".encode())
+                for i in range(5)]
+        expected = [(s, subject, f"m{i}".encode()) for i, s in enumerate(seqs)]
+        _, last = await store.bounds()
+        assert await store.replay([subject], 0, last) == expected
+        assert store.reads == {"direct": 1, "consumer": 0}
+
+        # a replica that never catches up with the last message wanted
+        monkeypatch.setattr(nats_store, "DIRECT_CATCH_UP", 0.05)
+        assert await store.replay([subject], 0, last + 1) == expected
+        assert store.reads == {"direct": 1, "consumer": 1}
+
+        # no replica on this server
+        store._local_replica = False
+        assert await store.replay([subject], 0, last) == expected
+        assert store.reads == {"direct": 1, "consumer": 2}
+        await store.bounds()  # the cluster's answer: R3 on 3 nodes has one here
+        assert store._local_replica is True
+
+        # a direct get that is refused: consumers for a while
+        monkeypatch.setattr(nats_store.NatsMessageStore, "_direct_get",
+                            _refused_direct_get)
+        assert await store.replay([subject], 0, last) == expected
+        assert store.reads == {"direct": 1, "consumer": 3}
+        assert store._direct_off_until > time.monotonic()
+        monkeypatch.undo()
+
+        # an older server: its version decides, from setup on
+        monkeypatch.setattr(type(nc), "connected_server_version",
+                            property(lambda self: ServerVersion("2.10.22")))
+        old = NatsMessageStore(nc, "sio", window=120.0)
+        await old.setup()
+        assert await old.replay([subject], 0, last) == expected
+        assert old.reads == {"direct": 0, "consumer": 1}
+    finally:
+        await nc.close()
+
+
+async def test_a_restore_through_a_gateway_creates_no_consumer(
+        trio: list[GatewayNode], front: Front, nats3: NatsCluster,
+        clients: list[SioClient], node_bin: str) -> None:
+    """A client cut off comes back on another gateway and gets what it missed, while
+    JetStream sees no consumer created: the catch-up read the stream by direct gets
+    (a storm of restores does not queue behind JetStream's metadata leader)."""
+    import nats
+
+    watcher = await nats.connect(nats3.urls[0], allow_reconnect=False, connect_timeout=2)
+    watch = ApiWatch()
+    await watch.watch(watcher, "CONSUMER.CREATE", "SIO_sio")
+    js = await DefaultClient.start(node_bin, front.url, "js")
+    try:
+        room = f"rec-{uuid.uuid4().hex[:4]}"
+        assert (await js.call("join", room))["ok"] is True
+        (other,) = await connect_all(clients, [("other", trio[2].url)], offsets=True)
+        await other.join(room)
+        await other.chat(room, "one")
+        await until(lambda: len(js.chats()) == 1)
+        front.refusing = True
+        front.cut()
+        for text in ("two", "three"):  # stored while it is away
+            await other.chat(room, text)
+        front.target = ("127.0.0.1", trio[1].port)
+        front.refusing = False
+        await until(lambda: len(js.connects()) >= 2, timeout=20)
+        assert js.connects()[-1]["recovered"] is True, js.events[-10:]
+        await until(lambda: len(js.chats()) >= 3)
+        assert [m["text"] for m, _ in js.chats()] == ["one", "two", "three"]
+        await watcher.flush()
+        assert watch.seen == [], "the restore created a consumer"
+    finally:
+        await js.close()
+        await watcher.close()
+
+
+async def _refused_direct_get(self: Any, request: dict[str, Any], batch: bool = True) -> Any:
+    from nats_adapter.brokers.nats_store import _DirectUnavailable
+
+    raise _DirectUnavailable("status 503 No Responders")
 
 
 @pytest.mark.parametrize("lands_on", ["the other gateway", "its gateway"])

@@ -8,12 +8,28 @@ those copies, so every node (the sender's included) delivers in one order, the
 stream's, and that sequence is the offset a client remembers. Both the stream and
 the bucket are replicated on three nodes when the cluster has them, so losing one
 NATS node loses nothing.
+
+A catch-up reads what a session missed with batched direct gets (nats-server 2.11+,
+a stream with ``allow_direct``): one request per subject on
+``$JS.API.DIRECT.GET.<stream>`` answers with every stored message of that subject
+after a sequence, from the stream's replica on the gateway's own NATS server,
+without a consumer, a JetStream API call or the metadata leader; the replays of
+one subject that come while a read of it is under way share the next one (a storm
+restores a room's members together). Before it reads,
+it checks that this replica already holds the last message wanted (a replica may
+lag its leader by a few messages); where direct gets cannot serve (an older server,
+no replica on this server, a stream without ``allow_direct``, a NATS user not
+allowed ``$JS.API.DIRECT.GET.<stream>``), the catch-up reads through an ephemeral
+consumer, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +44,8 @@ from .base import BrokerError, BrokerUnconfirmed, MessageStore
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
+    from nats.aio.msg import Msg
+    from nats.aio.subscription import Subscription
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +78,20 @@ STREAM_MAX_CONSUMERS = 1000
 MIN_MAX_BYTES = 64 * 1024 ** 2
 MIN_MAX_MSG_SIZE = 64 * 1024
 MIN_MAX_MSGS = 100_000
+#: messages one direct get asks for at most (the server also stops at its max_pending
+#: bytes; the rest is asked for again)
+DIRECT_BATCH = 512
+#: seconds the replies to one direct get may take before direct gets are given up for
+#: DIRECT_RETRY_AFTER (reads go through a consumer meanwhile)
+DIRECT_TIMEOUT = 2.0
+#: seconds after a failed direct get before they are tried again
+DIRECT_RETRY_AFTER = 60.0
+#: seconds a catch-up waits for the replica on this NATS server to hold the last
+#: message it wants (it lags its leader by a few messages at most), then reads
+#: through a consumer
+DIRECT_CATCH_UP = 1.0
+#: the first nats-server release with batched direct gets
+DIRECT_BATCH_SINCE = (2, 11)
 #: seconds a gateway's attempt at provisioning waits (where it may not, it is refused
 #: and the request times out)
 PROVISION_ATTEMPT_TIMEOUT = 2.0
@@ -158,6 +190,70 @@ async def provision(nc: Client, prefix: str, window: float, replicas: int = 3,
                 raise
 
 
+class _DirectUnavailable(Exception):
+    """A direct get was refused, failed or not answered: read through a consumer."""
+
+
+class _DirectReply:
+    """The replies to one direct get, as they come: the messages, then the end."""
+
+    __slots__ = ("batch", "done", "error", "messages", "pending")
+
+    def __init__(self, batch: bool) -> None:
+        self.batch = batch
+        self.messages: list[tuple[int, str, bytes]] = []
+        #: messages of the subject still stored after the last one returned
+        self.pending = 0
+        self.error = ""
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def finish(self, pending: int = 0, error: str = "") -> None:
+        if not self.done.done():
+            self.pending, self.error = pending, error
+            self.done.set_result(None)
+
+    def add(self, msg: Msg) -> None:
+        """One reply (see nats-server's stream.go, getDirectRequest)."""
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        previous = self.messages[-1][0] if self.messages else 0
+        try:
+            if status is None:
+                seq, subject = int(headers["Nats-Sequence"]), headers["Nats-Subject"]
+                # each reply of a batch names the one before it: none went missing
+                if self.batch and int(headers.get("Nats-Last-Sequence", -1)) != previous:
+                    self.finish(error=f"a reply is missing before message {seq}")
+                    return
+                self.messages.append((seq, subject, msg.data))
+                if not self.batch:
+                    self.finish()
+            elif status == "204":  # end of the batch
+                if int(headers.get("Nats-Last-Sequence", -1)) != previous:
+                    self.finish(error="the batch's last replies are missing")
+                else:
+                    self.finish(int(headers.get("Nats-Num-Pending", 0)))
+            elif status == "404":  # nothing (more) stored
+                self.finish()
+            else:  # 408 a request this server does not take, 503 nobody serves it
+                self.finish(error=f"status {status} {headers.get('Description', '')}")
+        except (KeyError, ValueError):
+            self.finish(error=f"a reply without its sequence ({headers!r})")
+
+
+class _SharedRead:
+    """A direct read of one subject not sent yet, which every replay of that subject
+    that comes meanwhile joins: it reads from the lowest offset of them to the
+    highest last message wanted."""
+
+    __slots__ = ("after", "result", "until")
+
+    def __init__(self, after: int, until: int) -> None:
+        self.after = after
+        self.until = until
+        self.result: asyncio.Future[list[tuple[int, str, bytes]]] = \
+            asyncio.get_running_loop().create_future()
+
+
 class NatsMessageStore(MessageStore):
     """:class:`MessageStore` on NATS JetStream (see the module docstring).
 
@@ -167,9 +263,12 @@ class NatsMessageStore(MessageStore):
         messages twice as long (at least ``MIN_RETENTION``).
     :param replicas: copies of the stream and bucket (3 wants a 3-node cluster; falls
         back to 1 on a single server).
+    :param direct_reads: whether replays may read with batched direct gets where
+        they can (see the module); False reads through consumers only.
     """
 
-    def __init__(self, nc: Client, prefix: str, window: float, replicas: int = 3) -> None:
+    def __init__(self, nc: Client, prefix: str, window: float, replicas: int = 3,
+                 direct_reads: bool = True) -> None:
         self._nc = nc
         self._js = nc.jetstream()
         self.prefix = prefix
@@ -178,6 +277,30 @@ class NatsMessageStore(MessageStore):
         self.stream, self.bucket = _names(prefix)
         self.retention = max(window * 2, MIN_RETENTION)
         self._kv: Any = None
+        self.direct_reads = direct_reads
+        #: replays served by direct gets, and by consumers
+        self.reads = {"direct": 0, "consumer": 0}
+        self._direct_sub: Subscription | None = None
+        self._direct_inbox = ""
+        self._direct_replies: dict[str, _DirectReply] = {}
+        self._direct_tokens = itertools.count(1)
+        #: monotonic time before which direct gets are not tried (one failed)
+        self._direct_off_until = 0.0
+        #: whether the NATS server this client is on holds a current replica of the
+        #: stream (from the last bounds()); direct gets go to it
+        self._local_replica = True
+        self._versions: dict[str, bool] = {}
+        #: the highest sequence the replica answering direct gets has been seen to
+        #: hold, and the NATS server it is on (see _direct_holds)
+        self._replica_holds = (0, "")
+        #: subject -> the read that replays of it made now join, and the task reading
+        self._shared: dict[str, _SharedRead] = {}
+        self._readers: dict[str, asyncio.Task[None]] = {}
+        #: sequence -> the direct get under way that checks the replica holds it
+        self._checks: dict[int, asyncio.Task[tuple[list[tuple[int, str, bytes]], int]]] = {}
+        #: bounds(): the answer that calls made now wait for, and the task asking
+        self._bounds_next: asyncio.Future[tuple[int, int]] | None = None
+        self._bounds_task: asyncio.Task[None] | None = None
 
     async def setup(self, timeout: float = 20.0) -> None:
         """Bind to the stream and the bucket and check that they are configured as
@@ -194,6 +317,7 @@ class NatsMessageStore(MessageStore):
         while True:
             try:
                 await self._bind()
+                await self._start_direct()
                 return
             except NotProvisionedError as exc:
                 if time.monotonic() > deadline:
@@ -223,6 +347,45 @@ class NatsMessageStore(MessageStore):
             if problems:
                 raise NotProvisionedError("; ".join(problems))
         self._kv = await self._js.key_value(self.bucket)
+
+    async def _start_direct(self) -> None:
+        """Subscribe to the replies of direct gets and try one: where the server,
+        the stream or this NATS user does not serve them, replays use consumers."""
+        if not self.direct_reads or self._direct_sub is not None:
+            return
+        if not self._direct_server():
+            logger.info("NATS server %s has no batched direct gets (%d.%d+): catch-ups "
+                        "read the stream through consumers",
+                        self._nc.connected_server_version, *DIRECT_BATCH_SINCE)
+            return
+        self._direct_inbox = self._nc.new_inbox()
+        self._direct_sub = await self._nc.subscribe(f"{self._direct_inbox}.*",
+                                                    cb=self._on_direct)
+        try:  # anything at all after the stream's start (a 404 when it is empty)
+            await self._direct_get({"seq": 1, "next_by_subj": f"{self.prefix}.store.>",
+                                    "batch": 1})
+        except _DirectUnavailable as exc:
+            self._direct_off_until = float("inf")
+            logger.warning(
+                "direct gets on stream %s do not work (%s): catch-ups read it through "
+                "consumers, which is slower (a gateway NATS user needs publish permission "
+                "on $JS.API.DIRECT.GET.%s; README, Deploying securely)",
+                self.stream, exc, self.stream)
+
+    def _server_name(self) -> str:
+        """The name of the NATS server this client is on (nats-py keeps its INFO)."""
+        return str(getattr(self._nc, "_server_info", {}).get("server_name", ""))
+
+    def _direct_server(self) -> bool:
+        """Whether the NATS server this client is on has batched direct gets."""
+        version = self._nc.connected_server_version
+        key = str(version)
+        if key not in self._versions:
+            try:
+                self._versions[key] = (version.major, version.minor) >= DIRECT_BATCH_SINCE
+            except (TypeError, ValueError):  # unparsable: not known to have them
+                self._versions[key] = False
+        return self._versions[key]
 
     async def _problems(self) -> list[str]:
         """What keeps the stream and the bucket from serving this gateway; [] if nothing."""
@@ -266,8 +429,37 @@ class NatsMessageStore(MessageStore):
         return int(ack.seq)
 
     async def bounds(self) -> tuple[int, int]:
+        """(first, last) as the stream's leader tells them in an answer asked for after
+        this call began. Concurrent calls (a reconnect storm) share their answers: a
+        call waits for the request under way to end and joins the next one, which
+        then serves every call that came meanwhile."""
+        loop = asyncio.get_running_loop()
+        if self._bounds_next is None:
+            self._bounds_next = loop.create_future()
+            if self._bounds_task is None or self._bounds_task.done():
+                self._bounds_task = loop.create_task(self._ask_bounds())
+        answer = self._bounds_next
+        return await asyncio.shield(answer)
+
+    async def _ask_bounds(self) -> None:
+        """Ask for the bounds while calls wait for an answer (see :meth:`bounds`)."""
+        while self._bounds_next is not None:
+            answer, self._bounds_next = self._bounds_next, None
+            try:
+                answer.set_result(await self._read_bounds())
+            except Exception as exc:  # every waiting call gets it
+                answer.set_exception(exc)
+
+    async def _read_bounds(self) -> tuple[int, int]:
         info = await self._retrying("cannot read the stream's bounds",
                                     lambda: self._js.stream_info(self.stream))
+        cluster = info.cluster
+        if cluster is not None and cluster.leader:
+            # direct gets go to this server's replica when it has one (NATS prefers
+            # local queue subscribers): only then are they all read from one replica
+            here = self._server_name()
+            self._local_replica = here == cluster.leader or any(
+                peer.name == here and peer.current for peer in cluster.replicas or [])
         return int(info.state.first_seq), int(info.state.last_seq)
 
     async def replay(self, subjects: list[str], after: int, until: int,
@@ -278,6 +470,19 @@ class NatsMessageStore(MessageStore):
         wanted: set[str] | None = None
         if len(filters) > MAX_FILTERS:
             wanted, filters = set(filters), [f"{self.prefix}.store.>"]
+        if self._direct_usable():
+            try:
+                found = await self._direct_replay(filters, after, until, since)
+            except _DirectUnavailable as exc:
+                self._direct_off_until = time.monotonic() + DIRECT_RETRY_AFTER
+                logger.warning("a direct get on stream %s failed (%s): catch-ups read "
+                               "through consumers for %.0f s", self.stream, exc,
+                               DIRECT_RETRY_AFTER)
+                found = None
+            if found is not None:
+                self.reads["direct"] += 1
+                return [m for m in found if wanted is None or m[1] in wanted]
+        self.reads["consumer"] += 1
         if since is not None:
             config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_TIME,
                                         opt_start_time=datetime.fromtimestamp(since, UTC))
@@ -291,6 +496,147 @@ class NatsMessageStore(MessageStore):
             if seq > after and (wanted is None or subject in wanted):
                 out.append((seq, subject, data))
         return out
+
+    # -- direct gets (see the module) ---------------------------------------------------
+
+    def _direct_usable(self) -> bool:
+        return (self._direct_sub is not None and self._local_replica
+                and time.monotonic() >= self._direct_off_until and self._direct_server())
+
+    async def _direct_replay(self, filters: list[str], after: int, until: int,
+                             since: float | None) -> list[tuple[int, str, bytes]] | None:
+        """:meth:`replay` by direct gets, one per subject, merged in the stream's
+        order; None when this server's replica does not hold ``until`` yet."""
+        if not await self._direct_holds(until):
+            return None
+        if since is None:
+            reads = await asyncio.gather(*(self._shared_read(subject, after, until)
+                                           for subject in filters))
+        else:  # a look back by time (rare): a read of its own
+            reads = await asyncio.gather(*(self._direct_read(subject, after, until, since)
+                                           for subject in filters))
+        out: list[tuple[int, str, bytes]] = []
+        for message in heapq.merge(*reads):
+            if not out or message[0] != out[-1][0]:  # overlapping filters: once
+                out.append(message)
+        return out
+
+    async def _direct_holds(self, until: int) -> bool:
+        """Whether the replica answering direct gets holds message ``until`` (and so
+        every one before it); waits DIRECT_CATCH_UP for it to catch up."""
+        here = self._server_name()
+        held, server = self._replica_holds
+        if until <= held and server == here:  # messages are never taken back
+            return True
+        deadline = time.monotonic() + DIRECT_CATCH_UP
+        delay = 0.005
+        while True:
+            if await self._replica_has(until):
+                if here == self._server_name() and until > self._replica_holds[0]:
+                    self._replica_holds = (until, here)
+                return True
+            if time.monotonic() + delay > deadline:
+                logger.info("the replica of stream %s on this NATS server does not hold "
+                            "message %d yet: reading through a consumer", self.stream, until)
+                return False
+            await asyncio.sleep(delay)  # a replica lags by milliseconds: poll, backing off
+            delay = min(delay * 2, 0.2)
+
+    async def _replica_has(self, seq: int) -> bool:
+        """Whether the replica answering direct gets holds message ``seq``; one get
+        answers every call for ``seq`` made while it is under way."""
+        check = self._checks.get(seq)
+        if check is None:
+            check = self._checks[seq] = asyncio.get_running_loop().create_task(
+                self._direct_get({"seq": seq}, batch=False))
+            check.add_done_callback(lambda _: self._checks.pop(seq, None))
+        messages, _ = await asyncio.shield(check)
+        return bool(messages)
+
+    async def _shared_read(self, subject: str, after: int, until: int
+                           ) -> list[tuple[int, str, bytes]]:
+        """:meth:`_direct_read`, shared by the replays of ``subject`` that come while
+        another read of it is under way (a reconnect storm: the members of a room
+        restore at once): they join one read sent once that one ends, so each gets
+        an answer asked for after its call began, and the room's messages are read
+        once for all of them, not once each."""
+        shared = self._shared.get(subject)
+        if shared is None:
+            shared = self._shared[subject] = _SharedRead(after, until)
+            if subject not in self._readers:
+                self._readers[subject] = asyncio.get_running_loop().create_task(
+                    self._read_shared(subject))
+        else:
+            shared.after, shared.until = min(shared.after, after), max(shared.until, until)
+        messages = await asyncio.shield(shared.result)
+        return [m for m in messages if after < m[0] <= until]
+
+    async def _read_shared(self, subject: str) -> None:
+        """Send the shared reads of ``subject`` one after the other while replays join
+        them (see :meth:`_shared_read`)."""
+        try:
+            while (shared := self._shared.pop(subject, None)) is not None:
+                try:
+                    shared.result.set_result(
+                        await self._direct_read(subject, shared.after, shared.until, None))
+                except Exception as exc:  # every replay that joined gets it
+                    shared.result.set_exception(exc)
+        finally:
+            del self._readers[subject]
+
+    async def _direct_read(self, subject: str, after: int, until: int,
+                           since: float | None) -> list[tuple[int, str, bytes]]:
+        """The messages on ``subject`` after ``after`` (stored since ``since``) up to
+        ``until``, in order, in batches of DIRECT_BATCH."""
+        out: list[tuple[int, str, bytes]] = []
+        request: dict[str, Any] = {"next_by_subj": subject, "batch": DIRECT_BATCH}
+        if since is not None:
+            request["start_time"] = datetime.fromtimestamp(since, UTC).isoformat()
+        else:
+            request["seq"] = after + 1
+        while True:
+            messages, pending = await self._direct_get(request)
+            for seq, name, data in messages:
+                if seq > until:
+                    return out
+                if seq > after:
+                    out.append((seq, name, data))
+            if not messages or not pending or messages[-1][0] >= until:
+                return out
+            request = {"next_by_subj": subject, "batch": DIRECT_BATCH,
+                       "seq": messages[-1][0] + 1}
+
+    async def _direct_get(self, request: dict[str, Any], batch: bool = True
+                          ) -> tuple[list[tuple[int, str, bytes]], int]:
+        """One direct get: its messages (seq, subject, data) and how many more of its
+        subject are stored; :class:`_DirectUnavailable` if it fails or its replies
+        stop coming for DIRECT_TIMEOUT."""
+        token = str(next(self._direct_tokens))
+        reply = _DirectReply(batch)
+        self._direct_replies[token] = reply
+        try:
+            try:
+                await self._nc.publish(f"$JS.API.DIRECT.GET.{self.stream}",
+                                       json.dumps(request).encode(),
+                                       reply=f"{self._direct_inbox}.{token}")
+            except nats.errors.Error as exc:
+                raise _DirectUnavailable(repr(exc)) from exc
+            received = -1
+            while not reply.done.done():
+                if len(reply.messages) == received:  # nothing came for DIRECT_TIMEOUT
+                    raise _DirectUnavailable(f"no reply for {DIRECT_TIMEOUT:.0f} s")
+                received = len(reply.messages)
+                await asyncio.wait([reply.done], timeout=DIRECT_TIMEOUT)
+        finally:
+            del self._direct_replies[token]
+        if reply.error:
+            raise _DirectUnavailable(reply.error)
+        return reply.messages, reply.pending
+
+    async def _on_direct(self, msg: Msg) -> None:
+        reply = self._direct_replies.get(msg.subject[len(self._direct_inbox) + 1:])
+        if reply is not None:  # else given up on
+            reply.add(msg)
 
     async def history(self, subject: str, limit: int,
                       accept: Callable[[bytes], bool] | None = None
