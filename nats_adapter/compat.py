@@ -397,6 +397,16 @@ def _nats_socket() -> list[str]:
     return p
 
 
+def _nats_server_info() -> list[str]:
+    """The server's INFO nats-py keeps (``Client._server_info``, a dict): its name."""
+    from nats.aio.client import Client
+
+    p = _Problems()
+    p.need(isinstance(getattr(Client(), "_server_info", None), dict),
+           "nats-py Client._server_info (a dict)")
+    return p
+
+
 # -- redis-py --------------------------------------------------------------------------
 
 def _redis_resubscribe_per_slot() -> list[str]:
@@ -486,6 +496,9 @@ PRIVATES: dict[str, Private] = {p.name: p for p in (
     Private("nats.socket", "nats-py", ("Client._transport", "TcpTransport._io_writer"),
             "no TCP_USER_TIMEOUT: reconnecting after a partition may take minutes",
             _nats_socket),
+    Private("nats.server_info", "nats-py", ("Client._server_info",),
+            "restores read the stream through consumers (no direct gets: which server "
+            "holds a current replica is unknown)", _nats_server_info),
     Private("redis.resubscribe_per_slot", "redis-py",
             ("PubSub._resubscribe_shard_channels", "ClusterPubSub._resubscribe_shard_channels"),
             "redis-py's one SSUBSCRIBE for all channels on reconnect (CROSSSLOT when they "
@@ -506,6 +519,16 @@ def engineio_session(server: Any, eio_sid: str) -> dict[str, Any]:
     socket = server.eio.sockets.get(eio_sid)
     session = getattr(socket, "session", None)
     return session if isinstance(session, dict) else {}
+
+
+def nats_server_name(client: Any) -> str:
+    """The name of the NATS server ``client`` is connected to, from the INFO nats-py
+    keeps; empty when unknown or the probe failed."""
+    if not check("nats.server_info"):
+        return ""
+    info = getattr(client, "_server_info", None)
+    name = info.get("server_name") if isinstance(info, dict) else None
+    return name if isinstance(name, str) else ""
 
 
 def connection_environ(server: Any, eio_sid: str) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from .. import compat
 from .base import BrokerError, BrokerUnconfirmed, MessageStore
 
 if TYPE_CHECKING:
@@ -373,8 +374,9 @@ class NatsMessageStore(MessageStore):
                 self.stream, exc, self.stream)
 
     def _server_name(self) -> str:
-        """The name of the NATS server this client is on (nats-py keeps its INFO)."""
-        return str(getattr(self._nc, "_server_info", {}).get("server_name", ""))
+        """The name of the NATS server this client is on (nats-py keeps its INFO;
+        :func:`nats_adapter.compat.nats_server_name`); empty when unknown."""
+        return compat.nats_server_name(self._nc)
 
     def _direct_server(self) -> bool:
         """Whether the NATS server this client is on has batched direct gets."""

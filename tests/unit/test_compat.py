@@ -59,6 +59,16 @@ def take_away(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
             del self._io_writer
 
         monkeypatch.setattr(TcpTransport, "__init__", init)
+    elif name == "nats.server_info":
+        from nats.aio.client import Client
+
+        original_init = Client.__init__
+
+        def client_init(self: Client) -> None:
+            original_init(self)
+            del self._server_info
+
+        monkeypatch.setattr(Client, "__init__", client_init)
     elif name == "redis.resubscribe_per_slot":
         from redis.asyncio.cluster import ClusterPubSub
 

@@ -49,6 +49,14 @@ def private_reads(path: Path) -> Iterator[tuple[int, str, str]]:
             yield from ((node.lineno, f"from {node.module} import {alias.name}", alias.name)
                         for alias in node.names if is_private(alias.name))
             continue
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str) \
+                and is_private(node.args[1].value) \
+                and not (isinstance(node.args[0], ast.Name) and node.args[0].id in ("self", "cls")):
+            # getattr(obj, "_name"): the same read, spelt so the attribute check misses it
+            yield node.lineno, ast.unparse(node), node.args[1].value
+            continue
         if not isinstance(node, ast.Attribute):
             continue
         name = node.attr
@@ -83,6 +91,7 @@ def test_the_scan_finds_a_private_read(tmp_path: Path) -> None:
     source = tmp_path / "m.py"
     source.write_text("def f(m, self):\n    self._ok = m.__dict__\n    super()._fine()\n"
                       "    return m._encode(1)\n"
-                      "from a.b import _detach, public\nfrom . import _module as m\n")
+                      "from a.b import _detach, public\nfrom . import _module as m\n"
+                      "x = getattr(m, '_info', {})\ny = getattr(m, 'public')\n")
     assert sorted((line, expr) for line, expr, _ in private_reads(source)) == [
-        (4, "m._encode"), (5, "from a.b import _detach")]
+        (4, "m._encode"), (5, "from a.b import _detach"), (7, "getattr(m, '_info', {})")]
