@@ -161,6 +161,8 @@ class Recovery:
         self.rpc = rpc
         self.options = options
         self.store: MessageStore | None = None
+        #: node tag -> when it last let a release request go unanswered
+        self._unanswered: dict[str, float] = {}
         #: sid -> pid of the local sockets
         self.pids: dict[str, str] = {}
         #: (eio sid, namespace) -> the restore in progress for that connection
@@ -486,11 +488,19 @@ class Recovery:
             return True
         if node not in self.rpc.peers:
             return True  # its node is gone
+        silent_since = self._unanswered.get(node)
+        seen = self.rpc.peers.last_seen(node)
+        if silent_since is not None and seen is not None and seen < silent_since:
+            # it did not answer a release and has not been heard from since: a storm
+            # of restores from a killed gateway waits once, not once per session
+            return True
         try:
             answer = await self.rpc.ask(node, codec.Release(sid, str(session["ns"])),
                                         timeout=1.0)
         except TimeoutError:
+            self._unanswered[node] = time.monotonic()
             return True  # its node does not answer: as good as gone
+        self._unanswered.pop(node, None)
         return answer is not None
 
     def after_connect(self, eio_sid: str, namespace: str) -> None:

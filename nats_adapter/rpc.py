@@ -91,6 +91,11 @@ class Peers:
     def tags(self) -> set[str]:
         return set(self._nodes)
 
+    def last_seen(self, tag: str) -> float | None:
+        """When node ``tag`` was last heard from (``time.monotonic()``); None: not known."""
+        entry = self._nodes.get(tag)
+        return entry[0] if entry is not None else None
+
     def info(self, tag: str) -> dict[str, Any] | None:
         """What node ``tag`` said of itself (name, host, url ...); None when not known."""
         entry = self._nodes.get(tag)

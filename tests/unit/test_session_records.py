@@ -125,3 +125,34 @@ async def test_on_an_open_bus_records_stay_plain_under_their_pid() -> None:
     sid = new_sid(new_node_tag())
     await write(rec, store, "pid-1", session(sid, "alice"))
     assert msgpack.unpackb(store.sessions["pid-1"])["id"] == "alice"
+
+
+async def test_a_storm_of_restores_waits_once_for_a_gateway_that_does_not_answer() -> None:
+    """Sessions of a killed gateway, restored elsewhere, each asked it to let go and
+    waited out the 1 s timeout: 500 restores, 500 s of waiting in all. Once it has
+    not answered (and has not been heard from since), the next restores don't ask."""
+    from types import SimpleNamespace
+
+    from nats_adapter.recovery import Recovery
+    from nats_adapter.rpc import Peers
+    from nats_adapter.sids import new_node_tag, new_sid
+
+    dead, here = new_node_tag(), new_node_tag()
+    asked: list[str] = []
+
+    async def ask(node: str, body: Any, timeout: float) -> Any:
+        asked.append(node)
+        raise TimeoutError
+
+    peers = Peers(timeout=60)
+    peers.saw(dead)
+    rpc = SimpleNamespace(register=lambda *a, **k: None, on_hello=[], peers=peers, ask=ask)
+    node = SimpleNamespace(node_tag=here)
+    recovery = Recovery(node, SimpleNamespace(), rpc, SimpleNamespace())  # type: ignore[arg-type]
+    for _ in range(3):
+        session = {"sid": new_sid(dead), "node": dead, "ns": "/"}
+        assert await recovery._release_elsewhere(session) is True
+    assert asked == [dead], "asked once, not once per session"
+    peers.saw(dead)  # heard from again (a heartbeat): asked again
+    assert await recovery._release_elsewhere({"sid": new_sid(dead), "node": dead, "ns": "/"})
+    assert asked == [dead, dead]
