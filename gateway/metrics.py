@@ -31,7 +31,8 @@ _COUNTERS = {
                           "Broker payloads that failed to decode (dropped)"),
     "dropped_newer": ("gateway_broker_messages_newer",
                       "Envelopes of a newer format than this release reads, from a gateway "
-                      "of a newer release (dropped; finish the upgrade)"),
+                      "of a newer release (dropped, also counted as malformed; finish the "
+                      "upgrade)"),
     "dropped_failed": ("gateway_broker_messages_failed",
                        "Broker payloads whose handling raised (dropped)"),
     "dropped_echo": ("gateway_broker_messages_echo", "Own publications handed back (dropped)"),

@@ -112,6 +112,8 @@ class Bus:
                 msg = self._with_channel_room(msg, channel)
             return msg, sealed_seq
         except codec.NewerEnvelope as exc:
+            # malformed to this release (anyone can claim a version), and told apart
+            self.stats.dropped_malformed += 1
             self.stats.dropped_newer += 1
             self.log.warning("newer", "dropped an envelope on %s of format %d from a gateway "
                              "of a newer release (this one reads format %d): finish the "

@@ -7,6 +7,8 @@ that is not a valid envelope must be dropped and counted, never delivered.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -78,7 +80,14 @@ async def test_after_fuzzing_the_node_still_serves(
     assert fuzz_node.manager.is_connected(fuzzer.sid, "/")
     assert all(m["room"] == "lobby" for m in witness.received())
     await fuzzer.join("lobby")
-    await fuzzer.chat("lobby", "after the fuzz")
+    # the fuzzing spent the fuzzer's chat budget (unknown events count against it too):
+    # its answer says so until the bucket refills (20 a second), then it serves
+    deadline = time.monotonic() + 10
+    while (ack := await fuzzer.call("chat", {"room": "lobby", "text": "after the fuzz"})
+           ) != {"ok": True, "id": ack.get("id")}:
+        assert ack.get("error") == "rate limited: too many chat messages", ack
+        assert time.monotonic() < deadline, ack
+        await asyncio.sleep(0.05)  # poll interval: the bucket refills one chat per 50 ms
     await witness.wait_for(lambda c: "after the fuzz" in c.texts(), what="a normal chat")
 
 
