@@ -24,6 +24,7 @@ from nats_adapter.recovery import MAX_HISTORY
 
 from .auth_proxy import AuthProxy
 from .config import GatewayConfig, Limits
+from .latency import LatencyHistogram
 from .limits import MAX_ADDRESSES, RateLimiter, client_key, is_loopback
 from .types import GatewayManager
 
@@ -150,6 +151,9 @@ class ChatProtocol:
             if config.auth == "jwt" else None
         #: refused requests by reason (exported as a metric)
         self.refused: Counter[str] = Counter()
+        #: how long a chat's publish took until its ack could say ok (the broker's,
+        #: or with --recovery the stream's, answer included)
+        self.publish_seconds = LatencyHistogram()
         self.chats = 0
         self.chat_limiter = RateLimiter(self.limits.chat_rate, self.limits.chat_burst)
         self.join_limiter = RateLimiter(self.limits.join_rate, self.limits.join_burst)
@@ -433,8 +437,10 @@ class ChatProtocol:
         if room not in self.manager.get_rooms(sid, "/"):
             return self._refuse("not_member", f"not a member of room {room!r}; join it first")
         user = grant.subject if grant is not None else None
+        started = time.perf_counter()
         try:
             msg_id = await self.publish(room, text, sid, user, skip_sid=sid)
+            self.publish_seconds.observe(time.perf_counter() - started)
         except BrokerUnconfirmed as exc:  # published, but the broker did not say it took it
             return self._refuse("unconfirmed", f"not confirmed (members may still get it): "
                                 f"{exc}")

@@ -5,7 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from nats_adapter.handover import MOVE_FAILURES, Handover
@@ -133,6 +138,14 @@ class GatewayCollector(Collector):
                                     labels=labels)
         chats.add_metric(values, self.chat.chats)
         yield chats
+        published = getattr(self.chat, "publish_seconds", None)
+        if published is not None:
+            latency = HistogramMetricFamily(
+                "gateway_chat_publish_seconds", "Time from a chat's publish to the answer its "
+                "ack reports (the broker took it; with --recovery, the stream stored it)",
+                labels=labels)
+            latency.add_metric(values, published.cumulative(), published.total)
+            yield latency
         for name, doc, value in (
             ("gateway_http_misdirected", "Requests refused for a Host this gateway does not "
              "serve (421)", self.guard.refused if self.guard else 0),

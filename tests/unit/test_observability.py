@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, SioClient, parse_metrics
 from tests.unit.conftest import GatewayApp
 
 RULES = REPO / "infra" / "prometheus"
@@ -44,7 +44,7 @@ def dashboard_exprs() -> dict[str, str]:
 
 
 def test_the_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
-    assert "SUCCESS: 10 rules found" in promtool("check", "rules", "alerts.yml")
+    assert "SUCCESS: 11 rules found" in promtool("check", "rules", "alerts.yml")
     promtool("test", "rules", "alerts_test.yml")
 
 
@@ -87,3 +87,20 @@ async def test_alerts_and_dashboard_name_only_metrics_a_gateway_exports(
 @pytest.mark.parametrize("broken", ["gateway_broker_conected", "process_open_fd"])
 def test_the_metric_check_sees_a_misspelt_name(broken: str) -> None:
     assert broken in METRIC.findall(f"increase({broken}[5m]) > 0 and {broken}{{job=\"x\"}}")
+
+
+async def test_a_chats_publish_time_is_on_metrics(two_gateways: list[GatewayApp],
+                                                  clients: list[SioClient]) -> None:
+    """What the p99 alert and panel read: one observation per chat published."""
+    gw = two_gateways[0]
+    c = SioClient("c")
+    clients.append(c)
+    await c.connect(gw.url)
+    await c.join("timed")
+    for n in range(3):
+        await c.chat("timed", f"chat {n}")
+    async with aiohttp.ClientSession() as http, http.get(f"{gw.url}/metrics") as answer:
+        metrics = parse_metrics(await answer.text())
+    assert metrics["gateway_chat_publish_seconds_count"] == 3
+    assert metrics["gateway_chat_publish_seconds_bucket"] > 0
+    assert 0 < metrics["gateway_chat_publish_seconds_sum"] < 3 * 2.5
