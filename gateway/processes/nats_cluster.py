@@ -54,8 +54,8 @@ class NatsNode:
     def ready(self) -> bool:
         return http_json(f"{self.monitor_url}/healthz")[0] == 200
 
-    def varz(self, endpoint: str = "varz") -> Any:
-        status, body = http_json(f"{self.monitor_url}/{endpoint}")
+    def varz(self, endpoint: str = "varz", timeout: float = 2.0) -> Any:
+        status, body = http_json(f"{self.monitor_url}/{endpoint}", timeout=timeout)
         return body if status == 200 else None
 
 

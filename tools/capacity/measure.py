@@ -27,9 +27,15 @@ def _cpu(node: NatsNode) -> float:
     return cpu_seconds(node.child.pid)
 
 
+#: seconds a /varz reading may take
+VARZ_TIMEOUT = 30.0
+
+
 def _varz(node: NatsNode) -> dict[str, Any]:
-    body = node.varz("varz")
-    assert isinstance(body, dict), f"{node.name}: no /varz"
+    # a server busy with thousands of subscriptions (and a loaded machine) can take
+    # seconds to answer its monitoring port: wait for it rather than fail the reading
+    body = node.varz("varz", timeout=VARZ_TIMEOUT)
+    assert isinstance(body, dict), f"{node.name}: no /varz within {VARZ_TIMEOUT:g} s"
     return body
 
 
