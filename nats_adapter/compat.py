@@ -87,14 +87,7 @@ def _engineio_server() -> list[str]:
         p.need(callable(getattr(sock_cls, name, None)), f"engineio AsyncSocket.{name}")
     p.need({"wait", "abort", "reason"} <= set(_params(getattr(sock_cls, "close", None))),
            "engineio AsyncSocket.close(wait, abort, reason)")
-    try:
-        sock = sock_cls(server, "probe")
-    except Exception as exc:
-        p.append(f"engineio AsyncSocket(server, sid): {exc!r}")
-    else:
-        for name in ("queue", "last_ping", "connected", "upgrading", "upgraded", "closing",
-                     "closed", "session"):
-            p.need(hasattr(sock, name), f"engineio AsyncSocket.{name}")
+    _socket_state(p, sock_cls, server)
     p.need("encoded_packet" in _params(eio_packet.Packet), "engineio Packet(encoded_packet=)")
     for name in ("PING", "PONG", "NOOP", "UPGRADE", "MESSAGE", "OPEN", "CLOSE"):
         p.need(hasattr(eio_packet, name), f"engineio packet.{name}")
@@ -103,6 +96,18 @@ def _engineio_server() -> list[str]:
     for name in ("UnknownPacketError", "SocketIsClosedError"):
         p.need(hasattr(exceptions, name), f"engineio exceptions.{name}")
     return p
+
+
+def _socket_state(p: _Problems, sock_cls: Any, server: Any) -> None:
+    """An ``AsyncSocket(server, sid)`` has the state flags, queue and session read."""
+    try:
+        sock = sock_cls(server, "probe")
+    except Exception as exc:
+        p.append(f"engineio AsyncSocket(server, sid): {exc!r}")
+    else:
+        for name in ("queue", "last_ping", "connected", "upgrading", "upgraded", "closing",
+                     "closed", "session"):
+            p.need(hasattr(sock, name), f"engineio AsyncSocket.{name}")
 
 
 def _engineio_handover() -> list[str]:
@@ -120,14 +125,7 @@ def _engineio_handover() -> list[str]:
     p.need(_params(sock_cls)[:2] == ["server", "sid"], "engineio AsyncSocket(server, sid)")
     p.need(callable(getattr(sock_cls, "schedule_ping", None)),
            "engineio AsyncSocket.schedule_ping")
-    try:
-        sock = sock_cls(server, "probe")
-    except Exception as exc:
-        p.append(f"engineio AsyncSocket(server, sid): {exc!r}")
-    else:
-        for name in ("queue", "last_ping", "connected", "upgrading", "upgraded", "closing",
-                     "closed", "session"):
-            p.need(hasattr(sock, name), f"engineio AsyncSocket.{name}")
+    _socket_state(p, sock_cls, server)
     p.need(_params(getattr(socketio.AsyncServer, "_send_packet", None))[1:3]
            == ["eio_sid", "pkt"], "socketio AsyncServer._send_packet(eio_sid, pkt)")
     p.need(_params(getattr(socketio.AsyncServer, "_handle_connect", None))[1:4]
