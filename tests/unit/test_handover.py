@@ -287,6 +287,21 @@ async def test_with_moves_off_the_upgrade_is_spliced(
     await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
 
 
+async def upgrade_is_spliced(a: GatewayApp, b: GatewayApp, http: aiohttp.ClientSession,
+                             reason: str) -> None:
+    """A session of A upgrading on B stays on A, spliced, the move counted as failed
+    for ``reason``."""
+    s = HandSession(http, "s")
+    await s.open(a.url)
+    await s.upgrade(b.url)
+    await s.upgraded()
+    assert s.eio_sid in a.sio.eio.sockets
+    assert b.manager.handover.counts[f"failed_{reason}"] == 1
+    assert b.app[FORWARDER_KEY].counts["websocket_spliced"] == 1
+    await s.close()
+    await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
+
+
 async def test_an_owner_without_moves_keeps_the_session(
         two_gateways: list[GatewayApp], http: aiohttp.ClientSession) -> None:
     """An owner of a release without moves (it says no "move" feature): spliced."""
@@ -295,15 +310,7 @@ async def test_an_owner_without_moves_keeps_the_session(
     await a.manager.rpc.notice(codec.Heartbeat(a.manager.rpc.info()))
     await wait_for_condition(lambda: not b.manager.rpc.serves(a.manager.node_tag, "move"),
                              "B to hear A has no moves")
-    s = HandSession(http, "s")
-    await s.open(a.url)
-    await s.upgrade(b.url)
-    await s.upgraded()
-    assert s.eio_sid in a.sio.eio.sockets
-    assert b.manager.handover.counts["failed_owner_cannot"] == 1
-    assert b.app[FORWARDER_KEY].counts["websocket_spliced"] == 1
-    await s.close()
-    await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
+    await upgrade_is_spliced(a, b, http, "owner_cannot")
 
 
 async def test_no_move_while_any_node_of_the_cluster_is_of_a_release_without_moves(
@@ -313,15 +320,7 @@ async def test_no_move_while_any_node_of_the_cluster_is_of_a_release_without_mov
     them."""
     a, b = two_gateways
     b.manager.rpc.peers.saw("oldnode1", {"name": "old", "features": []})
-    s = HandSession(http, "s")
-    await s.open(a.url)
-    await s.upgrade(b.url)
-    await s.upgraded()
-    assert s.eio_sid in a.sio.eio.sockets
-    assert b.manager.handover.counts["failed_cluster_cannot"] == 1
-    assert b.app[FORWARDER_KEY].counts["websocket_spliced"] == 1
-    await s.close()
-    await wait_for_condition(lambda: not a.sio.eio.sockets, "the session to end")
+    await upgrade_is_spliced(a, b, http, "cluster_cannot")
 
 
 async def test_a_session_whose_data_does_not_travel_is_spliced(
