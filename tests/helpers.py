@@ -12,7 +12,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -136,6 +136,28 @@ async def wait_recorded(client: SioClient | NodeClient, done: Callable[[], bool]
                 await client._changed.wait()
         except TimeoutError:
             pass
+
+
+class Loops:
+    """Background loops a test runs (senders) and stops. A loop asks ``running`` every
+    turn besides being cancelled: on Python 3.11, asyncio.wait_for (which
+    python-socketio's ``call`` awaits) swallows a cancellation that lands just as the
+    awaited event fires (cpython gh-86296), and a ``while True`` loop would carry on
+    while ``stop`` waits for it forever (ci-12: a recovery test hung 300 s with its
+    senders still chatting)."""
+
+    def __init__(self) -> None:
+        self.running = True
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self, loop: Coroutine[Any, Any, None]) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(loop))
+
+    async def stop(self) -> None:
+        self.running = False
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 class SioClient:

@@ -15,7 +15,7 @@ import time
 import uuid
 
 from gateway.processes import RedisNode, http_json
-from tests.helpers import SioClient, owner_of, wait_for_condition
+from tests.helpers import Loops, SioClient, owner_of, wait_for_condition
 from tests.test_launcher import Launcher, child_pids, consecutive_free_ports, start_launcher, stop
 
 #: how often each side sends while faults happen (seconds)
@@ -30,18 +30,18 @@ class Traffic:
     def __init__(self, a: SioClient, b: SioClient, room: str) -> None:
         self.a, self.b, self.room = a, b, room
         self.sent = {"a": 0, "b": 0}
-        self._tasks = [asyncio.get_running_loop().create_task(self._send(c)) for c in (a, b)]
+        self._loops = Loops()
+        for c in (a, b):
+            self._loops.start(self._send(c))
 
     async def _send(self, c: SioClient) -> None:
-        while True:
+        while self._loops.running:
             self.sent[c.name] += 1
             await c.sio.emit("chat", {"room": self.room, "text": f"{c.name}-{self.sent[c.name]}"})
             await asyncio.sleep(SEND_EVERY)  # paces the traffic
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._loops.stop()
 
     def longest_gap(self, receiver: SioClient, since: float, until: float) -> float:
         """The longest time ``receiver`` went without a chat between ``since`` and ``until``."""

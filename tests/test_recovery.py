@@ -30,6 +30,7 @@ from gateway.processes import (
 from tests.helpers import (
     REPO,
     WAIT,
+    Loops,
     NodeClient,
     SioClient,
     connect_all,
@@ -117,12 +118,13 @@ class Senders:
 
     def __init__(self, a: SioClient, b: SioClient, rooms: list[str]) -> None:
         self.sent: list[tuple[str, str]] = []  # (room, text)
-        self._tasks = [asyncio.get_running_loop().create_task(self._run(c, rooms))
-                       for c in (a, b)]
+        self._loops = Loops()
+        for c in (a, b):
+            self._loops.start(self._run(c, rooms))
 
     async def _run(self, c: SioClient, rooms: list[str]) -> None:
         n = 0
-        while True:
+        while self._loops.running:
             n += 1
             for room in rooms:
                 text = f"{c.name}-{room}-{n}"
@@ -132,9 +134,7 @@ class Senders:
             await asyncio.sleep(0.1)  # paces the senders
 
     async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._loops.stop()
 
 
 async def until(done: Any, timeout: float = WAIT) -> None:
