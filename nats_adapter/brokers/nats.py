@@ -181,6 +181,8 @@ class NatsBroker(Broker):
         self._publish_confirm_timeout = publish_confirm_timeout
         #: the confirmation round not started yet, which a publish made now joins
         self._next_round: asyncio.Future[None] | None = None
+        #: the same for a subscribe made now
+        self._next_sub_round: asyncio.Future[None] | None = None
         self._round_trips: set[asyncio.Future[None]] = set()
         self._reconnect_time_wait = reconnect_time_wait
         self._connection_name = connection_name
@@ -331,27 +333,39 @@ class NatsBroker(Broker):
                                     "once it is back)")
         round_ = self._next_round
         if round_ is None:
-            loop = asyncio.get_running_loop()
-            self._next_round = round_ = loop.create_future()
-            round_.add_done_callback(_retrieved)
-            loop.call_soon(self._start_round, nc, round_)
+            self._next_round = round_ = self._new_round(nc, self._publish_confirm_timeout,
+                                                        "publish")
         await asyncio.shield(round_)
 
-    def _start_round(self, nc: Client, round_: asyncio.Future[None]) -> None:
+    def _new_round(self, nc: Client, timeout: float, what: str) -> asyncio.Future[None]:
+        """A confirmation round that starts once this turn of the loop is over: every
+        caller of the turn waits for it; it fails with :class:`BrokerUnconfirmed`
+        naming ``what`` when its PONG takes longer than ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        round_: asyncio.Future[None] = loop.create_future()
+        round_.add_done_callback(_retrieved)
+        loop.call_soon(self._start_round, nc, round_, timeout, what)
+        return round_
+
+    def _start_round(self, nc: Client, round_: asyncio.Future[None], timeout: float,
+                     what: str) -> None:
         """The round's PINGs (never cancelled, see :meth:`_round_trip`) and its deadline."""
-        self._next_round = None  # what is published from here on joins the next round
+        # what is published (subscribed) from here on joins the next round
+        if self._next_round is round_:
+            self._next_round = None
+        if self._next_sub_round is round_:
+            self._next_sub_round = None
         pings = 2 if nc.pending_data_size > 0 else 1
         flush = asyncio.ensure_future(_pings(nc, pings))
         self._round_trips.add(flush)
         flush.add_done_callback(_round_trip_done)
         flush.add_done_callback(self._round_trips.discard)
-        timeout = self._publish_confirm_timeout
         timer = asyncio.get_running_loop().call_later(
-            timeout, _settle, round_, None, f"no PONG within {timeout:g} s")
+            timeout, _settle, round_, None, f"no PONG within {timeout:g} s", what)
 
         def done(flush: asyncio.Future[None]) -> None:
             timer.cancel()
-            _settle(round_, flush, None)
+            _settle(round_, flush, None, what)
 
         flush.add_done_callback(done)
 
@@ -362,7 +376,16 @@ class NatsBroker(Broker):
             # made by _connect once a server answers; not confirmed until then
             raise BrokerError("no NATS connection yet")
         await self._subscribe(nc, channel)
-        await self._confirm(nc)
+        if not nc.is_connected:  # a PING now goes nowhere: restored on reconnect
+            raise BrokerError("NATS did not confirm the subscription: reconnecting")
+        # the subscribes of one loop turn share one confirmation round: their SUBs
+        # leave in one write, then one PING (two while a SUB still waits in nats-py's
+        # buffer, see _confirm) confirms them all
+        round_ = self._next_sub_round
+        if round_ is None:
+            self._next_sub_round = round_ = self._new_round(nc, self._confirm_timeout,
+                                                            "subscription")
+        await asyncio.shield(round_)
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
@@ -479,8 +502,9 @@ async def _pings(nc: Client, count: int) -> None:
 
 
 def _settle(round_: asyncio.Future[None], flush: asyncio.Future[None] | None,
-            late: str | None) -> None:
-    """End a confirmation round: by its PINGs' outcome, or ``late`` at its deadline."""
+            late: str | None, what: str = "publish") -> None:
+    """End a confirmation round of a ``what`` (publish, subscription): by its PINGs'
+    outcome, or ``late`` at its deadline."""
     if round_.done():
         return
     problem: BaseException | None = None
@@ -493,7 +517,7 @@ def _settle(round_: asyncio.Future[None], flush: asyncio.Future[None] | None,
     if problem is None:
         round_.set_result(None)
     else:
-        error = BrokerUnconfirmed(f"NATS did not confirm the publish: {problem!r}")
+        error = BrokerUnconfirmed(f"NATS did not confirm the {what}: {problem!r}")
         error.__cause__ = problem
         round_.set_exception(error)
 

@@ -99,6 +99,36 @@ async def test_subscribe_returns_after_a_pong_to_a_ping_sent_after_its_sub() -> 
         assert last_ping > sub, seen
 
 
+async def test_the_subscribes_of_one_turn_share_one_confirmation_round() -> None:
+    """Join churn: the SUBs of one loop turn go out together and one PING round
+    after them confirms them all, instead of a round (two PINGs) each."""
+    fake = FakeNats()
+    async with broker_on(fake) as broker:
+        before = fake.commands.count("PING")
+        channels = [f"sio.room.r{i}" for i in range(20)]
+
+        async def join(channel: str) -> None:
+            await broker.subscribe(channel)
+            seen = list(fake.commands)  # what the server had read when confirmed
+            sub = next(i for i, c in enumerate(seen) if c.startswith(f"SUB {channel} "))
+            assert max(j for j, c in enumerate(seen) if c == "PING") > sub, seen
+
+        await asyncio.gather(*(join(channel) for channel in channels))
+        assert fake.commands.count("PING") - before <= 2  # one round for 20
+        # a subscribe of a later turn gets a round of its own, after its SUB
+        await join("sio.room.later")
+
+
+async def test_an_unconfirmed_subscribe_raises_and_the_next_one_is_confirmed() -> None:
+    fake = FakeNats()
+    async with broker_on(fake, confirm_timeout=0.2) as broker:
+        fake.answering = False
+        with pytest.raises(BrokerError, match="did not confirm the subscription"):
+            await broker.subscribe("sio.room.unanswered")
+        await fake.answer_again()
+        await broker.subscribe("sio.room.answered")
+
+
 async def test_a_publish_is_confirmed_by_a_pong_to_a_ping_sent_after_it() -> None:
     """What a chat's ack says: the server read the chat. The publishes of one loop
     turn share one confirmation round."""
