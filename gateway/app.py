@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import weakref
 from pathlib import Path
 from typing import Any
 
+import orjson
 import socketio
 from aiohttp import web
 from engineio import exceptions as eio_exceptions
@@ -294,18 +296,47 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
 class SafeJson:
     """The ``json`` module for engine.io and Socket.IO packets, but for a document
     nested too deep, which is a ``ValueError`` like any other bad JSON (engine.io
-    catches those; a ``RecursionError`` escaped it with a traceback)."""
+    catches those; a ``RecursionError`` escaped it with a traceback).
+
+    orjson does the work (a packet's JSON was the dearest step of a chat after the
+    websocket parse: ``python -m tools.bench.stages``); whatever orjson refuses goes
+    to the ``json`` module, which decides as before: a lone surrogate, NaN or
+    Infinity in a client's packet, keys that are not strings; so does a document
+    with a number of 19 digits or more (orjson reads an integer past 64 bits as a
+    float, ``json`` exactly).
+    What orjson writes differs from ``json`` only in spelling: characters past ASCII
+    as UTF-8 rather than ``\\u`` escapes, and NaN or Infinity (not JSON) as null.
+    """
 
     @staticmethod
-    def loads(*args: Any, **kwargs: Any) -> Any:
+    def loads(s: str | bytes, **kwargs: Any) -> Any:
+        long_number = _LONG_NUMBER.search(s) if isinstance(s, str) \
+            else _LONG_NUMBER_BYTES.search(s)
+        if not kwargs and long_number is None:
+            try:
+                return orjson.loads(s)
+            except orjson.JSONDecodeError:
+                pass  # json decides: it accepts a little more, and says why not
         try:
-            return json.loads(*args, **kwargs)
+            return json.loads(s, **kwargs)
         except RecursionError:
             raise ValueError("JSON nested too deep") from None
 
     @staticmethod
-    def dumps(*args: Any, **kwargs: Any) -> str:
-        return json.dumps(*args, **kwargs)
+    def dumps(obj: Any, **kwargs: Any) -> str:
+        # python-socketio asks for compact separators, which is all orjson writes
+        if not kwargs or kwargs == _COMPACT:
+            try:
+                return orjson.dumps(obj).decode()
+            except TypeError:  # orjson.JSONEncodeError: json decides
+                pass
+        return json.dumps(obj, **kwargs)
+
+
+_COMPACT = {"separators": (",", ":")}
+#: digits enough for an integer orjson would not read exactly
+_LONG_NUMBER = re.compile(r"\d{19}")
+_LONG_NUMBER_BYTES = re.compile(rb"\d{19}")
 
 
 class MalformedPacket(ValueError):

@@ -304,7 +304,7 @@ async def chat_stages(gw: Gateway, table: Table, n: int) -> None:
     writes = manager.websocket_writes
 
     await table.add(g, "ack: encode, engine.io send, frame, socket send", lambda: timed_async(
-        lambda: sio._send_packet(other_eio, ack), n, writes.flush))
+        lambda: sio.eio.send(other_eio, ack.encode()), n, writes.flush))
     # drain what the other client got meanwhile, then the whole path
     ids = iter(range(100_000, 10_000_000))
 
