@@ -55,6 +55,7 @@ from .frames import (
     close_frame,
     frame,
     is_pong,
+    read_text_frame,
     switching_protocols,
 )
 from .heartbeat import Heartbeat, spawn
@@ -374,9 +375,34 @@ class LeanWebSocket(asyncio.Protocol):
             if self.state == _OPEN and is_pong(data):
                 self._pong()
                 return
+            data = self._read_simple(data)
+            if not data:
+                return
             parser = Connection(ConnectionType.SERVER)
         parser.receive_data(data)
         self._parse(parser)
+
+    def _read_simple(self, data: bytes) -> bytes:
+        """Handle the one-frame text messages ``data`` starts with (most of what a
+        client sends: :func:`read_text_frame`); what is left for wsproto (from the
+        first frame that is not one, or is incomplete). Nothing is left once the
+        connection closes; what comes after a message that paused reading waits in
+        a parser until the packets waiting are handled, as in :meth:`_parse`."""
+        limit = self.server.max_http_buffer_size
+        transport = self.transport
+        start = 0
+        while (read := read_text_frame(data, start, limit)) is not None:
+            message, start = read
+            self.on_message(message)
+            if transport.is_closing():
+                return b""
+            if not transport.is_reading():
+                if start < len(data):
+                    parser = Connection(ConnectionType.SERVER)
+                    parser.receive_data(data[start:])
+                    self.parser = parser
+                return b""
+        return data[start:] if start else data
 
     def _parse(self, parser: Connection) -> bool:
         """Handle what ``parser`` holds; False when it stopped early, reading paused

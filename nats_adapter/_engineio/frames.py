@@ -1,8 +1,8 @@
 """Websocket bytes the server writes itself: frames and the handshake's answer.
 
-Only what a server sends (unmasked frames, the 101 answer) and the one frame it
-reads without a parser (an idle client's PONG); everything else a client sends is
-read by wsproto.
+Only what a server sends (unmasked frames, the 101 answer) and the frames it
+reads without a parser (an idle client's PONG, a one-frame text message); everything
+else a client sends is read by wsproto.
 """
 
 from __future__ import annotations
@@ -46,6 +46,43 @@ def is_pong(data: bytes) -> bool:
     (``"3"``): an idle socket's only traffic, read without a parser."""
     return (len(data) == 7 and data[0] == 0x81 and data[1] == 0x81
             and data[6] ^ data[2] == 0x33)
+
+
+def read_text_frame(data: bytes, start: int, limit: int) -> tuple[str, int] | None:
+    """The text of the one-frame text message a client's ``data`` holds at ``start``,
+    and where the next frame begins; None when that frame is anything else (a
+    fragment, a control or binary frame, a reserved bit, a payload past ``limit``
+    bytes or of invalid UTF-8), or incomplete, for wsproto to read (and answer as
+    the protocol says).
+
+    A chat's frame through wsproto costs a parser and ~15 us of Python; this reads
+    the common case (a masked, final text frame up to 64 KB) in ~2 us."""
+    end = len(data)
+    if end - start < 6 or data[start] != 0x81:  # FIN, no reserved bit, text
+        return None
+    n = data[start + 1] ^ 0x80  # the mask bit must be set: a client's frame
+    head = start + 2
+    if n == 126:
+        if end - start < 8:
+            return None
+        n = (data[head] << 8) | data[head + 1]
+        if n < 126:  # not the shortest encoding: wsproto refuses it
+            return None
+        head += 2
+    elif n > 125:  # unmasked, or a 64-bit length
+        return None
+    body = head + 4
+    stop = body + n
+    if n > limit or stop > end:
+        return None
+    mask = data[head:body]
+    key = (mask * ((n >> 2) + 1))[:n]
+    payload = (int.from_bytes(data[body:stop], "little")
+               ^ int.from_bytes(key, "little")).to_bytes(n, "little")
+    try:
+        return payload.decode("utf-8"), stop
+    except UnicodeDecodeError:
+        return None
 
 
 def accept_key(method: str, headers: Mapping[str, str]) -> bytes | None:

@@ -15,6 +15,8 @@ import engineio
 import pytest
 from engineio import packet as eio_packet
 from engineio.async_socket import AsyncSocket
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, TextMessage
 
@@ -26,6 +28,7 @@ from nats_adapter._engineio.frames import (
     close_frame,
     frame,
     is_pong,
+    read_text_frame,
     switching_protocols,
     text_frame,
 )
@@ -373,3 +376,65 @@ async def test_an_upgrade_that_never_completes_times_out() -> None:
     await wait_for_condition(lambda: transport.closing, "the upgrade's deadline")
     assert not socket.upgrading and not socket.upgraded
     assert fastpath.sessions.lean(socket.sid) is None
+
+
+def client_frame(first: int, key: bytes, payload: bytes, long: bool = False) -> bytes:
+    n = len(payload)
+    head = bytes((first, 0x80 | n)) if n < 126 and not long \
+        else bytes((first, 0xFE)) + n.to_bytes(2, "big")
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def wsproto_reads(data: bytes) -> list[Any]:
+    parser = Connection(ConnectionType.SERVER)
+    parser.receive_data(data)
+    return list(parser.events())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300), st.binary(min_size=4, max_size=4), st.booleans())
+def test_a_one_frame_text_message_reads_as_wsproto_reads_it(text: str, key: bytes,
+                                                             long: bool) -> None:
+    payload = text.encode("utf-8", "surrogatepass")
+    data = client_frame(0x81, key, payload, long and len(payload) < 126)
+    read = read_text_frame(data + b"tail", 0, 1 << 20)
+    events = wsproto_reads(data)
+    if read is None:  # anything this does not read is wsproto's to answer
+        assert (long and len(payload) < 126) or not events \
+            or not isinstance(events[0], TextMessage)
+        return
+    assert read == (text, len(data))
+    assert len(events) == 1 and isinstance(events[0], TextMessage)
+    assert events[0].data == text and events[0].message_finished
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=40), st.integers(0, 0xFF), st.integers(0, 0xFF))
+def test_whatever_is_read_without_wsproto_is_what_wsproto_reads(
+        tail: bytes, first: int, second: int) -> None:
+    data = bytes((first, second)) + tail
+    read = read_text_frame(data, 0, 1 << 20)
+    if read is None:
+        return
+    text, stop = read
+    events = wsproto_reads(data[:stop])
+    assert len(events) == 1 and isinstance(events[0], TextMessage), events
+    assert events[0].data == text and events[0].message_finished
+
+
+def test_frames_wsproto_must_read() -> None:
+    key = b"\x01\x02\x03\x04"
+    for data in (client_frame(0x01, key, b"fragment"),  # not final
+                 client_frame(0x82, key, b"binary"),
+                 client_frame(0x89, key, b"ping"),
+                 client_frame(0xC1, key, b"reserved bit"),
+                 bytes((0x81, 0x05)) + b"plain",  # not masked
+                 client_frame(0x81, key, b"\xff"),  # not UTF-8
+                 client_frame(0x81, key, b"x", long=True),  # not the shortest length
+                 client_frame(0x81, key, b"cut")[:-1]):
+        assert read_text_frame(data, 0, 1 << 20) is None, data
+    assert read_text_frame(client_frame(0x81, key, b"x" * 200), 0, 100) is None  # too big
+    two = client_frame(0x81, key, b"one") + client_frame(0x81, key, b"two")
+    first = read_text_frame(two, 0, 100)
+    assert first is not None and first[0] == "one"
+    assert read_text_frame(two, first[1], 100) == ("two", len(two))

@@ -212,6 +212,47 @@ async def test_fragmented_binary_and_oversized_messages(server: Server) -> None:
     await until(lambda: not server.sio.eio.sockets, what="the session to end")
 
 
+def masked_with(key: bytes, payload: bytes) -> bytes:
+    """A final client text frame masked with ``key``."""
+    n = len(payload)
+    head = bytes((0x81, 0x80 | n)) if n < 126 else bytes((0x81, 0xFE)) + n.to_bytes(2, "big")
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+async def test_frames_are_read_whole_split_and_batched_with_any_mask(server: Server) -> None:
+    """One-frame text messages (read without wsproto) with random masks, several in
+    one write, one split across writes, a long one (16-bit length), text past
+    ASCII; then a frame of invalid UTF-8, which closes the connection (1007) as
+    wsproto says."""
+    client = await RawClient.connect(server.url)
+    try:
+        assert (await client.text()).startswith("0{")
+        client.send(masked_with(os.urandom(4), b"40"))
+        assert (await client.text()).startswith("40{")
+        texts = ["hi", "é 🎉" * 40, "x" * 300, "", "y" * 125, "z" * 126]
+        frames = [masked_with(os.urandom(4), f'42{i}["echo",{json.dumps(t)}]'.encode())
+                  for i, t in enumerate(texts)]
+        client.send(b"".join(frames[:3]) + frames[3][:5])
+        acks = []
+        while len(acks) < 3:  # the first three answered: the split frame's start is in
+            text = await client.text()
+            if text.startswith("43"):
+                acks.append(text)
+        client.send(frames[3][5:] + b"".join(frames[4:]))
+        while len(acks) < len(texts):
+            text = await client.text()
+            if text.startswith("43"):
+                acks.append(text)
+        assert [json.loads(a[a.index("["):])[0] for a in acks] == texts
+        assert [a[2:a.index("[")] for a in acks] == [str(i) for i in range(len(texts))]
+        client.send(masked_with(os.urandom(4), b'42["echo","\xff"]'))
+        while (got := await client.frame())[0] == 0x1:
+            pass
+        assert got[0] == 0x8 and got[1][:2] == (1007).to_bytes(2, "big"), got
+    finally:
+        await client.close()
+
+
 async def test_a_flood_is_read_at_the_pace_it_is_handled_and_nothing_is_lost() -> None:
     """5,000 events with acks in one burst: the connection stops reading while packets
     wait to be handled (a client cannot make the node hold its whole burst), and
