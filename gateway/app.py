@@ -9,6 +9,7 @@ import logging
 import re
 import socket
 import weakref
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -344,6 +345,9 @@ class MalformedPacket(ValueError):
     client may send."""
 
 
+#: JSON values that hold nothing (no bytes) inside
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+
 #: the Admin UI's namespace
 ADMIN_NAMESPACE = "/admin"
 
@@ -357,6 +361,22 @@ class CheckedPacket(sio_packet.Packet):  # type: ignore[misc]
     anything python-socketio would fail on further in (a bad JSON body, an event that
     is not a list headed by a name, an unknown type) instead of raising deep inside
     the server, where the traceback reaches the log and the socket stays open."""
+
+    @classmethod
+    def data_is_binary(cls, data: Any) -> bool:
+        """Whether ``data`` holds bytes (then it travels as a binary packet): what
+        python-socketio's check answers, without its lists and reduce at every level
+        (5% of a chat's CPU: every packet built is checked)."""
+        if isinstance(data, list):
+            items: Iterable[Any] = data
+        elif isinstance(data, dict):
+            items = data.values()
+        else:
+            return isinstance(data, bytes | bytearray)
+        for item in items:  # noqa: SIM110 (a loop costs less than any() of a generator)
+            if type(item) not in _SCALARS and cls.data_is_binary(item):
+                return True
+        return False
 
     def decode(self, encoded_packet: Any) -> Any:
         try:

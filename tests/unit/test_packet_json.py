@@ -1,5 +1,6 @@
 """Socket.IO packets' JSON (gateway.app.SafeJson): orjson where it reads and writes
-what the json module would, the json module for everything else."""
+what the json module would, the json module for everything else; and the packets'
+check for binary data (gateway.app.CheckedPacket), as python-socketio's."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import json
 from typing import Any
 
 import pytest
+from socketio import packet
 
-from gateway.app import SafeJson
+from gateway.app import CheckedPacket, SafeJson
 
 DOCUMENTS = [
     '["chat",{"room":"lobby","text":"hello"}]',
@@ -61,3 +63,12 @@ def test_what_is_written_reads_back_as_json_wrote_it(value: Any) -> None:
 def test_other_options_are_json_s() -> None:
     assert SafeJson.dumps({"b": 1, "a": 2}, sort_keys=True, indent=1) == \
         json.dumps({"b": 1, "a": 2}, sort_keys=True, indent=1)
+
+
+@pytest.mark.parametrize("data", [
+    ["chat", {"room": "r", "text": "t", "ts": 1, "ok": True, "f": 1.5, "n": None}],
+    None, 1, "s", b"x", bytearray(b"x"), [1, [2, {"a": b"x"}]], {"a": [1, {"b": bytearray()}]},
+    (b"x",), [(b"x",)], {"k": {"j": []}}, [True, 1.5, None, "s", b""], [[[[]]]],
+])
+def test_binary_data_is_found_as_python_socketio_finds_it(data: Any) -> None:
+    assert CheckedPacket.data_is_binary(data) == packet.Packet.data_is_binary(data)

@@ -43,6 +43,7 @@ from gateway.app import CHAT_KEY, MANAGER_KEY, SIO_KEY, create_app
 from gateway.config import GatewayConfig, Limits, Secrets
 from gateway.processes import free_ports
 from nats_adapter import codec
+from nats_adapter._engineio.frames import read_text_frame
 
 CHAT_BODY = {"room": "room-1", "text": "hello"}
 
@@ -243,6 +244,8 @@ async def chat_stages(gw: Gateway, table: Table, n: int) -> None:
 
     g = "chat"
     await table.add(g, "websocket frame parse (wsproto)", lambda: sync(parse))
+    await table.add(g, "websocket frame parse (lean: a one-frame text message)", lambda: sync(
+        lambda: read_text_frame(frame, 0, 1 << 16)))
     await table.add(g, "engine.io decode", lambda: sync(
         lambda: eio_packet.Packet(encoded_packet=event)))
     await table.add(g, "Socket.IO decode (JSON, checks)", lambda: sync(
