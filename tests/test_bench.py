@@ -152,6 +152,41 @@ def test_a_run_that_misdelivers_or_refuses_fails() -> None:
     assert rep.faults({"results": {"nats": {"fanout": clean}}}) == []
 
 
+def test_a_refused_join_in_any_scenario_fails_the_run_and_is_reported() -> None:
+    """A join the gateways refused (set-up or churn) leaves the scenario measuring
+    rooms other than it set up: the run fails, and the report says where."""
+    from tools.bench import report as rep
+
+    clean = {"lost": 0, "duplicated": 0, "misdelivered": 0, "failures": 0}
+    results = {"nats": {"many-rooms": {**clean, "joins_refused": 4},
+                        "churn": {**clean, "joins_refused": 0}},
+               "node-peer": {"many-rooms": {**clean, "joins_refused": 1}}}
+    assert rep.faults({"results": results}) == [
+        "many-rooms on nats: 4 joins or leaves refused",
+        "many-rooms on node-peer: 1 joins or leaves refused"]
+    for backend in results.values():
+        for scenario in backend.values():
+            scenario["wasted_receptions"] = 0
+    text = rep.markdown({"results": results})
+    assert "churn (nats) 0; many-rooms (nats) 4; many-rooms (node-peer) 1." in text
+
+
+def test_the_load_generator_counts_refused_joins_and_leaves() -> None:
+    from tools.bench.harness import LoadGenProcess
+
+    replies = iter([{"failures": 2}, {"failures": 3}, {"failures": 0, "churn": {"failures": 1}},
+                    {"failures": 1}])
+    lg = LoadGenProcess.__new__(LoadGenProcess)  # no process: its replies are given
+    lg.joins_refused = 0
+    lg.send = lambda **cmd: None  # type: ignore[method-assign]
+    lg.reply = lambda: next(replies)  # type: ignore[method-assign]
+    lg.call(op="join", pairs=[])
+    lg.call(op="join", pairs=[], leave=True)
+    lg.call(op="churn")
+    lg.call(op="paced", plan=[])  # a chat refused is not a join refused
+    assert lg.joins_refused == 6
+
+
 def test_a_wasted_count_the_broker_disputes_is_flagged() -> None:
     from tools.bench import report as rep
 

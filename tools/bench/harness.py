@@ -62,10 +62,18 @@ class LoadGenProcess:
             [sys.executable, "-m", "tools.bench.loadgen"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, bufsize=1, cwd=REPO_ROOT,
         )
+        #: joins (and leaves) the gateways refused, in any command since the start:
+        #: a scenario with one measures rooms that are not what it set up
+        self.joins_refused = 0
 
     def call(self, **cmd: Any) -> dict[str, Any]:
         self.send(**cmd)
-        return self.reply()
+        reply = self.reply()
+        if cmd.get("op") == "join":
+            self.joins_refused += int(reply.get("failures", 0))
+        elif cmd.get("op") == "churn":
+            self.joins_refused += int(reply.get("churn", {}).get("failures", 0))
+        return reply
 
     def send(self, **cmd: Any) -> None:
         """Send a command; :meth:`reply` reads its answer (other generators may run

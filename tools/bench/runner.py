@@ -481,7 +481,10 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
                 wait_gateways(gws)
                 for scenario in group:
                     log(f"{backend}: {scenario} on {count} gateways")
+                    refused = lg.joins_refused
                     results[scenario] = SCENARIO_FUNCS[scenario][1](lg, gws, broker, p)
+                    # set-up joins included: they fail the run (tools/bench/report.py)
+                    results[scenario]["joins_refused"] = lg.joins_refused - refused
             finally:
                 lg.stop()
                 stop_all([g.child for g in gws])
