@@ -78,10 +78,10 @@ def markdown(report: dict[str, Any]) -> str:
         )
     if len(lines) == 2:
         lines = []  # no scenario of this table ran (a scale-only run)
-    joins = [f"{scenario} ({backend}) {c.total((backend, scenario, 'joins_refused'))}"
-             for backend, scenarios in sorted(results.items())
-             for scenario in sorted(scenarios)
-             if runs.values(c.runs, (backend, scenario, "joins_refused"))]
+    joins = [f"{scenario} ({backend}) {c.total((*path, 'joins_refused'))}"
+             for scenario, backend, path in sorted(phase_paths(results),
+                                                   key=lambda r: (r[1], r[0]))
+             if runs.values(c.runs, (*path, "joins_refused"))]
     if joins:
         lines += ["", "Joins and leaves refused, set-up included, all runs (any fails the "
                   "run): " + "; ".join(joins) + "."]
@@ -216,12 +216,10 @@ def faults(report: dict[str, Any]) -> list[str]:
                 out.append(f"{_run_label(n, every)}{scenario} on {backend}: "
                            + ", ".join(f"{v} {k.replace('failures', 'refused').replace('_', ' ')}"
                                        for k, v in bad.items()))
-        for backend, scenarios in results.items():
-            for scenario, result in scenarios.items():
-                refused = result.get("joins_refused") if isinstance(result, dict) else None
-                if refused:
-                    out.append(f"{_run_label(n, every)}{scenario} on {backend}: {refused} "
-                               "joins or leaves refused")
+        for scenario, backend, f in phase_rows(results):
+            if f.get("joins_refused"):
+                out.append(f"{_run_label(n, every)}{scenario} on {backend}: "
+                           f"{f['joins_refused']} joins or leaves refused")
     return out + recovery_report.faults(report) + [
         f"{_run_label(n, every)}{fault}" for n, results in enumerate(every)
         for fault in no_affinity.faults(results)]
