@@ -127,6 +127,22 @@ def test_quick_bench_runs_the_node_peer_and_it_loses_nothing(tmp_path: Path) -> 
     assert "| node-peer |" in (out / "results.md").read_text()
 
 
+def test_the_fanout_window_keeps_that_many_chats_of_a_sender_in_flight(
+        tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "bench", "--quick", "--backends",
+                           "nats", "--scenarios", "fanout", "--fanout-window", "4",
+                           "--output", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert report["scenarios"]["fanout"]["window"] == 4
+    figures = report["results"]["nats"]["fanout"]
+    assert figures["delivered"] == figures["expected"] > 0
+    assert figures["lost"] == figures["duplicated"] == figures["failures"] == 0
+    assert figures["joins_refused"] == 0
+
+
 def test_without_matplotlib_the_report_is_written_without_charts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tools.bench import report as rep

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the no-affinity scenario's gateways: a websocket upgrade that "
                              "lands on a gateway other than its session's moves the session "
                              "there (on), or is spliced to the owner (off)"),
+    parser.add_argument("--fanout-window", type=int, default=1, metavar="N",
+                        help="chats each fan-out sender keeps in flight (default 1: the "
+                             "next after the ack; 4 and 8 are what other harnesses use)")
     parser.add_argument("--idle-sockets", type=int, default=None, metavar="N",
                         help="sockets in the idle scenario (default 10000, --quick 300); "
                              "each load generator process holds at most 15000")
@@ -76,8 +79,11 @@ def run(args: argparse.Namespace) -> int:
     if count < 1:
         print("gateway bench: error: --runs must be at least 1", file=sys.stderr)
         return 2
+    if args.fanout_window < 1:
+        print("gateway bench: error: --fanout-window must be at least 1", file=sys.stderr)
+        return 2
     params = Params(quick=args.quick, seed=args.seed, idle_many=args.idle_sockets,
-                    upgrade_move=args.upgrade_move == "on")
+                    upgrade_move=args.upgrade_move == "on", fanout_window=args.fanout_window)
     problem = rep.charts_problem()
     if problem is not None:  # said before the run, not after it
         log(f"warning: {problem}")

@@ -131,6 +131,9 @@ class Params:
     def fanout_messages(self) -> int:  # per sender
         return 5 if self.quick else 100
 
+    #: chats of each fan-out sender in flight at once (1: the next after the ack)
+    fanout_window: int = 1
+
     @property
     def rooms(self) -> int:
         return 40 if self.quick else 1000

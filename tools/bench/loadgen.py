@@ -491,8 +491,9 @@ class LoadGen:
         self.sent[ack["id"]] = Sent(i, room, send_ns, time.monotonic_ns(), send_wall_ns)
         return True
 
-    async def burst(self, plan: list[tuple[int, str, int]], text: str) -> int:
-        """Each (sender, room, n): n chats, each after the previous one's ack."""
+    async def burst(self, plan: list[tuple[int, str, int]], text: str, window: int = 1) -> int:
+        """Each (sender, room, n): n chats, each after an ack, with ``window`` chats of
+        a sender in flight at once (1: each after the previous one's ack)."""
         failures = 0
 
         async def sender(i: int, room: str, n: int) -> None:
@@ -501,7 +502,8 @@ class LoadGen:
                 if not await self.send_one(i, room, text):
                     failures += 1
 
-        await asyncio.gather(*(sender(i, r, n) for i, r, n in plan))
+        await asyncio.gather(*(sender(i, r, n // window + (k < n % window))
+                               for i, r, n in plan for k in range(window)))
         return failures
 
     async def paced(self, plan: list[tuple[float, int, str]], text: str) -> int:
@@ -815,7 +817,7 @@ async def serve() -> None:
             elif op == "burst":
                 t0 = time.monotonic()
                 failures = await gen.burst([tuple(p) for p in cmd["plan"]],
-                                           cmd.get("text", "hello"))
+                                           cmd.get("text", "hello"), cmd.get("window", 1))
                 sent_s = time.monotonic() - t0
                 await gen.settle(cmd.get("timeout", 60))
                 reply({"failures": failures, "send_seconds": round(sent_s, 4),

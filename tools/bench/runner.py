@@ -129,7 +129,10 @@ def describe(p: Params) -> dict[str, dict[str, Any]]:
         "reference": {"gateways": 3, "users": p.reference_users, "chats_per_user": 3,
                       "phases": "one room; then 10 rooms, each on one gateway only"},
         "fanout": {"gateways": 2, "members": p.fanout_members, "senders": p.fanout_senders,
-                   "messages_per_sender": p.fanout_messages, "pacing": "next send on ack",
+                   "messages_per_sender": p.fanout_messages,
+                   "pacing": "next send on ack" if p.fanout_window == 1 else
+                   f"{p.fanout_window} chats of each sender in flight, the next on an ack",
+                   "window": p.fanout_window,
                    "clients": "websocket from the start"},
         "fanout-upgrade": {"as": "fanout", "clients": "polling, then upgrade to websocket "
                            "(socket.io-client's default)"},
@@ -194,7 +197,8 @@ def scenario_fanout(lg: LoadGenProcess, gws: list[GatewayNode], broker: Broker,
         lg.call(op="burst", plan=[[i, "fanout", 1] for i in range(p.fanout_senders)])
     before = snapshot(gws, broker)
     res = lg.call(op="burst", plan=[[i, "fanout", p.fanout_messages]
-                                    for i in range(p.fanout_senders)], timeout=120)
+                                    for i in range(p.fanout_senders)], timeout=120,
+                  window=p.fanout_window)
     out = measure(before, snapshot(gws, broker), res)
     lg.call(op="close")
     return out
