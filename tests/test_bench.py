@@ -143,6 +143,23 @@ def test_the_fanout_window_keeps_that_many_chats_of_a_sender_in_flight(
     assert figures["joins_refused"] == 0
 
 
+def test_clients_that_offer_deflate_are_served_by_every_backend(tmp_path: Path) -> None:
+    """``--client-deflate``: the clients offer permessage-deflate as browsers do;
+    stock accepts it (and pays for it), ours declines; nothing is lost either way."""
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "gateway", "bench", "--quick", "--backends",
+                           "nats,stock-redis", "--scenarios", "fanout", "--client-deflate",
+                           "--output", str(out)], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "results.json").read_text())
+    assert "offered" in report["scenarios"]["fanout"]["client_deflate"]
+    for backend in ("nats", "stock-redis"):
+        figures = report["results"][backend]["fanout"]
+        assert figures["delivered"] == figures["expected"] > 0, backend
+        assert figures["lost"] == figures["duplicated"] == figures["failures"] == 0
+
+
 def test_without_matplotlib_the_report_is_written_without_charts(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tools.bench import report as rep

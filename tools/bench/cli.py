@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fanout-window", type=int, default=1, metavar="N",
                         help="chats each fan-out sender keeps in flight (default 1: the "
                              "next after the ack; 4 and 8 are what other harnesses use)")
+    parser.add_argument("--client-deflate", action="store_true",
+                        help="the delivery scenarios' clients offer permessage-deflate, as "
+                             "browsers do (a server that accepts it pays for it; ours and "
+                             "the Node peer decline)")
     parser.add_argument("--idle-sockets", type=int, default=None, metavar="N",
                         help="sockets in the idle scenario (default 10000, --quick 300); "
                              "each load generator process holds at most 15000")
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         print("gateway bench: error: --fanout-window must be at least 1", file=sys.stderr)
         return 2
     params = Params(quick=args.quick, seed=args.seed, idle_many=args.idle_sockets,
-                    upgrade_move=args.upgrade_move == "on", fanout_window=args.fanout_window)
+                    upgrade_move=args.upgrade_move == "on", fanout_window=args.fanout_window,
+                    client_deflate=args.client_deflate)
     problem = rep.charts_problem()
     if problem is not None:  # said before the run, not after it
         log(f"warning: {problem}")

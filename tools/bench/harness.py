@@ -57,7 +57,9 @@ def metrics(url: str) -> dict[str, float]:
 
 
 class LoadGenProcess:
-    def __init__(self) -> None:
+    def __init__(self, deflate: bool = False) -> None:
+        #: whether its sockets offer permessage-deflate unless a connect says otherwise
+        self.deflate = deflate
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tools.bench.loadgen"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, bufsize=1, cwd=REPO_ROOT,
@@ -67,6 +69,8 @@ class LoadGenProcess:
         self.joins_refused = 0
 
     def call(self, **cmd: Any) -> dict[str, Any]:
+        if cmd.get("op") == "connect":
+            cmd.setdefault("deflate", self.deflate)
         self.send(**cmd)
         reply = self.reply()
         if cmd.get("op") == "join":
@@ -133,6 +137,8 @@ class Params:
 
     #: chats of each fan-out sender in flight at once (1: the next after the ack)
     fanout_window: int = 1
+    #: the delivery scenarios' clients offer permessage-deflate, as browsers do
+    client_deflate: bool = False
 
     @property
     def rooms(self) -> int:

@@ -121,6 +121,14 @@ def measure(before: Snapshot, after: Snapshot, result: dict[str, Any]) -> dict[s
 
 
 def describe(p: Params) -> dict[str, dict[str, Any]]:
+    described = _describe(p)
+    if p.client_deflate:  # the scenarios the runner's load generator connects
+        for name in (*JOINS_COUNTED, "reference", "cluster-api"):
+            described[name]["client_deflate"] = "offered (permessage-deflate), as browsers do"
+    return described
+
+
+def _describe(p: Params) -> dict[str, dict[str, Any]]:
     from .scale import ScaleParams
 
     return {
@@ -487,7 +495,7 @@ def run_backend(backend: str, scenarios: list[str], workdir: Path, p: Params
             if not group:
                 continue
             gws: list[GatewayNode] = []
-            lg = LoadGenProcess()
+            lg = LoadGenProcess(deflate=p.client_deflate)
             try:
                 for i in range(count):
                     gws.append(start_bench_gateway(broker, workdir / backend,
