@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 from .. import compat
 from .._logging import ThrottledLog
 from .base import Broker, BrokerError, BrokerHandler, BrokerUnconfirmed, FirstConnect, MessageStore
+from .gaps import GapRepair
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +210,11 @@ class NatsBroker(Broker):
         self.reconnect_buffer_overflows = 0
         self._log = ThrottledLog(logger)
         self._warned_no_socket = False
+        #: stored traffic delivered live in order, gaps repaired (with a message store)
+        self._gaps: GapRepair | None = None
+        self._live_prefix = ""
+        self._tail: Callable[[str], Awaitable[int | None]] | None = None
+        self._tail_check: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -270,11 +276,19 @@ class NatsBroker(Broker):
         # a stored message, re-published with its sequence; anyone may set the header,
         # so the core believes it only on the store's own subjects, and one that is not
         # a number is no sequence at all
-        raw = headers.get("Nats-Sequence") if headers else None
-        if raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 20:
-            await self._handler.on_message(msg.subject, msg.data, int(raw))
-        else:
+        seq = _sequence(headers.get("Nats-Sequence")) if headers else None
+        if seq is None:
             await self._handler.on_message(msg.subject, msg.data)
+        elif self._gaps is not None and msg.subject.startswith(self._live_prefix):
+            assert headers is not None  # a stored copy: in order, gaps repaired
+            await self._gaps.arrive(msg.subject, seq,
+                                    _sequence(headers.get("Nats-Last-Sequence")), msg.data)
+        else:
+            await self._handler.on_message(msg.subject, msg.data, seq)
+
+    async def _deliver_stored(self, subject: str, data: bytes, seq: int) -> None:
+        assert self._handler is not None
+        await self._handler.on_message(subject, data, seq)
 
     async def _confirm(self, nc: Client) -> None:
         """Wait for the server to have processed everything sent so far (a PING/PONG).
@@ -366,6 +380,8 @@ class NatsBroker(Broker):
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
+        if self._gaps is not None:
+            self._gaps.forget(channel)
         sub = self._subs.pop(channel, None)
         if sub is None or self._nc is None or self._nc.is_closed:
             return
@@ -389,6 +405,10 @@ class NatsBroker(Broker):
     async def close(self) -> None:
         self._closing = True
         await self._first_connect.cancel()
+        if self._tail_check is not None:
+            self._tail_check.cancel()
+        if self._gaps is not None:
+            await self._gaps.close()
         self._drop_round_trips()
         nc, self._nc = self._nc, None
         inbox, self._inbox = self._inbox, None
@@ -409,7 +429,17 @@ class NatsBroker(Broker):
 
         if self._nc is None or self._nc.is_closed:
             raise BrokerError("no NATS connection for JetStream")
-        return NatsMessageStore(self._nc, prefix, window)
+        store = NatsMessageStore(self._nc, prefix, window)
+        # stored copies come back live on {prefix}.live.>: delivered in order per subject,
+        # what went missing on the way read back from the store (nats_adapter.brokers.gaps)
+        self._gaps = GapRepair(store.read_range, self._deliver_stored, store.report_lost,
+                               store.retention)
+        self._live_prefix = f"{prefix}.live."
+        self._tail = store.last_sequence
+        return store
+
+    def repairs(self) -> dict[str, int]:
+        return self._gaps.stats() if self._gaps is not None else {}
 
     def losses(self) -> dict[str, int]:
         return {"slow_consumer": self.slow_consumer_drops,
@@ -457,6 +487,12 @@ class NatsBroker(Broker):
             self._limit_unacked_time(self._nc)
         if self._handler is not None:
             self._handler.on_connection_state(True)
+        if self._gaps is not None and self._tail is not None:
+            # what was stored while this connection was down never came live: read it
+            if self._tail_check is not None:
+                self._tail_check.cancel()
+            self._tail_check = asyncio.get_running_loop().create_task(
+                self._gaps.check_tails(self._tail))
 
     async def _closed_cb(self) -> None:
         if self._handler is not None and not self._closing:
@@ -471,6 +507,13 @@ class NatsBroker(Broker):
             return
         if not self._closing:
             logger.warning("NATS error: %r", exc)
+
+
+def _sequence(raw: str | None) -> int | None:
+    """A sequence header's number; None when absent or not a number."""
+    if raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 20:
+        return int(raw)
+    return None
 
 
 async def _pings(nc: Client, count: int) -> None:

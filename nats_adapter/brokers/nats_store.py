@@ -464,6 +464,32 @@ class NatsMessageStore(MessageStore):
                 peer.name == here and peer.current for peer in cluster.replicas or [])
         return int(info.state.first_seq), int(info.state.last_seq)
 
+    # -- gap repair (see nats_adapter.brokers.gaps) --------------------------------------
+
+    def stored_subject(self, live: str) -> str:
+        """The subject a copy re-published on ``live`` is stored under."""
+        head = f"{self.prefix}.live."
+        if not live.startswith(head):
+            raise ValueError(f"{live!r} is not a live subject of prefix {self.prefix!r}")
+        return f"{self.prefix}.store.{live[len(head):]}"
+
+    async def read_range(self, live: str, after: int, until: int) -> list[tuple[int, bytes]]:
+        """The stored messages of the live subject ``live`` with ``after < sequence <=
+        until``, in order (:meth:`replay`: direct gets, or a consumer)."""
+        return [(seq, data) for seq, _, data in
+                await self.replay([self.stored_subject(live)], after, until)]
+
+    async def last_sequence(self, live: str) -> int | None:
+        """The sequence of the last message stored for the live subject ``live``, as the
+        stream's leader says; None when none is stored."""
+        subject = self.stored_subject(live)
+        try:
+            msg = await self._retrying("cannot read the stream", lambda: self._js.get_last_msg(
+                self.stream, subject, direct=False), within=STORE_ANSWER_WITHIN)
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(msg.seq or 0) or None
+
     async def replay(self, subjects: list[str], after: int, until: int,
                      since: float | None = None) -> list[tuple[int, str, bytes]]:
         if until <= after:

@@ -1,0 +1,284 @@
+"""Gap repair for stored traffic delivered live: every subject's messages in the
+store's order, none missing, none twice.
+
+The message store re-publishes each stored message on its live subject with its
+stream sequence and the sequence of the message stored before it on the same
+subject (nats-server's ``Nats-Sequence`` and ``Nats-Last-Sequence`` headers on a
+re-published copy; 0 when it is the subject's first). A node that remembers the
+last sequence it delivered on a subject can tell that copies went missing on the
+way (a partition, a slow-consumer drop, its own connection re-established): the
+next copy names a predecessor it never delivered.
+
+:class:`GapRepair` then reads the missing range of that subject from the store and
+delivers it before the copy, holding the subject's newer copies meanwhile; other
+subjects carry on. Copies it has delivered (by sequence) are dropped if they come
+again. Where the range is gone (past the store's retention, or dropped early: a
+purge, a size limit), it says so (``lost``) and carries on from the newer copy.
+
+A subject's first copy sets where it starts: what was stored before a node
+subscribed is not its to deliver. Forget a subject when its subscription ends, so
+a later subscription starts afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+#: (live subject, after, until) -> the stored (sequence, data) of that subject with
+#: ``after < sequence <= until``, in order; raises when the store cannot be read
+Fetch = Callable[[str, int, int], Awaitable[list[tuple[int, bytes]]]]
+#: (live subject, data, sequence): hand one message on, in order; must not raise
+Deliver = Callable[[str, bytes, int], Awaitable[None]]
+#: (live subject): messages of it are lost for good
+Lost = Callable[[str], None]
+#: (live subject) -> the sequence of the last message stored on it, None if none
+Tail = Callable[[str], Awaitable["int | None"]]
+
+#: seconds a repair keeps trying to read the store before it calls the range lost
+GIVE_UP_AFTER = 10.0
+#: tail look-ups under way at once after a reconnect
+TAIL_CONCURRENCY = 8
+
+
+@dataclass(slots=True)
+class _Subject:
+    #: the last sequence delivered
+    last: int
+    #: monotonic time of that delivery
+    at: float
+    #: copies waiting for a repair: (sequence, tie-break, predecessor, data); data None
+    #: for a mark that asks to read up to and including the sequence (a tail check)
+    held: list[tuple[int, int, int, bytes | None]] = field(default_factory=list)
+    repairing: bool = False
+
+
+class GapRepair:
+    """Delivers the stored copies of each subject in order, exactly once, repairing
+    gaps from the store (see the module).
+
+    :param fetch: reads a missing range from the store.
+    :param deliver: hands one message on (the node's ingest).
+    :param lost: told of a subject whose missing range cannot be read.
+    :param retention: seconds the store keeps a message at least: a gap over a
+        subject silent for longer may have lost its start.
+    :param give_up_after: seconds a repair tries reading the store before it calls
+        the range lost (the subject's newer copies wait meanwhile).
+    """
+
+    def __init__(self, fetch: Fetch, deliver: Deliver, lost: Lost, retention: float,
+                 give_up_after: float = GIVE_UP_AFTER,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._fetch = fetch
+        self._deliver = deliver
+        self._lost = lost
+        self.retention = retention
+        self.give_up_after = give_up_after
+        self._clock = clock
+        self._subjects: dict[str, _Subject] = {}
+        self._ties = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: gaps seen (a missing range, or messages missing after a reconnect)
+        self.gaps = 0
+        #: messages read from the store and delivered to fill them
+        self.repaired = 0
+        #: gaps whose messages could not be read (past retention, purged, unreadable)
+        self.unrepairable = 0
+        #: copies dropped because their sequence was delivered already
+        self.duplicates = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"gaps_detected": self.gaps, "messages_repaired": self.repaired,
+                "gaps_unrepairable": self.unrepairable, "duplicates_dropped": self.duplicates}
+
+    @property
+    def repairing(self) -> int:
+        """Repairs under way."""
+        return len(self._tasks)
+
+    @property
+    def subjects(self) -> list[str]:
+        return list(self._subjects)
+
+    def last(self, subject: str) -> int | None:
+        """The last sequence delivered on ``subject`` (None: not tracked)."""
+        s = self._subjects.get(subject)
+        return s.last if s is not None else None
+
+    async def arrive(self, subject: str, seq: int, previous: int | None, data: bytes) -> None:
+        """A copy came live: deliver it now, drop it (delivered already), or hold it
+        while the range before it is read from the store."""
+        s = self._subjects.get(subject)
+        if s is None:
+            self._subjects[subject] = _Subject(seq, self._clock())
+            await self._hand_on(subject, data, seq)
+            return
+        if s.repairing:
+            heapq.heappush(s.held, (seq, next(self._ties), previous or 0, data))
+            return
+        if seq <= s.last:
+            self.duplicates += 1
+            return
+        if previous is None or previous <= s.last:
+            await self._in_order(subject, s, seq, previous, data)
+            return
+        self.gaps += 1
+        heapq.heappush(s.held, (seq, next(self._ties), previous, data))
+        self._start(subject, s)
+
+    def expect(self, subject: str, tail: int) -> None:
+        """The store holds messages of ``subject`` up to ``tail``: read what this
+        node has not delivered (after its connection was re-established)."""
+        s = self._subjects.get(subject)
+        if s is None or tail <= s.last:
+            return
+        heapq.heappush(s.held, (tail, next(self._ties), 0, None))
+        if not s.repairing:
+            self.gaps += 1
+            self._start(subject, s)
+
+    async def check_tails(self, tail: Tail) -> None:
+        """Ask the store for every tracked subject's last sequence and read what
+        came after the last one delivered (see :meth:`expect`)."""
+        limit = asyncio.Semaphore(TAIL_CONCURRENCY)
+
+        async def check(subject: str) -> None:
+            async with limit:
+                try:
+                    last = await tail(subject)
+                except Exception as exc:  # the next copy's gap still repairs it
+                    logger.warning("could not read the last message of %s: %r", subject, exc)
+                    return
+            if last is not None:
+                self.expect(subject, last)
+
+        await asyncio.gather(*(check(subject) for subject in self.subjects))
+
+    def forget(self, pattern: str) -> None:
+        """The subscription ``pattern`` (NATS wildcards allowed) ended: forget the
+        subjects it matched (a repair under way stops)."""
+        for subject in [s for s in self._subjects if subject_matches(pattern, s)]:
+            del self._subjects[subject]
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- internals -------------------------------------------------------------------
+
+    async def _in_order(self, subject: str, s: _Subject, seq: int, previous: int | None,
+                        data: bytes) -> None:
+        """Deliver a copy whose predecessor is delivered; a predecessor older than the
+        last one delivered means the subject's history was dropped from the store:
+        within the retention (a purge, a size limit) what came between may be lost."""
+        if previous is not None and previous < s.last \
+                and self._clock() - s.at < self.retention:
+            self._unrepairable(subject, f"the store no longer holds message {s.last} (a "
+                               "purge or a size limit): what came after it may be lost")
+        s.last, s.at = seq, self._clock()
+        await self._hand_on(subject, data, seq)
+
+    def _start(self, subject: str, s: _Subject) -> None:
+        s.repairing = True
+        task = asyncio.get_running_loop().create_task(self._repair(subject, s))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _repair(self, subject: str, s: _Subject) -> None:
+        try:
+            while s.held and self._subjects.get(subject) is s:
+                seq, _, previous, data = heapq.heappop(s.held)
+                if seq <= s.last:
+                    if data is not None:
+                        self.duplicates += 1
+                    continue
+                until = seq if data is None else previous
+                if until > s.last:
+                    await self._fill(subject, s, until)
+                if data is not None and seq > s.last and self._subjects.get(subject) is s:
+                    await self._in_order(subject, s, seq, previous, data)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("repairing a gap on %s failed", subject)
+        finally:
+            s.repairing = False
+            if s.held and self._subjects.get(subject) is s:  # failed: start over
+                self._start(subject, s)
+
+    async def _fill(self, subject: str, s: _Subject, until: int) -> None:
+        """Read and deliver ``subject``'s messages after ``s.last`` up to ``until``
+        (which must be among them); the range is lost when it cannot be."""
+        after = s.last
+        if self._clock() - s.at > self.retention:
+            self._unrepairable(subject, f"messages {after + 1}-{until}: the subject was "
+                               "silent longer than the store keeps messages")
+            s.last = until
+            return
+        deadline = self._clock() + self.give_up_after
+        delay = 0.1
+        while True:
+            try:
+                async with asyncio.timeout(max(0.1, deadline - self._clock())):
+                    found = await self._fetch(subject, after, until)
+                break
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self._clock() + delay >= deadline:
+                    self._unrepairable(subject, f"messages {after + 1}-{until} could not be "
+                                       f"read from the store: {exc!r}")
+                    s.last = until
+                    return
+                logger.info("reading messages %d-%d of %s failed (%r); trying again",
+                            after + 1, until, subject, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if not found or found[-1][0] != until:
+            self._unrepairable(subject, f"messages {after + 1}-{until}: the store no "
+                               "longer holds them")
+            s.last = until
+            return
+        for seq, data in found:
+            if seq <= s.last or self._subjects.get(subject) is not s:
+                continue
+            s.last, s.at = seq, self._clock()
+            self.repaired += 1
+            await self._hand_on(subject, data, seq)
+        logger.info("repaired a gap on %s: messages %d-%d", subject, after + 1, until)
+
+    def _unrepairable(self, subject: str, why: str) -> None:
+        self.unrepairable += 1
+        logger.warning("lost stored messages on %s: %s", subject, why)
+        try:
+            self._lost(subject)
+        except Exception:
+            logger.exception("reporting the loss on %s failed", subject)
+
+    async def _hand_on(self, subject: str, data: bytes, seq: int) -> None:
+        try:
+            await self._deliver(subject, data, seq)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # the handler should not raise; the rest still goes on
+            logger.exception("delivering message %d on %s failed", seq, subject)
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether the NATS subscription ``pattern`` (``*`` one token, ``>`` the rest)
+    matches ``subject``."""
+    wanted, tokens = pattern.split("."), subject.split(".")
+    for i, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or (token != "*" and token != tokens[i]):
+            return False
+    return len(tokens) == len(wanted)
