@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 #: (live subject, after, until) -> the stored (sequence, data) of that subject with
-#: ``after < sequence <= until``, in order; raises when the store cannot be read
+#: ``after < sequence <= until``, in order; raises :class:`RangeLost` when the store
+#: no longer holds every message after ``after``, another error when it cannot be read
 Fetch = Callable[[str, int, int], Awaitable[list[tuple[int, bytes]]]]
 #: (live subject, data, sequence): hand one message on, in order; must not raise
 Deliver = Callable[[str, bytes, int], Awaitable[None]]
@@ -46,6 +47,10 @@ Tail = Callable[[str], Awaitable["int | None"]]
 GIVE_UP_AFTER = 10.0
 #: tail look-ups under way at once after a reconnect
 TAIL_CONCURRENCY = 8
+
+
+class RangeLost(Exception):
+    """The store no longer holds some of the messages asked for (their start)."""
 
 
 @dataclass(slots=True)
@@ -232,6 +237,10 @@ class GapRepair:
                 break
             except asyncio.CancelledError:
                 raise
+            except RangeLost as exc:
+                self._unrepairable(subject, f"messages {after + 1}-{until}: {exc}")
+                s.last = until
+                return
             except Exception as exc:
                 if self._clock() + delay >= deadline:
                     self._unrepairable(subject, f"messages {after + 1}-{until} could not be "

@@ -42,6 +42,7 @@ from nats.js import api
 
 from .. import compat
 from .base import BrokerError, BrokerUnconfirmed, MessageStore
+from .gaps import RangeLost
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -475,9 +476,16 @@ class NatsMessageStore(MessageStore):
 
     async def read_range(self, live: str, after: int, until: int) -> list[tuple[int, bytes]]:
         """The stored messages of the live subject ``live`` with ``after < sequence <=
-        until``, in order (:meth:`replay`: direct gets, or a consumer)."""
-        return [(seq, data) for seq, _, data in
-                await self.replay([self.stored_subject(live)], after, until)]
+        until``, in order (:meth:`replay`: direct gets, or a consumer); raises
+        :class:`~nats_adapter.brokers.gaps.RangeLost` when the stream no longer holds
+        every message after ``after`` (expired, purged, over its size limit): which of
+        them were on ``live`` cannot be told any more."""
+        found = [(seq, data) for seq, _, data in
+                 await self.replay([self.stored_subject(live)], after, until)]
+        first, _ = await self.bounds()
+        if first > after + 1:
+            raise RangeLost(f"the stream starts at message {first} now")
+        return found
 
     async def last_sequence(self, live: str) -> int | None:
         """The sequence of the last message stored for the live subject ``live``, as the

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from nats_adapter.brokers.gaps import GapRepair, subject_matches
+from nats_adapter.brokers.gaps import GapRepair, RangeLost, subject_matches
 from tests.helpers import wait_for_condition
 
 A, B = "sio.live.room._2F.a", "sio.live.room._2F.b"
@@ -23,6 +23,8 @@ class Store:
         self.gate: asyncio.Event | None = None
         self.fetches: list[tuple[str, int, int]] = []
         self.failures = 0
+        #: the first sequence still stored (older ones expired or purged)
+        self.first = 1
 
     def store(self, subject: str) -> tuple[int, int, bytes]:
         """Store one message: its copy as it comes live (seq, previous, data)."""
@@ -36,6 +38,7 @@ class Store:
     def purge(self) -> None:
         self.messages.clear()
         self.last.clear()
+        self.first = self.seq + 1
 
     async def fetch(self, subject: str, after: int, until: int) -> list[tuple[int, bytes]]:
         self.fetches.append((subject, after, until))
@@ -44,6 +47,8 @@ class Store:
         if self.failures:
             self.failures -= 1
             raise ConnectionError("the store did not answer")
+        if self.first > after + 1:
+            raise RangeLost(f"the stream starts at {self.first}")
         return sorted((s, d) for s, d in self.messages.get(subject, {}).items()
                       if after < s <= until)
 
@@ -155,6 +160,17 @@ async def test_a_range_the_store_no_longer_holds_is_reported_lost(store: Store) 
     await node.settled()
     assert node.seqs() == [1, 3]
     assert node.lost == [A] and node.gaps.unrepairable == 1
+
+
+async def test_a_range_whose_start_is_gone_is_reported_lost(store: Store) -> None:
+    node = Node(store)
+    await node.gaps.arrive(A, *store.store(A))
+    store.store(A)  # lost on the way, then purged; then one more lost, and one more
+    store.purge()
+    store.store(A)
+    await node.gaps.arrive(A, *store.store(A))
+    await node.settled()
+    assert node.seqs() == [1, 4] and node.lost == [A] and node.gaps.repaired == 0
 
 
 async def test_a_purged_subject_is_reported_lost_within_the_retention(store: Store) -> None:
