@@ -49,6 +49,10 @@ GIVE_UP_AFTER = 10.0
 TAIL_CONCURRENCY = 8
 
 
+#: what to do with a copy (GapRepair._step)
+_DUPLICATE, _DELIVER = object(), object()
+
+
 class RangeLost(Exception):
     """The store no longer holds some of the messages asked for (their start)."""
 
@@ -61,7 +65,7 @@ class _Subject:
     at: float
     #: copies waiting for a repair: (sequence, tie-break, predecessor, data); data None
     #: for a mark that asks to read up to and including the sequence (a tail check)
-    held: list[tuple[int, int, int, bytes | None]] = field(default_factory=list)
+    held: list[tuple[int, int, int | None, bytes | None]] = field(default_factory=list)
     repairing: bool = False
 
 
@@ -126,17 +130,17 @@ class GapRepair:
             await self._hand_on(subject, data, seq)
             return
         if s.repairing:
-            heapq.heappush(s.held, (seq, next(self._ties), previous or 0, data))
+            heapq.heappush(s.held, (seq, next(self._ties), previous, data))
             return
-        if seq <= s.last:
+        step = self._step(s, seq, previous, data)
+        if step is _DUPLICATE:
             self.duplicates += 1
-            return
-        if previous is None or previous <= s.last:
-            await self._in_order(subject, s, seq, previous, data)
-            return
-        self.gaps += 1
-        heapq.heappush(s.held, (seq, next(self._ties), previous, data))
-        self._start(subject, s)
+        elif step is _DELIVER:
+            await self._in_order(subject, s, seq, data)
+        else:
+            self.gaps += 1
+            heapq.heappush(s.held, (seq, next(self._ties), previous, data))
+            self._start(subject, s)
 
     def expect(self, subject: str, tail: int) -> None:
         """The store holds messages of ``subject`` up to ``tail``: read what this
@@ -144,7 +148,7 @@ class GapRepair:
         s = self._subjects.get(subject)
         if s is None or tail <= s.last:
             return
-        heapq.heappush(s.held, (tail, next(self._ties), 0, None))
+        heapq.heappush(s.held, (tail, next(self._ties), None, None))
         if not s.repairing:
             self.gaps += 1
             self._start(subject, s)
@@ -179,15 +183,28 @@ class GapRepair:
 
     # -- internals -------------------------------------------------------------------
 
-    async def _in_order(self, subject: str, s: _Subject, seq: int, previous: int | None,
-                        data: bytes) -> None:
-        """Deliver a copy whose predecessor is delivered; a predecessor older than the
-        last one delivered means the subject's history was dropped from the store:
-        within the retention (a purge, a size limit) what came between may be lost."""
-        if previous is not None and previous < s.last \
-                and self._clock() - s.at < self.retention:
-            self._unrepairable(subject, f"the store no longer holds message {s.last} (a "
-                               "purge or a size limit): what came after it may be lost")
+    def _step(self, s: _Subject, seq: int, previous: int | None, data: bytes | None
+              ) -> object | tuple[int, bool]:
+        """What to do with a copy (or a tail mark, ``data`` None): _DUPLICATE,
+        _DELIVER, or (until, required): first read the subject's messages after
+        ``s.last`` up to ``until``, among which ``until`` must be when ``required``."""
+        if seq <= s.last:
+            return _DUPLICATE
+        if data is None:
+            return seq, True  # a tail mark: everything up to the tail
+        if previous is None or previous == s.last:
+            return _DELIVER
+        if previous > s.last:
+            return previous, True  # copies went missing on the way
+        # A predecessor older than the last one delivered: the subject's history was
+        # dropped from the store. Expired (silent past the retention) there is nothing
+        # to tell; else (a purge, a size limit) the store says whether anything after
+        # the last one delivered is gone.
+        if self._clock() - s.at >= self.retention:
+            return _DELIVER
+        return seq - 1, False
+
+    async def _in_order(self, subject: str, s: _Subject, seq: int, data: bytes) -> None:
         s.last, s.at = seq, self._clock()
         await self._hand_on(subject, data, seq)
 
@@ -201,15 +218,16 @@ class GapRepair:
         try:
             while s.held and self._subjects.get(subject) is s:
                 seq, _, previous, data = heapq.heappop(s.held)
-                if seq <= s.last:
-                    if data is not None:
-                        self.duplicates += 1
-                    continue
-                until = seq if data is None else previous
-                if until > s.last:
-                    await self._fill(subject, s, until)
-                if data is not None and seq > s.last and self._subjects.get(subject) is s:
-                    await self._in_order(subject, s, seq, previous, data)
+                step = self._step(s, seq, previous, data)
+                if isinstance(step, tuple):
+                    await self._fill(subject, s, *step)
+                    if data is None or self._subjects.get(subject) is not s:
+                        continue
+                    step = self._step(s, seq, s.last, data)  # the range before it is done
+                if step is _DUPLICATE:
+                    self.duplicates += data is not None
+                elif step is _DELIVER and data is not None:
+                    await self._in_order(subject, s, seq, data)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -219,11 +237,12 @@ class GapRepair:
             if s.held and self._subjects.get(subject) is s:  # failed: start over
                 self._start(subject, s)
 
-    async def _fill(self, subject: str, s: _Subject, until: int) -> None:
+    async def _fill(self, subject: str, s: _Subject, until: int, required: bool) -> None:
         """Read and deliver ``subject``'s messages after ``s.last`` up to ``until``
-        (which must be among them); the range is lost when it cannot be."""
+        (which must be among them when ``required``); the range is lost when it
+        cannot be. Either way ``s.last`` is ``until`` after."""
         after = s.last
-        if self._clock() - s.at > self.retention:
+        if required and self._clock() - s.at > self.retention:
             self._unrepairable(subject, f"messages {after + 1}-{until}: the subject was "
                                "silent longer than the store keeps messages")
             s.last = until
@@ -251,7 +270,7 @@ class GapRepair:
                             after + 1, until, subject, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
-        if not found or found[-1][0] != until:
+        if required and (not found or found[-1][0] != until):
             self._unrepairable(subject, f"messages {after + 1}-{until}: the store no "
                                "longer holds them")
             s.last = until
@@ -262,7 +281,10 @@ class GapRepair:
             s.last, s.at = seq, self._clock()
             self.repaired += 1
             await self._hand_on(subject, data, seq)
-        logger.info("repaired a gap on %s: messages %d-%d", subject, after + 1, until)
+        s.last = max(s.last, until)
+        if found:
+            logger.info("repaired a gap on %s: %d message(s) of %d-%d", subject, len(found),
+                        after + 1, until)
 
     def _unrepairable(self, subject: str, why: str) -> None:
         self.unrepairable += 1

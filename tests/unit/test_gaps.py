@@ -179,7 +179,18 @@ async def test_a_purged_subject_is_reported_lost_within_the_retention(store: Sto
     store.store(A)  # lost on the way, then purged: the next copy names no predecessor
     store.purge()
     await node.gaps.arrive(A, *store.store(A))
+    await node.settled()
     assert node.seqs() == [1, 3] and node.lost == [A]
+
+
+async def test_a_purge_after_every_message_was_delivered_loses_nothing(store: Store) -> None:
+    node = Node(store)
+    await node.gaps.arrive(A, *store.store(A))
+    await node.gaps.arrive(A, *store.store(A))
+    store.purge()
+    await node.gaps.arrive(A, *store.store(A))
+    await node.settled()
+    assert node.seqs() == [1, 2, 3] and node.lost == []
 
 
 async def test_a_subject_silent_past_the_retention_starts_again_quietly(store: Store) -> None:
