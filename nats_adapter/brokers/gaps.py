@@ -17,7 +17,9 @@ purge, a size limit), it says so (``lost``) and carries on from the newer copy.
 
 A subject's first copy sets where it starts: what was stored before a node
 subscribed is not its to deliver. Forget a subject when its subscription ends, so
-a later subscription starts afresh.
+a later subscription starts afresh. A subject silent for longer than the store
+keeps messages starts afresh too (and is forgotten meanwhile): a copy lost right
+after such a silence is not seen.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ class GapRepair:
     :param fetch: reads a missing range from the store.
     :param deliver: hands one message on (the node's ingest).
     :param lost: told of a subject whose missing range cannot be read.
-    :param retention: seconds the store keeps a message at least: a gap over a
-        subject silent for longer may have lost its start.
+    :param retention: seconds the store keeps a message at least: a subject silent
+        for longer starts afresh with its next copy (what came before is gone).
     :param give_up_after: seconds a repair tries reading the store before it calls
         the range lost (the subject's newer copies wait meanwhile).
     """
@@ -94,6 +96,8 @@ class GapRepair:
         self._subjects: dict[str, _Subject] = {}
         self._ties = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: when subjects silent past the retention are next forgotten (see _sweep)
+        self._next_sweep = clock() + retention / 4
         #: gaps seen (a missing range, or messages missing after a reconnect)
         self.gaps = 0
         #: messages read from the store and delivered to fill them
@@ -125,8 +129,11 @@ class GapRepair:
         """A copy came live: deliver it now, drop it (delivered already), or hold it
         while the range before it is read from the store."""
         s = self._subjects.get(subject)
-        if s is None:
-            self._subjects[subject] = _Subject(seq, self._clock())
+        if s is None or self._silent(s):
+            now = self._clock()
+            if now >= self._next_sweep:
+                self._sweep(now)
+            self._subjects[subject] = _Subject(seq, now)
             await self._hand_on(subject, data, seq)
             return
         if s.repairing:
@@ -146,7 +153,7 @@ class GapRepair:
         """The store holds messages of ``subject`` up to ``tail``: read what this
         node has not delivered (after its connection was re-established)."""
         s = self._subjects.get(subject)
-        if s is None or tail <= s.last:
+        if s is None or tail <= s.last or self._silent(s):
             return
         heapq.heappush(s.held, (tail, next(self._ties), None, None))
         if not s.repairing:
@@ -173,6 +180,9 @@ class GapRepair:
     def forget(self, pattern: str) -> None:
         """The subscription ``pattern`` (NATS wildcards allowed) ended: forget the
         subjects it matched (a repair under way stops)."""
+        if "*" not in pattern and ">" not in pattern:
+            self._subjects.pop(pattern, None)
+            return
         for subject in [s for s in self._subjects if subject_matches(pattern, s)]:
             del self._subjects[subject]
 
@@ -197,16 +207,27 @@ class GapRepair:
         if previous > s.last:
             return previous, True  # copies went missing on the way
         # A predecessor older than the last one delivered: the subject's history was
-        # dropped from the store. Expired (silent past the retention) there is nothing
-        # to tell; else (a purge, a size limit) the store says whether anything after
-        # the last one delivered is gone.
-        if self._clock() - s.at >= self.retention:
-            return _DELIVER
+        # dropped from the store (a purge, a size limit): the store says whether
+        # anything after the last one delivered is gone
         return seq - 1, False
+
+    def _silent(self, s: _Subject) -> bool:
+        """Whether nothing was delivered on the subject for longer than the store keeps
+        messages: what came before is gone from the store, so it starts afresh."""
+        return not s.repairing and self._clock() - s.at > self.retention
 
     async def _in_order(self, subject: str, s: _Subject, seq: int, data: bytes) -> None:
         s.last, s.at = seq, self._clock()
         await self._hand_on(subject, data, seq)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the subjects silent past the retention (a wildcard subscription's,
+        such as the sockets' own subjects, are never unsubscribed one by one): their
+        next copy starts them afresh, as it would find nothing to read back anyway."""
+        self._next_sweep = now + self.retention / 4
+        for subject, s in list(self._subjects.items()):
+            if self._silent(s):
+                del self._subjects[subject]
 
     def _start(self, subject: str, s: _Subject) -> None:
         s.repairing = True
@@ -242,11 +263,6 @@ class GapRepair:
         (which must be among them when ``required``); the range is lost when it
         cannot be. Either way ``s.last`` is ``until`` after."""
         after = s.last
-        if required and self._clock() - s.at > self.retention:
-            self._unrepairable(subject, f"messages {after + 1}-{until}: the subject was "
-                               "silent longer than the store keeps messages")
-            s.last = until
-            return
         deadline = self._clock() + self.give_up_after
         delay = 0.1
         while True:

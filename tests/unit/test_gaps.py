@@ -202,16 +202,6 @@ async def test_a_subject_silent_past_the_retention_starts_again_quietly(store: S
     assert node.seqs() == [1, 2] and node.lost == []
 
 
-async def test_a_gap_over_a_silence_longer_than_the_retention_is_lost(store: Store) -> None:
-    node = Node(store, retention=600)
-    await node.gaps.arrive(A, *store.store(A))
-    node.now += 700
-    store.store(A)
-    await node.gaps.arrive(A, *store.store(A))
-    await node.settled()
-    assert node.seqs() == [1, 3] and node.lost == [A] and store.fetches == []
-
-
 async def test_a_store_that_fails_is_asked_again_then_given_up_on(store: Store) -> None:
     node = Node(store, give_up_after=0.5)
     await node.gaps.arrive(A, *store.store(A))
@@ -249,6 +239,14 @@ async def test_a_forgotten_subject_starts_afresh(store: Store) -> None:
     store.store(A)  # sent while this node was not subscribed: not its to deliver
     await node.gaps.arrive(A, *store.store(A))
     assert node.seqs() == [1, 3] and store.fetches == []
+
+
+async def test_subjects_silent_past_the_retention_are_forgotten(store: Store) -> None:
+    node = Node(store, retention=600)
+    await node.gaps.arrive(A, *store.store(A))
+    node.now += 700
+    await node.gaps.arrive(B, *store.store(B))
+    assert node.gaps.subjects == [B]
 
 
 def test_subject_patterns() -> None:
