@@ -24,6 +24,8 @@ from pathlib import Path
 import nats
 import nats.errors
 import pytest
+from nats.aio.msg import Msg
+from nats.js import api
 
 from gateway.processes import (
     RUN_CLUSTER_KEY,
@@ -278,3 +280,41 @@ async def test_chats_the_stream_no_longer_holds_disconnect_the_client_to_recover
     finally:
         await sender.close()
         await receiver.close()
+
+
+async def test_the_stream_names_each_copys_predecessor_on_its_subject(
+        nats3: NatsCluster) -> None:
+    """What gap repair relies on: nats-server re-publishes a stored message with its
+    sequence and that of the message stored before it on the same subject (0 for the
+    subject's first)."""
+    nc = await nats.connect(nats3.nodes[0].url)
+    try:
+        js = nc.jetstream()
+
+        async def created() -> bool:  # once JetStream has elected its leaders
+            try:
+                await js.add_stream(api.StreamConfig(
+                    name="GAPCHECK", subjects=["gapcheck.store.>"], num_replicas=3,
+                    republish=api.RePublish(src="gapcheck.store.>", dest="gapcheck.live.>")))
+            except (TimeoutError, nats.errors.Error):
+                return False
+            return True
+
+        await wait_for_condition(created, "the stream to be created", timeout=30)
+        copies: list[tuple[str, str, str]] = []
+
+        async def copied(msg: Msg) -> None:
+            headers = msg.headers or {}
+            copies.append((msg.subject, headers.get("Nats-Sequence", ""),
+                           headers.get("Nats-Last-Sequence", "")))
+
+        await nc.subscribe("gapcheck.live.>", cb=copied)
+        await nc.flush()
+        for subject in "abaab":
+            await js.publish(f"gapcheck.store.{subject}", b"x")
+        await wait_for_condition(lambda: len(copies) == 5, "the re-published copies")
+        assert copies == [("gapcheck.live.a", "1", "0"), ("gapcheck.live.b", "2", "0"),
+                          ("gapcheck.live.a", "3", "1"), ("gapcheck.live.a", "4", "3"),
+                          ("gapcheck.live.b", "5", "2")]
+    finally:
+        await nc.close()
