@@ -94,6 +94,8 @@ class GapRepair:
         self.give_up_after = give_up_after
         self._clock = clock
         self._subjects: dict[str, _Subject] = {}
+        #: the subjects by their last token (see forget)
+        self._by_last_token: dict[str, set[str]] = {}
         self._ties = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
         #: when subjects silent past the retention are next forgotten (see _sweep)
@@ -133,6 +135,8 @@ class GapRepair:
             now = self._clock()
             if now >= self._next_sweep:
                 self._sweep(now)
+            if s is None:
+                self._by_last_token.setdefault(subject.rpartition(".")[2], set()).add(subject)
             self._subjects[subject] = _Subject(seq, now)
             await self._hand_on(subject, data, seq)
             return
@@ -181,10 +185,25 @@ class GapRepair:
         """The subscription ``pattern`` (NATS wildcards allowed) ended: forget the
         subjects it matched (a repair under way stops)."""
         if "*" not in pattern and ">" not in pattern:
-            self._subjects.pop(pattern, None)
+            if pattern in self._subjects:
+                self._drop(pattern)
             return
-        for subject in [s for s in self._subjects if subject_matches(pattern, s)]:
-            del self._subjects[subject]
+        last = pattern.rpartition(".")[2]
+        # a socket's own subject (one namespace token a wildcard): only those that end
+        # as it does are looked at, not every subject (many sockets leave at once)
+        candidates = self._subjects if last in ("*", ">") \
+            else self._by_last_token.get(last, ())
+        for subject in [s for s in candidates if subject_matches(pattern, s)]:
+            self._drop(subject)
+
+    def _drop(self, subject: str) -> None:
+        del self._subjects[subject]
+        last = subject.rpartition(".")[2]
+        same = self._by_last_token.get(last)
+        if same is not None:
+            same.discard(subject)
+            if not same:
+                del self._by_last_token[last]
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -227,7 +246,7 @@ class GapRepair:
         self._next_sweep = now + self.retention / 4
         for subject, s in list(self._subjects.items()):
             if self._silent(s):
-                del self._subjects[subject]
+                self._drop(subject)
 
     def _start(self, subject: str, s: _Subject) -> None:
         s.repairing = True

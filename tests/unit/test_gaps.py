@@ -249,6 +249,18 @@ async def test_subjects_silent_past_the_retention_are_forgotten(store: Store) ->
     assert node.gaps.subjects == [B]
 
 
+async def test_a_sockets_subject_is_forgotten_among_many(store: Store) -> None:
+    node = Node(store)
+    subjects = [f"sio.live.sid.{ns}.node1.s{i}" for ns in ("_2F", "chat") for i in range(3)]
+    for subject in subjects:
+        await node.gaps.arrive(subject, *store.store(subject))
+    node.gaps.forget("sio.live.sid.*.node1.s1")
+    assert sorted(node.gaps.subjects) == sorted(s for s in subjects if not s.endswith("s1"))
+    node.gaps.forget("sio.live.sid.*.node1.*")
+    node.gaps.forget(A)  # not tracked: nothing to do
+    assert node.gaps.subjects == []
+
+
 def test_subject_patterns() -> None:
     assert subject_matches("a.*.c", "a.b.c")
     assert not subject_matches("a.*.c", "a.b.c.d")
