@@ -244,14 +244,20 @@ class Recovery:
     def _on_lost(self, channel: str) -> None:
         """Stored messages on ``channel`` will never reach this node (a gap the broker
         could not repair: past retention, purged): the local sockets that should
-        have had them are disconnected as the network would (the engine.io
-        connection closes, the session stays recoverable), so their clients reconnect
-        and a restore from their offset decides: what is still stored is replayed,
-        else they get a new session and know it (``recovered`` false)."""
+        have had them get no newer stored packet and are disconnected as the network
+        would (the engine.io connection closes, the session stays recoverable), so
+        their clients reconnect and a restore from their offset decides: what is
+        still stored is replayed, else they get a new session and know it
+        (``recovered`` false). Called before the broker delivers anything newer on
+        ``channel``."""
         m = self.node
         eio_sids = sorted(set(self._receivers(channel).values()))
         if not eio_sids:
             return
+        for eio_sid in eio_sids:
+            # nothing stored reaches them until they are gone: a newer packet's offset
+            # would let their restore skip what was lost
+            self.catching_up[eio_sid] = _LOST
         m.stats.gap_disconnects += len(eio_sids)
         logger.warning("stored messages on %s are lost to this node: disconnecting %d "
                        "socket(s) so that they recover", channel, len(eio_sids))
@@ -734,6 +740,20 @@ class Recovery:
             if isinstance(decoded, list) and decoded and isinstance(decoded[0], str):
                 out.append((decoded[0], decoded[1:], str(seq)))
         return out
+
+
+class _Lost:
+    """The hold-back of a socket whose stored traffic was lost past repair, until its
+    connection is closed: what comes is dropped (its client recovers it, or learns
+    that it cannot)."""
+
+    __slots__ = ()
+
+    def hold(self, seq: int, pkt: EncodedPacket) -> None:
+        pass
+
+
+_LOST = _Lost()
 
 
 class _Raw:

@@ -40,7 +40,8 @@ logger = logging.getLogger(__name__)
 Fetch = Callable[[str, int, int], Awaitable[list[tuple[int, bytes]]]]
 #: (live subject, data, sequence): hand one message on, in order; must not raise
 Deliver = Callable[[str, bytes, int], Awaitable[None]]
-#: (live subject): messages of it are lost for good
+#: (live subject): messages of it are lost for good; called before anything newer on
+#: that subject is delivered
 Lost = Callable[[str], None]
 #: (live subject) -> the sequence of the last message stored on it, None if none
 Tail = Callable[[str], Awaitable["int | None"]]

@@ -63,12 +63,19 @@ class Node:
         self.now = 1000.0
         self.delivered: list[tuple[str, int]] = []
         self.lost: list[str] = []
-        self.gaps = GapRepair(store.fetch, self.deliver, self.lost.append, retention,
+        #: what the node heard, in order: ("deliver", seq) and ("lost", 0)
+        self.heard: list[tuple[str, int]] = []
+        self.gaps = GapRepair(store.fetch, self.deliver, self.on_lost, retention,
                               give_up_after=give_up_after, clock=lambda: self.now)
 
     async def deliver(self, subject: str, data: bytes, seq: int) -> None:
         assert data == f"{subject}#{seq}".encode()
         self.delivered.append((subject, seq))
+        self.heard.append(("deliver", seq))
+
+    def on_lost(self, subject: str) -> None:
+        self.lost.append(subject)
+        self.heard.append(("lost", 0))
 
     def seqs(self, subject: str = A) -> list[int]:
         return [seq for s, seq in self.delivered if s == subject]
@@ -160,6 +167,8 @@ async def test_a_range_the_store_no_longer_holds_is_reported_lost(store: Store) 
     await node.settled()
     assert node.seqs() == [1, 3]
     assert node.lost == [A] and node.gaps.unrepairable == 1
+    # told before anything newer: the node can keep it from the sockets concerned
+    assert node.heard == [("deliver", 1), ("lost", 0), ("deliver", 3)]
 
 
 async def test_a_range_whose_start_is_gone_is_reported_lost(store: Store) -> None:
