@@ -159,6 +159,9 @@ async def test_chats_a_gateway_dropped_as_a_slow_consumer_still_reach_its_client
         thread.join()
         assert len(burst) == 150
         acked += burst
+        # nothing more is sent: the copies dropped last are found by the subject's tail
+        await receiver.wait_for(lambda c: len(c.texts()) >= len(acked),
+                                what="every chat of the burst")
         acked += await chat_until_acked(sender, room, "end", 1)  # after the rest, in order
         await receiver.wait_for(lambda c: "end-0" in c.texts(), what="the last chat")
         check_once_in_order(receiver, acked)

@@ -165,9 +165,10 @@ class GapRepair:
             self.gaps += 1
             self._start(subject, s)
 
-    async def check_tails(self, tail: Tail) -> None:
-        """Ask the store for every tracked subject's last sequence and read what
-        came after the last one delivered (see :meth:`expect`)."""
+    async def check_tails(self, tail: Tail, subjects: list[str] | None = None) -> None:
+        """Ask the store for the last sequence of ``subjects`` (every tracked one by
+        default) and read what came after the last one delivered (see
+        :meth:`expect`)."""
         limit = asyncio.Semaphore(TAIL_CONCURRENCY)
 
         async def check(subject: str) -> None:
@@ -180,7 +181,9 @@ class GapRepair:
             if last is not None:
                 self.expect(subject, last)
 
-        await asyncio.gather(*(check(subject) for subject in self.subjects))
+        await asyncio.gather(*(check(subject) for subject in
+                               (self.subjects if subjects is None else subjects)
+                               if subject in self._subjects))
 
     def forget(self, pattern: str) -> None:
         """The subscription ``pattern`` (NATS wildcards allowed) ended: forget the

@@ -215,6 +215,9 @@ class NatsBroker(Broker):
         self._live_prefix = ""
         self._tail: Callable[[str], Awaitable[int | None]] | None = None
         self._tail_check: asyncio.Task[None] | None = None
+        #: live subjects a copy was dropped on (slow consumer), to check soon
+        self._dropped_live: set[str] = set()
+        self._drop_check: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -266,6 +269,7 @@ class NatsBroker(Broker):
         self._subs[channel] = sub
 
     def _dropped(self, subject: str) -> None:
+        self._check_dropped(subject)
         self.slow_consumer_drops += 1
         self._log.warning("slow-consumer", "dropped an inbound NATS message on %s: this node "
                           "is not keeping up (slow consumer)", subject)
@@ -285,6 +289,22 @@ class NatsBroker(Broker):
                                     _sequence(headers.get("Nats-Last-Sequence")), msg.data)
         else:
             await self._handler.on_message(msg.subject, msg.data, seq)
+
+    def _check_dropped(self, subject: str) -> None:
+        """A copy on ``subject`` was dropped here: if no later copy shows the gap (the
+        room went quiet), reading the subject's last sequence does."""
+        if self._gaps is None or self._tail is None or not subject.startswith(self._live_prefix):
+            return
+        self._dropped_live.add(subject)
+        if self._drop_check is None or self._drop_check.done():
+            self._drop_check = asyncio.get_running_loop().create_task(self._check_drops())
+
+    async def _check_drops(self) -> None:
+        assert self._gaps is not None and self._tail is not None
+        await asyncio.sleep(0)  # the drops of one read of the socket come together
+        while self._dropped_live:
+            subjects, self._dropped_live = sorted(self._dropped_live), set()
+            await self._gaps.check_tails(self._tail, subjects)
 
     async def _deliver_stored(self, subject: str, data: bytes, seq: int) -> None:
         assert self._handler is not None
@@ -405,8 +425,9 @@ class NatsBroker(Broker):
     async def close(self) -> None:
         self._closing = True
         await self._first_connect.cancel()
-        if self._tail_check is not None:
-            self._tail_check.cancel()
+        for task in (self._tail_check, self._drop_check):
+            if task is not None:
+                task.cancel()
         if self._gaps is not None:
             await self._gaps.close()
         self._drop_round_trips()
@@ -501,6 +522,7 @@ class NatsBroker(Broker):
     async def _error_cb(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             # nats-py dropped an inbound message: this node fell behind its subscriptions
+            self._check_dropped(exc.subject)
             self.slow_consumer_drops += 1
             self._log.warning("slow-consumer", "NATS dropped an inbound message on %s: this "
                               "node is not keeping up (slow consumer)", exc.subject)
