@@ -206,6 +206,9 @@ class Recovery:
         store = self.bus.broker.message_store(m.channels.prefix, self.options.window)
         await store.setup()
         store.watch_losses(self._on_lost)
+        # a gateway heard again after it missed its heartbeats: the broker was split
+        # between us (copies from its side did not come either); look for gaps
+        self.rpc.on_back.append(lambda _tag: store.check_gaps())
         self.store = store
         # direct messages to this node's sids come back from the store on one wildcard
         m.subscriptions.acquire(m.channels.live_sids(m.node_tag))

@@ -42,6 +42,8 @@ Publish = Callable[[str, codec.Message], Awaitable[None]]
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 #: holds a channel's subscription for good; whether the broker confirmed it in time
 Subscribe = Callable[[str, float], Awaitable[bool]]
+#: seconds a node that missed its heartbeats is remembered (to tell when it is back)
+MISSED_KEPT = 3600.0
 
 
 class ClusterTimeoutError(sio_exceptions.TimeoutError):  # type: ignore[misc]
@@ -234,6 +236,11 @@ class ClusterRpc:
         self.on_hello: list[Callable[[str], Awaitable[None]]] = []
         #: called with the tag of a node that left or missed its heartbeats
         self.on_gone: list[Callable[[str], None]] = []
+        #: called with the tag of a node heard from again after it missed its heartbeats
+        #: (the broker was split between the two, or it was frozen, and is whole again)
+        self.on_back: list[Callable[[str], None]] = []
+        #: node tag -> when it missed its heartbeats (forgotten after MISSED_KEPT)
+        self._missed: dict[str, float] = {}
         #: optional operations this node serves, said in its heartbeats (a node of an
         #: older release says none: see :meth:`serves`)
         self.features: set[str] = set()
@@ -293,9 +300,7 @@ class ClusterRpc:
             await asyncio.sleep(self._heartbeat_interval)
             try:
                 await self.notice(codec.Heartbeat(self.info()))
-                for tag in self.peers.expired():
-                    logger.warning("node %s missed its heartbeats; not waiting for it", tag)
-                    self._node_gone(tag)
+                self.check_peers()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -317,6 +322,17 @@ class ClusterRpc:
         """The broker connection is back: peers may have forgotten this node."""
         if self._heartbeat_task is not None:
             self._spawn(self.notice(codec.Hello(self.info())))
+
+    def check_peers(self) -> None:
+        """Give up on the nodes that missed their heartbeats (called every interval)."""
+        now = time.monotonic()
+        for tag in self.peers.expired():
+            logger.warning("node %s missed its heartbeats; not waiting for it", tag)
+            self._missed[tag] = now
+            self._node_gone(tag)
+        for tag, when in list(self._missed.items()):
+            if now - when > MISSED_KEPT:
+                del self._missed[tag]
 
     def _node_gone(self, tag: str) -> None:
         for pending in list(self._pending.values()):
@@ -420,6 +436,9 @@ class ClusterRpc:
         hello = isinstance(body, codec.Hello)
         if self.peers.saw(origin, info) and not hello:
             logger.info("node %s is in the cluster", self.peers.name(origin))
+            if self._missed.pop(origin, None) is not None:
+                for back in self.on_back:
+                    back(origin)
         if hello:
             logger.info("node %s joined the cluster", self.peers.name(origin))
             await self.tell(origin, codec.Heartbeat(self.info()))

@@ -457,7 +457,16 @@ class NatsBroker(Broker):
                                store.retention)
         self._live_prefix = f"{prefix}.live."
         self._tail = store.last_sequence
+        store.watch_gap_checks(self._check_tails)
         return store
+
+    def _check_tails(self) -> None:
+        """Read what is stored after the last copy delivered of every subject (unless
+        a check is under way)."""
+        if self._gaps is not None and self._tail is not None and (
+                self._tail_check is None or self._tail_check.done()):
+            self._tail_check = asyncio.get_running_loop().create_task(
+                self._gaps.check_tails(self._tail))
 
     def repairs(self) -> dict[str, int]:
         return self._gaps.stats() if self._gaps is not None else {}
@@ -508,12 +517,10 @@ class NatsBroker(Broker):
             self._limit_unacked_time(self._nc)
         if self._handler is not None:
             self._handler.on_connection_state(True)
-        if self._gaps is not None and self._tail is not None:
-            # what was stored while this connection was down never came live: read it
-            if self._tail_check is not None:
-                self._tail_check.cancel()
-            self._tail_check = asyncio.get_running_loop().create_task(
-                self._gaps.check_tails(self._tail))
+        # what was stored while this connection was down never came live: read it
+        if self._tail_check is not None:
+            self._tail_check.cancel()
+        self._check_tails()
 
     async def _closed_cb(self) -> None:
         if self._handler is not None and not self._closing:
