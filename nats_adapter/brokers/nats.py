@@ -517,9 +517,11 @@ class NatsBroker(Broker):
             self._limit_unacked_time(self._nc)
         if self._handler is not None:
             self._handler.on_connection_state(True)
-        # what was stored while this connection was down never came live: read it
+        # what was stored while this connection was down never came live: read it (a
+        # check under way asked the connection that is gone)
         if self._tail_check is not None:
             self._tail_check.cancel()
+            self._tail_check = None
         self._check_tails()
 
     async def _closed_cb(self) -> None:
