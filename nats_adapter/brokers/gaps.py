@@ -50,6 +50,10 @@ Tail = Callable[[str], Awaitable["int | None"]]
 GIVE_UP_AFTER = 10.0
 #: tail look-ups under way at once after a reconnect
 TAIL_CONCURRENCY = 8
+#: rounds of tail look-ups for the subjects the store did not answer for, and the
+#: seconds before the first retry (growing)
+TAIL_ROUNDS = 3
+TAIL_RETRY_AFTER = 2.0
 
 
 #: what to do with a copy (GapRepair._step)
@@ -93,6 +97,8 @@ class GapRepair:
         self._lost = lost
         self.retention = retention
         self.give_up_after = give_up_after
+        #: seconds before tail look-ups the store did not answer are asked again
+        self.tail_retry_after = TAIL_RETRY_AFTER
         self._clock = clock
         self._subjects: dict[str, _Subject] = {}
         #: the subjects by their last token (see forget)
@@ -168,22 +174,40 @@ class GapRepair:
     async def check_tails(self, tail: Tail, subjects: list[str] | None = None) -> None:
         """Ask the store for the last sequence of ``subjects`` (every tracked one by
         default) and read what came after the last one delivered (see
-        :meth:`expect`)."""
+        :meth:`expect`). Subjects the store did not answer for (a leader election)
+        are asked again, TAIL_ROUNDS times at most."""
         limit = asyncio.Semaphore(TAIL_CONCURRENCY)
+        failed: list[str] = []
+        problem: Exception | None = None
 
         async def check(subject: str) -> None:
+            nonlocal problem
             async with limit:
                 try:
                     last = await tail(subject)
-                except Exception as exc:  # the next copy's gap still repairs it
-                    logger.warning("could not read the last message of %s: %r", subject, exc)
+                except Exception as exc:
+                    failed.append(subject)
+                    problem = exc
                     return
             if last is not None:
                 self.expect(subject, last)
 
-        await asyncio.gather(*(check(subject) for subject in
-                               (self.subjects if subjects is None else subjects)
-                               if subject in self._subjects))
+        pending = self.subjects if subjects is None else subjects
+        for attempt in range(TAIL_ROUNDS):
+            failed.clear()
+            await asyncio.gather(*(check(subject) for subject in pending
+                                   if subject in self._subjects))
+            if not failed:
+                return
+            pending = list(failed)
+            if attempt + 1 == TAIL_ROUNDS:
+                logger.warning("could not read the last message of %d subject(s) (%r): "
+                               "their next copy will show what is missing", len(pending),
+                               problem)
+                return
+            logger.info("could not read the last message of %d subject(s) (%r); asking "
+                        "again", len(pending), problem)
+            await asyncio.sleep(self.tail_retry_after * (attempt + 1))  # backing off
 
     def forget(self, pattern: str) -> None:
         """The subscription ``pattern`` (NATS wildcards allowed) ended: forget the

@@ -241,6 +241,24 @@ async def test_after_a_reconnect_what_was_stored_meanwhile_is_read(store: Store)
     assert store.fetches == [(A, 1, 4)]
 
 
+async def test_tails_the_store_did_not_answer_for_are_asked_again(store: Store) -> None:
+    node = Node(store)
+    node.gaps.tail_retry_after = 0.01
+    await node.gaps.arrive(A, *store.store(A))
+    store.store(A)
+    asked: list[str] = []
+
+    async def tail(subject: str) -> int | None:
+        asked.append(subject)
+        if len(asked) == 1:
+            raise TimeoutError("no leader")
+        return await store.tail(subject)
+
+    await node.gaps.check_tails(tail)
+    await node.settled()
+    assert asked == [A, A] and node.seqs() == [1, 2]
+
+
 async def test_a_forgotten_subject_starts_afresh(store: Store) -> None:
     node = Node(store)
     await node.gaps.arrive(A, *store.store(A))
