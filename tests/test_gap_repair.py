@@ -321,3 +321,53 @@ async def test_the_stream_names_each_copys_predecessor_on_its_subject(
                           ("gapcheck.live.b", "5", "2")]
     finally:
         await nc.close()
+
+
+async def test_a_client_whose_chats_were_purged_unread_gets_nothing_newer_before_it_recovers(
+        nats3: NatsCluster, gw1: GatewayNode, node_bin: str) -> None:
+    """Copies dropped here as a slow consumer, then purged from the stream before they
+    could be read: the client is disconnected to recover, and the chat stored after
+    the purge, which shows the loss, does not reach it first (its offset would let the
+    restore skip the loss): it comes back with a new session."""
+    gw2 = await start_gw2(nats3, pending_msgs_limit=10)
+    receiver = await DefaultClient.start(node_bin, gw2.url, "receiver")
+    sender = SioClient("sender")
+    room = f"gaps-{uuid.uuid4().hex[:6]}"
+    try:
+        ack = await receiver.call("join", room)
+        assert ack == {"ok": True, "room": room}, ack
+        await sender.connect(gw1.url)
+        await sender.join(room)
+        await chat_until_acked(sender, room, "before", 1)
+        await receiver.wait_for(lambda c: len(c.chats()) == 1, what="the first chat")
+
+        def burst_purge_chat() -> None:
+            async def run() -> None:
+                other = await SioClient("burst").connect(gw1.url)
+                try:
+                    await other.join(room)
+                    await chat_until_acked(other, room, "purged", 60)
+                    await purge(nats3.nodes[0].url, STREAM)
+                finally:
+                    await other.close()
+
+            asyncio.run(run())
+
+        # gw-2's event loop (this one) is held up meanwhile: it keeps 10 copies and
+        # drops the rest, which the purge then takes from the stream
+        thread = threading.Thread(target=burst_purge_chat)
+        thread.start()
+        thread.join()
+        # the first chat stored after the purge names no predecessor: gw-2 finds the
+        # stream no longer holds what came after the copies it kept
+        await chat_until_acked(sender, room, "newer", 1)
+        await receiver.wait_for(lambda c: len(c.connects()) == 2, timeout=20,
+                                what="the client to be disconnected and reconnect")
+        assert receiver.connects()[1]["recovered"] is False
+        texts = [m["text"] for m, _ in receiver.chats()]
+        assert "newer-0" not in texts, texts
+        assert await read_metric(gw2.url, "gateway_stream_gaps_unrepairable_total") >= 1
+    finally:
+        await sender.close()
+        await receiver.close()
+        await gw2.runner.cleanup()
