@@ -297,13 +297,15 @@ class GapRepair:
                 elif step is _DELIVER and data is not None:
                     await self._in_order(subject, s, seq, data)
         except asyncio.CancelledError:
+            s.repairing = False
             raise
         except Exception:
             logger.exception("repairing a gap on %s failed", subject)
-        finally:
             s.repairing = False
-            if s.held and self._subjects.get(subject) is s:  # failed: start over
+            if s.held and self._subjects.get(subject) is s:  # start over
                 self._start(subject, s)
+            return
+        s.repairing = False
 
     async def _fill(self, subject: str, s: _Subject, until: int, required: bool) -> None:
         """Read and deliver ``subject``'s messages after ``s.last`` up to ``until``
