@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from . import codec
 from ._logging import ThrottledLog
-from .brokers.base import Broker, BrokerError
+from .brokers.base import Broker, BrokerError, BrokerUnconfirmed
 from .naming import ChannelNames
 from .sealing import ClusterKey, Verdict
 from .stats import ManagerStats
@@ -73,6 +73,12 @@ class Bus:
             await self._ensure_started()
         try:
             await self.broker.publish(channel, data)
+        except BrokerUnconfirmed as exc:
+            # sent, but maybe not to every node: a notice goes on as sent
+            if strict:
+                self.stats.publish_errors += 1
+                self.log.warning("publish", "publish to %s not confirmed: %s", channel, exc)
+                raise
         except BrokerError as exc:
             self.stats.publish_errors += 1
             self.log.warning("publish", "publish to %s failed: %s", channel, exc)
