@@ -163,5 +163,5 @@ async def test_nats_node_split_from_the_other_two(
     record("recovery on, partition: gateway-1's NATS node split from the other two", result)
     assert mesh_took is not None and took is not None, result
     check_every_acked_chat_once_in_order(traffic, result)
-    assert minority_acks and all(isinstance(a, dict) and a.get("ok") is False and t <= 2.5
+    assert minority_acks and all(isinstance(a, dict) and a.get("ok") is False and t <= 2.0
                                  for a, t in minority_acks), minority_acks

@@ -58,7 +58,7 @@ MIN_RETENTION = 600.0
 PUBLISH_RETRY_FOR = 10.0
 #: seconds an emit's store has to answer, retries included: its sender's ack waits
 #: on it (ok: false past it; a leader election of a few seconds refuses meanwhile)
-STORE_ANSWER_WITHIN = 2.0
+STORE_ANSWER_WITHIN = 1.5
 #: at most this many subject filters on one replay consumer; more read the whole
 #: stream's subjects and filter here (servers slow down with many filters)
 MAX_FILTERS = 32
