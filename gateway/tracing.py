@@ -1,0 +1,218 @@
+"""OpenTelemetry traces of chats across the cluster (``--otel``; off by default).
+
+One trace per chat: a ``chat publish`` span on the sender's gateway around its
+handling (checks, publish, the ack), whose context travels in the emit's envelope
+(sealed with the rest, see :mod:`nats_adapter.tracing`), and a ``chat deliver``
+span, its child, on every gateway that delivers it, with the local recipients and
+drops as attributes. Spans go out over OTLP/HTTP with the SDK's batch processor
+(a thread of its own), configured by the standard ``OTEL_*`` variables
+(``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER`` ...).
+
+This module imports the SDK only in :func:`start_tracing`: with tracing off nothing of
+OpenTelemetry is imported, and the only cost per message is one check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+from nats_adapter import ClusterManager
+from nats_adapter import tracing as emit_tracing
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+    from opentelemetry.trace import Span, Tracer
+
+logger = logging.getLogger(__name__)
+
+#: the service name when neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES names one
+SERVICE_NAME = "nats-socketio-gateway"
+#: span names (low cardinality: the room is an attribute)
+PUBLISH_SPAN = "chat publish"
+DELIVER_SPAN = "chat deliver"
+#: attribute names beyond OpenTelemetry's messaging conventions
+RECIPIENTS = "gateway.recipients"
+DROPPED = "gateway.dropped"
+STORED = "gateway.stored"
+NODE = "gateway.node"
+REFUSED = "gateway.refused"
+
+#: the exporters OTEL_TRACES_EXPORTER may name
+EXPORTERS = ("otlp", "none")
+
+ChatHandler = Callable[..., Awaitable[Any]]
+
+
+class _Delivery:
+    """A ``chat deliver`` span's recorder (:class:`nats_adapter.tracing.DeliverySpan`)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def record(self, recipients: int, dropped: int) -> None:
+        self.span.set_attribute(RECIPIENTS, recipients)
+        self.span.set_attribute(DROPPED, dropped)
+
+
+class GatewayTracer:
+    """The gateway's :class:`nats_adapter.tracing.EmitTracer` on an OpenTelemetry
+    tracer, and the span around the chat handler."""
+
+    def __init__(self, tracer: Tracer, node_id: str) -> None:
+        from opentelemetry import trace
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        self.tracer = tracer
+        self.node_id = node_id
+        self._current_span = trace.get_current_span
+        self._propagator = TraceContextTextMapPropagator()
+        self._producer = SpanKind.PRODUCER
+        self._consumer = SpanKind.CONSUMER
+
+    def current(self) -> str | None:
+        context = self._current_span().get_span_context()
+        if not context.is_valid or not context.trace_flags.sampled:
+            return None
+        return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
+
+    @contextlib.contextmanager
+    def delivering(self, trace: str, namespace: str, rooms: list[str] | None,
+                   stored: bool) -> Iterator[_Delivery]:
+        parent = self._propagator.extract({"traceparent": trace})
+        attributes: dict[str, Any] = {"messaging.system": "socketio",
+                                      "messaging.operation.type": "process",
+                                      "messaging.destination.name": _destination(rooms),
+                                      "socketio.namespace": namespace, NODE: self.node_id}
+        if stored:
+            attributes[STORED] = True
+        with self.tracer.start_as_current_span(DELIVER_SPAN, context=parent,
+                                               kind=self._consumer,
+                                               attributes=attributes) as span:
+            yield _Delivery(span)
+
+    def wrap_chat(self, handler: ChatHandler) -> ChatHandler:
+        """``handler`` (the chat event's) inside a ``chat publish`` span, the ack's
+        outcome on it."""
+        tracer, node_id, kind = self.tracer, self.node_id, self._producer
+
+        async def traced_chat(sid: str, *args: Any) -> Any:
+            body = args[0] if len(args) == 1 and isinstance(args[0], dict) else {}
+            room = body.get("room")
+            attributes: dict[str, Any] = {"messaging.system": "socketio",
+                                          "messaging.operation.type": "send",
+                                          "socketio.sid": sid, NODE: node_id}
+            if isinstance(room, str):
+                attributes["messaging.destination.name"] = room
+            with tracer.start_as_current_span(PUBLISH_SPAN, kind=kind,
+                                              attributes=attributes) as span:
+                ack = await handler(sid, *args)
+                if isinstance(ack, dict) and ack.get("ok") is False:
+                    span.set_attribute(REFUSED, str(ack.get("error", "")))
+                elif isinstance(ack, dict) and isinstance(ack.get("id"), str):
+                    span.set_attribute("messaging.message.id", ack["id"])
+                return ack
+
+        return traced_chat
+
+
+def _destination(rooms: list[str] | None) -> str:
+    if rooms is None:
+        return "(namespace)"
+    return rooms[0] if len(rooms) == 1 else ",".join(sorted(rooms))
+
+
+class Tracing:
+    """Tracing as this gateway runs it: the tracer, and the provider to flush at exit."""
+
+    def __init__(self, tracer: GatewayTracer, provider: TracerProvider) -> None:
+        self.tracer = tracer
+        self.provider = provider
+
+    def trace(self, sio: Any, chat_handler: ChatHandler, manager: Any) -> None:
+        """Trace the chat event of ``sio`` (handled by ``chat_handler``) and the emits
+        of ``manager`` (a ``ClusterManager``: the stock baseline's are not)."""
+        sio.on("chat", self.tracer.wrap_chat(chat_handler))
+        if isinstance(manager, ClusterManager):
+            emit_tracing.install(manager, self.tracer)
+
+    async def close(self) -> None:
+        """Export what is still batched (within the exporter's timeout), then stop."""
+        await asyncio.to_thread(self.provider.shutdown)
+
+
+def start_tracing(node_id: str, env: Mapping[str, str] | None = None,
+                  processor: SpanProcessor | None = None) -> Tracing:
+    """The SDK set up from the ``OTEL_*`` variables in ``env`` (default the process's),
+    its spans naming this node; ``processor`` replaces the OTLP batch exporter (tests
+    pass one with an in-memory exporter). Raises ``ValueError`` naming the variable
+    at fault (see :func:`check_environment`)."""
+    env = os.environ if env is None else env
+    check_environment(env)
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.instance.id": node_id})
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+    provider = TracerProvider(resource=resource)
+    if processor is None and env.get("OTEL_TRACES_EXPORTER", "otlp").strip() != "none":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        processor = BatchSpanProcessor(OTLPSpanExporter())
+    if processor is not None:
+        provider.add_span_processor(processor)
+    tracer = provider.get_tracer("gateway.tracing")
+    return Tracing(GatewayTracer(tracer, node_id), provider)
+
+
+#: OTEL_* variables read as an endpoint URL, most specific first
+ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+PROTOCOL_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
+
+
+def check_environment(env: Mapping[str, str]) -> None:
+    """Raise ``ValueError`` naming the ``OTEL_*`` variable whose value the gateway
+    cannot trace with: an endpoint that is not an http(s) URL with a host, a protocol
+    other than http/protobuf (the one exporter installed), an unknown exporter; or
+    saying how to install the SDK when it is not."""
+    import importlib.util
+    import urllib.parse
+
+    if importlib.util.find_spec("opentelemetry") is None or \
+            importlib.util.find_spec("opentelemetry.sdk") is None or \
+            importlib.util.find_spec("opentelemetry.exporter.otlp.proto.http") is None:
+        raise ValueError("the OpenTelemetry SDK is not installed: pip install "
+                         "'nats-socketio-gateway[otel]'")
+
+    for name in ENDPOINT_VARIABLES:
+        value = env.get(name)
+        if value is None or not value.strip():
+            continue
+        try:
+            parsed = urllib.parse.urlsplit(value.strip())
+            port_ok = parsed.port is None or parsed.port > 0
+        except ValueError:
+            port_ok = False
+            parsed = urllib.parse.urlsplit("")
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or not port_ok:
+            raise ValueError(f"{name}: invalid value {value!r}: must be an http:// or "
+                             f"https:// URL with a host (an OTLP/HTTP receiver, e.g. "
+                             f"http://collector:4318)")
+    for name in PROTOCOL_VARIABLES:
+        value = env.get(name)
+        if value is not None and value.strip() not in ("", "http/protobuf"):
+            raise ValueError(f"{name}: invalid value {value!r}: the gateway exports with "
+                             f"OTLP over HTTP: http/protobuf")
+    exporter = env.get("OTEL_TRACES_EXPORTER")
+    if exporter is not None and exporter.strip() not in ("", *EXPORTERS):
+        raise ValueError(f"OTEL_TRACES_EXPORTER: invalid value {exporter!r}: must be one of "
+                         f"{', '.join(EXPORTERS)}")
