@@ -1,0 +1,89 @@
+"""``--otel`` across processes: three ``gateway serve`` processes with tracing on, each
+on another node of a real NATS cluster (sealed with the run's cluster key), export
+over OTLP/HTTP to a receiver in this test (tools/otlp_receiver.py). A chat from
+gateway A to members on B and C arrives there as one trace: A's ``chat publish``
+span and a ``chat deliver`` span, its child, from B and from C, each with its one
+recipient."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
+from gateway.tracing import DELIVER_SPAN, DROPPED, NODE, PUBLISH_SPAN, RECIPIENTS
+from tests.conftest import TEST_HEARTBEAT, broker_args
+from tests.helpers import SioClient, wait_for_condition
+from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
+
+SERVICE = "chat-gateway-under-test"
+
+
+@pytest.fixture(scope="module")
+async def receiver() -> AsyncIterator[OtlpReceiver]:
+    made = OtlpReceiver()
+    await made.start()
+    try:
+        yield made
+    finally:
+        await made.close()
+
+
+@pytest.fixture(scope="module")
+def traced_gateways(workdir: Path, receiver: OtlpReceiver, request: pytest.FixtureRequest
+                    ) -> Iterator[list[GatewayNode]]:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": SERVICE,
+           # export each batch within 50 ms (the SDK's default waits 5 s)
+           "OTEL_BSP_SCHEDULE_DELAY": "50"}
+    gateways = [start_gateway(workdir / "otel", f"otel-{name}", port, "nats",
+                              broker_args("nats", request, index), env=env,
+                              extra=["--otel", "--heartbeat-interval", str(TEST_HEARTBEAT)])
+                for index, (name, port) in enumerate(zip("abc", free_ports(3), strict=True))]
+    try:
+        wait_gateways(gateways)
+        yield gateways
+    finally:
+        stop_all([g.child for g in gateways])
+
+
+def trace_of(receiver: OtlpReceiver, msg_id: str) -> list[ReceivedSpan]:
+    """The spans of the trace whose publish span is the chat ``msg_id``'s."""
+    publish = [s for s in receiver.spans if s.name == PUBLISH_SPAN
+               and s.attributes.get("messaging.message.id") == msg_id]
+    if not publish:
+        return []
+    return [s for s in receiver.spans if s.trace_id == publish[0].trace_id]
+
+
+async def test_a_chat_from_a_to_b_and_c_is_one_trace_at_the_otlp_receiver(
+        traced_gateways: list[GatewayNode], receiver: OtlpReceiver,
+        clients: list[SioClient]) -> None:
+    room = f"otel-{uuid.uuid4().hex[:6]}"
+    a, b, c = SioClient("a"), SioClient("b"), SioClient("c")
+    clients += [a, b, c]
+    for client, gateway in zip((a, b, c), traced_gateways, strict=True):
+        await client.connect(gateway.url)
+        await client.join(room)
+    answer = await a.call("chat", {"room": room, "text": "traced across"})
+    assert answer["ok"], answer
+    await b.wait_texts(["traced across"])
+    await c.wait_texts(["traced across"])
+    await wait_for_condition(
+        lambda: len([s for s in trace_of(receiver, answer["id"])
+                     if s.name == DELIVER_SPAN]) == 2,
+        what="the deliver spans of B and C at the receiver")
+    spans = trace_of(receiver, answer["id"])
+    [publish] = [s for s in spans if s.name == PUBLISH_SPAN]
+    deliveries = [s for s in spans if s.name == DELIVER_SPAN]
+    assert publish.attributes[NODE] == "otel-a" and publish.instance == "otel-a"
+    assert publish.parent_span_id == "" and publish.service == SERVICE
+    assert publish.attributes["messaging.destination.name"] == room
+    assert sorted(s.instance for s in deliveries) == ["otel-b", "otel-c"]
+    for span in deliveries:
+        assert span.parent_span_id == publish.span_id
+        assert (span.attributes[RECIPIENTS], span.attributes[DROPPED]) == (1, 0)
+        assert span.attributes["messaging.destination.name"] == room
+    assert len(spans) == 3, spans
