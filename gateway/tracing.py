@@ -15,10 +15,10 @@ OpenTelemetry is imported, and the only cost per message is one check.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from nats_adapter import ClusterManager
@@ -49,16 +49,26 @@ ChatHandler = Callable[..., Awaitable[Any]]
 
 
 class _Delivery:
-    """A ``chat deliver`` span's recorder (:class:`nats_adapter.tracing.DeliverySpan`)."""
+    """A ``chat deliver`` span (:class:`nats_adapter.tracing.DeliverySpan`), ended when
+    the delivery is; never made current (nothing runs inside it that would trace)."""
 
     __slots__ = ("span",)
 
     def __init__(self, span: Span) -> None:
         self.span = span
 
+    def __enter__(self) -> _Delivery:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None:
+            self.span.record_exception(exc)
+            self.span.set_attribute("error.type", type(exc).__qualname__)
+        self.span.end()
+
     def record(self, recipients: int, dropped: int) -> None:
-        self.span.set_attribute(RECIPIENTS, recipients)
-        self.span.set_attribute(DROPPED, dropped)
+        self.span.set_attributes({RECIPIENTS: recipients, DROPPED: dropped})
 
 
 class GatewayTracer:
@@ -83,20 +93,19 @@ class GatewayTracer:
             return None
         return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
-    @contextlib.contextmanager
     def delivering(self, trace: str, namespace: str, rooms: list[str] | None,
-                   stored: bool) -> Iterator[_Delivery]:
+                   stored: bool) -> _Delivery:
         parent = self._propagator.extract({"traceparent": trace})
         attributes: dict[str, Any] = {"messaging.system": "socketio",
                                       "messaging.operation.type": "process",
                                       "messaging.destination.name": _destination(rooms),
-                                      "socketio.namespace": namespace, NODE: self.node_id}
+                                      NODE: self.node_id}
+        if namespace != "/":
+            attributes["socketio.namespace"] = namespace
         if stored:
             attributes[STORED] = True
-        with self.tracer.start_as_current_span(DELIVER_SPAN, context=parent,
-                                               kind=self._consumer,
-                                               attributes=attributes) as span:
-            yield _Delivery(span)
+        return _Delivery(self.tracer.start_span(DELIVER_SPAN, context=parent,
+                                                kind=self._consumer, attributes=attributes))
 
     def wrap_chat(self, handler: ChatHandler) -> ChatHandler:
         """``handler`` (the chat event's) inside a ``chat publish`` span, the ack's
