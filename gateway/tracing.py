@@ -4,8 +4,10 @@ One trace per chat: a ``chat publish`` span on the sender's gateway around its
 handling (checks, publish, the ack), whose context travels in the emit's envelope
 (sealed with the rest, see :mod:`nats_adapter.tracing`), and a ``chat deliver``
 span, its child, on every gateway that delivers it, with the local recipients and
-drops as attributes. Spans go out over OTLP/HTTP with the SDK's batch processor
-(a thread of its own), configured by the standard ``OTEL_*`` variables
+drops as attributes. A cluster call (``cluster fetch``, ``cluster join`` ...) is a
+span on its caller with a child on every gateway that serves it. Spans go out over
+OTLP/HTTP with the SDK's batch processor (a thread of its own), configured by the
+standard ``OTEL_*`` variables
 (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER`` ...).
 
 This module imports the SDK only in :func:`start_tracing`: with tracing off nothing of
@@ -15,9 +17,10 @@ OpenTelemetry is imported, and the only cost per message is one check.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +44,13 @@ DROPPED = "gateway.dropped"
 STORED = "gateway.stored"
 NODE = "gateway.node"
 REFUSED = "gateway.refused"
+#: a cluster call's: the other nodes asked, those that answered, those that did not
+CALL_NODES = "gateway.cluster.nodes"
+CALL_ANSWERED = "gateway.cluster.answered"
+CALL_MISSING = "gateway.cluster.missing"
+#: the node a served cluster request came from
+CALLER = "gateway.cluster.caller"
+RPC_SYSTEM = "nats_adapter.cluster"
 
 #: the exporters OTEL_TRACES_EXPORTER may name
 EXPORTERS = ("otlp", "none")
@@ -71,8 +81,20 @@ class _Delivery:
         self.span.set_attributes({RECIPIENTS: recipients, DROPPED: dropped})
 
 
+class _Call:
+    """A cluster call's span (:class:`nats_adapter.tracing.CallSpan`)."""
+
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def record(self, answered: int, missing: int) -> None:
+        self.span.set_attributes({CALL_ANSWERED: answered, CALL_MISSING: missing})
+
+
 class GatewayTracer:
-    """The gateway's :class:`nats_adapter.tracing.EmitTracer` on an OpenTelemetry
+    """The gateway's :class:`nats_adapter.tracing.BusTracer` on an OpenTelemetry
     tracer, and the span around the chat handler."""
 
     def __init__(self, tracer: Tracer, node_id: str) -> None:
@@ -86,6 +108,8 @@ class GatewayTracer:
         self._propagator = TraceContextTextMapPropagator()
         self._producer = SpanKind.PRODUCER
         self._consumer = SpanKind.CONSUMER
+        self._client = SpanKind.CLIENT
+        self._server = SpanKind.SERVER
 
     def current(self) -> str | None:
         context = self._current_span().get_span_context()
@@ -106,6 +130,23 @@ class GatewayTracer:
             attributes[STORED] = True
         return _Delivery(self.tracer.start_span(DELIVER_SPAN, context=parent,
                                                 kind=self._consumer, attributes=attributes))
+
+    @contextlib.contextmanager
+    def calling(self, op: str, nodes: int) -> Iterator[_Call]:
+        with self.tracer.start_as_current_span(
+                f"cluster {op}", kind=self._client,
+                attributes={"rpc.system": RPC_SYSTEM, "rpc.method": op, CALL_NODES: nodes,
+                            NODE: self.node_id}) as span:
+            yield _Call(span)
+
+    @contextlib.contextmanager
+    def serving(self, trace: str, op: str, origin: str) -> Iterator[object]:
+        parent = self._propagator.extract({"traceparent": trace})
+        with self.tracer.start_as_current_span(
+                f"cluster {op}", context=parent, kind=self._server,
+                attributes={"rpc.system": RPC_SYSTEM, "rpc.method": op, CALLER: origin,
+                            NODE: self.node_id}) as span:
+            yield span
 
     def wrap_chat(self, handler: ChatHandler) -> ChatHandler:
         """``handler`` (the chat event's) inside a ``chat publish`` span, the ack's

@@ -27,7 +27,7 @@ from .rpc import ClusterRpc
 from .sealing import ReplayWindow
 from .sids import is_node_tag, is_sid
 from .stats import ManagerStats
-from .tracing import EmitTracer
+from .tracing import BusTracer
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Ingest:
         self._replays = ReplayWindow()
         #: opens a span around the delivery of a traced emit (tracing on: see
         #: :func:`nats_adapter.tracing.install`)
-        self.tracer: EmitTracer | None = None
+        self.tracer: BusTracer | None = None
         # every node of this release reads an emit's trace context, traced or not
         rpc.features.add(codec.TRACE_FEATURE)
 

@@ -3,10 +3,12 @@ on another node of a real NATS cluster (sealed with the run's cluster key), expo
 over OTLP/HTTP to a receiver in this test (tools/otlp_receiver.py). A chat from
 gateway A to members on B and C arrives there as one trace: A's ``chat publish``
 span and a ``chat deliver`` span, its child, from B and from C, each with its one
-recipient."""
+recipient. A cluster call (the room's member count, asked of gateway A over HTTP) is
+one trace too: A's call and a span from each gateway that answered it."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,12 +16,22 @@ from pathlib import Path
 import pytest
 
 from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
-from gateway.tracing import DELIVER_SPAN, DROPPED, NODE, PUBLISH_SPAN, RECIPIENTS
+from gateway.tracing import (
+    CALL_ANSWERED,
+    CALL_MISSING,
+    DELIVER_SPAN,
+    DROPPED,
+    NODE,
+    PUBLISH_SPAN,
+    RECIPIENTS,
+)
 from tests.conftest import TEST_HEARTBEAT, broker_args
-from tests.helpers import SioClient, wait_for_condition
+from tests.helpers import SioClient, http_json, wait_for_condition
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 SERVICE = "chat-gateway-under-test"
+#: OTLP's span kinds
+SERVER, CLIENT = 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +99,34 @@ async def test_a_chat_from_a_to_b_and_c_is_one_trace_at_the_otlp_receiver(
         assert (span.attributes[RECIPIENTS], span.attributes[DROPPED]) == (1, 0)
         assert span.attributes["messaging.destination.name"] == room
     assert len(spans) == 3, spans
+
+
+async def test_a_cluster_call_is_one_trace_at_the_otlp_receiver(
+        traced_gateways: list[GatewayNode], receiver: OtlpReceiver,
+        clients: list[SioClient]) -> None:
+    room = f"otel-{uuid.uuid4().hex[:6]}"
+    members = [SioClient(name) for name in "bc"]
+    clients += members
+    for client, gateway in zip(members, traced_gateways[1:], strict=True):
+        await client.connect(gateway.url)
+        await client.join(room)
+
+    def calls() -> list[ReceivedSpan]:
+        return [s for s in receiver.spans if s.kind == CLIENT and s.instance == "otel-a"
+                and s.name == "cluster fetch"]
+
+    before = len(calls())
+    status, body = await asyncio.to_thread(
+        http_json, f"{traced_gateways[0].url}/api/rooms/{room}")
+    assert status == 200 and body["members"] == 2, body
+    await wait_for_condition(lambda: len(calls()) > before, what="A's call span")
+    call = calls()[-1]
+    assert call.attributes[CALL_ANSWERED] == 2 and call.attributes[CALL_MISSING] == 0
+
+    def served() -> list[ReceivedSpan]:
+        return [s for s in receiver.spans if s.kind == SERVER and s.trace_id == call.trace_id]
+
+    await wait_for_condition(lambda: len(served()) == 2, what="B's and C's serving spans")
+    assert sorted(s.instance for s in served()) == ["otel-b", "otel-c"]
+    assert all(s.parent_span_id == call.span_id and s.name == "cluster fetch"
+               for s in served())

@@ -22,14 +22,18 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from gateway.processes import free_ports
+
 TRACES_PATH = "/v1/traces"
 
 
 @dataclass(frozen=True, slots=True)
 class ReceivedSpan:
-    """One span as it arrived: ids in hex, its resource's service name and instance."""
+    """One span as it arrived: ids in hex, its resource's service name and instance,
+    its kind as OTLP numbers it (2 server, 3 client, 4 producer, 5 consumer)."""
 
     name: str
+    kind: int
     trace_id: str
     span_id: str
     parent_span_id: str
@@ -44,7 +48,8 @@ def _value(any_value: Any) -> Any:
 
 
 class OtlpReceiver:
-    """Receives spans over OTLP/HTTP on ``host``:``port`` (0: a free one)."""
+    """Receives spans over OTLP/HTTP on ``host``:``port`` (0: a free one, from the
+    range ``GATEWAY_PORT_RANGE`` names)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, keep: bool = True) -> None:
         self.host = host
@@ -65,10 +70,9 @@ class OtlpReceiver:
         app.router.add_post(TRACES_PATH, self._export)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
         if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = free_ports(1)[0]
+        await web.TCPSite(self._runner, self.host, self.port).start()
 
     async def close(self) -> None:
         if self._runner is not None:
@@ -89,7 +93,7 @@ class OtlpReceiver:
                     continue
                 for span in scope_spans.spans:
                     self.spans.append(ReceivedSpan(
-                        span.name, span.trace_id.hex(), span.span_id.hex(),
+                        span.name, span.kind, span.trace_id.hex(), span.span_id.hex(),
                         span.parent_span_id.hex(), str(resource.get("service.name", "")),
                         str(resource.get("service.instance.id", "")),
                         {a.key: _value(a.value) for a in span.attributes}))

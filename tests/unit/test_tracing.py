@@ -18,11 +18,16 @@ from aiohttp import web
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from gateway.app import CHAT_KEY, SIO_KEY, advertised_url, create_app
 from gateway.config import ConfigError, GatewayConfig, add_arguments, from_args
 from gateway.processes import free_ports
 from gateway.tracing import (
+    CALL_ANSWERED,
+    CALL_MISSING,
+    CALL_NODES,
+    CALLER,
     DELIVER_SPAN,
     DROPPED,
     NODE,
@@ -252,3 +257,24 @@ def test_gateway_serve_says_which_variable_is_bad() -> None:
     assert "OTEL_EXPORTER_OTLP_ENDPOINT: invalid value 'localhost:4318': must be an " \
         "http:// or https:// URL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_cluster_call_is_one_trace_with_a_span_on_every_gateway(
+        traced: Traced, clients: list[SioClient]) -> None:
+    await three_members(traced, clients, "lobby")
+    caller = traced.gateways[0].manager
+    await wait_for_condition(lambda: caller.server_count() == 3, what="three gateways")
+    assert await caller.room_size("lobby") == 3
+    spans = traced.exporter.get_finished_spans()
+    [call] = [s for s in spans if s.kind is SpanKind.CLIENT]
+    served = [s for s in spans if s.kind is SpanKind.SERVER]
+    assert call.name == "cluster fetch" and call.attributes is not None
+    assert (call.attributes[CALL_NODES], call.attributes[CALL_ANSWERED],
+            call.attributes[CALL_MISSING]) == (2, 2, 0)
+    assert call.context is not None
+    assert sorted(str((s.attributes or {})[NODE]) for s in served) == ["gw-2", "gw-3"]
+    for s in served:
+        assert s.name == "cluster fetch" and s.context is not None
+        assert s.context.trace_id == call.context.trace_id
+        assert s.parent is not None and s.parent.span_id == call.context.span_id
+        assert str((s.attributes or {})[CALLER]).startswith("gw-1 (")
