@@ -15,7 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from gateway.processes import GatewayNode, free_ports, start_gateway, stop_all, wait_gateways
+from gateway.processes import (
+    GatewayNode,
+    NatsCluster,
+    free_ports,
+    start_gateway,
+    stop_all,
+    wait_gateways,
+)
 from gateway.tracing import (
     CALL_ANSWERED,
     CALL_MISSING,
@@ -26,7 +33,13 @@ from gateway.tracing import (
     RECIPIENTS,
 )
 from tests.conftest import TEST_HEARTBEAT, broker_args
-from tests.helpers import SioClient, http_json, wait_for_condition
+from tests.helpers import SioClient, http_json, read_metric, running, wait_for_condition
+from tests.test_mixed_release import (  # noqa: F401 (previous_release: a fixture)
+    chat_both_ways,
+    errors_of,
+    previous_release,
+    start_previous,
+)
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 SERVICE = "chat-gateway-under-test"
@@ -44,14 +57,17 @@ async def receiver() -> AsyncIterator[OtlpReceiver]:
         await made.close()
 
 
+def otel_env(receiver: OtlpReceiver) -> dict[str, str]:
+    return {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": SERVICE,
+            # export each batch within 50 ms (the SDK's default waits 5 s)
+            "OTEL_BSP_SCHEDULE_DELAY": "50"}
+
+
 @pytest.fixture(scope="module")
 def traced_gateways(workdir: Path, receiver: OtlpReceiver, request: pytest.FixtureRequest
                     ) -> Iterator[list[GatewayNode]]:
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint, "OTEL_SERVICE_NAME": SERVICE,
-           # export each batch within 50 ms (the SDK's default waits 5 s)
-           "OTEL_BSP_SCHEDULE_DELAY": "50"}
     gateways = [start_gateway(workdir / "otel", f"otel-{name}", port, "nats",
-                              broker_args("nats", request, index), env=env,
+                              broker_args("nats", request, index), env=otel_env(receiver),
                               extra=["--otel", "--heartbeat-interval", str(TEST_HEARTBEAT)])
                 for index, (name, port) in enumerate(zip("abc", free_ports(3), strict=True))]
     try:
@@ -130,3 +146,47 @@ async def test_a_cluster_call_is_one_trace_at_the_otlp_receiver(
     assert sorted(s.instance for s in served()) == ["otel-b", "otel-c"]
     assert all(s.parent_span_id == call.span_id and s.name == "cluster fetch"
                for s in served())
+
+
+async def test_a_gateway_of_the_previous_release_never_gets_trace_context(
+        tmp_path: Path, receiver: OtlpReceiver, clients: list[SioClient],
+        request: pytest.FixtureRequest) -> None:
+    """A rolling upgrade with tracing on the new gateway: while a gateway of the
+    previous release is alive (it says so in its heartbeats) no envelope carries
+    trace context, so the old one drops nothing; the new one still traces its side."""
+    previous: Path = request.getfixturevalue("previous_release")
+    port_old, port_new = free_ports(2)
+    suffix = uuid.uuid4().hex[:4]
+    # a NATS node of its own: the two are the only gateways there, so the new one
+    # counting two means it heard the old one
+    with running(NatsCluster(tmp_path / "nats", size=1)) as cluster:
+        old = start_previous(previous, tmp_path / "old", f"old-{suffix}", port_old, cluster)
+        new = start_gateway(tmp_path / "new", f"otel-new-{suffix}", port_new, "nats",
+                            cluster.gateway_args(), env=otel_env(receiver), extra=["--otel"])
+        try:
+            await old_and_new(old, new, receiver, clients, suffix)
+        finally:
+            stop_all([old.child, new.child])
+
+
+async def old_and_new(old: GatewayNode, new: GatewayNode, receiver: OtlpReceiver,
+                      clients: list[SioClient], suffix: str) -> None:
+    wait_gateways([old, new], timeout=40)
+
+    async def knows_the_old_one() -> bool:
+        return await read_metric(new.url, "gateway_cluster_nodes") == 2
+
+    await wait_for_condition(knows_the_old_one, what="the new gateway to hear the old")
+    room = f"otel-mixed-{suffix}"
+    a, b = SioClient("a"), SioClient("b")
+    clients += [a, b]
+    await a.connect(old.url)
+    await b.connect(new.url)
+    for client in (a, b):  # one NATS node: its interest is there once the join is acked
+        assert (await client.call("join", room))["ok"]
+    await chat_both_ways(a, b, room, "old and traced")
+    msg_id = await b.chat(room, "traced, to the old one")
+    await a.wait_for(lambda r: "traced, to the old one" in r.texts(), what="the chat")
+    await wait_for_condition(lambda: trace_of(receiver, msg_id), what="its publish span")
+    assert [s.name for s in trace_of(receiver, msg_id)] == [PUBLISH_SPAN]
+    assert await errors_of(old) == 0 and await errors_of(new) == 0
