@@ -3,7 +3,8 @@ on another node of a real NATS cluster (sealed with the run's cluster key), expo
 over OTLP/HTTP to a receiver in this test (tools/otlp_receiver.py). A chat from
 gateway A to members on B and C arrives there as one trace: A's ``chat publish``
 span and a ``chat deliver`` span, its child, from B and from C, each with its one
-recipient. A cluster call (the room's member count, asked of gateway A over HTTP) is
+recipient (with --recovery too, where every gateway delivers the stored copy). A
+cluster call (the room's member count, asked of gateway A over HTTP) is
 one trace too: A's call and a span from each gateway that answered it."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from gateway.tracing import (
     NODE,
     PUBLISH_SPAN,
     RECIPIENTS,
+    STORED,
 )
 from tests.conftest import TEST_HEARTBEAT, broker_args
 from tests.helpers import SioClient, http_json, read_metric, running, wait_for_condition
@@ -40,6 +42,7 @@ from tests.test_mixed_release import (  # noqa: F401 (previous_release: a fixtur
     previous_release,
     start_previous,
 )
+from tests.test_recovery import start_gateways as start_recovery_gateways
 from tools.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 SERVICE = "chat-gateway-under-test"
@@ -190,3 +193,39 @@ async def old_and_new(old: GatewayNode, new: GatewayNode, receiver: OtlpReceiver
     await wait_for_condition(lambda: trace_of(receiver, msg_id), what="its publish span")
     assert [s.name for s in trace_of(receiver, msg_id)] == [PUBLISH_SPAN]
     assert await errors_of(old) == 0 and await errors_of(new) == 0
+
+
+async def test_with_recovery_each_delivery_of_the_stored_copy_is_traced(
+        tmp_path: Path, receiver: OtlpReceiver, clients: list[SioClient],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With --recovery every gateway, the sender's included, delivers the copy the
+    message store sends back: the copy carries the trace context it was stored with."""
+    for name, value in otel_env(receiver).items():
+        monkeypatch.setenv(name, value)  # the gateways' environment (spawn passes ours)
+    with running(NatsCluster(tmp_path / "nats", size=3)) as cluster:
+        gws = start_recovery_gateways(tmp_path, cluster, 3, "--otel")
+        try:
+            room = f"otel-rec-{uuid.uuid4().hex[:6]}"
+            a, near, b, c = (SioClient(n, offsets=True) for n in ("a", "near", "b", "c"))
+            clients += [a, near, b, c]
+            for client, gw in zip((a, near, b, c), (gws[0], gws[0], gws[1], gws[2]),
+                                  strict=True):
+                await client.connect(gw.url)
+                assert (await client.call("join", room))["ok"]
+            msg_id = await a.chat(room, "stored and traced")
+            for client in (near, b, c):
+                await client.wait_for(lambda r: "stored and traced" in r.texts(),
+                                      what="the chat")
+            await wait_for_condition(
+                lambda: len([s for s in trace_of(receiver, msg_id)
+                             if s.name == DELIVER_SPAN]) == 3,
+                what="a deliver span from each gateway")
+            spans = trace_of(receiver, msg_id)
+            [publish] = [s for s in spans if s.name == PUBLISH_SPAN]
+            deliveries = [s for s in spans if s.name == DELIVER_SPAN]
+            assert sorted(s.instance for s in deliveries) == sorted(g.node_id for g in gws)
+            for span in deliveries:
+                assert span.parent_span_id == publish.span_id
+                assert span.attributes[STORED] is True
+        finally:
+            stop_all([g.child for g in gws])
