@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,8 @@ CALL_MISSING = "gateway.cluster.missing"
 CALLER = "gateway.cluster.caller"
 RPC_SYSTEM = "nats_adapter.cluster"
 
+#: seconds a gateway's exit waits for the spans still batched to be exported
+CLOSE_TIMEOUT = 3.0
 #: the exporters OTEL_TRACES_EXPORTER may name
 EXPORTERS = ("otlp", "none")
 
@@ -193,9 +196,27 @@ class Tracing:
         if isinstance(manager, ClusterManager):
             emit_tracing.install(manager, self.tracer)
 
-    async def close(self) -> None:
-        """Export what is still batched (within the exporter's timeout), then stop."""
-        await asyncio.to_thread(self.provider.shutdown)
+    async def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Export what is still batched, then stop; waits ``timeout`` seconds at most
+        (a collector that does not answer must not hold the gateway's exit: the
+        export goes on in a daemon thread, dropped at exit)."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def shutdown() -> None:
+            try:
+                self.provider.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is gone already
+                    loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=shutdown, name="otel-shutdown", daemon=True).start()
+        try:
+            async with asyncio.timeout(timeout):
+                await done.wait()
+        except TimeoutError:
+            logger.warning("the OpenTelemetry exporter did not finish within %.0f s: the "
+                           "spans not yet sent are dropped", timeout)
 
 
 def start_tracing(node_id: str, env: Mapping[str, str] | None = None,
@@ -213,15 +234,27 @@ def start_tracing(node_id: str, env: Mapping[str, str] | None = None,
     resource = Resource.create({"service.instance.id": node_id})
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)
+    # shut down by Tracing.close, within its timeout (not at exit, without one)
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     if processor is None and env.get("OTEL_TRACES_EXPORTER", "otlp").strip() != "none":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        processor = BatchSpanProcessor(OTLPSpanExporter())
+        processor = BatchSpanProcessor(OTLPSpanExporter(endpoint=traces_endpoint(env)))
     if processor is not None:
         provider.add_span_processor(processor)
     tracer = provider.get_tracer("gateway.tracing")
     return Tracing(GatewayTracer(tracer, node_id), provider)
+
+
+def traces_endpoint(env: Mapping[str, str]) -> str | None:
+    """The URL spans are posted to, as the OTLP exporter reads the variables: the
+    traces endpoint as it is, or the base endpoint plus ``/v1/traces``; None: the
+    exporter's default (``http://localhost:4318/v1/traces``)."""
+    traces = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip()
+    if traces:
+        return traces
+    base = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
+    return f"{base.rstrip('/')}/v1/traces" if base else None
 
 
 #: OTEL_* variables read as an endpoint URL, most specific first

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -302,3 +303,15 @@ async def test_a_cluster_call_is_one_trace_with_a_span_on_every_gateway(
         assert s.context.trace_id == call.context.trace_id
         assert s.parent is not None and s.parent.span_id == call.context.span_id
         assert str((s.attributes or {})[CALLER]).startswith("gw-1 (")
+
+
+async def test_closing_does_not_wait_for_a_collector_that_does_not_answer() -> None:
+    """A gateway's exit waits for its batched spans a bounded time, not the exporter's
+    retries against a collector that is down."""
+    port = free_ports(1)[0]  # nobody listens there
+    tracing = start_tracing("gw-x", {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    with tracing.tracer.tracer.start_as_current_span("unsent"):
+        pass
+    started = time.monotonic()
+    await tracing.close(timeout=0.5)
+    assert time.monotonic() - started < 2.0
