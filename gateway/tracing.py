@@ -120,6 +120,11 @@ class GatewayTracer:
             return None
         return f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
 
+    def delivered_here(self, recipients: int, dropped: int) -> None:
+        span = self._current_span()
+        if span.is_recording():
+            span.set_attributes({RECIPIENTS: recipients, DROPPED: dropped})
+
     def delivering(self, trace: str, namespace: str, rooms: list[str] | None,
                    stored: bool) -> _Delivery:
         parent = self._propagator.extract({"traceparent": trace})

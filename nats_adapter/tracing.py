@@ -4,9 +4,10 @@ The library imports no tracing SDK. A tracer (the gateway's, on OpenTelemetry:
 ``gateway/tracing.py``) implements :class:`BusTracer`, and :func:`install` hands
 it to a manager: its bus then stamps each emit it encodes with the trace context of
 the span current in the sending task (:attr:`~nats_adapter.codec.EmitMessage.trace`,
-sealed with the rest of the envelope), and every node that delivers a stamped emit
-does so inside a span the tracer opens as a child of it, told how many local
-sockets got it and how many were dropped. A node stamps an emit only while every
+sealed with the rest of the envelope), and every other node that delivers a stamped
+emit does so inside a span the tracer opens as a child of it, told how many local
+sockets got it and how many were dropped (the sender's own delivery is told to the
+sending span). A node stamps an emit only while every
 node alive says it reads trace context (:data:`~nats_adapter.codec.TRACE_FEATURE`):
 a node of an older release would drop such an envelope as malformed.
 
@@ -63,6 +64,10 @@ class BusTracer(Protocol):
         """A span, child of ``trace``, around the local delivery of an emit to
         ``rooms`` of ``namespace`` (None: the whole namespace); ``stored``: a copy
         from the message store (connection state recovery)."""
+
+    def delivered_here(self, recipients: int, dropped: int) -> None:
+        """The sending node's own delivery of the emit made in the current span: the
+        local sockets it was written or queued to, and those it could not reach."""
 
     def calling(self, op: str, nodes: int) -> AbstractContextManager[CallSpan]:
         """A span, current while it lasts, around a cluster call ``op`` to ``nodes``
