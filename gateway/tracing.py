@@ -1,17 +1,18 @@
 """OpenTelemetry traces of chats across the cluster (``--otel``; off by default).
 
 One trace per chat: a ``chat publish`` span on the sender's gateway around its
-handling (checks, publish, the ack), whose context travels in the emit's envelope
-(sealed with the rest, see :mod:`nats_adapter.tracing`), and a ``chat deliver``
-span, its child, on every gateway that delivers it, with the local recipients and
-drops as attributes. A cluster call (``cluster fetch``, ``cluster join`` ...) is a
-span on its caller with a child on every gateway that serves it. Spans go out over
-OTLP/HTTP with the SDK's batch processor (a thread of its own), configured by the
-standard ``OTEL_*`` variables
-(``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``, ``OTEL_TRACES_SAMPLER`` ...).
+handling (checks, publish, its own members' delivery, the ack), whose context
+travels in the emit's envelope (sealed with the rest, see
+:mod:`nats_adapter.tracing`), and a ``chat deliver`` span, its child, on every other
+gateway that delivers it; both carry the local recipients and drops as attributes.
+A cluster call (``cluster fetch``, ``cluster join`` ...) is a span on its caller
+with a child on every gateway that serves it. Spans go out over OTLP/HTTP with the
+SDK's batch processor (a thread of its own), configured by the standard ``OTEL_*``
+variables (``OTEL_EXPORTER_OTLP_ENDPOINT``, ``OTEL_SERVICE_NAME``,
+``OTEL_TRACES_SAMPLER`` ...).
 
 This module imports the SDK only in :func:`start_tracing`: with tracing off nothing of
-OpenTelemetry is imported, and the only cost per message is one check.
+OpenTelemetry's tracing is imported, and the only cost per message is one check.
 """
 
 from __future__ import annotations
@@ -182,9 +183,10 @@ class GatewayTracer:
 
 
 def _destination(rooms: list[str] | None) -> str:
+    """The room an emit went to; for several (up to thousands), how many."""
     if rooms is None:
         return "(namespace)"
-    return rooms[0] if len(rooms) == 1 else ",".join(sorted(rooms))
+    return rooms[0] if len(rooms) == 1 else f"({len(rooms)} rooms)"
 
 
 class Tracing:
