@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if sink is not None:
             sink.stop()
-            log(f"otel: {sink.log_path.read_text().strip().splitlines()[-1]}")
+            said = sink.log_path.read_text(errors="replace").strip().splitlines()
+            log(f"otel: {said[-1] if said else 'the OTLP sink said nothing'}")
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "command": "python -m gateway bench " + shlex.join(sys.argv[2:] if
