@@ -39,6 +39,9 @@ class Bus:
         #: set once the node's start is done (or failed, or was cancelled)
         self.ready = False
         self.log = ThrottledLog(logger)
+        #: stamps emits and cluster requests with the current span's trace context
+        #: (tracing on: see :func:`nats_adapter.tracing.install`)
+        self.stamp: Callable[[codec.Message], codec.Message] | None = None
         self._ensure_started = ensure_started
 
     # -- sending -------------------------------------------------------------------------
@@ -46,6 +49,8 @@ class Bus:
     def encode(self, msg: codec.Message) -> bytes | None:
         """``msg`` as bytes, not yet sealed (see :meth:`seal`); None when it cannot be
         encoded (counted and logged)."""
+        if self.stamp is not None:
+            msg = self.stamp(msg)
         try:
             return codec.encode(msg)
         except (TypeError, ValueError):

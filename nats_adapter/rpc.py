@@ -18,6 +18,7 @@ recovery (:mod:`.recovery`) register the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ from . import codec
 from .codec import ClusterBody, ClusterOp
 from .naming import ChannelNames
 from .stats import ManagerStats
+from .tracing import TRACE_KEY, BusTracer
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +246,9 @@ class ClusterRpc:
         #: optional operations this node serves, said in its heartbeats (a node of an
         #: older release says none: see :meth:`serves`)
         self.features: set[str] = set()
+        #: spans around calls made and served (tracing on: see
+        #: :func:`nats_adapter.tracing.install`)
+        self.tracer: BusTracer | None = None
 
     # -- the registry --------------------------------------------------------------------
 
@@ -369,9 +374,13 @@ class ClusterRpc:
         """Ask one node; its answer (raises ``TimeoutError`` when none comes)."""
         req_id, pending = self.open({node})
         try:
-            await self._publish(self.channels.node(node),
-                                codec.encode_call(self.node_tag, req_id, body))
-            if not await pending.wait(timeout):
+            with self._calling(body.OP, 1) as span:
+                await self._publish(self.channels.node(node),
+                                    codec.encode_call(self.node_tag, req_id, body))
+                answered = await pending.wait(timeout)
+                if span is not None:
+                    span.record(int(answered), int(not answered))
+            if not answered:
                 raise TimeoutError(f"no answer from {self.peers.name(node)}")
         finally:
             self.close(req_id)
@@ -389,14 +398,23 @@ class ClusterRpc:
         req_id, pending = self.open(expected)
         self.stats.cluster_requests += 1
         try:
-            if expected:
-                await self._publish(self.channels.cluster(),
-                                    codec.encode_call(self.node_tag, req_id, body))
-            if not await pending.wait(timeout):
-                self.stats.cluster_timeouts += 1
+            with self._calling(body.OP, len(expected)) as span:
+                if expected:
+                    await self._publish(self.channels.cluster(),
+                                        codec.encode_call(self.node_tag, req_id, body))
+                if not await pending.wait(timeout):
+                    self.stats.cluster_timeouts += 1
+                if span is not None:
+                    span.record(len(expected) - len(pending.expected), len(pending.expected))
             return pending
         finally:
             self.close(req_id)
+
+    def _calling(self, op: str, nodes: int) -> contextlib.AbstractContextManager[Any]:
+        """The tracer's span around a call (tracing on), else nothing."""
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.calling(op, nodes)
 
     async def publish_request(self, req_id: str, body: ClusterBody) -> None:
         """Send ``body`` as the request ``req_id`` (from :meth:`open`) to every node."""
@@ -454,9 +472,17 @@ class ClusterRpc:
         if registration is None or (registration.answers and msg.req_id is None):
             return
         if registration.inline:
-            await registration.handler(origin, msg.req_id, body)
+            with self._serving(msg):
+                await registration.handler(origin, msg.req_id, body)
         else:  # off the broker's reader (joins wait for subscriptions)
             self._spawn(self._serve(registration.handler, msg, body))
+
+    def _serving(self, msg: codec.ClusterMessage) -> contextlib.AbstractContextManager[Any]:
+        """The tracer's span around serving a traced request (tracing on), else nothing."""
+        trace = msg.body.get(TRACE_KEY) if self.tracer is not None else None
+        if self.tracer is None or not isinstance(trace, str):
+            return contextlib.nullcontext()
+        return self.tracer.serving(trace, msg.op, self.peers.name(msg.origin))
 
     def _on_reply(self, origin: str, req_id: str | None,
                   body: codec.Reply | codec.BcastCount | codec.BcastAck) -> None:
@@ -473,7 +499,8 @@ class ClusterRpc:
     async def _serve(self, handler: Handler, msg: codec.ClusterMessage,
                      body: ClusterBody) -> None:
         try:
-            await handler(msg.origin, msg.req_id, body)
+            with self._serving(msg):
+                await handler(msg.origin, msg.req_id, body)
         except asyncio.CancelledError:
             raise
         except Exception:
