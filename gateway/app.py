@@ -183,6 +183,11 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
                           middlewares=middlewares)
     sio.attach(app)
     chat = ChatProtocol(sio, manager, config)
+    if config.otel:  # imports the OpenTelemetry SDK: only then
+        from .tracing import start_tracing
+
+        tracing = start_tracing(config.node_id)
+        tracing.trace(sio, chat.on_chat, manager)
     if isinstance(manager, ClusterManager):
         manager.handover.on_given.append(chat.forget_moved)
     guard.refusals = chat.refused
@@ -291,6 +296,8 @@ def create_app(config: GatewayConfig, manager: GatewayManager | None = None) -> 
             await forwarder.close()
 
         app.on_cleanup.append(close_forwarder)
+    if config.otel:  # last: the spans of the final deliveries are exported too
+        app.on_cleanup.append(lambda _: tracing.close())
     return app
 
 

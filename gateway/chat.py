@@ -133,6 +133,24 @@ HISTORY_RATE, HISTORY_BURST = 2.0, 20
 #: the environ key of a connection's client address (set at its engine.io connect)
 REMOTE_KEY = "gateway.remote"
 
+#: the longest display name a client may give in its CONNECT auth (characters)
+MAX_NAME_CHARS = 32
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` (CONNECT auth's ``name``) is not an acceptable display name, or None.
+    A display name is what a client says it is called: shown beside its chats, never
+    an identity (``from`` is the sid; ``user`` is what a token or the backend said)."""
+    if not isinstance(name, str):
+        return f"name must be a string, not {json_type(name)}"
+    if not name.strip():
+        return "name must not be empty"
+    if len(name) > MAX_NAME_CHARS:
+        return f"name longer than {MAX_NAME_CHARS} characters"
+    if utf8_problem(name) or not name.isprintable():
+        return "name must be printable text"
+    return None
+
 
 class ChatProtocol:
     """Registers the chat events on ``sio`` and enforces the configured limits and auth."""
@@ -141,6 +159,7 @@ class ChatProtocol:
                  config: GatewayConfig) -> None:
         self.sio = sio
         self.manager = manager
+        self.node_id = config.node_id
         self.limits: Limits = config.limits
         self.presence = config.presence
         self.confirm_publish = config.confirm_publish
@@ -166,6 +185,8 @@ class ChatProtocol:
             if config.connect_proxy or config.join_proxy else None
         #: sid -> the data the connect proxy attached to it
         self.data: dict[str, dict[str, Any]] = {}
+        #: sid -> the display name its CONNECT auth gave (``name``)
+        self.names: dict[str, str] = {}
         self.restore_limiter = RateLimiter(RESTORE_RATE, RESTORE_BURST, MAX_ADDRESSES)
         self.history_limiter = RateLimiter(HISTORY_RATE, HISTORY_BURST, MAX_ADDRESSES)
         #: engine.io sessions that have tried a restore (one try each)
@@ -214,6 +235,12 @@ class ChatProtocol:
         return room, None
 
     async def on_connect(self, sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+        name = auth.get("name") if isinstance(auth, dict) else None
+        if name is not None:
+            problem = name_problem(name)
+            if problem is not None:
+                self.refused["bad_request"] += 1
+                raise Refused(problem)
         grant: Grant | None = None
         if self.tokens is not None:
             token = auth.get("token") if isinstance(auth, dict) else None
@@ -236,6 +263,8 @@ class ChatProtocol:
                             grant)
             grant = granted
             self.data[sid] = decision.data
+        if name is not None:
+            self.names[sid] = name
         if grant is None:
             return
         self.grants[sid] = grant
@@ -287,6 +316,7 @@ class ChatProtocol:
         self.join_limiter.forget(sid)
         self.grants.pop(sid, None)
         self.data.pop(sid, None)
+        self.names.pop(sid, None)
         timer = self._expiry.pop(sid, None)
         if timer is not None:
             timer.cancel()
@@ -456,6 +486,9 @@ class ChatProtocol:
                                    "ts": int(time.time() * 1000)}
         if user is not None:
             message["user"] = user
+        name = self.names.get(sender)
+        if name is not None:
+            message["name"] = name
         await self.sio.emit("chat", message, to=room, skip_sid=skip_sid)
         if self.confirm_publish:  # what the ack then says: the broker read it
             await self.manager.confirm_published()
@@ -473,11 +506,12 @@ class ChatProtocol:
         return None
 
     async def on_whoami(self, sid: str, *args: Any) -> Ack:
-        """``whoami``: the user this socket connected as, and the data the connect proxy
-        attached to it."""
+        """``whoami``: the user this socket connected as, the data the connect proxy
+        attached to it, its display name and the gateway it is connected to."""
         grant = self.grants.get(sid)
         return {"ok": True, "user": grant.subject if grant is not None else None,
-                "data": self.data.get(sid, {})}
+                "data": self.data.get(sid, {}), "name": self.names.get(sid),
+                "node": self.node_id}
 
     async def close(self) -> None:
         if self.proxy is not None:

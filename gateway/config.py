@@ -18,6 +18,8 @@ from typing import Any
 
 from nats_adapter import FanoutLimits
 
+from .tracing import check_environment as check_otel_environment
+
 _FANOUT = FanoutLimits()
 
 BACKENDS = ("nats", "redis-sharded", "memory")
@@ -107,6 +109,8 @@ class GatewayConfig:
     recovery: bool = False
     #: seconds a disconnected session stays recoverable
     recovery_window: float = 120.0
+    #: export OpenTelemetry traces of chats (gateway/tracing.py; the OTEL_* variables)
+    otel: bool = False
     #: a websocket upgrade for a session another gateway owns moves the session here
     #: (else it is spliced to the owner)
     upgrade_move: bool = True
@@ -175,6 +179,9 @@ _SETTINGS: list[tuple[str, str, str, str]] = [
      "with JetStream)"),
     ("recovery_window", "--recovery-window", "GATEWAY_RECOVERY_WINDOW",
      "seconds a disconnected session stays recoverable"),
+    ("otel", "--otel", "GATEWAY_OTEL",
+     "on: export OpenTelemetry traces of chats over OTLP/HTTP, set up by the standard "
+     "OTEL_* variables (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME ...)"),
     ("upgrade_move", "--upgrade-move", "GATEWAY_UPGRADE_MOVE",
      "on: a websocket upgrade that lands on a gateway other than its session's moves the "
      "session there; off: it is spliced to the owner, which keeps serving it"),
@@ -416,6 +423,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "confirm_publish": _on_off,
     "recovery": _on_off,
     "recovery_window": _positive_float,
+    "otel": _on_off,
     "upgrade_move": _on_off,
     "insecure_bus": _on_off,
     "cors_origins": _csv,
@@ -524,6 +532,11 @@ def from_args(args: argparse.Namespace, env: Mapping[str, str] | None = None) ->
                           f"the missed messages); {values['backend']} has no message store")
     if secrets.cluster_key and len(secrets.cluster_key.encode()) < 32:
         raise ConfigError("GATEWAY_CLUSTER_KEY must be at least 32 bytes")
+    if values.get("otel"):
+        try:
+            check_otel_environment(env)
+        except ValueError as exc:
+            raise ConfigError(f"--otel: {exc}") from None
     return GatewayConfig(**values, limits=limits, secrets=secrets)
 
 

@@ -64,6 +64,22 @@ _COUNTERS = {
     "recovered": ("gateway_sessions_recovered", "Sessions restored, missed packets replayed"),
     "recovery_refused": ("gateway_sessions_recovery_refused",
                          "Restores refused or failed (the client got a new session)"),
+    "gap_disconnects": ("gateway_sessions_gap_disconnects",
+                        "Sockets disconnected to recover because stored messages for them "
+                        "were lost past repair (--recovery)"),
+}
+
+
+#: gap repair of stored traffic delivered live (--recovery; nats_adapter.brokers.gaps)
+_REPAIRS = {
+    "gaps_detected": ("gateway_stream_gaps_detected",
+                      "Gaps in a subject's stored traffic as it came live (copies lost on the "
+                      "way, or missed while the broker connection was down)"),
+    "messages_repaired": ("gateway_stream_messages_repaired",
+                          "Stored messages read back from the stream to fill those gaps"),
+    "gaps_unrepairable": ("gateway_stream_gaps_unrepairable",
+                          "Gaps whose messages the stream no longer holds (or could not be "
+                          "read): the sockets they were for are disconnected to recover"),
 }
 
 
@@ -134,6 +150,11 @@ class GatewayCollector(Collector):
         for reason, count in sorted(m.broker.losses().items()):
             losses.add_metric([*values, reason], count)
         yield losses
+        repairs = m.broker.repairs()
+        for field, (name, doc) in _REPAIRS.items():
+            c = CounterMetricFamily(name, doc, labels=labels)
+            c.add_metric(values, repairs.get(field, 0))
+            yield c
         chats = CounterMetricFamily("gateway_chat_messages", "Chat messages accepted",
                                     labels=labels)
         chats.add_metric(values, self.chat.chats)

@@ -19,6 +19,8 @@ class BrokerView(Protocol):
 
     def losses(self) -> dict[str, int]: ...
 
+    def repairs(self) -> dict[str, int]: ...
+
 
 class GatewayManager(Protocol):
     """Implemented by ``nats_adapter.ClusterManager`` and the bench's ``StockRedisManager``."""

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from . import codec
 from ._logging import ThrottledLog
-from .brokers.base import Broker, BrokerError
+from .brokers.base import Broker, BrokerError, BrokerUnconfirmed
 from .naming import ChannelNames
 from .sealing import ClusterKey, Verdict
 from .stats import ManagerStats
@@ -39,6 +39,9 @@ class Bus:
         #: set once the node's start is done (or failed, or was cancelled)
         self.ready = False
         self.log = ThrottledLog(logger)
+        #: stamps emits and cluster requests with the current span's trace context
+        #: (tracing on: see :func:`nats_adapter.tracing.install`)
+        self.stamp: Callable[[codec.Message], codec.Message] | None = None
         self._ensure_started = ensure_started
 
     # -- sending -------------------------------------------------------------------------
@@ -46,6 +49,8 @@ class Bus:
     def encode(self, msg: codec.Message) -> bytes | None:
         """``msg`` as bytes, not yet sealed (see :meth:`seal`); None when it cannot be
         encoded (counted and logged)."""
+        if self.stamp is not None:
+            msg = self.stamp(msg)
         try:
             return codec.encode(msg)
         except (TypeError, ValueError):
@@ -73,6 +78,12 @@ class Bus:
             await self._ensure_started()
         try:
             await self.broker.publish(channel, data)
+        except BrokerUnconfirmed as exc:
+            # sent, but maybe not to every node: a notice goes on as sent
+            if strict:
+                self.stats.publish_errors += 1
+                self.log.warning("publish", "publish to %s not confirmed: %s", channel, exc)
+                raise
         except BrokerError as exc:
             self.stats.publish_errors += 1
             self.log.warning("publish", "publish to %s failed: %s", channel, exc)

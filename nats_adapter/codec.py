@@ -38,6 +38,11 @@ CLUSTER = 8  # the cluster protocol: requests, replies, heartbeats (see rpc.py)
 #: ``origin`` is empty when nothing needs it (a broker that never hands a node its
 #: own publications, and no cluster key).
 EMIT_ROOM = 9
+#: The optional operation (:meth:`~nats_adapter.rpc.ClusterRpc.serves`) of a node that
+#: reads an emit's trace context (:attr:`EmitMessage.trace`): one more item at the
+#: end of an EMIT or EMIT_ROOM envelope, which a node of an older release drops as
+#: malformed. A node adds it only when every node alive says it reads it.
+TRACE_FEATURE = "trace"
 
 class EnvelopeError(ValueError):
     """A payload from the bus that is not a valid envelope of this version."""
@@ -62,6 +67,8 @@ class EmitMessage:
     travels as :data:`EMIT_ROOM`, without ``namespace``, ``rooms`` and
     ``dedupe_id`` (:func:`decode` leaves the first two empty, for the receiver to
     fill in from the channel).
+    ``trace``: the W3C ``traceparent`` of the span that sent it (tracing on, see
+    :data:`TRACE_FEATURE`), sealed with the rest; None on nearly every emit.
     """
 
     origin: str
@@ -71,6 +78,7 @@ class EmitMessage:
     packet: EncodedPacket
     dedupe_id: str | None = None
     channel_room: bool = False
+    trace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,13 +137,17 @@ def encode(msg: Message) -> bytes:
     """Serialize ``msg``; raises ``TypeError``/``ValueError`` for data msgpack cannot carry."""
     if isinstance(msg, EmitMessage) and msg.channel_room:
         items: list[Any] = [VERSION, EMIT_ROOM, msg.origin, msg.packet]
-        if msg.skip:
+        if msg.skip or msg.trace is not None:
             items.append(msg.skip)
+        if msg.trace is not None:
+            items.append(msg.trace)
     elif isinstance(msg, EmitMessage):
         items = [
             VERSION, EMIT, msg.origin, msg.namespace, msg.rooms, msg.skip, msg.packet,
             msg.dedupe_id,
         ]
+        if msg.trace is not None:
+            items.append(msg.trace)
     elif isinstance(msg, EmitToSidMessage):
         items = [VERSION, EMIT_TO_SID, msg.origin, msg.namespace, msg.sid, msg.event, msg.args,
                  msg.ack_id]
@@ -178,6 +190,16 @@ def _packet(value: Any) -> EncodedPacket:
     raise EnvelopeError("packet must be a string or [string, bytes...]")
 
 
+#: the longest trace context accepted (a W3C traceparent is 55 characters)
+MAX_TRACE_CHARS = 128
+
+
+def _trace(value: Any) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_TRACE_CHARS:
+        raise EnvelopeError("trace context must be a short string")
+    return value
+
+
 def _int(value: Any, what: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise EnvelopeError(f"{what} must be an integer")
@@ -201,17 +223,19 @@ def decode(data: bytes) -> Message:
         raise EnvelopeError(f"unsupported envelope version {items[0]!r}")
     kind = items[1]
     try:
-        if kind == EMIT and len(items) == 8:
-            _, _, origin, ns, rooms, skip, pkt, dedupe = items
+        if kind == EMIT and len(items) in (8, 9):
+            _, _, origin, ns, rooms, skip, pkt, dedupe = items[:8]
             return EmitMessage(
                 _str(origin, "origin"), _str(ns, "namespace"),
                 None if rooms is None else _str_list(rooms, "rooms"),
                 _str_list(skip, "skip"), _packet(pkt), _opt_str(dedupe, "dedupe id"),
+                trace=_trace(items[8]) if len(items) == 9 else None,
             )
-        if kind == EMIT_ROOM and len(items) in (4, 5):
-            skip = _str_list(items[4], "skip") if len(items) == 5 else []
+        if kind == EMIT_ROOM and len(items) in (4, 5, 6):
+            skip = _str_list(items[4], "skip") if len(items) >= 5 else []
             return EmitMessage(_str(items[2], "origin"), "", [], skip, _packet(items[3]),
-                               channel_room=True)
+                               channel_room=True,
+                               trace=_trace(items[5]) if len(items) == 6 else None)
         if kind == EMIT_TO_SID and len(items) == 8:
             _, _, origin, ns, sid, event, args, ack_id = items
             if not isinstance(args, list):

@@ -342,28 +342,32 @@ class LocalHub:
     # -- delivery ------------------------------------------------------------------
 
     async def deliver(self, namespace: str, targets: list[str] | None,
-                      skip: frozenset[str], pkt: EncodedPacket, seq: int | None = None) -> None:
+                      skip: frozenset[str], pkt: EncodedPacket, seq: int | None = None
+                      ) -> tuple[int, int]:
         """Deliver ``pkt`` to the local sockets ``targets`` address (see :meth:`targets`);
-        a socket in several target rooms gets it once."""
+        a socket in several target rooms gets it once. Returns (delivered, failed)."""
         ns_rooms = self.rooms.get(namespace)
         if not ns_rooms:
-            return
+            return 0, 0
         if targets is None or (len(targets) == 1 and not is_sid(targets[0])):
             # one room or the namespace (nearly every emit): no per-emit recipient copy
             members = ns_rooms.get(None if targets is None else targets[0])
             if members:
                 exclude = {e for sid in skip if (e := members.get(sid)) is not None}
-                await self.deliver_to(members.values(), pkt, exclude, seq)
-            return
-        await self.deliver_to(self.targets(namespace, targets, skip).values(), pkt, seq=seq)
+                return await self.deliver_to(members.values(), pkt, exclude, seq)
+            return 0, 0
+        return await self.deliver_to(self.targets(namespace, targets, skip).values(), pkt,
+                                      seq=seq)
 
     async def deliver_to(self, eio_sids: Iterable[str], pkt: EncodedPacket,
-                         exclude: Container[str] = (), seq: int | None = None) -> None:
+                         exclude: Container[str] = (), seq: int | None = None
+                         ) -> tuple[int, int]:
         """Write ``pkt`` to each engine.io session in ``eio_sids`` but ``exclude``
-        (``seq``: its sequence in the message store, when it is a stored message)."""
+        (``seq``: its sequence in the message store, when it is a stored message).
+        Returns (delivered, failed)."""
         fanout = self.fanout
         if fanout is None:
-            return
+            return 0, 0
         queued = fanout.queued
         delivered, failed = fanout.deliver(eio_sids, [pkt] if isinstance(pkt, str) else pkt,
                                            exclude, seq)
@@ -371,3 +375,4 @@ class LocalHub:
         self.stats.delivery_errors += failed
         if fanout.queued != queued:
             await asyncio.sleep(0)  # let the engine.io writers of queued sockets run
+        return delivered, failed

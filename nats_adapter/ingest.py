@@ -27,6 +27,7 @@ from .rpc import ClusterRpc
 from .sealing import ReplayWindow
 from .sids import is_node_tag, is_sid
 from .stats import ManagerStats
+from .tracing import BusTracer
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,11 @@ class Ingest:
         self.max_room_chars = max_room_chars
         self.max_rooms = max_rooms
         self._replays = ReplayWindow()
+        #: opens a span around the delivery of a traced emit (tracing on: see
+        #: :func:`nats_adapter.tracing.install`)
+        self.tracer: BusTracer | None = None
+        # every node of this release reads an emit's trace context, traced or not
+        rpc.features.add(codec.TRACE_FEATURE)
 
     async def on_message(self, channel: str, data: bytes, seq: int | None = None) -> None:
         """Handle one payload from the broker; never raises (except cancellation).
@@ -134,7 +140,11 @@ class Ingest:
         try:
             if stored:
                 assert seq is not None and isinstance(msg, codec.EmitMessage)
-                await self.plugin.deliver_stored(msg, seq)
+                if msg.trace is not None and self.tracer is not None:
+                    with self.tracer.delivering(msg.trace, msg.namespace, msg.rooms, True):
+                        await self.plugin.deliver_stored(msg, seq)
+                else:
+                    await self.plugin.deliver_stored(msg, seq)
             elif body is not None:
                 assert isinstance(msg, codec.ClusterMessage)
                 await self.rpc.on_message(msg, body)
@@ -204,5 +214,10 @@ class Ingest:
             return
         if msg.rooms is not None and not self.hub.addresses_any(msg.namespace, msg.rooms):
             self.stats.unwanted += 1
+            return
+        if msg.trace is not None and self.tracer is not None:
+            with self.tracer.delivering(msg.trace, msg.namespace, msg.rooms, False) as span:
+                span.record(*await self.hub.deliver(msg.namespace, msg.rooms,
+                                                    frozenset(msg.skip), msg.packet))
             return
         await self.hub.deliver(msg.namespace, msg.rooms, frozenset(msg.skip), msg.packet)

@@ -556,7 +556,9 @@ class ClusterManager(AsyncManager):  # type: ignore[misc]
             # caller that nobody got it (not some: these sockets before the failure)
             await self.router.relay(namespace, targets, skip, pkt)
         if self.server is not None:
-            await self.hub.deliver(namespace, targets, skip, pkt)
+            delivered = await self.hub.deliver(namespace, targets, skip, pkt)
+            if self.ingest.tracer is not None:  # tracing on: told to the sending span
+                self.ingest.tracer.delivered_here(*delivered)
 
     async def confirm_published(self) -> None:
         """Return once the broker has taken every emit made so far (for an ack that

@@ -61,7 +61,7 @@ from .bus import Bus
 from .cluster import session_data
 from .dedupe import DedupeWindow
 from .hub import HoldBack, LocalHub
-from .naming import ChannelNames
+from .naming import ChannelNames, decode_token
 from .rpc import ClusterRpc
 from .sids import is_sid, sid_owner
 from .stats import ManagerStats
@@ -205,6 +205,10 @@ class Recovery:
         m = self.node
         store = self.bus.broker.message_store(m.channels.prefix, self.options.window)
         await store.setup()
+        store.watch_losses(self._on_lost)
+        # a gateway heard again after it missed its heartbeats: the broker was split
+        # between us (copies from its side did not come either); look for gaps
+        self.rpc.on_back.append(lambda _tag: store.check_gaps())
         self.store = store
         # direct messages to this node's sids come back from the store on one wildcard
         m.subscriptions.acquire(m.channels.live_sids(m.node_tag))
@@ -237,6 +241,53 @@ class Recovery:
         if m.hub.is_local(body.sid, body.ns):
             await m.server.disconnect(body.sid, namespace=body.ns, ignore_queue=True)
         await self.rpc.reply(origin, req_id, codec.Reply(True))
+
+    # -- gaps that could not be repaired -------------------------------------------------
+
+    def _on_lost(self, channel: str) -> None:
+        """Stored messages on ``channel`` will never reach this node (a gap the broker
+        could not repair: past retention, purged): the local sockets that should
+        have had them get no newer stored packet and are disconnected as the network
+        would (the engine.io connection closes, the session stays recoverable), so
+        their clients reconnect and a restore from their offset decides: what is
+        still stored is replayed, else they get a new session and know it
+        (``recovered`` false). Called before the broker delivers anything newer on
+        ``channel``."""
+        m = self.node
+        eio_sids = sorted(set(self._receivers(channel).values()))
+        if not eio_sids:
+            return
+        for eio_sid in eio_sids:
+            # nothing stored reaches them until they are gone: a newer packet's offset
+            # would let their restore skip what was lost
+            self.catching_up[eio_sid] = _LOST
+        m.stats.gap_disconnects += len(eio_sids)
+        logger.warning("stored messages on %s are lost to this node: disconnecting %d "
+                       "socket(s) so that they recover", channel, len(eio_sids))
+        m.spawn(self._disconnect_engines(eio_sids))
+
+    def _receivers(self, channel: str) -> dict[str, str]:
+        """sid -> eio sid of the local sockets the live ``channel`` delivers to."""
+        m = self.node
+        parsed = m.channels.parse_room(channel)
+        if parsed is not None:
+            return dict(m.hub.members(*parsed))
+        head = f"{m.channels.prefix}.live.sid."
+        tokens = channel[len(head):].split(".") if channel.startswith(head) else []
+        if len(tokens) != 3:
+            return {}
+        try:
+            ns = decode_token(tokens[0])
+            sid = f"{decode_token(tokens[1])}:{decode_token(tokens[2])}"
+        except ValueError:
+            return {}
+        eio_sid = m.hub.members(ns, None).get(sid)
+        return {sid: eio_sid} if eio_sid is not None else {}
+
+    async def _disconnect_engines(self, eio_sids: list[str]) -> None:
+        eio = self.node.server.eio
+        for eio_sid in eio_sids:
+            await eio.disconnect(eio_sid)
 
     # -- sending -----------------------------------------------------------------------
 
@@ -692,6 +743,20 @@ class Recovery:
             if isinstance(decoded, list) and decoded and isinstance(decoded[0], str):
                 out.append((decoded[0], decoded[1:], str(seq)))
         return out
+
+
+class _Lost:
+    """The hold-back of a socket whose stored traffic was lost past repair, until its
+    connection is closed: what comes is dropped (its client recovers it, or learns
+    that it cannot)."""
+
+    __slots__ = ()
+
+    def hold(self, seq: int, pkt: EncodedPacket) -> None:
+        pass
+
+
+_LOST = _Lost()
 
 
 class _Raw:

@@ -18,6 +18,7 @@ recovery (:mod:`.recovery`) register the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -33,6 +34,7 @@ from . import codec
 from .codec import ClusterBody, ClusterOp
 from .naming import ChannelNames
 from .stats import ManagerStats
+from .tracing import TRACE_KEY, BusTracer
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,8 @@ Publish = Callable[[str, codec.Message], Awaitable[None]]
 Spawn = Callable[[Coroutine[Any, Any, None]], None]
 #: holds a channel's subscription for good; whether the broker confirmed it in time
 Subscribe = Callable[[str, float], Awaitable[bool]]
+#: seconds a node that missed its heartbeats is remembered (to tell when it is back)
+MISSED_KEPT = 3600.0
 
 
 class ClusterTimeoutError(sio_exceptions.TimeoutError):  # type: ignore[misc]
@@ -234,9 +238,17 @@ class ClusterRpc:
         self.on_hello: list[Callable[[str], Awaitable[None]]] = []
         #: called with the tag of a node that left or missed its heartbeats
         self.on_gone: list[Callable[[str], None]] = []
+        #: called with the tag of a node heard from again after it missed its heartbeats
+        #: (the broker was split between the two, or it was frozen, and is whole again)
+        self.on_back: list[Callable[[str], None]] = []
+        #: node tag -> when it missed its heartbeats (forgotten after MISSED_KEPT)
+        self._missed: dict[str, float] = {}
         #: optional operations this node serves, said in its heartbeats (a node of an
         #: older release says none: see :meth:`serves`)
         self.features: set[str] = set()
+        #: spans around calls made and served (tracing on: see
+        #: :func:`nats_adapter.tracing.install`)
+        self.tracer: BusTracer | None = None
 
     # -- the registry --------------------------------------------------------------------
 
@@ -293,9 +305,7 @@ class ClusterRpc:
             await asyncio.sleep(self._heartbeat_interval)
             try:
                 await self.notice(codec.Heartbeat(self.info()))
-                for tag in self.peers.expired():
-                    logger.warning("node %s missed its heartbeats; not waiting for it", tag)
-                    self._node_gone(tag)
+                self.check_peers()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -317,6 +327,17 @@ class ClusterRpc:
         """The broker connection is back: peers may have forgotten this node."""
         if self._heartbeat_task is not None:
             self._spawn(self.notice(codec.Hello(self.info())))
+
+    def check_peers(self) -> None:
+        """Give up on the nodes that missed their heartbeats (called every interval)."""
+        now = time.monotonic()
+        for tag in self.peers.expired():
+            logger.warning("node %s missed its heartbeats; not waiting for it", tag)
+            self._missed[tag] = now
+            self._node_gone(tag)
+        for tag, when in list(self._missed.items()):
+            if now - when > MISSED_KEPT:
+                del self._missed[tag]
 
     def _node_gone(self, tag: str) -> None:
         for pending in list(self._pending.values()):
@@ -353,9 +374,13 @@ class ClusterRpc:
         """Ask one node; its answer (raises ``TimeoutError`` when none comes)."""
         req_id, pending = self.open({node})
         try:
-            await self._publish(self.channels.node(node),
-                                codec.encode_call(self.node_tag, req_id, body))
-            if not await pending.wait(timeout):
+            with self._calling(body.OP, 1) as span:
+                await self._publish(self.channels.node(node),
+                                    codec.encode_call(self.node_tag, req_id, body))
+                answered = await pending.wait(timeout)
+                if span is not None:
+                    span.record(int(answered), int(not answered))
+            if not answered:
                 raise TimeoutError(f"no answer from {self.peers.name(node)}")
         finally:
             self.close(req_id)
@@ -373,14 +398,23 @@ class ClusterRpc:
         req_id, pending = self.open(expected)
         self.stats.cluster_requests += 1
         try:
-            if expected:
-                await self._publish(self.channels.cluster(),
-                                    codec.encode_call(self.node_tag, req_id, body))
-            if not await pending.wait(timeout):
-                self.stats.cluster_timeouts += 1
+            with self._calling(body.OP, len(expected)) as span:
+                if expected:
+                    await self._publish(self.channels.cluster(),
+                                        codec.encode_call(self.node_tag, req_id, body))
+                if not await pending.wait(timeout):
+                    self.stats.cluster_timeouts += 1
+                if span is not None:
+                    span.record(len(expected) - len(pending.expected), len(pending.expected))
             return pending
         finally:
             self.close(req_id)
+
+    def _calling(self, op: str, nodes: int) -> contextlib.AbstractContextManager[Any]:
+        """The tracer's span around a call (tracing on), else nothing."""
+        if self.tracer is None:
+            return contextlib.nullcontext()
+        return self.tracer.calling(op, nodes)
 
     async def publish_request(self, req_id: str, body: ClusterBody) -> None:
         """Send ``body`` as the request ``req_id`` (from :meth:`open`) to every node."""
@@ -420,6 +454,9 @@ class ClusterRpc:
         hello = isinstance(body, codec.Hello)
         if self.peers.saw(origin, info) and not hello:
             logger.info("node %s is in the cluster", self.peers.name(origin))
+            if self._missed.pop(origin, None) is not None:
+                for back in self.on_back:
+                    back(origin)
         if hello:
             logger.info("node %s joined the cluster", self.peers.name(origin))
             await self.tell(origin, codec.Heartbeat(self.info()))
@@ -435,9 +472,17 @@ class ClusterRpc:
         if registration is None or (registration.answers and msg.req_id is None):
             return
         if registration.inline:
-            await registration.handler(origin, msg.req_id, body)
+            with self._serving(msg):
+                await registration.handler(origin, msg.req_id, body)
         else:  # off the broker's reader (joins wait for subscriptions)
             self._spawn(self._serve(registration.handler, msg, body))
+
+    def _serving(self, msg: codec.ClusterMessage) -> contextlib.AbstractContextManager[Any]:
+        """The tracer's span around serving a traced request (tracing on), else nothing."""
+        trace = msg.body.get(TRACE_KEY) if self.tracer is not None else None
+        if self.tracer is None or not isinstance(trace, str):
+            return contextlib.nullcontext()
+        return self.tracer.serving(trace, msg.op, self.peers.name(msg.origin))
 
     def _on_reply(self, origin: str, req_id: str | None,
                   body: codec.Reply | codec.BcastCount | codec.BcastAck) -> None:
@@ -454,7 +499,8 @@ class ClusterRpc:
     async def _serve(self, handler: Handler, msg: codec.ClusterMessage,
                      body: ClusterBody) -> None:
         try:
-            await handler(msg.origin, msg.req_id, body)
+            with self._serving(msg):
+                await handler(msg.origin, msg.req_id, body)
         except asyncio.CancelledError:
             raise
         except Exception:

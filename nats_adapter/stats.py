@@ -64,6 +64,9 @@ class ManagerStats:
     recovery_attempts: int = 0
     recovery_refused: int = 0
     recovered: int = 0
+    #: sockets disconnected (recoverably) because stored messages meant for them were
+    #: lost past repair (see nats_adapter.brokers.gaps)
+    gap_disconnects: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

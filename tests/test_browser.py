@@ -44,10 +44,28 @@ async def test_browser_page_chats_with_node_client_across_gateways(
     assert result["errors"] == []
     assert [m["text"] for m in result["page"]] == ["hello browser"]
     assert result["page"][0]["from"] == result["nodeId"]
+    assert result["page"][0]["name"] == "bob"
     assert [m["text"] for m in result["node"]] == ["hello node"]
     assert result["node"][0]["from"] == result["pageId"]
+    assert result["node"][0]["name"] == "alice"
     assert result["node"][0]["room"] == room
-    assert shot.stat().st_size > 0
+    # what the page shows: its name and gateway, the room with both members (one on
+    # each gateway), the chat under the sender's name, its own under "me"
+    shown = result["shown"]
+    page_node = gateway_procs[0].node_id
+    assert shown["status"].startswith(f"connected as alice on gateway {page_node} ("), shown
+    assert shown["rooms"] == [[room, "2", "current"]], shown
+    assert ["", f"[{room}] bob: hello browser"] in shown["log"], shown["log"]
+    assert ["me", f"[{room}] me: hello node"] in shown["log"], shown["log"]
+    assert not [text for cls, text in shown["log"] if cls == "err"], shown["log"]
+    assert png_size(shot) == (1280, 720)  # a whole page was drawn
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's header."""
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
 
 
 def test_page_is_served_with_the_npm_client(gateway_procs: list[GatewayNode]) -> None:

@@ -8,6 +8,7 @@ with ``-s`` to see them) and quoted in the closing note of the issue.
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from tests.helpers import (
     SioClient,
     connect_all,
     first_delivery_after,
+    freeze,
     owner_of,
     read_metric,
     running,
@@ -160,13 +162,33 @@ async def test_redis_master_restarted(tmp_path: Path, redis3: RedisCluster,
         assert lost >= 1, "a publish the broker could not take must be counted"
         for gw in gws:
             assert gw.healthz()[0] == 200, "other masters are still up"
-        redis3.start_node(redis3.nodes.index(owner))
-        redis3.wait_ready()
-        back_at = time.monotonic()
+        # b's gateway is held (SIGSTOP) while the master comes back, so it has not
+        # subscribed there again when a chats: those chats reach a's gateway only,
+        # and may not be acked ok (before the fix they were: ok, and lost for b)
+        assert gws[1].child is not None
+        held = gws[1].child.pid
+        await freeze(held)
+        try:
+            redis3.start_node(redis3.nodes.index(owner))
+            redis3.wait_ready()
+            back_at = time.monotonic()
+            acks = [(text, await a.call("chat", {"room": "faults", "text": text}, timeout=10))
+                    for text in (f"while b resubscribes {i}" for i in range(10))]
+        finally:
+            os.kill(held, signal.SIGCONT)
+        for _, ack in acks:
+            assert ack["ok"] is True or ack["error"].startswith(("not confirmed",
+                                                                 "not delivered")), ack
+        refused = [text for text, ack in acks if not ack["ok"]]
+        assert refused, "b's gateway was not subscribed again: a chat cannot be acked ok"
         recovery = await first_delivery_after(a, b, "faults", 30)
+        acked = [text for text, ack in acks if ack["ok"]]
+        await b.wait_for(lambda c: set(acked) <= set(c.texts()),
+                         what="every chat acked ok while b's gateway resubscribed")
         print(f"\nRedis master down {back_at - stopped_at:.1f} s; cross-node delivery "
               f"{recovery * 1000:.0f} ms after it was back; {lost:.0f} publish(es) lost "
-              "and counted")
+              f"and counted; {len(refused)} of {len(acks)} chats sent while b's gateway "
+              "had not subscribed again were not acked ok")
         assert "into the void" not in b.texts()
     finally:
         stop_all([g.child for g in gws])

@@ -366,7 +366,8 @@ async def test_the_chat_page_in_chromium_recovers_and_says_so(
     proc = await asyncio.create_subprocess_exec(
         node_bin, str(REPO / "tests" / "js" / "browser_recovery.mjs"), front.url, room,
         chromium_bin, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        cwd=str(REPO), env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+        cwd=str(REPO), env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path),
+                            "SCREENSHOT": str(tmp_path / "recovered.png")})
     assert proc.stdout is not None and proc.stdin is not None
     try:
         ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
@@ -395,6 +396,10 @@ async def test_the_chat_page_in_chromium_recovers_and_says_so(
     assert seen["connects"][1]["id"] == ready["id"]
     assert [m["text"] for m in seen["messages"]] == sent
     assert "reconnected: session recovered, nothing was missed" in seen["log"]
+    # and says so where it is seen, not only in the log
+    assert seen["banner"] == ["Reconnected: session recovered, nothing was missed", "ok"]
+    assert seen["bannerVisible"] is True
+    assert (tmp_path / "recovered.png").stat().st_size > 0
     assert f"[{room}] {talker.sid}: before the page came (earlier)" in seen["log"]
 
 

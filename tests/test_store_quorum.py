@@ -1,7 +1,7 @@
 """With --recovery a chat is acked ok once the stream stored it on a quorum. When no
 quorum can store it (two of the three NATS servers gone: the minority side of a
 partition, as the gateway sees it) the sender hears ok: false within
-STORE_ANSWER_WITHIN (2 s), never a 10 s hang, and chats are acked again once the
+STORE_ANSWER_WITHIN (1.5 s), never a 10 s hang, and chats are acked again once the
 servers are back."""
 
 from __future__ import annotations
@@ -50,9 +50,10 @@ async def test_without_a_quorum_a_chat_is_refused_quickly(
             assert node.child is not None
             node.child.signal(signal.SIGKILL)
             node.child.popen.wait()
-        # the call's own timeout is the bound: past it the test fails (a 10 s hang did)
-        ack = await a.call("chat", {"room": "quorum", "text": "no quorum"},
-                           timeout=STORE_ANSWER_WITHIN + 3)
+        # the call's own timeout is the bound: past it the test fails (a 10 s hang did);
+        # issue 25 asks for the answer within 2 s
+        assert STORE_ANSWER_WITHIN < 2.0
+        ack = await a.call("chat", {"room": "quorum", "text": "no quorum"}, timeout=2.0)
         assert ack["ok"] is False, ack
         assert ack["error"].startswith(("not delivered", "not confirmed")), ack
         for node in others:

@@ -107,6 +107,11 @@ class Broker(abc.ABC):
         raise BrokerError(f"the {self.name} broker does not support connection state "
                           "recovery (use NATS, with JetStream)")
 
+    def repairs(self) -> dict[str, int]:
+        """Gap repair of stored traffic delivered live, by counter (gaps_detected,
+        messages_repaired, gaps_unrepairable, duplicates_dropped); {} where none runs."""
+        return {}
+
     def losses(self) -> dict[str, int]:
         """Messages the broker client lost, by reason (since start).
 
@@ -147,6 +152,29 @@ class MessageStore(abc.ABC):
 
     #: seconds a stored message is kept at least (older ones are not trusted when read)
     retention: float = 0.0
+    _loss_watchers: tuple[Callable[[str], None], ...] = ()
+    _gap_checkers: tuple[Callable[[], None], ...] = ()
+
+    def watch_losses(self, callback: Callable[[str], None]) -> None:
+        """Have ``callback`` told the live channel of stored messages this node will
+        never deliver (a gap it could not repair: past retention, purged)."""
+        self._loss_watchers = (*self._loss_watchers, callback)
+
+    def watch_gap_checks(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called when :meth:`check_gaps` is."""
+        self._gap_checkers = (*self._gap_checkers, callback)
+
+    def check_gaps(self) -> None:
+        """Live copies may have gone missing without a sign here (a node that was cut
+        off from this one is back): the broker looks for what it has not delivered."""
+        for callback in self._gap_checkers:
+            callback()
+
+    def report_lost(self, channel: str) -> None:
+        """Stored messages on the live ``channel`` are lost to this node: tell the
+        watchers (:meth:`watch_losses`)."""
+        for callback in self._loss_watchers:
+            callback(channel)
 
     @abc.abstractmethod
     async def history(self, subject: str, limit: int,

@@ -18,6 +18,7 @@ from nats.aio.subscription import Subscription
 from .. import compat
 from .._logging import ThrottledLog
 from .base import Broker, BrokerError, BrokerHandler, BrokerUnconfirmed, FirstConnect, MessageStore
+from .gaps import GapRepair
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +212,14 @@ class NatsBroker(Broker):
         self.reconnect_buffer_overflows = 0
         self._log = ThrottledLog(logger)
         self._warned_no_socket = False
+        #: stored traffic delivered live in order, gaps repaired (with a message store)
+        self._gaps: GapRepair | None = None
+        self._live_prefix = ""
+        self._tail: Callable[[str], Awaitable[int | None]] | None = None
+        self._tail_check: asyncio.Task[None] | None = None
+        #: live subjects a copy was dropped on (slow consumer), to check soon
+        self._dropped_live: set[str] = set()
+        self._drop_check: asyncio.Task[None] | None = None
 
     @property
     def connected(self) -> bool:
@@ -262,6 +271,7 @@ class NatsBroker(Broker):
         self._subs[channel] = sub
 
     def _dropped(self, subject: str) -> None:
+        self._check_dropped(subject)
         self.slow_consumer_drops += 1
         self._log.warning("slow-consumer", "dropped an inbound NATS message on %s: this node "
                           "is not keeping up (slow consumer)", subject)
@@ -272,11 +282,35 @@ class NatsBroker(Broker):
         # a stored message, re-published with its sequence; anyone may set the header,
         # so the core believes it only on the store's own subjects, and one that is not
         # a number is no sequence at all
-        raw = headers.get("Nats-Sequence") if headers else None
-        if raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 20:
-            await self._handler.on_message(msg.subject, msg.data, int(raw))
-        else:
+        seq = _sequence(headers.get("Nats-Sequence")) if headers else None
+        if seq is None:
             await self._handler.on_message(msg.subject, msg.data)
+        elif self._gaps is not None and msg.subject.startswith(self._live_prefix):
+            assert headers is not None  # a stored copy: in order, gaps repaired
+            await self._gaps.arrive(msg.subject, seq,
+                                    _sequence(headers.get("Nats-Last-Sequence")), msg.data)
+        else:
+            await self._handler.on_message(msg.subject, msg.data, seq)
+
+    def _check_dropped(self, subject: str) -> None:
+        """A copy on ``subject`` was dropped here: if no later copy shows the gap (the
+        room went quiet), reading the subject's last sequence does."""
+        if self._gaps is None or self._tail is None or not subject.startswith(self._live_prefix):
+            return
+        self._dropped_live.add(subject)
+        if self._drop_check is None or self._drop_check.done():
+            self._drop_check = asyncio.get_running_loop().create_task(self._check_drops())
+
+    async def _check_drops(self) -> None:
+        assert self._gaps is not None and self._tail is not None
+        await asyncio.sleep(0)  # the drops of one read of the socket come together
+        while self._dropped_live:
+            subjects, self._dropped_live = sorted(self._dropped_live), set()
+            await self._gaps.check_tails(self._tail, subjects)
+
+    async def _deliver_stored(self, subject: str, data: bytes, seq: int) -> None:
+        assert self._handler is not None
+        await self._handler.on_message(subject, data, seq)
 
     async def _confirm(self, nc: Client) -> None:
         """Wait for the server to have processed everything sent so far (a PING/PONG).
@@ -389,6 +423,8 @@ class NatsBroker(Broker):
 
     async def unsubscribe(self, channel: str) -> None:
         self._wanted.discard(channel)
+        if self._gaps is not None:
+            self._gaps.forget(channel)
         sub = self._subs.pop(channel, None)
         if sub is None or self._nc is None or self._nc.is_closed:
             return
@@ -412,6 +448,11 @@ class NatsBroker(Broker):
     async def close(self) -> None:
         self._closing = True
         await self._first_connect.cancel()
+        for task in (self._tail_check, self._drop_check):
+            if task is not None:
+                task.cancel()
+        if self._gaps is not None:
+            await self._gaps.close()
         self._drop_round_trips()
         nc, self._nc = self._nc, None
         inbox, self._inbox = self._inbox, None
@@ -432,7 +473,26 @@ class NatsBroker(Broker):
 
         if self._nc is None or self._nc.is_closed:
             raise BrokerError("no NATS connection for JetStream")
-        return NatsMessageStore(self._nc, prefix, window)
+        store = NatsMessageStore(self._nc, prefix, window)
+        # stored copies come back live on {prefix}.live.>: delivered in order per subject,
+        # what went missing on the way read back from the store (nats_adapter.brokers.gaps)
+        self._gaps = GapRepair(store.read_range, self._deliver_stored, store.report_lost,
+                               store.retention)
+        self._live_prefix = f"{prefix}.live."
+        self._tail = store.last_sequence
+        store.watch_gap_checks(self._check_tails)
+        return store
+
+    def _check_tails(self) -> None:
+        """Read what is stored after the last copy delivered of every subject (unless
+        a check is under way)."""
+        if self._gaps is not None and self._tail is not None and (
+                self._tail_check is None or self._tail_check.done()):
+            self._tail_check = asyncio.get_running_loop().create_task(
+                self._gaps.check_tails(self._tail))
+
+    def repairs(self) -> dict[str, int]:
+        return self._gaps.stats() if self._gaps is not None else {}
 
     def losses(self) -> dict[str, int]:
         return {"slow_consumer": self.slow_consumer_drops,
@@ -480,6 +540,12 @@ class NatsBroker(Broker):
             self._limit_unacked_time(self._nc)
         if self._handler is not None:
             self._handler.on_connection_state(True)
+        # what was stored while this connection was down never came live: read it (a
+        # check under way asked the connection that is gone)
+        if self._tail_check is not None:
+            self._tail_check.cancel()
+            self._tail_check = None
+        self._check_tails()
 
     async def _closed_cb(self) -> None:
         if self._handler is not None and not self._closing:
@@ -488,12 +554,20 @@ class NatsBroker(Broker):
     async def _error_cb(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             # nats-py dropped an inbound message: this node fell behind its subscriptions
+            self._check_dropped(exc.subject)
             self.slow_consumer_drops += 1
             self._log.warning("slow-consumer", "NATS dropped an inbound message on %s: this "
                               "node is not keeping up (slow consumer)", exc.subject)
             return
         if not self._closing:
             logger.warning("NATS error: %r", exc)
+
+
+def _sequence(raw: str | None) -> int | None:
+    """A sequence header's number; None when absent or not a number."""
+    if raw is not None and raw.isascii() and raw.isdigit() and len(raw) <= 20:
+        return int(raw)
+    return None
 
 
 async def _pings(nc: Client, count: int) -> None:

@@ -42,6 +42,7 @@ from nats.js import api
 
 from .. import compat
 from .base import BrokerError, BrokerUnconfirmed, MessageStore
+from .gaps import RangeLost
 
 if TYPE_CHECKING:
     from nats.aio.client import Client
@@ -57,7 +58,7 @@ MIN_RETENTION = 600.0
 PUBLISH_RETRY_FOR = 10.0
 #: seconds an emit's store has to answer, retries included: its sender's ack waits
 #: on it (ok: false past it; a leader election of a few seconds refuses meanwhile)
-STORE_ANSWER_WITHIN = 2.0
+STORE_ANSWER_WITHIN = 1.5
 #: at most this many subject filters on one replay consumer; more read the whole
 #: stream's subjects and filter here (servers slow down with many filters)
 MAX_FILTERS = 32
@@ -463,6 +464,39 @@ class NatsMessageStore(MessageStore):
             self._local_replica = here == cluster.leader or any(
                 peer.name == here and peer.current for peer in cluster.replicas or [])
         return int(info.state.first_seq), int(info.state.last_seq)
+
+    # -- gap repair (see nats_adapter.brokers.gaps) --------------------------------------
+
+    def stored_subject(self, live: str) -> str:
+        """The subject a copy re-published on ``live`` is stored under."""
+        head = f"{self.prefix}.live."
+        if not live.startswith(head):
+            raise ValueError(f"{live!r} is not a live subject of prefix {self.prefix!r}")
+        return f"{self.prefix}.store.{live[len(head):]}"
+
+    async def read_range(self, live: str, after: int, until: int) -> list[tuple[int, bytes]]:
+        """The stored messages of the live subject ``live`` with ``after < sequence <=
+        until``, in order (:meth:`replay`: direct gets, or a consumer); raises
+        :class:`~nats_adapter.brokers.gaps.RangeLost` when the stream no longer holds
+        every message after ``after`` (expired, purged, over its size limit): which of
+        them were on ``live`` cannot be told any more."""
+        found = [(seq, data) for seq, _, data in
+                 await self.replay([self.stored_subject(live)], after, until)]
+        first, _ = await self.bounds()
+        if first > after + 1:
+            raise RangeLost(f"the stream starts at message {first} now")
+        return found
+
+    async def last_sequence(self, live: str) -> int | None:
+        """The sequence of the last message stored for the live subject ``live``, as the
+        stream's leader says; None when none is stored."""
+        subject = self.stored_subject(live)
+        try:
+            msg = await self._retrying("cannot read the stream", lambda: self._js.get_last_msg(
+                self.stream, subject, direct=False), within=STORE_ANSWER_WITHIN)
+        except nats.js.errors.NotFoundError:
+            return None
+        return int(msg.seq or 0) or None
 
     async def replay(self, subjects: list[str], after: int, until: int,
                      since: float | None = None) -> list[tuple[int, str, bytes]]:

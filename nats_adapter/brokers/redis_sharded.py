@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections import defaultdict
 from types import MethodType
 from typing import Any
@@ -30,9 +32,12 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from .. import compat
-from .base import Broker, BrokerError, BrokerHandler, FirstConnect
+from .base import Broker, BrokerError, BrokerHandler, BrokerUnconfirmed, FirstConnect
 
 logger = logging.getLogger(__name__)
+
+#: how many channels' last reach (subscribers a publish reached) are remembered
+REACH_KEPT = 65536
 
 
 class _NodeSubscriber:
@@ -75,6 +80,14 @@ class RedisShardedBroker(Broker):
     restored; after a slot moves (resharding), Redis unsubscribes the channel on the
     old owner and this broker subscribes again on the new one.
 
+    A restarted master knows no subscriptions until each node has subscribed again,
+    and until then what is published there misses those nodes. ``SPUBLISH`` answers
+    with how many subscribed connections it reached: while any master is down and for
+    ``settle`` seconds after the last one came back, a publish that reaches fewer
+    than the same channel's last publish before raises :class:`BrokerUnconfirmed`
+    (a member's node may not have subscribed again yet), never returns as if taken.
+    Outside such a window a lower reach is a node that left the room.
+
     :param url: a cluster seed node, ``redis://host:port``.
     :param connect_options: extra keyword arguments for the redis-py clients
         (``password``, ``username``, ``ssl`` ...).
@@ -89,6 +102,7 @@ class RedisShardedBroker(Broker):
         connect_options: dict[str, Any] | None = None,
         confirm_timeout: float = 10.0,
         reconnect_wait: float = 0.1,
+        settle: float = 10.0,
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("redis://", "rediss://")):
             raise ValueError(f"url must be a redis:// or rediss:// URL, got {url!r}")
@@ -108,6 +122,12 @@ class RedisShardedBroker(Broker):
         self._reroutes: set[asyncio.Task[None]] = set()
         self._closing = False
         self._was_connected = False
+        #: channel -> subscribed connections its last taken publish reached
+        self._reach: dict[str, int] = {}
+        self._settle = settle
+        #: until when (monotonic) a lower reach may be a node not yet subscribed again
+        #: to a restarted master (infinite while a master is down)
+        self._unsure_until = 0.0
 
     # -- connection --------------------------------------------------------------
 
@@ -116,6 +136,14 @@ class RedisShardedBroker(Broker):
         if self._cluster is None:
             return False
         return not self._nodes or any(n.up for n in self._nodes.values())
+
+    def _outage_changed(self) -> None:
+        """A master went down or came back: a lower reach is unsure until every
+        master is up again, and for ``settle`` seconds after."""
+        if any(not sub.up for sub in self._nodes.values()):
+            self._unsure_until = math.inf
+        else:
+            self._unsure_until = time.monotonic() + self._settle
 
     def _notify(self) -> None:
         now = self.connected
@@ -195,6 +223,7 @@ class RedisShardedBroker(Broker):
             logger.warning("SSUBSCRIBE %s on %s failed (%r); will retry on reconnect",
                            channel, node.name, exc)
             sub.up = False
+            self._outage_changed()
             self._notify()
         if sub.reader is None or sub.reader.done():
             sub.reader = loop.create_task(self._read(sub))
@@ -229,6 +258,7 @@ class RedisShardedBroker(Broker):
                 if sub.up:
                     logger.warning("lost Redis node %s: %r", sub.name, exc)
                     sub.up = False
+                    self._outage_changed()
                     self._notify()
                 await asyncio.sleep(delay)
                 # a restarted master is usually back within a second: retry often
@@ -238,6 +268,7 @@ class RedisShardedBroker(Broker):
                 logger.info("Redis node %s is back; shard subscriptions restored", sub.name)
                 sub.up = True
                 delay = self._reconnect_wait
+                self._outage_changed()
                 self._notify()
             if msg is None:
                 continue
@@ -273,9 +304,21 @@ class RedisShardedBroker(Broker):
         if self._cluster is None or self._closing:
             raise BrokerError("no Redis Cluster connection")
         try:
-            await self._cluster.spublish(channel, data)
+            reached = int(await self._cluster.spublish(channel, data))
         except (RedisError, OSError) as exc:
+            # a master this node holds no subscription on may be the one that is down
+            self._unsure_until = max(self._unsure_until, time.monotonic() + self._settle)
             raise BrokerError(f"SPUBLISH failed: {exc!r}") from exc
+        reach = self._reach
+        before = reach.pop(channel, 0)
+        if reached < before and time.monotonic() < self._unsure_until:
+            reach[channel] = before  # still what a whole room reaches
+            raise BrokerUnconfirmed(
+                f"reached {reached} of the {before} subscribers this channel had before a "
+                "Redis master restarted: a node may not have subscribed again yet")
+        reach[channel] = reached  # last: the most recently published are kept
+        if len(reach) > REACH_KEPT:
+            del reach[next(iter(reach))]
 
     async def close(self) -> None:
         self._closing = True

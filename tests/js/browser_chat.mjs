@@ -19,11 +19,12 @@ const browser = await chromium.launch({
   args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"],
 });
-const node = io(otherUrl, { transports: ["websocket"], reconnection: false });
+const node = io(otherUrl, { transports: ["websocket"], reconnection: false, auth: { name: "bob" } });
 const result = { page: [], node: [], errors: [] };
 try {
   const page = await browser.newPage();
   page.on("pageerror", (err) => result.errors.push(String(err)));
+  await page.addInitScript(() => localStorage.setItem("chat.name", "alice"));
   await page.goto(pageUrl + "/");
   await page.waitForFunction(() => window.chat && window.chat.socket.connected, null, { timeout: 10000 });
   await page.fill("#room", room);
@@ -52,7 +53,17 @@ try {
   result.page = await page.evaluate(() => window.chat.messages);
   result.pageId = await page.evaluate(() => window.chat.socket.id);
   result.nodeId = node.id;
-  await page.screenshot({ path: process.env.SCREENSHOT || "/dev/null" }).catch(() => {});
+  // the room list counts both members (one on each gateway); the status names the
+  // page's gateway once whoami answered
+  await page.waitForSelector(`#rooms li[data-room="${room}"] .count >> text=2`, { timeout: 10000 });
+  await page.waitForFunction(() => window.chat.node !== null, null, { timeout: 10000 });
+  result.shown = await page.evaluate(() => ({
+    status: document.querySelector("#status").textContent,
+    rooms: Array.from(document.querySelectorAll("#rooms li")).map(
+      (li) => [li.dataset.room, li.querySelector(".count").textContent, li.className]),
+    log: Array.from(document.querySelectorAll("#log p")).map((p) => [p.className, p.textContent]),
+  }));
+  if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
 } catch (err) {
   result.errors.push(String(err && err.stack || err));
 } finally {

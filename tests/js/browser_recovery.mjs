@@ -37,7 +37,10 @@ try {
   const seen = await page.evaluate(() => ({
     connects: window.chat.connects, messages: window.chat.messages,
     log: Array.from(document.querySelectorAll("#log p")).map((p) => p.textContent),
+    banner: [document.querySelector("#banner").textContent, document.querySelector("#banner").className],
   }));
+  seen.bannerVisible = await page.isVisible("#banner");
+  if (process.env.SCREENSHOT) await page.screenshot({ path: process.env.SCREENSHOT });
   out({ ...seen, errors });
 } catch (err) {
   out({ errors: [...errors, String(err && err.stack || err)] });

@@ -78,7 +78,8 @@ async def test_the_backend_refuses_one_user_and_grants_another_two_rooms(
         clients.append(c)
         await c.connect(setup.gateway, auth={"session": "s-alice"})
     assert await alice.call("whoami") == {"ok": True, "user": "alice",
-                                          "data": {"display_name": "Alice"}}
+                                          "data": {"display_name": "Alice"},
+                                          "name": None, "node": "gw-auth"}
     for room in ("lobby", "ops"):
         assert await alice.call("join", room) == {"ok": True, "room": room}
     ack = await alice.call("join", "secret")

@@ -58,7 +58,8 @@ def third_party_imports(packages: tuple[str, ...]) -> set[str]:
 
 
 def test_every_library_the_product_imports_is_declared() -> None:
-    declared = {canonicalize_name(r.name) for r in requirements()}
+    # the otel extra: imported only with --otel (tests/unit/test_tracing.py)
+    declared = {canonicalize_name(r.name) for r in requirements("otel")}
     distributions = packages_distributions()
     undeclared = {name: distributions.get(name) for name in third_party_imports(PRODUCT)
                   if not {canonicalize_name(d) for d in distributions.get(name, [])} & declared}
@@ -67,7 +68,7 @@ def test_every_library_the_product_imports_is_declared() -> None:
 
 def test_every_dependency_has_an_exact_pin_within_its_range() -> None:
     pinned = pins()
-    for requirement in requirements("test", "bench"):
+    for requirement in requirements("test", "bench", "otel"):
         name = canonicalize_name(requirement.name)
         assert name in pinned, f"{requirement} has no pin in constraints.txt"
         assert requirement.specifier.contains(pinned[name], prereleases=True), \

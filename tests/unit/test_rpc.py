@@ -146,6 +146,23 @@ async def test_a_request_returns_when_every_node_answered_or_left() -> None:
     node.check(pending, None, 5)  # does not raise
 
 
+async def test_a_node_heard_again_after_it_missed_its_heartbeats_is_back() -> None:
+    node = rpc(Sent())
+    back: list[str] = []
+    node.on_back.append(back.append)
+    heartbeat = codec.ClusterMessage("peer0001", "heartbeat", None, {"info": INFO})
+    await node.on_message(heartbeat, codec.decode_call(heartbeat, 16))
+    assert back == [], "first heard of: not back"
+    node.peers.timeout = -1.0
+    node.check_peers()  # it missed its heartbeats (heard from longer ago than -1 s)
+    assert "peer0001" not in node.peers
+    node.peers.timeout = 60.0
+    await node.on_message(heartbeat, codec.decode_call(heartbeat, 16))
+    assert back == ["peer0001"]
+    await node.on_message(heartbeat, codec.decode_call(heartbeat, 16))
+    assert back == ["peer0001"], "once"
+
+
 async def test_asking_one_node_that_does_not_answer_raises_timeout() -> None:
     node = rpc(Sent())
     with pytest.raises(TimeoutError):

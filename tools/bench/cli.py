@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import subprocess
@@ -11,6 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from gateway.processes import free_ports
+from gateway.processes.children import REPO_ROOT, Child, spawn
 
 from . import report as rep
 from . import runs, scale_report
@@ -54,9 +58,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the delivery scenarios' clients offer permessage-deflate, as "
                              "browsers do (a server that accepts it pays for it; ours and "
                              "the Node peer decline)")
+    parser.add_argument("--otel", action="store_true",
+                        help="gateways trace chats (GATEWAY_OTEL=on) and export the spans "
+                             "to an OTLP receiver the bench runs, which counts and drops "
+                             "them (tools/otlp_receiver.py): what tracing costs")
     parser.add_argument("--idle-sockets", type=int, default=None, metavar="N",
                         help="sockets in the idle scenario (default 10000, --quick 300); "
                              "each load generator process holds at most 15000")
+
+
+def start_span_sink(workdir: Path) -> Child:
+    """An OTLP receiver that counts and drops spans, and the environment that makes
+    every gateway the bench starts from now on trace into it."""
+    port = free_ports(1)[0]
+    sink = spawn("otlp-sink", [sys.executable, "-m", "tools.otlp_receiver", "--port",
+                               str(port)], workdir, cwd=REPO_ROOT)
+    os.environ.update({"GATEWAY_OTEL": "on",
+                       "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    log(f"otel: gateways trace into an OTLP sink at http://127.0.0.1:{port}")
+    return sink
 
 
 def _subset(text: str, allowed: tuple[str, ...], flag: str) -> list[str] | str:
@@ -94,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"warning: {problem}")
     folder = Path(args.output or f"bench-results/{time.strftime('%Y%m%d-%H%M%S')}")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    sink = start_span_sink(workdir) if args.otel else None
     started = time.time()
     every: list[dict[str, Any]] = []
     floors: list[float | None] = []
@@ -117,6 +138,10 @@ def run(args: argparse.Namespace) -> int:
         log("interrupted")
         return 130
     finally:
+        if sink is not None:
+            sink.stop()
+            said = sink.log_path.read_text(errors="replace").strip().splitlines()
+            log(f"otel: {said[-1] if said else 'the OTLP sink said nothing'}")
         shutil.rmtree(workdir, ignore_errors=True)
     report = {
         "command": "python -m gateway bench " + shlex.join(sys.argv[2:] if
@@ -125,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds": round(time.time() - started, 1),
         "quick": args.quick,
+        "otel": args.otel,
         "machine": rep.machine(),
         # CPU us per send() of a 100-byte frame on loopback TCP, at the start of each run
         "loopback_send_us": floors,

@@ -47,6 +47,9 @@ class _BrokerView:
     def losses(self) -> dict[str, int]:
         return {}
 
+    def repairs(self) -> dict[str, int]:
+        return {}
+
 
 class StockRedisManager(socketio.AsyncRedisManager):  # type: ignore[misc]
     name = STOCK
