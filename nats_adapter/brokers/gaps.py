@@ -15,6 +15,15 @@ subjects carry on. Copies it has delivered (by sequence) are dropped if they com
 again. Where the range is gone (past the store's retention, or dropped early: a
 purge, a size limit), it says so (``lost``) and carries on from the newer copy.
 
+While a node's broker connection is down and until the tail checks after its
+reconnect (and the repairs they start) are done, :meth:`GapRepair.hold` keeps every
+copy that comes, of every subject; they are then handed on in the store's order. A
+socket in several rooms would otherwise get a newer message of one room before an
+older one of another read back from the store: its offset would go back, and a
+restore from that offset would send it the newer one again (the hour's soak saw 11
+such after a NATS node was killed). A gap seen from a later copy (a partition, a
+slow-consumer drop) is repaired per subject: other subjects carry on meanwhile.
+
 A subject's first copy sets where it starts: what was stored before a node
 subscribed is not its to deliver. Forget a subject when its subscription ends, so
 a later subscription starts afresh. A subject silent for longer than the store
@@ -54,6 +63,9 @@ TAIL_CONCURRENCY = 8
 #: seconds before the first retry (growing)
 TAIL_ROUNDS = 3
 TAIL_RETRY_AFTER = 2.0
+#: seconds at most the copies of every subject are held after a reconnect, waiting
+#: for its tail checks and their repairs (then handed on whatever is left undone)
+HOLD_AT_MOST = 5.0
 
 
 #: what to do with a copy (GapRepair._step)
@@ -115,6 +127,11 @@ class GapRepair:
         self.unrepairable = 0
         #: copies dropped because their sequence was delivered already
         self.duplicates = 0
+        #: holds under way (see hold) and the copies they keep, in the store's order:
+        #: (sequence, tie-break, subject, predecessor, data)
+        self._holds = 0
+        self._held: list[tuple[int, int, str, int | None, bytes]] = []
+        self._drain_task: asyncio.Task[None] | None = None
 
     def stats(self) -> dict[str, int]:
         return {"gaps_detected": self.gaps, "messages_repaired": self.repaired,
@@ -137,6 +154,61 @@ class GapRepair:
     async def arrive(self, subject: str, seq: int, previous: int | None, data: bytes) -> None:
         """A copy came live: deliver it now, drop it (delivered already), or hold it
         while the range before it is read from the store."""
+        if self._holds or self._drain_task is not None:
+            heapq.heappush(self._held, (seq, next(self._ties), subject, previous, data))
+            return
+        await self._arrive(subject, seq, previous, data)
+
+    def hold(self) -> None:
+        """Keep every copy that comes until :meth:`release` (the connection dropped:
+        what was stored meanwhile is read back before anything newer)."""
+        self._holds += 1
+
+    def release(self) -> None:
+        """End one :meth:`hold`; after the last, the copies kept are handed on in the
+        store's order (those that come meanwhile join them)."""
+        self._holds = max(0, self._holds - 1)
+        if not self._holds and self._held and self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    @property
+    def holding(self) -> bool:
+        return bool(self._holds)
+
+    async def _drain(self) -> None:
+        try:
+            while self._held and not self._holds:
+                seq, _, subject, previous, data = heapq.heappop(self._held)
+                await self._arrive(subject, seq, previous, data)
+        finally:
+            self._drain_task = None
+
+    async def check_tails_held(self, tail: Tail) -> None:
+        """After a reconnect: every tracked subject's tail checked and what it misses
+        read back, then the copies :meth:`hold` kept handed on (ends one hold)."""
+        async def checked() -> None:
+            await self.check_tails(tail)
+            while self._tasks:  # the repairs the checks started
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        check = asyncio.get_running_loop().create_task(checked())
+        try:
+            # past HOLD_AT_MOST (a stream electing its leader answers no tail), newer
+            # copies go on and the checks carry on behind them (each subject still in
+            # order, the rooms of one socket maybe not)
+            done, _ = await asyncio.wait([check], timeout=HOLD_AT_MOST)
+        except BaseException:
+            check.cancel()
+            raise
+        finally:
+            self.release()
+        if not done:
+            logger.warning("reading what was stored while disconnected takes over %.0f s: "
+                           "newer messages are delivered meanwhile", HOLD_AT_MOST)
+        await check  # (cancelled with this one: a later reconnect checks again)
+
+    async def _arrive(self, subject: str, seq: int, previous: int | None,
+                      data: bytes) -> None:
         s = self._subjects.get(subject)
         if s is None or self._silent(s):
             now = self._clock()
@@ -234,6 +306,9 @@ class GapRepair:
                 del self._by_last_token[last]
 
     async def close(self) -> None:
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            await asyncio.gather(self._drain_task, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

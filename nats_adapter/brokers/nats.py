@@ -214,6 +214,9 @@ class NatsBroker(Broker):
         self._warned_no_socket = False
         #: stored traffic delivered live in order, gaps repaired (with a message store)
         self._gaps: GapRepair | None = None
+        #: copies held since the connection dropped (GapRepair.hold), until the tail
+        #: check after the reconnect
+        self._gaps_held = False
         self._live_prefix = ""
         self._tail: Callable[[str], Awaitable[int | None]] | None = None
         self._tail_check: asyncio.Task[None] | None = None
@@ -509,6 +512,10 @@ class NatsBroker(Broker):
         }
 
     async def _disconnected_cb(self) -> None:
+        if self._gaps is not None and not self._gaps_held and not self._closing:
+            # what comes after the reconnect waits for what was stored meanwhile
+            self._gaps_held = True
+            self._gaps.hold()
         if self._handler is not None and not self._closing:
             self._handler.on_connection_state(False)
 
@@ -545,7 +552,14 @@ class NatsBroker(Broker):
         if self._tail_check is not None:
             self._tail_check.cancel()
             self._tail_check = None
-        self._check_tails()
+        if self._gaps is not None and self._tail is not None and self._gaps_held:
+            # every subject's copies wait until what it missed is read (in order
+            # across rooms, not only within each); a later reconnect's check takes over
+            self._gaps_held = False
+            self._tail_check = asyncio.get_running_loop().create_task(
+                self._gaps.check_tails_held(self._tail))
+        else:
+            self._check_tails()
 
     async def _closed_cb(self) -> None:
         if self._handler is not None and not self._closing:
