@@ -101,6 +101,22 @@ class SoakParams:
                 "restart-gateway": self.restart_gateway_every}[kind]
         return base * self.effective_scale
 
+    def times(self, kind: str) -> list[float]:
+        """When the faults of ``kind`` begin (seconds into the run): every interval,
+        the kills a third and the restarts two thirds of a storm interval earlier, so
+        that no two begin together; none in the last 10% (at most 20 s) of the run."""
+        every = self.every(kind)
+        shift = {"storm": 0.0, "kill-nats": 1 / 3,
+                 "restart-gateway": 2 / 3}[kind] * self.every("storm")
+        end = self.duration - min(20.0, 0.1 * self.duration)
+        out: list[float] = []
+        k = 1
+        while k * every - shift < end:
+            if k * every - shift > 0:
+                out.append(round(k * every - shift, 1))
+            k += 1
+        return out
+
     @property
     def warmup_s(self) -> float:
         if self.warmup is not None:
@@ -803,11 +819,8 @@ async def _run(p: SoakParams, cluster: LocalCluster) -> dict[str, Any]:
     planned: set[int] = set()
     schedule: list[tuple[float, str]] = []
     for kind in ("storm", "kill-nats", "restart-gateway"):
-        every = p.every(kind)
-        k = 1
-        while k * every < p.duration - min(20.0, 0.1 * p.duration):
-            schedule.append((k * every, kind))
-            k += 1
+        for at in p.times(kind):
+            schedule.append((at, kind))
     schedule.sort()
     counters = {"kill-nats": 0, "restart-gateway": 0}
     next_sample = 0.0
@@ -899,7 +912,9 @@ def run(p: SoakParams) -> int:
     params.update({"effective_scale": p.effective_scale, "warmup_s": p.warmup_s,
                    "restart_warmup_s": p.restart_warmup_s,
                    "intervals_s": {k: p.every(k) for k in
-                                   ("storm", "kill-nats", "restart-gateway")}})
+                                   ("storm", "kill-nats", "restart-gateway")},
+                   "fault_times_s": {k: p.times(k) for k in
+                                     ("storm", "kill-nats", "restart-gateway")}})
     ok = all(c.ok for c in checks)
     summary = {"params": params, "ok": ok, "verdict": report.checks_json(checks), **result}
     (p.output / "summary.json").write_text(json.dumps(summary, indent=1))
