@@ -119,13 +119,16 @@ class SoakParams:
 
     @property
     def warmup_s(self) -> float:
+        """Seconds left out of the fits at the start: the stream's retention, which
+        every time-bounded window of a gateway is within (at most 20% of the run)."""
         if self.warmup is not None:
             return self.warmup
-        return min(300.0, 0.2 * self.duration)
+        return min(STREAM_RETENTION_S, 0.2 * self.duration)
 
     @property
     def restart_warmup_s(self) -> float:
-        return min(120.0, 0.1 * self.duration)
+        """The same for a restarted gateway's own curves."""
+        return self.warmup_s
 
 
 def parse_args(argv: list[str]) -> SoakParams:
@@ -158,8 +161,9 @@ def parse_args(argv: list[str]) -> SoakParams:
     parser.add_argument("--storm-share", type=float, default=0.25,
                         help="share of the clients a storm drops (default 0.25)")
     parser.add_argument("--warmup", type=float, default=None,
-                        help="seconds left out of the flatness fits (default 20%% of the run, "
-                             "at most 300)")
+                        help="seconds left out of the flatness fits, at the start and after a "
+                             "gateway's restart (default: the stream's retention, 600, or 20%% of "
+                             "the run when less)")
     parser.add_argument("--rss-limit", type=float, default=5.0,
                         help="MB per hour a gateway's RSS may grow (default 5)")
     parser.add_argument("--seed", type=int, default=7)
@@ -443,11 +447,11 @@ class Fleet:
         if c.sock is not sock or not c.connected or self.stopping:
             return
         c.connected = False
-        self._spawn(self._reconnect(c))
+        self.spawn(self._reconnect(c))
 
     # connecting ----------------------------------------------------------------------
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self._done)
@@ -575,7 +579,7 @@ class Fleet:
             n += 1
             c = self.clients[self.rng.randrange(len(self.clients))]
             if c.connected and c.rooms:
-                self._spawn(self._chat(c, self.rng.choice(sorted(c.rooms))))
+                self.spawn(self._chat(c, self.rng.choice(sorted(c.rooms))))
             await asyncio.sleep(max(0.0, start + n / self.p.rate - time.monotonic()))
 
     async def _chat(self, c: Client, room: str) -> None:
@@ -613,7 +617,7 @@ class Fleet:
             n += 1
             c = self.clients[self.rng.randrange(len(self.clients))]
             if c.connected:
-                self._spawn(self._churn(c))
+                self.spawn(self._churn(c))
             await asyncio.sleep(max(0.0, start + n / self.p.churn_rate - time.monotonic()))
 
     async def _churn(self, c: Client) -> None:
@@ -814,8 +818,8 @@ async def _run(p: SoakParams, cluster: LocalCluster) -> dict[str, Any]:
     fleet.t0 = time.monotonic()
     samples: list[dict[str, Any]] = []
     events = fleet.events
-    fleet._spawn(fleet.chat_loop())
-    fleet._spawn(fleet.churn_loop())
+    fleet.spawn(fleet.chat_loop())
+    fleet.spawn(fleet.churn_loop())
     planned: set[int] = set()
     schedule: list[tuple[float, str]] = []
     for kind in ("storm", "kill-nats", "restart-gateway"):
@@ -856,7 +860,7 @@ async def _run(p: SoakParams, cluster: LocalCluster) -> dict[str, Any]:
             _progress(s)
         while schedule and schedule[0][0] <= now:
             _, kind = schedule.pop(0)
-            fleet._spawn(fire(kind))
+            fleet.spawn(fire(kind))
         for line in cluster.new_lines():
             m = re.match(r"gateway cluster: (\S+) \(pid (\d+)\) exited", line)
             if m:
