@@ -77,8 +77,11 @@ def test_latency_spikes_of_faults_are_drawn_but_not_fitted() -> None:
         return 10000.0 if t > 1800 and any(0 <= t - f["t"] <= 20 for f in faults) else 50.0
 
     run = samples(p99=p99)
-    assert not by_name(rep.verdict(run, [], {"judged": 1}, LIMITS))["chat p99 growth"].ok
-    assert by_name(rep.verdict(run, faults, {"judged": 1}, LIMITS))["chat p99 growth"].ok
+    assert by_name(rep.verdict(run, faults, {"judged": 1}, LIMITS))["chat p99 flat"].ok
+    # a p99 that doubles and more for good half way through is not flat
+    worse = samples(p99=lambda t: 50.0 if t < 1800 else 160.0)
+    check = by_name(rep.verdict(worse, faults, {"judged": 1}, LIMITS))["chat p99 flat"]
+    assert not check.ok and check.value == 160.0 and check.limit == 100.0
 
 
 def test_storage_is_judged_only_after_the_stream_retention() -> None:
