@@ -4,11 +4,13 @@ reconnect storm every 30 s, a NATS node SIGKILLed and a gateway restarted once.
 
 It asserts the soak's own verdict, the checks the hour is judged by (nothing acked
 lost or twice or out of order, no recovery refused, no process dying unasked, the
-curves flat after the warm-up), with one difference said where it is made: the RSS
-limit. Two minutes cannot resolve 5 MB per hour (a fresh gateway's first minutes
-climb by more than that, and 0.1 MB of noise is 4 MB/h at this length); a real leak
-(memory per chat, per reconnect) shows at this scale too, so the test allows what
-two minutes can tell apart and the hour's run (docs/RELIABILITY.md) judges 5 MB/h.
+curves flat after the warm-up). It samples every 5 s, not 10: five faults in two
+minutes would leave no window without one to judge the latency by. One difference
+is said where it is made: the RSS limit. Two minutes cannot resolve 5 MB per hour
+(a fresh gateway's first minutes climb by more than that, and 0.1 MB of noise is
+4 MB/h at this length); a real leak (memory per chat, per reconnect) shows at this
+scale too, so the test allows what two minutes can tell apart and the hour's run
+(docs/RELIABILITY.md) judges 5 MB/h.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def test_two_minutes_under_fire_lose_nothing_and_stay_flat(tmp_path: Path) -> No
     out = tmp_path / "soak"
     proc = subprocess.Popen(
         [sys.executable, "-m", "tools.bench.soak", "--minutes", "2", "--output", str(out),
-         "--rss-limit", str(SHORT_RUN_RSS_LIMIT)],
+         "--rss-limit", str(SHORT_RUN_RSS_LIMIT), "--sample-every", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     try:
         log, _ = proc.communicate(timeout=480)
@@ -61,7 +63,7 @@ def test_two_minutes_under_fire_lose_nothing_and_stay_flat(tmp_path: Path) -> No
     assert sum(e["kind"] == "back" for e in events) == 2, events
     # every gateway was sampled all along (but while one restarted), and the chart drawn
     samples = summary["samples"]
-    assert len(samples) >= 12
+    assert len(samples) >= 24
     assert sum(bool(s["gw-1.rss_mb"] and s["gw-2.rss_mb"]) for s in samples) >= len(samples) - 1
     assert (out / "soak.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "samples.csv").read_text().count("\n") == len(samples) + 1

@@ -881,7 +881,8 @@ async def _run(p: SoakParams, cluster: LocalCluster) -> dict[str, Any]:
         fleet.judge()
         await asyncio.sleep(0.5)
     fleet.judge(final=True)
-    samples.append(await sample(cluster, fleet))
+    # after the tail: what the clients got once traffic stopped (no chat's latency)
+    samples.append({**await sample(cluster, fleet), "final": 1})
     await asyncio.to_thread(dump_subscriptions, cluster.nats_monitors,
                             p.output / "subscriptions.json")
     await fleet.close()

@@ -192,8 +192,9 @@ def verdict(samples: Sequence[dict[str, Any]], events: Sequence[dict[str, Any]],
     # is judged by halves, whatever the run's length: the median p99 of the later
     # half of the windows against the earlier half's
     faults = [float(e["t"]) for e in events if e.get("kind") in FAULTS]
-    p99 = [y for t, y in _series(samples, "latency_p99_ms", w)
-           if not any(t - 2 * limits.sample_every_s <= f <= t for f in faults)]
+    p99 = [float(s["latency_p99_ms"]) for s in samples
+           if s["t"] >= w and s.get("latency_p99_ms") is not None and not s.get("final")
+           and not any(s["t"] - 2 * limits.sample_every_s <= f <= s["t"] for f in faults)]
     if len(p99) < 4:
         checks.append(Check("chat p99 flat", False, None, None,
                             f"too few windows without a fault after the warm-up ({len(p99)})"))
