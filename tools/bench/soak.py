@@ -898,6 +898,20 @@ def _progress(s: dict[str, Any]) -> None:
         f"lost {s['lost']}, dup {s['duplicated']}, refused sessions {s['refused_sessions']}")
 
 
+def fault_digest(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many faults of each kind, and how long storms took to come back."""
+    storms = [e for e in events if e["kind"] == "storm"]
+    back = sorted(float(e["back_s"]) for e in storms)
+    return {"storms": len(storms),
+            "storm_dropped": sum(int(e["dropped"]) for e in storms),
+            "storm_back_s_median": back[len(back) // 2] if back else None,
+            "storm_back_s_max": back[-1] if back else None,
+            "nats_kills": sum(e["kind"] == "kill-nats" for e in events),
+            "gateway_restarts": sum(e["kind"] == "restart-gateway" for e in events),
+            "exits": sum(e["kind"] == "exit" for e in events),
+            "unplanned_exits": sum(e["kind"] == "exit" and not e["planned"] for e in events)}
+
+
 def run(p: SoakParams) -> int:
     p.output.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(p.output, p.gateways)
@@ -921,15 +935,18 @@ def run(p: SoakParams) -> int:
                    "fault_times_s": {k: p.times(k) for k in
                                      ("storm", "kill-nats", "restart-gateway")}})
     ok = all(c.ok for c in checks)
-    summary = {"params": params, "ok": ok, "verdict": report.checks_json(checks), **result}
+    summary = {"params": params, "ok": ok, "verdict": report.checks_json(checks),
+               "faults": fault_digest(result["events"]), **result}
     (p.output / "summary.json").write_text(json.dumps(summary, indent=1))
     report.write_csv(p.output / "samples.csv", result["samples"])
     try:
         report.draw(p.output / "soak.png", result["samples"], result["events"], p.warmup_s,
                     f"soak: {p.minutes:g} min, {p.clients} clients, {p.rooms} rooms, "
-                    f"{p.rate:g} chats/s")
+                    f"{p.rate:g} chats/s: {'PASS' if ok else 'FAIL'}")
     except ImportError as exc:  # matplotlib is in the bench extra
         log(f"no chart: {exc}")
+    log(f"faults: {json.dumps(summary['faults'])}; chats acked ok:false: "
+        f"{json.dumps(result['totals']['refused'])}")
     for line in report.summary_lines(checks):
         log(line)
     log(f"{'PASS' if ok else 'FAIL'}; output in {p.output}")

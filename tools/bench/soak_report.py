@@ -279,7 +279,14 @@ def draw(path: Path, samples: Sequence[dict[str, Any]], events: Sequence[dict[st
     axes[4].set_yscale("log")
     for key in ("lost", "duplicated", "out_of_order", "refused_sessions"):
         line(axes[5], key, key)
-    axes[5].set_ylabel("running count")
+    # chats acked ok:false (truthfully: not stored, the sender knows), per window
+    refused = [(m, s["chats_refused"] - p["chats_refused"])
+               for m, s, p in zip(minutes[1:], samples[1:], samples, strict=False)
+               if s.get("chats_refused") is not None and p.get("chats_refused") is not None]
+    if refused:
+        axes[5].plot([m for m, _ in refused], [v for _, v in refused], linewidth=1.0,
+                     linestyle=":", label="chats acked ok:false in the window")
+    axes[5].set_ylabel("count")
     axes[5].set_xlabel("minutes")
     seen: set[str] = set()
     for ax in axes:
