@@ -23,7 +23,10 @@ member: each must get it exactly once (after a reconnect too), offsets rising.
 
 The output folder gets ``samples.csv``, ``summary.json`` (parameters, samples,
 events, totals, verdict), ``soak.png`` and the cluster's log. The exit code is 0
-when every check passes, 1 when one fails, 2 for bad arguments.
+when every check passes, 1 when one fails, 2 for bad arguments. SIGTERM (or SIGINT)
+to its PID during the run ends it early with the same report, over what ran (a
+Ctrl-C in its terminal stops the cluster at once too, so clients still away then
+count as losses).
 """
 
 from __future__ import annotations
@@ -848,9 +851,18 @@ async def _run(p: SoakParams, cluster: LocalCluster) -> dict[str, Any]:
         events.append(event)
         log(f"{kind}: {json.dumps({k: v for k, v in event.items() if k != 'kind'})}")
 
+    # SIGINT or SIGTERM ends the run early: the tail, the verdict and the files as usual
+    cut = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, cut.set)
     while True:
         now = time.monotonic() - fleet.t0
         if now >= p.duration:
+            break
+        if cut.is_set():
+            events.append({"t": round(now, 2), "kind": "cut-short"})
+            log(f"stopping early at {now:.0f} s (signal): judging what was sent")
             break
         if now >= next_sample:
             fleet.judge()
@@ -876,8 +888,9 @@ async def _run(p: SoakParams, cluster: LocalCluster) -> dict[str, Any]:
     fleet.traffic_on = False
     tail_end = time.monotonic() + p.grace
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and (
-            time.monotonic() < tail_end or any(not c.connected for c in fleet.clients)):
+    # (a Ctrl-C in a terminal reaches the cluster too: then nobody comes back)
+    while time.monotonic() < deadline and cluster.child is not None and cluster.child.alive \
+            and (time.monotonic() < tail_end or any(not c.connected for c in fleet.clients)):
         fleet.judge()
         await asyncio.sleep(0.5)
     fleet.judge(final=True)
@@ -886,6 +899,8 @@ async def _run(p: SoakParams, cluster: LocalCluster) -> dict[str, Any]:
     await asyncio.to_thread(dump_subscriptions, cluster.nats_monitors,
                             p.output / "subscriptions.json")
     await fleet.close()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
     totals = {k: v for k, v in vars(fleet.totals).items() if k != "refused"}
     totals["refused"] = dict(fleet.totals.refused)
     return {"samples": samples, "events": events, "totals": totals}
