@@ -417,7 +417,7 @@ class Fleet:
                 if n <= c.last_offset:
                     self.totals.out_of_order += 1
                 c.last_offset = n
-        if not data or data[0] != "chat" or not isinstance(data[1], dict):
+        if len(data) < 2 or data[0] != "chat" or not isinstance(data[1], dict):
             return
         msg_id = data[1].get("id")
         if not isinstance(msg_id, str):
