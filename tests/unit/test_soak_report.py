@@ -126,3 +126,18 @@ def test_intervals_scale_so_a_short_run_sees_every_fault() -> None:
         assert times and all(0 < t < 120 for t in times), (kind, times)
     starts = [t for k in ("storm", "kill-nats", "restart-gateway") for t in short.times(k)]
     assert len(set(starts)) == len(starts)  # no two faults begin together
+
+
+def test_a_finished_run_is_judged_again_from_its_summary(tmp_path: Path) -> None:
+    import json
+
+    params = {"minutes": 60, "clients": 200, "rooms": 40, "rate": 40.0, "warmup_s": 600.0,
+              "restart_warmup_s": 600.0, "rss_limit": 5.0, "sample_every": 10.0}
+    run = samples(rss=lambda t: 60 + 6 * t / 3600)
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"params": params, "samples": run, "events": [], "totals": {"judged": 5}}))
+    assert rep.main([str(tmp_path)]) == 1  # 6 MB/h
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ok"] is False and summary["faults"]["storms"] == 0
+    assert rep.main([str(tmp_path), "--rss-limit", "7"]) == 0
+    assert (tmp_path / "soak.png").exists() and (tmp_path / "samples.csv").exists()

@@ -60,8 +60,7 @@ from .harness import rss_bytes
 from .loadgen import LeanSocket, StampedSocket
 
 MB = 1024 * 1024
-#: the stream keeps messages at least this long (nats_adapter.brokers.nats_store)
-STREAM_RETENTION_S = 600.0
+STREAM_RETENTION_S = report.STREAM_RETENTION_S
 
 
 @dataclass(frozen=True)
@@ -913,20 +912,6 @@ def _progress(s: dict[str, Any]) -> None:
         f"lost {s['lost']}, dup {s['duplicated']}, refused sessions {s['refused_sessions']}")
 
 
-def fault_digest(events: list[dict[str, Any]]) -> dict[str, Any]:
-    """How many faults of each kind, and how long storms took to come back."""
-    storms = [e for e in events if e["kind"] == "storm"]
-    back = sorted(float(e["back_s"]) for e in storms)
-    return {"storms": len(storms),
-            "storm_dropped": sum(int(e["dropped"]) for e in storms),
-            "storm_back_s_median": back[len(back) // 2] if back else None,
-            "storm_back_s_max": back[-1] if back else None,
-            "nats_kills": sum(e["kind"] == "kill-nats" for e in events),
-            "gateway_restarts": sum(e["kind"] == "restart-gateway" for e in events),
-            "exits": sum(e["kind"] == "exit" for e in events),
-            "unplanned_exits": sum(e["kind"] == "exit" and not e["planned"] for e in events)}
-
-
 def run(p: SoakParams) -> int:
     p.output.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(p.output, p.gateways)
@@ -938,10 +923,6 @@ def run(p: SoakParams) -> int:
         result = asyncio.run(_run(p, cluster))
     finally:
         cluster.stop()
-    limits = report.Limits(warmup_s=p.warmup_s, restart_warmup_s=p.restart_warmup_s,
-                           rss_mb_per_h=p.rss_limit, js_after_s=STREAM_RETENTION_S,
-                           sample_every_s=p.sample_every)
-    checks = report.verdict(result["samples"], result["events"], result["totals"], limits)
     params = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(p).items()}
     params.update({"effective_scale": p.effective_scale, "warmup_s": p.warmup_s,
                    "restart_warmup_s": p.restart_warmup_s,
@@ -949,22 +930,7 @@ def run(p: SoakParams) -> int:
                                    ("storm", "kill-nats", "restart-gateway")},
                    "fault_times_s": {k: p.times(k) for k in
                                      ("storm", "kill-nats", "restart-gateway")}})
-    ok = all(c.ok for c in checks)
-    summary = {"params": params, "ok": ok, "verdict": report.checks_json(checks),
-               "faults": fault_digest(result["events"]), **result}
-    (p.output / "summary.json").write_text(json.dumps(summary, indent=1))
-    report.write_csv(p.output / "samples.csv", result["samples"])
-    try:
-        report.draw(p.output / "soak.png", result["samples"], result["events"], p.warmup_s,
-                    f"soak: {p.minutes:g} min, {p.clients} clients, {p.rooms} rooms, "
-                    f"{p.rate:g} chats/s: {'PASS' if ok else 'FAIL'}")
-    except ImportError as exc:  # matplotlib is in the bench extra
-        log(f"no chart: {exc}")
-    log(f"faults: {json.dumps(summary['faults'])}; chats acked ok:false: "
-        f"{json.dumps(result['totals']['refused'])}")
-    for line in report.summary_lines(checks):
-        log(line)
-    log(f"{'PASS' if ok else 'FAIL'}; output in {p.output}")
+    ok = report.write_report(p.output, params, result, say=log)
     return 0 if ok else 1
 
 

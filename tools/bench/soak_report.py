@@ -17,12 +17,19 @@ memory given back, nor a fresh process's climb as a leak.
 
 from __future__ import annotations
 
+import argparse
 import csv
+import json
 import math
-from collections.abc import Iterable, Sequence
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+#: the stream keeps messages at least this long (nats_adapter.brokers.nats_store)
+STREAM_RETENTION_S = 600.0
 
 #: the cluster-wide columns of every sample, in CSV order (per-gateway ones follow)
 COLUMNS = (
@@ -306,3 +313,84 @@ def draw(path: Path, samples: Sequence[dict[str, Any]], events: Sequence[dict[st
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def fault_digest(events: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How many faults of each kind, and how long storms took to come back."""
+    storms = [e for e in events if e["kind"] == "storm"]
+    back = sorted(float(e["back_s"]) for e in storms)
+    return {"storms": len(storms),
+            "storm_dropped": sum(int(e["dropped"]) for e in storms),
+            "storm_back_s_median": back[len(back) // 2] if back else None,
+            "storm_back_s_max": back[-1] if back else None,
+            "nats_kills": sum(e["kind"] == "kill-nats" for e in events),
+            "gateway_restarts": sum(e["kind"] == "restart-gateway" for e in events),
+            "exits": sum(e["kind"] == "exit" for e in events),
+            "unplanned_exits": sum(e["kind"] == "exit" and not e.get("planned")
+                                   for e in events)}
+
+
+def limits_of(params: dict[str, Any]) -> Limits:
+    """The verdict's limits for a run of ``params`` (summary.json's)."""
+    return Limits(warmup_s=float(params["warmup_s"]),
+                  restart_warmup_s=float(params["restart_warmup_s"]),
+                  rss_mb_per_h=float(params["rss_limit"]), js_after_s=STREAM_RETENTION_S,
+                  sample_every_s=float(params["sample_every"]))
+
+
+def write_report(out: Path, params: dict[str, Any], result: dict[str, Any],
+                 say: Callable[[str], None]) -> bool:
+    """Judge the run and write summary.json, samples.csv and soak.png into ``out``;
+    whether every check passed."""
+    checks = verdict(result["samples"], result["events"], result["totals"], limits_of(params))
+    ok = all(c.ok for c in checks)
+    summary = {"params": params, "ok": ok, "verdict": checks_json(checks),
+               "faults": fault_digest(result["events"]), **result}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_csv(out / "samples.csv", result["samples"])
+    try:
+        draw(out / "soak.png", result["samples"], result["events"], float(params["warmup_s"]),
+             f"soak: {params['minutes']:g} min, {params['clients']} clients, "
+             f"{params['rooms']} rooms, {params['rate']:g} chats/s: {'PASS' if ok else 'FAIL'}")
+    except ImportError as exc:  # matplotlib is in the bench extra
+        say(f"no chart: {exc}")
+    say(f"faults: {json.dumps(summary['faults'])}; chats acked ok:false: "
+        f"{json.dumps(result['totals'].get('refused', {}))}")
+    for line in summary_lines(checks):
+        say(line)
+    say(f"{'PASS' if ok else 'FAIL'}; output in {out}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tools.bench.soak_report DIR``: judge a finished soak again (its
+    summary.json) with this release's verdict, and redraw its files."""
+    parser = argparse.ArgumentParser(prog="python -m tools.bench.soak_report",
+                                     description=main.__doc__)
+    parser.add_argument("output", type=Path, help="the soak's --output folder")
+    parser.add_argument("--rss-limit", type=float, default=None,
+                        help="MB per hour a gateway's RSS may grow (default: the run's)")
+    args = parser.parse_args(argv)
+    path = args.output / "summary.json"
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        parser.error(f"output: cannot read {path}: {exc}")
+    params = summary["params"]
+    if args.rss_limit is not None:
+        params["rss_limit"] = args.rss_limit
+    samples = summary["samples"]
+    # runs before the last sample was marked: the one taken after the run's end
+    for s in samples:
+        if s["t"] > float(params["minutes"]) * 60:
+            s["final"] = 1
+    result = {"samples": samples, "events": summary["events"], "totals": summary["totals"]}
+
+    def say(line: str) -> None:
+        print(f"[soak {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+    return 0 if write_report(args.output, params, result, say) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
