@@ -83,7 +83,8 @@ def pytest_configure(config: pytest.Config) -> None:
 #: modules of the system layer besides the compose and browser tests: whole programs
 #: (the bench, the capacity measurement) and the socket.io maintainers' suites
 SYSTEM_MODULES = frozenset({"test_bench.py", "test_bench_recovery.py", "test_bench_scale.py",
-                            "test_capacity_measure.py", "test_conformance.py"})
+                            "test_capacity_measure.py", "test_conformance.py",
+                            "test_soak.py"})
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups

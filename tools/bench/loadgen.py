@@ -25,7 +25,7 @@ import time
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 _ZERO_MASK = b"\x00\x00\x00\x00"
@@ -73,10 +73,20 @@ def _frame(payload: bytes) -> bytes:
     return head + _ZERO_MASK + payload
 
 
+class SocketOwner(Protocol):
+    """What a :class:`LeanSocket` reports to: :class:`LoadGen`, or the soak's clients."""
+
+    pings_answered: int
+
+    def on_event(self, sock: LeanSocket, data: list[Any], now: int) -> None: ...
+
+    def on_closed(self, sock: LeanSocket) -> None: ...
+
+
 class LeanSocket(asyncio.Protocol):
     """One Engine.IO/Socket.IO websocket client connection."""
 
-    def __init__(self, index: int, host: str, port: int, gen: LoadGen, deflate: bool,
+    def __init__(self, index: int, host: str, port: int, gen: SocketOwner, deflate: bool,
                  upgrade: Upgrade | None = None, auth: dict[str, str] | None = None,
                  sock: StampedSocket | None = None) -> None:
         self.index = index
