@@ -292,7 +292,12 @@ def images(podman: Podman) -> Images:
 def compose_stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
     """``docker-compose up`` of the shipped file (3 NATS nodes, 2 gateway replicas, the
     balancer), once per test module; everything it made is removed at the end."""
-    stack = ComposeStack(podman, images)
+    yield from stack_up(ComposeStack(podman, images))
+
+
+def stack_up(stack: ComposeStack, timeout: float = 90) -> Iterator[ComposeStack]:
+    """Bring ``stack`` up, yield it while joins wait for the routes' interest, take it
+    down (a compose fixture's body)."""
 
     def monitors() -> list[str]:
         # on the compose network; a node that is down (a fault test) is left out
@@ -303,7 +308,7 @@ def compose_stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
         return urls
 
     try:
-        stack.up()
+        stack.up(timeout)
         with watching_interest(monitors):  # joins wait for the routes' interest
             yield stack
     finally:

@@ -258,6 +258,23 @@ class SioClient:
                 await self.http.close()
 
 
+async def refusal(url: str, auth: Any) -> str:
+    """The connect_error message a client connecting with ``auth`` gets."""
+    client = socketio.AsyncClient(reconnection=False)
+    errors: list[Any] = []
+    client.on("connect_error", lambda data: errors.append(data))
+    try:
+        await client.connect(url, transports=["websocket"], auth=auth, wait_timeout=5)
+    except socketio.exceptions.ConnectionError:
+        pass
+    else:
+        raise AssertionError(f"the connection with auth {auth!r} was not refused")
+    finally:
+        await client.disconnect()
+    assert len(errors) == 1, errors
+    return str(errors[0]["message"])
+
+
 async def connect_all(clients: list[SioClient], pairs: list[tuple[str, Node | str]],
                       offsets: bool = False) -> list[SioClient]:
     """Connect one client per (name, node) and register them in ``clients`` for teardown."""

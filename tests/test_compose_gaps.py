@@ -11,13 +11,13 @@ reports them. Reproduce with ``scripts/test tests/test_compose_gaps.py``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.conftest import stack_up
 from tests.containers import (
     NATS_NODES,
     ComposeStack,
@@ -27,7 +27,7 @@ from tests.containers import (
     nats_service_of,
     partition,
 )
-from tests.helpers import SioClient, connect_all, watching_interest
+from tests.helpers import SioClient, connect_all
 from tests.test_compose_faults import deliveries_resumed, measure
 from tests.traffic import Flow, Traffic, record, wait_for
 
@@ -39,21 +39,8 @@ METRICS = ("gateway_broker_losses_total", "gateway_stream_gaps_detected_total",
 
 @pytest.fixture(scope="module")
 def recovery_stack(podman: Podman, images: Images) -> Iterator[ComposeStack]:
-    stack = ComposeStack(podman, images, variables={"GATEWAY_RECOVERY": "on"})
-
-    def monitors() -> list[str]:
-        urls = []
-        for node in NATS_NODES:
-            with contextlib.suppress(Exception):
-                urls.append(stack.nats_monitor(node))
-        return urls
-
-    try:
-        stack.up(120)
-        with watching_interest(monitors):
-            yield stack
-    finally:
-        stack.down()
+    yield from stack_up(ComposeStack(podman, images, variables={"GATEWAY_RECOVERY": "on"}),
+                        120)
 
 
 @pytest.fixture

@@ -18,8 +18,9 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -118,6 +119,24 @@ def frozen_until_done(node: NatsNode) -> Iterator[None]:
         os.kill(node.child.pid, signal.SIGCONT)
 
 
+def while_this_loop_waits(work: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run ``work`` on an event loop of its own in another thread, holding up this
+    thread's (the test's, which reads gw-2's client) until it is done."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(work())
+        except BaseException as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
 def check_once_in_order(receiver: SioClient, acked: list[str]) -> None:
     assert receiver.texts() == acked, (
         f"missing {sorted(set(acked) - set(receiver.texts()))}, "
@@ -141,22 +160,17 @@ async def test_chats_a_gateway_dropped_as_a_slow_consumer_still_reach_its_client
         await receiver.wait_texts(acked)
         burst: list[str] = []
 
-        def chat_burst() -> None:
-            async def run() -> None:
-                other = await SioClient("burst").connect(gw1.url)
-                try:
-                    await other.join(room)
-                    burst.extend(await chat_until_acked(other, room, "burst", 150))
-                finally:
-                    await other.close()
-
-            asyncio.run(run())
+        async def chat_burst() -> None:
+            other = await SioClient("burst").connect(gw1.url)
+            try:
+                await other.join(room)
+                burst.extend(await chat_until_acked(other, room, "burst", 150))
+            finally:
+                await other.close()
 
         # gw-2's event loop (this one) is held up while 150 stored chats come back to
         # it: nats-py keeps 10 for it and drops the rest (a slow consumer)
-        thread = threading.Thread(target=chat_burst)
-        thread.start()
-        thread.join()
+        while_this_loop_waits(chat_burst)
         assert len(burst) == 150
         acked += burst
         # nothing more is sent: the copies dropped last are found by the subject's tail
@@ -341,23 +355,18 @@ async def test_a_client_whose_chats_were_purged_unread_gets_nothing_newer_before
         await chat_until_acked(sender, room, "before", 1)
         await receiver.wait_for(lambda c: len(c.chats()) == 1, what="the first chat")
 
-        def burst_purge_chat() -> None:
-            async def run() -> None:
-                other = await SioClient("burst").connect(gw1.url)
-                try:
-                    await other.join(room)
-                    await chat_until_acked(other, room, "purged", 60)
-                    await purge(nats3.nodes[0].url, STREAM)
-                finally:
-                    await other.close()
-
-            asyncio.run(run())
+        async def burst_purge_chat() -> None:
+            other = await SioClient("burst").connect(gw1.url)
+            try:
+                await other.join(room)
+                await chat_until_acked(other, room, "purged", 60)
+                await purge(nats3.nodes[0].url, STREAM)
+            finally:
+                await other.close()
 
         # gw-2's event loop (this one) is held up meanwhile: it keeps 10 copies and
         # drops the rest, which the purge then takes from the stream
-        thread = threading.Thread(target=burst_purge_chat)
-        thread.start()
-        thread.join()
+        while_this_loop_waits(burst_purge_chat)
         # the first chat stored after the purge names no predecessor: gw-2 finds the
         # stream no longer holds what came after the copies it kept
         await chat_until_acked(sender, room, "newer", 1)

@@ -20,7 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.processes import free_ports
 from nats_adapter import MemoryManager
 from nats_adapter.brokers.memory import MemoryBus
-from tests.helpers import REPO, SioClient, parse_metrics
+from tests.helpers import REPO, SioClient, parse_metrics, refusal
 
 _spec = importlib.util.spec_from_file_location("auth_backend",
                                                REPO / "docs" / "examples" / "auth_backend.py")
@@ -53,18 +53,6 @@ async def setup() -> AsyncIterator[Setup]:
     finally:
         await gateway.cleanup()
         await backend.cleanup()
-
-
-async def refusal(url: str, auth: Any) -> str:
-    """The connect_error message a client connecting with ``auth`` gets."""
-    client = socketio.AsyncClient(reconnection=False)
-    errors: list[Any] = []
-    client.on("connect_error", lambda data: errors.append(data))
-    with pytest.raises(socketio.exceptions.ConnectionError):
-        await client.connect(url, transports=["websocket"], auth=auth, wait_timeout=5)
-    await client.disconnect()
-    assert len(errors) == 1, errors
-    return str(errors[0]["message"])
 
 
 async def test_the_backend_refuses_one_user_and_grants_another_two_rooms(

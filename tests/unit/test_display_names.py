@@ -8,21 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import socketio
 
-from tests.helpers import SioClient
+from tests.helpers import SioClient, refusal
 from tests.unit.conftest import GatewayApp
-
-
-async def refusal(url: str, auth: Any) -> str:
-    client = socketio.AsyncClient(reconnection=False)
-    errors: list[Any] = []
-    client.on("connect_error", lambda data: errors.append(data))
-    with pytest.raises(socketio.exceptions.ConnectionError):
-        await client.connect(url, transports=["websocket"], auth=auth, wait_timeout=5)
-    await client.disconnect()
-    assert len(errors) == 1, errors
-    return str(errors[0]["message"])
 
 
 async def test_a_name_travels_with_chats_and_whoami_says_the_gateway(
