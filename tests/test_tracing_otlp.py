@@ -140,7 +140,10 @@ async def test_a_cluster_call_is_one_trace_at_the_otlp_receiver(
     assert status == 200 and body["members"] == 2, body
     await wait_for_condition(lambda: len(calls()) > before, what="A's call span")
     call = calls()[-1]
-    assert call.attributes[CALL_ANSWERED] == 2 and call.attributes[CALL_MISSING] == 0
+    # B and C answer; so may gateways of other tests that share the session's NATS
+    # cluster on this worker (ci-14 saw 4): they do not trace, so only B and C serve
+    # spans below
+    assert call.attributes[CALL_ANSWERED] >= 2 and call.attributes[CALL_MISSING] == 0
 
     def served() -> list[ReceivedSpan]:
         return [s for s in receiver.spans if s.kind == SERVER and s.trace_id == call.trace_id]
