@@ -568,10 +568,7 @@ class NatsBroker(Broker):
     async def _error_cb(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             # nats-py dropped an inbound message: this node fell behind its subscriptions
-            self._check_dropped(exc.subject)
-            self.slow_consumer_drops += 1
-            self._log.warning("slow-consumer", "NATS dropped an inbound message on %s: this "
-                              "node is not keeping up (slow consumer)", exc.subject)
+            self._dropped(exc.subject)
             return
         if not self._closing:
             logger.warning("NATS error: %r", exc)
